@@ -1,0 +1,300 @@
+"""docker-compose.yml and the Dockerfiles, checked without a Docker engine.
+
+The compose file is validated against the official Compose Specification schema (vendored in
+tests/data, see tests/data/README.md), and the properties the design relies on are pinned:
+Redis persists with an append-only file, the consent-flow services wait for a healthy Redis,
+they share one environment, the issuer and client agree between provider and consumers, and no
+secret value is written in the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+SCHEMA_FILE = ROOT / "tests" / "data" / "compose-spec.json"
+
+SECRET_VARS = ("CONSENT_CLIENT_SECRET", "CONSENT_ENCRYPTION_KEYS")
+CONSENT_SERVICES = ("worker", "callback")
+# Every setting a consent-flow process needs to talk to the provider and to Redis.
+REQUIRED_SETTINGS = (
+    "CONSENT_REDIS_URL",
+    "CONSENT_ISSUER",
+    "CONSENT_CLIENT_ID",
+    "CONSENT_CLIENT_SECRET",
+    "CONSENT_REDIRECT_URI",
+    "CONSENT_SCOPES",
+    "CONSENT_ENCRYPTION_KEYS",
+    "CONSENT_HTTP_HOST",
+    "CONSENT_HTTP_PORT",
+)
+
+
+def _required_interpolation(var: str) -> re.Pattern[str]:
+    """`${VAR:?message}` (or `${VAR?message}`): Compose refuses to start when VAR is unset."""
+    return re.compile(r"\$\{" + re.escape(var) + r":?\?[^${}]+\}")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    with COMPOSE_FILE.open(encoding="utf-8") as fh:
+        document = yaml.safe_load(fh)
+    assert isinstance(document, dict)
+    return document
+
+
+@pytest.fixture(scope="module")
+def validator() -> jsonschema.Draft7Validator:
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    # The Compose Specification declares draft-07; validate with exactly that dialect.
+    assert "draft-07" in schema["$schema"]
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def _errors(validator: jsonschema.Draft7Validator, document: Any) -> list[str]:
+    return [
+        f"{'/'.join(map(str, error.absolute_path)) or '<root>'}: {error.message}"
+        for error in validator.iter_errors(document)
+    ]
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    """A service's environment as a mapping, whichever form (mapping or KEY=VALUE list) it uses."""
+    environment = service.get("environment", {})
+    if isinstance(environment, list):
+        return dict(item.split("=", 1) if "=" in item else (item, "") for item in environment)
+    return dict(environment)
+
+
+def _ports(service: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """Published ports in short syntax, as (host_ip, published, target)."""
+    result = []
+    for entry in service.get("ports", []):
+        parts = str(entry).split(":")
+        host_ip = parts[0] if len(parts) == 3 else ""
+        result.append((host_ip, int(parts[-2]), int(parts[-1])))
+    return result
+
+
+# -- the schema -------------------------------------------------------------------------------
+
+
+def test_compose_file_is_valid_against_the_compose_specification(
+    compose: dict[str, Any], validator: jsonschema.Draft7Validator
+) -> None:
+    assert _errors(validator, compose) == []
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        pytest.param(
+            {"services": {"x": {"image": 1, "unknown_key": 2}}},
+            # (where, which JSON Schema keyword rejected it)
+            {("services/x/image", "type"), ("services/x", "additionalProperties")},
+            id="wrong-type-and-unknown-key",
+        ),
+        pytest.param(
+            {"servics": {}}, {("<root>", "additionalProperties")}, id="unknown-top-level-key"
+        ),
+        pytest.param(
+            {"services": {"x": {"image": "a", "depends_on": {"y": {"condition": "healthy"}}}}},
+            {("services/x/depends_on", "oneOf")},
+            id="bad-depends-on-condition",
+        ),
+    ],
+)
+def test_broken_documents_fail_validation(
+    validator: jsonschema.Draft7Validator,
+    document: dict[str, Any],
+    expected: set[tuple[str, str]],
+) -> None:
+    errors = list(validator.iter_errors(document))
+    assert errors, "a broken compose document passed validation"
+    found = {("/".join(map(str, e.absolute_path)) or "<root>", str(e.validator)) for e in errors}
+    assert expected <= found, _errors(validator, document)
+
+
+def test_a_broken_copy_of_the_real_file_fails_validation(
+    compose: dict[str, Any], validator: jsonschema.Draft7Validator
+) -> None:
+    broken = copy.deepcopy(compose)
+    broken["services"]["redis"]["healthcheck"]["retries_typo"] = 3
+    assert _errors(validator, broken)
+
+
+# -- what the design needs ---------------------------------------------------------------------
+
+
+def test_the_four_services_exist(compose: dict[str, Any]) -> None:
+    assert {"redis", "worker", "callback", "provider"} <= set(compose["services"])
+
+
+def test_redis_persists_with_an_append_only_file_on_a_named_volume(
+    compose: dict[str, Any],
+) -> None:
+    redis = compose["services"]["redis"]
+    assert redis["image"].startswith("redis:7")
+    command = redis["command"]
+    argv = command.split() if isinstance(command, str) else list(command)
+    assert argv[0] == "redis-server"
+    assert argv[argv.index("--appendonly") + 1] == "yes"
+    assert argv[argv.index("--appendfsync") + 1] == "everysec"
+
+    mounts = [str(volume).split(":") for volume in redis["volumes"]]
+    data = [source for source, target, *_ in mounts if target == "/data"]
+    assert len(data) == 1
+    assert data[0] in compose["volumes"], "/data must be a named volume, not a bind mount"
+
+    test = redis["healthcheck"]["test"]
+    assert "redis-cli" in test
+    assert "ping" in test
+
+
+@pytest.mark.parametrize("name", CONSENT_SERVICES)
+def test_consent_services_wait_for_a_healthy_redis_and_the_provider(
+    compose: dict[str, Any], name: str
+) -> None:
+    depends_on = compose["services"][name]["depends_on"]
+    assert isinstance(depends_on, dict), "use the long form, so conditions can be given"
+    assert depends_on["redis"]["condition"] == "service_healthy"
+    assert "provider" in depends_on
+    if depends_on["provider"]["condition"] == "service_healthy":
+        assert "healthcheck" in compose["services"]["provider"]
+
+
+def test_services_run_the_right_commands(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert services["worker"]["command"] in (["worker"], "worker")
+    assert services["callback"]["command"] in (["serve"], "serve")
+
+
+def test_every_service_has_a_restart_policy(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        assert service.get("restart") in ("always", "unless-stopped", "on-failure"), name
+
+
+def test_consent_services_share_one_complete_environment(compose: dict[str, Any]) -> None:
+    shared = compose["x-consent-env"]
+    assert set(REQUIRED_SETTINGS) <= set(shared)
+    for name in CONSENT_SERVICES:
+        assert _env(compose["services"][name]) == shared, name
+    # YAML would turn a bare on/off/yes/600 into a bool or an int; the process needs strings.
+    for key, value in shared.items():
+        assert isinstance(value, str), f"{key} must be a quoted string, got {value!r}"
+    assert shared["CONSENT_SUBJECT_MATCH"] in ("on", "off")
+    assert shared["CONSENT_LOG_FORMAT"] in ("json", "console")
+    assert "openid" in shared["CONSENT_SCOPES"].split()
+    assert "offline_access" in shared["CONSENT_SCOPES"].split()
+
+
+def test_no_secret_value_is_written_in_the_file(compose: dict[str, Any]) -> None:
+    seen = 0
+    for name, service in compose["services"].items():
+        for key, value in _env(service).items():
+            if key in SECRET_VARS:
+                seen += 1
+                assert _required_interpolation(key).fullmatch(value), (name, key)
+    assert seen == len(SECRET_VARS) * len(CONSENT_SERVICES)
+
+    # The provider is given the same client secret, by the same interpolation.
+    clients = json.loads(_env(compose["services"]["provider"])["CLIENTS"])
+    assert clients
+    for client in clients:
+        pattern = _required_interpolation("CONSENT_CLIENT_SECRET")
+        assert pattern.fullmatch(client["client_secret"])
+
+    # Nothing else in the file looks like a secret handed in literally.
+    for name, service in compose["services"].items():
+        for key, value in _env(service).items():
+            if re.search(r"SECRET|PASSWORD|TOKEN|KEYS?$", key) and key not in SECRET_VARS:
+                assert str(value).startswith("${"), (name, key)
+
+
+def test_provider_and_consumers_agree_on_issuer_client_and_redirect(
+    compose: dict[str, Any],
+) -> None:
+    shared = compose["x-consent-env"]
+    provider = compose["services"]["provider"]
+    provider_env = _env(provider)
+
+    # The ID token's `iss` is compared byte for byte with CONSENT_ISSUER.
+    assert provider_env["ISSUER"] == shared["CONSENT_ISSUER"]
+    issuer = urlsplit(shared["CONSENT_ISSUER"])
+    assert issuer.port is not None
+    assert provider_env["PORT"] == str(issuer.port)
+
+    # Containers reach the issuer host through a network alias of the provider ...
+    aliases = provider["networks"]["default"]["aliases"]
+    assert issuer.hostname in aliases
+    # ... and the browser on the host through loopback (*.localhost) and the published port.
+    assert issuer.hostname == "localhost" or str(issuer.hostname).endswith(".localhost")
+    assert (issuer.port, issuer.port) in [(pub, target) for _, pub, target in _ports(provider)]
+
+    clients = json.loads(provider_env["CLIENTS"])
+    ours = [client for client in clients if client["client_id"] == shared["CONSENT_CLIENT_ID"]]
+    assert len(ours) == 1
+    assert shared["CONSENT_REDIRECT_URI"] in ours[0]["redirect_uris"]
+
+
+def test_callback_is_published_and_health_checked_on_its_port(compose: dict[str, Any]) -> None:
+    shared = compose["x-consent-env"]
+    callback = compose["services"]["callback"]
+    port = int(shared["CONSENT_HTTP_PORT"])
+    redirect = urlsplit(shared["CONSENT_REDIRECT_URI"])
+
+    assert redirect.path == "/oauth/callback"
+    assert redirect.port == port
+    assert (port, port) in [(pub, target) for _, pub, target in _ports(callback)]
+    # Reachable through the published port only if it listens on every interface.
+    assert shared["CONSENT_HTTP_HOST"] == "0.0.0.0"  # noqa: S104
+
+    test = " ".join(callback["healthcheck"]["test"])
+    assert f":{port}/healthz" in test
+
+
+# -- the images --------------------------------------------------------------------------------
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text(encoding="utf-8"))
+    result = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            result.append((keyword.upper(), rest.strip()))
+    return result
+
+
+def test_application_image_runs_the_cli_as_an_unprivileged_user() -> None:
+    instructions = _instructions(ROOT / "Dockerfile")
+    assert instructions[0] == ("FROM", "python:3.12-slim")
+    assert any(kw == "RUN" and "pip install ." in rest for kw, rest in instructions)
+    users = [rest for kw, rest in instructions if kw == "USER"]
+    assert users
+    assert users[-1].split(":")[0] not in ("root", "0")
+    entrypoints = [rest for kw, rest in instructions if kw == "ENTRYPOINT"]
+    assert entrypoints
+    assert json.loads(entrypoints[-1]) == ["consent-flow"]
+
+
+def test_provider_image_installs_locked_production_dependencies() -> None:
+    instructions = _instructions(ROOT / "examples" / "provider" / "Dockerfile")
+    assert instructions[0] == ("FROM", "node:22-alpine")
+    assert any(kw == "RUN" and "npm ci --omit=dev" in rest for kw, rest in instructions)
+    assert ("EXPOSE", "9090") in instructions
+    commands = [rest for kw, rest in instructions if kw == "CMD"]
+    assert commands
+    assert json.loads(commands[-1]) == ["node", "server.mjs"]

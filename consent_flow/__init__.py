@@ -1,0 +1,60 @@
+"""consent-flow: progressive consent for MCP servers.
+
+Each user's delegated, revocable offline access to a downstream API lives in an explicit state
+machine (unprovisioned, pending, provisioned, revoked) driven by events through an arq queue.
+"""
+
+from ._client import ConsentClient, ConsentStatus
+from ._errors import (
+    CallbackRejected,
+    ClientRejected,
+    ConsentError,
+    ConsentRevoked,
+    GrantRejected,
+    IDTokenError,
+    InvalidTransition,
+    NotProvisioned,
+    ProviderError,
+    ProviderResponseError,
+    ProviderUnavailable,
+    SettingsError,
+    StoreError,
+    UnknownKeyError,
+    VaultError,
+    WorkerUnavailable,
+)
+from ._machine import TRANSITIONS, Event, State, Transition, mermaid
+from ._settings import Settings
+from ._vault import KeyRing, generate_key
+from ._web import consent_routes, create_app
+
+__all__ = [
+    "TRANSITIONS",
+    "CallbackRejected",
+    "ClientRejected",
+    "ConsentClient",
+    "ConsentError",
+    "ConsentRevoked",
+    "ConsentStatus",
+    "Event",
+    "GrantRejected",
+    "IDTokenError",
+    "InvalidTransition",
+    "KeyRing",
+    "NotProvisioned",
+    "ProviderError",
+    "ProviderResponseError",
+    "ProviderUnavailable",
+    "Settings",
+    "SettingsError",
+    "State",
+    "StoreError",
+    "Transition",
+    "UnknownKeyError",
+    "VaultError",
+    "WorkerUnavailable",
+    "consent_routes",
+    "create_app",
+    "generate_key",
+    "mermaid",
+]

@@ -1,0 +1,307 @@
+"""``consent-flow``: run the worker and the callback server, and drive and inspect consent.
+
+Exit codes: 0 done, 1 the command failed (message on stderr), 2 bad settings or usage.
+Results go to stdout (``--json`` for scripts); errors go to stderr, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from ._client import ConsentClient, ConsentStatus
+from ._errors import ConsentError, SettingsError
+from ._logging import configure_logging
+from ._machine import State, mermaid
+from ._model import check_user, iso
+from ._redis import embedded_redis
+from ._settings import Settings
+from ._vault import generate_key
+
+__all__ = ["main"]
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"consent-flow: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="consent-flow", description=__doc__.split("\n")[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_: str, *, json_: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        if json_:
+            p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        return p
+
+    command("up", "embedded or configured Redis, worker and callback server in one", json_=False)
+    command("worker", "run an arq worker that applies consent events", json_=False)
+    command("serve", "run the callback server (GET /oauth/callback, /healthz)", json_=False)
+    p = command("provision", "ask for USER's consent; prints the authorization URL")
+    p.add_argument("user")
+    p = command("revoke", "revoke USER's consent at the provider and wipe local tokens")
+    p.add_argument("user")
+    p.add_argument("--reason", help="why (kept in the history)")
+    p = command("status", "where USER's consent stands")
+    p.add_argument("user")
+    p = command("history", "every transition of USER, oldest first")
+    p.add_argument("user")
+    p = command("list", "users and their states")
+    p.add_argument("--state", choices=[s.value for s in State])
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--limit", type=int, default=100)
+    command("stats", "counts per state")
+    command("tail", "follow transitions live, across all users")
+    p = command("token", "print a valid access token for USER", json_=False)
+    p.add_argument("user")
+    command("diagram", "the state machine as Mermaid", json_=False)
+    keys = sub.add_parser("keys", help="encryption keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
+    keys_sub.add_parser("generate", help="print a new key for CONSENT_ENCRYPTION_KEYS")
+    rotate = keys_sub.add_parser(
+        "rotate", help="re-encrypt every record under the first key of CONSENT_ENCRYPTION_KEYS"
+    )
+    rotate.add_argument("--json", action="store_true")
+    return parser
+
+
+def _print(args: argparse.Namespace, data: Any, human: Callable[[Any], str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=None, separators=(",", ":"), ensure_ascii=False))
+    else:
+        print(human(data))
+
+
+def _actor() -> str:
+    try:
+        return f"operator:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "operator"
+
+
+def _status_text(data: dict[str, Any]) -> str:
+    line = f"{data['user']}: {data['state']}"
+    if data.get("since"):
+        line += f" since {data['since']}"
+    if data.get("reason"):
+        line += f" ({data['reason']})"
+    extra = []
+    for name in ("scopes", "access_token_expires_at", "next_refresh_at", "refresh_failures",
+                 "last_refresh_error", "authorization_url"):
+        if data.get(name) not in (None, [], 0, ""):
+            value = data[name]
+            extra.append(f"  {name}: {' '.join(value) if isinstance(value, list) else value}")
+    return "\n".join([line, *extra])
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [list(header)] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in cells
+    )
+
+
+def _status_dict(status: ConsentStatus) -> dict[str, Any]:
+    data = status.to_dict()
+    data.pop("result", None)
+    if data.get("error") is None:
+        data.pop("error", None)
+    return data
+
+
+async def _with_client(settings: Settings, run: Callable[[ConsentClient], Awaitable[int]]) -> int:
+    async with ConsentClient(settings) as client:
+        return await run(client)
+
+
+def _run_worker(settings: Settings, *, redis_url: str) -> None:
+    from arq.worker import Worker
+
+    from workers import worker_settings
+
+    Worker(**worker_settings(settings, redis_url)).run()
+
+
+def _uvicorn_server(settings: Settings, redis_url: str) -> Any:
+    import uvicorn
+
+    from ._web import create_app
+
+    config = uvicorn.Config(
+        create_app(settings, redis_url=redis_url),
+        host=settings.http_host, port=settings.http_port, access_log=False,
+        log_config=None, proxy_headers=False, server_header=False,
+    )
+    return uvicorn.Server(config)
+
+
+async def _up(settings: Settings, redis_url: str) -> None:
+    from arq.worker import Worker
+
+    from workers import worker_settings
+
+    options = worker_settings(settings, redis_url)
+    options["handle_signals"] = False  # uvicorn owns SIGINT/SIGTERM; the worker stops with it
+    worker = Worker(**options)
+    server = _uvicorn_server(settings, redis_url)
+    worker_task = asyncio.create_task(worker.main())
+    try:
+        await server.serve()
+    finally:
+        worker_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker_task
+        await worker.close()
+
+
+def _dispatch(args: argparse.Namespace) -> int:  # noqa: C901 - one branch per command
+    if args.command == "keys" and args.keys_command == "generate":
+        print(generate_key())
+        return 0
+    if args.command == "diagram":
+        print(mermaid(), end="")
+        return 0
+
+    server_side = args.command in ("up", "worker", "serve")
+    settings = Settings.from_env(
+        require_provider=server_side,
+        require_keys=server_side or args.command == "token"
+        or (args.command == "keys" and args.keys_command == "rotate"),
+    )
+    configure_logging(settings.log_format, logging.INFO if server_side else logging.WARNING)
+
+    if args.command == "worker":
+        with embedded_redis(settings) as url:
+            _run_worker(settings, redis_url=url)
+        return 0
+    if args.command == "serve":
+        with embedded_redis(settings) as url:
+            asyncio.run(_uvicorn_server(settings, url).serve())
+        return 0
+    if args.command == "up":
+        with embedded_redis(settings) as url:
+            print(
+                f"consent-flow up: callback on http://{settings.http_host}:{settings.http_port}"
+                f"{settings.redirect_path}, Redis at {url.split('@')[-1]}",
+                file=sys.stderr,
+            )
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(_up(settings, url))
+        return 0
+
+    async def run(client: ConsentClient) -> int:
+        return await _client_command(args, client)
+
+    return asyncio.run(_with_client(settings, run))
+
+
+async def _client_command(args: argparse.Namespace, client: ConsentClient) -> int:  # noqa: C901
+    if args.command == "provision":
+        status = await client.request_provisioning(check_user(args.user), actor=_actor())
+        _print(args, _status_dict(status), _status_text)
+    elif args.command == "revoke":
+        status = await client.revoke(check_user(args.user), actor=_actor(), reason=args.reason)
+        _print(args, _status_dict(status), _status_text)
+    elif args.command == "status":
+        status = await client.status(check_user(args.user))
+        _print(args, _status_dict(status), _status_text)
+    elif args.command == "history":
+        entries = await client.history(check_user(args.user))
+        _print(
+            args,
+            [{k: e[k] for k in ("event", "from", "to", "at", "actor", "reason")} for e in entries],
+            lambda rows: _table(
+                [(r["at"], r["event"], r["from"], r["to"], r["actor"], r["reason"]) for r in rows],
+                ("AT", "EVENT", "FROM", "TO", "ACTOR", "REASON"),
+            ),
+        )
+    elif args.command == "list":
+        states = [State(args.state)] if args.state else list(State)
+        rows: list[dict[str, Any]] = []
+        for state in states:
+            for user, since in await client.store.users(
+                state, offset=max(0, args.offset), limit=max(1, min(args.limit, 10_000))
+            ):
+                rows.append({"user": user, "state": state.value, "since": iso(since)})
+        _print(args, rows, lambda rs: _table(
+            [(r["user"], r["state"], r["since"]) for r in rs], ("USER", "STATE", "SINCE")
+        ))
+    elif args.command == "stats":
+        counts = await client.store.counts()
+        data = {"states": {state.value: n for state, n in counts.items()}}
+        _print(args, data, lambda d: _table(list(d["states"].items()), ("STATE", "COUNT")))
+    elif args.command == "tail":
+        await _tail(args, client)
+    elif args.command == "token":
+        print(await client.access_token(check_user(args.user)))
+    elif args.command == "keys":
+        from ._rotation import rotate_keys
+
+        report = await rotate_keys(client)
+        _print(args, report, lambda r: f"re-encrypted {r['rewritten']} of {r['records']} records")
+    return 0
+
+
+async def _tail(args: argparse.Namespace, client: ConsentClient) -> None:
+    stream = client.store.keys.stream
+    last = "$"
+    while True:
+        batches = await client.pool.xread({stream: last}, block=5000, count=100)
+        for _, entries in batches or []:
+            for entry_id, fields in entries:
+                last = entry_id
+                raw = fields.get(b"entry") or fields.get("entry")
+                entry = json.loads(raw)
+                entry["user"] = (fields.get(b"user") or fields.get("user") or b"").decode() \
+                    if isinstance(fields.get(b"user"), bytes) else fields.get("user")
+                entry["at"] = iso(entry["at"])
+                if args.json:
+                    print(json.dumps(entry, separators=(",", ":")), flush=True)
+                else:
+                    print(
+                        f"{entry['at']}  {entry['user']}  {entry['event']}  "
+                        f"{entry['from']} -> {entry['to']}  {entry['actor']}"
+                        + (f"  ({entry['reason']})" if entry.get("reason") else ""),
+                        flush=True,
+                    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except SettingsError as exc:
+        print(f"consent-flow: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConsentError as exc:
+        print(f"consent-flow: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except RedisError as exc:
+        print(f"consent-flow: Redis is not reachable ({type(exc).__name__})", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"consent-flow: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

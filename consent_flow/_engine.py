@@ -1,0 +1,526 @@
+"""The engine: applies one queued event to one user, with the provider calls it needs.
+
+Each handler reads the record, asks the machine which row the event takes, does its I/O (provider
+calls, sealing tokens), then commits the change with the version it read. A step that loses the
+race (the record moved meanwhile) commits nothing; tokens it obtained are revoked at the provider
+at once and never stored (design.md invariants 1 and 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from ._errors import (
+    ClientRejected,
+    ConsentError,
+    GrantRejected,
+    IDTokenError,
+    InvalidTransition,
+    ProviderError,
+    ProviderUnavailable,
+    VaultError,
+)
+from ._machine import ConsentMachine, Event, State, Transition
+from ._model import Change, ConsentRecord, clip, iso
+from ._oauth import (
+    OAuthClient,
+    TokenSet,
+    code_challenge_s256,
+    new_code_verifier,
+    new_nonce,
+    new_state,
+)
+from ._queue import Envelope, Outcome, new_id
+from ._settings import Settings
+from ._store import RedisStore, state_hash
+from ._vault import KeyRing
+
+__all__ = ["Engine", "RefreshPlan", "next_refresh_at"]
+
+log = structlog.get_logger("consent_flow.engine")
+
+LOCK_TTL = 30.0  # seconds; longer than any provider call's timeout
+LOCK_WAIT = 10.0  # how long an event waits for another worker's provider call on the same user
+MAX_CONFLICT_RETRIES = 5
+MIN_REFRESH_DELAY = 1.0  # never schedule a refresh sooner than this after the last one
+REFRESH_JITTER = 0.1  # up to this share of the lead time is taken off, so refreshes spread out
+MAX_REFRESH_JITTER = 300.0
+
+SESSION_FIELDS = ("sess", "sid", "sexp", "claimed")
+TOKEN_FIELDS = ("tok", "exp", "sub", "scopes", "next", "lastref", "fails", "referr")
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshPlan:
+    due: float
+
+
+def next_refresh_at(
+    expires_at: float | None,
+    now: float,
+    *,
+    margin: float,
+    keepalive: float,
+    jitter: float = 0.0,
+) -> float:
+    """When to refresh next: ``margin`` before expiry, less a jitter, at least every keepalive.
+
+    A token with no expiry (the provider sent no ``expires_in``) is treated as long-lived and
+    refreshed at the keep-alive interval. A token that lives shorter than twice the margin is
+    refreshed half-way through its life, so short-lived tokens are not refreshed in a loop.
+    ``jitter`` in [0, 1) takes up to ``REFRESH_JITTER`` of the lead time off.
+    """
+    latest = now + keepalive
+    if expires_at is None:
+        return latest
+    lifetime = max(0.0, expires_at - now)
+    lead = min(margin, lifetime / 2)
+    spread = min(lead * REFRESH_JITTER, MAX_REFRESH_JITTER) * jitter
+    due = expires_at - lead - spread
+    return max(now + min(MIN_REFRESH_DELAY, lifetime / 2), min(due, latest))
+
+
+class Engine:
+    """Applies events. One per worker process, built in ``on_startup``."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: RedisStore,
+        oauth: OAuthClient,
+        ring: KeyRing,
+        machine: ConsentMachine | None = None,
+        clock: Callable[[], float] = time.time,
+        on_scheduled: Callable[[str, float], Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.oauth = oauth
+        self.ring = ring
+        self.machine = machine or ConsentMachine()
+        self.clock = clock
+        self.on_scheduled = on_scheduled
+        self._handlers: dict[Event, Callable[[Envelope], Any]] = {
+            Event.PROVISION_REQUESTED: self._provision_requested,
+            Event.AUTHORIZATION_COMPLETED: self._authorization_completed,
+            Event.AUTHORIZATION_FAILED: self._authorization_failed,
+            Event.SESSION_EXPIRED: self._session_expired,
+            Event.REVOKE_REQUESTED: self._revoke_requested,
+        }
+
+    # --- entry point ------------------------------------------------------------------------
+
+    async def handle(self, envelope: Envelope) -> Outcome:
+        handler = self._handlers.get(envelope.event)
+        if handler is None:
+            raise InvalidTransition(
+                f"{envelope.event.value} is not emitted from outside", user=envelope.user,
+                event=envelope.event.value,
+            )
+        outcome: Outcome = await handler(envelope)
+        return outcome
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _outcome(
+        self, rec: ConsentRecord, envelope: Envelope, result: str, *, url: str | None = None,
+        error: str | None = None, detail: dict[str, Any] | None = None,
+    ) -> Outcome:
+        return Outcome(
+            user=rec.user, state=rec.state.value, since=iso(rec.since), reason=rec.reason,
+            event=envelope.event.value, result=result, authorization_url=url, error=error,
+            detail=detail or {},
+        )
+
+    def _change(
+        self, envelope: Envelope, rec: ConsentRecord, row: Transition, *, reason: str | None,
+        **kwargs: Any,
+    ) -> Change:
+        return Change(
+            user=rec.user, event=envelope.event, event_id=envelope.event_id,
+            expect_state=rec.state, expect_version=rec.version,
+            to_state=row.dest or rec.state, actor=envelope.actor, at=self.clock(),
+            reason=clip(reason), correlation_id=envelope.correlation_id, **kwargs,
+        )
+
+    def seal_tokens(self, user: str, tokens: dict[str, str | None]) -> str:
+        raw = json.dumps({k: v for k, v in tokens.items() if v}).encode()
+        return self.ring.encrypt(raw, user=user, purpose="tokens")
+
+    def open_tokens(self, user: str, sealed: str) -> dict[str, str]:
+        data: dict[str, str] = json.loads(self.ring.decrypt(sealed, user=user, purpose="tokens"))
+        return data
+
+    def _decide(self, rec: ConsentRecord, event: Event) -> Transition:
+        return self.machine.decide(rec.state, event, user=rec.user)
+
+    async def _reread_after(self, envelope: Envelope, status: str) -> Outcome:
+        rec = await self.store.load(envelope.user)
+        result = "unchanged" if status == "duplicate" else "rejected"
+        error = None if status == "duplicate" else "conflict"
+        return self._outcome(rec, envelope, result, error=error, url=self._live_url(rec))
+
+    def _live_url(self, rec: ConsentRecord) -> str | None:
+        if rec.state is not State.PENDING or rec.session is None:
+            return None
+        try:
+            data = json.loads(self.ring.decrypt(rec.session, user=rec.user, purpose="session"))
+        except VaultError:
+            return None
+        url: str = data["url"]
+        return url
+
+    def refresh_due(self, expires_at: float | None, now: float) -> float:
+        return next_refresh_at(
+            expires_at, now, margin=self.settings.refresh_margin,
+            keepalive=self.settings.keepalive, jitter=random.random(),
+        )
+
+    # --- provision_requested ----------------------------------------------------------------
+
+    async def _provision_requested(self, envelope: Envelope) -> Outcome:
+        for _ in range(MAX_CONFLICT_RETRIES):
+            rec = await self.store.load(envelope.user)
+            row = self._decide(rec, envelope.event)
+            now = self.clock()
+            if rec.state is State.PROVISIONED:
+                return self._outcome(rec, envelope, "unchanged", detail={"already": True})
+            if (
+                rec.state is State.PENDING
+                and rec.session_expires_at is not None
+                and rec.session_expires_at > now
+                and (url := self._live_url(rec)) is not None
+            ):
+                return self._outcome(rec, envelope, "unchanged", url=url)
+            # A new session: from unprovisioned or revoked, or to replace a pending session
+            # that lapsed before the cleanup job got to it.
+            state, verifier, nonce = new_state(), new_code_verifier(), new_nonce()
+            url = await self.oauth.authorization_url(
+                state=state, nonce=nonce, code_challenge=code_challenge_s256(verifier)
+            )
+            session_id = new_id()
+            expires = now + self.settings.session_ttl
+            sealed = self.ring.encrypt(
+                json.dumps({"state": state, "verifier": verifier, "nonce": nonce, "url": url}).encode(),
+                user=rec.user, purpose="session",
+            )
+            if rec.state is State.PENDING:
+                row = Transition(Event.PROVISION_REQUESTED, (State.PENDING,), State.PENDING,
+                                 "session renewed")
+            change = self._change(
+                envelope, rec, row,
+                reason="authorization session renewed" if rec.state is State.PENDING else None,
+                set_fields={"sess": sealed, "sid": session_id, "sexp": repr(expires)},
+                delete_fields=("claimed", "reason", *TOKEN_FIELDS),
+                session_lookup=(state_hash(state), self.settings.session_ttl),
+                unschedule=True,
+            )
+            result = await self.store.commit(change)
+            if result.ok:
+                rec = await self.store.load(envelope.user)
+                log.info("session_started", user=rec.user, event_id=envelope.event_id)
+                return self._outcome(rec, envelope, "applied", url=url)
+            if result.status == "duplicate":
+                return await self._reread_after(envelope, "duplicate")
+        return await self._reread_after(envelope, "conflict")
+
+    # --- authorization_completed ------------------------------------------------------------
+
+    async def _authorization_completed(self, envelope: Envelope) -> Outcome:
+        rec = await self.store.load(envelope.user)
+        session_id = envelope.payload.get("session_id", "")
+        if (
+            rec.state is not State.PENDING
+            or rec.session_id != session_id
+            or rec.session is None
+        ):
+            # A duplicate of an event already applied, or a session that ended meanwhile.
+            status = "duplicate" if await self._seen(envelope) else "conflict"
+            return await self._reread_after(envelope, status)
+        row = self._decide(rec, envelope.event)
+        sealed_code = await self.store.take_inbox(rec.user, envelope.event_id)
+        if sealed_code is None:
+            # The code was taken by an earlier delivery of this event that did not finish: it
+            # cannot be exchanged twice (providers revoke everything issued from a replayed code).
+            return await self._fail_authorization(
+                envelope, rec, "authorization was interrupted; request access again",
+                error="interrupted",
+            )
+        session = json.loads(self.ring.decrypt(rec.session, user=rec.user, purpose="session"))
+        code = self.ring.decrypt(
+            sealed_code, user=rec.user, purpose=f"code:{envelope.event_id}"
+        ).decode()
+        tokens: TokenSet | None = None
+        try:
+            tokens = await self.oauth.exchange_code(code, code_verifier=session["verifier"])
+            if tokens.id_token is None:
+                raise IDTokenError("the token response carries no ID token")
+            claims = await self.oauth.validate_id_token(
+                tokens.id_token,
+                nonce=session["nonce"],
+                expected_subject=rec.user if self.settings.subject_match else None,
+                access_token=tokens.access_token,
+            )
+            if not tokens.refresh_token:
+                raise _NoOfflineAccess()
+        except _NoOfflineAccess:
+            return await self._fail_authorization(
+                envelope, rec, "provider granted no offline access", error="no_refresh_token",
+                obtained=tokens,
+            )
+        except ProviderUnavailable as exc:
+            return await self._fail_authorization(
+                envelope, rec, f"provider unavailable during code exchange: {exc}",
+                error=exc.code, obtained=tokens,
+            )
+        except ProviderError as exc:
+            return await self._fail_authorization(
+                envelope, rec, f"{_describe(exc)}", error=exc.code, obtained=tokens,
+            )
+        now = self.clock()
+        due = self.refresh_due(tokens.expires_at, now)
+        change = self._change(
+            envelope, rec, row, reason=None,
+            set_fields={
+                "tok": self.seal_tokens(rec.user, {
+                    "access_token": tokens.access_token,
+                    "refresh_token": tokens.refresh_token,
+                }),
+                "exp": repr(tokens.expires_at) if tokens.expires_at is not None else "",
+                "sub": claims.subject,
+                "scopes": " ".join(tokens.scopes),
+                "next": repr(due),
+                "lastref": repr(now),
+                "fails": "0",
+            },
+            delete_fields=(*SESSION_FIELDS, "referr", "reason"),
+            drop_session_lookup=state_hash(session["state"]),
+            schedule_at=due,
+        )
+        result = await self.store.commit(change)
+        if not result.ok:
+            # Lost the race (revoked meanwhile, say): these tokens must not live on.
+            await self._revoke_obtained(rec.user, tokens, why="transition lost")
+            return await self._reread_after(envelope, result.status)
+        if self.on_scheduled is not None:
+            await self.on_scheduled(rec.user, due)
+        rec = await self.store.load(rec.user)
+        log.info("consent_granted", user=rec.user, scopes=list(rec.scopes))
+        return self._outcome(rec, envelope, "applied", detail={"scopes": list(rec.scopes)})
+
+    async def _fail_authorization(
+        self, envelope: Envelope, rec: ConsentRecord, reason: str, *, error: str,
+        obtained: TokenSet | None = None,
+    ) -> Outcome:
+        if obtained is not None:
+            await self._revoke_obtained(rec.user, obtained, why=error)
+        failed = Envelope(
+            event=Event.AUTHORIZATION_FAILED, user=rec.user, actor=envelope.actor,
+            event_id=envelope.event_id, correlation_id=envelope.correlation_id,
+        )
+        row = self._decide(rec, Event.AUTHORIZATION_FAILED)
+        digest = None
+        if rec.session is not None:
+            try:
+                session = json.loads(self.ring.decrypt(rec.session, user=rec.user, purpose="session"))
+                digest = state_hash(session["state"])
+            except VaultError:
+                digest = None
+        change = self._change(
+            failed, rec, row, reason=reason,
+            delete_fields=SESSION_FIELDS, drop_session_lookup=digest,
+        )
+        result = await self.store.commit(change)
+        if not result.ok:
+            return await self._reread_after(envelope, result.status)
+        log.info("consent_not_granted", user=rec.user, error=error)
+        rec = await self.store.load(rec.user)
+        return self._outcome(rec, failed, "failed", error=error)
+
+    async def _seen(self, envelope: Envelope) -> bool:
+        score = await self.store.redis.zscore(self.store.keys.seen(envelope.user), envelope.event_id)
+        return score is not None
+
+    # --- authorization_failed (error= on the callback) ---------------------------------------
+
+    async def _authorization_failed(self, envelope: Envelope) -> Outcome:
+        rec = await self.store.load(envelope.user)
+        if rec.state is not State.PENDING or rec.session_id != envelope.payload.get("session_id"):
+            status = "duplicate" if await self._seen(envelope) else "conflict"
+            return await self._reread_after(envelope, status)
+        error = envelope.payload.get("error", "unknown_error")
+        description = envelope.payload.get("error_description")
+        reason = f"{error}: {description}" if description else error
+        return await self._fail_authorization(envelope, rec, reason, error=error)
+
+    # --- session_expired (cleanup job) -------------------------------------------------------
+
+    async def _session_expired(self, envelope: Envelope) -> Outcome:
+        rec = await self.store.load(envelope.user)
+        now = self.clock()
+        if rec.state is not State.PENDING or (rec.session_expires_at or 0) > now:
+            return await self._reread_after(envelope, "conflict")
+        row = self._decide(rec, envelope.event)
+        digest = None
+        if rec.session is not None:
+            try:
+                digest = state_hash(
+                    json.loads(self.ring.decrypt(rec.session, user=rec.user, purpose="session"))[
+                        "state"
+                    ]
+                )
+            except VaultError:
+                digest = None
+        change = self._change(
+            envelope, rec, row, reason="authorization session expired",
+            delete_fields=SESSION_FIELDS, drop_session_lookup=digest,
+        )
+        result = await self.store.commit(change)
+        if not result.ok:
+            return await self._reread_after(envelope, result.status)
+        rec = await self.store.load(rec.user)
+        return self._outcome(rec, envelope, "applied")
+
+    # --- revoke_requested -------------------------------------------------------------------
+
+    async def _revoke_requested(self, envelope: Envelope) -> Outcome:
+        async with self.user_lock(envelope.user):
+            for _ in range(MAX_CONFLICT_RETRIES):
+                rec = await self.store.load(envelope.user)
+                row = self._decide(rec, envelope.event)
+                if not row.changes:
+                    return self._outcome(rec, envelope, "unchanged")
+                reason = envelope.payload.get("reason") or "revoked by " + envelope.actor
+                digest = None
+                if rec.session is not None:
+                    try:
+                        digest = state_hash(json.loads(
+                            self.ring.decrypt(rec.session, user=rec.user, purpose="session")
+                        )["state"])
+                    except VaultError:
+                        digest = None
+                # The sealed tokens move to the revocation outbox in the same step that wipes
+                # them, so no process hands them out again (invariant 9) and a provider that is
+                # down now does not make us forget to revoke them later.
+                set_fields = {"rvk": rec.tokens} if rec.tokens else {}
+                change = self._change(
+                    envelope, rec, row, reason=reason,
+                    set_fields=set_fields,
+                    delete_fields=(*SESSION_FIELDS, *TOKEN_FIELDS),
+                    drop_session_lookup=digest, unschedule=True,
+                )
+                result = await self.store.commit(change)
+                if result.status == "conflict":
+                    continue
+                if result.status == "duplicate":
+                    return await self._reread_after(envelope, "duplicate")
+                rec = await self.store.load(rec.user)
+                detail: dict[str, Any] = {}
+                if rec.revocation_pending:
+                    detail["provider_revocation"] = await self.revoke_pending(rec.user)
+                return self._outcome(rec, envelope, "applied", detail=detail)
+        return await self._reread_after(envelope, "conflict")
+
+    async def revoke_pending(self, user: str) -> str:
+        """Revoke the tokens in a user's outbox at the provider (RFC 7009), then forget them.
+
+        Returns "done", or "deferred" when the provider is unavailable (the job retries).
+        """
+        rec = await self.store.load(user)
+        if rec.revocation_pending is None:
+            return "done"
+        try:
+            tokens = self.open_tokens(user, rec.revocation_pending)
+        except VaultError:
+            log.error("revocation_outbox_unreadable", user=user)
+            return "deferred"
+        try:
+            await self._revoke_tokens(tokens)
+        except ProviderUnavailable as exc:
+            log.warning("provider_revocation_deferred", user=user, error=exc.code)
+            return "deferred"
+        except ProviderError as exc:
+            # invalid_client and friends: keep the outbox, operators see it in the logs.
+            log.error("provider_revocation_failed", user=user, error=exc.code)
+            return "failed"
+        await self.store.redis.hdel(self.store.keys.rec(user), "rvk")
+        await self._uncount_kid(rec.revocation_pending)
+        return "done"
+
+    async def _uncount_kid(self, sealed: str) -> None:
+        await self.store.redis.hincrby(self.store.keys.kids, KeyRing.key_id_of(sealed), -1)
+
+    async def _revoke_tokens(self, tokens: dict[str, str]) -> None:
+        # Revoking the refresh token ends the grant (RFC 7009 section 2.1); the access token is
+        # revoked too where the provider does not cascade.
+        if tokens.get("refresh_token"):
+            await self.oauth.revoke(tokens["refresh_token"], token_type_hint="refresh_token")
+        if tokens.get("access_token"):
+            try:
+                await self.oauth.revoke(tokens["access_token"], token_type_hint="access_token")
+            except ProviderError as exc:
+                log.info("access_token_revocation_skipped", error=exc.code)
+
+    async def _revoke_obtained(self, user: str, tokens: TokenSet, *, why: str) -> None:
+        """Tokens a losing or failing step obtained are revoked at once, never stored."""
+        try:
+            await self._revoke_tokens(
+                {"refresh_token": tokens.refresh_token or "", "access_token": tokens.access_token}
+            )
+            log.info("obtained_tokens_revoked", user=user, why=why)
+        except ProviderError as exc:
+            log.error("obtained_tokens_not_revoked", user=user, why=why, error=exc.code)
+
+    # --- single flight ----------------------------------------------------------------------
+
+    def user_lock(self, user: str) -> _UserLock:
+        return _UserLock(self.store, user)
+
+
+class _UserLock:
+    """One provider conversation per user at a time, across every worker (invariant 4)."""
+
+    def __init__(self, store: RedisStore, user: str) -> None:
+        self.store = store
+        self.user = user
+        self.token: str | None = None
+
+    async def __aenter__(self) -> _UserLock:
+        deadline = time.monotonic() + LOCK_WAIT
+        delay = 0.01
+        while True:
+            self.token = await self.store.acquire_lock(self.user, LOCK_TTL)
+            if self.token is not None:
+                return self
+            if time.monotonic() > deadline:
+                raise ProviderUnavailable(
+                    "another worker is still talking to the provider for this user",
+                    user=self.user,
+                )
+            await asyncio.sleep(delay + random.random() * delay)
+            delay = min(delay * 2, 0.5)
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.token is not None:
+            await self.store.release_lock(self.user, self.token)
+
+
+class _NoOfflineAccess(Exception):
+    pass
+
+
+def _describe(exc: ConsentError) -> str:
+    if isinstance(exc, GrantRejected):
+        return "the provider rejected the authorization code (invalid_grant)"
+    if isinstance(exc, ClientRejected):
+        return "the provider rejected this client's credentials (invalid_client)"
+    return str(exc)

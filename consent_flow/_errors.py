@@ -1,0 +1,175 @@
+"""The exception tree of consent-flow.
+
+Every error the library raises on purpose derives from one base class, carries a stable
+``code`` and the context it happened in (user, event), and never a secret::
+
+    ConsentError
+    ├── SettingsError               a CONSENT_* variable is missing or malformed
+    ├── VaultError                  encryption key ring problems
+    │   └── UnknownKeyError         a ciphertext names a key id the ring does not hold
+    ├── StoreError                  the state store answered something it should not have
+    ├── WorkerUnavailable           no worker answered an event within the timeout
+    ├── InvalidTransition           the event is not allowed from the user's state
+    ├── CallbackRejected            a bad, forged or replayed authorization callback
+    ├── NotProvisioned              the user has granted no delegated access (yet)
+    │   └── ConsentRevoked          the user's grant was revoked (reason attached)
+    └── ProviderError               the OpenID provider misbehaved or refused
+        ├── ProviderUnavailable     5xx, 429, timeouts, connection errors: transient
+        ├── GrantRejected           invalid_grant: the grant is dead
+        ├── ClientRejected          invalid_client: the deployment's credentials are wrong
+        ├── ProviderResponseError   any other error response or malformed answer
+        └── IDTokenError            the ID token failed a check (signature, iss, aud, ...)
+
+Retry control flow (arq's ``Retry``) deliberately stays outside this tree.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CallbackRejected",
+    "ClientRejected",
+    "ConsentError",
+    "ConsentRevoked",
+    "GrantRejected",
+    "IDTokenError",
+    "InvalidTransition",
+    "NotProvisioned",
+    "ProviderError",
+    "ProviderResponseError",
+    "ProviderUnavailable",
+    "SettingsError",
+    "StoreError",
+    "UnknownKeyError",
+    "VaultError",
+    "WorkerUnavailable",
+]
+
+
+class ConsentError(Exception):
+    """Base class of every error consent-flow raises on purpose."""
+
+    code: str = "consent_error"
+
+    def __init__(self, message: str, *, user: str | None = None, event: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.user = user
+        self.event = event
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SettingsError(ConsentError):
+    """A setting is missing or malformed; ``variable`` names it."""
+
+    code = "settings_invalid"
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+class VaultError(ConsentError):
+    code = "vault_error"
+
+
+class UnknownKeyError(VaultError):
+    """A ciphertext was written under a key that is not in ``CONSENT_ENCRYPTION_KEYS``."""
+
+    code = "unknown_key"
+
+    def __init__(self, message: str, *, key_id: str, user: str | None = None) -> None:
+        super().__init__(message, user=user)
+        self.key_id = key_id
+
+
+class StoreError(ConsentError):
+    code = "store_error"
+
+
+class WorkerUnavailable(ConsentError):
+    """The event was queued but no worker reported an outcome in time."""
+
+    code = "worker_unavailable"
+
+
+class InvalidTransition(ConsentError):
+    code = "invalid_transition"
+
+
+class CallbackRejected(ConsentError):
+    """An authorization callback that must not change anything (HTTP 4xx)."""
+
+    code = "callback_rejected"
+
+    def __init__(self, message: str, *, status: int = 400, reason_code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason_code = reason_code
+
+
+class NotProvisioned(ConsentError):
+    """The user has not granted delegated access."""
+
+    code = "not_provisioned"
+
+    def __init__(
+        self, message: str, *, user: str | None = None, state: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message, user=user)
+        self.state = state
+        self.reason = reason
+
+
+class ConsentRevoked(NotProvisioned):
+    """The user's grant was revoked, by the user, an operator or the provider."""
+
+    code = "consent_revoked"
+
+
+class ProviderError(ConsentError):
+    code = "provider_error"
+
+
+class ProviderUnavailable(ProviderError):
+    """Transient: the provider is down, slow or rate limiting. Never ends a grant."""
+
+    code = "provider_unavailable"
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, status: int | None = None,
+        user: str | None = None,
+    ) -> None:
+        super().__init__(message, user=user)
+        self.retry_after = retry_after
+        self.status = status
+
+
+class GrantRejected(ProviderError):
+    """``invalid_grant``: the code or refresh token is dead (RFC 6749 section 5.2)."""
+
+    code = "invalid_grant"
+
+
+class ClientRejected(ProviderError):
+    """``invalid_client``: the deployment's own client credentials are wrong."""
+
+    code = "invalid_client"
+
+
+class ProviderResponseError(ProviderError):
+    """Any other OAuth error response, or an answer that is not what the protocol says."""
+
+    code = "provider_response_error"
+
+    def __init__(self, message: str, *, error: str | None = None, user: str | None = None) -> None:
+        super().__init__(message, user=user)
+        self.error = error
+
+
+class IDTokenError(ProviderError):
+    """The ID token failed validation (OpenID Connect Core 1.0 section 3.1.3.7)."""
+
+    code = "id_token_invalid"

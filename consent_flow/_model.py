@@ -1,0 +1,205 @@
+"""Plain data the engine passes around: a user's record, a change to it, a history entry."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from ._errors import ConsentError
+from ._machine import Event, State
+
+__all__ = ["Change", "CommitResult", "ConsentRecord", "HistoryEntry", "check_user", "iso"]
+
+MAX_USER_LENGTH = 255  # OpenID Connect Core 2: a subject is at most 255 ASCII characters
+MAX_REASON_LENGTH = 500
+
+# Record fields that hold ciphertext; the store counts records per key id from them.
+CIPHER_FIELDS = ("tok", "sess", "rvk")
+
+
+def check_user(user: object) -> str:
+    """A user id: 1-255 printable characters, no whitespace. Raises :class:`ConsentError`."""
+    if not isinstance(user, str) or not 1 <= len(user) <= MAX_USER_LENGTH:
+        raise ConsentError("a user id is 1 to 255 characters")
+    if any(not ch.isprintable() or ch.isspace() for ch in user):
+        raise ConsentError("a user id has no spaces or control characters")
+    return user
+
+
+def iso(at: float | None) -> str | None:
+    if at is None:
+        return None
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def clip(text: str | None, limit: int = MAX_REASON_LENGTH) -> str | None:
+    """Reasons can carry a provider's error_description: keep them short and printable."""
+    if text is None:
+        return None
+    cleaned = "".join(ch if ch.isprintable() else " " for ch in text)
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
+
+
+def _float(value: str | None) -> float | None:
+    if value is None or value == "":
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentRecord:
+    """What the store holds for one user. Ciphertext fields stay sealed here."""
+
+    user: str
+    state: State = State.UNPROVISIONED
+    version: int = 0
+    since: float | None = None
+    reason: str | None = None
+    actor: str | None = None
+    subject: str | None = None
+    scopes: tuple[str, ...] = ()
+    tokens: str | None = None  # ciphertext: access, refresh and ID token
+    expires_at: float | None = None  # the access token's absolute expiry
+    session: str | None = None  # ciphertext: state, verifier, nonce, authorization URL
+    session_id: str | None = None
+    session_expires_at: float | None = None
+    next_refresh_at: float | None = None
+    last_refresh_at: float | None = None
+    refresh_failures: int = 0
+    last_refresh_error: str | None = None
+    revocation_pending: str | None = None  # ciphertext: tokens still to revoke at the provider
+
+    @classmethod
+    def from_hash(cls, user: str, data: dict[str, str]) -> ConsentRecord:
+        if not data:
+            return cls(user=user)
+        return cls(
+            user=user,
+            state=State(data.get("state", State.UNPROVISIONED.value)),
+            version=int(data.get("v", "0")),
+            since=_float(data.get("since")),
+            reason=data.get("reason") or None,
+            actor=data.get("actor") or None,
+            subject=data.get("sub") or None,
+            scopes=tuple(data.get("scopes", "").split()),
+            tokens=data.get("tok") or None,
+            expires_at=_float(data.get("exp")),
+            session=data.get("sess") or None,
+            session_id=data.get("sid") or None,
+            session_expires_at=_float(data.get("sexp")),
+            next_refresh_at=_float(data.get("next")),
+            last_refresh_at=_float(data.get("lastref")),
+            refresh_failures=int(data.get("fails", "0") or 0),
+            last_refresh_error=data.get("referr") or None,
+            revocation_pending=data.get("rvk") or None,
+        )
+
+    def public(self) -> dict[str, Any]:
+        """The status an operator or a caller may see: no ciphertext, no secrets."""
+        out: dict[str, Any] = {
+            "user": self.user,
+            "state": self.state.value,
+            "since": iso(self.since),
+            "reason": self.reason,
+            "actor": self.actor,
+            "version": self.version,
+        }
+        if self.state is State.PROVISIONED:
+            out.update(
+                subject=self.subject,
+                scopes=list(self.scopes),
+                access_token_expires_at=iso(self.expires_at),
+                next_refresh_at=iso(self.next_refresh_at),
+                last_refresh_at=iso(self.last_refresh_at),
+                refresh_failures=self.refresh_failures,
+                last_refresh_error=self.last_refresh_error,
+            )
+        if self.state is State.PENDING:
+            out["session_expires_at"] = iso(self.session_expires_at)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    event: str
+    from_state: str
+    to_state: str
+    at: float
+    actor: str
+    reason: str | None
+    correlation_id: str | None
+    event_id: str
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "event": self.event, "from": self.from_state, "to": self.to_state, "at": self.at,
+                "actor": self.actor, "reason": self.reason, "correlation_id": self.correlation_id,
+                "event_id": self.event_id,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> HistoryEntry:
+        d = json.loads(raw)
+        return cls(
+            event=d["event"], from_state=d["from"], to_state=d["to"], at=float(d["at"]),
+            actor=d["actor"], reason=d.get("reason"), correlation_id=d.get("correlation_id"),
+            event_id=d.get("event_id", ""),
+        )
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "event": self.event, "from": self.from_state, "to": self.to_state, "at": iso(self.at),
+            "actor": self.actor, "reason": self.reason, "correlation_id": self.correlation_id,
+        }
+
+
+@dataclass(slots=True)
+class Change:
+    """One committed step: the state change, fields, schedule and history entry, all or nothing.
+
+    ``expect_state`` and ``expect_version`` are what the step read; the store applies the change
+    only if the record is still exactly there (design.md invariant 1).
+    """
+
+    user: str
+    event: Event
+    event_id: str
+    expect_state: State
+    expect_version: int
+    to_state: State
+    actor: str
+    at: float
+    reason: str | None = None
+    correlation_id: str | None = None
+    set_fields: dict[str, str] = field(default_factory=dict)
+    delete_fields: tuple[str, ...] = ()
+    schedule_at: float | None = None  # refresh due time; None leaves the schedule alone
+    unschedule: bool = False
+    session_lookup: tuple[str, int] | None = None  # (state hash, ttl) to register
+    drop_session_lookup: str | None = None  # state hash to forget
+    record_history: bool = True
+
+    def history_entry(self) -> HistoryEntry:
+        return HistoryEntry(
+            event=self.event.value, from_state=self.expect_state.value,
+            to_state=self.to_state.value, at=self.at, actor=self.actor, reason=self.reason,
+            correlation_id=self.correlation_id, event_id=self.event_id,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    status: str  # "ok", "conflict" or "duplicate"
+    version: int = 0
+    state: State | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"

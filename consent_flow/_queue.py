@@ -1,0 +1,135 @@
+"""Events through the queue: the envelope, the outcome, and the bus that carries them.
+
+An event is an arq job whose arguments are the envelope: event name, user, ids, actor and a small
+payload of non-secret values. arq stores and logs job arguments, so secrets never travel here;
+an authorization code waits sealed in the user's inbox key instead.
+
+The caller does not poll arq's result (``Job.result()`` polls every 0.5 s and arq would store the
+result): the worker pushes the outcome to a reply list the caller blocks on with BLPOP.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from arq.connections import ArqRedis
+
+from ._errors import WorkerUnavailable
+from ._machine import Event
+from ._store import Keys
+
+__all__ = ["HANDLE_EVENT", "REPLY_TTL", "Envelope", "EventBus", "Outcome"]
+
+HANDLE_EVENT = "handle_event"  # the arq function name every event goes through
+REPLY_TTL = 60  # seconds a reply waits for a caller that stopped listening
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    event: Event
+    user: str
+    actor: str
+    event_id: str = field(default_factory=new_id)
+    correlation_id: str = field(default_factory=new_id)
+    payload: dict[str, str] = field(default_factory=dict)
+    reply: bool = True
+
+    def to_job(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["event"] = self.event.value
+        return data
+
+    @classmethod
+    def from_job(cls, data: dict[str, Any]) -> Envelope:
+        return cls(
+            event=Event(data["event"]),
+            user=str(data["user"]),
+            actor=str(data["actor"]),
+            event_id=str(data["event_id"]),
+            correlation_id=str(data["correlation_id"]),
+            payload={str(k): str(v) for k, v in dict(data.get("payload") or {}).items()},
+            reply=bool(data.get("reply", True)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the worker reports back: the user's status after the event, and what happened."""
+
+    user: str
+    state: str
+    since: str | None
+    reason: str | None
+    event: str
+    result: str  # "applied", "unchanged", "rejected", "failed"
+    authorization_url: str | None = None
+    error: str | None = None  # a stable error code when result is "rejected" or "failed"
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Outcome:
+        return cls(**json.loads(raw))
+
+    def public(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "user": self.user, "state": self.state, "since": self.since, "reason": self.reason,
+        }
+        if self.authorization_url:
+            out["authorization_url"] = self.authorization_url
+        out.update(self.detail)
+        return out
+
+
+class EventBus:
+    """Emits envelopes as arq jobs and waits for their outcome."""
+
+    def __init__(self, pool: ArqRedis, *, keys: Keys, queue_name: str, timeout: float) -> None:
+        self.pool = pool
+        self.keys = keys
+        self.queue_name = queue_name
+        self.timeout = timeout
+
+    async def emit(self, envelope: Envelope, *, timeout: float | None = None) -> Outcome | None:
+        """Queue the event; with ``envelope.reply`` wait for its outcome.
+
+        The job expires if no worker starts it within the timeout, so a caller that gave up
+        never has its event applied behind its back.
+        """
+        wait = self.timeout if timeout is None else timeout
+        job = await self.pool.enqueue_job(
+            HANDLE_EVENT,
+            envelope.to_job(),
+            _job_id=f"ev:{envelope.event_id}",
+            _queue_name=self.queue_name,
+            _expires=max(1.0, wait),
+        )
+        if job is None:  # arq refuses a job id it already holds: a duplicate emit
+            pass
+        if not envelope.reply:
+            return None
+        popped = await self.pool.blpop([self.keys.reply(envelope.event_id)], timeout=wait)
+        if popped is None:
+            raise WorkerUnavailable(
+                f"no worker answered {envelope.event.value} within {wait:g} s "
+                "(is `consent-flow worker` running?)",
+                user=envelope.user,
+                event=envelope.event.value,
+            )
+        return Outcome.from_json(popped[1])
+
+    async def reply(self, event_id: str, outcome: Outcome) -> None:
+        key = self.keys.reply(event_id)
+        async with self.pool.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, outcome.to_json())
+            pipe.expire(key, REPLY_TTL)
+            await pipe.execute()

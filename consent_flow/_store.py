@@ -1,0 +1,431 @@
+"""The state store: a ``Protocol`` with a Redis implementation and an in-memory one for fast tests.
+
+Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``; every key of one user shares the hash tag
+``{user}`` so per-user commands stay within one slot)::
+
+    cf:{alice}:rec      hash   the record (state, version, since, ciphertext fields, schedule)
+    cf:{alice}:hist     list   history entries, oldest first (JSON)
+    cf:{alice}:seen     zset   event ids already applied (exactly-once effect), scored by time
+    cf:{alice}:in:<id>  string sealed authorization code waiting for its event (short TTL)
+    cf:{alice}:lock     string single-flight lock for provider calls, value = owner token
+    cf:idx:<state>      zset   users in that state, scored by since (list, stats: no KEYS scans)
+    cf:sched            zset   users by next refresh due time
+    cf:sess:<sha256>    string "user\\nsession id" for a live authorization session's state
+    cf:kids             hash   ciphertext count per key id (start-up key check, rotation)
+    cf:events           stream every transition, for `tail` and other consumers (bounded)
+
+A transition is one Lua script: the version check, the fields, the indexes, the schedule, the
+history entry and the stream entry commit together or not at all (design.md invariant 1).
+The indexes are shard-wide keys: users are sharded across primaries, not across a Cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+
+from ._machine import State
+from ._model import CIPHER_FIELDS, Change, CommitResult, ConsentRecord, HistoryEntry
+
+__all__ = ["Keys", "MemoryStore", "RedisStore", "Store", "state_hash"]
+
+HISTORY_MAX_ENTRIES = 1000  # a hard cap on top of the time-based retention
+SEEN_MAX_EVENTS = 200  # event ids remembered per user for de-duplication
+STREAM_MAX_ENTRIES = 100_000  # approximate cap of the transition stream
+INBOX_TTL = 120  # seconds a sealed code waits for its worker
+
+
+def state_hash(state: str) -> str:
+    """The index key for an authorization ``state``: the value itself is never stored in clear."""
+    return hashlib.sha256(state.encode()).hexdigest()
+
+
+class Keys:
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: str = "cf") -> None:
+        self.prefix = prefix
+
+    def rec(self, user: str) -> str:
+        return f"{self.prefix}:{{{user}}}:rec"
+
+    def hist(self, user: str) -> str:
+        return f"{self.prefix}:{{{user}}}:hist"
+
+    def seen(self, user: str) -> str:
+        return f"{self.prefix}:{{{user}}}:seen"
+
+    def inbox(self, user: str, event_id: str) -> str:
+        return f"{self.prefix}:{{{user}}}:in:{event_id}"
+
+    def lock(self, user: str) -> str:
+        return f"{self.prefix}:{{{user}}}:lock"
+
+    def idx(self, state: State | str) -> str:
+        return f"{self.prefix}:idx:{State(state).value}"
+
+    @property
+    def sched(self) -> str:
+        return f"{self.prefix}:sched"
+
+    @property
+    def kids(self) -> str:
+        return f"{self.prefix}:kids"
+
+    @property
+    def stream(self) -> str:
+        return f"{self.prefix}:events"
+
+    def sess(self, digest: str) -> str:
+        return f"{self.prefix}:sess:{digest}"
+
+    def reply(self, event_id: str) -> str:
+        return f"{self.prefix}:reply:{event_id}"
+
+
+class Store(Protocol):
+    """What the engine needs from a state store."""
+
+    async def load(self, user: str) -> ConsentRecord: ...
+
+    async def commit(self, change: Change) -> CommitResult: ...
+
+    async def history(self, user: str, *, limit: int = HISTORY_MAX_ENTRIES) -> list[HistoryEntry]: ...
+
+    async def users(
+        self, state: State, *, offset: int = 0, limit: int = 100
+    ) -> list[tuple[str, float]]: ...
+
+    async def counts(self) -> dict[State, int]: ...
+
+    async def session_owner(self, digest: str) -> tuple[str, str] | None: ...
+
+    async def claim_session(
+        self, user: str, session_id: str, event_id: str, sealed: str | None
+    ) -> str: ...
+
+    async def take_inbox(self, user: str, event_id: str) -> str | None: ...
+
+    async def acquire_lock(self, user: str, ttl: float) -> str | None: ...
+
+    async def release_lock(self, user: str, token: str) -> bool: ...
+
+
+# --- Lua ------------------------------------------------------------------------------------------
+
+_COMMIT = """
+local rec, hist, seen, idx_from, idx_to, sched, kids, stream, sess_set, sess_del =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local op = cjson.decode(ARGV[1])
+if redis.call('ZSCORE', seen, op.event_id) then
+  return {'duplicate', tonumber(redis.call('HGET', rec, 'v') or '0')}
+end
+local cur_state = redis.call('HGET', rec, 'state') or 'unprovisioned'
+local cur_v = tonumber(redis.call('HGET', rec, 'v') or '0')
+if cur_state ~= op.expect_state or cur_v ~= op.expect_v then
+  return {'conflict', cur_v, cur_state}
+end
+local cipher = op.cipher
+local function kid_of(v)
+  if not v then return nil end
+  return string.match(v, '^v1%.([^%.]+)%.')
+end
+local before = redis.call('HMGET', rec, unpack(cipher))
+if #op.del > 0 then redis.call('HDEL', rec, unpack(op.del)) end
+local flat = {}
+for k, v in pairs(op.set) do flat[#flat + 1] = k; flat[#flat + 1] = v end
+local v = cur_v + 1
+flat[#flat + 1] = 'v'; flat[#flat + 1] = tostring(v)
+redis.call('HSET', rec, unpack(flat))
+local after = redis.call('HMGET', rec, unpack(cipher))
+for i = 1, #cipher do
+  local a, b = kid_of(before[i]), kid_of(after[i])
+  if a ~= b then
+    if a then redis.call('HINCRBY', kids, a, -1) end
+    if b then redis.call('HINCRBY', kids, b, 1) end
+  end
+end
+if op.moved then
+  redis.call('ZREM', idx_from, op.user)
+  redis.call('ZADD', idx_to, op.since, op.user)
+end
+if op.schedule then
+  redis.call('ZADD', sched, op.schedule, op.user)
+elseif op.unschedule then
+  redis.call('ZREM', sched, op.user)
+end
+if op.sess_value then redis.call('SET', sess_set, op.sess_value, 'EX', op.sess_ttl) end
+if op.sess_drop then redis.call('DEL', sess_del) end
+if op.hist then
+  redis.call('RPUSH', hist, op.hist)
+  redis.call('LTRIM', hist, -tonumber(op.hist_max), -1)
+  redis.call('XADD', stream, 'MAXLEN', '~', op.stream_max, '*', 'entry', op.hist, 'user', op.user)
+end
+redis.call('ZADD', seen, op.at, op.event_id)
+redis.call('ZREMRANGEBYRANK', seen, 0, -tonumber(op.seen_max) - 1)
+return {'ok', v}
+"""
+
+# Claim an authorization session for one callback: single use, checked against the record.
+_CLAIM = """
+local rec, inbox = KEYS[1], KEYS[2]
+local state = redis.call('HGET', rec, 'state')
+if state ~= 'pending' then return 'not_pending' end
+if redis.call('HGET', rec, 'sid') ~= ARGV[1] then return 'unknown_session' end
+if redis.call('HGET', rec, 'claimed') then return 'already_used' end
+local sexp = tonumber(redis.call('HGET', rec, 'sexp') or '0')
+if sexp <= tonumber(ARGV[4]) then return 'expired' end
+redis.call('HSET', rec, 'claimed', ARGV[2])
+if ARGV[3] ~= '' then redis.call('SET', inbox, ARGV[3], 'EX', ARGV[5]) end
+return 'ok'
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _decode(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisStore:
+    """The production store. Takes a ``redis.asyncio.Redis`` built with ``decode_responses=True``."""
+
+    def __init__(self, redis: Redis, *, prefix: str = "cf") -> None:
+        self.redis = redis
+        self.keys = Keys(prefix)
+        self._commit = redis.register_script(_COMMIT)
+        self._claim = redis.register_script(_CLAIM)
+        self._release = redis.register_script(_RELEASE)
+
+    async def load(self, user: str) -> ConsentRecord:
+        data = await self.redis.hgetall(self.keys.rec(user))
+        return ConsentRecord.from_hash(user, {_decode(k): _decode(v) for k, v in data.items()})
+
+    async def commit(self, change: Change) -> CommitResult:
+        k = self.keys
+        moved = change.to_state is not change.expect_state or change.expect_version == 0
+        set_fields = dict(change.set_fields)
+        set_fields["state"] = change.to_state.value
+        if moved:
+            set_fields["since"] = repr(change.at)
+        if change.record_history:
+            set_fields["actor"] = change.actor
+            set_fields["reason"] = change.reason or ""
+        op: dict[str, Any] = {
+            "user": change.user,
+            "event_id": change.event_id,
+            "expect_state": change.expect_state.value,
+            "expect_v": change.expect_version,
+            "set": set_fields,
+            "del": list(change.delete_fields),
+            "cipher": list(CIPHER_FIELDS),
+            "moved": moved,
+            # Scores travel as strings: Lua numbers are doubles, which Redis refuses as arguments.
+            "since": repr(change.at),
+            "at": repr(change.at),
+            "schedule": repr(change.schedule_at) if change.schedule_at is not None else None,
+            "unschedule": change.unschedule,
+            "hist": change.history_entry().to_json() if change.record_history else None,
+            "hist_max": str(HISTORY_MAX_ENTRIES),
+            "stream_max": str(STREAM_MAX_ENTRIES),
+            "seen_max": str(SEEN_MAX_EVENTS),
+        }
+        sess_set = sess_drop = k.sess("-")
+        if change.session_lookup is not None:
+            digest, ttl = change.session_lookup
+            sess_set = k.sess(digest)
+            op["sess_value"] = f"{change.user}\n{change.set_fields['sid']}"
+            op["sess_ttl"] = str(max(1, ttl))
+        if change.drop_session_lookup is not None:
+            sess_drop = k.sess(change.drop_session_lookup)
+            op["sess_drop"] = True
+        result = await self._commit(
+            keys=[
+                k.rec(change.user), k.hist(change.user), k.seen(change.user),
+                k.idx(change.expect_state), k.idx(change.to_state), k.sched, k.kids, k.stream,
+                sess_set, sess_drop,
+            ],
+            # cjson turns null into a truthy userdata: absent keys are the only safe "no".
+            args=[json.dumps({k: v for k, v in op.items() if v is not None and v is not False},
+                             separators=(",", ":"))],
+        )
+        status = _decode(result[0])
+        version = int(result[1])
+        state = State(_decode(result[2])) if len(result) > 2 else None
+        return CommitResult(status=status, version=version, state=state)
+
+    async def history(self, user: str, *, limit: int = HISTORY_MAX_ENTRIES) -> list[HistoryEntry]:
+        raw = await self.redis.lrange(self.keys.hist(user), -limit, -1)
+        return [HistoryEntry.from_json(item) for item in raw]
+
+    async def users(
+        self, state: State, *, offset: int = 0, limit: int = 100
+    ) -> list[tuple[str, float]]:
+        rows = await self.redis.zrange(
+            self.keys.idx(state), offset, offset + limit - 1, withscores=True
+        )
+        return [(_decode(user), float(score)) for user, score in rows]
+
+    async def counts(self) -> dict[State, int]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for state in State:
+                pipe.zcard(self.keys.idx(state))
+            values = await pipe.execute()
+        return {state: int(n) for state, n in zip(State, values, strict=True)}
+
+    async def session_owner(self, digest: str) -> tuple[str, str] | None:
+        raw = await self.redis.get(self.keys.sess(digest))
+        if raw is None:
+            return None
+        user, _, session_id = _decode(raw).partition("\n")
+        return user, session_id
+
+    async def claim_session(
+        self, user: str, session_id: str, event_id: str, sealed: str | None
+    ) -> str:
+        result = await self._claim(
+            keys=[self.keys.rec(user), self.keys.inbox(user, event_id)],
+            args=[session_id, event_id, sealed or "", repr(time.time()), INBOX_TTL],
+        )
+        return _decode(result)
+
+    async def take_inbox(self, user: str, event_id: str) -> str | None:
+        raw = await self.redis.getdel(self.keys.inbox(user, event_id))
+        return None if raw is None else _decode(raw)
+
+    async def acquire_lock(self, user: str, ttl: float) -> str | None:
+        token = secrets.token_hex(16)
+        ok = await self.redis.set(self.keys.lock(user), token, px=int(ttl * 1000), nx=True)
+        return token if ok else None
+
+    async def release_lock(self, user: str, token: str) -> bool:
+        return bool(await self._release(keys=[self.keys.lock(user)], args=[token]))
+
+    async def key_ids_in_use(self) -> dict[str, int]:
+        raw = await self.redis.hgetall(self.keys.kids)
+        return {_decode(k): int(v) for k, v in raw.items() if int(v) > 0}
+
+    async def trim_history(self, user: str, older_than: float) -> int:
+        """Drop history entries older than ``older_than``; entries are in time order."""
+        key = self.keys.hist(user)
+        dropped = 0
+        while True:
+            head = await self.redis.lindex(key, 0)
+            if head is None or HistoryEntry.from_json(head).at >= older_than:
+                return dropped
+            await self.redis.lpop(key)
+            dropped += 1
+
+
+class MemoryStore:
+    """The same contract in a process's memory: for fast tests of the engine's logic."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict[str, str]] = {}
+        self.histories: dict[str, list[HistoryEntry]] = {}
+        self.seen: dict[str, list[str]] = {}
+        self.indexes: dict[State, dict[str, float]] = {state: {} for state in State}
+        self.schedule: dict[str, float] = {}
+        self.sessions: dict[str, tuple[str, str]] = {}
+        self.inboxes: dict[tuple[str, str], str] = {}
+        self.locks: dict[str, str] = {}
+
+    async def load(self, user: str) -> ConsentRecord:
+        return ConsentRecord.from_hash(user, dict(self.records.get(user, {})))
+
+    async def commit(self, change: Change) -> CommitResult:
+        user = change.user
+        rec = self.records.setdefault(user, {})
+        if change.event_id in self.seen.get(user, []):
+            return CommitResult("duplicate", int(rec.get("v", "0")))
+        current = State(rec.get("state", State.UNPROVISIONED.value))
+        version = int(rec.get("v", "0"))
+        if current is not change.expect_state or version != change.expect_version:
+            return CommitResult("conflict", version, current)
+        moved = change.to_state is not change.expect_state or change.expect_version == 0
+        for name in change.delete_fields:
+            rec.pop(name, None)
+        rec.update(change.set_fields)
+        rec["state"] = change.to_state.value
+        rec["v"] = str(version + 1)
+        if change.record_history:
+            rec["actor"] = change.actor
+            rec["reason"] = change.reason or ""
+        if moved:
+            rec["since"] = repr(change.at)
+            self.indexes[change.expect_state].pop(user, None)
+            self.indexes[change.to_state][user] = change.at
+        if change.schedule_at is not None:
+            self.schedule[user] = change.schedule_at
+        elif change.unschedule:
+            self.schedule.pop(user, None)
+        if change.session_lookup is not None:
+            self.sessions[change.session_lookup[0]] = (user, change.set_fields["sid"])
+        if change.drop_session_lookup is not None:
+            self.sessions.pop(change.drop_session_lookup, None)
+        if change.record_history:
+            entries = self.histories.setdefault(user, [])
+            entries.append(change.history_entry())
+            del entries[:-HISTORY_MAX_ENTRIES]
+        seen = self.seen.setdefault(user, [])
+        seen.append(change.event_id)
+        del seen[:-SEEN_MAX_EVENTS]
+        return CommitResult("ok", version + 1)
+
+    async def history(self, user: str, *, limit: int = HISTORY_MAX_ENTRIES) -> list[HistoryEntry]:
+        return list(self.histories.get(user, [])[-limit:])
+
+    async def users(
+        self, state: State, *, offset: int = 0, limit: int = 100
+    ) -> list[tuple[str, float]]:
+        rows = sorted(self.indexes[state].items(), key=lambda item: (item[1], item[0]))
+        return rows[offset : offset + limit]
+
+    async def counts(self) -> dict[State, int]:
+        return {state: len(members) for state, members in self.indexes.items()}
+
+    async def session_owner(self, digest: str) -> tuple[str, str] | None:
+        return self.sessions.get(digest)
+
+    async def claim_session(
+        self, user: str, session_id: str, event_id: str, sealed: str | None
+    ) -> str:
+        rec = self.records.get(user, {})
+        if rec.get("state") != State.PENDING.value:
+            return "not_pending"
+        if rec.get("sid") != session_id:
+            return "unknown_session"
+        if "claimed" in rec:
+            return "already_used"
+        if float(rec.get("sexp", "0")) <= time.time():
+            return "expired"
+        rec["claimed"] = event_id
+        if sealed:
+            self.inboxes[(user, event_id)] = sealed
+        return "ok"
+
+    async def take_inbox(self, user: str, event_id: str) -> str | None:
+        return self.inboxes.pop((user, event_id), None)
+
+    async def acquire_lock(self, user: str, ttl: float) -> str | None:
+        if user in self.locks:
+            return None
+        token = secrets.token_hex(16)
+        self.locks[user] = token
+        return token
+
+    async def release_lock(self, user: str, token: str) -> bool:
+        if self.locks.get(user) == token:
+            del self.locks[user]
+            return True
+        return False
+

@@ -1,0 +1,229 @@
+"""Fixtures: a private redis-server and the real local OpenID provider, started for the session.
+
+Nothing here touches a Redis the tests did not start (the machine's own on 6379 is left alone).
+A missing redis-server or Node.js fails the run: CI must not pass by skipping the real parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples" / "provider"))
+
+from local_provider import LocalProvider  # noqa: E402
+
+from consent_flow import ConsentClient, Settings, generate_key  # noqa: E402
+
+CLIENT_ID = "consent-flow-test"
+# A secret with the characters RFC 6749 2.3.1 form-encoding exists for.
+CLIENT_SECRET = "s3cr%t+with:odd chars"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class RedisServer:
+    port: int
+    process: subprocess.Popen[bytes]
+    directory: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, decode_responses=True)
+
+
+def start_redis(directory: Path, *, port: int | None = None, appendonly: bool = False) -> RedisServer:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (make test installs it)")
+    port = port or free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [
+            binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "yes" if appendonly else "no", "--dir", str(directory),
+            "--logfile", str(directory / "redis.log"),
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with redis.Redis(port=port, socket_timeout=0.5) as r:
+                if r.ping():
+                    break
+        except redis.ConnectionError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"redis-server did not start (see {directory}/redis.log)")
+        time.sleep(0.02)
+    return RedisServer(port, process, directory)
+
+
+def stop_redis(server: RedisServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    stop_redis(server)
+
+
+@pytest.fixture(scope="session")
+def callback_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def redirect_uri(callback_port: int) -> str:
+    return f"http://127.0.0.1:{callback_port}/oauth/callback"
+
+
+def provider_clients(redirect_uri: str) -> list[dict[str, Any]]:
+    return [{
+        "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "redirect_uris": [redirect_uri],
+        "token_endpoint_auth_method": "client_secret_basic",
+    }]
+
+
+@pytest.fixture(scope="session")
+def provider(redirect_uri: str) -> Iterator[LocalProvider]:
+    with LocalProvider.start(clients=provider_clients(redirect_uri)) as p:
+        yield p
+
+
+@pytest.fixture
+def env(redis_server: RedisServer, provider: LocalProvider, redirect_uri: str,
+        tmp_path: Path, callback_port: int) -> dict[str, str]:
+    """A complete CONSENT_* environment, isolated by a Redis key prefix of its own."""
+    return {
+        "CONSENT_REDIS_URL": redis_server.url,
+        "CONSENT_REDIS_PREFIX": "t" + uuid.uuid4().hex[:10],
+        "CONSENT_ISSUER": provider.issuer,
+        "CONSENT_CLIENT_ID": CLIENT_ID,
+        "CONSENT_CLIENT_SECRET": CLIENT_SECRET,
+        "CONSENT_REDIRECT_URI": redirect_uri,
+        "CONSENT_SCOPES": "openid offline_access profile notes:read",
+        "CONSENT_ENCRYPTION_KEYS": generate_key(),
+        "CONSENT_SESSION_TTL": "300",
+        "CONSENT_EVENT_TIMEOUT": "10",
+        "CONSENT_HTTP_PORT": str(callback_port),
+        "CONSENT_LOG_FORMAT": "json",
+        "CONSENT_DATA_DIR": str(tmp_path / "data"),
+        "HOME": str(tmp_path),
+        "PATH": str(Path(sys.executable).parent) + ":/usr/local/bin:/usr/bin:/bin",
+    }
+
+
+def make_settings(env: dict[str, str]) -> Settings:
+    settings = Settings.from_env(env, require_provider=True, require_keys=True)
+    # A queue of its own per test: workers of one test never take another test's events.
+    return settings.with_changes(queue_name=f"{settings.redis_prefix}:queue")
+
+
+@pytest.fixture
+def settings(env: dict[str, str]) -> Settings:
+    return make_settings(env)
+
+
+class Stack:
+    """A worker and the callback server running in this process, and a client to drive them."""
+
+    def __init__(self, settings: Settings, provider: LocalProvider) -> None:
+        self.settings = settings
+        self.provider = provider
+        self.client = ConsentClient(settings)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._workers: list[Any] = []
+        self._server: Any = None
+
+    async def start_worker(self, **overrides: Any) -> Any:
+        from arq.worker import Worker
+
+        from workers import worker_settings
+
+        assert self.settings.redis_url
+        options = worker_settings(self.settings, self.settings.redis_url)
+        options.update(handle_signals=False, **overrides)
+        worker = Worker(**options)
+        self._workers.append(worker)
+        self._tasks.append(asyncio.create_task(worker.main()))
+        return worker
+
+    async def start_server(self) -> None:
+        import uvicorn
+
+        from consent_flow import create_app
+
+        config = uvicorn.Config(
+            create_app(self.settings), host="127.0.0.1", port=self.settings.http_port,
+            access_log=False, log_config=None, lifespan="on",
+        )
+        self._server = uvicorn.Server(config)
+        self._server_task = asyncio.create_task(self._server.serve())
+        self._tasks.append(self._server_task)
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("callback server did not start")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True  # a graceful shutdown runs the app's lifespan exit
+        for task in self._tasks:
+            if self._server is None or task is not self._server_task:
+                task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for worker in self._workers:
+            await worker.close()
+
+    async def callback(self, url: str) -> httpx.Response:
+        async with httpx.AsyncClient(timeout=30) as http:
+            return await http.get(url)
+
+
+@pytest.fixture
+async def stack(settings: Settings, provider: LocalProvider) -> AsyncIterator[Stack]:
+    s = Stack(settings, provider)
+    await s.client.__aenter__()
+    await s.start_worker()
+    await s.start_server()
+    try:
+        yield s
+    finally:
+        await s.stop()
+        await s.client.__aexit__(None, None, None)

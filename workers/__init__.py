@@ -1,0 +1,109 @@
+"""arq worker settings for consent-flow.
+
+``consent-flow worker`` runs these; ``arq workers.WorkerSettings`` works too (it reads the
+``CONSENT_*`` environment when the class is imported, as arq's command line expects).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+import structlog
+from arq import func
+
+from consent_flow._engine import Engine
+from consent_flow._errors import UnknownKeyError
+from consent_flow._oauth import OAuthClient
+from consent_flow._queue import HANDLE_EVENT, EventBus
+from consent_flow._redis import arq_redis_settings
+from consent_flow._settings import Settings
+from consent_flow._store import RedisStore
+from consent_flow._vault import KeyRing
+
+from ._context import EVENT_MAX_TRIES, Services
+from .jobs import handle_event
+
+__all__ = ["check_key_ring", "worker_settings"]
+
+log = structlog.get_logger("consent_flow.worker")
+
+POLL_DELAY = 0.005  # seconds between queue polls: events are waited on by people and callers
+HEALTH_CHECK_INTERVAL = 10  # seconds; /healthz calls a worker alive if it reported within 3x this
+JOB_TIMEOUT = 60  # seconds; longer than a provider round trip with its retries
+HTTP_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+
+
+async def check_key_ring(store: RedisStore, ring: KeyRing) -> None:
+    """Refuse to start when stored data was sealed under keys this process does not hold.
+
+    A wrong or missing key is a clear error at start-up; nothing is wiped or overwritten.
+    """
+    missing = sorted(set(await store.key_ids_in_use()) - set(ring.key_ids))
+    if missing:
+        raise UnknownKeyError(
+            f"stored consent data is encrypted under key id(s) {', '.join(missing)} that "
+            "CONSENT_ENCRYPTION_KEYS does not hold; add the old key back (after the new first key)",
+            key_id=missing[0],
+        )
+
+
+def worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
+    """Keyword arguments for ``arq.Worker``, wired to one ``Settings`` object."""
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        store = RedisStore(ctx["redis"], prefix=settings.redis_prefix)
+        ring = KeyRing.from_strings(k.reveal() for k in settings.encryption_keys)
+        await check_key_ring(store, ring)
+        http = httpx.AsyncClient(timeout=HTTP_TIMEOUT, follow_redirects=False)
+        oauth = OAuthClient(settings, http)
+        bus = EventBus(
+            ctx["redis"], keys=store.keys, queue_name=settings.queue_name,
+            timeout=settings.event_timeout,
+        )
+        engine = Engine(settings=settings, store=store, oauth=oauth, ring=ring)
+        ctx["services"] = Services(
+            settings=settings, store=store, bus=bus, http=http, oauth=oauth, ring=ring,
+            engine=engine,
+        )
+        log.info("worker_started", queue=settings.queue_name, key_ids=list(ring.key_ids))
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        services: Services | None = ctx.get("services")
+        if services is not None:
+            await services.http.aclose()
+
+    return {
+        "functions": [
+            func(handle_event, name=HANDLE_EVENT, keep_result=0, max_tries=EVENT_MAX_TRIES,
+                 timeout=JOB_TIMEOUT),
+        ],
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "redis_settings": arq_redis_settings(redis_url),
+        "queue_name": settings.queue_name,
+        "health_check_key": settings.queue_name + ":health-check",
+        "health_check_interval": HEALTH_CHECK_INTERVAL,
+        "poll_delay": POLL_DELAY,
+        "keep_result": 0,
+        "max_jobs": 50,
+        "handle_signals": True,
+    }
+
+
+def _from_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    settings = Settings.from_env(environ, require_provider=True, require_keys=True)
+    if not settings.redis_url:
+        from consent_flow._settings import SettingsError
+
+        raise SettingsError("CONSENT_REDIS_URL", "is required for `arq workers.WorkerSettings`")
+    return worker_settings(settings, settings.redis_url)
+
+
+def __getattr__(name: str) -> Any:
+    # ``arq workers.WorkerSettings`` looks the name up when it starts: the environment is read
+    # then, at the edge, and never at import. arq takes a dict of settings as well as a class.
+    if name == "WorkerSettings":
+        return _from_environment()
+    raise AttributeError(name)

@@ -1,0 +1,28 @@
+"""What a worker process shares between jobs: built once in ``on_startup``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+
+from consent_flow._engine import Engine
+from consent_flow._oauth import OAuthClient
+from consent_flow._queue import EventBus
+from consent_flow._settings import Settings
+from consent_flow._store import RedisStore
+from consent_flow._vault import KeyRing
+
+
+EVENT_MAX_TRIES = 3
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: RedisStore
+    bus: EventBus
+    http: httpx.AsyncClient
+    oauth: OAuthClient
+    ring: KeyRing
+    engine: Engine

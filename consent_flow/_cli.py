@@ -102,8 +102,14 @@ def _status_text(data: dict[str, Any]) -> str:
     if data.get("reason"):
         line += f" ({data['reason']})"
     extra = []
-    for name in ("scopes", "access_token_expires_at", "next_refresh_at", "refresh_failures",
-                 "last_refresh_error", "authorization_url"):
+    for name in (
+        "scopes",
+        "access_token_expires_at",
+        "next_refresh_at",
+        "refresh_failures",
+        "last_refresh_error",
+        "authorization_url",
+    ):
         if data.get(name) not in (None, [], 0, ""):
             value = data[name]
             extra.append(f"  {name}: {' '.join(value) if isinstance(value, list) else value}")
@@ -146,8 +152,12 @@ def _uvicorn_server(settings: Settings, redis_url: str) -> Any:
 
     config = uvicorn.Config(
         create_app(settings, redis_url=redis_url),
-        host=settings.http_host, port=settings.http_port, access_log=False,
-        log_config=None, proxy_headers=False, server_header=False,
+        host=settings.http_host,
+        port=settings.http_port,
+        access_log=False,
+        log_config=None,
+        proxy_headers=False,
+        server_header=False,
     )
     return uvicorn.Server(config)
 
@@ -171,7 +181,7 @@ async def _up(settings: Settings, redis_url: str) -> None:
         await worker.close()
 
 
-def _dispatch(args: argparse.Namespace) -> int:  # noqa: C901 - one branch per command
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "keys" and args.keys_command == "generate":
         print(generate_key())
         return 0
@@ -182,7 +192,8 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: C901 - one branch per c
     server_side = args.command in ("up", "worker", "serve")
     settings = Settings.from_env(
         require_provider=server_side,
-        require_keys=server_side or args.command == "token"
+        require_keys=server_side
+        or args.command == "token"
         or (args.command == "keys" and args.keys_command == "rotate"),
     )
     configure_logging(settings.log_format, logging.INFO if server_side else logging.WARNING)
@@ -212,7 +223,7 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: C901 - one branch per c
     return asyncio.run(_with_client(settings, run))
 
 
-async def _client_command(args: argparse.Namespace, client: ConsentClient) -> int:  # noqa: C901
+async def _client_command(args: argparse.Namespace, client: ConsentClient) -> int:
     if args.command == "provision":
         status = await client.request_provisioning(check_user(args.user), actor=_actor())
         _print(args, _status_dict(status), _status_text)
@@ -240,9 +251,13 @@ async def _client_command(args: argparse.Namespace, client: ConsentClient) -> in
                 state, offset=max(0, args.offset), limit=max(1, min(args.limit, 10_000))
             ):
                 rows.append({"user": user, "state": state.value, "since": iso(since)})
-        _print(args, rows, lambda rs: _table(
-            [(r["user"], r["state"], r["since"]) for r in rs], ("USER", "STATE", "SINCE")
-        ))
+        _print(
+            args,
+            rows,
+            lambda rs: _table(
+                [(r["user"], r["state"], r["since"]) for r in rs], ("USER", "STATE", "SINCE")
+            ),
+        )
     elif args.command == "stats":
         counts = await client.store.counts()
         data = {"states": {state.value: n for state, n in counts.items()}}
@@ -269,8 +284,11 @@ async def _tail(args: argparse.Namespace, client: ConsentClient) -> None:
                 last = entry_id
                 raw = fields.get(b"entry") or fields.get("entry")
                 entry = json.loads(raw)
-                entry["user"] = (fields.get(b"user") or fields.get("user") or b"").decode() \
-                    if isinstance(fields.get(b"user"), bytes) else fields.get("user")
+                entry["user"] = (
+                    (fields.get(b"user") or fields.get("user") or b"").decode()
+                    if isinstance(fields.get(b"user"), bytes)
+                    else fields.get("user")
+                )
                 entry["at"] = iso(entry["at"])
                 if args.json:
                     print(json.dumps(entry, separators=(",", ":")), flush=True)

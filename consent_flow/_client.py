@@ -68,20 +68,29 @@ class ConsentStatus:
         detail = dict(outcome.detail)
         scopes = tuple(detail.pop("scopes", ()) or ())
         return cls(
-            user=outcome.user, state=State(outcome.state), since=_dt(outcome.since),
-            reason=outcome.reason, authorization_url=outcome.authorization_url, scopes=scopes,
+            user=outcome.user,
+            state=State(outcome.state),
+            since=_dt(outcome.since),
+            reason=outcome.reason,
+            authorization_url=outcome.authorization_url,
+            scopes=scopes,
             details={"result": outcome.result, "error": outcome.error, **detail},
         )
 
     @classmethod
-    def from_record(cls, rec: ConsentRecord, *, authorization_url: str | None = None) -> ConsentStatus:
+    def from_record(
+        cls, rec: ConsentRecord, *, authorization_url: str | None = None
+    ) -> ConsentStatus:
         public = rec.public()
         for name in ("user", "state", "since", "reason", "scopes"):
             public.pop(name, None)
         return cls(
-            user=rec.user, state=rec.state,
+            user=rec.user,
+            state=rec.state,
             since=datetime.fromtimestamp(rec.since, UTC) if rec.since else None,
-            reason=rec.reason, authorization_url=authorization_url, scopes=rec.scopes,
+            reason=rec.reason,
+            authorization_url=authorization_url,
+            scopes=rec.scopes,
             details=public,
         )
 
@@ -129,7 +138,9 @@ class ConsentClient:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         if self._http is not None:
@@ -153,7 +164,9 @@ class ConsentClient:
     @property
     def bus(self) -> EventBus:
         return EventBus(
-            self.pool, keys=self.store.keys, queue_name=self.settings.queue_name,
+            self.pool,
+            keys=self.store.keys,
+            queue_name=self.settings.queue_name,
             timeout=self.settings.event_timeout,
         )
 
@@ -196,8 +209,11 @@ class ConsentClient:
     @staticmethod
     def _raise_for(outcome: Outcome) -> ConsentStatus:
         if outcome.result == "rejected" and outcome.error not in (None, "conflict"):
-            raise ConsentError(outcome.reason or outcome.error or "rejected", user=outcome.user,
-                               event=outcome.event)
+            raise ConsentError(
+                outcome.reason or outcome.error or "rejected",
+                user=outcome.user,
+                event=outcome.event,
+            )
         return ConsentStatus.from_outcome(outcome)
 
     # --- reads ------------------------------------------------------------------------------
@@ -214,16 +230,20 @@ class ConsentClient:
         return [entry.public() for entry in entries]
 
     async def access_token(self, user: str, *, min_ttl: float = 30.0) -> str:
-        """A valid access token for the user, or :class:`NotProvisioned` / :class:`ConsentRevoked`."""
+        """A valid access token for the user; :class:`NotProvisioned` or :class:`ConsentRevoked`."""
         rec = await self.store.load(check_user(user))
         if rec.state is State.REVOKED:
             raise ConsentRevoked(
-                f"consent was revoked: {rec.reason}", user=user, state=rec.state.value,
+                f"consent was revoked: {rec.reason}",
+                user=user,
+                state=rec.state.value,
                 reason=rec.reason,
             )
         if rec.state is not State.PROVISIONED or rec.tokens is None:
             raise NotProvisioned(
-                f"{user} has not granted delegated access", user=user, state=rec.state.value,
+                f"{user} has not granted delegated access",
+                user=user,
+                state=rec.state.value,
                 reason=rec.reason,
             )
         import json

@@ -123,7 +123,8 @@ class Engine:
         handler = self._handlers.get(envelope.event)
         if handler is None:
             raise InvalidTransition(
-                f"{envelope.event.value} is not emitted from outside", user=envelope.user,
+                f"{envelope.event.value} is not emitted from outside",
+                user=envelope.user,
                 event=envelope.event.value,
             )
         outcome: Outcome = await handler(envelope)
@@ -132,24 +133,48 @@ class Engine:
     # --- helpers ----------------------------------------------------------------------------
 
     def _outcome(
-        self, rec: ConsentRecord, envelope: Envelope, result: str, *, url: str | None = None,
-        error: str | None = None, detail: dict[str, Any] | None = None,
+        self,
+        rec: ConsentRecord,
+        envelope: Envelope,
+        result: str,
+        *,
+        url: str | None = None,
+        error: str | None = None,
+        detail: dict[str, Any] | None = None,
     ) -> Outcome:
         return Outcome(
-            user=rec.user, state=rec.state.value, since=iso(rec.since), reason=rec.reason,
-            event=envelope.event.value, result=result, authorization_url=url, error=error,
+            user=rec.user,
+            state=rec.state.value,
+            since=iso(rec.since),
+            reason=rec.reason,
+            event=envelope.event.value,
+            result=result,
+            authorization_url=url,
+            error=error,
             detail=detail or {},
         )
 
     def _change(
-        self, envelope: Envelope, rec: ConsentRecord, row: Transition, *, reason: str | None,
+        self,
+        envelope: Envelope,
+        rec: ConsentRecord,
+        row: Transition,
+        *,
+        reason: str | None,
         **kwargs: Any,
     ) -> Change:
         return Change(
-            user=rec.user, event=envelope.event, event_id=envelope.event_id,
-            expect_state=rec.state, expect_version=rec.version,
-            to_state=row.dest or rec.state, actor=envelope.actor, at=self.clock(),
-            reason=clip(reason), correlation_id=envelope.correlation_id, **kwargs,
+            user=rec.user,
+            event=envelope.event,
+            event_id=envelope.event_id,
+            expect_state=rec.state,
+            expect_version=rec.version,
+            to_state=row.dest or rec.state,
+            actor=envelope.actor,
+            at=self.clock(),
+            reason=clip(reason),
+            correlation_id=envelope.correlation_id,
+            **kwargs,
         )
 
     def seal_tokens(self, user: str, tokens: dict[str, str | None]) -> str:
@@ -181,8 +206,11 @@ class Engine:
 
     def refresh_due(self, expires_at: float | None, now: float) -> float:
         return next_refresh_at(
-            expires_at, now, margin=self.settings.refresh_margin,
-            keepalive=self.settings.keepalive, jitter=random.random(),
+            expires_at,
+            now,
+            margin=self.settings.refresh_margin,
+            keepalive=self.settings.keepalive,
+            jitter=random.random(),
         )
 
     # --- provision_requested ----------------------------------------------------------------
@@ -210,14 +238,20 @@ class Engine:
             session_id = new_id()
             expires = now + self.settings.session_ttl
             sealed = self.ring.encrypt(
-                json.dumps({"state": state, "verifier": verifier, "nonce": nonce, "url": url}).encode(),
-                user=rec.user, purpose="session",
+                json.dumps(
+                    {"state": state, "verifier": verifier, "nonce": nonce, "url": url}
+                ).encode(),
+                user=rec.user,
+                purpose="session",
             )
             if rec.state is State.PENDING:
-                row = Transition(Event.PROVISION_REQUESTED, (State.PENDING,), State.PENDING,
-                                 "session renewed")
+                row = Transition(
+                    Event.PROVISION_REQUESTED, (State.PENDING,), State.PENDING, "session renewed"
+                )
             change = self._change(
-                envelope, rec, row,
+                envelope,
+                rec,
+                row,
                 reason="authorization session renewed" if rec.state is State.PENDING else None,
                 set_fields={"sess": sealed, "sid": session_id, "sexp": repr(expires)},
                 delete_fields=("claimed", "reason", *TOKEN_FIELDS),
@@ -238,11 +272,7 @@ class Engine:
     async def _authorization_completed(self, envelope: Envelope) -> Outcome:
         rec = await self.store.load(envelope.user)
         session_id = envelope.payload.get("session_id", "")
-        if (
-            rec.state is not State.PENDING
-            or rec.session_id != session_id
-            or rec.session is None
-        ):
+        if rec.state is not State.PENDING or rec.session_id != session_id or rec.session is None:
             # A duplicate of an event already applied, or a session that ended meanwhile.
             status = "duplicate" if await self._seen(envelope) else "conflict"
             return await self._reread_after(envelope, status)
@@ -252,7 +282,9 @@ class Engine:
             # The code was taken by an earlier delivery of this event that did not finish: it
             # cannot be exchanged twice (providers revoke everything issued from a replayed code).
             return await self._fail_authorization(
-                envelope, rec, "authorization was interrupted; request access again",
+                envelope,
+                rec,
+                "authorization was interrupted; request access again",
                 error="interrupted",
             )
         session = json.loads(self.ring.decrypt(rec.session, user=rec.user, purpose="session"))
@@ -274,27 +306,43 @@ class Engine:
                 raise _NoOfflineAccess()
         except _NoOfflineAccess:
             return await self._fail_authorization(
-                envelope, rec, "provider granted no offline access", error="no_refresh_token",
+                envelope,
+                rec,
+                "provider granted no offline access",
+                error="no_refresh_token",
                 obtained=tokens,
             )
         except ProviderUnavailable as exc:
             return await self._fail_authorization(
-                envelope, rec, f"provider unavailable during code exchange: {exc}",
-                error=exc.code, obtained=tokens,
+                envelope,
+                rec,
+                f"provider unavailable during code exchange: {exc}",
+                error=exc.code,
+                obtained=tokens,
             )
         except ProviderError as exc:
             return await self._fail_authorization(
-                envelope, rec, f"{_describe(exc)}", error=exc.code, obtained=tokens,
+                envelope,
+                rec,
+                f"{_describe(exc)}",
+                error=exc.code,
+                obtained=tokens,
             )
         now = self.clock()
         due = self.refresh_due(tokens.expires_at, now)
         change = self._change(
-            envelope, rec, row, reason=None,
+            envelope,
+            rec,
+            row,
+            reason=None,
             set_fields={
-                "tok": self.seal_tokens(rec.user, {
-                    "access_token": tokens.access_token,
-                    "refresh_token": tokens.refresh_token,
-                }),
+                "tok": self.seal_tokens(
+                    rec.user,
+                    {
+                        "access_token": tokens.access_token,
+                        "refresh_token": tokens.refresh_token,
+                    },
+                ),
                 "exp": repr(tokens.expires_at) if tokens.expires_at is not None else "",
                 "sub": claims.subject,
                 "scopes": " ".join(tokens.scopes),
@@ -318,26 +366,40 @@ class Engine:
         return self._outcome(rec, envelope, "applied", detail={"scopes": list(rec.scopes)})
 
     async def _fail_authorization(
-        self, envelope: Envelope, rec: ConsentRecord, reason: str, *, error: str,
+        self,
+        envelope: Envelope,
+        rec: ConsentRecord,
+        reason: str,
+        *,
+        error: str,
         obtained: TokenSet | None = None,
     ) -> Outcome:
         if obtained is not None:
             await self._revoke_obtained(rec.user, obtained, why=error)
         failed = Envelope(
-            event=Event.AUTHORIZATION_FAILED, user=rec.user, actor=envelope.actor,
-            event_id=envelope.event_id, correlation_id=envelope.correlation_id,
+            event=Event.AUTHORIZATION_FAILED,
+            user=rec.user,
+            actor=envelope.actor,
+            event_id=envelope.event_id,
+            correlation_id=envelope.correlation_id,
         )
         row = self._decide(rec, Event.AUTHORIZATION_FAILED)
         digest = None
         if rec.session is not None:
             try:
-                session = json.loads(self.ring.decrypt(rec.session, user=rec.user, purpose="session"))
+                session = json.loads(
+                    self.ring.decrypt(rec.session, user=rec.user, purpose="session")
+                )
                 digest = state_hash(session["state"])
             except VaultError:
                 digest = None
         change = self._change(
-            failed, rec, row, reason=reason,
-            delete_fields=SESSION_FIELDS, drop_session_lookup=digest,
+            failed,
+            rec,
+            row,
+            reason=reason,
+            delete_fields=SESSION_FIELDS,
+            drop_session_lookup=digest,
         )
         result = await self.store.commit(change)
         if not result.ok:
@@ -347,7 +409,9 @@ class Engine:
         return self._outcome(rec, failed, "failed", error=error)
 
     async def _seen(self, envelope: Envelope) -> bool:
-        score = await self.store.redis.zscore(self.store.keys.seen(envelope.user), envelope.event_id)
+        score = await self.store.redis.zscore(
+            self.store.keys.seen(envelope.user), envelope.event_id
+        )
         return score is not None
 
     # --- authorization_failed (error= on the callback) ---------------------------------------
@@ -381,8 +445,12 @@ class Engine:
             except VaultError:
                 digest = None
         change = self._change(
-            envelope, rec, row, reason="authorization session expired",
-            delete_fields=SESSION_FIELDS, drop_session_lookup=digest,
+            envelope,
+            rec,
+            row,
+            reason="authorization session expired",
+            delete_fields=SESSION_FIELDS,
+            drop_session_lookup=digest,
         )
         result = await self.store.commit(change)
         if not result.ok:
@@ -403,9 +471,11 @@ class Engine:
                 digest = None
                 if rec.session is not None:
                     try:
-                        digest = state_hash(json.loads(
-                            self.ring.decrypt(rec.session, user=rec.user, purpose="session")
-                        )["state"])
+                        digest = state_hash(
+                            json.loads(
+                                self.ring.decrypt(rec.session, user=rec.user, purpose="session")
+                            )["state"]
+                        )
                     except VaultError:
                         digest = None
                 # The sealed tokens move to the revocation outbox in the same step that wipes
@@ -413,10 +483,14 @@ class Engine:
                 # down now does not make us forget to revoke them later.
                 set_fields = {"rvk": rec.tokens} if rec.tokens else {}
                 change = self._change(
-                    envelope, rec, row, reason=reason,
+                    envelope,
+                    rec,
+                    row,
+                    reason=reason,
                     set_fields=set_fields,
                     delete_fields=(*SESSION_FIELDS, *TOKEN_FIELDS),
-                    drop_session_lookup=digest, unschedule=True,
+                    drop_session_lookup=digest,
+                    unschedule=True,
                 )
                 result = await self.store.commit(change)
                 if result.status == "conflict":
@@ -452,12 +526,12 @@ class Engine:
             # invalid_client and friends: keep the outbox, operators see it in the logs.
             log.error("provider_revocation_failed", user=user, error=exc.code)
             return "failed"
-        await self.store.redis.hdel(self.store.keys.rec(user), "rvk")
+        await self.store.redis.hdel(self.store.keys.rec(user), "rvk")  # type: ignore[misc]  # redis-py types async calls as sync|async
         await self._uncount_kid(rec.revocation_pending)
         return "done"
 
     async def _uncount_kid(self, sealed: str) -> None:
-        await self.store.redis.hincrby(self.store.keys.kids, KeyRing.key_id_of(sealed), -1)
+        await self.store.redis.hincrby(self.store.keys.kids, KeyRing.key_id_of(sealed), -1)  # type: ignore[misc]  # redis-py types async calls as sync|async
 
     async def _revoke_tokens(self, tokens: dict[str, str]) -> None:
         # Revoking the refresh token ends the grant (RFC 7009 section 2.1); the access token is

@@ -103,7 +103,9 @@ class CallbackRejected(ConsentError):
 
     code = "callback_rejected"
 
-    def __init__(self, message: str, *, status: int = 400, reason_code: str = "bad_request") -> None:
+    def __init__(
+        self, message: str, *, status: int = 400, reason_code: str = "bad_request"
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.reason_code = reason_code
@@ -115,7 +117,11 @@ class NotProvisioned(ConsentError):
     code = "not_provisioned"
 
     def __init__(
-        self, message: str, *, user: str | None = None, state: str | None = None,
+        self,
+        message: str,
+        *,
+        user: str | None = None,
+        state: str | None = None,
         reason: str | None = None,
     ) -> None:
         super().__init__(message, user=user)
@@ -139,7 +145,11 @@ class ProviderUnavailable(ProviderError):
     code = "provider_unavailable"
 
     def __init__(
-        self, message: str, *, retry_after: float | None = None, status: int | None = None,
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        status: int | None = None,
         user: str | None = None,
     ) -> None:
         super().__init__(message, user=user)

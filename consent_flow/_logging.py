@@ -25,10 +25,20 @@ _SECRET_NAMES = re.compile(
     r"^code$|^state$|^nonce$|^key$|^keys$|sealed|ciphertext|assertion)",
     re.IGNORECASE,
 )
-_SAFE_NAMES = frozenset({
-    "token_type", "token_refreshed", "state_from", "state_to", "from", "to", "key_id", "key_ids",
-    "token_endpoint", "tokens_wiped",
-})
+_SAFE_NAMES = frozenset(
+    {
+        "token_type",
+        "token_refreshed",
+        "state_from",
+        "state_to",
+        "from",
+        "to",
+        "key_id",
+        "key_ids",
+        "token_endpoint",
+        "tokens_wiped",
+    }
+)
 _PATTERNS = (
     re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"),  # JWS / JWT
     re.compile(r"(?i)(bearer|basic)\s+[A-Za-z0-9._~+/=-]{6,}"),

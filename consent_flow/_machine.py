@@ -109,7 +109,9 @@ class ConsentMachine:
 
         return after
 
-    def decide(self, state: State | str, event: Event | str, *, user: str | None = None) -> Transition:
+    def decide(
+        self, state: State | str, event: Event | str, *, user: str | None = None
+    ) -> Transition:
         """The row the event takes from ``state``; :class:`InvalidTransition` if there is none."""
         model = _Decision()
         try:
@@ -124,7 +126,8 @@ class ConsentMachine:
                 model.trigger(event_.value)  # type: ignore[attr-defined]
             except MachineError:
                 raise InvalidTransition(
-                    f"{event_.value} is not allowed from {state_.value}", user=user,
+                    f"{event_.value} is not allowed from {state_.value}",
+                    user=user,
                     event=event_.value,
                 ) from None
             finally:

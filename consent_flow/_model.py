@@ -137,8 +137,13 @@ class HistoryEntry:
     def to_json(self) -> str:
         return json.dumps(
             {
-                "event": self.event, "from": self.from_state, "to": self.to_state, "at": self.at,
-                "actor": self.actor, "reason": self.reason, "correlation_id": self.correlation_id,
+                "event": self.event,
+                "from": self.from_state,
+                "to": self.to_state,
+                "at": self.at,
+                "actor": self.actor,
+                "reason": self.reason,
+                "correlation_id": self.correlation_id,
                 "event_id": self.event_id,
             },
             separators=(",", ":"),
@@ -148,15 +153,25 @@ class HistoryEntry:
     def from_json(cls, raw: str | bytes) -> HistoryEntry:
         d = json.loads(raw)
         return cls(
-            event=d["event"], from_state=d["from"], to_state=d["to"], at=float(d["at"]),
-            actor=d["actor"], reason=d.get("reason"), correlation_id=d.get("correlation_id"),
+            event=d["event"],
+            from_state=d["from"],
+            to_state=d["to"],
+            at=float(d["at"]),
+            actor=d["actor"],
+            reason=d.get("reason"),
+            correlation_id=d.get("correlation_id"),
             event_id=d.get("event_id", ""),
         )
 
     def public(self) -> dict[str, Any]:
         return {
-            "event": self.event, "from": self.from_state, "to": self.to_state, "at": iso(self.at),
-            "actor": self.actor, "reason": self.reason, "correlation_id": self.correlation_id,
+            "event": self.event,
+            "from": self.from_state,
+            "to": self.to_state,
+            "at": iso(self.at),
+            "actor": self.actor,
+            "reason": self.reason,
+            "correlation_id": self.correlation_id,
         }
 
 
@@ -188,9 +203,14 @@ class Change:
 
     def history_entry(self) -> HistoryEntry:
         return HistoryEntry(
-            event=self.event.value, from_state=self.expect_state.value,
-            to_state=self.to_state.value, at=self.at, actor=self.actor, reason=self.reason,
-            correlation_id=self.correlation_id, event_id=self.event_id,
+            event=self.event.value,
+            from_state=self.expect_state.value,
+            to_state=self.to_state.value,
+            at=self.at,
+            actor=self.actor,
+            reason=self.reason,
+            correlation_id=self.correlation_id,
+            event_id=self.event_id,
         )
 
 

@@ -117,10 +117,17 @@ _TOKENISH_RE: Final = re.compile(r"[A-Za-z0-9._~+/=-]{20,}")
 # never HS*: we do not support client-secret MACs.
 _ID_TOKEN_ALGS: Final[Mapping[str, str]] = MappingProxyType(
     {
-        "RS256": "sha256", "RS384": "sha384", "RS512": "sha512",
-        "PS256": "sha256", "PS384": "sha384", "PS512": "sha512",
-        "ES256": "sha256", "ES384": "sha384", "ES512": "sha512",
-        "EdDSA": "eddsa", "Ed25519": "sha512",
+        "RS256": "sha256",
+        "RS384": "sha384",
+        "RS512": "sha512",
+        "PS256": "sha256",
+        "PS384": "sha384",
+        "PS512": "sha512",
+        "ES256": "sha256",
+        "ES384": "sha384",
+        "ES512": "sha512",
+        "EdDSA": "eddsa",
+        "Ed25519": "sha512",
     }
 )
 _EC_CURVES: Final[Mapping[str, str]] = MappingProxyType(
@@ -471,9 +478,7 @@ class OAuthClient:
             data, secrets_=(code, code_verifier), requested=self._settings.scopes
         )
 
-    async def refresh(
-        self, refresh_token: str, *, scopes: Sequence[str] | None = None
-    ) -> TokenSet:
+    async def refresh(self, refresh_token: str, *, scopes: Sequence[str] | None = None) -> TokenSet:
         """Use a refresh token (RFC 6749 6).
 
         ``refresh_token`` of the result is ``None`` when the provider did not rotate it: keep the
@@ -487,7 +492,10 @@ class OAuthClient:
         return await self._token_request(data, secrets_=(refresh_token,), requested=requested)
 
     async def revoke(
-        self, token: str, *, token_type_hint: str | None = "refresh_token"  # noqa: S107
+        self,
+        token: str,
+        *,
+        token_type_hint: str | None = "refresh_token",  # noqa: S107
     ) -> None:
         """Revoke a token at the provider (RFC 7009 2.1), client authenticated.
 
@@ -509,7 +517,10 @@ class OAuthClient:
         if reply.status == 200:
             return
         err = _error_for(
-            reply, what, now=self._clock(), oauth=True,
+            reply,
+            what,
+            now=self._clock(),
+            oauth=True,
             secrets_=(token, self._settings.client_secret.reveal()),
         )
         if isinstance(err, ProviderResponseError) and err.error == "unsupported_token_type":
@@ -533,14 +544,15 @@ class OAuthClient:
         all_secrets = (*secrets_, self._settings.client_secret.reveal())
         if reply.status != 200:
             raise _error_for(reply, what, now=self._clock(), oauth=True, secrets_=all_secrets)
-        return _parse_token_response(reply.body, sent_at=sent_at, requested=requested,
-                                     secrets_=all_secrets)
+        return _parse_token_response(
+            reply.body, sent_at=sent_at, requested=requested, secrets_=all_secrets
+        )
 
     def _authenticate(self, data: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
         """Client authentication per ``CONSENT_TOKEN_AUTH_METHOD`` (RFC 6749 2.3.1)."""
         s = self._settings
         headers = {"Accept": "application/json"}
-        if s.token_auth_method == "client_secret_post":  # noqa: S105 (a method name)
+        if s.token_auth_method == "client_secret_post":
             body = {**data, "client_id": s.client_id, "client_secret": s.client_secret.reveal()}
             return body, headers
         # client_secret_basic: id and secret are form-urlencoded *before* base64, so a secret with
@@ -563,7 +575,9 @@ class OAuthClient:
         if not meta.userinfo_endpoint:
             raise ProviderResponseError("provider advertises no userinfo_endpoint")
         reply = await self._request(
-            "GET", meta.userinfo_endpoint, what=what,
+            "GET",
+            meta.userinfo_endpoint,
+            what=what,
             headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
         )
         if reply.status in (401, 403):
@@ -627,8 +641,13 @@ class OAuthClient:
             raise IDTokenError("ID token kid is not a string")
         payload, key = await self._verify_signature(id_token, meta, alg, kid)
         return self._check_claims(
-            payload, key=key, alg=alg, nonce=nonce, expected_subject=expected_subject,
-            access_token=access_token, issuer=meta.issuer,
+            payload,
+            key=key,
+            alg=alg,
+            nonce=nonce,
+            expected_subject=expected_subject,
+            access_token=access_token,
+            issuer=meta.issuer,
         )
 
     async def _verify_signature(
@@ -688,7 +707,9 @@ class OAuthClient:
     async def _fetch_jwks(self, uri: str) -> tuple[jwk.Key, ...]:
         what = "JWKS"
         reply = await self._request(
-            "GET", uri, what=what,
+            "GET",
+            uri,
+            what=what,
             headers={"Accept": "application/jwk-set+json, application/json"},
         )
         if reply.status != 200:
@@ -824,8 +845,12 @@ class OAuthClient:
         httpx exception is not chained (its request holds the credentials)."""
         try:
             async with self._http.stream(
-                method, url, data=data, headers=headers,
-                timeout=self._timeout(), follow_redirects=False,
+                method,
+                url,
+                data=data,
+                headers=headers,
+                timeout=self._timeout(),
+                follow_redirects=False,
             ) as response:
                 status = response.status_code
                 if status >= 500 or status in _TRANSIENT_STATUSES:
@@ -910,7 +935,7 @@ def _parse_token_response(
         access_token=access,
         refresh_token=refresh,
         id_token=id_token,
-        token_type="Bearer",  # noqa: S106 (normalized spelling, not a secret)
+        token_type="Bearer",
         expires_at=None if expires_in is None else sent_at + expires_in,
         scopes=scopes,
     )

@@ -82,7 +82,10 @@ class Outcome:
 
     def public(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "user": self.user, "state": self.state, "since": self.since, "reason": self.reason,
+            "user": self.user,
+            "state": self.state,
+            "since": self.since,
+            "reason": self.reason,
         }
         if self.authorization_url:
             out["authorization_url"] = self.authorization_url
@@ -106,18 +109,19 @@ class EventBus:
         never has its event applied behind its back.
         """
         wait = self.timeout if timeout is None else timeout
-        job = await self.pool.enqueue_job(
+        # arq refuses a job id it still holds (the same event queued or running): that job's
+        # outcome answers this caller too.
+        await self.pool.enqueue_job(
             HANDLE_EVENT,
             envelope.to_job(),
             _job_id=f"ev:{envelope.event_id}",
             _queue_name=self.queue_name,
             _expires=max(1.0, wait),
         )
-        if job is None:  # arq refuses a job id it already holds: a duplicate emit
-            pass
         if not envelope.reply:
             return None
-        popped = await self.pool.blpop([self.keys.reply(envelope.event_id)], timeout=wait)
+        key = self.keys.reply(envelope.event_id)
+        popped = await self.pool.blpop([key], timeout=wait)  # type: ignore[misc,arg-type]  # redis-py: sync|async types; float timeouts are fine on Redis >= 6
         if popped is None:
             raise WorkerUnavailable(
                 f"no worker answered {envelope.event.value} within {wait:g} s "
@@ -125,6 +129,12 @@ class EventBus:
                 user=envelope.user,
                 event=envelope.event.value,
             )
+        # Put the outcome back for anyone else waiting on the same event (a duplicate emit);
+        # the key expires on its own.
+        async with self.pool.pipeline(transaction=True) as pipe:
+            pipe.lpush(key, popped[1])
+            pipe.expire(key, REPLY_TTL)
+            await pipe.execute()
         return Outcome.from_json(popped[1])
 
     async def reply(self, event_id: str, outcome: Outcome) -> None:

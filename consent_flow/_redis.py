@@ -96,14 +96,29 @@ class EmbeddedRedis:
                 )
             with contextlib.suppress(FileNotFoundError):
                 self.socket.unlink()
-            self.process = subprocess.Popen(
+            self.process = subprocess.Popen(  # noqa: S603 - our own binary and arguments
                 [
-                    self.binary, "--port", "0", "--unixsocket", str(self.socket),
-                    "--unixsocketperm", "700", "--dir", str(self.data_dir),
-                    "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-                    "--logfile", str(self.data_dir / "redis.log"),
+                    self.binary,
+                    "--port",
+                    "0",
+                    "--unixsocket",
+                    str(self.socket),
+                    "--unixsocketperm",
+                    "700",
+                    "--dir",
+                    str(self.data_dir),
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "everysec",
+                    "--save",
+                    "",
+                    "--logfile",
+                    str(self.data_dir / "redis.log"),
                 ],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
                 start_new_session=True,  # a Ctrl-C in the terminal is ours to handle, not its
             )
             deadline = time.monotonic() + START_TIMEOUT

@@ -37,7 +37,7 @@ async def rotate_keys(client: ConsentClient) -> dict[str, Any]:
                 records += 1
                 for _attempt in range(MAX_ATTEMPTS):
                     rec = await store.load(user)
-                    raw = await store.redis.hmget(store.keys.rec(user), list(CIPHER_FIELDS))
+                    raw = await store.redis.hmget(store.keys.rec(user), list(CIPHER_FIELDS))  # type: ignore[misc]  # redis-py types async calls as sync|async
                     fields = {
                         name: (v.decode() if isinstance(v, bytes) else v)
                         for name, v in zip(CIPHER_FIELDS, raw, strict=True)
@@ -48,17 +48,26 @@ async def rotate_keys(client: ConsentClient) -> dict[str, Any]:
                         break
                     fresh = {
                         n: ring.encrypt(
-                            ring.decrypt(v, user=user, purpose=purposes[n]), user=user,
+                            ring.decrypt(v, user=user, purpose=purposes[n]),
+                            user=user,
                             purpose=purposes[n],
                         )
                         for n, v in stale.items()
                     }
-                    result = await store.commit(Change(
-                        user=user, event=Event.TOKEN_REFRESHED, event_id=new_id(),
-                        expect_state=rec.state, expect_version=rec.version, to_state=rec.state,
-                        actor="operator", at=rec.since or 0.0, set_fields=fresh,
-                        record_history=False,
-                    ))
+                    result = await store.commit(
+                        Change(
+                            user=user,
+                            event=Event.TOKEN_REFRESHED,
+                            event_id=new_id(),
+                            expect_state=rec.state,
+                            expect_version=rec.version,
+                            to_state=rec.state,
+                            actor="operator",
+                            at=rec.since or 0.0,
+                            set_fields=fresh,
+                            record_history=False,
+                        )
+                    )
                     if result.ok:
                         rewritten += 1
                         break

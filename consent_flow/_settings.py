@@ -117,7 +117,9 @@ class Settings:
             try:
                 value = int(raw)
             except ValueError:
-                raise SettingsError(name, f"must be a whole number of seconds, not {raw!r}") from None
+                raise SettingsError(
+                    name, f"must be a whole number of seconds, not {raw!r}"
+                ) from None
             if value < minimum:
                 raise SettingsError(name, f"must be at least {minimum}")
             return value
@@ -143,7 +145,10 @@ class Settings:
 
         redis_url = get("CONSENT_REDIS_URL")
         if redis_url is not None and urlsplit(redis_url).scheme not in (
-            "redis", "rediss", "unix", "redis+sentinel",
+            "redis",
+            "rediss",
+            "unix",
+            "redis+sentinel",
         ):
             raise SettingsError("CONSENT_REDIS_URL", "must be a redis://, rediss:// or unix:// URL")
 
@@ -163,12 +168,14 @@ class Settings:
             resource = url("CONSENT_RESOURCE", resource)
 
         raw_scopes = get("CONSENT_SCOPES")
-        scopes = DEFAULT_SCOPES
+        scopes: tuple[str, ...] = DEFAULT_SCOPES
         if raw_scopes is not None:
             if len(raw_scopes) > MAX_SCOPES_LENGTH:
                 raise SettingsError("CONSENT_SCOPES", "is too long")
             scopes = tuple(dict.fromkeys(raw_scopes.split()))
-            bad = [s for s in scopes if not all(0x21 <= ord(c) <= 0x7E and c not in '"\\' for c in s)]
+            bad = [
+                s for s in scopes if not all(0x21 <= ord(c) <= 0x7E and c not in '"\\' for c in s)
+            ]
             if bad:
                 # RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
                 raise SettingsError("CONSENT_SCOPES", "contains characters RFC 6749 3.3 forbids")
@@ -205,7 +212,9 @@ class Settings:
             try:
                 event_timeout = float(event_timeout_raw)
             except ValueError:
-                raise SettingsError("CONSENT_EVENT_TIMEOUT", "must be a number of seconds") from None
+                raise SettingsError(
+                    "CONSENT_EVENT_TIMEOUT", "must be a number of seconds"
+                ) from None
             if not 0 < event_timeout <= 3600:
                 raise SettingsError("CONSENT_EVENT_TIMEOUT", "must be between 0 and 3600 seconds")
 

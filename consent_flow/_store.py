@@ -25,7 +25,6 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
@@ -96,7 +95,9 @@ class Store(Protocol):
 
     async def commit(self, change: Change) -> CommitResult: ...
 
-    async def history(self, user: str, *, limit: int = HISTORY_MAX_ENTRIES) -> list[HistoryEntry]: ...
+    async def history(
+        self, user: str, *, limit: int = HISTORY_MAX_ENTRIES
+    ) -> list[HistoryEntry]: ...
 
     async def users(
         self, state: State, *, offset: int = 0, limit: int = 100
@@ -197,7 +198,7 @@ def _decode(value: Any) -> str:
 
 
 class RedisStore:
-    """The production store. Takes a ``redis.asyncio.Redis`` built with ``decode_responses=True``."""
+    """The production store, on a ``redis.asyncio.Redis`` (bytes or decoded answers alike)."""
 
     def __init__(self, redis: Redis, *, prefix: str = "cf") -> None:
         self.redis = redis
@@ -207,7 +208,7 @@ class RedisStore:
         self._release = redis.register_script(_RELEASE)
 
     async def load(self, user: str) -> ConsentRecord:
-        data = await self.redis.hgetall(self.keys.rec(user))
+        data = await self.redis.hgetall(self.keys.rec(user))  # type: ignore[misc]  # redis-py types async calls as sync|async
         return ConsentRecord.from_hash(user, {_decode(k): _decode(v) for k, v in data.items()})
 
     async def commit(self, change: Change) -> CommitResult:
@@ -250,13 +251,24 @@ class RedisStore:
             op["sess_drop"] = True
         result = await self._commit(
             keys=[
-                k.rec(change.user), k.hist(change.user), k.seen(change.user),
-                k.idx(change.expect_state), k.idx(change.to_state), k.sched, k.kids, k.stream,
-                sess_set, sess_drop,
+                k.rec(change.user),
+                k.hist(change.user),
+                k.seen(change.user),
+                k.idx(change.expect_state),
+                k.idx(change.to_state),
+                k.sched,
+                k.kids,
+                k.stream,
+                sess_set,
+                sess_drop,
             ],
             # cjson turns null into a truthy userdata: absent keys are the only safe "no".
-            args=[json.dumps({k: v for k, v in op.items() if v is not None and v is not False},
-                             separators=(",", ":"))],
+            args=[
+                json.dumps(
+                    {k: v for k, v in op.items() if v is not None and v is not False},
+                    separators=(",", ":"),
+                )
+            ],
         )
         status = _decode(result[0])
         version = int(result[1])
@@ -264,7 +276,7 @@ class RedisStore:
         return CommitResult(status=status, version=version, state=state)
 
     async def history(self, user: str, *, limit: int = HISTORY_MAX_ENTRIES) -> list[HistoryEntry]:
-        raw = await self.redis.lrange(self.keys.hist(user), -limit, -1)
+        raw = await self.redis.lrange(self.keys.hist(user), -limit, -1)  # type: ignore[misc]  # redis-py types async calls as sync|async
         return [HistoryEntry.from_json(item) for item in raw]
 
     async def users(
@@ -311,7 +323,7 @@ class RedisStore:
         return bool(await self._release(keys=[self.keys.lock(user)], args=[token]))
 
     async def key_ids_in_use(self) -> dict[str, int]:
-        raw = await self.redis.hgetall(self.keys.kids)
+        raw = await self.redis.hgetall(self.keys.kids)  # type: ignore[misc]  # redis-py types async calls as sync|async
         return {_decode(k): int(v) for k, v in raw.items() if int(v) > 0}
 
     async def trim_history(self, user: str, older_than: float) -> int:
@@ -319,10 +331,10 @@ class RedisStore:
         key = self.keys.hist(user)
         dropped = 0
         while True:
-            head = await self.redis.lindex(key, 0)
+            head = await self.redis.lindex(key, 0)  # type: ignore[misc]  # redis-py types async calls as sync|async
             if head is None or HistoryEntry.from_json(head).at >= older_than:
                 return dropped
-            await self.redis.lpop(key)
+            await self.redis.lpop(key)  # type: ignore[misc]  # redis-py types async calls as sync|async
             dropped += 1
 
 
@@ -428,4 +440,3 @@ class MemoryStore:
             del self.locks[user]
             return True
         return False
-

@@ -118,9 +118,7 @@ class KeyRing:
         except (InvalidTag, ValueError):
             # Wrong user, wrong purpose or tampered bytes: all look the same from here, and the
             # message must not say more than that.
-            raise VaultError(
-                "ciphertext does not authenticate for this user", user=user
-            ) from None
+            raise VaultError("ciphertext does not authenticate for this user", user=user) from None
 
     def needs_rotation(self, ciphertext: str) -> bool:
         return self.key_id_of(ciphertext) != self.primary_id

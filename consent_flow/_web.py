@@ -69,9 +69,13 @@ _PAGE = """<!doctype html>
 """
 
 
-def page(kind: str, title: str, message: str, *, reason: str | None = None, status: int = 200) -> HTMLResponse:
+def page(
+    kind: str, title: str, message: str, *, reason: str | None = None, status: int = 200
+) -> HTMLResponse:
     body = _PAGE.format(
-        kind=kind, css="granted" if kind == "granted" else "denied", title=html.escape(title),
+        kind=kind,
+        css="granted" if kind == "granted" else "denied",
+        title=html.escape(title),
         message=html.escape(message),
         reason=f'<p class="reason" id="reason">{html.escape(reason)}</p>' if reason else "",
     )
@@ -134,20 +138,27 @@ async def _callback(client: ConsentClient, request: Request) -> Response:
             sealed = client.ring.encrypt(code.encode(), user=user, purpose=f"code:{event_id}")
             await _claim(client, user, session_id, event_id, sealed)
             envelope = Envelope(
-                Event.AUTHORIZATION_COMPLETED, user, "browser", event_id=event_id,
+                Event.AUTHORIZATION_COMPLETED,
+                user,
+                "browser",
+                event_id=event_id,
                 payload={"session_id": session_id},
             )
         outcome = await client.emit(envelope)
     except CallbackRejected as exc:
         log.warning(
-            "callback_rejected", reason_code=exc.reason_code, status=exc.status,
-            detail=exc.message, elapsed_ms=round((time.monotonic() - started) * 1000, 1),
+            "callback_rejected",
+            reason_code=exc.reason_code,
+            status=exc.status,
+            detail=exc.message,
+            elapsed_ms=round((time.monotonic() - started) * 1000, 1),
         )
         return page("rejected", "This link cannot be used", exc.message, status=exc.status)
     except WorkerUnavailable:
         log.error("callback_unanswered")
         return page(
-            "unavailable", "Please try again later",
+            "unavailable",
+            "Please try again later",
             "Your approval was received but could not be processed in time. "
             "Ask for access again from your application.",
             status=503,
@@ -156,8 +167,12 @@ async def _callback(client: ConsentClient, request: Request) -> Response:
         log.error("callback_provider_error", error=exc.code)
         return page("unavailable", "The sign-in service is unavailable", str(exc), status=502)
     log.info(
-        "callback_done", user=outcome.user, result=outcome.result, consent_state=outcome.state,
-        error=outcome.error, elapsed_ms=round((time.monotonic() - started) * 1000, 1),
+        "callback_done",
+        user=outcome.user,
+        result=outcome.result,
+        consent_state=outcome.state,
+        error=outcome.error,
+        elapsed_ms=round((time.monotonic() - started) * 1000, 1),
     )
     return _outcome_page(outcome)
 
@@ -179,19 +194,24 @@ async def _claim(
 def _outcome_page(outcome: Outcome) -> Response:
     if outcome.result == "applied" and outcome.state == "provisioned":
         return page(
-            "granted", "Access granted",
+            "granted",
+            "Access granted",
             "You can close this window and return to your application.",
         )
     if outcome.event == Event.AUTHORIZATION_FAILED.value or outcome.result == "failed":
         denied = outcome.error == "access_denied"
         return page(
-            "denied", "Access was denied" if denied else "Access was not granted",
+            "denied",
+            "Access was denied" if denied else "Access was not granted",
             "Nothing was shared. You can ask for access again from your application.",
-            reason=outcome.reason, status=403,
+            reason=outcome.reason,
+            status=403,
         )
     return page(
-        "rejected", "This link cannot be used",
-        "The authorization session is no longer waiting for an answer.", status=409,
+        "rejected",
+        "This link cannot be used",
+        "The authorization session is no longer waiting for an answer.",
+        status=409,
     )
 
 
@@ -201,7 +221,7 @@ async def _healthz(client: ConsentClient, request: Request) -> Response:
     try:
         await client.pool.ping()
         checks["redis"] = "ok"
-    except Exception as exc:  # noqa: BLE001 - any failure is "down" here
+    except Exception as exc:
         checks["redis"] = f"down: {type(exc).__name__}"
         healthy = False
     if healthy:
@@ -222,7 +242,9 @@ def consent_routes(
 
     if callback_path is None:
         callback_path = (
-            client.settings.redirect_path if isinstance(client, ConsentClient) else "/oauth/callback"
+            client.settings.redirect_path
+            if isinstance(client, ConsentClient)
+            else "/oauth/callback"
         )
 
     async def callback(request: Request) -> Response:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,9 @@ class RedisServer:
         return redis.Redis(port=self.port, decode_responses=True)
 
 
-def start_redis(directory: Path, *, port: int | None = None, appendonly: bool = False) -> RedisServer:
+def start_redis(
+    directory: Path, *, port: int | None = None, appendonly: bool = False
+) -> RedisServer:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed (make test installs it)")
@@ -64,11 +66,22 @@ def start_redis(directory: Path, *, port: int | None = None, appendonly: bool = 
     directory.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
         [
-            binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "yes" if appendonly else "no", "--dir", str(directory),
-            "--logfile", str(directory / "redis.log"),
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if appendonly else "no",
+            "--dir",
+            str(directory),
+            "--logfile",
+            str(directory / "redis.log"),
         ],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
     while True:
@@ -111,10 +124,14 @@ def redirect_uri(callback_port: int) -> str:
 
 
 def provider_clients(redirect_uri: str) -> list[dict[str, Any]]:
-    return [{
-        "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "redirect_uris": [redirect_uri],
-        "token_endpoint_auth_method": "client_secret_basic",
-    }]
+    return [
+        {
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "redirect_uris": [redirect_uri],
+            "token_endpoint_auth_method": "client_secret_basic",
+        }
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -124,8 +141,13 @@ def provider(redirect_uri: str) -> Iterator[LocalProvider]:
 
 
 @pytest.fixture
-def env(redis_server: RedisServer, provider: LocalProvider, redirect_uri: str,
-        tmp_path: Path, callback_port: int) -> dict[str, str]:
+def env(
+    redis_server: RedisServer,
+    provider: LocalProvider,
+    redirect_uri: str,
+    tmp_path: Path,
+    callback_port: int,
+) -> dict[str, str]:
     """A complete CONSENT_* environment, isolated by a Redis key prefix of its own."""
     return {
         "CONSENT_REDIS_URL": redis_server.url,
@@ -187,8 +209,12 @@ class Stack:
         from consent_flow import create_app
 
         config = uvicorn.Config(
-            create_app(self.settings), host="127.0.0.1", port=self.settings.http_port,
-            access_log=False, log_config=None, lifespan="on",
+            create_app(self.settings),
+            host="127.0.0.1",
+            port=self.settings.http_port,
+            access_log=False,
+            log_config=None,
+            lifespan="on",
         )
         self._server = uvicorn.Server(config)
         self._server_task = asyncio.create_task(self._server.serve())
@@ -202,9 +228,14 @@ class Stack:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.should_exit = True  # a graceful shutdown runs the app's lifespan exit
-        for task in self._tasks:
-            if self._server is None or task is not self._server_task:
-                task.cancel()
+        for worker in self._workers:
+            # arq's burst mode with no jobs left to start: the worker finishes the jobs it runs
+            # and returns, instead of being cancelled in the middle of a Redis round trip.
+            worker.burst = True
+            worker.max_burst_jobs = 0
+        _, pending = await asyncio.wait(self._tasks, timeout=15)
+        for task in pending:
+            task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -217,13 +248,52 @@ class Stack:
 
 
 @pytest.fixture
-async def stack(settings: Settings, provider: LocalProvider) -> AsyncIterator[Stack]:
-    s = Stack(settings, provider)
-    await s.client.__aenter__()
-    await s.start_worker()
-    await s.start_server()
+async def make_stack(
+    settings: Settings, provider: LocalProvider
+) -> AsyncIterator[Callable[..., Awaitable[Stack]]]:
+    """Start a worker and the callback server with the test's settings, changed as asked."""
+    started: list[Stack] = []
+
+    async def make(*, workers: int = 1, **changes: Any) -> Stack:
+        assert not started, "one stack per test: they would share the callback port"
+        s = Stack(settings.with_changes(**changes) if changes else settings, provider)
+        started.append(s)
+        await s.client.__aenter__()
+        for _ in range(workers):
+            await s.start_worker()
+        await s.start_server()
+        return s
+
     try:
-        yield s
+        yield make
     finally:
-        await s.stop()
-        await s.client.__aexit__(None, None, None)
+        for s in started:
+            await s.stop()
+            await s.client.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def stack(make_stack: Callable[..., Awaitable[Stack]]) -> Stack:
+    return await make_stack()
+
+
+async def stored_tokens(stack: Stack, user: str) -> dict[str, str]:
+    """The user's tokens as the vault holds them (tests only: they hold the key)."""
+    import json
+
+    rec = await stack.client.store.load(user)
+    assert rec.tokens, f"{user} has no stored tokens"
+    data: dict[str, str] = json.loads(
+        stack.client.ring.decrypt(rec.tokens, user=user, purpose="tokens")
+    )
+    return data
+
+
+async def provision(stack: Stack, user: str = "alice", login: str | None = None) -> httpx.Response:
+    """Run the whole round trip for ``user``, signing in at the provider as ``login``."""
+    from local_provider import approve
+
+    status = await stack.client.request_provisioning(user)
+    assert status.authorization_url
+    callback = await approve(status.authorization_url, login or user)
+    return await stack.callback(callback)

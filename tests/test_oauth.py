@@ -85,7 +85,13 @@ NO_KID_B = RSAKey.generate_key(2048)
 
 # Every value that must never show up in an exception message, a repr or an attribute.
 SECRETS: set[str] = {
-    CLIENT_SECRET, quote_plus(CLIENT_SECRET), CODE, VERIFIER, ACCESS, REFRESH, NEW_REFRESH,
+    CLIENT_SECRET,
+    quote_plus(CLIENT_SECRET),
+    CODE,
+    VERIFIER,
+    ACCESS,
+    REFRESH,
+    NEW_REFRESH,
 }
 for _key in (RSA_KEY, RSA_KEY_ROTATED, ATTACKER_KEY, EC_KEY, NO_KID_A, NO_KID_B):
     SECRETS.add(str(_key.as_dict(private=True)["d"]))
@@ -343,7 +349,9 @@ async def test_discovery_is_validated_and_cached(
     assert provider.hits["/.well-known/openid-configuration"] == 2
 
 
-@pytest.mark.parametrize("issuer", ["https://evil.example.com", f"{ISSUER}/", "https://OP.example.com"])
+@pytest.mark.parametrize(
+    "issuer", ["https://evil.example.com", f"{ISSUER}/", "https://OP.example.com"]
+)
 async def test_discovery_issuer_mismatch_is_refused(
     client: OAuthClient, provider: FakeProvider, issuer: str
 ) -> None:
@@ -356,8 +364,9 @@ async def test_explicit_discovery_url_still_requires_the_configured_issuer(
 ) -> None:
     explicit = f"{ISSUER}/index.php/apps/oidc/openid-configuration"
     provider.doc = discovery_doc(issuer="https://other.example.com")
-    await expect(ProviderResponseError, make_client(discovery_url=explicit).metadata(),
-                 match="issuer")
+    await expect(
+        ProviderResponseError, make_client(discovery_url=explicit).metadata(), match="issuer"
+    )
     provider.doc = discovery_doc()
     assert (await make_client(discovery_url=explicit).metadata()).issuer == ISSUER
     assert provider.hits["/index.php/apps/oidc/openid-configuration"] == 2
@@ -612,8 +621,9 @@ ERROR_TABLE: list[tuple[str, Responder, type[ProviderError], dict[str, Any]]] = 
     ),
     (
         "invalid_grant",
-        lambda r: json_response(400, {"error": "invalid_grant",
-                                      "error_description": "grant request is invalid"}),
+        lambda r: json_response(
+            400, {"error": "invalid_grant", "error_description": "grant request is invalid"}
+        ),
         GrantRejected,
         {},
     ),
@@ -623,8 +633,12 @@ ERROR_TABLE: list[tuple[str, Responder, type[ProviderError], dict[str, Any]]] = 
         ClientRejected,
         {},
     ),
-    ("invalid_client 400", lambda r: json_response(400, {"error": "invalid_client"}),
-     ClientRejected, {}),
+    (
+        "invalid_client 400",
+        lambda r: json_response(400, {"error": "invalid_client"}),
+        ClientRejected,
+        {},
+    ),
     ("401 bare", lambda r: httpx.Response(401), ClientRejected, {}),
     ("401 html", lambda r: httpx.Response(401, text="<html>no</html>"), ClientRejected, {}),
     (
@@ -639,33 +653,85 @@ ERROR_TABLE: list[tuple[str, Responder, type[ProviderError], dict[str, Any]]] = 
         ProviderResponseError,
         {"error": "invalid_grant"},
     ),
-    ("redirect", lambda r: httpx.Response(307, headers={"Location": "https://x.example/"}),
-     ProviderResponseError, {"error": None}),
-    ("200 not JSON", lambda r: httpx.Response(200, text="<html>ok</html>"),
-     ProviderResponseError, {}),
+    (
+        "redirect",
+        lambda r: httpx.Response(307, headers={"Location": "https://x.example/"}),
+        ProviderResponseError,
+        {"error": None},
+    ),
+    (
+        "200 not JSON",
+        lambda r: httpx.Response(200, text="<html>ok</html>"),
+        ProviderResponseError,
+        {},
+    ),
     ("200 JSON array", lambda r: json_response(200, [ACCESS]), ProviderResponseError, {}),
-    ("200 NaN", lambda r: httpx.Response(200, text='{"access_token": "a", "expires_in": NaN}'),
-     ProviderResponseError, {}),
-    ("missing access_token", lambda r: json_response(200, token_body(access_token=None)),
-     ProviderResponseError, {}),
-    ("200 with error", lambda r: json_response(200, {"error": "invalid_grant"}),
-     ProviderResponseError, {"error": "invalid_grant"}),
-    ("token_type mac", lambda r: json_response(200, token_body(token_type="mac")),
-     ProviderResponseError, {}),
-    ("token_type missing", lambda r: json_response(200, token_body(token_type=None)),
-     ProviderResponseError, {}),
-    ("token_type DPoP", lambda r: json_response(200, token_body(token_type="DPoP")),
-     ProviderResponseError, {}),
-    ("expires_in negative", lambda r: json_response(200, token_body(expires_in=-5)),
-     ProviderResponseError, {}),
-    ("expires_in zero", lambda r: json_response(200, token_body(expires_in=0)),
-     ProviderResponseError, {}),
-    ("expires_in text", lambda r: json_response(200, token_body(expires_in="soon")),
-     ProviderResponseError, {}),
-    ("expires_in bool", lambda r: json_response(200, token_body(expires_in=True)),
-     ProviderResponseError, {}),
-    ("refresh_token not a string", lambda r: json_response(200, token_body(refresh_token=5)),
-     ProviderResponseError, {}),
+    (
+        "200 NaN",
+        lambda r: httpx.Response(200, text='{"access_token": "a", "expires_in": NaN}'),
+        ProviderResponseError,
+        {},
+    ),
+    (
+        "missing access_token",
+        lambda r: json_response(200, token_body(access_token=None)),
+        ProviderResponseError,
+        {},
+    ),
+    (
+        "200 with error",
+        lambda r: json_response(200, {"error": "invalid_grant"}),
+        ProviderResponseError,
+        {"error": "invalid_grant"},
+    ),
+    (
+        "token_type mac",
+        lambda r: json_response(200, token_body(token_type="mac")),
+        ProviderResponseError,
+        {},
+    ),
+    (
+        "token_type missing",
+        lambda r: json_response(200, token_body(token_type=None)),
+        ProviderResponseError,
+        {},
+    ),
+    (
+        "token_type DPoP",
+        lambda r: json_response(200, token_body(token_type="DPoP")),
+        ProviderResponseError,
+        {},
+    ),
+    (
+        "expires_in negative",
+        lambda r: json_response(200, token_body(expires_in=-5)),
+        ProviderResponseError,
+        {},
+    ),
+    (
+        "expires_in zero",
+        lambda r: json_response(200, token_body(expires_in=0)),
+        ProviderResponseError,
+        {},
+    ),
+    (
+        "expires_in text",
+        lambda r: json_response(200, token_body(expires_in="soon")),
+        ProviderResponseError,
+        {},
+    ),
+    (
+        "expires_in bool",
+        lambda r: json_response(200, token_body(expires_in=True)),
+        ProviderResponseError,
+        {},
+    ),
+    (
+        "refresh_token not a string",
+        lambda r: json_response(200, token_body(refresh_token=5)),
+        ProviderResponseError,
+        {},
+    ),
     (
         "oversize declared",
         lambda r: httpx.Response(200, content=b"{" + b" " * (MAX_RESPONSE_BYTES + 10) + b"}"),
@@ -744,13 +810,19 @@ async def test_revoke_authenticates_and_sends_the_hint(
 @pytest.mark.parametrize(
     ("responder", "exc_type", "match"),
     [
-        (lambda r: json_response(400, {"error": "unsupported_token_type"}), ProviderResponseError,
-         "unsupported_token_type"),
+        (
+            lambda r: json_response(400, {"error": "unsupported_token_type"}),
+            ProviderResponseError,
+            "unsupported_token_type",
+        ),
         (lambda r: httpx.Response(503, headers={"Retry-After": "30"}), ProviderUnavailable, "503"),
         (lambda r: httpx.Response(429), ProviderUnavailable, "429"),
         (_raise(httpx.ReadTimeout), ProviderUnavailable, "timed out"),
-        (lambda r: json_response(401, {"error": "invalid_client"}), ClientRejected,
-         "invalid_client"),
+        (
+            lambda r: json_response(401, {"error": "invalid_client"}),
+            ClientRejected,
+            "invalid_client",
+        ),
     ],
 )
 async def test_revoke_errors(
@@ -813,21 +885,34 @@ async def test_expected_subject_none_skips_the_subject_match(client: OAuthClient
 
 
 async def test_bad_signature(client: OAuthClient) -> None:
-    await expect(IDTokenError, validate(client, sign(claims(), ATTACKER_KEY)),
-                 match="signature does not verify")
+    await expect(
+        IDTokenError,
+        validate(client, sign(claims(), ATTACKER_KEY)),
+        match="signature does not verify",
+    )
     header, _, signature = sign(claims()).split(".")
     forged = b64url(json.dumps(claims(sub="admin")).encode())
-    await expect(IDTokenError, validate(client, f"{header}.{forged}.{signature}"),
-                 match="signature does not verify")
-    await expect(IDTokenError, validate(client, sign(claims(), EC_KEY, "ES256", kid="ec-1")[:-4]
-                                        + "AAAA"), match="signature does not verify")
+    await expect(
+        IDTokenError,
+        validate(client, f"{header}.{forged}.{signature}"),
+        match="signature does not verify",
+    )
+    await expect(
+        IDTokenError,
+        validate(client, sign(claims(), EC_KEY, "ES256", kid="ec-1")[:-4] + "AAAA"),
+        match="signature does not verify",
+    )
 
 
 async def test_alg_none_is_refused(client: OAuthClient) -> None:
-    await expect(IDTokenError, validate(client, unsigned({"alg": "none"}, claims())),
-                 match="alg none")
-    await expect(IDTokenError, validate(client, unsigned({"alg": "None"}, claims(), b"x")),
-                 match="not accepted")
+    await expect(
+        IDTokenError, validate(client, unsigned({"alg": "none"}, claims())), match="alg none"
+    )
+    await expect(
+        IDTokenError,
+        validate(client, unsigned({"alg": "None"}, claims(), b"x")),
+        match="not accepted",
+    )
 
 
 async def test_hs256_signed_with_the_client_secret_is_refused(
@@ -848,8 +933,11 @@ async def test_alg_the_provider_does_not_advertise_is_refused(
     client: OAuthClient, provider: FakeProvider
 ) -> None:
     provider.doc = discovery_doc(id_token_signing_alg_values_supported=None)  # default RS256
-    await expect(IDTokenError, validate(client, sign(claims(), EC_KEY, "ES256")),
-                 match="not among the provider's advertised")
+    await expect(
+        IDTokenError,
+        validate(client, sign(claims(), EC_KEY, "ES256")),
+        match="not among the provider's advertised",
+    )
 
 
 @pytest.mark.parametrize(
@@ -943,19 +1031,27 @@ async def test_kid_absent_with_a_single_key(client: OAuthClient, provider: FakeP
 async def test_kid_absent_with_several_keys(client: OAuthClient, provider: FakeProvider) -> None:
     provider.keys = [EC_KEY, NO_KID_A, NO_KID_B]
     assert (await validate(client, sign(claims(), NO_KID_B, kid=_NO_KID))).subject == SUBJECT
-    await expect(IDTokenError, validate(client, sign(claims(), ATTACKER_KEY, kid=_NO_KID)),
-                 match="signature does not verify")
+    await expect(
+        IDTokenError,
+        validate(client, sign(claims(), ATTACKER_KEY, kid=_NO_KID)),
+        match="signature does not verify",
+    )
 
 
 async def test_symmetric_and_encryption_keys_in_the_jwks_are_ignored(
     client: OAuthClient, provider: FakeProvider
 ) -> None:
-    provider.jwks = lambda r: json_response(200, {"keys": [
-        {"kty": "oct", "k": b64url(CLIENT_SECRET.encode()), "kid": "rsa-1"},
-        {**RSA_KEY_ROTATED.as_dict(private=False), "use": "enc", "kid": "rsa-1"},
-        {"kty": "RSA", "kid": "broken", "n": "AQAB"},
-        RSA_KEY.as_dict(private=False),
-    ]})
+    provider.jwks = lambda r: json_response(
+        200,
+        {
+            "keys": [
+                {"kty": "oct", "k": b64url(CLIENT_SECRET.encode()), "kid": "rsa-1"},
+                {**RSA_KEY_ROTATED.as_dict(private=False), "use": "enc", "kid": "rsa-1"},
+                {"kty": "RSA", "kid": "broken", "n": "AQAB"},
+                RSA_KEY.as_dict(private=False),
+            ]
+        },
+    )
     assert (await validate(client, sign(claims()))).subject == SUBJECT
     await expect(IDTokenError, validate(client, sign(claims(), RSA_KEY_ROTATED)))
 
@@ -1007,8 +1103,9 @@ async def test_jose_header_extensions_and_foreign_types_are_refused(client: OAut
 
 async def test_at_hash(client: OAuthClient) -> None:
     token = sign(claims(at_hash=at_hash("some-other-token")))
-    await expect(IDTokenError, validate(client, token, access_token=ACCESS),
-                 match="at_hash does not match")
+    await expect(
+        IDTokenError, validate(client, token, access_token=ACCESS), match="at_hash does not match"
+    )
     # Without the access token at hand there is nothing to compare.
     assert (await validate(client, token)).subject == SUBJECT
     es = sign(claims(at_hash=at_hash(ACCESS)), EC_KEY, "ES256")
@@ -1022,9 +1119,7 @@ async def test_missing_nonce_argument_is_refused(client: OAuthClient) -> None:
 # --- no secret anywhere -------------------------------------------------------------------------
 
 
-async def test_no_secret_in_any_error_or_repr(
-    client: OAuthClient, provider: FakeProvider
-) -> None:
+async def test_no_secret_in_any_error_or_repr(client: OAuthClient, provider: FakeProvider) -> None:
     """Provoke one of each failure here (so this test stands alone), then check everything seen."""
     provider.token = lambda r: json_response(
         400, {"error": f"invalid_grant {REFRESH}", "error_description": f"{CODE} {ACCESS}"}
@@ -1033,8 +1128,9 @@ async def test_no_secret_in_any_error_or_repr(
     await expect(ProviderError, client.exchange_code(CODE, code_verifier=VERIFIER))
     provider.token = _raise(httpx.ConnectError)
     await expect(ProviderUnavailable, client.exchange_code(CODE, code_verifier=VERIFIER))
-    provider.revoke = lambda r: json_response(400, {"error": "unsupported_token_type",
-                                                    "error_description": REFRESH})
+    provider.revoke = lambda r: json_response(
+        400, {"error": "unsupported_token_type", "error_description": REFRESH}
+    )
     await expect(ProviderResponseError, client.revoke(REFRESH))
     await expect(IDTokenError, validate(client, sign(claims(), ATTACKER_KEY)))
     await expect(IDTokenError, validate(client, sign(claims(nonce="x"))))

@@ -59,12 +59,19 @@ def worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
         http = httpx.AsyncClient(timeout=HTTP_TIMEOUT, follow_redirects=False)
         oauth = OAuthClient(settings, http)
         bus = EventBus(
-            ctx["redis"], keys=store.keys, queue_name=settings.queue_name,
+            ctx["redis"],
+            keys=store.keys,
+            queue_name=settings.queue_name,
             timeout=settings.event_timeout,
         )
         engine = Engine(settings=settings, store=store, oauth=oauth, ring=ring)
         ctx["services"] = Services(
-            settings=settings, store=store, bus=bus, http=http, oauth=oauth, ring=ring,
+            settings=settings,
+            store=store,
+            bus=bus,
+            http=http,
+            oauth=oauth,
+            ring=ring,
             engine=engine,
         )
         log.info("worker_started", queue=settings.queue_name, key_ids=list(ring.key_ids))
@@ -76,8 +83,13 @@ def worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
 
     return {
         "functions": [
-            func(handle_event, name=HANDLE_EVENT, keep_result=0, max_tries=EVENT_MAX_TRIES,
-                 timeout=JOB_TIMEOUT),
+            func(
+                handle_event,
+                name=HANDLE_EVENT,
+                keep_result=0,
+                max_tries=EVENT_MAX_TRIES,
+                timeout=JOB_TIMEOUT,
+            ),
         ],
         "on_startup": startup,
         "on_shutdown": shutdown,
@@ -95,7 +107,7 @@ def worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
 def _from_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     settings = Settings.from_env(environ, require_provider=True, require_keys=True)
     if not settings.redis_url:
-        from consent_flow._settings import SettingsError
+        from consent_flow._errors import SettingsError
 
         raise SettingsError("CONSENT_REDIS_URL", "is required for `arq workers.WorkerSettings`")
     return worker_settings(settings, settings.redis_url)

@@ -13,7 +13,6 @@ from consent_flow._settings import Settings
 from consent_flow._store import RedisStore
 from consent_flow._vault import KeyRing
 
-
 EVENT_MAX_TRIES = 3
 
 

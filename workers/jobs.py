@@ -20,8 +20,11 @@ async def handle_event(ctx: dict[str, Any], data: dict[str, Any]) -> None:
     services: Services = ctx["services"]
     envelope = Envelope.from_job(data)
     structlog.contextvars.bind_contextvars(
-        user=envelope.user, event_name=envelope.event.value, event_id=envelope.event_id,
-        correlation_id=envelope.correlation_id, job_try=ctx.get("job_try"),
+        user=envelope.user,
+        event_name=envelope.event.value,
+        event_id=envelope.event_id,
+        correlation_id=envelope.correlation_id,
+        job_try=ctx.get("job_try"),
     )
     try:
         try:
@@ -31,8 +34,13 @@ async def handle_event(ctx: dict[str, Any], data: dict[str, Any]) -> None:
             log.warning("event_rejected", error=exc.code, detail=str(exc))
             rec: ConsentRecord = await services.store.load(envelope.user)
             outcome = Outcome(
-                user=rec.user, state=rec.state.value, since=iso(rec.since), reason=str(exc),
-                event=envelope.event.value, result="rejected", error=exc.code,
+                user=rec.user,
+                state=rec.state.value,
+                since=iso(rec.since),
+                reason=str(exc),
+                event=envelope.event.value,
+                result="rejected",
+                error=exc.code,
             )
         except Exception as exc:
             # Unexpected (Redis gone, a bug): arq runs the job again; on the last try the caller
@@ -40,11 +48,18 @@ async def handle_event(ctx: dict[str, Any], data: dict[str, Any]) -> None:
             log.exception("event_failed", error=type(exc).__name__)
             if envelope.reply and ctx.get("job_try", 1) >= ctx.get("max_tries", EVENT_MAX_TRIES):
                 rec = await services.store.load(envelope.user)
-                await services.bus.reply(envelope.event_id, Outcome(
-                    user=rec.user, state=rec.state.value, since=iso(rec.since),
-                    reason="internal error while applying the event", event=envelope.event.value,
-                    result="failed", error="internal_error",
-                ))
+                await services.bus.reply(
+                    envelope.event_id,
+                    Outcome(
+                        user=rec.user,
+                        state=rec.state.value,
+                        since=iso(rec.since),
+                        reason="internal error while applying the event",
+                        event=envelope.event.value,
+                        result="failed",
+                        error="internal_error",
+                    ),
+                )
             raise
         if envelope.reply:
             await services.bus.reply(envelope.event_id, outcome)

@@ -1,0 +1,104 @@
+"""Settings: one frozen object from the environment; a bad value names its variable."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from consent_flow import Settings, SettingsError, generate_key
+
+BASE = {
+    "CONSENT_ISSUER": "https://id.example.com",
+    "CONSENT_CLIENT_ID": "mcp",
+    "CONSENT_CLIENT_SECRET": "shh-very-secret",
+    "CONSENT_REDIRECT_URI": "https://mcp.example.com/oauth/callback",
+    "CONSENT_ENCRYPTION_KEYS": generate_key(),
+}
+
+
+def test_complete_environment():
+    s = Settings.from_env(BASE, require_provider=True, require_keys=True)
+    assert s.discovery_url == "https://id.example.com/.well-known/openid-configuration"
+    assert s.scopes == ("openid", "offline_access")
+    assert s.subject_match is True
+    assert s.redirect_path == "/oauth/callback"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.issuer = "x"  # type: ignore[misc]
+
+
+def test_secrets_do_not_show_in_repr():
+    s = Settings.from_env(BASE)
+    text = repr(s)
+    assert "shh-very-secret" not in text
+    assert BASE["CONSENT_ENCRYPTION_KEYS"] not in text
+    assert s.client_secret.reveal() == "shh-very-secret"
+
+
+def test_discovery_override_for_nextcloud():
+    env = {
+        **BASE,
+        "CONSENT_DISCOVERY_URL": "https://cloud.example.com/index.php/.well-known/openid-configuration",
+    }
+    assert Settings.from_env(env).discovery_url.endswith(
+        "/index.php/.well-known/openid-configuration"
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CONSENT_ISSUER", "not a url"),
+        ("CONSENT_ISSUER", "http://id.example.com"),  # clear text outside loopback
+        ("CONSENT_REDIRECT_URI", "https://mcp.example.com/cb#frag"),
+        ("CONSENT_REDIS_URL", "http://localhost:6379"),
+        ("CONSENT_SESSION_TTL", "ten"),
+        ("CONSENT_SESSION_TTL", "1"),
+        ("CONSENT_REFRESH_MARGIN", "-5"),
+        ("CONSENT_HTTP_PORT", "70000"),
+        ("CONSENT_SUBJECT_MATCH", "maybe"),
+        ("CONSENT_LOG_FORMAT", "xml"),
+        ("CONSENT_ENCRYPTION_KEYS", "too-short"),
+        ("CONSENT_SCOPES", 'openid "quoted"'),
+        ("CONSENT_TOKEN_AUTH_METHOD", "private_key_jwt"),
+        ("CONSENT_EVENT_TIMEOUT", "0"),
+    ],
+)
+def test_malformed_values_name_their_variable(variable, value):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({**BASE, variable: value})
+    assert info.value.variable == variable
+    assert str(info.value).startswith(variable)
+
+
+@pytest.mark.parametrize(
+    "missing",
+    ["CONSENT_ISSUER", "CONSENT_CLIENT_ID", "CONSENT_CLIENT_SECRET", "CONSENT_REDIRECT_URI"],
+)
+def test_missing_provider_settings_name_their_variable(missing):
+    env = {k: v for k, v in BASE.items() if k != missing}
+    Settings.from_env(env)  # fine for read-only commands
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env, require_provider=True)
+    assert info.value.variable == missing
+
+
+def test_missing_keys_point_at_the_generator():
+    env = {k: v for k, v in BASE.items() if k != "CONSENT_ENCRYPTION_KEYS"}
+    with pytest.raises(SettingsError, match="keys generate") as info:
+        Settings.from_env(env, require_keys=True)
+    assert info.value.variable == "CONSENT_ENCRYPTION_KEYS"
+
+
+def test_a_bad_key_value_is_not_echoed():
+    bad = "A" * 40 + "!!"
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({**BASE, "CONSENT_ENCRYPTION_KEYS": f"{generate_key()},{bad}"})
+    assert bad not in str(info.value)
+    assert "key 2" in str(info.value)
+
+
+def test_scopes_must_include_openid():
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({**BASE, "CONSENT_SCOPES": "offline_access"}, require_provider=True)
+    assert info.value.variable == "CONSENT_SCOPES"

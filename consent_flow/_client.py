@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 from arq.connections import ArqRedis, create_pool
 
-from ._errors import ConsentError, ConsentRevoked, NotProvisioned, WorkerUnavailable
+from ._broker import TokenBroker
+from ._errors import ConsentError, WorkerUnavailable
 from ._machine import Event, State
 from ._model import ConsentRecord, HistoryEntry, check_user, clip
 from ._oauth import OAuthClient
@@ -23,8 +24,6 @@ from ._store import RedisStore
 from ._vault import KeyRing
 
 __all__ = ["ConsentClient", "ConsentStatus"]
-
-HTTP_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
 
 def _dt(value: str | None) -> datetime | None:
@@ -114,6 +113,7 @@ class ConsentClient:
         self._ring: KeyRing | None = None
         self._oauth: OAuthClient | None = None
         self._http: httpx.AsyncClient | None = None
+        self._broker: TokenBroker | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ConsentClient:
@@ -143,6 +143,9 @@ class ConsentClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._broker is not None:
+            await self._broker.close()
+            self._broker = None
         if self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -181,7 +184,9 @@ class ConsentClient:
     def oauth(self) -> OAuthClient:
         if self._oauth is None:
             self.settings.check_provider()
-            self._http = httpx.AsyncClient(timeout=HTTP_TIMEOUT, follow_redirects=False)
+            self._http = httpx.AsyncClient(
+                timeout=self.settings.http_timeout, follow_redirects=False
+            )
             self._oauth = OAuthClient(self.settings, self._http)
         return self._oauth
 
@@ -204,7 +209,10 @@ class ConsentClient:
         """Emit ``revoke_requested``: revoked at the provider, local tokens wiped."""
         payload = {"reason": clip(reason) or ""} if reason else {}
         envelope = Envelope(Event.REVOKE_REQUESTED, check_user(user), actor, payload=payload)
-        return self._raise_for(await self.emit(envelope))
+        outcome = await self.emit(envelope)
+        if self._broker is not None:
+            self._broker.forget(user)  # this process, at once; others hear it on cf:invalidate
+        return self._raise_for(outcome)
 
     @staticmethod
     def _raise_for(outcome: Outcome) -> ConsentStatus:
@@ -230,27 +238,14 @@ class ConsentClient:
         return [entry.public() for entry in entries]
 
     async def access_token(self, user: str, *, min_ttl: float = 30.0) -> str:
-        """A valid access token for the user; :class:`NotProvisioned` or :class:`ConsentRevoked`."""
-        rec = await self.store.load(check_user(user))
-        if rec.state is State.REVOKED:
-            raise ConsentRevoked(
-                f"consent was revoked: {rec.reason}",
-                user=user,
-                state=rec.state.value,
-                reason=rec.reason,
-            )
-        if rec.state is not State.PROVISIONED or rec.tokens is None:
-            raise NotProvisioned(
-                f"{user} has not granted delegated access",
-                user=user,
-                state=rec.state.value,
-                reason=rec.reason,
-            )
-        import json
+        """An access token for ``user`` valid for at least ``min_ttl`` seconds.
 
-        tokens = json.loads(self.ring.decrypt(rec.tokens, user=user, purpose="tokens"))
-        token: str = tokens["access_token"]
-        return token
+        Raises :class:`NotProvisioned`, :class:`ConsentRevoked` (with the reason) or
+        :class:`ProviderUnavailable`.
+        """
+        if self._broker is None:
+            self._broker = TokenBroker(self)
+        return await self._broker.access_token(check_user(user), min_ttl=min_ttl)
 
 
 def _session_url(ring: KeyRing, rec: ConsentRecord) -> str | None:

@@ -47,15 +47,19 @@ __all__ = ["Engine", "RefreshPlan", "next_refresh_at"]
 
 log = structlog.get_logger("consent_flow.engine")
 
-LOCK_TTL = 30.0  # seconds; longer than any provider call's timeout
-LOCK_WAIT = 10.0  # how long an event waits for another worker's provider call on the same user
+# A user's lock outlives any provider call made under it (several calls at the HTTP timeout);
+# an event waits a little longer than that for another worker's call on the same user.
+LOCK_TTL_FACTOR = 3
+LOCK_WAIT_EXTRA = 5.0
 MAX_CONFLICT_RETRIES = 5
 MIN_REFRESH_DELAY = 1.0  # never schedule a refresh sooner than this after the last one
 REFRESH_JITTER = 0.1  # up to this share of the lead time is taken off, so refreshes spread out
 MAX_REFRESH_JITTER = 300.0
+OUTBOX_RETRY_BASE = 30.0  # seconds before a provider revocation that failed is tried again
+OUTBOX_RETRY_CAP = 3600.0
 
 SESSION_FIELDS = ("sess", "sid", "sexp", "claimed")
-TOKEN_FIELDS = ("tok", "exp", "sub", "scopes", "next", "lastref", "fails", "referr")
+TOKEN_FIELDS = ("tok", "exp", "sub", "scopes", "next", "lastref", "fails", "referr", "inflight")
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,31 +511,31 @@ class Engine:
     async def revoke_pending(self, user: str) -> str:
         """Revoke the tokens in a user's outbox at the provider (RFC 7009), then forget them.
 
-        Returns "done", or "deferred" when the provider is unavailable (the job retries).
+        Returns "done", or "deferred" when the provider could not take it now (tried again by
+        the cleanup job with backoff).
         """
+        keys = self.store.keys
+        redis = self.store.redis
         rec = await self.store.load(user)
         if rec.revocation_pending is None:
+            await redis.zrem(keys.outbox, user)
             return "done"
         try:
-            tokens = self.open_tokens(user, rec.revocation_pending)
-        except VaultError:
-            log.error("revocation_outbox_unreadable", user=user)
+            await self._revoke_tokens(self.open_tokens(user, rec.revocation_pending))
+        except (ProviderError, VaultError) as exc:
+            attempts = int(await redis.hincrby(keys.rec(user), "rvktries", 1))
+            delay = min(OUTBOX_RETRY_CAP, OUTBOX_RETRY_BASE * 2 ** (attempts - 1))
+            await redis.zadd(keys.outbox, {user: self.clock() + delay})
+            log.warning(
+                "provider_revocation_deferred", user=user, error=exc.code, attempts=attempts
+            )
             return "deferred"
-        try:
-            await self._revoke_tokens(tokens)
-        except ProviderUnavailable as exc:
-            log.warning("provider_revocation_deferred", user=user, error=exc.code)
-            return "deferred"
-        except ProviderError as exc:
-            # invalid_client and friends: keep the outbox, operators see it in the logs.
-            log.error("provider_revocation_failed", user=user, error=exc.code)
-            return "failed"
-        await self.store.redis.hdel(self.store.keys.rec(user), "rvk")  # type: ignore[misc]  # redis-py types async calls as sync|async
-        await self._uncount_kid(rec.revocation_pending)
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(keys.rec(user), "rvk", "rvktries")
+            pipe.hincrby(keys.kids, KeyRing.key_id_of(rec.revocation_pending), -1)
+            pipe.zrem(keys.outbox, user)
+            await pipe.execute()
         return "done"
-
-    async def _uncount_kid(self, sealed: str) -> None:
-        await self.store.redis.hincrby(self.store.keys.kids, KeyRing.key_id_of(sealed), -1)  # type: ignore[misc]  # redis-py types async calls as sync|async
 
     async def _revoke_tokens(self, tokens: dict[str, str]) -> None:
         # Revoking the refresh token ends the grant (RFC 7009 section 2.1); the access token is
@@ -556,23 +560,29 @@ class Engine:
 
     # --- single flight ----------------------------------------------------------------------
 
+    @property
+    def lock_ttl(self) -> float:
+        return LOCK_TTL_FACTOR * self.settings.http_timeout
+
     def user_lock(self, user: str) -> _UserLock:
-        return _UserLock(self.store, user)
+        return _UserLock(self.store, user, ttl=self.lock_ttl, wait=self.lock_ttl + LOCK_WAIT_EXTRA)
 
 
 class _UserLock:
     """One provider conversation per user at a time, across every worker (invariant 4)."""
 
-    def __init__(self, store: RedisStore, user: str) -> None:
+    def __init__(self, store: RedisStore, user: str, *, ttl: float, wait: float) -> None:
         self.store = store
         self.user = user
+        self.ttl = ttl
+        self.wait = wait
         self.token: str | None = None
 
     async def __aenter__(self) -> _UserLock:
-        deadline = time.monotonic() + LOCK_WAIT
+        deadline = time.monotonic() + self.wait
         delay = 0.01
         while True:
-            self.token = await self.store.acquire_lock(self.user, LOCK_TTL)
+            self.token = await self.store.acquire_lock(self.user, self.ttl)
             if self.token is not None:
                 return self
             if time.monotonic() > deadline:

@@ -72,6 +72,7 @@ class ConsentRecord:
     refresh_failures: int = 0
     last_refresh_error: str | None = None
     revocation_pending: str | None = None  # ciphertext: tokens still to revoke at the provider
+    inflight: float | None = None  # a refresh request was sent at this time and not answered
 
     @classmethod
     def from_hash(cls, user: str, data: dict[str, str]) -> ConsentRecord:
@@ -96,6 +97,7 @@ class ConsentRecord:
             refresh_failures=int(data.get("fails", "0") or 0),
             last_refresh_error=data.get("referr") or None,
             revocation_pending=data.get("rvk") or None,
+            inflight=_float(data.get("inflight")),
         )
 
     def public(self) -> dict[str, Any]:

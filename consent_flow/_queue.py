@@ -120,8 +120,14 @@ class EventBus:
         )
         if not envelope.reply:
             return None
+        return await self.wait(envelope, timeout=wait)
+
+    async def wait(self, envelope: Envelope, *, timeout: float | None = None) -> Outcome:
+        """Block until the outcome of the event ``envelope.event_id`` is reported."""
+        wait = self.timeout if timeout is None else timeout
         key = self.keys.reply(envelope.event_id)
-        popped = await self.pool.blpop([key], timeout=wait)  # type: ignore[misc,arg-type]  # redis-py: sync|async types; float timeouts are fine on Redis >= 6
+        redis: Any = self.pool  # redis-py's async types are sync|async unions
+        popped = await redis.blpop([key], timeout=wait)
         if popped is None:
             raise WorkerUnavailable(
                 f"no worker answered {envelope.event.value} within {wait:g} s "

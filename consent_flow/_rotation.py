@@ -37,7 +37,7 @@ async def rotate_keys(client: ConsentClient) -> dict[str, Any]:
                 records += 1
                 for _attempt in range(MAX_ATTEMPTS):
                     rec = await store.load(user)
-                    raw = await store.redis.hmget(store.keys.rec(user), list(CIPHER_FIELDS))  # type: ignore[misc]  # redis-py types async calls as sync|async
+                    raw = await store.redis.hmget(store.keys.rec(user), list(CIPHER_FIELDS))
                     fields = {
                         name: (v.decode() if isinstance(v, bytes) else v)
                         for name, v in zip(CIPHER_FIELDS, raw, strict=True)

@@ -24,6 +24,7 @@ DEFAULT_KEEPALIVE = 24 * 3600  # refresh at least this often, even if the token 
 DEFAULT_HISTORY_RETENTION = 90 * 24 * 3600
 DEFAULT_EVENT_TIMEOUT = 15.0  # how long a caller waits for the worker's outcome
 DEFAULT_HTTP_PORT = 8080
+DEFAULT_HTTP_TIMEOUT = 10.0  # seconds for one call to the provider
 MAX_SCOPES_LENGTH = 2000
 
 AuthMethod = Literal["client_secret_basic", "client_secret_post"]
@@ -84,6 +85,7 @@ class Settings:
     log_format: LogFormat = "console"
     token_auth_method: AuthMethod = "client_secret_basic"
     event_timeout: float = DEFAULT_EVENT_TIMEOUT
+    http_timeout: float = DEFAULT_HTTP_TIMEOUT
     data_dir: Path = field(default_factory=lambda: _default_data_dir(os.environ))
     redis_prefix: str = "cf"
     queue_name: str = "consent-flow:queue"
@@ -218,6 +220,15 @@ class Settings:
             if not 0 < event_timeout <= 3600:
                 raise SettingsError("CONSENT_EVENT_TIMEOUT", "must be between 0 and 3600 seconds")
 
+        http_timeout = DEFAULT_HTTP_TIMEOUT
+        if (raw_timeout := get("CONSENT_HTTP_TIMEOUT")) is not None:
+            try:
+                http_timeout = float(raw_timeout)
+            except ValueError:
+                raise SettingsError("CONSENT_HTTP_TIMEOUT", "must be a number of seconds") from None
+            if not 0.1 <= http_timeout <= 120:
+                raise SettingsError("CONSENT_HTTP_TIMEOUT", "must be between 0.1 and 120 seconds")
+
         settings = cls(
             redis_url=redis_url,
             issuer=issuer,
@@ -228,9 +239,9 @@ class Settings:
             scopes=scopes,
             resource=resource,
             encryption_keys=keys,
-            session_ttl=integer("CONSENT_SESSION_TTL", DEFAULT_SESSION_TTL, minimum=10),
+            session_ttl=integer("CONSENT_SESSION_TTL", DEFAULT_SESSION_TTL, minimum=2),
             refresh_margin=integer("CONSENT_REFRESH_MARGIN", DEFAULT_REFRESH_MARGIN, minimum=0),
-            keepalive=integer("CONSENT_KEEPALIVE", DEFAULT_KEEPALIVE, minimum=10),
+            keepalive=integer("CONSENT_KEEPALIVE", DEFAULT_KEEPALIVE, minimum=2),
             history_retention=integer(
                 "CONSENT_HISTORY_RETENTION", DEFAULT_HISTORY_RETENTION, minimum=60
             ),
@@ -240,6 +251,7 @@ class Settings:
             log_format=log_format,  # type: ignore[arg-type]
             token_auth_method=auth_method,  # type: ignore[arg-type]
             event_timeout=event_timeout,
+            http_timeout=http_timeout,
             data_dir=Path(get("CONSENT_DATA_DIR") or _default_data_dir(env)),
             redis_prefix=get("CONSENT_REDIS_PREFIX") or "cf",
         )

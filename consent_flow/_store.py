@@ -9,7 +9,11 @@ Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``; every key of one user shares t
     cf:{alice}:in:<id>  string sealed authorization code waiting for its event (short TTL)
     cf:{alice}:lock     string single-flight lock for provider calls, value = owner token
     cf:idx:<state>      zset   users in that state, scored by since (list, stats: no KEYS scans)
-    cf:sched            zset   users by next refresh due time
+    cf:sched            zset   users by next refresh due time, in epoch milliseconds
+    cf:histidx          zset   users by the time of their oldest history entry (retention)
+    cf:outbox           zset   users with tokens still to revoke at the provider, by next try
+    cf:invalidate       pubsub user ids whose cached tokens must be dropped (published by commits)
+    cf:halt             hash   refreshes paused for everyone: invalid_client (reason, since)
     cf:sess:<sha256>    string "user\\nsession id" for a live authorization session's state
     cf:kids             hash   ciphertext count per key id (start-up key check, rotation)
     cf:events           stream every transition, for `tail` and other consumers (bounded)
@@ -32,12 +36,17 @@ from redis.asyncio import Redis
 from ._machine import State
 from ._model import CIPHER_FIELDS, Change, CommitResult, ConsentRecord, HistoryEntry
 
-__all__ = ["Keys", "MemoryStore", "RedisStore", "Store", "state_hash"]
+__all__ = ["Keys", "MemoryStore", "RedisStore", "Store", "due_ms", "state_hash"]
 
 HISTORY_MAX_ENTRIES = 1000  # a hard cap on top of the time-based retention
 SEEN_MAX_EVENTS = 200  # event ids remembered per user for de-duplication
 STREAM_MAX_ENTRIES = 100_000  # approximate cap of the transition stream
 INBOX_TTL = 120  # seconds a sealed code waits for its worker
+
+
+def due_ms(at: float) -> int:
+    """Schedule scores are whole milliseconds: the same number in Lua, Python and job ids."""
+    return int(at * 1000)
 
 
 def state_hash(state: str) -> str:
@@ -72,6 +81,22 @@ class Keys:
     @property
     def sched(self) -> str:
         return f"{self.prefix}:sched"
+
+    @property
+    def histidx(self) -> str:
+        return f"{self.prefix}:histidx"
+
+    @property
+    def outbox(self) -> str:
+        return f"{self.prefix}:outbox"
+
+    @property
+    def invalidate(self) -> str:
+        return f"{self.prefix}:invalidate"
+
+    @property
+    def halt(self) -> str:
+        return f"{self.prefix}:halt"
 
     @property
     def kids(self) -> str:
@@ -121,8 +146,9 @@ class Store(Protocol):
 # --- Lua ------------------------------------------------------------------------------------------
 
 _COMMIT = """
-local rec, hist, seen, idx_from, idx_to, sched, kids, stream, sess_set, sess_del =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local rec, hist, seen, idx_from, idx_to, sched, kids, stream, sess_set, sess_del, histidx,
+  outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9],
+  KEYS[10], KEYS[11], KEYS[12]
 local op = cjson.decode(ARGV[1])
 if redis.call('ZSCORE', seen, op.event_id) then
   return {'duplicate', tonumber(redis.call('HGET', rec, 'v') or '0')}
@@ -163,9 +189,18 @@ elseif op.unschedule then
 end
 if op.sess_value then redis.call('SET', sess_set, op.sess_value, 'EX', op.sess_ttl) end
 if op.sess_drop then redis.call('DEL', sess_del) end
+if after[3] and after[3] ~= before[3] then
+  -- Tokens moved to the revocation outbox: the cleanup job retries what the provider missed.
+  redis.call('ZADD', outbox, op.at, op.user)
+end
+if before[1] and before[1] ~= after[1] then
+  -- The tokens a process may have cached are gone or replaced: tell every process now.
+  redis.call('PUBLISH', op.channel, op.user)
+end
 if op.hist then
   redis.call('RPUSH', hist, op.hist)
   redis.call('LTRIM', hist, -tonumber(op.hist_max), -1)
+  redis.call('ZADD', histidx, 'NX', op.at, op.user)
   redis.call('XADD', stream, 'MAXLEN', '~', op.stream_max, '*', 'entry', op.hist, 'user', op.user)
 end
 redis.call('ZADD', seen, op.at, op.event_id)
@@ -187,6 +222,32 @@ if ARGV[3] ~= '' then redis.call('SET', inbox, ARGV[3], 'EX', ARGV[5]) end
 return 'ok'
 """
 
+# Keys of the visited users are derived in the script: one primary holds a shard's users.
+_TRIM = """
+local histidx = KEYS[1]
+local prefix, cutoff, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local users = redis.call('ZRANGEBYSCORE', histidx, '-inf', '(' .. ARGV[2], 'LIMIT', 0, limit)
+local dropped = 0
+for _, user in ipairs(users) do
+  local hist = prefix .. ':{' .. user .. '}:hist'
+  local oldest = nil
+  while true do
+    local head = redis.call('LINDEX', hist, 0)
+    if not head then break end
+    local at = tonumber(cjson.decode(head)['at'])
+    if at >= cutoff then oldest = at; break end
+    redis.call('LPOP', hist)
+    dropped = dropped + 1
+  end
+  if oldest then
+    redis.call('ZADD', histidx, string.format('%.3f', oldest), user)
+  else
+    redis.call('ZREM', histidx, user)
+  end
+end
+return dropped
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -201,14 +262,17 @@ class RedisStore:
     """The production store, on a ``redis.asyncio.Redis`` (bytes or decoded answers alike)."""
 
     def __init__(self, redis: Redis, *, prefix: str = "cf") -> None:
-        self.redis = redis
+        # redis-py types its asyncio client with sync|async unions that mypy cannot await: the
+        # store treats it as untyped rather than scatter ignores over every call.
+        self.redis: Any = redis
         self.keys = Keys(prefix)
         self._commit = redis.register_script(_COMMIT)
         self._claim = redis.register_script(_CLAIM)
         self._release = redis.register_script(_RELEASE)
+        self._trim = redis.register_script(_TRIM)
 
     async def load(self, user: str) -> ConsentRecord:
-        data = await self.redis.hgetall(self.keys.rec(user))  # type: ignore[misc]  # redis-py types async calls as sync|async
+        data = await self.redis.hgetall(self.keys.rec(user))
         return ConsentRecord.from_hash(user, {_decode(k): _decode(v) for k, v in data.items()})
 
     async def commit(self, change: Change) -> CommitResult:
@@ -229,11 +293,12 @@ class RedisStore:
             "set": set_fields,
             "del": list(change.delete_fields),
             "cipher": list(CIPHER_FIELDS),
+            "channel": k.invalidate,
             "moved": moved,
             # Scores travel as strings: Lua numbers are doubles, which Redis refuses as arguments.
             "since": repr(change.at),
             "at": repr(change.at),
-            "schedule": repr(change.schedule_at) if change.schedule_at is not None else None,
+            "schedule": str(due_ms(change.schedule_at)) if change.schedule_at is not None else None,
             "unschedule": change.unschedule,
             "hist": change.history_entry().to_json() if change.record_history else None,
             "hist_max": str(HISTORY_MAX_ENTRIES),
@@ -261,6 +326,8 @@ class RedisStore:
                 k.stream,
                 sess_set,
                 sess_drop,
+                k.histidx,
+                k.outbox,
             ],
             # cjson turns null into a truthy userdata: absent keys are the only safe "no".
             args=[
@@ -276,7 +343,7 @@ class RedisStore:
         return CommitResult(status=status, version=version, state=state)
 
     async def history(self, user: str, *, limit: int = HISTORY_MAX_ENTRIES) -> list[HistoryEntry]:
-        raw = await self.redis.lrange(self.keys.hist(user), -limit, -1)  # type: ignore[misc]  # redis-py types async calls as sync|async
+        raw = await self.redis.lrange(self.keys.hist(user), -limit, -1)
         return [HistoryEntry.from_json(item) for item in raw]
 
     async def users(
@@ -286,6 +353,19 @@ class RedisStore:
             self.keys.idx(state), offset, offset + limit - 1, withscores=True
         )
         return [(_decode(user), float(score)) for user, score in rows]
+
+    async def users_before(self, state: State, before: float, *, limit: int = 500) -> list[str]:
+        """Users in ``state`` since before ``before``: O(log n + found)."""
+        rows = await self.redis.zrangebyscore(
+            self.keys.idx(state), "-inf", repr(before), start=0, num=limit
+        )
+        return [_decode(user) for user in rows]
+
+    async def outbox_due(self, now: float, *, limit: int = 100) -> list[str]:
+        rows = await self.redis.zrangebyscore(
+            self.keys.outbox, "-inf", repr(now), start=0, num=limit
+        )
+        return [_decode(user) for user in rows]
 
     async def counts(self) -> dict[State, int]:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -323,19 +403,24 @@ class RedisStore:
         return bool(await self._release(keys=[self.keys.lock(user)], args=[token]))
 
     async def key_ids_in_use(self) -> dict[str, int]:
-        raw = await self.redis.hgetall(self.keys.kids)  # type: ignore[misc]  # redis-py types async calls as sync|async
+        raw = await self.redis.hgetall(self.keys.kids)
         return {_decode(k): int(v) for k, v in raw.items() if int(v) > 0}
 
-    async def trim_history(self, user: str, older_than: float) -> int:
-        """Drop history entries older than ``older_than``; entries are in time order."""
-        key = self.keys.hist(user)
-        dropped = 0
-        while True:
-            head = await self.redis.lindex(key, 0)  # type: ignore[misc]  # redis-py types async calls as sync|async
-            if head is None or HistoryEntry.from_json(head).at >= older_than:
-                return dropped
-            await self.redis.lpop(key)  # type: ignore[misc]  # redis-py types async calls as sync|async
-            dropped += 1
+    async def trim_history(self, older_than: float, *, limit: int = 500) -> int:
+        """Drop history entries older than ``older_than`` for up to ``limit`` users.
+
+        Only users whose oldest entry is that old are visited (``histidx``): O(log n + due).
+        """
+        return int(
+            await self._trim(
+                keys=[self.keys.histidx],
+                args=[
+                    self.keys.prefix,
+                    repr(older_than),
+                    limit,
+                ],
+            )
+        )
 
 
 class MemoryStore:

@@ -227,7 +227,9 @@ async def _healthz(client: ConsentClient, request: Request) -> Response:
     if healthy:
         beat = await client.pool.get(client.settings.queue_name + ":health-check")
         checks["worker"] = "ok" if beat is not None else "no recent heartbeat"
-        healthy = beat is not None
+        halt = await client.store.redis.hget(client.store.keys.halt, "reason")
+        checks["refresh"] = "ok" if halt is None else f"paused: {halt.decode()}"
+        healthy = beat is not None and halt is None
     body = {"status": "ok" if healthy else "fail", "checks": checks}
     return JSONResponse(body, status_code=200 if healthy else 503, headers=SECURITY_HEADERS)
 

@@ -189,19 +189,35 @@ class Stack:
         self._tasks: list[asyncio.Task[Any]] = []
         self._workers: list[Any] = []
         self._server: Any = None
+        self.worker_options: dict[str, Any] = {}
+        self._stopped = False
 
     async def start_worker(self, **overrides: Any) -> Any:
+        """An in-process worker; ``overrides`` go to ``worker_settings`` (retry, sweep_every...)."""
         from arq.worker import Worker
 
         from workers import worker_settings
 
         assert self.settings.redis_url
-        options = worker_settings(self.settings, self.settings.redis_url)
-        options.update(handle_signals=False, **overrides)
+        options = worker_settings(
+            self.settings, self.settings.redis_url, **{**self.worker_options, **overrides}
+        )
+        options.update(handle_signals=False)
         worker = Worker(**options)
         self._workers.append(worker)
         self._tasks.append(asyncio.create_task(worker.main()))
         return worker
+
+    async def stop_workers(self) -> None:
+        for worker in self._workers:
+            worker.burst = True
+            worker.max_burst_jobs = 0
+        tasks = [t for t in self._tasks if self._server is None or t is not self._server_task]
+        await asyncio.wait(tasks, timeout=15)
+        for worker in self._workers:
+            await worker.close()
+        self._workers.clear()
+        self._tasks = [t for t in self._tasks if t not in tasks]
 
     async def start_server(self) -> None:
         import uvicorn
@@ -226,6 +242,9 @@ class Stack:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         if self._server is not None:
             self._server.should_exit = True  # a graceful shutdown runs the app's lifespan exit
         for worker in self._workers:
@@ -254,9 +273,18 @@ async def make_stack(
     """Start a worker and the callback server with the test's settings, changed as asked."""
     started: list[Stack] = []
 
-    async def make(*, workers: int = 1, **changes: Any) -> Stack:
+    async def make(
+        *,
+        workers: int = 1,
+        op: LocalProvider | None = None,
+        worker_options: dict[str, Any] | None = None,
+        **changes: Any,
+    ) -> Stack:
         assert not started, "one stack per test: they would share the callback port"
-        s = Stack(settings.with_changes(**changes) if changes else settings, provider)
+        if op is not None:
+            changes.update(issuer=op.issuer, discovery_url=op.discovery_url)
+        s = Stack(settings.with_changes(**changes) if changes else settings, op or provider)
+        s.worker_options = worker_options or {}
         started.append(s)
         await s.client.__aenter__()
         for _ in range(workers):

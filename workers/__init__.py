@@ -11,19 +11,21 @@ from typing import Any
 
 import httpx
 import structlog
-from arq import func
+from arq import cron, func
 
 from consent_flow._engine import Engine
 from consent_flow._errors import UnknownKeyError
 from consent_flow._oauth import OAuthClient
 from consent_flow._queue import HANDLE_EVENT, EventBus
 from consent_flow._redis import arq_redis_settings
+from consent_flow._refresh import Refresher, RetryPolicy
+from consent_flow._schedule import REFRESH_JOB, Scheduler
 from consent_flow._settings import Settings
 from consent_flow._store import RedisStore
 from consent_flow._vault import KeyRing
 
 from ._context import EVENT_MAX_TRIES, Services
-from .jobs import handle_event
+from .jobs import cleanup, handle_event, refresh_tokens, sweep
 
 __all__ = ["check_key_ring", "worker_settings"]
 
@@ -32,7 +34,9 @@ log = structlog.get_logger("consent_flow.worker")
 POLL_DELAY = 0.005  # seconds between queue polls: events are waited on by people and callers
 HEALTH_CHECK_INTERVAL = 10  # seconds; /healthz calls a worker alive if it reported within 3x this
 JOB_TIMEOUT = 60  # seconds; longer than a provider round trip with its retries
-HTTP_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+SWEEP_EVERY = 5  # seconds between schedule sweeps
+CLEANUP_EVERY = 30  # seconds between cleanup runs
+REFRESH_MAX_TRIES = 5  # arq re-runs a refresh whose worker died; failures reschedule themselves
 
 
 async def check_key_ring(store: RedisStore, ring: KeyRing) -> None:
@@ -49,14 +53,28 @@ async def check_key_ring(store: RedisStore, ring: KeyRing) -> None:
         )
 
 
-def worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
-    """Keyword arguments for ``arq.Worker``, wired to one ``Settings`` object."""
+def worker_settings(
+    settings: Settings,
+    redis_url: str,
+    *,
+    job_timeout: float = JOB_TIMEOUT,
+    sweep_every: int = SWEEP_EVERY,
+    cleanup_every: int = CLEANUP_EVERY,
+    retry: RetryPolicy | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for ``arq.Worker``, wired to one ``Settings`` object.
+
+    ``sweep_every`` and ``cleanup_every`` are seconds and must divide 60 (arq's cron fields).
+    A job whose worker died is run again ``job_timeout`` + 10 s later.
+    """
+    if 60 % sweep_every or 60 % cleanup_every:
+        raise ValueError("sweep_every and cleanup_every must divide 60")
 
     async def startup(ctx: dict[str, Any]) -> None:
         store = RedisStore(ctx["redis"], prefix=settings.redis_prefix)
         ring = KeyRing.from_strings(k.reveal() for k in settings.encryption_keys)
         await check_key_ring(store, ring)
-        http = httpx.AsyncClient(timeout=HTTP_TIMEOUT, follow_redirects=False)
+        http = httpx.AsyncClient(timeout=settings.http_timeout, follow_redirects=False)
         oauth = OAuthClient(settings, http)
         bus = EventBus(
             ctx["redis"],
@@ -64,7 +82,14 @@ def worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
             queue_name=settings.queue_name,
             timeout=settings.event_timeout,
         )
-        engine = Engine(settings=settings, store=store, oauth=oauth, ring=ring)
+        scheduler = Scheduler(ctx["redis"], keys=store.keys, queue_name=settings.queue_name)
+        engine = Engine(
+            settings=settings,
+            store=store,
+            oauth=oauth,
+            ring=ring,
+            on_scheduled=scheduler.schedule,
+        )
         ctx["services"] = Services(
             settings=settings,
             store=store,
@@ -73,6 +98,8 @@ def worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
             oauth=oauth,
             ring=ring,
             engine=engine,
+            scheduler=scheduler,
+            refresher=Refresher(engine, scheduler, retry=retry or RetryPolicy()),
         )
         log.info("worker_started", queue=settings.queue_name, key_ids=list(ring.key_ids))
 
@@ -88,7 +115,32 @@ def worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
                 name=HANDLE_EVENT,
                 keep_result=0,
                 max_tries=EVENT_MAX_TRIES,
-                timeout=JOB_TIMEOUT,
+                timeout=job_timeout,
+            ),
+            func(
+                refresh_tokens,
+                name=REFRESH_JOB,
+                keep_result=0,
+                max_tries=REFRESH_MAX_TRIES,
+                timeout=job_timeout,
+            ),
+        ],
+        "cron_jobs": [
+            cron(
+                sweep,
+                name="sweep",
+                second=set(range(0, 60, sweep_every)),
+                keep_result=0,
+                run_at_startup=True,
+                timeout=job_timeout,
+            ),
+            cron(
+                cleanup,
+                name="cleanup",
+                second=set(range(0, 60, cleanup_every)),
+                keep_result=0,
+                run_at_startup=True,
+                timeout=job_timeout,
             ),
         ],
         "on_startup": startup,

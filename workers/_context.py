@@ -9,6 +9,8 @@ import httpx
 from consent_flow._engine import Engine
 from consent_flow._oauth import OAuthClient
 from consent_flow._queue import EventBus
+from consent_flow._refresh import Refresher
+from consent_flow._schedule import Scheduler
 from consent_flow._settings import Settings
 from consent_flow._store import RedisStore
 from consent_flow._vault import KeyRing
@@ -25,3 +27,5 @@ class Services:
     oauth: OAuthClient
     ring: KeyRing
     engine: Engine
+    scheduler: Scheduler
+    refresher: Refresher

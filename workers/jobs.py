@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import structlog
 
 from consent_flow._errors import ConsentError
+from consent_flow._machine import Event, State
 from consent_flow._model import ConsentRecord, iso
-from consent_flow._queue import Envelope, Outcome
+from consent_flow._queue import Envelope, Outcome, new_id
 
 from ._context import EVENT_MAX_TRIES, Services
 
@@ -65,3 +67,68 @@ async def handle_event(ctx: dict[str, Any], data: dict[str, Any]) -> None:
             await services.bus.reply(envelope.event_id, outcome)
     finally:
         structlog.contextvars.clear_contextvars()
+
+
+async def refresh_tokens(ctx: dict[str, Any], data: dict[str, Any]) -> None:
+    """Refresh one grant: scheduled (deferred job or sweep) or on demand (the token broker)."""
+    services: Services = ctx["services"]
+    user = str(data["user"])
+    envelope = Envelope(
+        Event.TOKEN_REFRESHED,
+        user,
+        str(data.get("actor", "worker")),
+        event_id=str(data.get("event_id") or new_id()),
+        correlation_id=str(data.get("correlation_id") or new_id()),
+        reply=bool(data.get("reply", False)),
+    )
+    structlog.contextvars.bind_contextvars(
+        user=user,
+        event_name="refresh",
+        event_id=envelope.event_id,
+        job_try=ctx.get("job_try"),
+    )
+    try:
+        outcome = await services.refresher.refresh(
+            user,
+            due=int(data["due_ms"]) if data.get("due_ms") is not None else None,
+            on_demand=bool(data.get("on_demand", False)),
+            min_ttl=float(data.get("min_ttl", 0.0)),
+            envelope=envelope,
+        )
+        if envelope.reply:
+            await services.bus.reply(envelope.event_id, outcome)
+    finally:
+        structlog.contextvars.clear_contextvars()
+
+
+async def sweep(ctx: dict[str, Any]) -> None:
+    """Queue every due refresh whose job went missing (lost enqueue, Redis failover)."""
+    services: Services = ctx["services"]
+    counts = await services.scheduler.sweep()
+    if counts["requeued"]:
+        log.warning("sweep_requeued", **counts)
+
+
+async def cleanup(ctx: dict[str, Any]) -> None:
+    """Expire stale authorization sessions, retry provider revocations, trim history."""
+    services: Services = ctx["services"]
+    settings = services.settings
+    store = services.store
+    now = time.time()
+    expired = 0
+    candidates = await store.users_before(State.PENDING, now - settings.session_ttl, limit=500)
+    for user in candidates:
+        rec = await store.load(user)
+        if rec.state is State.PENDING and (rec.session_expires_at or 0) <= now:
+            await services.bus.emit(Envelope(Event.SESSION_EXPIRED, user, "worker", reply=False))
+            expired += 1
+    revoked = 0
+    for user in await store.outbox_due(now, limit=100):
+        result = await services.engine.revoke_pending(user)
+        if result == "done":
+            revoked += 1
+    trimmed = await store.trim_history(now - settings.history_retention)
+    if expired or revoked or trimmed:
+        log.info(
+            "cleanup", sessions_expired=expired, revocations_sent=revoked, history_trimmed=trimmed
+        )

@@ -393,6 +393,7 @@ class LocalProvider:
         retry_after: int | None = None,
         token_error: str | None = None,
         token_delay_ms: int | None = None,
+        token_drop_response: bool | None = None,
         id_token: str | None = None,
     ) -> dict[str, Any]:
         """Replace the token endpoint's fault set; each named fault applies to the next
@@ -400,7 +401,8 @@ class LocalProvider:
 
         ``token_status``: answer that status without reaching the provider, body
         ``{"error": token_error or "temporarily_unavailable"}``, ``Retry-After: retry_after``.
-        ``token_delay_ms``: delay the requests. ``id_token``: one of ``bad_signature``,
+        ``token_delay_ms``: delay the requests. ``token_drop_response``: let the provider
+        handle them, then cut the connection before the answer (a lost response). ``id_token``: one of ``bad_signature``,
         ``alg_none``, ``wrong_issuer``, ``wrong_audience``, ``wrong_nonce``, ``no_nonce``,
         ``expired``, ``iat_future``, ``no_sub``, ``other_key``, ``wrong_azp``.
         Returns the faults now armed.
@@ -411,6 +413,7 @@ class LocalProvider:
             ("retry_after", retry_after),
             ("token_error", token_error),
             ("token_delay_ms", token_delay_ms),
+            ("token_drop_response", token_drop_response),
             ("id_token", id_token),
         ):
             if value is not None:

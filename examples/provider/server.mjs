@@ -579,6 +579,8 @@ function newStats() {
     refresh_tokens_rotated: 0, // refresh_token.consumed: the old token of a rotation
     refresh_reuse_detected: 0, // a rotated (consumed) refresh token was presented again
     access_tokens_issued: 0,
+    responses_dropped: 0,
+    revocations: 0, // successful calls to the revocation endpoint (RFC 7009)
     grants_revoked: 0, // any cause: reuse, revocation endpoint, code replay, /__test/revoke-grant
     grants_revoked_by_control: 0,
     authorizations: 0,
@@ -594,6 +596,15 @@ function installTestControls(provider, { signingKey }) {
 
   // Path from the discovery document's token_endpoint (a mount path would be part of it).
   const tokenPath = new URL(provider.urlFor('token')).pathname;
+  const revocationPath = new URL(provider.urlFor('revocation')).pathname;
+
+  // Counts answered revocations (RFC 7009); oidc-provider emits no event of its own for them.
+  provider.use(async (ctx, next) => {
+    await next();
+    if (ctx.path === revocationPath && ctx.method === 'POST' && ctx.status === 200) {
+      stats.revocations += 1;
+    }
+  });
 
   const grantType = (ctx) => ctx.oidc?.params?.grant_type;
 
@@ -655,6 +666,11 @@ function installTestControls(provider, { signingKey }) {
       }
       next.delay = { remaining: count, ms: body.token_delay_ms };
     }
+    if (body.token_drop_response !== undefined) {
+      // The provider handles the request (a refresh token rotates), then the connection is cut
+      // before the answer: the client's view of a response lost in transit.
+      next.drop = { remaining: count };
+    }
     if (body.id_token !== undefined) {
       if (!ID_TOKEN_MODES.has(body.id_token)) {
         throw new Error(`id_token must be one of ${[...ID_TOKEN_MODES].join(', ')}`);
@@ -689,6 +705,13 @@ function installTestControls(provider, { signingKey }) {
     }
 
     await next();
+
+    if (faults.drop?.remaining > 0 && ctx.status === 200) {
+      faults.drop.remaining -= 1;
+      stats.responses_dropped += 1;
+      ctx.req.socket.destroy();
+      return undefined;
+    }
 
     // The provider has set ctx.body to the token response object; Koa serialises it later.
     const body = ctx.body;

@@ -1,0 +1,359 @@
+"""Keeping grants alive: single-flight refresh, failures that never lose a grant.
+
+A refresh runs under the user's lock (owner token, compare-and-delete; invariant 4) and re-reads
+the record under it, so two workers never present one refresh token twice. Only ``invalid_grant``
+ends a grant. 5xx, 429, timeouts and other unexpected answers are retried with exponential
+backoff and jitter, honouring ``Retry-After``; the failure is recorded on the record and the user
+stays provisioned (invariant 5). ``invalid_client`` means the deployment's own credentials are
+wrong: refreshes pause for everyone, health turns red, and nobody is revoked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from ._engine import TOKEN_FIELDS, Engine
+from ._errors import (
+    ClientRejected,
+    GrantRejected,
+    ProviderError,
+    ProviderUnavailable,
+)
+from ._machine import Event, State
+from ._model import Change, ConsentRecord, clip, iso
+from ._queue import Envelope, Outcome
+from ._schedule import Scheduler
+from ._store import due_ms
+
+__all__ = ["Refresher", "RetryPolicy"]
+
+log = structlog.get_logger("consent_flow.refresh")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with equal jitter for transient refresh failures, and the pace of
+    refreshes while they are paused for everyone (invalid_client)."""
+
+    base: float = 2.0
+    cap: float = 300.0
+    halt_retry: float = 60.0  # a user whose refresh met the pause is tried again this much later
+    halt_probe: float = 30.0  # while paused, one refresh per this many seconds tries the provider
+
+    def delay(self, failures: int, retry_after: float | None = None) -> float:
+        raw = min(self.cap, self.base * 2.0 ** max(0, failures - 1))
+        delay = raw / 2 + random.random() * raw / 2
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.cap))
+        return delay
+
+
+class Refresher:
+    def __init__(
+        self, engine: Engine, scheduler: Scheduler, *, retry: RetryPolicy | None = None
+    ) -> None:
+        self.engine = engine
+        self.scheduler = scheduler
+        self.retry = retry or RetryPolicy()
+        settings = engine.settings
+        self.fingerprint = hashlib.sha256(
+            f"{settings.client_id}\x00{settings.client_secret.reveal()}".encode()
+        ).hexdigest()[:16]
+
+    @property
+    def store(self):  # type: ignore[no-untyped-def]
+        return self.engine.store
+
+    # --- the pause for everyone (invalid_client) ---------------------------------------------
+
+    async def halted(self) -> dict[str, str] | None:
+        raw = await self.store.redis.hgetall(self.store.keys.halt)
+        if not raw:
+            return None
+        halt = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()
+        }
+        if halt.get("fingerprint") != self.fingerprint:
+            # This process runs with other credentials than the ones that were refused: the
+            # operator fixed them. Lift the pause and let this refresh prove it.
+            await self.store.redis.delete(self.store.keys.halt)
+            log.warning("refresh_pause_lifted", why="client credentials changed")
+            return None
+        return halt
+
+    async def _may_probe(self) -> bool:
+        key = self.store.keys.halt + ":probe"
+        return bool(
+            await self.store.redis.set(key, "1", nx=True, px=int(self.retry.halt_probe * 1000))
+        )
+
+    async def _halt(self, exc: ClientRejected) -> None:
+        await self.store.redis.hset(
+            self.store.keys.halt,
+            mapping={
+                "reason": "the provider rejected this deployment's client credentials "
+                "(invalid_client): refreshes are paused for everyone; no consent was revoked",
+                "since": repr(time.time()),
+                "fingerprint": self.fingerprint,
+            },
+        )
+        log.error("refresh_paused", error=exc.code)
+
+    # --- one refresh --------------------------------------------------------------------------
+
+    async def refresh(
+        self,
+        user: str,
+        *,
+        due: int | None = None,
+        on_demand: bool = False,
+        min_ttl: float = 0.0,
+        envelope: Envelope | None = None,
+    ) -> Outcome:
+        envelope = envelope or Envelope(Event.TOKEN_REFRESHED, user, "worker", reply=False)
+        halt = await self.halted()
+        if halt is not None and not await self._may_probe():
+            rec = await self.store.load(user)
+            if not on_demand and rec.state is State.PROVISIONED:
+                await self._reschedule(
+                    rec, envelope, time.time() + self.retry.halt_retry, error=None
+                )
+            return self._outcome(
+                rec, envelope, "failed", error="invalid_client", reason=halt.get("reason")
+            )
+        if on_demand:
+            lock = self.engine.user_lock(user)
+            await lock.__aenter__()
+        else:
+            token = await self.store.acquire_lock(user, self.engine.lock_ttl)
+            if token is None:
+                # Another worker is refreshing (or revoking) this grant right now; it schedules
+                # the next refresh itself.
+                rec = await self.store.load(user)
+                return self._outcome(rec, envelope, "unchanged")
+            lock = self.engine.user_lock(user)
+            lock.token = token
+        try:
+            return await self._refresh_locked(
+                user,
+                due=due,
+                on_demand=on_demand,
+                min_ttl=min_ttl,
+                envelope=envelope,
+                probing=halt is not None,
+            )
+        finally:
+            await lock.__aexit__(None, None, None)
+
+    async def _refresh_locked(
+        self,
+        user: str,
+        *,
+        due: int | None,
+        on_demand: bool,
+        min_ttl: float,
+        envelope: Envelope,
+        probing: bool,
+    ) -> Outcome:
+        rec = await self.store.load(user)  # re-read under the lock
+        now = self.engine.clock()
+        if rec.state is not State.PROVISIONED or rec.tokens is None:
+            await self.store.redis.zrem(self.store.keys.sched, user)
+            return self._outcome(rec, envelope, "unchanged")
+        if on_demand:
+            if rec.expires_at is None or rec.expires_at - now >= min_ttl:
+                return self._outcome(rec, envelope, "unchanged")
+        elif due is not None and (
+            rec.next_refresh_at is None or due_ms(rec.next_refresh_at) != due
+        ):
+            # A job for a schedule that a later refresh already replaced.
+            return self._outcome(rec, envelope, "unchanged")
+        tokens = self.engine.open_tokens(user, rec.tokens)
+        # Marked before the call: if this process dies with the request in flight, the next
+        # attempt knows an invalid_grant may be the provider punishing a rotated token's reuse.
+        await self.store.redis.hset(self.store.keys.rec(user), "inflight", repr(now))
+        try:
+            fresh = await self.engine.oauth.refresh(tokens["refresh_token"], scopes=rec.scopes)
+        except GrantRejected:
+            # An earlier attempt's mark still there: it sent a refresh and never heard back. With
+            # rotating refresh tokens the provider took that as the last use of this token.
+            return await self._reject(rec, envelope, lost_response=rec.inflight is not None)
+        except ClientRejected as exc:
+            await self._halt(exc)
+            await self._reschedule(
+                rec,
+                envelope,
+                now + self.retry.halt_retry,
+                error="client credentials rejected (invalid_client)",
+            )
+            return self._outcome(rec, envelope, "failed", error=exc.code)
+        except ProviderError as exc:
+            # Down, slow, rate limited, or an answer we do not understand: never a reason to end
+            # a grant. Back off and try again.
+            retry_after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
+            failures = rec.refresh_failures + 1
+            delay = self.retry.delay(failures, retry_after)
+            answered = isinstance(exc, ProviderUnavailable) and exc.status is not None
+            reason = f"{_brief(exc)} (attempt {failures}; next try in {delay:.0f} s)"
+            if not answered and isinstance(exc, ProviderUnavailable):
+                reason = f"no answer from the provider, response may be lost: {reason}"
+            await self._reschedule(
+                rec, envelope, now + delay, error=reason, keep_inflight=not answered
+            )
+            log.warning(
+                "refresh_failed", error=exc.code, failures=failures, retry_in=round(delay, 1)
+            )
+            rec = await self.store.load(user)
+            return self._outcome(rec, envelope, "failed", error=exc.code)
+        if probing:
+            await self.store.redis.delete(self.store.keys.halt)
+            log.warning("refresh_pause_lifted", why="a refresh succeeded")
+        refresh_token = fresh.refresh_token or tokens["refresh_token"]  # kept when not rotated
+        due_at = self.engine.refresh_due(fresh.expires_at, now)
+        lead = None if rec.expires_at is None else rec.expires_at - now
+        change = Change(
+            user=user,
+            event=Event.TOKEN_REFRESHED,
+            event_id=envelope.event_id,
+            expect_state=rec.state,
+            expect_version=rec.version,
+            to_state=State.PROVISIONED,
+            actor=envelope.actor,
+            at=now,
+            reason=None,
+            correlation_id=envelope.correlation_id,
+            set_fields={
+                "tok": self.engine.seal_tokens(
+                    user,
+                    {
+                        "access_token": fresh.access_token,
+                        "refresh_token": refresh_token,
+                    },
+                ),
+                "exp": repr(fresh.expires_at) if fresh.expires_at is not None else "",
+                "scopes": " ".join(fresh.scopes or rec.scopes),
+                "next": repr(due_at),
+                "lastref": repr(now),
+                "fails": "0",
+            },
+            delete_fields=("referr", "inflight"),
+            schedule_at=due_at,
+        )
+        result = await self.store.commit(change)
+        if not result.ok:
+            # Cannot happen while we hold the lock, unless the lock expired under a very slow
+            # provider: the new tokens must not live on (invariant 3).
+            await self.engine._revoke_obtained(user, fresh, why="refresh lost the race")
+            return await self.engine._reread_after(envelope, result.status)
+        await self.scheduler.schedule(user, due_at)
+        log.info(
+            "token_refreshed",
+            user=user,
+            lead_s=None if lead is None else round(lead, 1),
+            next_in_s=round(due_at - now, 1),
+        )
+        rec = await self.store.load(user)
+        return self._outcome(rec, envelope, "applied", detail={"lead": lead})
+
+    async def _reschedule(
+        self,
+        rec: ConsentRecord,
+        envelope: Envelope,
+        at: float,
+        *,
+        error: str | None,
+        keep_inflight: bool = False,
+    ) -> None:
+        fields = {"next": repr(at)}
+        if error is not None:
+            fields.update(referr=clip(error) or "", fails=str(rec.refresh_failures + 1))
+        change = Change(
+            user=rec.user,
+            event=Event.TOKEN_REFRESHED,
+            event_id=envelope.event_id,
+            expect_state=rec.state,
+            expect_version=rec.version,
+            to_state=rec.state,
+            actor=envelope.actor,
+            at=self.engine.clock(),
+            set_fields=fields,
+            delete_fields=() if keep_inflight else ("inflight",),
+            schedule_at=at,
+            record_history=False,
+        )
+        if (await self.store.commit(change)).ok:
+            await self.scheduler.schedule(rec.user, at)
+
+    async def _reject(
+        self, rec: ConsentRecord, envelope: Envelope, *, lost_response: bool
+    ) -> Outcome:
+        reason = "refresh token rejected by provider: invalid_grant"
+        if lost_response:
+            reason += (
+                " (an earlier refresh's response was lost after the provider rotated the "
+                "token, so the retry counted as reuse)"
+            )
+        rejected = Envelope(
+            Event.REFRESH_REJECTED,
+            rec.user,
+            envelope.actor,
+            event_id=envelope.event_id,
+            correlation_id=envelope.correlation_id,
+        )
+        row = self.engine.machine.decide(rec.state, Event.REFRESH_REJECTED, user=rec.user)
+        change = Change(
+            user=rec.user,
+            event=Event.REFRESH_REJECTED,
+            event_id=envelope.event_id,
+            expect_state=rec.state,
+            expect_version=rec.version,
+            to_state=row.dest or rec.state,
+            actor=envelope.actor,
+            at=self.engine.clock(),
+            reason=reason,
+            correlation_id=envelope.correlation_id,
+            delete_fields=TOKEN_FIELDS,
+            unschedule=True,
+        )
+        result = await self.store.commit(change)
+        if not result.ok:
+            return await self.engine._reread_after(rejected, result.status)
+        log.warning(
+            "grant_ended", user=rec.user, error="invalid_grant", lost_response=lost_response
+        )
+        rec = await self.store.load(rec.user)
+        return self._outcome(rec, rejected, "applied", error="invalid_grant")
+
+    def _outcome(
+        self,
+        rec: ConsentRecord,
+        envelope: Envelope,
+        result: str,
+        *,
+        error: str | None = None,
+        reason: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> Outcome:
+        return Outcome(
+            user=rec.user,
+            state=rec.state.value,
+            since=iso(rec.since),
+            reason=reason or rec.reason,
+            event=envelope.event.value,
+            result=result,
+            error=error,
+            detail=detail or {},
+        )
+
+
+def _brief(exc: ProviderError) -> str:
+    if isinstance(exc, ProviderUnavailable):
+        return f"provider unavailable ({exc.status})" if exc.status else "provider unreachable"
+    return f"provider error ({exc.code})"

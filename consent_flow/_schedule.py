@@ -1,0 +1,110 @@
+"""Refresh scheduling: a deferred arq job per grant, backed by a sorted set that a sweep reads.
+
+Each provisioned user has one entry in ``cf:sched`` scored by the next refresh's due time (ms),
+written in the same commit as the tokens. After the commit a deferred arq job with the
+deterministic id ``refresh:<user>:<due ms>`` is queued. A cron sweep reads the due part of the
+set (O(log n + due)) and queues again, in one round trip, whatever job is missing (lost between
+commit and enqueue, or by a Redis failover); a job that is still queued is recognised by its id.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from arq.connections import ArqRedis
+from arq.constants import job_key_prefix
+from arq.jobs import serialize_job
+
+from ._store import Keys, due_ms
+
+__all__ = ["REFRESH_JOB", "Scheduler", "refresh_job_id"]
+
+REFRESH_JOB = "refresh_tokens"
+SWEEP_LIMIT = 1000  # due entries one sweep tick looks at
+JOB_EXPIRY_MS = 24 * 3600 * 1000  # how long a queued job waits for a worker before arq drops it
+
+
+def refresh_job_id(user: str, due: int) -> str:
+    return f"refresh:{user}:{due}"
+
+
+# Read the due part of the schedule and queue, NX, the jobs that are missing. ARGV: now (ms),
+# limit, the arq job key prefix, the queue, then per missing job a serialised payload is not
+# known in advance, so the script only reports which entries lack their job.
+_DUE_WITHOUT_JOB = """
+local sched = KEYS[1]
+local entries = redis.call('ZRANGEBYSCORE', sched, '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0,
+  tonumber(ARGV[2]))
+local missing = {}
+for i = 1, #entries, 2 do
+  local user, score = entries[i], entries[i + 1]
+  local id = 'refresh:' .. user .. ':' .. score
+  if redis.call('EXISTS', ARGV[3] .. id) == 0 then
+    missing[#missing + 1] = user
+    missing[#missing + 1] = score
+  end
+end
+return {#entries / 2, missing}
+"""
+
+# Queue jobs whose key is not there yet: SET NX then ZADD, per job, in one script.
+_ENQUEUE_MISSING = """
+local queue = KEYS[1]
+local queued = 0
+for i = 1, #ARGV, 4 do
+  local key, payload, score, id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  if redis.call('SET', key, payload, 'PX', 86400000, 'NX') then
+    redis.call('ZADD', queue, score, id)
+    queued = queued + 1
+  end
+end
+return queued
+"""
+
+
+class Scheduler:
+    def __init__(self, pool: ArqRedis, *, keys: Keys, queue_name: str) -> None:
+        self.pool = pool
+        self.keys = keys
+        self.queue_name = queue_name
+        self._due = pool.register_script(_DUE_WITHOUT_JOB)
+        self._enqueue = pool.register_script(_ENQUEUE_MISSING)
+
+    async def schedule(self, user: str, due: float) -> None:
+        """Queue the deferred refresh job for a due time the store already holds."""
+        ms = due_ms(due)
+        await self.pool.enqueue_job(
+            REFRESH_JOB,
+            {"user": user, "due_ms": ms},
+            _job_id=refresh_job_id(user, ms),
+            _queue_name=self.queue_name,
+            _defer_until=datetime.fromtimestamp(ms / 1000, UTC),
+        )
+
+    async def sweep(self, *, now: float | None = None, limit: int = SWEEP_LIMIT) -> dict[str, int]:
+        """Queue every due refresh whose job is missing. Returns counts: due, requeued."""
+        now_ms = due_ms(time.time() if now is None else now)
+        found, missing = await self._due(
+            keys=[self.keys.sched], args=[now_ms, limit, job_key_prefix]
+        )
+        if not missing:
+            return {"due": int(found), "requeued": 0}
+        args: list[Any] = []
+        for i in range(0, len(missing), 2):
+            user = missing[i].decode() if isinstance(missing[i], bytes) else str(missing[i])
+            score = int(missing[i + 1])
+            job_id = refresh_job_id(user, score)
+            payload = serialize_job(
+                REFRESH_JOB, ({"user": user, "due_ms": score},), {}, None, now_ms
+            )
+            # Due now: the job's queue score is the present, whatever the schedule said.
+            args += [job_key_prefix + job_id, payload, now_ms, job_id]
+        queued = await self._enqueue(keys=[self.queue_name], args=args)
+        return {"due": int(found), "requeued": int(queued)}
+
+    async def due_count(self, within: float) -> int:
+        """Refreshes due between now and ``within`` seconds from now (for stats)."""
+        now = time.time()
+        return int(await self.pool.zcount(self.keys.sched, due_ms(now), due_ms(now + within)))

@@ -170,7 +170,7 @@ class TokenBroker:
                         self.forget(data.decode() if isinstance(data, bytes) else str(data))
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure: stop serving from memory
                 log.warning("invalidation_lost", error=type(exc).__name__)
             finally:
                 self._listening = False

@@ -22,6 +22,7 @@ from ._client import ConsentClient, ConsentStatus
 from ._errors import ConsentError, SettingsError
 from ._logging import configure_logging
 from ._machine import State, mermaid
+from ._metrics import read_snapshot
 from ._model import check_user, iso
 from ._redis import embedded_redis
 from ._settings import Settings
@@ -122,6 +123,21 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return "\n".join(
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in cells
     )
+
+
+def _stats_text(data: dict[str, Any]) -> str:
+    lines = [_table(list(data["states"].items()), ("STATE", "COUNT")), ""]
+    for name in (
+        "refreshes_due_next_hour",
+        "refresh_failures_24h",
+        "refresh_rejections_24h",
+        "queue_depth",
+        "deferred_jobs",
+        "workers_alive",
+        "refreshes_paused",
+    ):
+        lines.append(f"{name.replace('_', ' ')}: {data[name] if data[name] is not None else '-'}")
+    return "\n".join(lines)
 
 
 def _status_dict(status: ConsentStatus) -> dict[str, Any]:
@@ -259,9 +275,10 @@ async def _client_command(args: argparse.Namespace, client: ConsentClient) -> in
             ),
         )
     elif args.command == "stats":
-        counts = await client.store.counts()
-        data = {"states": {state.value: n for state, n in counts.items()}}
-        _print(args, data, lambda d: _table(list(d["states"].items()), ("STATE", "COUNT")))
+        snapshot = await read_snapshot(
+            client.store.redis, client.store.keys, client.settings.queue_name
+        )
+        _print(args, snapshot.public(), _stats_text)
     elif args.command == "tail":
         await _tail(args, client)
     elif args.command == "token":

@@ -26,6 +26,7 @@ from ._errors import (
     ProviderUnavailable,
 )
 from ._machine import Event, State
+from ._metrics import MetricsRecorder
 from ._model import Change, ConsentRecord, clip, iso
 from ._queue import Envelope, Outcome
 from ._schedule import Scheduler
@@ -61,6 +62,7 @@ class Refresher:
         self.engine = engine
         self.scheduler = scheduler
         self.retry = retry or RetryPolicy()
+        self.metrics = MetricsRecorder(engine.store.redis, engine.store.keys)
         settings = engine.settings
         self.fingerprint = hashlib.sha256(
             f"{settings.client_id}\x00{settings.client_secret.reveal()}".encode()
@@ -184,8 +186,10 @@ class Refresher:
         except GrantRejected:
             # An earlier attempt's mark still there: it sent a refresh and never heard back. With
             # rotating refresh tokens the provider took that as the last use of this token.
+            await self.metrics.refresh("rejected")
             return await self._reject(rec, envelope, lost_response=rec.inflight is not None)
         except ClientRejected as exc:
+            await self.metrics.refresh("client_rejected")
             await self._halt(exc)
             await self._reschedule(
                 rec,
@@ -197,6 +201,7 @@ class Refresher:
         except ProviderError as exc:
             # Down, slow, rate limited, or an answer we do not understand: never a reason to end
             # a grant. Back off and try again.
+            await self.metrics.refresh("transient_failure")
             retry_after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
             failures = rec.refresh_failures + 1
             delay = self.retry.delay(failures, retry_after)
@@ -253,6 +258,7 @@ class Refresher:
             await self.engine._revoke_obtained(user, fresh, why="refresh lost the race")
             return await self.engine._reread_after(envelope, result.status)
         await self.scheduler.schedule(user, due_at)
+        await self.metrics.refresh("success", lead=lead)
         log.info(
             "token_refreshed",
             user=user,

@@ -86,6 +86,7 @@ class Settings:
     token_auth_method: AuthMethod = "client_secret_basic"
     event_timeout: float = DEFAULT_EVENT_TIMEOUT
     http_timeout: float = DEFAULT_HTTP_TIMEOUT
+    ops_token: Secret = field(default_factory=lambda: Secret(""))
     data_dir: Path = field(default_factory=lambda: _default_data_dir(os.environ))
     redis_prefix: str = "cf"
     queue_name: str = "consent-flow:queue"
@@ -252,6 +253,7 @@ class Settings:
             token_auth_method=auth_method,  # type: ignore[arg-type]
             event_timeout=event_timeout,
             http_timeout=http_timeout,
+            ops_token=Secret(get("CONSENT_OPS_TOKEN") or ""),
             data_dir=Path(get("CONSENT_DATA_DIR") or _default_data_dir(env)),
             redis_prefix=get("CONSENT_REDIS_PREFIX") or "cf",
         )

@@ -12,6 +12,9 @@ Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``; every key of one user shares t
     cf:sched            zset   users by next refresh due time, in epoch milliseconds
     cf:histidx          zset   users by the time of their oldest history entry (retention)
     cf:outbox           zset   users with tokens still to revoke at the provider, by next try
+    cf:metrics:*        hash   counters for /metrics and stats (transitions, refresh outcomes,
+                               refresh lead time buckets, per-hour failures and rejections)
+    cf:workers          zset   worker ids by last heartbeat
     cf:invalidate       pubsub user ids whose cached tokens must be dropped (published by commits)
     cf:halt             hash   refreshes paused for everyone: invalid_client (reason, since)
     cf:sess:<sha256>    string "user\\nsession id" for a live authorization session's state
@@ -31,12 +34,15 @@ import secrets
 import time
 from typing import Any, Protocol
 
+import structlog
 from redis.asyncio import Redis
 
 from ._machine import State
 from ._model import CIPHER_FIELDS, Change, CommitResult, ConsentRecord, HistoryEntry
 
 __all__ = ["Keys", "MemoryStore", "RedisStore", "Store", "due_ms", "state_hash"]
+
+log = structlog.get_logger("consent_flow.transitions")
 
 HISTORY_MAX_ENTRIES = 1000  # a hard cap on top of the time-based retention
 SEEN_MAX_EVENTS = 200  # event ids remembered per user for de-duplication
@@ -85,6 +91,25 @@ class Keys:
     @property
     def histidx(self) -> str:
         return f"{self.prefix}:histidx"
+
+    @property
+    def transition_counts(self) -> str:
+        return f"{self.prefix}:metrics:transitions"
+
+    @property
+    def refresh_counts(self) -> str:
+        return f"{self.prefix}:metrics:refresh"
+
+    @property
+    def refresh_lead(self) -> str:
+        return f"{self.prefix}:metrics:lead"
+
+    def hourly(self, hour: int) -> str:
+        return f"{self.prefix}:metrics:hour:{hour}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
 
     @property
     def outbox(self) -> str:
@@ -147,8 +172,8 @@ class Store(Protocol):
 
 _COMMIT = """
 local rec, hist, seen, idx_from, idx_to, sched, kids, stream, sess_set, sess_del, histidx,
-  outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9],
-  KEYS[10], KEYS[11], KEYS[12]
+  outbox, counters = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8],
+  KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13]
 local op = cjson.decode(ARGV[1])
 if redis.call('ZSCORE', seen, op.event_id) then
   return {'duplicate', tonumber(redis.call('HGET', rec, 'v') or '0')}
@@ -202,6 +227,7 @@ if op.hist then
   redis.call('LTRIM', hist, -tonumber(op.hist_max), -1)
   redis.call('ZADD', histidx, 'NX', op.at, op.user)
   redis.call('XADD', stream, 'MAXLEN', '~', op.stream_max, '*', 'entry', op.hist, 'user', op.user)
+  redis.call('HINCRBY', counters, op.metric, 1)
 end
 redis.call('ZADD', seen, op.at, op.event_id)
 redis.call('ZREMRANGEBYRANK', seen, 0, -tonumber(op.seen_max) - 1)
@@ -301,6 +327,7 @@ class RedisStore:
             "schedule": str(due_ms(change.schedule_at)) if change.schedule_at is not None else None,
             "unschedule": change.unschedule,
             "hist": change.history_entry().to_json() if change.record_history else None,
+            "metric": f"{change.event.value}|{change.expect_state.value}|{change.to_state.value}",
             "hist_max": str(HISTORY_MAX_ENTRIES),
             "stream_max": str(STREAM_MAX_ENTRIES),
             "seen_max": str(SEEN_MAX_EVENTS),
@@ -328,6 +355,7 @@ class RedisStore:
                 sess_drop,
                 k.histidx,
                 k.outbox,
+                k.transition_counts,
             ],
             # cjson turns null into a truthy userdata: absent keys are the only safe "no".
             args=[
@@ -339,6 +367,17 @@ class RedisStore:
         )
         status = _decode(result[0])
         version = int(result[1])
+        if status == "ok" and change.record_history:
+            # One line per transition, for log pipelines; the history holds the same entry.
+            log.info(
+                "transition",
+                user=change.user,
+                event_name=change.event.value,
+                **{"from": change.expect_state.value, "to": change.to_state.value},
+                actor=change.actor,
+                reason=change.reason,
+                correlation_id=change.correlation_id,
+            )
         state = State(_decode(result[2])) if len(result) > 2 else None
         return CommitResult(status=status, version=version, state=state)
 

@@ -6,6 +6,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +20,7 @@ from arq import cron, func
 
 from consent_flow._engine import Engine
 from consent_flow._errors import UnknownKeyError
+from consent_flow._metrics import HEARTBEAT_INTERVAL, MetricsRecorder
 from consent_flow._oauth import OAuthClient
 from consent_flow._queue import HANDLE_EVENT, EventBus
 from consent_flow._redis import arq_redis_settings
@@ -51,6 +57,18 @@ async def check_key_ring(store: RedisStore, ring: KeyRing) -> None:
             "CONSENT_ENCRYPTION_KEYS does not hold; add the old key back (after the new first key)",
             key_id=missing[0],
         )
+
+
+async def _heartbeat(store: RedisStore) -> None:
+    """Tell operators this worker is alive (stats: live workers)."""
+    worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    metrics = MetricsRecorder(store.redis, store.keys)
+    while True:
+        try:
+            await metrics.heartbeat(worker_id)
+        except Exception as exc:  # noqa: BLE001 - a missed beat is not worth a crash
+            log.warning("heartbeat_failed", error=type(exc).__name__)
+        await asyncio.sleep(HEARTBEAT_INTERVAL)
 
 
 def worker_settings(
@@ -101,9 +119,15 @@ def worker_settings(
             scheduler=scheduler,
             refresher=Refresher(engine, scheduler, retry=retry or RetryPolicy()),
         )
+        ctx["heartbeat"] = asyncio.create_task(_heartbeat(store), name="consent-flow-heartbeat")
         log.info("worker_started", queue=settings.queue_name, key_ids=list(ring.key_ids))
 
     async def shutdown(ctx: dict[str, Any]) -> None:
+        heartbeat: asyncio.Task[None] | None = ctx.get("heartbeat")
+        if heartbeat is not None:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
         services: Services | None = ctx.get("services")
         if services is not None:
             await services.http.aclose()

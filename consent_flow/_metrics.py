@@ -1,0 +1,142 @@
+"""Operational figures, kept in Redis so that every worker process adds to the same numbers.
+
+Workers record; ``stats`` and ``/metrics`` read. Transition counts are incremented by the commit
+script itself, in the same step as the transition. Refresh outcomes, the refresh lead time (how
+long before expiry a refresh happened) and per-hour failure counts are recorded by the refresher.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ._machine import State
+from ._store import Keys, due_ms
+
+__all__ = [
+    "HEARTBEAT_INTERVAL",
+    "LEAD_BUCKETS",
+    "REFRESH_OUTCOMES",
+    "MetricsRecorder",
+    "Snapshot",
+    "read_snapshot",
+]
+
+# Upper bounds, in seconds, of the refresh lead-time histogram's buckets.
+LEAD_BUCKETS = (0.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, 86400.0, math.inf)
+REFRESH_OUTCOMES = ("success", "transient_failure", "rejected", "client_rejected")
+HOURLY_TTL = 26 * 3600  # per-hour buckets outlive the 24-hour window they serve
+HEARTBEAT_INTERVAL = 5.0  # seconds between a worker's heartbeats
+HEARTBEAT_STALE = 3 * HEARTBEAT_INTERVAL  # a worker silent this long is not counted as live
+
+
+def _bucket(lead: float) -> str:
+    for bound in LEAD_BUCKETS:
+        if lead <= bound:
+            return "+Inf" if math.isinf(bound) else repr(bound)
+    return "+Inf"
+
+
+class MetricsRecorder:
+    def __init__(self, redis: Any, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    async def refresh(self, outcome: str, *, lead: float | None = None) -> None:
+        hour = int(time.time() // 3600)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(self.keys.refresh_counts, outcome, 1)
+            if lead is not None:
+                pipe.hincrby(self.keys.refresh_lead, _bucket(max(0.0, lead)), 1)
+                pipe.hincrbyfloat(self.keys.refresh_lead, "sum", max(0.0, lead))
+            if outcome != "success":
+                pipe.hincrby(self.keys.hourly(hour), outcome, 1)
+                pipe.expire(self.keys.hourly(hour), HOURLY_TTL)
+            await pipe.execute()
+
+    async def heartbeat(self, worker_id: str) -> None:
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.keys.workers, {worker_id: now})
+            pipe.zremrangebyscore(self.keys.workers, "-inf", now - 3600)
+            await pipe.execute()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything ``stats`` and ``/metrics`` show, read in one pipeline."""
+
+    states: dict[str, int]
+    refreshes_due_next_hour: int
+    refresh_failures_24h: int
+    refresh_rejections_24h: int
+    queue_depth: int
+    deferred_jobs: int
+    workers_alive: int
+    refreshes_paused: str | None
+    transitions: dict[tuple[str, str, str], int]
+    refresh_outcomes: dict[str, int]
+    lead_buckets: dict[str, int]
+    lead_sum: float
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "states": self.states,
+            "refreshes_due_next_hour": self.refreshes_due_next_hour,
+            "refresh_failures_24h": self.refresh_failures_24h,
+            "refresh_rejections_24h": self.refresh_rejections_24h,
+            "queue_depth": self.queue_depth,
+            "deferred_jobs": self.deferred_jobs,
+            "workers_alive": self.workers_alive,
+            "refreshes_paused": self.refreshes_paused,
+        }
+
+
+async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
+    now = time.time()
+    hour = int(now // 3600)
+    async with redis.pipeline(transaction=False) as pipe:
+        for state in State:
+            pipe.zcard(keys.idx(state))
+        pipe.zcount(keys.sched, due_ms(now), due_ms(now + 3600))
+        for h in range(hour - 23, hour + 1):
+            pipe.hgetall(keys.hourly(h))
+        pipe.zcount(queue_name, "-inf", due_ms(now))
+        pipe.zcount(queue_name, f"({due_ms(now)}", "+inf")
+        pipe.zcount(keys.workers, now - HEARTBEAT_STALE, "+inf")
+        pipe.hget(keys.halt, "reason")
+        pipe.hgetall(keys.transition_counts)
+        pipe.hgetall(keys.refresh_counts)
+        pipe.hgetall(keys.refresh_lead)
+        values = await pipe.execute()
+    states = {state.value: int(values[i]) for i, state in enumerate(State)}
+    rest = values[len(State) :]
+    due_next_hour = int(rest[0])
+    hourly = rest[1:25]
+    failures = sum(int(h.get(b"transient_failure", h.get("transient_failure", 0))) for h in hourly)
+    rejections = sum(int(h.get(b"rejected", h.get("rejected", 0))) for h in hourly)
+    queue_depth, deferred, alive, halt, transitions, outcomes, lead = rest[25:]
+    lead_text = {_text(k): _text(v) for k, v in lead.items()}
+    return Snapshot(
+        states=states,
+        refreshes_due_next_hour=due_next_hour,
+        refresh_failures_24h=failures,
+        refresh_rejections_24h=rejections,
+        queue_depth=int(queue_depth),
+        deferred_jobs=int(deferred),
+        workers_alive=int(alive),
+        refreshes_paused=None if halt is None else _text(halt),
+        transitions={
+            tuple(_text(k).split("|", 2)): int(v)  # type: ignore[misc]
+            for k, v in transitions.items()
+        },
+        refresh_outcomes={_text(k): int(v) for k, v in outcomes.items()},
+        lead_buckets={k: int(v) for k, v in lead_text.items() if k != "sum"},
+        lead_sum=float(lead_text.get("sum", 0.0)),
+    )

@@ -1,4 +1,4 @@
-"""``consent-flow``: run the worker and the callback server, and drive and inspect consent.
+"""consent-flow: run the worker and the callback server, and drive and inspect consent.
 
 Exit codes: 0 done, 1 the command failed (message on stderr), 2 bad settings or usage.
 Results go to stdout (``--json`` for scripts); errors go to stderr, never as a traceback.
@@ -12,6 +12,7 @@ import contextlib
 import getpass
 import json
 import logging
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -197,6 +198,15 @@ async def _up(settings: Settings, redis_url: str) -> None:
         await worker.close()
 
 
+def _terminate_like_interrupt() -> None:
+    """SIGTERM (docker stop, systemd) shuts down as cleanly as Ctrl-C.
+
+    uvicorn stops on SIGTERM and then raises the signal again under the handler it found; with
+    Python's default that kills the process before our clean-up (the embedded Redis) runs.
+    """
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "keys" and args.keys_command == "generate":
         print(generate_key())
@@ -219,10 +229,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             _run_worker(settings, redis_url=url)
         return 0
     if args.command == "serve":
-        with embedded_redis(settings) as url:
+        _terminate_like_interrupt()
+        with embedded_redis(settings) as url, contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_uvicorn_server(settings, url).serve())
         return 0
     if args.command == "up":
+        _terminate_like_interrupt()
         with embedded_redis(settings) as url:
             print(
                 f"consent-flow up: callback on http://{settings.http_host}:{settings.http_port}"

@@ -15,7 +15,7 @@ from arq.connections import ArqRedis, create_pool
 from ._broker import TokenBroker
 from ._errors import ConsentError, WorkerUnavailable
 from ._machine import Event, State
-from ._model import ConsentRecord, HistoryEntry, check_user, clip
+from ._model import ConsentRecord, HistoryEntry, check_user, clip, iso
 from ._oauth import OAuthClient
 from ._queue import Envelope, EventBus, Outcome
 from ._redis import arq_redis_settings, embedded_redis
@@ -24,6 +24,8 @@ from ._store import RedisStore
 from ._vault import KeyRing
 
 __all__ = ["ConsentClient", "ConsentStatus"]
+
+STARTUP_RETRIES = 2  # a caller is told quickly that Redis is not there
 
 
 def _dt(value: str | None) -> datetime | None:
@@ -53,7 +55,7 @@ class ConsentStatus:
         out.update(
             user=self.user,
             state=self.state.value,
-            since=self.since.isoformat().replace("+00:00", "Z") if self.since else None,
+            since=iso(self.since.timestamp()) if self.since else None,
             reason=self.reason,
         )
         if self.authorization_url:
@@ -126,7 +128,8 @@ class ConsentClient:
         try:
             url = self._redis_url or stack.enter_context(embedded_redis(self.settings))
             self._pool = await create_pool(
-                arq_redis_settings(url), default_queue_name=self.settings.queue_name
+                arq_redis_settings(url, startup_retries=STARTUP_RETRIES),
+                default_queue_name=self.settings.queue_name,
             )
             stack.push_async_callback(self._pool.aclose)
             if self.settings.encryption_keys:

@@ -144,6 +144,8 @@ def configure_logging(fmt: str = "console", level: int = logging.INFO) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").disabled = True
+    # transitions logs every callback it runs at INFO: our own transition line says it better.
+    logging.getLogger("transitions").setLevel(logging.WARNING)
 
 
 def _final_scrub(

@@ -31,8 +31,12 @@ __all__ = ["EmbeddedRedis", "arq_redis_settings", "embedded_redis"]
 START_TIMEOUT = 10.0
 
 
-def arq_redis_settings(url: str) -> RedisSettings:
-    """arq's settings for a URL, with reconnects that ride out a Redis restart."""
+def arq_redis_settings(url: str, *, startup_retries: int = 20) -> RedisSettings:
+    """arq's settings for a URL, with reconnects that ride out a Redis restart.
+
+    ``startup_retries`` (one a second) is how long the first connection may wait for Redis:
+    long for workers started beside it, short for a command line that should answer.
+    """
     parts = urlsplit(url)
     if parts.scheme == "redis+sentinel":
         # redis+sentinel://host:26379,host2:26379/mymaster
@@ -50,7 +54,7 @@ def arq_redis_settings(url: str) -> RedisSettings:
         )
     else:
         rs = RedisSettings.from_dsn(url)
-    rs.conn_retries = 20
+    rs.conn_retries = startup_retries
     rs.conn_retry_delay = 1
     rs.retry_on_error = [RedisConnectionError, RedisTimeoutError, ConnectionError]
     rs.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8)
@@ -121,13 +125,21 @@ class EmbeddedRedis:
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,  # a Ctrl-C in the terminal is ours to handle, not its
             )
-            deadline = time.monotonic() + START_TIMEOUT
-            while not self.ping():
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise ConsentError(
-                        f"the embedded redis-server did not start (see {self.data_dir}/redis.log)"
-                    )
-                time.sleep(0.02)
+            try:
+                deadline = time.monotonic() + START_TIMEOUT
+                while not self.ping():
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        raise ConsentError(
+                            "the embedded redis-server did not start "
+                            f"(see {self.data_dir}/redis.log)"
+                        )
+                    time.sleep(0.02)
+            except BaseException:
+                # Interrupted or failed while starting: never leave a server behind.
+                self.process.kill()
+                self.process.wait()
+                self.process = None
+                raise
             return True
 
     def stop(self) -> None:
@@ -151,9 +163,8 @@ def embedded_redis(settings: Settings) -> Iterator[str]:
         yield settings.redis_url
         return
     server = EmbeddedRedis(settings.data_dir)
-    started = server.start()
     try:
+        server.start()
         yield server.url
     finally:
-        if started:
-            server.stop()
+        server.stop()  # only stops a server this command started

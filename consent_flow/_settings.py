@@ -256,6 +256,7 @@ class Settings:
             ops_token=Secret(get("CONSENT_OPS_TOKEN") or ""),
             data_dir=Path(get("CONSENT_DATA_DIR") or _default_data_dir(env)),
             redis_prefix=get("CONSENT_REDIS_PREFIX") or "cf",
+            queue_name=get("CONSENT_QUEUE_NAME") or "consent-flow:queue",
         )
         if require_provider:
             settings.check_provider()

@@ -1,0 +1,198 @@
+"""The command line as scripts and operators use it: shapes of --json, exit codes, messages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port, provision
+
+from consent_flow import KeyRing, mermaid
+
+pytestmark = pytest.mark.integration
+
+CLI = [sys.executable, "-m", "consent_flow"]
+
+
+def run(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+async def arun(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``run`` off the event loop: the in-process worker must keep working meanwhile."""
+    return await asyncio.to_thread(run, env, *args)
+
+
+@pytest.fixture
+def cli_env(env, settings):
+    """The stack's environment, pointed at the same queue as the in-process worker."""
+    return {**os.environ, **env, "CONSENT_QUEUE_NAME": settings.queue_name}
+
+
+def test_keys_generate_prints_a_usable_key():
+    out = run(dict(os.environ), "keys", "generate")
+    assert out.returncode == 0
+    key = out.stdout.strip()
+    assert KeyRing.from_strings([key]).primary_id
+
+
+def test_diagram_is_the_engines_table():
+    out = run(dict(os.environ), "diagram")
+    assert out.returncode == 0
+    assert out.stdout == mermaid()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("CONSENT_ISSUER", ""), ("CONSENT_ENCRYPTION_KEYS", "nope"), ("CONSENT_HTTP_PORT", "x")],
+)
+def test_bad_settings_exit_2_naming_the_variable(env, variable, value):
+    broken = {**os.environ, **env, variable: value}
+    out = run(broken, "worker", timeout=20)
+    assert out.returncode == 2
+    assert variable in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_redis_is_a_clear_error(env):
+    broken = {**os.environ, **env, "CONSENT_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    out = run(broken, "status", "alice", timeout=60)
+    assert out.returncode == 1
+    assert "Redis" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_usage_errors_exit_2():
+    out = run(dict(os.environ), "list", "--state", "sideways")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+
+
+async def test_json_shapes_of_every_reading_and_driving_command(stack, cli_env):
+    out = await arun(cli_env, "provision", "alice", "--json")
+    assert out.returncode == 0, out.stderr
+    provisioned = json.loads(out.stdout)
+    assert {"user", "state", "since", "reason", "authorization_url"} <= provisioned.keys()
+    assert provisioned["state"] == "pending"
+
+    from local_provider import approve
+
+    await stack.callback(await approve(provisioned["authorization_url"], "alice"))
+    status = json.loads((await arun(cli_env, "status", "alice", "--json")).stdout)
+    assert status["state"] == "provisioned"
+    assert {"user", "state", "since", "reason"} <= status.keys()
+    assert status["since"].endswith("Z")
+
+    listed = json.loads((await arun(cli_env, "list", "--state", "provisioned", "--json")).stdout)
+    assert listed == [{"user": "alice", "state": "provisioned", "since": status["since"]}]
+
+    stats = json.loads((await arun(cli_env, "stats", "--json")).stdout)
+    assert stats["states"] == {"unprovisioned": 0, "pending": 0, "provisioned": 1, "revoked": 0}
+
+    token = await arun(cli_env, "token", "alice")
+    assert token.returncode == 0
+    assert token.stdout.strip() == await stack.client.access_token("alice", min_ttl=0)
+
+    revoked = json.loads(
+        (await arun(cli_env, "revoke", "alice", "--reason", "offboarding", "--json")).stdout
+    )
+    assert (revoked["state"], revoked["reason"]) == ("revoked", "offboarding")
+
+    history = json.loads((await arun(cli_env, "history", "alice", "--json")).stdout)
+    assert [list(h) for h in history] == [["event", "from", "to", "at", "actor", "reason"]] * 3
+    assert [h["event"] for h in history] == [
+        "provision_requested",
+        "authorization_completed",
+        "revoke_requested",
+    ]
+    assert history[0]["actor"].startswith("operator")
+    assert history[1]["actor"] == "browser"
+    assert history[2]["reason"] == "offboarding"
+
+
+async def test_human_output_is_a_readable_table(stack, cli_env):
+    await provision(stack, "alice")
+    out = await arun(cli_env, "history", "alice")
+    assert out.returncode == 0
+    header, *rows = out.stdout.splitlines()
+    assert header.split() == ["AT", "EVENT", "FROM", "TO", "ACTOR", "REASON"]
+    assert len(rows) == 2
+    assert "provisioned" in (await arun(cli_env, "status", "alice")).stdout
+
+
+async def test_token_for_a_user_without_consent_exits_1(stack, cli_env):
+    out = await arun(cli_env, "token", "nobody")
+    assert out.returncode == 1
+    assert out.stdout == ""
+    assert "not granted" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+async def test_keys_rotate_reports_what_it_rewrote(stack, cli_env, env):
+    await provision(stack, "alice")
+    new = (await arun(dict(os.environ), "keys", "generate")).stdout.strip()
+    rotated_env = {**cli_env, "CONSENT_ENCRYPTION_KEYS": f"{new},{env['CONSENT_ENCRYPTION_KEYS']}"}
+    out = await arun(rotated_env, "keys", "rotate", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["rewritten"] == 1
+    assert report["primary_key_id"] == KeyRing.from_strings([new]).primary_id
+    only_new = {**cli_env, "CONSENT_ENCRYPTION_KEYS": new}
+    assert (await arun(only_new, "token", "alice")).returncode == 0
+
+
+def test_up_on_an_embedded_redis_serves_status_beside_it_and_stops_on_sigterm(
+    tmp_path: Path, provider, env
+):
+    data = tmp_path / "data"
+    up_env = {k: v for k, v in {**os.environ, **env}.items() if k != "CONSENT_REDIS_URL"}
+    up_env.update(CONSENT_DATA_DIR=str(data), CONSENT_HTTP_PORT=str(free_port()))
+    process = subprocess.Popen(
+        [*CLI, "up"], env=up_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = httpx.get(
+                    f"http://127.0.0.1:{up_env['CONSENT_HTTP_PORT']}/healthz", timeout=1
+                )
+                if health.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert time.monotonic() < deadline, "up did not become healthy"
+            time.sleep(0.2)
+        assert (data / "redis.sock").exists()
+        pending = run(up_env, "provision", "alice", "--json")
+        assert json.loads(pending.stdout)["state"] == "pending"
+        status = run(up_env, "status", "alice", "--json")
+        assert json.loads(status.stdout)["state"] == "pending"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stderr:
+            process.stderr.close()
+    # The embedded Redis stopped with `up`, and kept the data: status still finds alice.
+    assert not (data / "redis.sock").exists() or run(up_env, "status", "alice").returncode == 0
+    after = run(up_env, "status", "alice", "--json")
+    assert json.loads(after.stdout)["state"] == "pending"
+    leftovers = subprocess.run(
+        ["pgrep", "-f", f"redis-server.*{data}"], capture_output=True, text=True, check=False
+    )
+    assert leftovers.stdout.strip() == ""

@@ -402,7 +402,8 @@ class LocalProvider:
         ``token_status``: answer that status without reaching the provider, body
         ``{"error": token_error or "temporarily_unavailable"}``, ``Retry-After: retry_after``.
         ``token_delay_ms``: delay the requests. ``token_drop_response``: let the provider
-        handle them, then cut the connection before the answer (a lost response). ``id_token``: one of ``bad_signature``,
+        handle them, then cut the connection before the answer (a lost response).
+        ``id_token``: one of ``bad_signature``,
         ``alg_none``, ``wrong_issuer``, ``wrong_audience``, ``wrong_nonce``, ``no_nonce``,
         ``expired``, ``iat_future``, ``no_sub``, ``other_key``, ``wrong_azp``.
         Returns the faults now armed.

@@ -161,3 +161,18 @@ async def test_two_users_provision_concurrently_and_independently(stack):
         assert status.details["subject"] == f"user{i}"
     listed = await stack.client.store.users(State.PROVISIONED)
     assert {u for u, _ in listed} == {f"user{i}" for i in range(6)}
+
+
+async def test_resource_indicator_travels_on_every_request(make_stack, provider):
+    """RFC 8707: the resource is asked for at the authorization and the token endpoint."""
+    stack = await make_stack(resource=provider.resource)
+    status = await stack.client.request_provisioning("alice")
+    query = parse_qs(urlsplit(status.authorization_url).query)
+    assert query["resource"] == [provider.resource]
+    callback = await approve(status.authorization_url, "alice")
+    response = await stack.callback(callback)
+    assert response.status_code == 200, response.text
+    tokens = await stored_tokens(stack, "alice")
+    introspection = provider.introspect(tokens["access_token"])
+    assert introspection["active"] is True
+    assert provider.resource in str(introspection.get("aud", ""))

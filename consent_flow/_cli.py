@@ -24,7 +24,7 @@ from ._errors import ConsentError, SettingsError
 from ._logging import configure_logging
 from ._machine import State, mermaid
 from ._metrics import read_snapshot
-from ._model import check_user, iso
+from ._model import HistoryEntry, check_user, iso
 from ._redis import embedded_redis
 from ._settings import Settings
 from ._vault import generate_key
@@ -304,28 +304,25 @@ async def _client_command(args: argparse.Namespace, client: ConsentClient) -> in
 
 
 async def _tail(args: argparse.Namespace, client: ConsentClient) -> None:
+    """Follow the transition stream from its end; other consumers can read it the same way."""
     stream = client.store.keys.stream
-    last = "$"
+    last: bytes | str = "$"
     while True:
         batches = await client.pool.xread({stream: last}, block=5000, count=100)
         for _, entries in batches or []:
             for entry_id, fields in entries:
                 last = entry_id
-                raw = fields.get(b"entry") or fields.get("entry")
-                entry = json.loads(raw)
-                entry["user"] = (
-                    (fields.get(b"user") or fields.get("user") or b"").decode()
-                    if isinstance(fields.get(b"user"), bytes)
-                    else fields.get("user")
-                )
-                entry["at"] = iso(entry["at"])
+                entry = {
+                    "user": fields[b"user"].decode(),
+                    **HistoryEntry.from_json(fields[b"entry"]).public(),
+                }
                 if args.json:
                     print(json.dumps(entry, separators=(",", ":")), flush=True)
                 else:
+                    reason = f"  ({entry['reason']})" if entry.get("reason") else ""
                     print(
                         f"{entry['at']}  {entry['user']}  {entry['event']}  "
-                        f"{entry['from']} -> {entry['to']}  {entry['actor']}"
-                        + (f"  ({entry['reason']})" if entry.get("reason") else ""),
+                        f"{entry['from']} -> {entry['to']}  {entry['actor']}{reason}",
                         flush=True,
                     )
 

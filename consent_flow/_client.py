@@ -13,6 +13,7 @@ import httpx
 from arq.connections import ArqRedis, create_pool
 
 from ._broker import TokenBroker
+from ._engine import session_url
 from ._errors import ConsentError, WorkerUnavailable
 from ._machine import Event, State
 from ._model import ConsentRecord, HistoryEntry, check_user, clip, iso
@@ -233,7 +234,7 @@ class ConsentClient:
         rec = await self.store.load(check_user(user))
         url = None
         if rec.state is State.PENDING and rec.session and self._ring is not None:
-            url = _session_url(self._ring, rec)
+            url = session_url(self._ring, rec)
         return ConsentStatus.from_record(rec, authorization_url=url)
 
     async def history(self, user: str, *, limit: int = 1000) -> list[dict[str, Any]]:
@@ -249,16 +250,3 @@ class ConsentClient:
         if self._broker is None:
             self._broker = TokenBroker(self)
         return await self._broker.access_token(check_user(user), min_ttl=min_ttl)
-
-
-def _session_url(ring: KeyRing, rec: ConsentRecord) -> str | None:
-    import json
-
-    from ._errors import VaultError
-
-    assert rec.session is not None
-    try:
-        url: str = json.loads(ring.decrypt(rec.session, user=rec.user, purpose="session"))["url"]
-    except VaultError:
-        return None
-    return url

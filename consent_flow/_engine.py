@@ -13,7 +13,6 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -43,7 +42,7 @@ from ._settings import Settings
 from ._store import RedisStore, state_hash
 from ._vault import KeyRing
 
-__all__ = ["Engine", "RefreshPlan", "next_refresh_at"]
+__all__ = ["Engine", "next_refresh_at", "session_url"]
 
 log = structlog.get_logger("consent_flow.engine")
 
@@ -58,13 +57,20 @@ MAX_REFRESH_JITTER = 300.0
 OUTBOX_RETRY_BASE = 30.0  # seconds before a provider revocation that failed is tried again
 OUTBOX_RETRY_CAP = 3600.0
 
-SESSION_FIELDS = ("sess", "sid", "sexp", "claimed")
+SESSION_FIELDS = ("sess", "sid", "sexp", "shash", "claimed")
 TOKEN_FIELDS = ("tok", "exp", "sub", "scopes", "next", "lastref", "fails", "referr", "inflight")
 
 
-@dataclass(frozen=True, slots=True)
-class RefreshPlan:
-    due: float
+def session_url(ring: KeyRing, rec: ConsentRecord) -> str | None:
+    """The authorization URL of the user's live session, or None."""
+    if rec.state is not State.PENDING or rec.session is None:
+        return None
+    try:
+        data = json.loads(ring.decrypt(rec.session, user=rec.user, purpose="session"))
+    except VaultError:
+        return None
+    url: str = data["url"]
+    return url
 
 
 def next_refresh_at(
@@ -199,14 +205,7 @@ class Engine:
         return self._outcome(rec, envelope, result, error=error, url=self._live_url(rec))
 
     def _live_url(self, rec: ConsentRecord) -> str | None:
-        if rec.state is not State.PENDING or rec.session is None:
-            return None
-        try:
-            data = json.loads(self.ring.decrypt(rec.session, user=rec.user, purpose="session"))
-        except VaultError:
-            return None
-        url: str = data["url"]
-        return url
+        return session_url(self.ring, rec)
 
     def refresh_due(self, expires_at: float | None, now: float) -> float:
         return next_refresh_at(
@@ -257,7 +256,12 @@ class Engine:
                 rec,
                 row,
                 reason="authorization session renewed" if rec.state is State.PENDING else None,
-                set_fields={"sess": sealed, "sid": session_id, "sexp": repr(expires)},
+                set_fields={
+                    "sess": sealed,
+                    "sid": session_id,
+                    "sexp": repr(expires),
+                    "shash": state_hash(state),
+                },
                 delete_fields=("claimed", "reason", *TOKEN_FIELDS),
                 session_lookup=(state_hash(state), self.settings.session_ttl),
                 unschedule=True,
@@ -355,7 +359,7 @@ class Engine:
                 "fails": "0",
             },
             delete_fields=(*SESSION_FIELDS, "referr", "reason"),
-            drop_session_lookup=state_hash(session["state"]),
+            drop_session_lookup=rec.session_digest,
             schedule_at=due,
         )
         result = await self.store.commit(change)
@@ -388,22 +392,13 @@ class Engine:
             correlation_id=envelope.correlation_id,
         )
         row = self._decide(rec, Event.AUTHORIZATION_FAILED)
-        digest = None
-        if rec.session is not None:
-            try:
-                session = json.loads(
-                    self.ring.decrypt(rec.session, user=rec.user, purpose="session")
-                )
-                digest = state_hash(session["state"])
-            except VaultError:
-                digest = None
         change = self._change(
             failed,
             rec,
             row,
             reason=reason,
             delete_fields=SESSION_FIELDS,
-            drop_session_lookup=digest,
+            drop_session_lookup=rec.session_digest,
         )
         result = await self.store.commit(change)
         if not result.ok:
@@ -438,23 +433,13 @@ class Engine:
         if rec.state is not State.PENDING or (rec.session_expires_at or 0) > now:
             return await self._reread_after(envelope, "conflict")
         row = self._decide(rec, envelope.event)
-        digest = None
-        if rec.session is not None:
-            try:
-                digest = state_hash(
-                    json.loads(self.ring.decrypt(rec.session, user=rec.user, purpose="session"))[
-                        "state"
-                    ]
-                )
-            except VaultError:
-                digest = None
         change = self._change(
             envelope,
             rec,
             row,
             reason="authorization session expired",
             delete_fields=SESSION_FIELDS,
-            drop_session_lookup=digest,
+            drop_session_lookup=rec.session_digest,
         )
         result = await self.store.commit(change)
         if not result.ok:
@@ -472,16 +457,6 @@ class Engine:
                 if not row.changes:
                     return self._outcome(rec, envelope, "unchanged")
                 reason = envelope.payload.get("reason") or "revoked by " + envelope.actor
-                digest = None
-                if rec.session is not None:
-                    try:
-                        digest = state_hash(
-                            json.loads(
-                                self.ring.decrypt(rec.session, user=rec.user, purpose="session")
-                            )["state"]
-                        )
-                    except VaultError:
-                        digest = None
                 # The sealed tokens move to the revocation outbox in the same step that wipes
                 # them, so no process hands them out again (invariant 9) and a provider that is
                 # down now does not make us forget to revoke them later.
@@ -493,7 +468,7 @@ class Engine:
                     reason=reason,
                     set_fields=set_fields,
                     delete_fields=(*SESSION_FIELDS, *TOKEN_FIELDS),
-                    drop_session_lookup=digest,
+                    drop_session_lookup=rec.session_digest,
                     unschedule=True,
                 )
                 result = await self.store.commit(change)

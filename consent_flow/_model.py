@@ -66,6 +66,7 @@ class ConsentRecord:
     expires_at: float | None = None  # the access token's absolute expiry
     session: str | None = None  # ciphertext: state, verifier, nonce, authorization URL
     session_id: str | None = None
+    session_digest: str | None = None  # SHA-256 of the session's state: its lookup key
     session_expires_at: float | None = None
     next_refresh_at: float | None = None
     last_refresh_at: float | None = None
@@ -91,6 +92,7 @@ class ConsentRecord:
             expires_at=_float(data.get("exp")),
             session=data.get("sess") or None,
             session_id=data.get("sid") or None,
+            session_digest=data.get("shash") or None,
             session_expires_at=_float(data.get("sexp")),
             next_refresh_at=_float(data.get("next")),
             last_refresh_at=_float(data.get("lastref")),

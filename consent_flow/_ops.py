@@ -41,8 +41,9 @@ import ipaddress
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import datetime
+from typing import Any, cast
 from urllib.parse import quote, urlencode
 
 import structlog
@@ -73,7 +74,12 @@ MAX_PAGE_SIZE = 500
 MAX_OFFSET = 10**9  # far beyond any index; keeps the number a Redis integer
 DEFAULT_STATE = State.PROVISIONED
 _PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+# Links are relative, so the pages work wherever the routes are mounted: from /ops/users/<id>
+# (the id percent-encoded, slashes included) two levels up is the directory /ops lives in.
+USER_PAGE_HOME = "../../ops"
 _NUMBER = re.compile(r"^[0-9]{1,10}$")
+# The bucket label format of prometheus_client's own histograms ("5.0", "+Inf"); it is untyped.
+_le = cast("Callable[[float], str]", floatToGoString)
 
 
 # --- access ---------------------------------------------------------------------------------
@@ -111,7 +117,7 @@ def _is_loopback(host: str | None) -> bool:
     return address.is_loopback
 
 
-def _denied(client: ConsentClient, request: Request) -> Response | None:
+def _denied(client: ConsentClient, request: Request, home: str) -> Response | None:
     """None when the request may see operator data, else the 401 or 403 answer."""
     token = client.settings.ops_token
     host = request.client.host if request.client else None
@@ -123,7 +129,10 @@ def _denied(client: ConsentClient, request: Request) -> Response | None:
             return None
         log.warning("ops_access_denied", why="token", client=host, path=request.url.path)
         response = _error(
-            401, "Sign in required", "These pages need the operators' token (CONSENT_OPS_TOKEN)."
+            401,
+            "Sign in required",
+            "These pages need the operators' token (CONSENT_OPS_TOKEN).",
+            home=home,
         )
         response.headers["WWW-Authenticate"] = f'Basic realm="{REALM}"'
         return response
@@ -135,6 +144,7 @@ def _denied(client: ConsentClient, request: Request) -> Response | None:
         403,
         "Forbidden",
         "Without CONSENT_OPS_TOKEN these pages are served to this machine only.",
+        home=home,
     )
 
 
@@ -156,7 +166,7 @@ def cumulative_buckets(raw: Mapping[str, int]) -> list[tuple[str, float]]:
     total = 0
     for bound in sorted(counts):
         total += counts[bound]
-        out.append((floatToGoString(bound), float(total)))
+        out.append((_le(bound), float(total)))
     return out
 
 
@@ -271,7 +281,7 @@ _STYLE = """
  h2 { font-size: 1.1rem; margin: 1.8rem 0 .6rem; }
  .cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(16rem, 1fr)); gap: 1rem; }
  .card { background: #fff; border: 1px solid #e4e4e7; border-radius: .5rem; padding: 1rem; }
- .card h2 { margin-top: 0; }
+ .card h2:first-child { margin-top: 0; }
  table { border-collapse: collapse; width: 100%; background: #fff; }
  th, td { text-align: left; padding: .35rem .6rem; border-bottom: 1px solid #e4e4e7;
           vertical-align: top; }
@@ -279,6 +289,7 @@ _STYLE = """
  td.count, th.count { text-align: right; font-variant-numeric: tabular-nums; }
  tr.current td { background: #eef4ff; font-weight: 600; }
  td.user { word-break: break-all; }
+ td.at, td.since { white-space: nowrap; }
  td.reason { color: #3f3f46; max-width: 28rem; }
  .age { color: #71717a; font-size: .85em; }
  dl.figures { display: grid; grid-template-columns: 1fr auto; gap: .3rem 1rem; margin: 0; }
@@ -323,13 +334,13 @@ def _layout(page_id: str, title: str, body: str, *, home: str, status: int = 200
     return HTMLResponse(text, status_code=status, headers=SECURITY_HEADERS)
 
 
-def _error(status: int, title: str, message: str, *, home: str = "/ops") -> HTMLResponse:
+def _error(status: int, title: str, message: str, *, home: str) -> HTMLResponse:
     body = f'<h1>{e(title)}</h1><p id="message">{e(message)}</p>'
     return _layout("error", title, body, home=home, status=status)
 
 
-class BadQuery(ConsentError):
-    code = "bad_query"
+class BadQuery(ValueError):
+    """A query value the pages cannot use: answered with 400, never raised to callers."""
 
 
 def _age(at: float, now: float) -> str:
@@ -367,9 +378,7 @@ def _params(request: Request) -> tuple[State, int, int]:
     try:
         state = State(raw_state)
     except ValueError:
-        raise BadQuery(
-            "'state' must be one of " + ", ".join(s.value for s in State)
-        ) from None
+        raise BadQuery("'state' must be one of " + ", ".join(s.value for s in State)) from None
     offset = number("offset", 0, 0, MAX_OFFSET)
     limit = number("limit", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
     return state, offset, limit
@@ -410,9 +419,7 @@ def _states_table(snapshot: Snapshot, current: State, limit: int) -> str:
 
 def _figures(snapshot: Snapshot) -> str:
     paused = snapshot.refreshes_paused
-    paused_html = (
-        f'<span class="warn">yes: {e(paused)}</span>' if paused is not None else "no"
-    )
+    paused_html = f'<span class="warn">yes: {e(paused)}</span>' if paused is not None else "no"
     workers = snapshot.workers_alive
     figures = [
         ("due-next-hour", "Refreshes due in the next hour", str(snapshot.refreshes_due_next_hour)),
@@ -438,7 +445,7 @@ def _figures(snapshot: Snapshot) -> str:
     )
     return (
         f'<dl class="figures" id="figures">{items}</dl>'
-        f'<h2>Refreshes since start</h2><dl class="figures" id="outcomes">{outcome_items}</dl>'
+        f'<h2>Refresh outcomes, all time</h2><dl class="figures" id="outcomes">{outcome_items}</dl>'
     )
 
 
@@ -455,9 +462,8 @@ def _pager(state: State, offset: int, limit: int, total: int, shown: int) -> str
         nxt = f'<a id="next" rel="next" href="{e(next_q)}">next →</a>'
     else:
         nxt = '<span id="next" class="disabled">next →</span>'
-    return (
-        f'<nav id="pager">{prev}<span id="range">{first}–{last} of {total}</span>{nxt}</nav>'
-    )
+    shown_range = f'<span id="range">{first}&ndash;{last} of {total}</span>'
+    return f'<nav id="pager">{prev}{shown_range}{nxt}</nav>'
 
 
 async def _user_rows(client: ConsentClient, users: list[tuple[str, float]]) -> list[list[Any]]:
@@ -476,7 +482,7 @@ async def _overview(client: ConsentClient, request: Request) -> Response:
     try:
         state, offset, limit = _params(request)
     except BadQuery as exc:
-        return _error(400, "Bad request", exc.message, home="ops")
+        return _error(400, "Bad request", str(exc), home="ops")
     snapshot = await _snapshot(client)
     users = await client.store.users(state, offset=offset, limit=limit)
     details = await _user_rows(client, users) if users else []
@@ -519,8 +525,6 @@ def _status_value(name: str, value: Any, now: float) -> str:
         return f'<span class="badge {e(value)}">{e(value)}</span>'
     if isinstance(value, str) and name.endswith(("_at", "since")):
         try:
-            from datetime import datetime
-
             at = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
         except ValueError:
             return e(value)
@@ -529,7 +533,7 @@ def _status_value(name: str, value: Any, now: float) -> str:
 
 
 async def _user_page(client: ConsentClient, request: Request) -> Response:
-    home = "../../ops"
+    home = USER_PAGE_HOME
     raw = request.path_params["user"]
     try:
         user = check_user(raw)
@@ -542,7 +546,7 @@ async def _user_page(client: ConsentClient, request: Request) -> Response:
     now = time.time()
     public = record.public()
     status_items = "".join(
-        f'<dt>{e(name.replace("_", " "))}</dt>'
+        f"<dt>{e(name.replace('_', ' '))}</dt>"
         f'<dd id="status-{e(name)}">{_status_value(name, value, now)}</dd>'
         for name, value in public.items()
         if name != "user"
@@ -588,32 +592,29 @@ def ops_routes(client: ConsentClient | Callable[[], ConsentClient]) -> list[Rout
     def current() -> ConsentClient:
         return client if isinstance(client, ConsentClient) else client()
 
-    def guarded(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    def guarded(handler: Handler, home: str) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             consent = current()
-            denied = _denied(consent, request)
+            denied = _denied(consent, request, home)
             if denied is not None:
                 return denied
             try:
                 return await handler(consent, request)
             except (RedisError, OSError) as exc:
                 log.error("ops_unavailable", error=type(exc).__name__, path=request.url.path)
-                return _error(503, "Unavailable", "Redis did not answer. Try again shortly.")
+                return _error(
+                    503, "Unavailable", "Redis did not answer. Try again shortly.", home=home
+                )
 
         return endpoint
 
     return [
-        Route("/metrics", guarded(_metrics), methods=["GET"], name="consent_metrics"),
-        Route("/ops", guarded(_overview), methods=["GET"], name="consent_ops"),
+        Route("/metrics", guarded(_metrics, "ops"), methods=["GET"], name="consent_metrics"),
+        Route("/ops", guarded(_overview, "ops"), methods=["GET"], name="consent_ops"),
         Route(
             "/ops/users/{user:path}",
-            guarded(_user_page),
+            guarded(_user_page, USER_PAGE_HOME),
             methods=["GET"],
             name="consent_ops_user",
         ),
     ]
-
-
-def _iter_routes(routes: Iterable[Route]) -> Iterator[str]:  # pragma: no cover - debugging aid
-    for route in routes:
-        yield route.path

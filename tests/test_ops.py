@@ -1,0 +1,672 @@
+"""The operators' routes: /metrics against what Redis holds, /ops in headless Chromium, access.
+
+Hundreds of users are seeded through ``RedisStore.commit`` with the changes the engine makes on
+each transition path (provisioning through the provider for each would take minutes); two users
+go through the real provider beside them. Refresh figures are recorded by ``MetricsRecorder``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import math
+import secrets
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from conftest import free_port, provision
+from local_provider import approve
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+
+from consent_flow import ConsentClient, Event, State, consent_routes
+from consent_flow._engine import SESSION_FIELDS, TOKEN_FIELDS
+from consent_flow._machine import TRANSITIONS, ConsentMachine
+from consent_flow._metrics import LEAD_BUCKETS, MetricsRecorder
+from consent_flow._model import Change, iso
+from consent_flow._ops import ops_routes
+from consent_flow._queue import new_id
+from consent_flow._settings import Secret
+from consent_flow._store import state_hash
+
+pytestmark = pytest.mark.integration
+
+U, P, V, R = State.UNPROVISIONED, State.PENDING, State.PROVISIONED, State.REVOKED
+MACHINE = ConsentMachine()
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+# A user id that is markup, with the characters URLs and attributes treat specially.
+HOSTILE_USER = "<img/src=x>&\"'#?%"
+HOSTILE_REASON = 'access_denied: <b>no</b> & "never"'
+LEADS = [-2.0, 0.0, 4.9, 5.0, 12.0, 30.0, 59.5, 100.0, 118.0, 119.9] * 4  # seconds
+FAILURES, REJECTIONS, CLIENT_REJECTIONS = 7, 3, 1
+DUE_SOON = 30  # seeded grants whose refresh falls due within the hour
+
+
+# --- seeding --------------------------------------------------------------------------------
+
+
+@dataclass
+class Seeded:
+    """What was written, for the expectations."""
+
+    since: dict[str, tuple[State, float]] = field(default_factory=dict)
+    transitions: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    histories: dict[str, list[tuple[str, str, str, str, str | None]]] = field(default_factory=dict)
+    due_next_hour: int = 0
+
+    def users(self, state: State) -> list[str]:
+        """Users in ``state``, in the index's order: by since, then by id."""
+        rows = [(at, user) for user, (s, at) in self.since.items() if s is state]
+        return [user for _, user in sorted(rows)]
+
+    def counts(self) -> dict[str, int]:
+        return {state.value: len(self.users(state)) for state in State}
+
+
+class Seeder:
+    """Commits realistic changes: the fields, sessions and schedules the engine writes."""
+
+    def __init__(self, client: ConsentClient, seeded: Seeded) -> None:
+        self.store = client.store
+        self.ring = client.ring
+        self.ttl = client.settings.session_ttl
+        self.margin = client.settings.refresh_margin
+        self.seeded = seeded
+
+    def _tokens(self, user: str, at: float, due: float) -> dict[str, str]:
+        raw = json.dumps({"access_token": secrets.token_hex(16), "refresh_token": new_id()})
+        return {
+            "tok": self.ring.encrypt(raw.encode(), user=user, purpose="tokens"),
+            "exp": repr(due + self.margin),
+            "scopes": "openid offline_access notes:read",
+            "next": repr(due),
+            "lastref": repr(at),
+            "fails": "0",
+        }
+
+    async def path(self, user: str, steps: list[tuple[Any, ...]]) -> None:
+        """Run ``steps`` of ``(event, at, actor, reason[, due])`` for one user, in order."""
+        state, version, session_state = U, 0, None
+        history = self.seeded.histories.setdefault(user, [])
+        for event, at, actor, reason, *rest in steps:
+            row = MACHINE.decide(state, event)  # only paths the machine allows
+            to = row.dest or state
+            extra: dict[str, Any] = {}
+            if event is Event.PROVISION_REQUESTED:
+                session_state = secrets.token_urlsafe(32)
+                session = json.dumps(
+                    {
+                        "state": session_state,
+                        "verifier": secrets.token_urlsafe(48),
+                        "nonce": secrets.token_urlsafe(16),
+                        "url": f"https://id.example/authorize?state={session_state}",
+                    }
+                )
+                extra = dict(
+                    set_fields={
+                        "sess": self.ring.encrypt(session.encode(), user=user, purpose="session"),
+                        "sid": new_id(),
+                        "sexp": repr(at + self.ttl),
+                        "shash": state_hash(session_state),
+                    },
+                    delete_fields=("claimed", "reason", *TOKEN_FIELDS),
+                    session_lookup=(state_hash(session_state), self.ttl),
+                    unschedule=True,
+                )
+            elif event is Event.AUTHORIZATION_COMPLETED:
+                due = rest[0]
+                fields = self._tokens(user, at, due)
+                fields["sub"] = user
+                extra = dict(
+                    set_fields=fields,
+                    delete_fields=(*SESSION_FIELDS, "referr", "reason"),
+                    drop_session_lookup=state_hash(session_state or ""),
+                    schedule_at=due,
+                )
+            elif event in (Event.AUTHORIZATION_FAILED, Event.SESSION_EXPIRED):
+                extra = dict(
+                    delete_fields=SESSION_FIELDS,
+                    drop_session_lookup=state_hash(session_state or ""),
+                )
+            elif event is Event.TOKEN_REFRESHED:
+                due = rest[0]
+                fields = self._tokens(user, at, due)
+                extra = dict(
+                    set_fields=fields, delete_fields=("referr", "inflight"), schedule_at=due
+                )
+            elif event is Event.REFRESH_REJECTED:
+                extra = dict(delete_fields=TOKEN_FIELDS, unschedule=True)
+            elif event is Event.REVOKE_REQUESTED:
+                extra = dict(delete_fields=(*SESSION_FIELDS, *TOKEN_FIELDS), unschedule=True)
+                if state is P:
+                    extra["drop_session_lookup"] = state_hash(session_state or "")
+            change = Change(
+                user=user,
+                event=event,
+                event_id=new_id(),
+                expect_state=state,
+                expect_version=version,
+                to_state=to,
+                actor=actor,
+                at=at,
+                reason=reason,
+                correlation_id=new_id(),
+                **extra,
+            )
+            result = await self.store.commit(change)
+            assert result.ok, (user, event, result)
+            self.seeded.transitions[(event.value, state.value, to.value)] += 1
+            history.append((event.value, state.value, to.value, actor, reason))
+            if to is not state or version == 0:
+                self.seeded.since[user] = (to, at)
+            state, version = to, result.version
+
+
+async def seed(client: ConsentClient, seeded: Seeded | None = None) -> Seeded:
+    """150 provisioned, 100 pending, 80 unprovisioned after failing, 70 revoked."""
+    seeded = seeded or Seeded()
+    seeder = Seeder(client, seeded)
+    now = time.time()
+    day = 86400.0
+    paths: list[tuple[str, list[tuple[Any, ...]]]] = []
+    for i in range(150):
+        start = now - 30 * day + i * 9000
+        # 30 refresh within the hour, the rest later today or tomorrow; 40 refreshed once.
+        due = now + 300 + i * 60 if i < DUE_SOON else now + 2 * 3600 + i * 300
+        steps: list[tuple[Any, ...]] = [
+            (Event.PROVISION_REQUESTED, start, "user", None),
+            (Event.AUTHORIZATION_COMPLETED, start + 40, "browser", None, due),
+        ]
+        if 100 <= i < 140:
+            steps[-1] = (*steps[-1][:4], start + 3600)
+            steps.append((Event.TOKEN_REFRESHED, start + 3600, "worker", None, due))
+        paths.append((f"prov-{i:03d}", steps))
+    for i in range(100):
+        at = now - 200 + i  # younger than the session TTL: the cleanup job leaves them be
+        steps = [(Event.PROVISION_REQUESTED, at, "user", None)]
+        if i % 10 == 0:  # asked before, denied, asking again
+            steps = [
+                (Event.PROVISION_REQUESTED, at - 2 * day, "user", None),
+                (Event.AUTHORIZATION_FAILED, at - 2 * day + 30, "browser", "access_denied"),
+                *steps,
+            ]
+        paths.append((f"pend-{i:03d}", steps))
+    for i in range(80):
+        start = now - 10 * day + i * 4000
+        user = HOSTILE_USER if i == 0 else f"unpr-{i:03d}"
+        if i < 50:
+            end = (Event.AUTHORIZATION_FAILED, start + 25, "browser", "access_denied: not now")
+            if i == 0:
+                end = (Event.AUTHORIZATION_FAILED, start + 25, "browser", HOSTILE_REASON)
+        else:
+            end = (Event.SESSION_EXPIRED, start + 600, "worker", "authorization session expired")
+        paths.append((user, [(Event.PROVISION_REQUESTED, start, "user", None), end]))
+    for i in range(70):
+        start = now - 20 * day + i * 6000
+        later = now + 5 * 3600
+        steps = [(Event.PROVISION_REQUESTED, start, "user", None)]
+        if i < 10:  # changed their mind before approving
+            steps.append((Event.REVOKE_REQUESTED, start + 60, "user", "no longer needed"))
+        else:
+            steps.append((Event.AUTHORIZATION_COMPLETED, start + 30, "browser", None, later))
+            if i < 50:
+                steps.append((Event.REVOKE_REQUESTED, start + day, "operator:dana", "offboarded"))
+            else:
+                steps.append(
+                    (
+                        Event.REFRESH_REJECTED,
+                        start + 2 * day,
+                        "worker",
+                        "refresh token rejected by provider: invalid_grant",
+                    )
+                )
+        paths.append((f"rev-{i:03d}", steps))
+    seeded.due_next_hour += DUE_SOON
+    for chunk in range(0, len(paths), 50):
+        await asyncio.gather(*(seeder.path(u, s) for u, s in paths[chunk : chunk + 50]))
+    return seeded
+
+
+async def real_users(stack: Any, seeded: Seeded) -> None:
+    """alice approves at the real provider, bob denies: the engine writes these two."""
+    response = await provision(stack, "alice")
+    assert response.status_code == 200, response.text
+    status = await stack.client.request_provisioning("bob")
+    denied = await approve(status.authorization_url, "bob", deny=True)
+    assert (await stack.callback(denied)).status_code == 403
+    for user in ("alice", "bob"):
+        rec = await stack.client.store.load(user)
+        assert rec.since is not None
+        seeded.since[user] = (rec.state, rec.since)
+        seeded.histories[user] = [
+            (h.event, h.from_state, h.to_state, h.actor, h.reason)
+            for h in await stack.client.store.history(user)
+        ]
+        for event, from_, to, *_ in seeded.histories[user]:
+            seeded.transitions[(event, from_, to)] += 1
+    seeded.due_next_hour += 1  # alice: 3600 s tokens, refreshed a margin before expiry
+    assert [s for s, _ in (seeded.since["alice"], seeded.since["bob"])] == [V, U]
+
+
+async def record_refreshes(client: ConsentClient) -> None:
+    recorder = MetricsRecorder(client.pool, client.store.keys)
+    for lead in LEADS:
+        await recorder.refresh("success", lead=lead)
+    for _ in range(FAILURES):
+        await recorder.refresh("transient_failure")
+    for _ in range(REJECTIONS):
+        await recorder.refresh("rejected")
+    for _ in range(CLIENT_REJECTIONS):
+        await recorder.refresh("client_rejected")
+
+
+# --- serving --------------------------------------------------------------------------------
+
+
+def ops_app(client: ConsentClient) -> Starlette:
+    return Starlette(routes=consent_routes(client) + ops_routes(client))
+
+
+def asgi(client: ConsentClient, host: str = "127.0.0.1") -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=ops_app(client), client=(host, 50000))
+    return httpx.AsyncClient(transport=transport, base_url="http://ops.test")
+
+
+@contextlib.asynccontextmanager
+async def serve(client: ConsentClient) -> AsyncIterator[str]:
+    """The routes on a real port, as ``serve`` would run them."""
+    port = free_port()
+    config = uvicorn.Config(
+        ops_app(client), host="127.0.0.1", port=port, log_config=None, access_log=False
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "ops server did not start"
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@contextlib.asynccontextmanager
+async def chromium(**context_options: Any) -> AsyncIterator[Any]:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            context = await browser.new_context(**context_options)
+            yield await context.new_page()
+        finally:
+            await browser.close()
+
+
+# --- /metrics -------------------------------------------------------------------------------
+
+
+def samples(text: str) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for family in text_string_to_metric_families(text):
+        out[family.name] = list(family.samples)
+    return out
+
+
+def by_label(rows: list[Any], name: str, *labels: str) -> dict[Any, float]:
+    picked = [s for s in rows if s.name == name]
+    return {
+        (s.labels[labels[0]] if len(labels) == 1 else tuple(s.labels[k] for k in labels)): s.value
+        for s in picked
+    }
+
+
+async def test_metrics_report_what_redis_holds(stack, settings):
+    seeded = Seeded()
+    await real_users(stack, seeded)
+    await seed(stack.client, seeded)
+    await record_refreshes(stack.client)
+    # A queue of its own, no worker on it: 4 jobs due now and 2 deferred, exactly.
+    queue = settings.with_changes(queue_name=f"{settings.redis_prefix}:idle-queue")
+    async with ConsentClient(queue) as idle:
+        for n in range(6):
+            await idle.pool.enqueue_job("noop", n, _defer_by=3600 if n >= 4 else None)
+        async with asgi(idle) as http:
+            response = await http.get("/metrics")
+            assert response.status_code == 200, response.text
+            assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+            assert response.headers["cache-control"] == "no-store"
+            got = samples(response.text)
+
+            consents = by_label(got["consent_flow_consents"], "consent_flow_consents", "state")
+            assert consents == seeded.counts()
+            assert consents == {
+                "unprovisioned": 81,
+                "pending": 100,
+                "provisioned": 151,
+                "revoked": 70,
+            }
+
+            counted = by_label(
+                got["consent_flow_transitions"],
+                "consent_flow_transitions_total",
+                "event",
+                "from_state",
+                "to_state",
+            )
+            assert {k: v for k, v in counted.items() if v} == dict(seeded.transitions)
+            for row in TRANSITIONS:  # every row that writes is there from the start
+                for source in (s for s in row.sources if row.changes):
+                    assert (row.event.value, source.value, (row.dest or source).value) in counted
+
+            outcomes = by_label(
+                got["consent_flow_refresh"], "consent_flow_refresh_total", "outcome"
+            )
+            assert outcomes == {
+                "success": len(LEADS),
+                "transient_failure": FAILURES,
+                "rejected": REJECTIONS,
+                "client_rejected": CLIENT_REJECTIONS,
+            }
+
+            lead = got["consent_flow_refresh_lead_seconds"]
+            buckets = [
+                (float(s.labels["le"]), s.value)
+                for s in lead
+                if s.name == "consent_flow_refresh_lead_seconds_bucket"
+            ]
+            assert [b for b, _ in buckets] == sorted(b for b, _ in buckets)
+            assert [b for b, _ in buckets] == list(LEAD_BUCKETS)
+            values = [v for _, v in buckets]
+            assert values == sorted(values), "cumulative buckets never decrease"
+            for bound, value in buckets:
+                assert value == sum(1 for x in LEADS if max(0.0, x) <= bound), bound
+            (count,) = by_label(lead, "consent_flow_refresh_lead_seconds_count").values()
+            (total,) = by_label(lead, "consent_flow_refresh_lead_seconds_sum").values()
+            assert count == len(LEADS) == buckets[-1][1]
+            assert math.isclose(total, sum(max(0.0, x) for x in LEADS), rel_tol=1e-9)
+
+            def gauge(name: str) -> float:
+                (value,) = by_label(got[f"consent_flow_{name}"], f"consent_flow_{name}").values()
+                return value
+
+            assert gauge("queue_depth") == 4
+            assert gauge("deferred_jobs") == 2
+            assert gauge("workers_alive") == 1
+            assert gauge("refreshes_paused") == 0
+            assert gauge("refreshes_due_next_hour") == seeded.due_next_hour == DUE_SOON + 1
+            assert gauge("refresh_failures_24h") == FAILURES
+            assert gauge("refresh_rejections_24h") == REJECTIONS
+
+            # invalid_client halts refreshes for everyone: the gauge says so on the next scrape.
+            await idle.pool.hset(idle.store.keys.halt, mapping={"reason": "invalid_client"})
+            try:
+                again = samples((await http.get("/metrics")).text)
+            finally:
+                await idle.pool.delete(idle.store.keys.halt)
+            (paused,) = by_label(
+                again["consent_flow_refreshes_paused"], "consent_flow_refreshes_paused"
+            ).values()
+            assert paused == 1
+
+            # A scraper that asks for OpenMetrics gets it, and its parser agrees.
+            om = await http.get(
+                "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+            )
+            assert om.headers["content-type"].startswith("application/openmetrics-text")
+            assert om.text.endswith("# EOF\n")
+            names = {f.name: f for f in openmetrics_families(om.text)}
+            assert names["consent_flow_consents"].type == "gauge"
+            assert names["consent_flow_transitions"].type == "counter"
+            assert names["consent_flow_refresh_lead_seconds"].type == "histogram"
+
+
+# --- /ops in a real browser -----------------------------------------------------------------
+
+
+async def texts(page: Any, selector: str) -> list[str]:
+    return [t.strip() for t in await page.locator(selector).all_inner_texts()]
+
+
+@pytest.mark.browser
+async def test_ops_page_shows_states_pages_and_timelines_in_chromium(stack):
+    seeded = Seeded()
+    await real_users(stack, seeded)
+    await seed(stack.client, seeded)
+    await record_refreshes(stack.client)
+    counts = seeded.counts()
+    async with serve(stack.client) as base, chromium() as page:
+        response = await page.goto(f"{base}/ops")
+        assert response.status == 200
+        headers = response.headers
+        assert "default-src 'none'" in headers["content-security-policy"]
+        assert "script-src" not in headers["content-security-policy"]
+        assert headers["x-frame-options"] == "DENY"
+        assert headers["cache-control"] == "no-store"
+
+        # Counts per state, as the index holds them.
+        for state in State:
+            row = page.locator(f"table#states tr.state-row[data-state='{state.value}']")
+            assert (await row.locator("td.count").inner_text()) == str(counts[state.value])
+        assert await page.locator("#total").inner_text() == str(sum(counts.values()))
+        assert await page.locator("#fig-due-next-hour").inner_text() == str(DUE_SOON + 1)
+        assert await page.locator("#fig-failures-24h").inner_text() == str(FAILURES)
+        assert await page.locator("#fig-rejections-24h").inner_text() == str(REJECTIONS)
+        assert await page.locator("#fig-workers-alive").inner_text() == "1"
+        assert await page.locator("#fig-paused").inner_text() == "no"
+        assert await page.locator("#outcome-success").inner_text() == str(len(LEADS))
+
+        # Provisioned by default, 50 rows a page, oldest first; next walks the index.
+        provisioned = seeded.users(V)
+        assert await page.locator("#list").get_attribute("data-state") == "provisioned"
+        assert await texts(page, "table#users tr.user-row td.user") == provisioned[:50]
+        assert await page.locator("#range").inner_text() == "1\u201350 of 151"
+        first_since = page.locator("table#users tr.user-row td.since time").first
+        stamp = await first_since.get_attribute("datetime")
+        assert stamp == iso(seeded.since[provisioned[0]][1])
+        walked: list[str] = []
+        while True:
+            walked += await texts(page, "table#users tr.user-row td.user")
+            if await page.locator("a#next").count() == 0:
+                break
+            await page.click("a#next")
+        assert walked == provisioned
+        assert await page.locator("#range").inner_text() == "151\u2013151 of 151"
+        assert "offset=150" in page.url
+        await page.click("a#prev")
+        assert await page.locator("#range").inner_text() == "101\u2013150 of 151"
+
+        # Another state from the counts table; a bigger page by query.
+        await page.click("table#states tr.state-row[data-state='revoked'] td.state a")
+        assert await texts(page, "table#users tr.user-row td.user") == seeded.users(R)[:50]
+        await page.goto(f"{base}/ops?state=pending&limit=500")
+        assert await texts(page, "table#users tr.user-row td.user") == seeded.users(P)
+        assert await page.locator("span#next.disabled").count() == 1
+
+        # The hostile id and reason are text, never markup, and its page is reachable.
+        await page.goto(f"{base}/ops?state=unprovisioned")
+        row = page.locator("table#users tr.user-row").first
+        assert await row.locator("td.user").inner_text() == HOSTILE_USER
+        assert await row.locator("td.reason").inner_text() == HOSTILE_REASON
+        assert await page.locator("main img, main b").count() == 0
+        await row.locator("td.user a").click()
+        assert await page.locator("h1#user").inner_text() == HOSTILE_USER
+        assert await texts(page, "#timeline tr.entry td.reason") == ["—", HOSTILE_REASON]
+        assert await page.locator("main img, main b").count() == 0
+
+        # A revoked user's timeline, entry by entry, oldest first; back to the list.
+        user = "rev-020"
+        await page.goto(f"{base}/ops?state=revoked&limit=500")
+        await page.click(f"table#users tr.user-row[data-user='{user}'] td.user a")
+        assert await page.locator("h1#user").inner_text() == user
+        assert await page.locator("#status-state").inner_text() == "revoked"
+        assert await page.locator("#status-reason").inner_text() == "offboarded"
+        shown = list(
+            zip(
+                await texts(page, "#timeline tr.entry td.event"),
+                await texts(page, "#timeline tr.entry td.from"),
+                await texts(page, "#timeline tr.entry td.to"),
+                await texts(page, "#timeline tr.entry td.actor"),
+                await texts(page, "#timeline tr.entry td.reason"),
+                strict=True,
+            )
+        )
+        expected = [(e, f, t, a, r or "—") for e, f, t, a, r in seeded.histories[user]]
+        assert shown == expected
+        assert [e for e, *_ in shown] == [
+            "provision_requested",
+            "authorization_completed",
+            "revoke_requested",
+        ]
+        stamps = [
+            await t.get_attribute("datetime")
+            for t in await page.locator("#timeline tr.entry td.at time").all()
+        ]
+        assert stamps == sorted(stamps)
+        await page.click("a#back")
+        assert await page.locator("#list").get_attribute("data-state") == "revoked"
+
+        # alice went through the real provider: her status has no secret, her timeline is real.
+        await page.goto(f"{base}/ops/users/alice")
+        assert await page.locator("#status-state").inner_text() == "provisioned"
+        assert await page.locator("#status-subject").inner_text() == "alice"
+        assert await texts(page, "#timeline tr.entry td.event") == [
+            "provision_requested",
+            "authorization_completed",
+        ]
+        html_text = await page.content()
+        rec = await stack.client.store.load("alice")
+        assert rec.tokens and rec.tokens not in html_text
+        assert "v1." not in html_text
+        await page.goto(f"{base}/ops/users/bob")
+        assert await page.locator("#status-state").inner_text() == "unprovisioned"
+        assert "access_denied" in await page.locator("#status-reason").inner_text()
+
+        # Unknown users get a 404 page.
+        missing = await page.goto(f"{base}/ops/users/nobody-here")
+        assert missing.status == 404
+        assert await page.locator("main#error h1").inner_text() == "Unknown user"
+
+
+# --- bad requests ---------------------------------------------------------------------------
+
+
+async def test_bad_query_values_get_400_and_unknown_users_404(settings):
+    async with ConsentClient(settings) as client:
+        seeded = await seed(client)
+        async with asgi(client) as http:
+            for query in (
+                "state=nope",
+                "state=revoked&state=pending",
+                "offset=-1",
+                "offset=abc",
+                "offset=1e3",
+                "limit=0",
+                "limit=501",
+                "limit=99999999999",
+            ):
+                response = await http.get(f"/ops?{query}")
+                assert response.status_code == 400, query
+                assert "default-src 'none'" in response.headers["content-security-policy"]
+                assert "<script" not in response.text
+            ok = await http.get("/ops?state=revoked&limit=500&offset=0")
+            assert ok.status_code == 200
+            assert ok.text.count('class="user-row"') == len(seeded.users(R))
+            beyond = await http.get("/ops?state=revoked&offset=1000")
+            assert beyond.status_code == 200
+            assert 'id="no-users"' in beyond.text
+            assert (await http.get("/ops/users/nobody")).status_code == 404
+            # The id is decoded from the path, slashes and all.
+            path = "/ops/users/" + "%3Cimg%2Fsrc%3Dx%3E%26%22%27%23%3F%25"
+            hostile = await http.get(path)
+            assert hostile.status_code == 200
+            assert "<img" not in hostile.text
+            assert "&lt;img/src=x&gt;&amp;&quot;&#x27;#?%" in hostile.text
+
+
+# --- access ---------------------------------------------------------------------------------
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.mark.browser
+async def test_token_is_required_when_set(settings):
+    token = secrets.token_urlsafe(24)
+    async with ConsentClient(settings.with_changes(ops_token=Secret(token))) as client:
+        await seed(client)
+        async with serve(client) as base, httpx.AsyncClient(base_url=base) as http:
+            for path in ("/ops", "/metrics", "/ops/users/prov-001"):
+                refused = await http.get(path)  # loopback is not enough once a token is set
+                assert refused.status_code == 401, path
+                assert refused.headers["www-authenticate"] == 'Basic realm="consent-flow operators"'
+                assert "prov-001" not in refused.text
+                for wrong in (
+                    basic("ops", token + "x"),
+                    basic("ops", ""),
+                    "Bearer " + token[:-1],
+                    "Basic not-base64!",
+                    "Basic " + base64.b64encode(token.encode()).decode(),  # no colon
+                    token,
+                ):
+                    response = await http.get(path, headers={"Authorization": wrong})
+                    assert response.status_code == 401, (path, wrong)
+                for right in (basic("anyone", token), basic("", token), f"Bearer {token}"):
+                    response = await http.get(path, headers={"Authorization": right})
+                    assert response.status_code == 200, (path, right)
+            # The /oauth/callback and /healthz routes beside them stay public.
+            assert (await http.get("/healthz")).status_code in (200, 503)
+        async with asgi(client, host="203.0.113.7") as remote:
+            response = await remote.get("/ops", headers={"Authorization": f"Bearer {token}"})
+            assert response.status_code == 200
+
+        # A browser answers the Basic challenge with the operator's credentials.
+        async with (
+            serve(client) as base,
+            chromium(http_credentials={"username": "ops", "password": token}) as page,
+        ):
+            response = await page.goto(f"{base}/ops?state=pending")
+            assert response.status == 200
+            assert await page.locator("table#users tr.user-row").count() == 50
+
+
+async def test_without_token_only_loopback_clients_are_served(settings):
+    assert not settings.ops_token
+    async with ConsentClient(settings) as client:
+        for host in ("203.0.113.7", "10.0.0.5", "2001:db8::1", "testclient"):
+            async with asgi(client, host=host) as http:
+                for path in ("/ops", "/metrics", "/ops/users/alice"):
+                    response = await http.get(path)
+                    assert response.status_code == 403, (host, path)
+                    assert "this machine only" in response.text
+        for host in ("127.0.0.1", "::1", "127.0.0.2", "::ffff:127.0.0.1"):
+            async with asgi(client, host=host) as http:
+                assert (await http.get("/ops")).status_code == 200, host
+                assert (await http.get("/metrics")).status_code == 200, host
+        async with asgi(client) as http:
+            # Through a reverse proxy on this machine every client looks local: not trusted.
+            for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
+                response = await http.get("/ops", headers={header: "203.0.113.7"})
+                assert response.status_code == 403, header

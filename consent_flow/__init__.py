@@ -24,6 +24,7 @@ from ._errors import (
     WorkerUnavailable,
 )
 from ._machine import TRANSITIONS, Event, State, Transition, mermaid
+from ._ops import ops_routes
 from ._settings import Settings
 from ._vault import KeyRing, generate_key
 from ._web import consent_routes, create_app
@@ -57,4 +58,5 @@ __all__ = [
     "create_app",
     "generate_key",
     "mermaid",
+    "ops_routes",
 ]

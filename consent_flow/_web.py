@@ -261,8 +261,15 @@ def consent_routes(
     ]
 
 
+def _ops_routes(current: Callable[[], ConsentClient]) -> list[Route]:
+    from ._ops import ops_routes  # the operator pages import this module's page helpers
+
+    return ops_routes(current)
+
+
 def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette:
-    """The ASGI app of ``consent-flow serve``: opens its own ``ConsentClient``."""
+    """The ASGI app of ``consent-flow serve``: the callback, ``/healthz``, ``/metrics`` and the
+    operator pages, on a ``ConsentClient`` of its own."""
     settings.check_provider()
     settings.check_keys()
     holder: dict[str, ConsentClient] = {}
@@ -282,5 +289,5 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette
         except KeyError:
             raise ConsentError("the callback server is not running") from None
 
-    routes = consent_routes(current, callback_path=settings.redirect_path)
+    routes = consent_routes(current, callback_path=settings.redirect_path) + _ops_routes(current)
     return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,62 @@
+"""The public surface is pinned: it grows only on purpose."""
+
+from __future__ import annotations
+
+import consent_flow
+
+PUBLIC = [
+    "TRANSITIONS",
+    "CallbackRejected",
+    "ClientRejected",
+    "ConsentClient",
+    "ConsentError",
+    "ConsentRevoked",
+    "ConsentStatus",
+    "Event",
+    "GrantRejected",
+    "IDTokenError",
+    "InvalidTransition",
+    "KeyRing",
+    "NotProvisioned",
+    "ProviderError",
+    "ProviderResponseError",
+    "ProviderUnavailable",
+    "Settings",
+    "SettingsError",
+    "State",
+    "StoreError",
+    "Transition",
+    "UnknownKeyError",
+    "VaultError",
+    "WorkerUnavailable",
+    "consent_routes",
+    "create_app",
+    "generate_key",
+    "mermaid",
+    "ops_routes",
+]
+
+
+def test_all_is_pinned():
+    assert sorted(consent_flow.__all__) == sorted(PUBLIC)
+    for name in PUBLIC:
+        assert getattr(consent_flow, name) is not None
+
+
+def test_every_error_derives_from_one_base_and_has_a_stable_code():
+    errors = [getattr(consent_flow, n) for n in PUBLIC if n.endswith(("Error", "Rejected",
+              "Unavailable", "Revoked", "Transition", "Provisioned")) and n != "Transition"]
+    assert len(errors) >= 14
+    codes = set()
+    for error in errors:
+        assert issubclass(error, consent_flow.ConsentError)
+        codes.add(error.code)
+    assert len(codes) == len(errors)
+
+
+def test_private_modules_stay_private():
+    public_modules = {"mcp"}
+    for name in dir(consent_flow):
+        module = getattr(consent_flow, name)
+        if getattr(module, "__name__", "").startswith("consent_flow.") and name not in PUBLIC:
+            assert name.startswith("_") or name in public_modules, name

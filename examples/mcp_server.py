@@ -1,0 +1,234 @@
+"""An MCP server that acts for its users at a downstream API, with progressive consent.
+
+One process serves the MCP endpoint (streamable HTTP, ``/mcp``), consent-flow's authorization
+callback (``/oauth/callback``) and an in-process consent-flow worker. Its tools:
+
+- ``provision_access``, ``check_access``, ``revoke_access``, from ``consent_flow.mcp``;
+- ``get_my_profile``: calls the downstream API, here the provider's OpenID Connect userinfo
+  endpoint, with the signed-in user's *delegated* access token. Before the user has granted
+  access it answers with the authorization URL instead (progressive consent).
+
+Who the user is comes from the bearer token of the MCP request (the MCP client signed the user in
+at the same provider, with ``resource=<this server's /mcp URL>``). The token is checked by
+**token introspection** (RFC 7662) at the provider, authenticated with this server's own client
+credentials. Why introspection rather than local JWT validation: the local provider issues opaque
+access tokens, introspection also sees revocation at once, and it tells the audience (``aud``),
+so the server accepts only tokens issued for itself (RFC 8707; the MCP authorization spec
+requires it) and never a token meant for another resource. A provider that issues JWT access
+tokens (RFC 9068) could be checked locally against its JWKS instead, trading instant revocation
+for one network round trip less per request; a cache keyed by the token's hash is the usual
+middle ground.
+
+Run it (see examples/README.md)::
+
+    CONSENT_ISSUER=... CONSENT_CLIENT_ID=... CONSENT_CLIENT_SECRET=... \\
+    CONSENT_REDIRECT_URI=http://127.0.0.1:8080/oauth/callback CONSENT_ENCRYPTION_KEYS=... \\
+    python examples/mcp_server.py
+
+Works with mcp 2.x (``MCPServer``) and mcp 1.x (``FastMCP``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote_plus
+
+import httpx
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
+
+try:  # mcp 2.x
+    from mcp.server.mcpserver import Context
+    from mcp.server.mcpserver import MCPServer as Server
+except ImportError:  # mcp 1.x
+    from mcp.server.fastmcp import Context
+    from mcp.server.fastmcp import FastMCP as Server
+
+from consent_flow import ConsentClient, Settings, SettingsError
+from consent_flow.mcp import ConsentTools, NeedsConsent, register_consent_tools
+
+log = logging.getLogger("mcp_server_example")
+
+INTROSPECTION_TIMEOUT = 10.0  # seconds
+DOWNSTREAM_TIMEOUT = 10.0  # seconds
+
+
+@dataclass(frozen=True)
+class Provider:
+    """The provider endpoints this example uses, from its discovery document."""
+
+    issuer: str
+    introspection_endpoint: str
+    userinfo_endpoint: str
+
+    @classmethod
+    async def discover(cls, settings: Settings) -> Provider:
+        url = settings.discovery_url or (
+            settings.issuer.rstrip("/") + "/.well-known/openid-configuration"
+        )
+        async with httpx.AsyncClient(timeout=INTROSPECTION_TIMEOUT) as http:
+            response = await http.get(url)
+            response.raise_for_status()
+            meta = response.json()
+        return cls(meta["issuer"], meta["introspection_endpoint"], meta["userinfo_endpoint"])
+
+
+class IntrospectionVerifier:
+    """The SDK's ``TokenVerifier``: accepts an MCP bearer token when the provider says it is
+    active, was issued by the expected issuer, and is meant for this server (``aud``)."""
+
+    def __init__(
+        self, provider: Provider, *, client_id: str, client_secret: str, resource: str
+    ) -> None:
+        self.provider = provider
+        self.resource = resource
+        # client_secret_basic: form-encoded before base64 (RFC 6749 section 2.3.1).
+        self._auth = httpx.BasicAuth(quote_plus(client_id), quote_plus(client_secret))
+        self._http = httpx.AsyncClient(timeout=INTROSPECTION_TIMEOUT)
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        try:
+            response = await self._http.post(
+                self.provider.introspection_endpoint,
+                data={"token": token, "token_type_hint": "access_token"},
+                auth=self._auth,
+                headers={"Accept": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            log.warning("introspection failed: %s", type(exc).__name__)
+            return None
+        if response.status_code != 200:
+            log.warning("introspection answered HTTP %s", response.status_code)
+            return None
+        claims: dict[str, Any] = response.json()
+        audience = claims.get("aud")
+        audiences = [audience] if isinstance(audience, str) else list(audience or [])
+        expires_at = claims.get("exp")
+        if (
+            claims.get("active") is not True
+            or claims.get("iss", self.provider.issuer) != self.provider.issuer
+            or self.resource not in audiences
+            or (isinstance(expires_at, int) and expires_at <= time.time())
+        ):
+            return None
+        subject = claims.get("sub")
+        return AccessToken(
+            token=token,
+            client_id=str(claims.get("client_id") or ""),
+            scopes=str(claims.get("scope") or "").split(),
+            expires_at=expires_at if isinstance(expires_at, int) else None,
+            resource=self.resource,
+            subject=subject if isinstance(subject, str) else None,
+            claims={"iss": self.provider.issuer, "sub": subject},
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+def build_server(
+    consent: ConsentClient, verifier: IntrospectionVerifier
+) -> tuple[Any, ConsentTools]:
+    """The MCP server: consent tools, the downstream tool and the callback route.
+
+    Its bearer tokens must be issued for ``verifier.resource``, this server's MCP endpoint URL.
+    """
+    provider = verifier.provider
+    server = Server(
+        "consent-flow example",
+        instructions="Reads the signed-in user's profile at the provider, with their consent.",
+        token_verifier=verifier,
+        auth=AuthSettings(
+            issuer_url=provider.issuer,
+            resource_server_url=verifier.resource,
+            # The verifier puts the checked audience into AccessToken.resource; have the SDK
+            # compare it with this server's URL as well (RFC 8707).
+            validate_token_resource=True,
+        ),
+    )
+    tools = register_consent_tools(server, consent)
+    tools.mount_callback()  # GET /oauth/callback and /healthz, beside /mcp
+
+    @server.tool(
+        title="My profile at the provider",
+        description="The signed-in user's profile, read at the provider with their delegated "
+        "access. If they have not granted it yet, answers with the page where they can.",
+    )
+    async def get_my_profile(ctx: Context) -> dict[str, Any]:
+        token = await tools.downstream_token(ctx)
+        if isinstance(token, NeedsConsent):
+            return token.model_dump()
+        async with httpx.AsyncClient(timeout=DOWNSTREAM_TIMEOUT) as http:
+            response = await http.get(
+                provider.userinfo_endpoint, headers={"Authorization": f"Bearer {token}"}
+            )
+        if response.status_code != 200:
+            # For instance a grant the provider ended a moment ago: the next refresh notices.
+            return {"error": "downstream_refused", "status": response.status_code}
+        return {"profile": response.json()}
+
+    return server, tools
+
+
+async def serve(settings: Settings) -> None:
+    """Worker, callback and MCP endpoint in one process, until Ctrl-C."""
+    import uvicorn
+    from arq.worker import Worker
+
+    from workers import worker_settings
+
+    if not settings.redis_url:
+        raise SettingsError("CONSENT_REDIS_URL", "is required here (the in-process worker uses it)")
+    resource = os.environ.get("MCP_RESOURCE_URL") or (
+        f"http://{settings.http_host}:{settings.http_port}/mcp"
+    )
+    provider = await Provider.discover(settings)
+    verifier = IntrospectionVerifier(
+        provider,
+        client_id=settings.client_id,
+        client_secret=settings.client_secret.reveal(),
+        resource=resource,
+    )
+    options = worker_settings(settings, settings.redis_url)
+    options["handle_signals"] = False  # uvicorn owns Ctrl-C; the worker stops with it
+    worker = Worker(**options)
+    async with ConsentClient(settings) as consent, contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(verifier.aclose)
+        server, _ = build_server(consent, verifier)
+        task = asyncio.create_task(worker.main())
+        stack.push_async_callback(_stop_worker, worker, task)
+        config = uvicorn.Config(
+            server.streamable_http_app(), host=settings.http_host, port=settings.http_port
+        )
+        print(f"MCP endpoint: {resource}  callback: {settings.redirect_uri}", flush=True)
+        await uvicorn.Server(config).serve()
+
+
+async def _stop_worker(worker: Any, task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await worker.close()
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO)
+    try:
+        settings = Settings.from_env(require_provider=True, require_keys=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(settings))
+    except SettingsError as exc:
+        print(f"mcp_server: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

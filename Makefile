@@ -7,6 +7,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
+MCP1   := .venv-mcp1
+MCP1_STAMP := $(MCP1)/.installed
 NODE_STAMP := examples/provider/node_modules/.installed
 
 .PHONY: demo test setup system lint typecheck clean
@@ -14,12 +16,20 @@ NODE_STAMP := examples/provider/node_modules/.installed
 demo: setup
 	$(BIN)/python examples/demo.py
 
-test: setup
+test: setup $(MCP1_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+	# The MCP integration again on the 1.x SDK (FastMCP), which many servers still run.
+	$(MCP1)/bin/python -m pytest tests/test_mcp.py
 
 setup: $(STAMP) $(NODE_STAMP) system
+
+$(MCP1_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(MCP1)
+	$(MCP1)/bin/pip install --quiet --upgrade pip
+	$(MCP1)/bin/pip install --quiet -e '.[dev]' 'mcp<2'
+	touch $@
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,4 +53,4 @@ system:
 	fi
 
 clean:
-	rm -rf $(VENV) examples/provider/node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MCP1) examples/provider/node_modules .pytest_cache .mypy_cache .ruff_cache

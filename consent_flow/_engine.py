@@ -224,7 +224,10 @@ class Engine:
             row = self._decide(rec, envelope.event)
             now = self.clock()
             if rec.state is State.PROVISIONED:
-                return self._outcome(rec, envelope, "unchanged", detail={"already": True})
+                return self._outcome(
+                    rec, envelope, "unchanged",
+                    detail={"already": True, "scopes": list(rec.scopes)},
+                )
             if (
                 rec.state is State.PENDING
                 and rec.session_expires_at is not None

@@ -337,8 +337,6 @@ class ConsentTools:
                     status = await client.status(user)
                     return ConsentResult.from_status(status, elicitation=answer, with_url=False)
             status = await client.request_provisioning(user)
-            if status.provisioned and not status.scopes:  # "already provisioned" says no more
-                status = await client.status(user)
             url = status.authorization_url
             if status.state is not State.PENDING or not url:
                 return ConsentResult.from_status(status)

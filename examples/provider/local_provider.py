@@ -63,6 +63,7 @@ _NPM_CI_HINT = "run: npm ci --prefix examples/provider"
 # Variables server.mjs reads: never inherit them from the caller's environment by accident.
 _SERVER_ENV = (
     "PORT",
+    "HOST",
     "ISSUER",
     "RESOURCE",
     "CLIENTS",

@@ -4,8 +4,10 @@
 // Run: npm ci --prefix examples/provider && node examples/provider/server.mjs
 //
 // Configuration (environment variables):
-//   PORT                 Port to listen on, on 127.0.0.1 only (default 9090; 0 picks a free port,
-//                        and the READY line tells which one).
+//   PORT                 Port to listen on (default 9090; 0 picks a free port, and the READY line
+//                        tells which one).
+//   HOST                 Address to listen on (default 127.0.0.1: its login page lets anyone sign
+//                        in as anyone; docker compose sets 0.0.0.0 inside its private network).
 //   ISSUER               Issuer identifier (default http://127.0.0.1:$PORT, with the real port).
 //   RESOURCE             The one accepted RFC 8707 resource indicator (default $ISSUER/api). Its
 //                        scopes are "notes:read notes:write"; access tokens for it are opaque.
@@ -79,6 +81,7 @@ function envInt(name, fallback) {
 }
 
 const PORT = envInt('PORT', 9090);
+const HOST = process.env.HOST || '127.0.0.1';
 const ACCESS_TOKEN_TTL = envInt('ACCESS_TOKEN_TTL', 3600);
 const REFRESH_TOKEN_TTL = envInt('REFRESH_TOKEN_TTL', 14 * 24 * 60 * 60);
 const ROTATE_REFRESH_TOKEN = (process.env.ROTATE_REFRESH_TOKEN ?? '1') !== '0';
@@ -357,7 +360,7 @@ async function main() {
   const server = http.createServer();
   await new Promise((resolve, reject) => {
     server.once('error', reject);
-    server.listen(PORT, '127.0.0.1', resolve);
+    server.listen(PORT, HOST, resolve);
   });
   const { port } = server.address();
   const ISSUER = process.env.ISSUER || `http://127.0.0.1:${port}`;

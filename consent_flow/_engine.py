@@ -142,7 +142,7 @@ class Engine:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _outcome(
+    def outcome(
         self,
         rec: ConsentRecord,
         envelope: Envelope,
@@ -150,13 +150,15 @@ class Engine:
         *,
         url: str | None = None,
         error: str | None = None,
+        reason: str | None = None,
         detail: dict[str, Any] | None = None,
     ) -> Outcome:
+        """What a caller hears: the user's status after the event, and what happened."""
         return Outcome(
             user=rec.user,
             state=rec.state.value,
             since=iso(rec.since),
-            reason=rec.reason,
+            reason=reason or rec.reason,
             event=envelope.event.value,
             result=result,
             authorization_url=url,
@@ -198,11 +200,11 @@ class Engine:
     def _decide(self, rec: ConsentRecord, event: Event) -> Transition:
         return self.machine.decide(rec.state, event, user=rec.user)
 
-    async def _reread_after(self, envelope: Envelope, status: str) -> Outcome:
+    async def reread_after(self, envelope: Envelope, status: str) -> Outcome:
         rec = await self.store.load(envelope.user)
         result = "unchanged" if status == "duplicate" else "rejected"
         error = None if status == "duplicate" else "conflict"
-        return self._outcome(rec, envelope, result, error=error, url=self._live_url(rec))
+        return self.outcome(rec, envelope, result, error=error, url=self._live_url(rec))
 
     def _live_url(self, rec: ConsentRecord) -> str | None:
         return session_url(self.ring, rec)
@@ -224,8 +226,10 @@ class Engine:
             row = self._decide(rec, envelope.event)
             now = self.clock()
             if rec.state is State.PROVISIONED:
-                return self._outcome(
-                    rec, envelope, "unchanged",
+                return self.outcome(
+                    rec,
+                    envelope,
+                    "unchanged",
                     detail={"already": True, "scopes": list(rec.scopes)},
                 )
             if (
@@ -234,7 +238,7 @@ class Engine:
                 and rec.session_expires_at > now
                 and (url := self._live_url(rec)) is not None
             ):
-                return self._outcome(rec, envelope, "unchanged", url=url)
+                return self.outcome(rec, envelope, "unchanged", url=url)
             # A new session: from unprovisioned or revoked, or to replace a pending session
             # that lapsed before the cleanup job got to it.
             state, verifier, nonce = new_state(), new_code_verifier(), new_nonce()
@@ -273,10 +277,10 @@ class Engine:
             if result.ok:
                 rec = await self.store.load(envelope.user)
                 log.info("session_started", user=rec.user, event_id=envelope.event_id)
-                return self._outcome(rec, envelope, "applied", url=url)
+                return self.outcome(rec, envelope, "applied", url=url)
             if result.status == "duplicate":
-                return await self._reread_after(envelope, "duplicate")
-        return await self._reread_after(envelope, "conflict")
+                return await self.reread_after(envelope, "duplicate")
+        return await self.reread_after(envelope, "conflict")
 
     # --- authorization_completed ------------------------------------------------------------
 
@@ -286,7 +290,7 @@ class Engine:
         if rec.state is not State.PENDING or rec.session_id != session_id or rec.session is None:
             # A duplicate of an event already applied, or a session that ended meanwhile.
             status = "duplicate" if await self._seen(envelope) else "conflict"
-            return await self._reread_after(envelope, status)
+            return await self.reread_after(envelope, status)
         row = self._decide(rec, envelope.event)
         sealed_code = await self.store.take_inbox(rec.user, envelope.event_id)
         if sealed_code is None:
@@ -368,13 +372,13 @@ class Engine:
         result = await self.store.commit(change)
         if not result.ok:
             # Lost the race (revoked meanwhile, say): these tokens must not live on.
-            await self._revoke_obtained(rec.user, tokens, why="transition lost")
-            return await self._reread_after(envelope, result.status)
+            await self.revoke_obtained(rec.user, tokens, why="transition lost")
+            return await self.reread_after(envelope, result.status)
         if self.on_scheduled is not None:
             await self.on_scheduled(rec.user, due)
         rec = await self.store.load(rec.user)
         log.info("consent_granted", user=rec.user, scopes=list(rec.scopes))
-        return self._outcome(rec, envelope, "applied", detail={"scopes": list(rec.scopes)})
+        return self.outcome(rec, envelope, "applied", detail={"scopes": list(rec.scopes)})
 
     async def _fail_authorization(
         self,
@@ -386,7 +390,7 @@ class Engine:
         obtained: TokenSet | None = None,
     ) -> Outcome:
         if obtained is not None:
-            await self._revoke_obtained(rec.user, obtained, why=error)
+            await self.revoke_obtained(rec.user, obtained, why=error)
         failed = Envelope(
             event=Event.AUTHORIZATION_FAILED,
             user=rec.user,
@@ -405,10 +409,10 @@ class Engine:
         )
         result = await self.store.commit(change)
         if not result.ok:
-            return await self._reread_after(envelope, result.status)
+            return await self.reread_after(envelope, result.status)
         log.info("consent_not_granted", user=rec.user, error=error)
         rec = await self.store.load(rec.user)
-        return self._outcome(rec, failed, "failed", error=error)
+        return self.outcome(rec, failed, "failed", error=error)
 
     async def _seen(self, envelope: Envelope) -> bool:
         score = await self.store.redis.zscore(
@@ -422,7 +426,7 @@ class Engine:
         rec = await self.store.load(envelope.user)
         if rec.state is not State.PENDING or rec.session_id != envelope.payload.get("session_id"):
             status = "duplicate" if await self._seen(envelope) else "conflict"
-            return await self._reread_after(envelope, status)
+            return await self.reread_after(envelope, status)
         error = envelope.payload.get("error", "unknown_error")
         description = envelope.payload.get("error_description")
         reason = f"{error}: {description}" if description else error
@@ -434,7 +438,7 @@ class Engine:
         rec = await self.store.load(envelope.user)
         now = self.clock()
         if rec.state is not State.PENDING or (rec.session_expires_at or 0) > now:
-            return await self._reread_after(envelope, "conflict")
+            return await self.reread_after(envelope, "conflict")
         row = self._decide(rec, envelope.event)
         change = self._change(
             envelope,
@@ -446,9 +450,9 @@ class Engine:
         )
         result = await self.store.commit(change)
         if not result.ok:
-            return await self._reread_after(envelope, result.status)
+            return await self.reread_after(envelope, result.status)
         rec = await self.store.load(rec.user)
-        return self._outcome(rec, envelope, "applied")
+        return self.outcome(rec, envelope, "applied")
 
     # --- revoke_requested -------------------------------------------------------------------
 
@@ -458,7 +462,7 @@ class Engine:
                 rec = await self.store.load(envelope.user)
                 row = self._decide(rec, envelope.event)
                 if not row.changes:
-                    return self._outcome(rec, envelope, "unchanged")
+                    return self.outcome(rec, envelope, "unchanged")
                 reason = envelope.payload.get("reason") or "revoked by " + envelope.actor
                 # The sealed tokens move to the revocation outbox in the same step that wipes
                 # them, so no process hands them out again (invariant 9) and a provider that is
@@ -478,13 +482,13 @@ class Engine:
                 if result.status == "conflict":
                     continue
                 if result.status == "duplicate":
-                    return await self._reread_after(envelope, "duplicate")
+                    return await self.reread_after(envelope, "duplicate")
                 rec = await self.store.load(rec.user)
                 detail: dict[str, Any] = {}
                 if rec.revocation_pending:
                     detail["provider_revocation"] = await self.revoke_pending(rec.user)
-                return self._outcome(rec, envelope, "applied", detail=detail)
-        return await self._reread_after(envelope, "conflict")
+                return self.outcome(rec, envelope, "applied", detail=detail)
+        return await self.reread_after(envelope, "conflict")
 
     async def revoke_pending(self, user: str) -> str:
         """Revoke the tokens in a user's outbox at the provider (RFC 7009), then forget them.
@@ -526,7 +530,7 @@ class Engine:
             except ProviderError as exc:
                 log.info("access_token_revocation_skipped", error=exc.code)
 
-    async def _revoke_obtained(self, user: str, tokens: TokenSet, *, why: str) -> None:
+    async def revoke_obtained(self, user: str, tokens: TokenSet, *, why: str) -> None:
         """Tokens a losing or failing step obtained are revoked at once, never stored."""
         try:
             await self._revoke_tokens(

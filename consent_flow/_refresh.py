@@ -14,7 +14,6 @@ import hashlib
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
@@ -27,7 +26,7 @@ from ._errors import (
 )
 from ._machine import Event, State
 from ._metrics import MetricsRecorder
-from ._model import Change, ConsentRecord, clip, iso
+from ._model import Change, ConsentRecord, clip
 from ._queue import Envelope, Outcome
 from ._schedule import Scheduler
 from ._store import due_ms
@@ -127,7 +126,7 @@ class Refresher:
                 await self._reschedule(
                     rec, envelope, time.time() + self.retry.halt_retry, error=None
                 )
-            return self._outcome(
+            return self.engine.outcome(
                 rec, envelope, "failed", error="invalid_client", reason=halt.get("reason")
             )
         if on_demand:
@@ -139,7 +138,7 @@ class Refresher:
                 # Another worker is refreshing (or revoking) this grant right now; it schedules
                 # the next refresh itself.
                 rec = await self.store.load(user)
-                return self._outcome(rec, envelope, "unchanged")
+                return self.engine.outcome(rec, envelope, "unchanged")
             lock = self.engine.user_lock(user)
             lock.token = token
         try:
@@ -168,15 +167,15 @@ class Refresher:
         now = self.engine.clock()
         if rec.state is not State.PROVISIONED or rec.tokens is None:
             await self.store.redis.zrem(self.store.keys.sched, user)
-            return self._outcome(rec, envelope, "unchanged")
+            return self.engine.outcome(rec, envelope, "unchanged")
         if on_demand:
             if rec.expires_at is None or rec.expires_at - now >= min_ttl:
-                return self._outcome(rec, envelope, "unchanged")
+                return self.engine.outcome(rec, envelope, "unchanged")
         elif due is not None and (
             rec.next_refresh_at is None or due_ms(rec.next_refresh_at) != due
         ):
             # A job for a schedule that a later refresh already replaced.
-            return self._outcome(rec, envelope, "unchanged")
+            return self.engine.outcome(rec, envelope, "unchanged")
         tokens = self.engine.open_tokens(user, rec.tokens)
         # Marked before the call: if this process dies with the request in flight, the next
         # attempt knows an invalid_grant may be the provider punishing a rotated token's reuse.
@@ -197,7 +196,7 @@ class Refresher:
                 now + self.retry.halt_retry,
                 error="client credentials rejected (invalid_client)",
             )
-            return self._outcome(rec, envelope, "failed", error=exc.code)
+            return self.engine.outcome(rec, envelope, "failed", error=exc.code)
         except ProviderError as exc:
             # Down, slow, rate limited, or an answer we do not understand: never a reason to end
             # a grant. Back off and try again.
@@ -216,7 +215,7 @@ class Refresher:
                 "refresh_failed", error=exc.code, failures=failures, retry_in=round(delay, 1)
             )
             rec = await self.store.load(user)
-            return self._outcome(rec, envelope, "failed", error=exc.code)
+            return self.engine.outcome(rec, envelope, "failed", error=exc.code)
         if probing:
             await self.store.redis.delete(self.store.keys.halt)
             log.warning("refresh_pause_lifted", why="a refresh succeeded")
@@ -255,8 +254,8 @@ class Refresher:
         if not result.ok:
             # Cannot happen while we hold the lock, unless the lock expired under a very slow
             # provider: the new tokens must not live on (invariant 3).
-            await self.engine._revoke_obtained(user, fresh, why="refresh lost the race")
-            return await self.engine._reread_after(envelope, result.status)
+            await self.engine.revoke_obtained(user, fresh, why="refresh lost the race")
+            return await self.engine.reread_after(envelope, result.status)
         await self.scheduler.schedule(user, due_at)
         await self.metrics.refresh("success", lead=lead)
         log.info(
@@ -266,7 +265,7 @@ class Refresher:
             next_in_s=round(due_at - now, 1),
         )
         rec = await self.store.load(user)
-        return self._outcome(rec, envelope, "applied", detail={"lead": lead})
+        return self.engine.outcome(rec, envelope, "applied", detail={"lead": lead})
 
     async def _reschedule(
         self,
@@ -330,33 +329,12 @@ class Refresher:
         )
         result = await self.store.commit(change)
         if not result.ok:
-            return await self.engine._reread_after(rejected, result.status)
+            return await self.engine.reread_after(rejected, result.status)
         log.warning(
             "grant_ended", user=rec.user, error="invalid_grant", lost_response=lost_response
         )
         rec = await self.store.load(rec.user)
-        return self._outcome(rec, rejected, "applied", error="invalid_grant")
-
-    def _outcome(
-        self,
-        rec: ConsentRecord,
-        envelope: Envelope,
-        result: str,
-        *,
-        error: str | None = None,
-        reason: str | None = None,
-        detail: dict[str, Any] | None = None,
-    ) -> Outcome:
-        return Outcome(
-            user=rec.user,
-            state=rec.state.value,
-            since=iso(rec.since),
-            reason=reason or rec.reason,
-            event=envelope.event.value,
-            result=result,
-            error=error,
-            detail=detail or {},
-        )
+        return self.engine.outcome(rec, rejected, "applied", error="invalid_grant")
 
 
 def _brief(exc: ProviderError) -> str:

@@ -45,3 +45,71 @@ def test_bench_provision_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyP
     for needle in ("(a) arq floor", "(b) provision_requested", "ratio (b)/(a)", "(c)", "p99",
                    "target"):
         assert needle in text
+
+
+def _load_script(monkeypatch: pytest.MonkeyPatch, path: Path) -> object:
+    """The script as a module, for its ``report`` (its figures come from the run above)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script prepends the repository
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_json(path: Path, *args: str, timeout: float = 120) -> dict:
+    result = subprocess.run(
+        [sys.executable, str(path), *args, "--json"],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    figures: dict = json.loads(result.stdout)
+    return figures
+
+
+def test_bench_refresh_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    script = ROOT / "benchmarks" / "bench_refresh.py"
+    figures = _run_json(script, "--users", "4", "--seconds", "1", "--warmup", "0.5")
+    for phase in ("provider_before", "project", "provider_after"):
+        assert figures[phase]["per_s"] > 0 and figures[phase]["calls"] > 0, (phase, figures)
+        assert figures[phase]["p50_ms"] <= figures[phase]["p99_ms"]
+    assert figures["ratio"] > 0 and figures["baseline_per_s"] > 0
+    assert figures["workers"] == 3 and figures["callers"] == figures["users"] == 4
+    assert figures["target_ratio"] == 0.7
+    assert figures["provider_refresh_reuse_detected"] == 0
+    assert figures["redis_commands_per_refresh"] > 0
+    text = _load_script(monkeypatch, script).report(figures)  # type: ignore[attr-defined]
+    for needle in ("(a) provider", "(b) through the project", "ratio (b) / mean(a)", "target"):
+        assert needle in text
+
+
+def test_bench_schedule_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    script = ROOT / "benchmarks" / "bench_schedule.py"
+    figures = _run_json(script, "--users", "2500", "--repeat", "3")
+    for case in ("baseline_zrangebyscore", "sweep_steady", "sweep_requeue", "sweep_idle"):
+        assert 0 < figures[case]["p50_ms"] <= figures[case]["max_ms"], (case, figures)
+    assert figures["sweep_window"] == 1000
+    assert figures["sweep_backlog_probe"]["due"] == 2000
+    memory = figures["memory"]
+    assert memory["bytes_per_user"] > 0 and memory["breakdown_bytes_per_user"]
+    assert memory["ideas"] and memory["aged"]
+    assert figures["target_tick_ms"] == 20 and figures["target_bytes_per_user"] == 2048
+    text = _load_script(monkeypatch, script).report(figures)  # type: ignore[attr-defined]
+    for needle in ("(a) sweep tick", "baseline ZRANGEBYSCORE", "requeue path", "(b) memory",
+                   "per provisioned user", "ideas", "aged users", "target"):
+        assert needle in text
+
+
+def test_bench_broker_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    script = ROOT / "benchmarks" / "bench_broker.py"
+    figures = _run_json(script, "--calls", "2000", "--users", "10")
+    for case in ("baseline_dict_time", "baseline_dict_time_async", "cache_path", "store_path",
+                 "baseline_hgetall"):
+        assert 0 < figures[case]["p50_us"] <= figures[case]["p99_us"], (case, figures)
+    assert figures["cache_path_redis_calls"] == 0
+    assert figures["target_p50_us"] == 50
+    text = _load_script(monkeypatch, script).report(figures)  # type: ignore[attr-defined]
+    for needle in ("(a) baseline", "(b) access_token, in-process cache", "(c) access_token",
+                   "bare HGETALL", "target p50"):
+        assert needle in text

@@ -1,0 +1,690 @@
+"""Token refresh throughput through three worker processes, next to the provider's own capacity.
+
+One run starts a private ``redis-server`` (a free port, a temporary folder; never the system Redis),
+the local OpenID provider (oidc-provider; one-hour access tokens, refresh tokens that rotate on
+every use, where a reused one kills the grant), three worker processes of the project (this script
+run as ``--worker``, which builds ``arq.Worker(**worker_settings(...))`` as ``consent-flow worker``
+does, JSON logs to a file as docker-compose runs it) and the callback server in this process.
+
+It provisions ``--users`` users end to end (``ConsentClient.request_provisioning``, a headless
+login and approval at the provider, the browser's GET of the callback), and obtains as many grants
+of other accounts straight from the provider (PKCE code flow) for the baseline. Then, each phase
+with ``--users`` concurrent callers, each caller on a user (or grant) of its own, closed loop,
+after a warm-up:
+
+(a) the provider's capacity: plain refresh calls with httpx, straight to the token endpoint with
+    client_secret_basic, each using the refresh token its previous call was given (a rotating
+    chain per caller). Measured before and after (b); the mean of the two is the baseline, so
+    a provider that slows down as it accumulates tokens does not flatter either side.
+(b) refreshes through the project. Each call is the on-demand refresh that
+    ``ConsentClient.access_token`` makes when the stored token does not live long enough: it
+    calls the client's own ``TokenBroker._refresh`` (an arq job ``refresh_tokens`` with
+    ``on_demand``, answered on a reply list), with a ``min_ttl`` longer than any token lives, so
+    the worker always refreshes: user lock, record re-read, in-flight mark, the provider call,
+    sealing, the commit (tokens, schedule, history, stream, counters), the next deferred job, the
+    outcome. The caller then reads the record back and decrypts it, as ``access_token`` does, and
+    checks that it holds a new access token: a call that did not refresh fails the run.
+    Why not ``access_token(user, min_ttl=<large>)`` itself: it refreshes, then refuses the new
+    token because it does not live ``min_ttl`` either (ProviderUnavailable), and a ``min_ttl`` just
+    under the token lifetime refreshes a user at most once per few seconds. Scheduled refreshes
+    run the same worker code, with a non-blocking lock and no reply; they cannot be driven at a
+    chosen rate without touching arq's queue behind the project's back.
+
+Reported: refreshes per second of (a) and (b), the ratio (b)/(a) (target >= 0.7), CPU
+milliseconds per refresh of each process (Linux /proc), and the provider's own counters (no
+rotated token reused, no refresh error). Missed targets are reported, never an exit code: only a
+failure (a worker that dies, a refresh that did not happen, a reused token) exits non-zero.
+
+    .venv/bin/python benchmarks/bench_refresh.py [--users 50] [--seconds 10] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote_plus
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples" / "provider"))
+
+import httpx  # noqa: E402
+import redis  # noqa: E402
+
+TARGET_RATIO = 0.7  # (b) / (a)
+WORKERS = 3
+CLIENT_ID = "consent-flow-bench"
+CLIENT_SECRET = "bench-secret"  # a throwaway client of a throwaway provider
+SCOPES = "openid offline_access profile"
+ACCESS_TOKEN_TTL = 3600
+FORCE_MIN_TTL = 10 * 365 * 86400.0  # longer than any token lives: the worker always refreshes
+READY_TIMEOUT = 30.0
+EVENT_TIMEOUT = 30.0
+PROVISION_CONCURRENCY = 10
+
+
+class BenchError(Exception):
+    """Something broke (not a missed target)."""
+
+
+# --- the worker processes ----------------------------------------------------------------------
+
+
+def run_project_worker() -> None:
+    """The project's worker, as ``consent-flow worker`` runs it, on the run's own queue."""
+    from arq.worker import Worker
+
+    from consent_flow._logging import configure_logging
+    from workers import worker_settings
+
+    settings = bench_settings(dict(os.environ))
+    configure_logging(settings.log_format, logging.INFO)
+    assert settings.redis_url
+    Worker(**worker_settings(settings, settings.redis_url)).run()
+
+
+def bench_settings(env: dict[str, str]) -> Any:
+    from consent_flow import Settings
+
+    settings = Settings.from_env(env, require_provider=True, require_keys=True)
+    return settings.with_changes(queue_name=env["BENCH_QUEUE"])
+
+
+# --- infrastructure ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Redis:
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+def start_redis(directory: Path) -> Redis:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError("redis-server is not installed")
+    for _ in range(5):  # a free port can be taken between the probe and the bind
+        port = free_port()
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(directory),
+             "--logfile", str(directory / "redis.log")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while process.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(redis.RedisError), \
+                    redis.Redis(port=port, socket_timeout=0.5) as r:
+                if r.ping():
+                    return Redis(port, process)
+            time.sleep(0.02)
+        stop_process(process)
+    raise BenchError(f"redis-server did not start (see {directory}/redis.log)")
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def check(self) -> None:
+        code = self.process.poll()
+        if code is not None:
+            raise BenchError(f"the {self.name} worker exited with code {code}; see {self.log}:\n"
+                             + tail(self.log))
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def start_worker(name: str, env: dict[str, str], workdir: Path) -> WorkerProcess:
+    log = workdir / f"worker-{name}.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker"],
+            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+    return WorkerProcess(name, process, log)
+
+
+def wait_ready(workers: list[WorkerProcess], redis_url: str, health_key: str) -> None:
+    """Each worker logs ``worker_started`` at the end of its start-up, then arq polls and records
+    its health key: then they all take jobs."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    with redis.Redis.from_url(redis_url) as r:
+        while True:
+            for worker in workers:
+                worker.check()
+            started = all("worker_started" in tail(w.log, 200) for w in workers)
+            if started and r.exists(health_key):
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"the workers were not ready after {READY_TIMEOUT:g} s:\n"
+                                 + "\n".join(tail(w.log) for w in workers))
+            time.sleep(0.05)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc); None where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 100))))
+    return ordered[rank - 1]
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Completions of one phase: (finished at, seconds taken), from the warm-up on."""
+
+    samples: list[tuple[float, float]] = field(default_factory=list)
+    window: tuple[float, float] = (0.0, 0.0)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds in the window, by process
+
+    def measured(self) -> list[float]:
+        start, end = self.window
+        return [took for at, took in self.samples if start <= at <= end]
+
+    @property
+    def per_second(self) -> float:
+        start, end = self.window
+        return len(self.measured()) / (end - start)
+
+    def cpu_ms_per_call(self) -> dict[str, float]:
+        n = len(self.measured())
+        return {name: round(1000 * used / n, 3) for name, used in self.cpu.items()}
+
+    def summary(self) -> dict[str, Any]:
+        took = self.measured()
+        return {
+            "per_s": round(self.per_second, 1),
+            "calls": len(took),
+            "p50_ms": round(percentile(took, 50) * 1000, 2),
+            "p99_ms": round(percentile(took, 99) * 1000, 2),
+            "cpu_ms_per_refresh": self.cpu_ms_per_call(),
+        }
+
+
+async def drive(
+    callers: int, warmup: float, seconds: float,
+    call: Callable[[int], Awaitable[None]],
+    alive: Callable[[], None],
+    processes: dict[str, list[int]],
+) -> Run:
+    """``callers`` loops calling ``call(caller)`` back to back; count what completes between the
+    end of the warm-up and the end of the measurement, and the CPU time of each group of
+    ``processes`` in that window."""
+    run = Run()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    run.window = (start + warmup, start + warmup + seconds)
+    stop_at = run.window[1]
+
+    def snapshot() -> tuple[float, dict[str, float | None]]:
+        out: dict[str, float | None] = {}
+        for name, pids in processes.items():
+            used = [cpu_seconds(pid) for pid in pids]
+            out[name] = None if any(u is None for u in used) else sum(used)  # type: ignore[arg-type]
+        return loop.time(), out
+
+    async def meter() -> None:
+        await asyncio.sleep(max(0.0, run.window[0] - loop.time()))
+        t0, before = snapshot()
+        await asyncio.sleep(max(0.0, stop_at - loop.time()))
+        t1, after = snapshot()
+        run.window = (t0, t1)
+        for name, used in after.items():
+            if used is not None and before[name] is not None:
+                run.cpu[name] = used - before[name]  # type: ignore[operator]
+
+    async def caller(n: int) -> None:
+        while loop.time() < stop_at:
+            t0 = loop.time()
+            await call(n)
+            t1 = loop.time()
+            run.samples.append((t1, t1 - t0))
+
+    tasks = [asyncio.create_task(caller(n)) for n in range(callers)]
+    tasks.append(asyncio.create_task(meter()))
+    try:
+        pending: set[asyncio.Task[None]] = set(tasks)
+        while pending:
+            alive()  # a dead worker fails the run at once instead of after the event timeout
+            done, pending = await asyncio.wait(
+                pending, timeout=0.2, return_when=asyncio.FIRST_EXCEPTION
+            )
+            for task in done:
+                task.result()  # the first failure ends the phase
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if not run.measured():
+        raise BenchError("nothing completed within the measurement window")
+    return run
+
+
+# --- provisioning ------------------------------------------------------------------------------
+
+
+class CallbackServer:
+    """``consent-flow serve``'s app (create_app), in this process, as tests/conftest.py runs it."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.server: Any = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> CallbackServer:
+        import uvicorn
+
+        from consent_flow import create_app
+
+        config = uvicorn.Config(
+            create_app(self.settings), host="127.0.0.1", port=self.settings.http_port,
+            access_log=False, log_config=None, lifespan="on",
+        )
+        self.server = uvicorn.Server(config)
+        self.task = asyncio.create_task(self.server.serve())
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if self.task.done() or time.monotonic() > deadline:
+                raise BenchError("the callback server did not start")
+            await asyncio.sleep(0.01)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(self.task, timeout=10)
+
+
+async def provision_users(client: Any, settings: Any, users: list[str]) -> None:
+    """The whole round trip per user: request, headless approval, the browser's callback."""
+    from local_provider import approve
+
+    from consent_flow._machine import State
+
+    gate = asyncio.Semaphore(PROVISION_CONCURRENCY)
+    async with CallbackServer(settings), httpx.AsyncClient(timeout=30) as http:
+        async def one(user: str) -> None:
+            async with gate:
+                status = await client.request_provisioning(user)
+                if not status.authorization_url:
+                    raise BenchError(f"no authorization URL for {user}: {status}")
+                callback = await approve(status.authorization_url, user, client=http)
+                page = await http.get(callback)
+                if page.status_code != 200:
+                    raise BenchError(f"the callback for {user} answered {page.status_code}")
+                if (await client.status(user)).state is not State.PROVISIONED:
+                    raise BenchError(f"{user} is not provisioned after the round trip")
+
+        await asyncio.gather(*(one(u) for u in users))
+
+
+def basic_auth() -> str:
+    raw = f"{quote_plus(CLIENT_ID)}:{quote_plus(CLIENT_SECRET)}"
+    return "Basic " + base64.b64encode(raw.encode("ascii")).decode("ascii")
+
+
+async def direct_grants(provider: Any, accounts: list[str]) -> list[str]:
+    """A refresh token per account, straight from the provider (PKCE code flow)."""
+    from local_provider import approve, callback_params, pkce_pair
+
+    token_endpoint = provider.metadata["token_endpoint"]
+    redirect = provider.clients[0]["redirect_uris"][0]
+    gate = asyncio.Semaphore(PROVISION_CONCURRENCY)
+    async with httpx.AsyncClient(timeout=30) as http:
+        async def one(account: str) -> str:
+            async with gate:
+                verifier, challenge = pkce_pair()
+                url = provider.authorization_url(
+                    code_challenge=challenge, state=secrets.token_urlsafe(16),
+                    nonce=secrets.token_urlsafe(16), scope=SCOPES)
+                params = callback_params(await approve(url, account, client=http))
+                reply = await http.post(
+                    token_endpoint,
+                    data={"grant_type": "authorization_code", "code": params["code"],
+                          "redirect_uri": redirect, "code_verifier": verifier},
+                    headers={"Authorization": basic_auth(), "Accept": "application/json"})
+                if reply.status_code != 200 or "refresh_token" not in reply.json():
+                    raise BenchError(f"no refresh token for the baseline account {account}: "
+                                     f"{reply.status_code}")
+                token: str = reply.json()["refresh_token"]
+                return token
+
+        return list(await asyncio.gather(*(one(a) for a in accounts)))
+
+
+async def bench_provider(provider: Any, chains: list[str], warmup: float, seconds: float,
+                         alive: Callable[[], None], processes: dict[str, list[int]]) -> Run:
+    """(a) plain refresh calls, each caller rotating its own chain."""
+    token_endpoint = provider.metadata["token_endpoint"]
+    headers = {"Authorization": basic_auth(), "Accept": "application/json"}
+    # A client (one kept-alive connection) per caller: one client shared by 50 concurrent
+    # callers spends several times the CPU per request in httpcore's connection pool, and the
+    # baseline would measure that instead of the provider.
+    async with contextlib.AsyncExitStack() as stack:
+        https = [await stack.enter_async_context(httpx.AsyncClient(timeout=30)) for _ in chains]
+
+        async def call(n: int) -> None:
+            reply = await https[n].post(
+                token_endpoint,
+                data={"grant_type": "refresh_token", "refresh_token": chains[n]},
+                headers=headers)
+            if reply.status_code != 200:
+                raise BenchError(f"a baseline refresh answered {reply.status_code}: "
+                                 f"{reply.text[:200]}")
+            body = reply.json()
+            if not body.get("access_token") or not body.get("refresh_token"):
+                raise BenchError("a baseline refresh returned no tokens")
+            chains[n] = body["refresh_token"]
+
+        return await drive(len(chains), warmup, seconds, call, alive, processes)
+
+
+async def bench_project(client: Any, users: list[str], warmup: float, seconds: float,
+                        alive: Callable[[], None], processes: dict[str, list[int]]) -> Run:
+    """(b) on-demand refreshes through the queue and the workers."""
+    from consent_flow._broker import TokenBroker
+
+    broker = TokenBroker(client)
+    store, ring = client.store, client.ring
+
+    async def current(user: str) -> str:
+        rec = await store.load(user)
+        if rec.tokens is None:
+            raise BenchError(f"{user} has no tokens")
+        token: str = json.loads(ring.decrypt(rec.tokens, user=user, purpose="tokens"))[
+            "access_token"]
+        return token
+
+    last = {u: await current(u) for u in users}
+
+    async def call(n: int) -> None:
+        user = users[n]
+        await broker._refresh(user, FORCE_MIN_TTL)
+        token = await current(user)
+        if token == last[user]:
+            raise BenchError(f"an on-demand refresh of {user} left the same access token")
+        last[user] = token
+
+    try:
+        return await drive(len(users), warmup, seconds, call, alive, processes)
+    finally:
+        await broker.close()
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def infrastructure(workdir: Path, callback_port: int) -> Iterator[tuple[Redis, Any]]:
+    from local_provider import LocalProvider, npm_ci
+
+    npm_ci()
+    server = start_redis(workdir)
+    try:
+        redirect = f"http://127.0.0.1:{callback_port}/oauth/callback"
+        clients = [{"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
+                    "redirect_uris": [redirect],
+                    "token_endpoint_auth_method": "client_secret_basic"}]
+        with LocalProvider.start(clients=clients, access_token_ttl=ACCESS_TOKEN_TTL,
+                                 rotate_refresh_token=True) as provider:
+            yield server, provider
+    finally:
+        stop_process(server.process)
+
+
+def project_env(server: Redis, provider: Any, workdir: Path, prefix: str, queue: str,
+                callback_port: int) -> dict[str, str]:
+    from consent_flow import generate_key
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_")}
+    env.update(
+        CONSENT_REDIS_URL=server.url,
+        CONSENT_REDIS_PREFIX=prefix,
+        CONSENT_ISSUER=provider.issuer,
+        CONSENT_CLIENT_ID=CLIENT_ID,
+        CONSENT_CLIENT_SECRET=CLIENT_SECRET,
+        CONSENT_REDIRECT_URI=provider.clients[0]["redirect_uris"][0],
+        CONSENT_SCOPES=SCOPES,
+        CONSENT_ENCRYPTION_KEYS=generate_key(),
+        CONSENT_SESSION_TTL="600",
+        CONSENT_EVENT_TIMEOUT=str(int(EVENT_TIMEOUT)),
+        CONSENT_HTTP_PORT=str(callback_port),
+        CONSENT_LOG_FORMAT="json",  # as docker-compose.yml runs it
+        CONSENT_DATA_DIR=str(workdir / "data"),
+        BENCH_QUEUE=queue,
+    )
+    return env
+
+
+def command_counts(server: Redis) -> dict[str, int]:
+    with redis.Redis(port=server.port) as r:
+        return {name.removeprefix("cmdstat_"): int(v["calls"])
+                for name, v in r.info("commandstats").items()}
+
+
+def diff_counts(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
+
+
+def quiet_logs() -> None:
+    """This process's commits and callback log too: keep its output for the figures."""
+    import structlog
+
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+async def measure(n_users: int, seconds: float, warmup: float, workdir: Path) -> dict[str, Any]:
+    from consent_flow import ConsentClient
+
+    quiet_logs()
+    load_before = os.getloadavg()
+    callback_port = free_port()
+    with infrastructure(workdir, callback_port) as (server, provider):
+        prefix = "bench" + uuid.uuid4().hex[:10]
+        env = project_env(server, provider, workdir, prefix, f"{prefix}:queue", callback_port)
+        settings = bench_settings(env)
+        workers = [start_worker(f"project-{i + 1}", env, workdir) for i in range(WORKERS)]
+        node = getattr(provider, "_process", None)
+
+        def alive() -> None:
+            for worker in workers:
+                worker.check()
+            if not provider.running:
+                raise BenchError("the provider stopped:\n" + "\n".join(provider.output[-20:]))
+
+        processes = {"client": [os.getpid()], "workers": [w.process.pid for w in workers],
+                     "redis": [server.process.pid]}
+        if node is not None:
+            processes["provider"] = [node.pid]
+        try:
+            wait_ready(workers, server.url, settings.queue_name + ":health-check")
+            users = [f"user{i:04d}" for i in range(n_users)]
+            t0 = time.monotonic()
+            async with ConsentClient(settings) as client:
+                await provision_users(client, settings, users)
+                chains = await direct_grants(provider, [f"base{i:04d}" for i in range(n_users)])
+                setup_s = time.monotonic() - t0
+
+                baseline_1 = await bench_provider(provider, chains, warmup, seconds, alive,
+                                                  {k: v for k, v in processes.items()
+                                                   if k in ("client", "provider")})
+                provider.reset_stats()
+                commands_before = command_counts(server)
+                project = await bench_project(client, users, warmup, seconds, alive, processes)
+                commands = diff_counts(command_counts(server), commands_before)
+                stats = provider.stats()
+                baseline_2 = await bench_provider(provider, chains, warmup, seconds, alive,
+                                                  {k: v for k, v in processes.items()
+                                                   if k in ("client", "provider")})
+                alive()
+        finally:
+            for worker in workers:
+                worker.stop()
+
+    if stats.get("refresh_reuse_detected"):
+        raise BenchError(f"the provider saw {stats['refresh_reuse_detected']} reused refresh "
+                         "tokens during the project phase (invariant 4)")
+    if stats.get("refresh_errors"):
+        raise BenchError(f"the provider counted {stats['refresh_errors']} refresh errors")
+    a1, a2, b = baseline_1.summary(), baseline_2.summary(), project.summary()
+    # Redis commands per refresh over the whole phase (warm-up included, so per started call):
+    # the caller's, the workers' (jobs, arq's polling and bookkeeping) and the sweeps'.
+    started = len(project.samples)
+    per_refresh = {k: round(v / started, 2) for k, v in
+                   sorted(commands.items(), key=lambda kv: -kv[1])}
+    baseline = (a1["per_s"] + a2["per_s"]) / 2
+    ratio = b["per_s"] / baseline if baseline else 0.0
+    return {
+        "users": n_users,
+        "callers": n_users,
+        "workers": WORKERS,
+        "seconds": seconds,
+        "warmup_seconds": warmup,
+        "cpus": os.cpu_count(),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "setup_seconds": round(setup_s, 1),
+        "provider_before": a1,
+        "project": b,
+        "provider_after": a2,
+        "baseline_per_s": round(baseline, 1),
+        "ratio": round(ratio, 3),
+        "redis_commands_per_refresh": round(sum(commands.values()) / started, 1),
+        "redis_commands_per_refresh_by_name": per_refresh,
+        "provider_refresh_requests_in_project_phase": stats.get("refresh_requests"),
+        "provider_refresh_reuse_detected": stats.get("refresh_reuse_detected", 0),
+        "target_ratio": TARGET_RATIO,
+        "ratio_met": ratio >= TARGET_RATIO,
+    }
+
+
+def report(r: dict[str, Any]) -> str:
+    def met(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    def row(label: str, s: dict[str, Any]) -> str:
+        cpu = ", ".join(f"{k} {v:.2f}" for k, v in s["cpu_ms_per_refresh"].items()) or "n/a"
+        return (f"{label}{s['per_s']:8.1f} refreshes/s  ({s['calls']} calls, p50 "
+                f"{s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms; CPU ms/refresh: {cpu})")
+
+    return "\n".join([
+        f"consent-flow refresh benchmark: {r['users']} users, {r['callers']} concurrent callers, "
+        f"{r['workers']} worker processes, {r['seconds']:g} s per phase after "
+        f"{r['warmup_seconds']:g} s warm-up, {r['cpus']} CPUs (load average "
+        f"{r['loadavg_before'][0]:.2f} before, {r['loadavg_after'][0]:.2f} after); "
+        f"set-up (provisioning end to end) {r['setup_seconds']:g} s",
+        row("(a) provider, plain httpx refreshes (before): ", r["provider_before"]),
+        row("(b) through the project (on-demand, queue):   ", r["project"]),
+        row("(a) provider, plain httpx refreshes (after):  ", r["provider_after"]),
+        f"    ratio (b) / mean(a) = {r['project']['per_s']:.1f} / {r['baseline_per_s']:.1f} = "
+        f"{r['ratio']:.3f}   target >= {r['target_ratio']}: {met(r['ratio_met'])}",
+        f"    provider during (b): {r['provider_refresh_requests_in_project_phase']} refresh "
+        f"requests, {r['provider_refresh_reuse_detected']} reused rotated tokens",
+        f"    Redis commands per refresh during (b): {r['redis_commands_per_refresh']:.1f} ("
+        + ", ".join(f"{k} {v:g}" for k, v in
+                    list(r["redis_commands_per_refresh_by_name"].items())[:10]) + ", ...)",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=50,
+                        help="users provisioned, and concurrent callers per phase (default 50)")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="measured seconds per phase (default 10)")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="warm-up seconds per phase (default: half of --seconds, 1 to 3)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        run_project_worker()
+        return 0
+    if args.seconds <= 0 or args.users < 1:
+        parser.error("--seconds must be positive and --users at least 1")
+    warmup = args.warmup if args.warmup is not None else min(3.0, max(1.0, args.seconds / 2))
+
+    workdir = Path(tempfile.mkdtemp(prefix="consent-flow-bench-"))
+    try:
+        results = asyncio.run(measure(args.users, args.seconds, warmup, workdir))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - something broke: say what, exit non-zero
+        print(f"benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"(worker logs kept in {workdir})", file=sys.stderr)
+        return 1
+    shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(results) if args.json else report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1129 @@
+"""Refresh scheduling at scale: one sweep tick over a million users, and Redis memory per user.
+
+One run starts a private ``redis-server`` (a free port, a temporary folder; never the system Redis)
+and loads ``--users`` provisioned users into it the way the project stores them, under the
+default names (prefix ``cf``, queue ``consent-flow:queue``):
+
+* a few *template* users go through the real path, only the provider stubbed in-process:
+  ``Engine.handle(provision_requested)``, the callback's ``RedisStore.claim_session`` with the
+  sealed code, ``Engine.handle(authorization_completed)`` (``RedisStore.commit``, then
+  ``Scheduler.schedule``: the deferred arq job);
+* every other user is written in bulk by a Lua script, in pipelined batches, mirroring exactly
+  what a template user holds: the record hash (the template's fields, with the tokens sealed per
+  user by the project's ``KeyRing``: a JWT-shaped 1 KiB access token and a 64-character refresh
+  token), the template's two history entries (``HistoryEntry.to_json`` with this user's times
+  and ids), the seen-zset with both event ids, the memberships of
+  ``cf:idx:provisioned``, ``cf:sched`` (ms) and ``cf:histidx``, the deferred arq job key (arq's
+  ``serialize_job`` payload, arq's expiry) and its entry in the arq queue, plus the shared figures
+  the commit script keeps (``cf:kids``, ``cf:metrics:transitions``, the ``cf:events`` stream up to
+  its cap). Next refreshes are spread over the coming hour (one-hour access tokens).
+
+Before measuring, the loader is checked against the real path: every key a template user has, a
+bulk user has too, with the same type, encoding, fields and size (within 10 %); no key the commit
+path writes is left out; ``RedisStore.load`` and ``RedisStore.history`` read a sample of bulk users
+back (tokens decrypt to what was sealed); and the first sweep below must recognise the queued jobs
+of template and bulk users alike. Any mismatch is a failure (exit 1), not a figure.
+
+Then it measures:
+
+(a) ``Scheduler.sweep`` ticks, each timed from the caller (Python, redis-py, Lua, round trips),
+    ``--repeat`` times, p50 and max in ms: the steady state (the 1,000 earliest due entries, their
+    jobs queued), the requeue path (the same 1,000 with their job keys and queue entries deleted
+    before each tick), and an idle tick; next to a bare ``ZRANGEBYSCORE cf:sched -inf <now>
+    WITHSCORES LIMIT 0 1000`` round trip on the same connection pool. Target: tick <= 20 ms.
+(b) memory: ``INFO memory`` used_memory before and after loading, per user (target <= 2 KiB),
+    broken down by ``MEMORY USAGE`` (``SAMPLES 0``) of a sample of each per-user key and of each
+    shared key divided by the users, and the keyspace's own hash tables (``MEMORY STATS``).
+    Then ideas that would bring it down, each measured on scratch keys in the same Redis (removed
+    afterwards), and what a user costs once it has been refreshed for a day, a week, a month.
+
+Missed targets are reported, never an exit code: only a failure exits non-zero.
+
+    .venv/bin/python benchmarks/bench_schedule.py [--users 1000000] [--repeat 30] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import pickle
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+
+TARGET_TICK_MS = 20.0
+TARGET_BYTES_PER_USER = 2048
+ACCESS_TOKEN_CHARS = 1024
+REFRESH_TOKEN_CHARS = 64
+TOKEN_TTL = 3600.0  # access tokens live an hour: next refreshes spread over the coming hour
+TEMPLATE_USERS = 5
+BATCH = 1000  # users per loader script call
+SWEEP_WINDOW = 1000  # = consent_flow._schedule.SWEEP_LIMIT, checked at start
+SAMPLE = 200  # users sampled for MEMORY USAGE and for the read-back check
+SCRATCH_USERS = 5_000  # users of each memory idea's scratch data (fewer with --users below it)
+AGED_USERS = 300  # users of each aged profile
+SCOPES = "openid offline_access profile"
+
+
+class BenchError(Exception):
+    """Something broke (not a missed target)."""
+
+
+# --- infrastructure ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Redis:
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+def start_redis(directory: Path) -> Redis:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError("redis-server is not installed")
+    for _ in range(5):  # a free port can be taken between the probe and the bind
+        port = free_port()
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(directory),
+             "--logfile", str(directory / "redis.log")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while process.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(redis.RedisError), \
+                    redis.Redis(port=port, socket_timeout=0.5) as r:
+                if r.ping():
+                    return Redis(port, process)
+            time.sleep(0.02)
+        stop_process(process)
+    raise BenchError(f"redis-server did not start (see {directory}/redis.log)")
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def quiet_logs() -> None:
+    """The commits log a line per transition: keep this process's output for the figures."""
+    import logging
+
+    import structlog
+
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 100))))
+    return ordered[rank - 1]
+
+
+def used_memory(r: redis.Redis) -> int:
+    return int(r.info("memory")["used_memory"])
+
+
+def mem(r: redis.Redis, key: str) -> int:
+    return int(r.execute_command("MEMORY", "USAGE", key, "SAMPLES", "0") or 0)
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# --- the data a provisioned user holds ----------------------------------------------------------
+
+
+def user_name(i: int) -> str:
+    return f"user{i:08d}"  # 12 characters: every key and index entry of the user repeats it
+
+
+def new_id() -> str:
+    return os.urandom(16).hex()  # what consent_flow._queue.new_id makes: 32 hex characters
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+_JWT_HEADER = _b64url(json.dumps({"alg": "RS256", "typ": "at+jwt",
+                                  "kid": "k" + "0" * 42}).encode())
+
+
+def _jwt_claims(user: str, pad: int, jti: str, sid: str) -> bytes:
+    iat = 1764175335
+    return json.dumps({
+        "iss": "https://cloud.example.com", "sub": user, "aud": "https://cloud.example.com/api",
+        "client_id": "consent-flow", "scope": SCOPES + " notes:read notes:write",
+        "iat": iat, "nbf": iat, "exp": iat + int(TOKEN_TTL), "auth_time": iat,
+        "jti": jti, "sid": sid, "ext": "x" * pad,
+    }).encode()
+
+
+def _jwt_pad(user: str) -> int:
+    """Padding that makes a token of ACCESS_TOKEN_CHARS: claims of fixed width per user."""
+    want = ACCESS_TOKEN_CHARS - len(_JWT_HEADER) - 342 - 2  # RS256: 256-byte signature
+    pad = 0
+    while len(_b64url(_jwt_claims(user, pad, "0" * 32, "0" * 32))) < want:
+        pad += 1
+    return pad
+
+
+_CLAIMS: dict[int, str] = {}  # json.dumps of the claims with %s for sub, jti and sid
+
+
+def access_token(user: str) -> str:
+    """A JWT-shaped access token of ACCESS_TOKEN_CHARS characters (random signature)."""
+    template = _CLAIMS.get(len(user))
+    jti, sid = os.urandom(16).hex(), os.urandom(16).hex()
+    if template is None:
+        pad = _jwt_pad(user)
+        template = _CLAIMS[len(user)] = _jwt_claims("%s", pad, "%s", "%s").decode()
+        if (template % (user, jti, sid)).encode() != _jwt_claims(user, pad, jti, sid):
+            raise BenchError("the claims template differs from json.dumps")
+    claims_json = (template % (user, jti, sid)).encode()
+    claims = _b64url(claims_json)
+    token = f"{_JWT_HEADER}.{claims}.{_b64url(os.urandom(256))}"
+    return token[:ACCESS_TOKEN_CHARS]
+
+
+def token_plaintext(user: str) -> bytes:
+    """What ``Engine.seal_tokens`` seals: ``json.dumps`` of both tokens."""
+    refresh = secrets.token_urlsafe(REFRESH_TOKEN_CHARS * 3 // 4)[:REFRESH_TOKEN_CHARS]
+    # == json.dumps({"access_token": ..., "refresh_token": ...}) for url-safe tokens
+    return ('{"access_token": "%s", "refresh_token": "%s"}'  # noqa: UP031
+            % (access_token(user), refresh)).encode()
+
+
+def seal_tokens(ring: Any, user: str) -> str:
+    return str(ring.encrypt(token_plaintext(user), user=user, purpose="tokens"))
+
+
+@dataclass
+class Times:
+    """One user's moments: asked at ``at1``, approved at ``at2``; tokens until ``exp``."""
+
+    at1: float
+    at2: float
+    exp: float
+    due: float  # next refresh, as next_refresh_at computes it
+
+    @classmethod
+    def draw(cls, now: float, rng: random.Random) -> Times:
+        due = now + 300 + rng.random() * (TOKEN_TTL - 420)
+        exp = due + 120 + 12 * rng.random()  # margin 120 s, up to 10 % jitter of it
+        at2 = exp - TOKEN_TTL
+        return cls(at1=at2 - 5 - 60 * rng.random(), at2=at2, exp=exp, due=due)
+
+
+class StubProvider:
+    """The provider's side of the round trip, answered in-process, so that every other step is
+    the engine's own: ``authorization_url``, ``exchange_code`` and ``validate_id_token`` are the
+    only ``OAuthClient`` methods the two events call."""
+
+    def __init__(self) -> None:
+        self.grants: dict[str, tuple[Any, str]] = {}  # code -> (TokenSet, subject)
+
+    def grant(self, code: str, user: str, expires_at: float) -> None:
+        from consent_flow._oauth import TokenSet
+
+        refresh = secrets.token_urlsafe(REFRESH_TOKEN_CHARS * 3 // 4)[:REFRESH_TOKEN_CHARS]
+        self.grants[code] = (TokenSet(access_token=access_token(user), refresh_token=refresh,
+                                      id_token="stub", token_type="Bearer",
+                                      expires_at=expires_at, scopes=tuple(SCOPES.split())), user)
+
+    async def authorization_url(self, *, state: str, nonce: str, code_challenge: str,
+                                **extra: Any) -> str:
+        return ("http://127.0.0.1:8080/auth?response_type=code&client_id=consent-flow"
+                "&redirect_uri=http%3A%2F%2F127.0.0.1%3A8080%2Foauth%2Fcallback"
+                f"&scope={SCOPES.replace(' ', '+')}&state={state}&nonce={nonce}"
+                f"&code_challenge={code_challenge}&code_challenge_method=S256&prompt=consent")
+
+    async def exchange_code(self, code: str, **extra: Any) -> Any:
+        return self.grants[code][0]
+
+    async def validate_id_token(self, id_token: str, *, nonce: str, **extra: Any) -> Any:
+        from consent_flow._oauth import IDTokenClaims
+
+        code = next(c for c, (t, _) in self.grants.items() if t.id_token == id_token)
+        user = self.grants.pop(code)[1]
+        now = time.time()
+        return IDTokenClaims(subject=user, issuer="http://127.0.0.1:8080",
+                             audience=("consent-flow",), expires_at=now + 300, issued_at=now,
+                             nonce=nonce, claims={})
+
+
+async def provision_for_real(engine: Any, stub: StubProvider, user: str,
+                             expires_at: float) -> None:
+    """What a user who asks and approves goes through, with the provider stubbed: the engine
+    handles ``provision_requested``, the callback's session claim (as ``_web`` makes it), then
+    the engine handles ``authorization_completed`` (commit, then ``Scheduler.schedule``)."""
+    from consent_flow._machine import Event, State
+    from consent_flow._queue import Envelope
+
+    store, ring = engine.store, engine.ring
+    outcome = await engine.handle(Envelope(Event.PROVISION_REQUESTED, user, "user"))
+    if outcome.state != State.PENDING.value or outcome.result != "applied":
+        raise BenchError(f"provision_requested did not apply for {user}: {outcome}")
+    rec = await store.load(user)
+    event_id, code = new_id(), "code-" + secrets.token_urlsafe(32)
+    stub.grant(code, user, expires_at)
+    sealed = ring.encrypt(code.encode(), user=user, purpose=f"code:{event_id}")
+    claimed = await store.claim_session(user, rec.session_id, event_id, sealed)
+    if claimed != "ok":
+        raise BenchError(f"the session claim failed for {user}: {claimed}")
+    outcome = await engine.handle(Envelope(
+        Event.AUTHORIZATION_COMPLETED, user, "browser", event_id=event_id,
+        payload={"session_id": rec.session_id or ""}))
+    if outcome.state != State.PROVISIONED.value or outcome.result != "applied":
+        raise BenchError(f"authorization_completed did not apply for {user}: {outcome}")
+
+
+# The bulk loader. KEYS: idx:provisioned, sched, histidx, the arq queue, the stream.
+# ARGV: prefix, stream (1/0), stream cap, job key prefix, n constant fields, their pairs, then
+# per user: user, tok, exp, at2, next, at1, ev1, ev2, hist1, hist2, due ms, job payload, job ttl.
+_LOAD = """
+local idx, sched, histidx, queue, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local prefix, with_stream, cap, jobp = ARGV[1], ARGV[2] == '1', ARGV[3], ARGV[4]
+local nconst = tonumber(ARGV[5])
+local const = {}
+for i = 1, 2 * nconst do const[i] = ARGV[5 + i] end
+local n = 0
+for i = 6 + 2 * nconst, #ARGV, 13 do
+  local user, tok, exp, at2, nxt, at1 = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4],
+    ARGV[i+5]
+  local ev1, ev2, h1, h2, due, payload, ttl = ARGV[i+6], ARGV[i+7], ARGV[i+8], ARGV[i+9],
+    ARGV[i+10], ARGV[i+11], ARGV[i+12]
+  local tag = prefix .. ':{' .. user .. '}:'
+  local f = {'tok', tok, 'exp', exp, 'since', at2, 'lastref', at2, 'next', nxt, 'sub', user}
+  for j = 1, #const do f[#f + 1] = const[j] end
+  redis.call('HSET', tag .. 'rec', unpack(f))
+  redis.call('RPUSH', tag .. 'hist', h1, h2)
+  redis.call('ZADD', tag .. 'seen', at1, ev1, at2, ev2)
+  redis.call('ZADD', idx, at2, user)
+  redis.call('ZADD', sched, due, user)
+  redis.call('ZADD', histidx, 'NX', at1, user)
+  local id = 'refresh:' .. user .. ':' .. due
+  redis.call('SET', jobp .. id, payload, 'PX', ttl)
+  redis.call('ZADD', queue, due, id)
+  if with_stream then
+    redis.call('XADD', stream, 'MAXLEN', '~', cap, '*', 'entry', h1, 'user', user)
+    redis.call('XADD', stream, 'MAXLEN', '~', cap, '*', 'entry', h2, 'user', user)
+  end
+  n = n + 1
+end
+return n
+"""
+
+PER_USER_FIELDS = ("tok", "exp", "since", "lastref", "next", "sub")
+
+
+def resp(args: list[bytes]) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for a in args:
+        parts.append(b"$%d\r\n" % len(a))
+        parts.append(a)
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class Loader:
+    """Pipelined EVALSHA batches on one connection: the next batch is built while Redis runs
+    the previous one."""
+
+    def __init__(self, port: int, sha: str, keys: list[str], header: list[bytes]) -> None:
+        self.conn = redis.Connection(port=port, socket_timeout=120)
+        self.conn.connect()
+        self.head = [b"EVALSHA", sha.encode(), str(len(keys)).encode(),
+                     *(k.encode() for k in keys), *header]
+        self.stream_arg = 3 + len(keys) + 1  # ARGV[2]
+        self.in_flight = 0
+        self.loaded = 0
+
+    def send(self, stream: bool, users: list[bytes]) -> None:
+        head = list(self.head)
+        head[self.stream_arg] = b"1" if stream else b"0"
+        self.collect()
+        self.conn.send_packed_command([resp(head + users)], check_health=False)
+        self.in_flight += 1
+
+    def collect(self) -> None:
+        while self.in_flight:
+            reply = self.conn.read_response()
+            if isinstance(reply, Exception):
+                raise BenchError(f"the loader script failed: {reply}")
+            self.loaded += int(reply)
+            self.in_flight -= 1
+
+    def close(self) -> None:
+        self.collect()
+        self.conn.disconnect()
+
+
+def history_templates(entries: list[Any]) -> list[tuple[Any, str]]:
+    """``HistoryEntry.to_json`` of a template user's entries, with %(at)s, %(c)s and %(e)s for
+    what differs per user (checked against ``to_json`` itself once per batch)."""
+    from consent_flow._model import HistoryEntry
+
+    out = []
+    for e in entries:
+        probe = HistoryEntry(e.event, e.from_state, e.to_state, 1234567.25, e.actor, e.reason,
+                             "C" * 32, "E" * 32).to_json().replace("%", "%%")
+        text = (probe.replace("1234567.25", "%(at)s").replace("C" * 32, "%(c)s")
+                .replace("E" * 32, "%(e)s"))
+        out.append((e, text))
+    return out
+
+
+def bulk_users(
+    start: int, stop: int, now: float, ring: Any, rng: random.Random,
+    history: list[tuple[Any, str]],
+) -> tuple[list[bytes], list[tuple[str, Times]]]:
+    from arq.jobs import serialize_job
+
+    from consent_flow._model import HistoryEntry
+    from consent_flow._schedule import REFRESH_JOB, refresh_job_id
+    from consent_flow._store import due_ms
+
+    out: list[bytes] = []
+    made: list[tuple[str, Times]] = []
+    enqueue_ms = int(now * 1000)
+    for i in range(start, stop):
+        user = user_name(i)
+        t = Times.draw(now, rng)
+        ms = due_ms(t.due)
+        c1, ev1, c2, ev2 = new_id(), new_id(), new_id(), new_id()
+        (e1, t1), (e2, t2) = history
+        h1 = t1 % {"at": repr(t.at1), "c": c1, "e": ev1}
+        h2 = t2 % {"at": repr(t.at2), "c": c2, "e": ev2}
+        if i == start and (
+            h1 != HistoryEntry(e1.event, e1.from_state, e1.to_state, t.at1, e1.actor,
+                               e1.reason, c1, ev1).to_json()
+            or h2 != HistoryEntry(e2.event, e2.from_state, e2.to_state, t.at2, e2.actor,
+                                  e2.reason, c2, ev2).to_json()):
+            raise BenchError("the history templates differ from HistoryEntry.to_json")
+        payload = serialize_job(REFRESH_JOB, ({"user": user, "due_ms": ms},), {}, None,
+                                enqueue_ms)
+        assert refresh_job_id(user, ms) == f"refresh:{user}:{ms}"
+        out += [user.encode(), seal_tokens(ring, user).encode(), repr(t.exp).encode(),
+                repr(t.at2).encode(), repr(t.due).encode(), repr(t.at1).encode(),
+                ev1.encode(), ev2.encode(), h1.encode(), h2.encode(), str(ms).encode(),
+                payload, str(ms - enqueue_ms + 86_400_000).encode()]
+        made.append((user, t))
+    return out, made
+
+
+# --- fidelity checks ----------------------------------------------------------------------------
+
+
+def user_keys(r: redis.Redis, prefix: str, user: str) -> dict[str, str]:
+    """The user's own keys, by role: rec, hist, seen, ... and 'job' for its arq job (a SCAN:
+    call it while the keyspace is small)."""
+    keys = {_s(k).rsplit(":", 1)[-1]: _s(k)
+            for k in r.scan_iter(match=f"{prefix}:{{{user}}}:*", count=1000)}
+    jobs = [_s(k) for k in r.scan_iter(match=f"arq:job:refresh:{user}:*", count=1000)]
+    if jobs:
+        keys["job"] = jobs[0]
+    return keys
+
+
+def same_roles(r: redis.Redis, prefix: str, roles: dict[str, str], user: str,
+               sched: str) -> dict[str, str]:
+    """The keys ``user`` should hold in each of a template user's roles."""
+    from arq.constants import job_key_prefix
+
+    from consent_flow._schedule import refresh_job_id
+
+    out = {role: f"{prefix}:{{{user}}}:{role}" for role in roles if role != "job"}
+    if "job" in roles:
+        out["job"] = job_key_prefix + refresh_job_id(user, int(r.zscore(sched, user) or 0))
+    missing = [role for role, key in out.items() if not r.exists(key)]
+    if missing:
+        raise BenchError(f"a real user has keys {sorted(roles)}; bulk-loaded {user} lacks "
+                         f"{missing}")
+    return out
+
+
+def describe_key(r: redis.Redis, key: str) -> dict[str, Any]:
+    kind = _s(r.type(key))
+    out: dict[str, Any] = {"type": kind, "encoding": _s(r.object("encoding", key)),
+                           "bytes": mem(r, key), "ttl": r.pttl(key) > 0}
+    if kind == "hash":
+        out["fields"] = sorted(_s(f) for f in r.hkeys(key))
+    elif kind == "list":
+        out["len"] = r.llen(key)
+    elif kind == "zset":
+        out["len"] = r.zcard(key)
+    return out
+
+
+def check_same_shape(r: redis.Redis, a: dict[str, str], b: dict[str, str]) -> dict[str, Any]:
+    shapes = {}
+    for role in sorted(a):
+        da, db = describe_key(r, a[role]), describe_key(r, b[role])
+        for field in ("type", "encoding", "fields", "len", "ttl"):
+            if da.get(field) != db.get(field):
+                raise BenchError(f"{role} key differs in {field}: real {da.get(field)!r}, "
+                                 f"bulk {db.get(field)!r}")
+        if abs(da["bytes"] - db["bytes"]) > 0.1 * da["bytes"]:
+            raise BenchError(f"{role} key differs in size: real {da['bytes']} B, bulk "
+                             f"{db['bytes']} B")
+        shapes[role] = {"real_bytes": da["bytes"], "bulk_bytes": db["bytes"],
+                        "type": da["type"], "encoding": da["encoding"]}
+    return shapes
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+async def timed(repeat: int, call: Any, before: Any = None) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        await call()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def stats_ms(values: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(percentile(values, 50), 3), "max_ms": round(max(values), 3),
+            "runs": len(values)}
+
+
+async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
+    from arq.connections import create_pool
+    from arq.constants import job_key_prefix
+
+    from consent_flow import KeyRing, Settings, generate_key
+    from consent_flow._engine import Engine
+    from consent_flow._machine import State
+    from consent_flow._redis import arq_redis_settings
+    from consent_flow._schedule import REFRESH_JOB, SWEEP_LIMIT, Scheduler, refresh_job_id
+    from consent_flow._store import STREAM_MAX_ENTRIES, Keys, RedisStore, due_ms
+
+    if SWEEP_LIMIT != SWEEP_WINDOW:
+        raise BenchError(f"SWEEP_LIMIT is {SWEEP_LIMIT}; this benchmark is written for "
+                         f"{SWEEP_WINDOW}")
+    quiet_logs()
+    settings = Settings()  # the default names: prefix cf, queue consent-flow:queue
+    prefix, queue = settings.redis_prefix, settings.queue_name
+    keys = Keys(prefix)
+    ring = KeyRing.from_strings([generate_key()])
+    rng = random.Random(1)
+    now = time.time()
+    timings: dict[str, float] = {}
+
+    server = start_redis(workdir)
+    r = redis.Redis(port=server.port)
+    pool = await create_pool(arq_redis_settings(server.url), default_queue_name=queue)
+    try:
+        store = RedisStore(pool, prefix=prefix)
+        scheduler = Scheduler(pool, keys=keys, queue_name=queue)
+        base_memory = used_memory(r)
+
+        # -- template users, through the real path. Their tokens live 200 s, so their refreshes
+        # are due before any bulk user's: the first sweep below looks at their real jobs and at
+        # bulk ones in the same tick.
+        t0 = time.perf_counter()
+        stub = StubProvider()
+        engine = Engine(settings=settings, store=store, oauth=stub,  # type: ignore[arg-type]
+                        ring=ring, on_scheduled=scheduler.schedule)
+        templates = [user_name(i) for i in range(TEMPLATE_USERS)]
+        for user in templates:
+            await provision_for_real(engine, stub, user, time.time() + 200)
+        real_user = templates[0]
+        real_roles = user_keys(r, prefix, real_user)
+        shared_expected = {keys.idx(State.PROVISIONED), keys.sched, keys.histidx, keys.kids,
+                           keys.stream, keys.transition_counts, queue}
+        written = {_s(k) for k in r.scan_iter(count=1000)}
+        per_user = {k for k in written if "}:" in k or k.startswith(job_key_prefix)}
+        unknown = written - per_user - shared_expected
+        if unknown:
+            raise BenchError(f"the commit path writes keys this loader does not mirror: "
+                             f"{sorted(unknown)}")
+        rec = {_s(k): _s(v) for k, v in r.hgetall(keys.rec(real_user)).items()}
+        missing = [f for f in PER_USER_FIELDS if f not in rec]
+        if missing:
+            raise BenchError(f"a provisioned record has no {missing} field(s)")
+        constants = [(f, v) for f, v in rec.items() if f not in PER_USER_FIELDS]
+        history = history_templates(await store.history(real_user))
+        seen = [_s(m) for m in r.zrange(keys.seen(real_user), 0, -1)]
+        if len(history) != 2 or seen != [e.event_id for e, _ in history]:
+            raise BenchError("a provisioned user now holds other than two history entries and "
+                             "their two event ids: the loader mirrors two transitions")
+        last = r.xrevrange(keys.stream, count=1)[0][1]
+        if sorted(_s(k) for k in last) != ["entry", "user"]:
+            raise BenchError(f"stream entries now carry {sorted(last)}: mirror them")
+        job_key = next(_s(k) for k in r.scan_iter(match=f"{job_key_prefix}refresh:{real_user}:*"))
+        job = pickle.loads(r.get(job_key) or b"")  # noqa: S301 - our own Redis, arq's format
+        if job != {"t": None, "f": REFRESH_JOB, "a": (job["a"][0],), "k": {}, "et": job["et"]} \
+                or sorted(job["a"][0]) != ["due_ms", "user"]:
+            raise BenchError(f"the deferred job now holds {job}: mirror it")
+
+        # -- the bulk load
+        sha = _s(r.script_load(_LOAD))
+        header = [prefix.encode(), b"0", str(STREAM_MAX_ENTRIES).encode(),
+                  job_key_prefix.encode(), str(len(constants)).encode()]
+        for f, v in constants:
+            header += [f.encode(), v.encode()]
+        loader = Loader(server.port,
+                        sha, [keys.idx(State.PROVISIONED), keys.sched, keys.histidx, queue,
+                              keys.stream], header)
+        stream_from = max(TEMPLATE_USERS, users - STREAM_MAX_ENTRIES // 2)
+        sample_users: list[tuple[str, Times]] = []
+        wanted = set(random.Random(2).sample(range(TEMPLATE_USERS, max(users, TEMPLATE_USERS + 1)),
+                                             min(SAMPLE, max(0, users - TEMPLATE_USERS))))
+        first_bulk: list[tuple[str, Times]] = []
+        i = TEMPLATE_USERS
+        while i < users:
+            end = min(users, i + BATCH)
+            if i < stream_from < end:
+                end = stream_from
+            batch, made = bulk_users(i, end, now, ring, rng, history)
+            loader.send(i >= stream_from, batch)
+            for j, item in enumerate(made):
+                if i + j in wanted:
+                    sample_users.append(item)
+            if not first_bulk:
+                first_bulk = made[:1]
+            i = end
+        loader.close()
+        if loader.loaded != users - TEMPLATE_USERS:
+            raise BenchError(f"the loader wrote {loader.loaded} users, not "
+                             f"{users - TEMPLATE_USERS}")
+        bulk_n = users - TEMPLATE_USERS
+        for field, count in r.hgetall(keys.transition_counts).items():
+            r.hincrby(keys.transition_counts, field, bulk_n * int(count) // TEMPLATE_USERS)
+        r.hincrby(keys.kids, ring.primary_id, bulk_n)
+        timings["load_s"] = round(time.perf_counter() - t0, 1)
+        loaded_memory = used_memory(r)
+
+        # -- fidelity: shapes, counts, read-back through the project's own code
+        shapes = {}
+        if first_bulk:
+            bulk_roles = same_roles(r, prefix, real_roles, first_bulk[0][0], keys.sched)
+            shapes = check_same_shape(r, real_roles, bulk_roles)
+        for key, expected in ((keys.idx(State.PROVISIONED), users), (keys.sched, users),
+                              (keys.histidx, users), (queue, users)):
+            if r.zcard(key) != expected:
+                raise BenchError(f"{key} holds {r.zcard(key)} entries, expected {expected}")
+        for user, t in sample_users:
+            loaded = await store.load(user)
+            if loaded.state is not State.PROVISIONED or loaded.tokens is None:
+                raise BenchError(f"RedisStore.load does not see {user} as provisioned")
+            tokens = json.loads(ring.decrypt(loaded.tokens, user=user, purpose="tokens"))
+            if len(tokens["access_token"]) != ACCESS_TOKEN_CHARS or not tokens["refresh_token"]:
+                raise BenchError(f"the tokens of {user} do not read back")
+            if loaded.next_refresh_at != t.due or loaded.expires_at != t.exp:
+                raise BenchError(f"the schedule fields of {user} do not read back")
+            history = await store.history(user)
+            if [h.event for h in history] != ["provision_requested", "authorization_completed"]:
+                raise BenchError(f"the history of {user} does not read back")
+            if not r.exists(job_key_prefix + refresh_job_id(user, due_ms(t.due))):
+                raise BenchError(f"the deferred job of {user} is not where the sweep looks")
+
+        # -- (b) memory, before anything below changes the data
+        timings["check_s"] = round(time.perf_counter() - t0 - timings["load_s"], 1)
+        memory = memory_report(r, keys, ring, queue, users, base_memory, loaded_memory,
+                               [u for u, _ in sample_users] or [real_user])
+        memory["shapes_real_vs_bulk"] = shapes
+
+        timings["memory_s"] = round(time.perf_counter() - t0 - timings["load_s"]
+                                    - timings["check_s"], 1)
+        # -- (a) sweep ticks
+        scores = r.zrange(keys.sched, 0, SWEEP_WINDOW - 1, withscores=True)
+        window = [(_s(u), int(s)) for u, s in scores]
+        edge = window[-1][1]
+        sweep_now = (edge + 0.5) / 1000
+        first = await scheduler.sweep(now=sweep_now)
+        if first != {"due": len(window), "requeued": 0}:
+            raise BenchError(f"the sweep did not recognise the queued jobs: {first}")
+        if not set(templates) <= {u for u, _ in window}:
+            raise BenchError("the template users are not in the first sweep window")
+
+        async def tick() -> None:
+            await scheduler.sweep(now=sweep_now)
+
+        async def bare() -> None:
+            await pool.zrangebyscore(keys.sched, "-inf", edge, start=0, num=SWEEP_WINDOW,
+                                     withscores=True)
+
+        job_ids = [refresh_job_id(u, s) for u, s in window]
+
+        def drop_jobs() -> None:
+            with r.pipeline(transaction=False) as pipe:
+                pipe.delete(*(job_key_prefix + j for j in job_ids))
+                pipe.zrem(queue, *job_ids)
+                pipe.execute()
+
+        await timed(5, bare)
+        await timed(5, tick)
+        baseline = await timed(repeat, bare)
+        steady = await timed(repeat, tick)
+        idle = await timed(repeat, lambda: scheduler.sweep(now=now))
+        requeue_counts: list[dict[str, int]] = []
+
+        async def requeue_tick() -> None:
+            requeue_counts.append(await scheduler.sweep(now=sweep_now))
+
+        requeue = await timed(repeat, requeue_tick, before=drop_jobs)
+        if any(c != {"due": len(window), "requeued": len(window)} for c in requeue_counts):
+            raise BenchError(f"the requeue tick did not requeue every dropped job: "
+                             f"{requeue_counts[:3]}")
+        parts = await requeue_parts(scheduler, keys, queue, sweep_now, repeat, drop_jobs)
+        probe = await backlog_probe(r, scheduler, keys, queue)
+        timings["total_s"] = round(time.perf_counter() - t0, 1)
+
+    finally:
+        await pool.aclose()
+        r.close()
+        stop_process(server.process)
+
+    tick_p50 = percentile(steady, 50)
+    requeue_p50 = percentile(requeue, 50)
+    return {
+        "cpus": os.cpu_count(),
+        "loadavg_1min": round(os.getloadavg()[0], 2),
+        "users": users,
+        "template_users_real_path": TEMPLATE_USERS,
+        "load_seconds": timings["load_s"],
+        "phase_seconds": timings,
+        "access_token_chars": ACCESS_TOKEN_CHARS,
+        "refresh_token_chars": REFRESH_TOKEN_CHARS,
+        "sweep_window": len(window),
+        "baseline_zrangebyscore": stats_ms(baseline),
+        "sweep_steady": stats_ms(steady),
+        "sweep_requeue": stats_ms(requeue),
+        "sweep_idle": stats_ms(idle),
+        "sweep_requeue_parts_p50_ms": parts,
+        "sweep_backlog_probe": probe,
+        "target_tick_ms": TARGET_TICK_MS,
+        "tick_met": max(tick_p50, requeue_p50) <= TARGET_TICK_MS,
+        "memory": memory,
+        "target_bytes_per_user": TARGET_BYTES_PER_USER,
+        "memory_met": memory["bytes_per_user"] <= TARGET_BYTES_PER_USER,
+    }
+
+
+async def requeue_parts(scheduler: Any, keys: Any, queue: str, now: float, repeat: int,
+                        drop_jobs: Any) -> dict[str, float]:
+    """Where a requeue tick's time goes: ``Scheduler.sweep``'s three steps, timed one by one
+    (its own registered scripts, its own payload building)."""
+    from arq.constants import job_key_prefix
+    from arq.jobs import serialize_job
+
+    from consent_flow._schedule import REFRESH_JOB, SWEEP_LIMIT, refresh_job_id
+    from consent_flow._store import due_ms
+
+    steps: dict[str, list[float]] = {"due script (ZRANGEBYSCORE + EXISTS per entry)": [],
+                                     "payloads in Python (serialize_job per job)": [],
+                                     "enqueue script (SET NX + ZADD per job)": []}
+    names = list(steps)
+    for _ in range(repeat):
+        drop_jobs()
+        now_ms = due_ms(now)
+        t0 = time.perf_counter()
+        _found, missing = await scheduler._due(keys=[keys.sched],
+                                               args=[now_ms, SWEEP_LIMIT, job_key_prefix])
+        t1 = time.perf_counter()
+        args: list[Any] = []
+        for i in range(0, len(missing), 2):
+            user, score = _s(missing[i]), int(missing[i + 1])
+            job_id = refresh_job_id(user, score)
+            payload = serialize_job(REFRESH_JOB, ({"user": user, "due_ms": score},), {}, None,
+                                    now_ms)
+            args += [job_key_prefix + job_id, payload, now_ms, job_id]
+        t2 = time.perf_counter()
+        await scheduler._enqueue(keys=[queue], args=args)
+        t3 = time.perf_counter()
+        for name, took in zip(names, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+            steps[name].append(took * 1000)
+    return {name: round(percentile(v, 50), 3) for name, v in steps.items()}
+
+
+async def backlog_probe(r: redis.Redis, scheduler: Any, keys: Any, queue: str) -> dict[str, Any]:
+    """2,000 due: the first 1,000 with their jobs queued (workers behind), the next 1,000 with
+    their jobs lost. Does one tick find the lost ones?"""
+    from arq.constants import job_key_prefix
+
+    from consent_flow._schedule import refresh_job_id
+
+    scores = r.zrange(keys.sched, 0, 2 * SWEEP_WINDOW - 1, withscores=True)
+    if len(scores) < 2 * SWEEP_WINDOW:
+        return {"skipped": f"needs {2 * SWEEP_WINDOW} users"}
+    later = [refresh_job_id(_s(u), int(s)) for u, s in scores[SWEEP_WINDOW:]]
+    saved = {j: r.dump(job_key_prefix + j) for j in later}
+    ttls = {j: r.pttl(job_key_prefix + j) for j in later}
+    with r.pipeline(transaction=False) as pipe:
+        pipe.delete(*(job_key_prefix + j for j in later))
+        pipe.zrem(queue, *later)
+        pipe.execute()
+    now = (int(scores[-1][1]) + 0.5) / 1000
+    counts = await scheduler.sweep(now=now)
+    lost_after = sum(1 for j in later if not r.exists(job_key_prefix + j))
+    # put the lost jobs back as they were
+    with r.pipeline(transaction=False) as pipe:
+        for j in later:
+            pipe.delete(job_key_prefix + j)
+            pipe.restore(job_key_prefix + j, max(1, ttls[j]), saved[j])
+            pipe.zadd(queue, {j: int(j.rsplit(":", 1)[1])})
+        pipe.execute()
+    return {"due": 2 * SWEEP_WINDOW, "queued_first": SWEEP_WINDOW, "lost_behind": len(later),
+            "sweep_saw": counts["due"], "requeued": counts["requeued"],
+            "still_lost": lost_after}
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+
+def memory_report(r: redis.Redis, keys: Any, ring: Any, queue: str, users: int, base: int,
+                  loaded: int, sample: list[str]) -> dict[str, Any]:
+    from arq.constants import job_key_prefix
+
+    from consent_flow._machine import State
+
+    t0 = time.perf_counter()
+    per_user_total = (loaded - base) / users
+    roles: dict[str, list[int]] = {}
+    encodings: dict[str, str] = {}
+    for user in sample:
+        due = int(r.zscore(keys.sched, user) or 0)
+        for role, key in (("rec", keys.rec(user)), ("hist", keys.hist(user)),
+                          ("seen", keys.seen(user)),
+                          ("job", f"{job_key_prefix}refresh:{user}:{due}")):
+            roles.setdefault(role, []).append(mem(r, key))
+            encodings.setdefault(role, _s(r.object("encoding", key)))
+    breakdown: dict[str, float] = {}
+    labels = {"rec": "cf:{u}:rec record hash", "hist": "cf:{u}:hist history list",
+              "seen": "cf:{u}:seen seen-id zset", "job": "arq:job:refresh:... job string"}
+    for role, values in roles.items():
+        breakdown[f"{labels[role]} ({encodings[role]})"] = sum(values) / len(values)
+    shared = {
+        "cf:idx:provisioned entry": keys.idx(State.PROVISIONED),
+        "cf:sched entry": keys.sched,
+        "cf:histidx entry": keys.histidx,
+        f"{queue} (arq queue) entry": queue,
+    }
+    for label, key in shared.items():
+        breakdown[label] = mem(r, key) / users
+    fixed = mem(r, keys.stream) + mem(r, keys.kids) + mem(r, keys.transition_counts)
+    breakdown["cf:events stream + cf:kids + metrics (shared, capped), per user"] = fixed / users
+    stats = r.execute_command("MEMORY", "STATS")
+    stats = dict(zip(stats[::2], stats[1::2], strict=True))
+    db0 = stats.get(b"db.0") or stats.get("db.0") or []
+    db0 = {_s(k): int(v) for k, v in zip(db0[::2], db0[1::2], strict=True)}
+    tables = db0.get("overhead.hashtable.main", 0) + db0.get("overhead.hashtable.expires", 0)
+    # MEMORY USAGE counts a key's own dict entry; the keyspace's bucket arrays, the expiry
+    # table (the arq job keys have a TTL) and allocator slack are what remains.
+    accounted = sum(breakdown.values())
+    breakdown["the rest: keyspace buckets, expiry table, allocator (remainder)"] = \
+        per_user_total - accounted
+    t_breakdown = time.perf_counter() - t0
+    rec_sample = keys.rec(sample[0])
+    tok_len = len(r.hget(rec_sample, "tok") or b"")
+    return {
+        "used_memory_before": base,
+        "used_memory_after": loaded,
+        "bytes_per_user": round(per_user_total, 1),
+        "breakdown_bytes_per_user": {k: round(v, 1) for k, v in breakdown.items()},
+        "memory_stats_keyspace_overhead_per_user": round(tables / users, 1),
+        "tok_field_chars": tok_len,
+        "hash_max_listpack_value": int(r.config_get("hash-max-listpack-value")
+                                       ["hash-max-listpack-value"]),
+        "ideas": memory_ideas(r, keys, ring, sample[0],
+                              min(SCRATCH_USERS, max(200, users // 10))),
+        "aged": aged_users(r, keys, sample[0], per_user_total),
+        "breakdown_seconds": round(t_breakdown, 1),
+    }
+
+
+def scratch_cost(r: redis.Redis, n: int, write: Any) -> dict[str, float]:
+    """Write ``n`` scratch users with ``write(pipe, i)``; their cost by used_memory and by
+    MEMORY USAGE of their keys; then remove them."""
+    before = used_memory(r)
+    written: set[str] = set()
+    for start in range(0, n, 500):
+        with r.pipeline(transaction=False) as pipe:
+            for i in range(start, min(n, start + 500)):
+                write(pipe, i)
+            written.update(_s(args[1]) for args, _ in pipe.command_stack)
+            pipe.execute()
+    after = used_memory(r)
+    names = sorted(written)
+    kinds: dict[str, list[str]] = {}  # by role: rec, tok, hist, seen, or job
+    for name in names:
+        kinds.setdefault(name.rsplit(":", 1)[-1] if "}:" in name else "job", []).append(name)
+    total = 0.0
+    for members in kinds.values():
+        usage = [mem(r, k) for k in members[:: max(1, len(members) // SAMPLE)]]
+        total += sum(usage) / len(usage) * len(members)
+    for start in range(0, len(names), 1000):
+        r.delete(*names[start:start + 1000])
+    return {"used_memory_per_user": round((after - before) / n, 1),
+            "memory_usage_per_user": round(total / n, 1),
+            "keys_per_user": round(len(names) / n, 2)}
+
+
+def memory_ideas(r: redis.Redis, keys: Any, ring: Any, sample_user: str, n: int
+                 ) -> dict[str, Any]:
+    """The record hash and the job payload, written other ways (scratch keys, removed after)."""
+    import zlib
+
+    from arq.jobs import serialize_job
+
+    rec = {_s(k): v for k, v in r.hgetall(keys.rec(sample_user)).items()}
+    tok = _s(rec["tok"])
+    _version, kid, body = tok.split(".")
+    raw = bytes.fromhex(kid) + base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    plain = ring.decrypt(tok, user=sample_user, purpose="tokens")
+    deflated = zlib.compress(plain, 6)
+    # AES-GCM output is as long as its input plus nonce and tag: random bytes of that length
+    # cost Redis what the sealed deflated tokens would.
+    raw_deflated = bytes.fromhex(kid) + os.urandom(12 + len(deflated) + 16)
+    small = {k: v for k, v in rec.items() if k != "tok"}
+    ideas: dict[str, Any] = {"token_plaintext_bytes": len(plain),
+                             "token_deflated_bytes": len(deflated),
+                             "tok_base64_chars": len(tok), "tok_raw_bytes": len(raw) + 1}
+
+    def rec_as_is(pipe: Any, i: int) -> None:
+        pipe.hset(f"scratch:{{s{i:08d}}}:rec", mapping=rec)
+
+    def rec_raw_tok(pipe: Any, i: int) -> None:
+        pipe.hset(f"scratch:{{s{i:08d}}}:rec", mapping={**small, "tok": b"\x01" + raw})
+
+    def tok_own_key(pipe: Any, i: int) -> None:
+        pipe.hset(f"scratch:{{s{i:08d}}}:rec", mapping=small)
+        pipe.set(f"scratch:{{s{i:08d}}}:tok", tok)
+
+    def tok_own_key_raw(pipe: Any, i: int) -> None:
+        pipe.hset(f"scratch:{{s{i:08d}}}:rec", mapping=small)
+        pipe.set(f"scratch:{{s{i:08d}}}:tok", b"\x01" + raw)
+
+    def rec_deflated(pipe: Any, i: int) -> None:
+        pipe.hset(f"scratch:{{s{i:08d}}}:rec", mapping={**small, "tok": b"\x02" + raw_deflated})
+
+    ideas["record hash as stored (hashtable: tok is longer than hash-max-listpack-value)"] = \
+        scratch_cost(r, n, rec_as_is)
+    ideas["tok as raw bytes (kid + nonce + ciphertext + tag) instead of base64 text"] = \
+        scratch_cost(r, n, rec_raw_tok)
+    ideas["tok in a string key of its own; the hash keeps the small fields (listpack)"] = \
+        scratch_cost(r, n, tok_own_key)
+    ideas["tok in its own key as raw bytes; small-field hash (listpack)"] = \
+        scratch_cost(r, n, tok_own_key_raw)
+    old = r.config_get("hash-max-listpack-value")["hash-max-listpack-value"]
+    r.config_set("hash-max-listpack-value", 4096)
+    try:
+        ideas["record hash as stored, hash-max-listpack-value 4096 (Redis config; listpack)"] = \
+            scratch_cost(r, n, rec_as_is)
+        ideas["tok as raw bytes, hash-max-listpack-value 4096 (listpack)"] = \
+            scratch_cost(r, n, rec_raw_tok)
+        ideas["tokens deflated (zlib) before sealing, raw bytes, hash-max-listpack-value 4096"] = \
+            scratch_cost(r, n, rec_deflated)
+    finally:
+        r.config_set("hash-max-listpack-value", old)
+
+    # the arq job: its payload as the project writes it, and slimmer ones
+    user, due = sample_user, 1764175335123
+    payloads = {
+        "job payload as written (pickle of {'user', 'due_ms'} dict args)":
+            serialize_job("refresh_tokens", ({"user": user, "due_ms": due},), {}, None, due),
+        "job payload with positional args (user, due_ms)":
+            serialize_job("refresh_tokens", (user, due), {}, None, due),
+    }
+    job_costs = {}
+    for label, payload in payloads.items():
+        def write_job(pipe: Any, i: int, payload: bytes = payload) -> None:
+            pipe.set(f"scratch:job:refresh:s{i:08d}:{due}", payload, px=86_400_000 + 3_600_000)
+
+        cost = scratch_cost(r, n, write_job)
+        cost["payload_bytes"] = len(payload)
+        job_costs[label] = cost
+    ideas["arq job key"] = job_costs
+    return ideas
+
+
+def aged_users(r: redis.Redis, keys: Any, sample_user: str, fresh: float) -> dict[str, Any]:
+    """History and seen-ids after k scheduled refreshes (one an hour): every token_refreshed
+    commit appends a history entry (kept 90 days, at most 1000) and a seen id (at most 200)."""
+    from consent_flow._model import HistoryEntry
+    from consent_flow._store import HISTORY_MAX_ENTRIES, SEEN_MAX_EVENTS
+
+    hist = [_s(h) for h in r.lrange(keys.hist(sample_user), 0, -1)]
+    seen = r.zrange(keys.seen(sample_user), 0, -1, withscores=True)
+    fresh_cost = mem(r, keys.hist(sample_user)) + mem(r, keys.seen(sample_user))
+    base_at = 1764175335.123456
+    out: dict[str, Any] = {"seen_max": SEEN_MAX_EVENTS, "history_max": HISTORY_MAX_ENTRIES}
+    # (label, refreshes, of which recorded in the history, seen ids kept)
+    week, cap = 168, HISTORY_MAX_ENTRIES - 2
+    profiles = [("1 day (24 refreshes)", 24, 24, SEEN_MAX_EVENTS),
+                ("1 week (168 refreshes)", week, week, SEEN_MAX_EVENTS),
+                ("42 days (998 refreshes: history at its 1000-entry cap)", cap, cap,
+                 SEEN_MAX_EVENTS),
+                ("1 week, if 20 seen ids were kept", week, week, 20),
+                ("42 days, refreshes kept out of the history, 20 seen ids", cap, 0, 20)]
+    for label, k, in_history, seen_max in profiles:
+        refreshed = [HistoryEntry("token_refreshed", "provisioned", "provisioned",
+                                  base_at + 3600 * j, "worker", None, new_id(), new_id()).to_json()
+                     for j in range(in_history)]
+        # the ids a commit-by-commit history leaves: the last seen_max of them
+        ids = [(new_id(), base_at + 3600 * j) for j in range(min(k, seen_max))]
+
+        def write(pipe: Any, i: int, refreshed: list[str] = refreshed,
+                  ids: list[tuple[str, float]] = ids, seen_max: int = seen_max) -> None:
+            h = f"scratch:{{a{i:08d}}}:hist"
+            s = f"scratch:{{a{i:08d}}}:seen"
+            pipe.rpush(h, *hist, *refreshed)
+            pipe.ltrim(h, -HISTORY_MAX_ENTRIES, -1)
+            members = sorted([(_s(m), sc) for m, sc in seen] + ids, key=lambda m: m[1])
+            pipe.zadd(s, dict(members[-seen_max:]))
+
+        cost = scratch_cost(r, AGED_USERS, write)
+        extra = cost["memory_usage_per_user"] - fresh_cost
+        out[label] = {"hist_and_seen_bytes": cost["memory_usage_per_user"],
+                      "bytes_per_user": round(fresh + extra, 1)}
+    return out
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def report(r: dict[str, Any]) -> str:
+    def met(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    def ms(s: dict[str, float]) -> str:
+        return f"p50 {s['p50_ms']:7.3f} ms   max {s['max_ms']:7.3f} ms"
+
+    m = r["memory"]
+    lines = [
+        f"consent-flow schedule benchmark: {r['users']:,} provisioned users "
+        f"({r['template_users_real_path']} through the engine, provider stubbed; the rest "
+        f"bulk-loaded alike in {r['load_seconds']:g} s), {r['access_token_chars']} B access "
+        f"tokens; "
+        f"{r['cpus']} CPUs (load average {r['loadavg_1min']:.2f})",
+        f"(a) sweep tick, {r['sweep_window']} due entries, {r['sweep_steady']['runs']} runs each:",
+        f"    baseline ZRANGEBYSCORE WITHSCORES LIMIT 0 1000:  {ms(r['baseline_zrangebyscore'])}",
+        f"    sweep, jobs queued (steady state):              {ms(r['sweep_steady'])}",
+        f"    sweep, jobs missing (requeue path):             {ms(r['sweep_requeue'])}",
+        f"    sweep, nothing due (idle tick):                 {ms(r['sweep_idle'])}",
+        f"    target tick <= {r['target_tick_ms']:g} ms (p50, both paths): {met(r['tick_met'])}",
+    ]
+    lines.append("    requeue tick, step by step (p50): " + "; ".join(
+        f"{k} {v:.2f} ms" for k, v in r["sweep_requeue_parts_p50_ms"].items()))
+    p = r["sweep_backlog_probe"]
+    if "skipped" not in p:
+        lines.append(f"    backlog probe: {p['due']} due, first {p['queued_first']} queued, "
+                     f"{p['lost_behind']} lost behind them: one tick saw {p['sweep_saw']}, "
+                     f"requeued {p['requeued']}, {p['still_lost']} still lost")
+    lines += [
+        f"(b) memory: used_memory {m['used_memory_before']:,} -> {m['used_memory_after']:,} B: "
+        f"{m['bytes_per_user']:.0f} B per provisioned user; target <= "
+        f"{r['target_bytes_per_user']} B: {met(r['memory_met'])}",
+        f"    per user, by key (MEMORY USAGE SAMPLES 0; tok field {m['tok_field_chars']} chars, "
+        f"hash-max-listpack-value {m['hash_max_listpack_value']}):",
+    ]
+    for k, v in m["breakdown_bytes_per_user"].items():
+        lines.append(f"      {v:8.1f} B  {k}")
+    lines.append("    ideas, measured on scratch keys (used_memory delta / MEMORY USAGE, "
+                 "per user):")
+    i = m["ideas"]
+    lines.append(f"      (tokens: {i['token_plaintext_bytes']} B plaintext, "
+                 f"{i['token_deflated_bytes']} B deflated; tok field {i['tok_base64_chars']} "
+                 f"chars as base64 text, {i['tok_raw_bytes']} B as raw bytes)")
+    for k, v in m["ideas"].items():
+        if not isinstance(v, dict):
+            continue
+        if k == "arq job key":
+            for label, c in v.items():
+                lines.append(f"      {c['used_memory_per_user']:8.1f} / "
+                             f"{c['memory_usage_per_user']:7.1f} B  {label} "
+                             f"({c['payload_bytes']} B payload)")
+        else:
+            lines.append(f"      {v['used_memory_per_user']:8.1f} / "
+                         f"{v['memory_usage_per_user']:7.1f} B  {k}")
+    b = m["breakdown_bytes_per_user"]
+    job = sum(v for k, v in b.items() if k.startswith("arq:job") or "(arq queue)" in k)
+    lines.append(f"      {job:8.1f} B  saved by no deferred arq job per user (job string + queue "
+                 "entry; the sweep would queue due refreshes itself)")
+    a = m["aged"]
+    lines.append(f"    aged users (one refresh an hour; history <= {a['history_max']} entries, "
+                 f"seen <= {a['seen_max']} ids):")
+    for k, v in a.items():
+        if isinstance(v, dict):
+            lines.append(f"      {v['bytes_per_user']:10.1f} B per user after {k} "
+                         f"(history + seen: {v['hist_and_seen_bytes']:.0f} B)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=1_000_000,
+                        help="provisioned users to load (default 1000000)")
+    parser.add_argument("--repeat", type=int, default=30,
+                        help="timed sweep ticks per case (default 30)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if args.users < TEMPLATE_USERS + 1 or args.repeat < 1:
+        parser.error(f"--users must be at least {TEMPLATE_USERS + 1}, --repeat at least 1")
+
+    workdir = Path(tempfile.mkdtemp(prefix="consent-flow-bench-"))
+    try:
+        results = asyncio.run(measure(args.users, args.repeat, workdir))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("BENCH_TRACEBACK"):
+            raise
+        print(f"benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"(files kept in {workdir})", file=sys.stderr)
+        return 1
+    shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(results) if args.json else report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -709,7 +709,9 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
             requeue_counts.append(await scheduler.sweep(now=sweep_now))
 
         requeue = await timed(repeat, requeue_tick, before=drop_jobs)
-        if any(c != {"due": len(window), "requeued": len(window)} for c in requeue_counts):
+        # A full batch is followed by one more (lost jobs may hide further back): it looks at the
+        # same due entries again and finds their jobs queued.
+        if any(c["requeued"] != len(window) for c in requeue_counts):
             raise BenchError(f"the requeue tick did not requeue every dropped job: "
                              f"{requeue_counts[:3]}")
         parts = await requeue_parts(scheduler, keys, queue, sweep_now, repeat, drop_jobs)
@@ -754,7 +756,13 @@ async def requeue_parts(scheduler: Any, keys: Any, queue: str, now: float, repea
     from arq.constants import job_key_prefix
     from arq.jobs import serialize_job
 
-    from consent_flow._schedule import REFRESH_JOB, SWEEP_LIMIT, refresh_job_id
+    from consent_flow._schedule import (
+        JOB_EXPIRY_MS,
+        REFRESH_JOB,
+        SWEEP_LIMIT,
+        SWEEP_SCAN_FACTOR,
+        refresh_job_id,
+    )
     from consent_flow._store import due_ms
 
     steps: dict[str, list[float]] = {"due script (ZRANGEBYSCORE + EXISTS per entry)": [],
@@ -765,8 +773,10 @@ async def requeue_parts(scheduler: Any, keys: Any, queue: str, now: float, repea
         drop_jobs()
         now_ms = due_ms(now)
         t0 = time.perf_counter()
-        _found, missing = await scheduler._due(keys=[keys.sched],
-                                               args=[now_ms, SWEEP_LIMIT, job_key_prefix])
+        _found, missing = await scheduler._due(
+            keys=[keys.sched],
+            args=[now_ms, SWEEP_LIMIT, job_key_prefix, SWEEP_SCAN_FACTOR * SWEEP_LIMIT],
+        )
         t1 = time.perf_counter()
         args: list[Any] = []
         for i in range(0, len(missing), 2):
@@ -776,7 +786,7 @@ async def requeue_parts(scheduler: Any, keys: Any, queue: str, now: float, repea
                                     now_ms)
             args += [job_key_prefix + job_id, payload, now_ms, job_id]
         t2 = time.perf_counter()
-        await scheduler._enqueue(keys=[queue], args=args)
+        await scheduler._enqueue(keys=[queue], args=[JOB_EXPIRY_MS, *args])
         t3 = time.perf_counter()
         for name, took in zip(names, (t1 - t0, t2 - t1, t3 - t2), strict=True):
             steps[name].append(took * 1000)

@@ -104,6 +104,18 @@ class TokenBroker:
                 reason=rec.reason,
             )
         fresh_enough = rec.expires_at is None or rec.expires_at - now >= min_ttl
+        lifetime = (
+            None
+            if rec.expires_at is None or rec.last_refresh_at is None
+            else rec.expires_at - rec.last_refresh_at
+        )
+        if not fresh_enough and lifetime is not None and lifetime < min_ttl:
+            # A refresh cannot help: this provider's tokens never live that long.
+            raise ProviderUnavailable(
+                f"the provider's access tokens live {lifetime:.0f} s, less than the "
+                f"{min_ttl:.0f} s asked for",
+                user=user,
+            )
         if not fresh_enough and not refreshed:
             return None
         if not fresh_enough:

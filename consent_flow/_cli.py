@@ -263,6 +263,9 @@ async def _client_command(args: argparse.Namespace, client: ConsentClient) -> in
         _print(args, _status_dict(status), _status_text)
     elif args.command == "history":
         entries = await client.history(check_user(args.user))
+        for e in entries:  # refreshes in a row share one entry: say how many it stands for
+            if not args.json and e.get("count", 1) > 1:
+                e["event"] = f"{e['event']} x{e['count']} since {e['first_at']}"
         _print(
             args,
             [{k: e[k] for k in ("event", "from", "to", "at", "actor", "reason")} for e in entries],

@@ -117,6 +117,8 @@ class ConsentClient:
         self._oauth: OAuthClient | None = None
         self._http: httpx.AsyncClient | None = None
         self._broker: TokenBroker | None = None
+        self._store: RedisStore | None = None
+        self._bus: EventBus | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ConsentClient:
@@ -157,6 +159,8 @@ class ConsentClient:
             await self._stack.aclose()
             self._stack = None
         self._pool = None
+        self._store = None
+        self._bus = None
 
     @property
     def pool(self) -> ArqRedis:
@@ -166,16 +170,20 @@ class ConsentClient:
 
     @property
     def store(self) -> RedisStore:
-        return RedisStore(self.pool, prefix=self.settings.redis_prefix)
+        if self._store is None:  # built once per open client: it registers its Lua scripts
+            self._store = RedisStore(self.pool, prefix=self.settings.redis_prefix)
+        return self._store
 
     @property
     def bus(self) -> EventBus:
-        return EventBus(
-            self.pool,
-            keys=self.store.keys,
-            queue_name=self.settings.queue_name,
-            timeout=self.settings.event_timeout,
-        )
+        if self._bus is None:
+            self._bus = EventBus(
+                self.pool,
+                keys=self.store.keys,
+                queue_name=self.settings.queue_name,
+                timeout=self.settings.event_timeout,
+            )
+        return self._bus
 
     @property
     def ring(self) -> KeyRing:

@@ -275,8 +275,7 @@ class Engine:
             )
             result = await self.store.commit(change)
             if result.ok:
-                rec = await self.store.load(envelope.user)
-                log.info("session_started", user=rec.user, event_id=envelope.event_id)
+                rec = rec.after(change, result.version)
                 return self.outcome(rec, envelope, "applied", url=url)
             if result.status == "duplicate":
                 return await self.reread_after(envelope, "duplicate")
@@ -376,7 +375,7 @@ class Engine:
             return await self.reread_after(envelope, result.status)
         if self.on_scheduled is not None:
             await self.on_scheduled(rec.user, due)
-        rec = await self.store.load(rec.user)
+        rec = rec.after(change, result.version)
         log.info("consent_granted", user=rec.user, scopes=list(rec.scopes))
         return self.outcome(rec, envelope, "applied", detail={"scopes": list(rec.scopes)})
 
@@ -411,7 +410,7 @@ class Engine:
         if not result.ok:
             return await self.reread_after(envelope, result.status)
         log.info("consent_not_granted", user=rec.user, error=error)
-        rec = await self.store.load(rec.user)
+        rec = rec.after(change, result.version)
         return self.outcome(rec, failed, "failed", error=error)
 
     async def _seen(self, envelope: Envelope) -> bool:
@@ -451,7 +450,7 @@ class Engine:
         result = await self.store.commit(change)
         if not result.ok:
             return await self.reread_after(envelope, result.status)
-        rec = await self.store.load(rec.user)
+        rec = rec.after(change, result.version)
         return self.outcome(rec, envelope, "applied")
 
     # --- revoke_requested -------------------------------------------------------------------
@@ -483,7 +482,7 @@ class Engine:
                     continue
                 if result.status == "duplicate":
                     return await self.reread_after(envelope, "duplicate")
-                rec = await self.store.load(rec.user)
+                rec = rec.after(change, result.version)
                 detail: dict[str, Any] = {}
                 if rec.revocation_pending:
                     detail["provider_revocation"] = await self.revoke_pending(rec.user)

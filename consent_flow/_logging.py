@@ -8,6 +8,7 @@ query parameters). Standard-library loggers (arq, uvicorn, httpx) go through the
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -50,7 +51,17 @@ _PATTERNS = (
 )
 
 
+def _may_hold_secret(text: str) -> bool:
+    """A cheap test every pattern above needs to pass: most log strings skip the regexes."""
+    if "=" in text or "eyJ" in text or "v1." in text:
+        return True
+    lowered = text.casefold()  # casefold, not lower: re.IGNORECASE matches U+017F as "s"
+    return "bearer" in lowered or "basic" in lowered
+
+
 def scrub(text: str) -> str:
+    if not _may_hold_secret(text):
+        return text
     for pattern in _PATTERNS:
         if pattern.groups:
             text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
@@ -75,7 +86,13 @@ def _clean(value: Any, depth: int = 0) -> Any:
 
 
 def _is_secret_name(name: object) -> bool:
-    return isinstance(name, str) and name not in _SAFE_NAMES and bool(_SECRET_NAMES.search(name))
+    return isinstance(name, str) and _is_secret_str(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_secret_str(name: str) -> bool:
+    # Field names come from code, not data: a small set, looked up on every log line.
+    return name not in _SAFE_NAMES and bool(_SECRET_NAMES.search(name))
 
 
 def redact(
@@ -111,15 +128,14 @@ def configure_logging(fmt: str = "console", level: int = logging.INFO) -> None:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _stdlib_message,
-        redact,
     ]
-    renderer: Any
-    if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
-        shared.append(structlog.processors.format_exc_info)
-    else:
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    # Tracebacks become text before the redaction pass, so that one pass scrubs them too.
+    shared += [structlog.processors.format_exc_info, _stdlib_message, redact]
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -151,5 +167,11 @@ def configure_logging(fmt: str = "console", level: int = logging.INFO) -> None:
 def _final_scrub(
     logger: Any, method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    # Runs after exception formatting too, so a traceback's text is scrubbed as well.
-    return redact(logger, method, event_dict)
+    # The shared chain ran ``redact`` already, after ``format_exc_info``; nothing between it and
+    # the renderer adds a field. Tracebacks the renderer formats itself (console) are scrubbed
+    # here, as a last line of defence.
+    for name in ("exception", "stack", "exc_info"):
+        value = event_dict.get(name)
+        if isinstance(value, str):
+            event_dict[name] = scrub(value)
+    return event_dict

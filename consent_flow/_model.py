@@ -74,6 +74,7 @@ class ConsentRecord:
     last_refresh_error: str | None = None
     revocation_pending: str | None = None  # ciphertext: tokens still to revoke at the provider
     inflight: float | None = None  # a refresh request was sent at this time and not answered
+    raw: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_hash(cls, user: str, data: dict[str, str]) -> ConsentRecord:
@@ -100,7 +101,16 @@ class ConsentRecord:
             last_refresh_error=data.get("referr") or None,
             revocation_pending=data.get("rvk") or None,
             inflight=_float(data.get("inflight")),
+            raw=data,
         )
+
+    def after(self, change: Change, version: int) -> ConsentRecord:
+        """This record as the store holds it once ``change`` committed on top of it."""
+        writes, deletes = change.writes()
+        data = {k: v for k, v in self.raw.items() if k not in deletes}
+        data.update(writes)
+        data["v"] = str(version)
+        return ConsentRecord.from_hash(self.user, data)
 
     def public(self) -> dict[str, Any]:
         """The status an operator or a caller may see: no ciphertext, no secrets."""
@@ -137,6 +147,8 @@ class HistoryEntry:
     reason: str | None
     correlation_id: str | None
     event_id: str
+    count: int = 1  # refreshes in a row share one entry
+    first_at: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -165,10 +177,12 @@ class HistoryEntry:
             reason=d.get("reason"),
             correlation_id=d.get("correlation_id"),
             event_id=d.get("event_id", ""),
+            count=int(d.get("count", 1)),
+            first_at=float(d["first_at"]) if d.get("first_at") is not None else None,
         )
 
     def public(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "event": self.event,
             "from": self.from_state,
             "to": self.to_state,
@@ -177,6 +191,9 @@ class HistoryEntry:
             "reason": self.reason,
             "correlation_id": self.correlation_id,
         }
+        if self.count > 1:
+            out.update(count=self.count, first_at=iso(self.first_at))
+        return out
 
 
 @dataclass(slots=True)
@@ -204,6 +221,22 @@ class Change:
     session_lookup: tuple[str, int] | None = None  # (state hash, ttl) to register
     drop_session_lookup: str | None = None  # state hash to forget
     record_history: bool = True
+
+    @property
+    def moves(self) -> bool:
+        """Whether the user enters a state (a new ``since``, the state indexes updated)."""
+        return self.to_state is not self.expect_state or self.expect_version == 0
+
+    def writes(self) -> tuple[dict[str, str], tuple[str, ...]]:
+        """Every record field this change sets, and the ones it deletes (the version aside)."""
+        fields = dict(self.set_fields)
+        fields["state"] = self.to_state.value
+        if self.moves:
+            fields["since"] = repr(self.at)
+        if self.record_history:
+            fields["actor"] = self.actor
+            fields["reason"] = self.reason or ""
+        return fields, self.delete_fields
 
     def history_entry(self) -> HistoryEntry:
         return HistoryEntry(

@@ -258,13 +258,13 @@ class Refresher:
             return await self.engine.reread_after(envelope, result.status)
         await self.scheduler.schedule(user, due_at)
         await self.metrics.refresh("success", lead=lead)
-        log.info(
+        log.debug(  # the transition line already says it at INFO
             "token_refreshed",
             user=user,
             lead_s=None if lead is None else round(lead, 1),
             next_in_s=round(due_at - now, 1),
         )
-        rec = await self.store.load(user)
+        rec = rec.after(change, result.version)
         return self.engine.outcome(rec, envelope, "applied", detail={"lead": lead})
 
     async def _reschedule(
@@ -333,7 +333,7 @@ class Refresher:
         log.warning(
             "grant_ended", user=rec.user, error="invalid_grant", lost_response=lost_response
         )
-        rec = await self.store.load(rec.user)
+        rec = rec.after(change, result.version)
         return self.engine.outcome(rec, rejected, "applied", error="invalid_grant")
 
 

@@ -22,7 +22,9 @@ from ._store import Keys, due_ms
 __all__ = ["REFRESH_JOB", "Scheduler", "refresh_job_id"]
 
 REFRESH_JOB = "refresh_tokens"
-SWEEP_LIMIT = 1000  # due entries one sweep tick looks at
+SWEEP_LIMIT = 1000  # missing jobs one sweep batch requeues
+SWEEP_SCAN_FACTOR = 20  # a batch steps over at most this many queued due entries per missing one
+SWEEP_BATCHES = 5  # batches per tick while each finds a full batch: up to 5,000 per tick
 JOB_EXPIRY_MS = 24 * 3600 * 1000  # how long a queued job waits for a worker before arq drops it
 
 
@@ -30,32 +32,39 @@ def refresh_job_id(user: str, due: int) -> str:
     return f"refresh:{user}:{due}"
 
 
-# Read the due part of the schedule and queue, NX, the jobs that are missing. ARGV: now (ms),
-# limit, the arq job key prefix, the queue, then per missing job a serialised payload is not
-# known in advance, so the script only reports which entries lack their job.
+# The due entries of the schedule whose job is missing. Due entries whose job is still queued
+# (a backlog) are stepped over, page by page, up to ARGV[4] entries looked at, so lost jobs
+# behind a backlog are found too. ARGV: now (ms), how many missing to return at most, the arq
+# job key prefix, how many due entries to look at at most.
 _DUE_WITHOUT_JOB = """
 local sched = KEYS[1]
-local entries = redis.call('ZRANGEBYSCORE', sched, '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0,
-  tonumber(ARGV[2]))
-local missing = {}
-for i = 1, #entries, 2 do
-  local user, score = entries[i], entries[i + 1]
-  local id = 'refresh:' .. user .. ':' .. score
-  if redis.call('EXISTS', ARGV[3] .. id) == 0 then
-    missing[#missing + 1] = user
-    missing[#missing + 1] = score
+local now, want, prefix, scan_max = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local missing, looked, offset, page = {}, 0, 0, 500
+while #missing < 2 * want and offset < scan_max do
+  local entries = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'WITHSCORES', 'LIMIT', offset,
+    page)
+  if #entries == 0 then break end
+  for i = 1, #entries, 2 do
+    local user, score = entries[i], entries[i + 1]
+    looked = looked + 1
+    if redis.call('EXISTS', prefix .. 'refresh:' .. user .. ':' .. score) == 0 then
+      missing[#missing + 1] = user
+      missing[#missing + 1] = score
+      if #missing >= 2 * want then break end
+    end
   end
+  offset = offset + page
 end
-return {#entries / 2, missing}
+return {looked, missing}
 """
 
 # Queue jobs whose key is not there yet: SET NX then ZADD, per job, in one script.
 _ENQUEUE_MISSING = """
 local queue = KEYS[1]
 local queued = 0
-for i = 1, #ARGV, 4 do
+for i = 2, #ARGV, 4 do
   local key, payload, score, id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  if redis.call('SET', key, payload, 'PX', 86400000, 'NX') then
+  if redis.call('SET', key, payload, 'PX', ARGV[1], 'NX') then
     redis.call('ZADD', queue, score, id)
     queued = queued + 1
   end
@@ -84,13 +93,26 @@ class Scheduler:
         )
 
     async def sweep(self, *, now: float | None = None, limit: int = SWEEP_LIMIT) -> dict[str, int]:
-        """Queue every due refresh whose job is missing. Returns counts: due, requeued."""
+        """Queue every due refresh whose job is missing. Returns counts: due looked at, requeued.
+
+        One batch costs O(log n + due looked at); a tick runs batches while they come back full.
+        """
         now_ms = due_ms(time.time() if now is None else now)
-        found, missing = await self._due(
-            keys=[self.keys.sched], args=[now_ms, limit, job_key_prefix]
-        )
-        if not missing:
-            return {"due": int(found), "requeued": 0}
+        looked = requeued = 0
+        for _ in range(SWEEP_BATCHES):
+            found, missing = await self._due(
+                keys=[self.keys.sched],
+                args=[now_ms, limit, job_key_prefix, SWEEP_SCAN_FACTOR * limit],
+            )
+            looked += int(found)
+            if not missing:
+                break
+            requeued += await self._requeue(missing, now_ms)
+            if len(missing) < 2 * limit:
+                break
+        return {"due": looked, "requeued": requeued}
+
+    async def _requeue(self, missing: list[Any], now_ms: int) -> int:
         args: list[Any] = []
         for i in range(0, len(missing), 2):
             user = missing[i].decode() if isinstance(missing[i], bytes) else str(missing[i])
@@ -101,8 +123,7 @@ class Scheduler:
             )
             # Due now: the job's queue score is the present, whatever the schedule said.
             args += [job_key_prefix + job_id, payload, now_ms, job_id]
-        queued = await self._enqueue(keys=[self.queue_name], args=args)
-        return {"due": int(found), "requeued": int(queued)}
+        return int(await self._enqueue(keys=[self.queue_name], args=[JOB_EXPIRY_MS, *args]))
 
     async def due_count(self, within: float) -> int:
         """Refreshes due between now and ``within`` seconds from now (for stats)."""

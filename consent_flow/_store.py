@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import structlog
 from redis.asyncio import Redis
 
-from ._machine import State
+from ._machine import Event, State
 from ._model import CIPHER_FIELDS, Change, CommitResult, ConsentRecord, HistoryEntry
 
 __all__ = ["Keys", "MemoryStore", "RedisStore", "Store", "due_ms", "state_hash"]
@@ -45,7 +45,9 @@ __all__ = ["Keys", "MemoryStore", "RedisStore", "Store", "due_ms", "state_hash"]
 log = structlog.get_logger("consent_flow.transitions")
 
 HISTORY_MAX_ENTRIES = 1000  # a hard cap on top of the time-based retention
-SEEN_MAX_EVENTS = 200  # event ids remembered per user for de-duplication
+# Event ids remembered per user for de-duplication: redeliveries come within minutes, and a small
+# set stays in Redis's compact encoding.
+SEEN_MAX_EVENTS = 32
 STREAM_MAX_ENTRIES = 100_000  # approximate cap of the transition stream
 INBOX_TTL = 120  # seconds a sealed code waits for its worker
 
@@ -223,9 +225,27 @@ if before[1] and before[1] ~= after[1] then
   redis.call('PUBLISH', op.channel, op.user)
 end
 if op.hist then
-  redis.call('RPUSH', hist, op.hist)
-  redis.call('LTRIM', hist, -tonumber(op.hist_max), -1)
-  redis.call('ZADD', histidx, 'NX', op.at, op.user)
+  local appended = true
+  if op.collapse then
+    -- Refreshes in a row share one history entry that counts them: a grant refreshed hourly
+    -- for a year keeps a short timeline. The stream still carries every one.
+    local last = redis.call('LINDEX', hist, -1)
+    if last then
+      local prev = cjson.decode(last)
+      if prev.event == op.event_name then
+        local entry = cjson.decode(op.hist)
+        entry.count = (prev.count or 1) + 1
+        entry.first_at = prev.first_at or prev.at
+        redis.call('LSET', hist, -1, cjson.encode(entry))
+        appended = false
+      end
+    end
+  end
+  if appended then
+    redis.call('RPUSH', hist, op.hist)
+    redis.call('LTRIM', hist, -tonumber(op.hist_max), -1)
+    redis.call('ZADD', histidx, 'NX', op.at, op.user)
+  end
   redis.call('XADD', stream, 'MAXLEN', '~', op.stream_max, '*', 'entry', op.hist, 'user', op.user)
   redis.call('HINCRBY', counters, op.metric, 1)
 end
@@ -303,24 +323,17 @@ class RedisStore:
 
     async def commit(self, change: Change) -> CommitResult:
         k = self.keys
-        moved = change.to_state is not change.expect_state or change.expect_version == 0
-        set_fields = dict(change.set_fields)
-        set_fields["state"] = change.to_state.value
-        if moved:
-            set_fields["since"] = repr(change.at)
-        if change.record_history:
-            set_fields["actor"] = change.actor
-            set_fields["reason"] = change.reason or ""
+        set_fields, delete_fields = change.writes()
         op: dict[str, Any] = {
             "user": change.user,
             "event_id": change.event_id,
             "expect_state": change.expect_state.value,
             "expect_v": change.expect_version,
             "set": set_fields,
-            "del": list(change.delete_fields),
+            "del": list(delete_fields),
             "cipher": list(CIPHER_FIELDS),
             "channel": k.invalidate,
-            "moved": moved,
+            "moved": change.moves,
             # Scores travel as strings: Lua numbers are doubles, which Redis refuses as arguments.
             "since": repr(change.at),
             "at": repr(change.at),
@@ -328,6 +341,8 @@ class RedisStore:
             "unschedule": change.unschedule,
             "hist": change.history_entry().to_json() if change.record_history else None,
             "metric": f"{change.event.value}|{change.expect_state.value}|{change.to_state.value}",
+            "event_name": change.event.value,
+            "collapse": change.event is Event.TOKEN_REFRESHED,
             "hist_max": str(HISTORY_MAX_ENTRIES),
             "stream_max": str(STREAM_MAX_ENTRIES),
             "seen_max": str(SEEN_MAX_EVENTS),
@@ -487,17 +502,12 @@ class MemoryStore:
         version = int(rec.get("v", "0"))
         if current is not change.expect_state or version != change.expect_version:
             return CommitResult("conflict", version, current)
-        moved = change.to_state is not change.expect_state or change.expect_version == 0
-        for name in change.delete_fields:
+        writes, deletes = change.writes()
+        for name in deletes:
             rec.pop(name, None)
-        rec.update(change.set_fields)
-        rec["state"] = change.to_state.value
+        rec.update(writes)
         rec["v"] = str(version + 1)
-        if change.record_history:
-            rec["actor"] = change.actor
-            rec["reason"] = change.reason or ""
-        if moved:
-            rec["since"] = repr(change.at)
+        if change.moves:
             self.indexes[change.expect_state].pop(user, None)
             self.indexes[change.to_state][user] = change.at
         if change.schedule_at is not None:

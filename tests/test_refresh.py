@@ -15,7 +15,7 @@ from conftest import ROOT, make_settings, provider_clients, provision, stored_to
 from local_provider import LocalProvider
 from structlog.testing import capture_logs
 
-from consent_flow import ConsentClient, ConsentRevoked, NotProvisioned, State
+from consent_flow import ConsentClient, ConsentRevoked, NotProvisioned, ProviderUnavailable, State
 from consent_flow._refresh import RetryPolicy
 
 pytestmark = pytest.mark.integration
@@ -50,8 +50,13 @@ def steady(redirect_uri):
         yield op
 
 
-async def refreshes(stack, user: str) -> list[dict]:
-    return [h for h in await stack.client.history(user) if h["event"] == "token_refreshed"]
+async def refreshes(stack, user: str) -> int:
+    """How many refreshes the history counts (refreshes in a row share one entry)."""
+    return sum(
+        h.get("count", 1)
+        for h in await stack.client.history(user)
+        if h["event"] == "token_refreshed"
+    )
 
 
 async def wait_for(predicate, timeout: float, interval: float = 0.1):
@@ -76,8 +81,14 @@ async def test_refreshes_ahead_of_every_expiry(make_stack, rotating):
         # Never expired: whenever we look, the stored access token is still valid.
         assert rec.expires_at > time.time(), "the access token expired before its refresh"
         await asyncio.sleep(0.25)
-    done = await refreshes(stack, "alice")
-    assert len(done) >= 3
+    assert await refreshes(stack, "alice") >= 3
+    history = await stack.client.history("alice")
+    assert [h["event"] for h in history] == [
+        "provision_requested",
+        "authorization_completed",
+        "token_refreshed",
+    ]
+    assert history[-1]["first_at"] < history[-1]["at"]
     assert len(set(expiries)) >= 3
     tokens = await stored_tokens(stack, "alice")
     assert rotating.introspect(tokens["refresh_token"])["active"] is True
@@ -335,7 +346,7 @@ async def test_invalid_client_pauses_refreshes_revokes_no_one_and_resumes(
     # Credentials fixed: a worker with the right secret lifts the pause and refreshes resume.
     await stack.start_worker(**FAST)
     await wait_for(lambda: _not_halted(stack), timeout=3 * TOKEN_TTL)
-    before = len(await refreshes(stack, "alice"))
+    before = await refreshes(stack, "alice")
     await wait_for(lambda: _more_refreshes(stack, "alice", before), timeout=3 * TOKEN_TTL)
     assert (await stack.client.status("alice")).state is State.PROVISIONED
 
@@ -349,7 +360,7 @@ async def _not_halted(stack):
 
 
 async def _more_refreshes(stack, user, before):
-    return len(await refreshes(stack, user)) > before
+    return await refreshes(stack, user) > before
 
 
 async def test_broker_serves_from_cache_then_store_then_refresh(make_stack, steady):
@@ -465,3 +476,16 @@ async def test_keys_rotate_while_workers_run(make_stack, steady, env):
     async with ConsentClient(new_only) as client:
         for user in ("alice", "bob", "carol"):
             assert await client.access_token(user, min_ttl=0)
+
+
+async def test_asking_for_longer_than_the_provider_grants_does_not_refresh_in_a_loop(
+    make_stack, steady
+):
+    stack = await make_stack(op=steady, worker_options=FAST)
+    await provision(stack, "alice")
+    steady.reset_stats()
+    with pytest.raises(ProviderUnavailable, match="less than"):
+        await stack.client.access_token("alice", min_ttl=3600)
+    with pytest.raises(ProviderUnavailable, match="less than"):
+        await stack.client.access_token("alice", min_ttl=3600)
+    assert steady.stats()["refresh_requests"] == 0

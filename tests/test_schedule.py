@@ -1,0 +1,50 @@
+"""The schedule sweep finds every due refresh whose job went missing, even behind a backlog."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from arq.connections import create_pool
+from arq.constants import job_key_prefix
+
+from consent_flow._redis import arq_redis_settings
+from consent_flow._schedule import Scheduler, refresh_job_id
+from consent_flow._store import Keys, due_ms
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def scheduler(redis_server):
+    pool = await create_pool(arq_redis_settings(redis_server.url))
+    keys = Keys("s" + uuid.uuid4().hex[:8])
+    try:
+        yield Scheduler(pool, keys=keys, queue_name=f"{keys.prefix}:queue")
+    finally:
+        await pool.aclose()
+
+
+async def test_lost_jobs_behind_queued_ones_are_requeued(scheduler):
+    pool, keys = scheduler.pool, scheduler.keys
+    past = time.time() - 60
+    users = {f"u{i:04d}": due_ms(past + i / 1000) for i in range(2500)}
+    await pool.zadd(keys.sched, users)
+    # The first 1,500 have their jobs queued (workers are behind); the last 1,000 lost theirs.
+    for user, score in list(users.items())[:1500]:
+        await scheduler.schedule(user, score / 1000)
+    counts = await scheduler.sweep(limit=400)
+    assert counts["requeued"] == 1000
+    for user, score in users.items():
+        assert await pool.exists(job_key_prefix + refresh_job_id(user, score))
+    assert await pool.zcard(scheduler.queue_name) == 2500
+    again = await scheduler.sweep(limit=400)
+    assert again["requeued"] == 0
+
+
+async def test_entries_not_yet_due_are_left_alone(scheduler):
+    pool, keys = scheduler.pool, scheduler.keys
+    await pool.zadd(keys.sched, {"later": due_ms(time.time() + 3600)})
+    assert await scheduler.sweep() == {"due": 0, "requeued": 0}
+    assert await pool.zcard(scheduler.queue_name) == 0

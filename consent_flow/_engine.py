@@ -316,16 +316,6 @@ class Engine:
                 expected_subject=rec.user if self.settings.subject_match else None,
                 access_token=tokens.access_token,
             )
-            if not tokens.refresh_token:
-                raise _NoOfflineAccess()
-        except _NoOfflineAccess:
-            return await self._fail_authorization(
-                envelope,
-                rec,
-                "provider granted no offline access",
-                error="no_refresh_token",
-                obtained=tokens,
-            )
         except ProviderUnavailable as exc:
             return await self._fail_authorization(
                 envelope,
@@ -338,8 +328,16 @@ class Engine:
             return await self._fail_authorization(
                 envelope,
                 rec,
-                f"{_describe(exc)}",
+                _describe(exc),
                 error=exc.code,
+                obtained=tokens,
+            )
+        if not tokens.refresh_token:
+            return await self._fail_authorization(
+                envelope,
+                rec,
+                "provider granted no offline access",
+                error="no_refresh_token",
                 obtained=tokens,
             )
         now = self.clock()
@@ -577,10 +575,6 @@ class _UserLock:
     async def __aexit__(self, *exc: object) -> None:
         if self.token is not None:
             await self.store.release_lock(self.user, self.token)
-
-
-class _NoOfflineAccess(Exception):
-    pass
 
 
 def _describe(exc: ConsentError) -> str:

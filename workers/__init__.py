@@ -1,7 +1,7 @@
 """arq worker settings for consent-flow.
 
-``consent-flow worker`` runs these; ``arq workers.WorkerSettings`` works too (it reads the
-``CONSENT_*`` environment when the class is imported, as arq's command line expects).
+``consent-flow worker`` runs these; ``arq workers.WorkerSettings`` works too: the name is
+looked up lazily, and reads the ``CONSENT_*`` environment then (arq takes a dict of settings).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ __all__ = ["check_key_ring", "worker_settings"]
 log = structlog.get_logger("consent_flow.worker")
 
 POLL_DELAY = 0.005  # seconds between queue polls: events are waited on by people and callers
-HEALTH_CHECK_INTERVAL = 10  # seconds; /healthz calls a worker alive if it reported within 3x this
+HEALTH_CHECK_INTERVAL = 10  # seconds; arq's health key lives this long + 1: /healthz reads it
 JOB_TIMEOUT = 60  # seconds; longer than a provider round trip with its retries
 SWEEP_EVERY = 5  # seconds between schedule sweeps
 CLEANUP_EVERY = 30  # seconds between cleanup runs

@@ -995,8 +995,9 @@ def memory_ideas(r: redis.Redis, keys: Any, ring: Any, sample_user: str, n: int
 
 
 def aged_users(r: redis.Redis, keys: Any, sample_user: str, fresh: float) -> dict[str, Any]:
-    """History and seen-ids after k scheduled refreshes (one an hour): every token_refreshed
-    commit appends a history entry (kept 90 days, at most 1000) and a seen id (at most 200)."""
+    """History and seen-ids after k scheduled refreshes (one an hour), as the commit script
+    leaves them: refreshes in a row share one history entry that counts them, and the last
+    SEEN_MAX_EVENTS event ids are kept. The entry is built with the project's HistoryEntry."""
     from consent_flow._model import HistoryEntry
     from consent_flow._store import HISTORY_MAX_ENTRIES, SEEN_MAX_EVENTS
 
@@ -1005,29 +1006,24 @@ def aged_users(r: redis.Redis, keys: Any, sample_user: str, fresh: float) -> dic
     fresh_cost = mem(r, keys.hist(sample_user)) + mem(r, keys.seen(sample_user))
     base_at = 1764175335.123456
     out: dict[str, Any] = {"seen_max": SEEN_MAX_EVENTS, "history_max": HISTORY_MAX_ENTRIES}
-    # (label, refreshes, of which recorded in the history, seen ids kept)
-    week, cap = 168, HISTORY_MAX_ENTRIES - 2
-    profiles = [("1 day (24 refreshes)", 24, 24, SEEN_MAX_EVENTS),
-                ("1 week (168 refreshes)", week, week, SEEN_MAX_EVENTS),
-                ("42 days (998 refreshes: history at its 1000-entry cap)", cap, cap,
-                 SEEN_MAX_EVENTS),
-                ("1 week, if 20 seen ids were kept", week, week, 20),
-                ("42 days, refreshes kept out of the history, 20 seen ids", cap, 0, 20)]
-    for label, k, in_history, seen_max in profiles:
-        refreshed = [HistoryEntry("token_refreshed", "provisioned", "provisioned",
-                                  base_at + 3600 * j, "worker", None, new_id(), new_id()).to_json()
-                     for j in range(in_history)]
-        # the ids a commit-by-commit history leaves: the last seen_max of them
-        ids = [(new_id(), base_at + 3600 * j) for j in range(min(k, seen_max))]
+    profiles = [("1 day (24 refreshes)", 24), ("1 week (168 refreshes)", 168),
+                ("42 days (1008 refreshes)", 1008), ("1 year (8760 refreshes)", 8760)]
+    for label, k in profiles:
+        entry = HistoryEntry("token_refreshed", "provisioned", "provisioned",
+                             base_at + 3600 * k, "worker", None, new_id(), new_id(),
+                             count=k, first_at=base_at + 3600).to_json()
+        data = json.loads(entry)
+        data.update(count=k, first_at=base_at + 3600)  # as the commit script writes it
+        refreshed = [json.dumps(data, separators=(",", ":"))]
+        ids = [(new_id(), base_at + 3600 * j) for j in range(max(0, k - SEEN_MAX_EVENTS), k)]
 
         def write(pipe: Any, i: int, refreshed: list[str] = refreshed,
-                  ids: list[tuple[str, float]] = ids, seen_max: int = seen_max) -> None:
+                  ids: list[tuple[str, float]] = ids) -> None:
             h = f"scratch:{{a{i:08d}}}:hist"
             s = f"scratch:{{a{i:08d}}}:seen"
             pipe.rpush(h, *hist, *refreshed)
-            pipe.ltrim(h, -HISTORY_MAX_ENTRIES, -1)
             members = sorted([(_s(m), sc) for m, sc in seen] + ids, key=lambda m: m[1])
-            pipe.zadd(s, dict(members[-seen_max:]))
+            pipe.zadd(s, dict(members[-SEEN_MAX_EVENTS:]))
 
         cost = scratch_cost(r, AGED_USERS, write)
         extra = cost["memory_usage_per_user"] - fresh_cost
@@ -1098,8 +1094,8 @@ def report(r: dict[str, Any]) -> str:
     lines.append(f"      {job:8.1f} B  saved by no deferred arq job per user (job string + queue "
                  "entry; the sweep would queue due refreshes itself)")
     a = m["aged"]
-    lines.append(f"    aged users (one refresh an hour; history <= {a['history_max']} entries, "
-                 f"seen <= {a['seen_max']} ids):")
+    lines.append("    aged users (one refresh an hour; refreshes in a row share one history "
+                 f"entry, seen <= {a['seen_max']} ids):")
     for k, v in a.items():
         if isinstance(v, dict):
             lines.append(f"      {v['bytes_per_user']:10.1f} B per user after {k} "

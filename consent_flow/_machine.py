@@ -101,6 +101,7 @@ class ConsentMachine:
                 after=self._record(row),
             )
         self._lock = threading.Lock()  # add_model/remove_model mutate the machine's model list
+        self._decided: dict[tuple[State, Event], Transition] = {}
 
     @staticmethod
     def _record(row: Transition):  # type: ignore[no-untyped-def]
@@ -112,14 +113,27 @@ class ConsentMachine:
     def decide(
         self, state: State | str, event: Event | str, *, user: str | None = None
     ) -> Transition:
-        """The row the event takes from ``state``; :class:`InvalidTransition` if there is none."""
-        model = _Decision()
+        """The row the event takes from ``state``; :class:`InvalidTransition` if there is none.
+
+        The machine answers each (state, event) pair once; its answer is remembered, since the
+        table does not change while the machine lives (every event pays a dict lookup, not a
+        model attached and detached).
+        """
         try:
             state_, event_ = State(state), Event(event)
         except ValueError:
             raise InvalidTransition(
                 f"unknown state or event: {state!r}, {event!r}", user=user, event=str(event)
             ) from None
+        known = self._decided.get((state_, event_))
+        if known is not None:
+            return known
+        row = self._ask_machine(state_, event_, user=user)
+        self._decided[(state_, event_)] = row
+        return row
+
+    def _ask_machine(self, state_: State, event_: Event, *, user: str | None) -> Transition:
+        model = _Decision()
         with self._lock:
             self._machine.add_model(model, initial=state_.value)
             try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -42,9 +42,15 @@ class Envelope:
     reply: bool = True
 
     def to_job(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["event"] = self.event.value
-        return data
+        return {
+            "event": self.event.value,
+            "user": self.user,
+            "actor": self.actor,
+            "event_id": self.event_id,
+            "correlation_id": self.correlation_id,
+            "payload": dict(self.payload),
+            "reply": self.reply,
+        }
 
     @classmethod
     def from_job(cls, data: dict[str, Any]) -> Envelope:
@@ -74,7 +80,21 @@ class Outcome:
     detail: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        # Built by hand: dataclasses.asdict deep-copies, and this runs for every event.
+        return json.dumps(
+            {
+                "user": self.user,
+                "state": self.state,
+                "since": self.since,
+                "reason": self.reason,
+                "event": self.event,
+                "result": self.result,
+                "authorization_url": self.authorization_url,
+                "error": self.error,
+                "detail": self.detail,
+            },
+            separators=(",", ":"),
+        )
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Outcome:
@@ -127,21 +147,18 @@ class EventBus:
         wait = self.timeout if timeout is None else timeout
         key = self.keys.reply(envelope.event_id)
         redis: Any = self.pool  # redis-py's async types are sync|async unions
-        popped = await redis.blpop([key], timeout=wait)
-        if popped is None:
+        # BLMOVE from the list onto itself waits like BLPOP but leaves the outcome in place, in
+        # one round trip, for anyone else waiting on the same event (a duplicate emit); the key
+        # expires on its own.
+        outcome = await redis.blmove(key, key, wait, "LEFT", "RIGHT")
+        if outcome is None:
             raise WorkerUnavailable(
                 f"no worker answered {envelope.event.value} within {wait:g} s "
                 "(is `consent-flow worker` running?)",
                 user=envelope.user,
                 event=envelope.event.value,
             )
-        # Put the outcome back for anyone else waiting on the same event (a duplicate emit);
-        # the key expires on its own.
-        async with self.pool.pipeline(transaction=True) as pipe:
-            pipe.lpush(key, popped[1])
-            pipe.expire(key, REPLY_TTL)
-            await pipe.execute()
-        return Outcome.from_json(popped[1])
+        return Outcome.from_json(outcome)
 
     async def reply(self, event_id: str, outcome: Outcome) -> None:
         key = self.keys.reply(event_id)

@@ -55,7 +55,9 @@ while #missing < 2 * want and offset < scan_max do
   end
   offset = offset + page
 end
-return {looked, missing}
+-- Is anything due beyond what was looked at? Only then is another batch worth it.
+local more = #redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', looked, 1)
+return {looked, missing, more}
 """
 
 # Queue jobs whose key is not there yet: SET NX then ZADD, per job, in one script.
@@ -100,7 +102,7 @@ class Scheduler:
         now_ms = due_ms(time.time() if now is None else now)
         looked = requeued = 0
         for _ in range(SWEEP_BATCHES):
-            found, missing = await self._due(
+            found, missing, more = await self._due(
                 keys=[self.keys.sched],
                 args=[now_ms, limit, job_key_prefix, SWEEP_SCAN_FACTOR * limit],
             )
@@ -108,7 +110,7 @@ class Scheduler:
             if not missing:
                 break
             requeued += await self._requeue(missing, now_ms)
-            if len(missing) < 2 * limit:
+            if len(missing) < 2 * limit or not more:
                 break
         return {"due": looked, "requeued": requeued}
 

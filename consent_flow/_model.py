@@ -221,6 +221,7 @@ class Change:
     session_lookup: tuple[str, int] | None = None  # (state hash, ttl) to register
     drop_session_lookup: str | None = None  # state hash to forget
     record_history: bool = True
+    reply: tuple[str, str] | None = None  # (reply key, outcome JSON) pushed if the commit applies
 
     @property
     def moves(self) -> bool:

@@ -10,6 +10,7 @@ result): the worker pushes the outcome to a reply list the caller blocks on with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -19,12 +20,11 @@ from arq.connections import ArqRedis
 
 from ._errors import WorkerUnavailable
 from ._machine import Event
-from ._store import Keys
+from ._store import REPLY_TTL, Keys
 
 __all__ = ["HANDLE_EVENT", "REPLY_TTL", "Envelope", "EventBus", "Outcome"]
 
 HANDLE_EVENT = "handle_event"  # the arq function name every event goes through
-REPLY_TTL = 60  # seconds a reply waits for a caller that stopped listening
 
 
 def new_id() -> str:
@@ -78,6 +78,11 @@ class Outcome:
     authorization_url: str | None = None
     error: str | None = None  # a stable error code when result is "rejected" or "failed"
     detail: dict[str, Any] = field(default_factory=dict)
+    replied: bool = field(default=False, compare=False)
+    """True once the caller's reply was pushed (by the commit that applied the event)."""
+
+    def sent(self) -> Outcome:
+        return dataclasses.replace(self, replied=True)
 
     def to_json(self) -> str:
         # Built by hand: dataclasses.asdict deep-copies, and this runs for every event.
@@ -98,7 +103,7 @@ class Outcome:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Outcome:
-        return cls(**json.loads(raw))
+        return cls(**json.loads(raw), replied=True)
 
     def public(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -50,6 +50,7 @@ HISTORY_MAX_ENTRIES = 1000  # a hard cap on top of the time-based retention
 SEEN_MAX_EVENTS = 32
 STREAM_MAX_ENTRIES = 100_000  # approximate cap of the transition stream
 INBOX_TTL = 120  # seconds a sealed code waits for its worker
+REPLY_TTL = 60  # seconds a reply waits for a caller that stopped listening
 
 
 def due_ms(at: float) -> int:
@@ -251,6 +252,10 @@ if op.hist then
 end
 redis.call('ZADD', seen, op.at, op.event_id)
 redis.call('ZREMRANGEBYRANK', seen, 0, -tonumber(op.seen_max) - 1)
+if op.reply then
+  redis.call('RPUSH', KEYS[14], op.reply)
+  redis.call('EXPIRE', KEYS[14], op.reply_ttl)
+end
 return {'ok', v}
 """
 
@@ -343,6 +348,8 @@ class RedisStore:
             "metric": f"{change.event.value}|{change.expect_state.value}|{change.to_state.value}",
             "event_name": change.event.value,
             "collapse": change.event is Event.TOKEN_REFRESHED,
+            "reply": change.reply[1] if change.reply else None,
+            "reply_ttl": str(REPLY_TTL),
             "hist_max": str(HISTORY_MAX_ENTRIES),
             "stream_max": str(STREAM_MAX_ENTRIES),
             "seen_max": str(SEEN_MAX_EVENTS),
@@ -371,6 +378,7 @@ class RedisStore:
                 k.histidx,
                 k.outbox,
                 k.transition_counts,
+                change.reply[0] if change.reply else k.reply("-"),
             ],
             # cjson turns null into a truthy userdata: absent keys are the only safe "no".
             args=[

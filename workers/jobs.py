@@ -63,7 +63,7 @@ async def handle_event(ctx: dict[str, Any], data: dict[str, Any]) -> None:
                     ),
                 )
             raise
-        if envelope.reply:
+        if envelope.reply and not outcome.replied:
             await services.bus.reply(envelope.event_id, outcome)
     finally:
         structlog.contextvars.clear_contextvars()

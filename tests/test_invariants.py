@@ -193,3 +193,21 @@ async def _load(settings, user):
         await worker.main()
         await worker.close()
         return await client.store.load(user)
+
+
+async def test_every_transition_is_one_log_line_with_its_fields(stack):
+    with capture_logs() as logs:
+        await provision(stack, "alice")
+        await stack.client.revoke("alice", reason="done")
+    lines = [e for e in logs if e["event"] == "transition"]
+    assert [(e["event_name"], e["from"], e["to"]) for e in lines] == [
+        ("provision_requested", "unprovisioned", "pending"),
+        ("authorization_completed", "pending", "provisioned"),
+        ("revoke_requested", "provisioned", "revoked"),
+    ]
+    for e in lines:
+        assert e["user"] == "alice"
+        assert e["actor"]
+        assert e["correlation_id"]
+        assert "reason" in e
+    assert lines[-1]["reason"] == "done"

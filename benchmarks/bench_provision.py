@@ -28,23 +28,33 @@ import logging
 import logging.config
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(Path(__file__).resolve().parent))  # _infra, also when loaded by path
 sys.path.insert(0, str(ROOT / "examples" / "provider"))
 
 import redis  # noqa: E402
+from _infra import (  # noqa: E402
+    BenchError,
+    Redis,
+    Run,
+    WorkerProcess,
+    drive,
+    free_port,
+    percentile,
+    start_redis,
+    stop_process,
+    tail,
+)
 
 TARGET_RATIO = 0.6  # (b) / (a)
 TARGET_P99_MS = 25.0  # (c)
@@ -59,10 +69,6 @@ FLOOR_ANSWER = json.dumps({
     "user": "floor", "state": "pending", "since": "2025-01-01T00:00:00Z", "reason": None,
     "event": "provision_requested", "result": "applied", "authorization_url": "x" * 420,
 })
-
-
-class BenchError(Exception):
-    """Something broke (not a missed target)."""
 
 
 # --- the worker processes ----------------------------------------------------------------------
@@ -109,79 +115,6 @@ def bench_settings(env: dict[str, str]) -> Any:
 # --- infrastructure ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class Redis:
-    port: int
-    process: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-
-def start_redis(directory: Path) -> Redis:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise BenchError("redis-server is not installed")
-    for _ in range(5):  # a free port can be taken between the probe and the bind
-        port = free_port()
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(directory),
-             "--logfile", str(directory / "redis.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while process.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(redis.RedisError), \
-                    redis.Redis(port=port, socket_timeout=0.5) as r:
-                if r.ping():
-                    return Redis(port, process)
-            time.sleep(0.02)
-        stop_process(process)
-    raise BenchError(f"redis-server did not start (see {directory}/redis.log)")
-
-
-def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-@dataclass
-class WorkerProcess:
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def check(self) -> None:
-        code = self.process.poll()
-        if code is not None:
-            raise BenchError(f"the {self.name} worker exited with code {code}; see {self.log}:\n"
-                             + tail(self.log))
-
-    def stop(self) -> None:
-        stop_process(self.process)
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 def start_worker(kind: str, env: dict[str, str], workdir: Path) -> WorkerProcess:
     """``floor``: this script's bare arq worker; ``project``: ``consent-flow worker`` itself
     (``python -m consent_flow worker`` from the repository, so it runs this checkout's code)."""
@@ -213,103 +146,8 @@ def wait_ready(worker: WorkerProcess, redis_url: str, health_key: str) -> None:
 # --- measuring ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Run:
-    """Completions of one phase: (finished at, seconds taken), from the warm-up on."""
-
-    samples: list[tuple[float, float]] = field(default_factory=list)
-    window: tuple[float, float] = (0.0, 0.0)
-    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds in the window, by process
-
-    def measured(self) -> list[float]:
-        start, end = self.window
-        return [took for at, took in self.samples if start <= at <= end]
-
-    @property
-    def per_second(self) -> float:
-        start, end = self.window
-        return len(self.measured()) / (end - start)
-
-    def cpu_ms_per_call(self) -> dict[str, float]:
-        n = len(self.measured())
-        return {name: round(1000 * used / n, 3) for name, used in self.cpu.items()}
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far (Linux /proc); None where unavailable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-async def drive(
-    callers: int, warmup: float, seconds: float,
-    call: Callable[[int, int], Awaitable[None]],
-    alive: Callable[[], None],
-    processes: dict[str, int],
-) -> Run:
-    """``callers`` loops calling ``call(caller, i)`` back to back; count what completes between
-    the end of the warm-up and the end of the measurement (no ramp-up or drain in the window),
-    and the CPU time each of ``processes`` used in that window."""
-    run = Run()
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    run.window = (start + warmup, start + warmup + seconds)
-    stop_at = run.window[1]
-
-    def snapshot() -> tuple[float, dict[str, float | None]]:
-        return loop.time(), {name: cpu_seconds(pid) for name, pid in processes.items()}
-
-    async def meter() -> None:
-        await asyncio.sleep(max(0.0, run.window[0] - loop.time()))
-        t0, before = snapshot()
-        await asyncio.sleep(max(0.0, stop_at - loop.time()))
-        t1, after = snapshot()
-        run.window = (t0, t1)
-        for name, used in after.items():
-            if used is not None and before[name] is not None:
-                run.cpu[name] = used - before[name]  # type: ignore[operator]
-
-    async def caller(n: int) -> None:
-        i = 0
-        while loop.time() < stop_at:
-            t0 = loop.time()
-            await call(n, i)
-            t1 = loop.time()
-            run.samples.append((t1, t1 - t0))
-            i += 1
-
-    tasks = [asyncio.create_task(caller(n)) for n in range(callers)]
-    tasks.append(asyncio.create_task(meter()))
-    try:
-        pending: set[asyncio.Task[None]] = set(tasks)
-        while pending:
-            alive()  # a dead worker fails the run at once instead of after the event timeout
-            done, pending = await asyncio.wait(
-                pending, timeout=0.2, return_when=asyncio.FIRST_EXCEPTION
-            )
-            for task in done:
-                task.result()  # the first failure ends the phase
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    if not run.measured():
-        raise BenchError("nothing completed within the measurement window")
-    return run
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 100))))
-    return ordered[rank - 1]
-
-
 async def bench_floor(redis_url: str, queue: str, worker: WorkerProcess,
-                      warmup: float, seconds: float, processes: dict[str, int]) -> Run:
+                      warmup: float, seconds: float, processes: dict[str, list[int]]) -> Run:
     from arq.connections import create_pool
 
     from consent_flow._redis import arq_redis_settings
@@ -336,7 +174,7 @@ async def bench_floor(redis_url: str, queue: str, worker: WorkerProcess,
 
 
 async def bench_project(settings: Any, worker: WorkerProcess, warmup: float, seconds: float,
-                        processes: dict[str, int], *, callers: int, tag: str) -> Run:
+                        processes: dict[str, list[int]], *, callers: int, tag: str) -> Run:
     from consent_flow import ConsentClient
     from consent_flow._machine import State
 
@@ -407,9 +245,9 @@ async def measure(seconds: float, warmup: float, workdir: Path) -> dict[str, Any
         max_jobs = worker_settings(settings, server.url)["max_jobs"]
         env["BENCH_MAX_JOBS"] = str(max_jobs)
 
-        def processes(worker: WorkerProcess) -> dict[str, int]:
-            return {"client": os.getpid(), "worker": worker.process.pid,
-                    "redis": server.process.pid}
+        def processes(worker: WorkerProcess) -> dict[str, list[int]]:
+            return {"client": [os.getpid()], "worker": [worker.process.pid],
+                    "redis": [server.process.pid]}
 
         # (a) arq's floor
         floor_env = dict(env, BENCH_QUEUE=f"{prefix}:floor")

@@ -49,25 +49,36 @@ import logging
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote_plus
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(Path(__file__).resolve().parent))  # _infra, also when loaded by path
 sys.path.insert(0, str(ROOT / "examples" / "provider"))
 
 import httpx  # noqa: E402
 import redis  # noqa: E402
+from _infra import (  # noqa: E402
+    BenchError,
+    Redis,
+    Run,
+    WorkerProcess,
+    drive,
+    free_port,
+    percentile,
+    quiet_logs,
+    start_redis,
+    stop_process,
+    tail,
+)
 
 TARGET_RATIO = 0.7  # (b) / (a)
 WORKERS = 3
@@ -79,10 +90,6 @@ FORCE_MIN_TTL = 10 * 365 * 86400.0  # longer than any token lives: the worker al
 READY_TIMEOUT = 30.0
 EVENT_TIMEOUT = 30.0
 PROVISION_CONCURRENCY = 10
-
-
-class BenchError(Exception):
-    """Something broke (not a missed target)."""
 
 
 # --- the worker processes ----------------------------------------------------------------------
@@ -109,79 +116,6 @@ def bench_settings(env: dict[str, str]) -> Any:
 
 
 # --- infrastructure ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class Redis:
-    port: int
-    process: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-
-def start_redis(directory: Path) -> Redis:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise BenchError("redis-server is not installed")
-    for _ in range(5):  # a free port can be taken between the probe and the bind
-        port = free_port()
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(directory),
-             "--logfile", str(directory / "redis.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while process.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(redis.RedisError), \
-                    redis.Redis(port=port, socket_timeout=0.5) as r:
-                if r.ping():
-                    return Redis(port, process)
-            time.sleep(0.02)
-        stop_process(process)
-    raise BenchError(f"redis-server did not start (see {directory}/redis.log)")
-
-
-def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-@dataclass
-class WorkerProcess:
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def check(self) -> None:
-        code = self.process.poll()
-        if code is not None:
-            raise BenchError(f"the {self.name} worker exited with code {code}; see {self.log}:\n"
-                             + tail(self.log))
-
-    def stop(self) -> None:
-        stop_process(self.process)
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def start_worker(name: str, env: dict[str, str], workdir: Path) -> WorkerProcess:
@@ -211,114 +145,18 @@ def wait_ready(workers: list[WorkerProcess], redis_url: str, health_key: str) ->
             time.sleep(0.05)
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far (Linux /proc); None where unavailable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 100))))
-    return ordered[rank - 1]
-
-
 # --- measuring ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Run:
-    """Completions of one phase: (finished at, seconds taken), from the warm-up on."""
-
-    samples: list[tuple[float, float]] = field(default_factory=list)
-    window: tuple[float, float] = (0.0, 0.0)
-    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds in the window, by process
-
-    def measured(self) -> list[float]:
-        start, end = self.window
-        return [took for at, took in self.samples if start <= at <= end]
-
-    @property
-    def per_second(self) -> float:
-        start, end = self.window
-        return len(self.measured()) / (end - start)
-
-    def cpu_ms_per_call(self) -> dict[str, float]:
-        n = len(self.measured())
-        return {name: round(1000 * used / n, 3) for name, used in self.cpu.items()}
-
-    def summary(self) -> dict[str, Any]:
-        took = self.measured()
-        return {
-            "per_s": round(self.per_second, 1),
-            "calls": len(took),
-            "p50_ms": round(percentile(took, 50) * 1000, 2),
-            "p99_ms": round(percentile(took, 99) * 1000, 2),
-            "cpu_ms_per_refresh": self.cpu_ms_per_call(),
-        }
-
-
-async def drive(
-    callers: int, warmup: float, seconds: float,
-    call: Callable[[int], Awaitable[None]],
-    alive: Callable[[], None],
-    processes: dict[str, list[int]],
-) -> Run:
-    """``callers`` loops calling ``call(caller)`` back to back; count what completes between the
-    end of the warm-up and the end of the measurement, and the CPU time of each group of
-    ``processes`` in that window."""
-    run = Run()
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    run.window = (start + warmup, start + warmup + seconds)
-    stop_at = run.window[1]
-
-    def snapshot() -> tuple[float, dict[str, float | None]]:
-        out: dict[str, float | None] = {}
-        for name, pids in processes.items():
-            used = [cpu_seconds(pid) for pid in pids]
-            out[name] = None if any(u is None for u in used) else sum(used)  # type: ignore[arg-type]
-        return loop.time(), out
-
-    async def meter() -> None:
-        await asyncio.sleep(max(0.0, run.window[0] - loop.time()))
-        t0, before = snapshot()
-        await asyncio.sleep(max(0.0, stop_at - loop.time()))
-        t1, after = snapshot()
-        run.window = (t0, t1)
-        for name, used in after.items():
-            if used is not None and before[name] is not None:
-                run.cpu[name] = used - before[name]  # type: ignore[operator]
-
-    async def caller(n: int) -> None:
-        while loop.time() < stop_at:
-            t0 = loop.time()
-            await call(n)
-            t1 = loop.time()
-            run.samples.append((t1, t1 - t0))
-
-    tasks = [asyncio.create_task(caller(n)) for n in range(callers)]
-    tasks.append(asyncio.create_task(meter()))
-    try:
-        pending: set[asyncio.Task[None]] = set(tasks)
-        while pending:
-            alive()  # a dead worker fails the run at once instead of after the event timeout
-            done, pending = await asyncio.wait(
-                pending, timeout=0.2, return_when=asyncio.FIRST_EXCEPTION
-            )
-            for task in done:
-                task.result()  # the first failure ends the phase
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    if not run.measured():
-        raise BenchError("nothing completed within the measurement window")
-    return run
+def summary(run: Run) -> dict[str, Any]:
+    took = run.measured()
+    return {
+        "per_s": round(run.per_second, 1),
+        "calls": len(took),
+        "p50_ms": round(percentile(took, 50) * 1000, 2),
+        "p99_ms": round(percentile(took, 99) * 1000, 2),
+        "cpu_ms_per_refresh": run.cpu_ms_per_call(),
+    }
 
 
 # --- provisioning ------------------------------------------------------------------------------
@@ -426,7 +264,7 @@ async def bench_provider(provider: Any, chains: list[str], warmup: float, second
     async with contextlib.AsyncExitStack() as stack:
         https = [await stack.enter_async_context(httpx.AsyncClient(timeout=30)) for _ in chains]
 
-        async def call(n: int) -> None:
+        async def call(n: int, i: int) -> None:
             reply = await https[n].post(
                 token_endpoint,
                 data={"grant_type": "refresh_token", "refresh_token": chains[n]},
@@ -460,7 +298,7 @@ async def bench_project(client: Any, users: list[str], warmup: float, seconds: f
 
     last = {u: await current(u) for u in users}
 
-    async def call(n: int) -> None:
+    async def call(n: int, i: int) -> None:
         user = users[n]
         await broker._refresh(user, FORCE_MIN_TTL)
         token = await current(user)
@@ -529,16 +367,6 @@ def diff_counts(after: dict[str, int], before: dict[str, int]) -> dict[str, int]
     return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
 
 
-def quiet_logs() -> None:
-    """This process's commits and callback log too: keep its output for the figures."""
-    import structlog
-
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
-
-
 async def measure(n_users: int, seconds: float, warmup: float, workdir: Path) -> dict[str, Any]:
     from consent_flow import ConsentClient
 
@@ -592,7 +420,7 @@ async def measure(n_users: int, seconds: float, warmup: float, workdir: Path) ->
                          "tokens during the project phase (invariant 4)")
     if stats.get("refresh_errors"):
         raise BenchError(f"the provider counted {stats['refresh_errors']} refresh errors")
-    a1, a2, b = baseline_1.summary(), baseline_2.summary(), project.summary()
+    a1, a2, b = summary(baseline_1), summary(baseline_2), summary(project)
     # Redis commands per refresh over the whole phase (warm-up included, so per started call):
     # the caller's, the workers' (jobs, arq's polling and bookkeeping) and the sweeps'.
     started = len(project.samples)

@@ -47,16 +47,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import pickle
 import random
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,8 +62,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(Path(__file__).resolve().parent))  # _infra, also when loaded by path
 
 import redis  # noqa: E402
+from _infra import (  # noqa: E402
+    BenchError,
+    percentile,
+    quiet_logs,
+    start_redis,
+    stop_process,
+)
 
 TARGET_TICK_MS = 20.0
 TARGET_BYTES_PER_USER = 2048
@@ -83,80 +87,7 @@ AGED_USERS = 300  # users of each aged profile
 SCOPES = "openid offline_access profile"
 
 
-class BenchError(Exception):
-    """Something broke (not a missed target)."""
-
-
 # --- infrastructure ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class Redis:
-    port: int
-    process: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-
-def start_redis(directory: Path) -> Redis:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise BenchError("redis-server is not installed")
-    for _ in range(5):  # a free port can be taken between the probe and the bind
-        port = free_port()
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(directory),
-             "--logfile", str(directory / "redis.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while process.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(redis.RedisError), \
-                    redis.Redis(port=port, socket_timeout=0.5) as r:
-                if r.ping():
-                    return Redis(port, process)
-            time.sleep(0.02)
-        stop_process(process)
-    raise BenchError(f"redis-server did not start (see {directory}/redis.log)")
-
-
-def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def quiet_logs() -> None:
-    """The commits log a line per transition: keep this process's output for the figures."""
-    import logging
-
-    import structlog
-
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 100))))
-    return ordered[rank - 1]
 
 
 def used_memory(r: redis.Redis) -> int:

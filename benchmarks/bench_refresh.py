@@ -3,8 +3,9 @@
 One run starts a private ``redis-server`` (a free port, a temporary folder; never the system Redis),
 the local OpenID provider (oidc-provider; one-hour access tokens, refresh tokens that rotate on
 every use, where a reused one kills the grant), three worker processes of the project (this script
-run as ``--worker``, which builds ``arq.Worker(**worker_settings(...))`` as ``consent-flow worker``
-does, JSON logs to a file as docker-compose runs it) and the callback server in this process.
+run as ``--worker``, which builds ``ConsentWorker(**worker_settings(...))`` as
+``consent-flow worker`` does, JSON logs to a file as docker-compose runs it) and the callback
+server in this process.
 
 It provisions ``--users`` users end to end (``ConsentClient.request_provisioning``, a headless
 login and approval at the provider, the browser's GET of the callback), and obtains as many grants
@@ -97,15 +98,13 @@ PROVISION_CONCURRENCY = 10
 
 def run_project_worker() -> None:
     """The project's worker, as ``consent-flow worker`` runs it, on the run's own queue."""
-    from arq.worker import Worker
-
     from consent_flow._logging import configure_logging
-    from workers import worker_settings
+    from workers import ConsentWorker, worker_settings
 
     settings = bench_settings(dict(os.environ))
     configure_logging(settings.log_format, logging.INFO)
     assert settings.redis_url
-    Worker(**worker_settings(settings, settings.redis_url)).run()
+    ConsentWorker(**worker_settings(settings, settings.redis_url)).run()
 
 
 def bench_settings(env: dict[str, str]) -> Any:

@@ -133,19 +133,22 @@ class TokenBroker:
     async def _refresh(self, user: str, min_ttl: float) -> None:
         """On-demand refresh through the queue, on the same single-flight path as the schedule."""
         event_id = new_id()
-        await self.client.pool.enqueue_job(
-            REFRESH_JOB,
-            {
-                "user": user,
-                "on_demand": True,
-                "min_ttl": min_ttl,
-                "event_id": event_id,
-                "reply": True,
-                "actor": "broker",
-            },
-            _job_id=f"ondemand:{event_id}",
-            _queue_name=self.client.settings.queue_name,
-            _expires=max(1.0, self.client.settings.event_timeout),
+        jobs = self.client.bus.jobs
+        await jobs.put(
+            jobs.job(
+                REFRESH_JOB,
+                {
+                    "user": user,
+                    "on_demand": True,
+                    "min_ttl": min_ttl,
+                    "event_id": event_id,
+                    "reply": True,
+                    "actor": "broker",
+                },
+                job_id=f"ondemand:{event_id}",
+                queue=self.client.settings.queue_name,
+                expires_ms=int(max(1.0, self.client.settings.event_timeout) * 1000),
+            )
         )
         outcome = await self.client.bus.wait(
             Envelope(Event.TOKEN_REFRESHED, user, "broker", event_id=event_id)

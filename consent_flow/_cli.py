@@ -155,11 +155,9 @@ async def _with_client(settings: Settings, run: Callable[[ConsentClient], Awaita
 
 
 def _run_worker(settings: Settings, *, redis_url: str) -> None:
-    from arq.worker import Worker
+    from workers import ConsentWorker, worker_settings
 
-    from workers import worker_settings
-
-    Worker(**worker_settings(settings, redis_url)).run()
+    ConsentWorker(**worker_settings(settings, redis_url)).run()
 
 
 def _uvicorn_server(settings: Settings, redis_url: str) -> Any:
@@ -180,13 +178,11 @@ def _uvicorn_server(settings: Settings, redis_url: str) -> Any:
 
 
 async def _up(settings: Settings, redis_url: str) -> None:
-    from arq.worker import Worker
-
-    from workers import worker_settings
+    from workers import ConsentWorker, worker_settings
 
     options = worker_settings(settings, redis_url)
     options["handle_signals"] = False  # uvicorn owns SIGINT/SIGTERM; the worker stops with it
-    worker = Worker(**options)
+    worker = ConsentWorker(**options)
     server = _uvicorn_server(settings, redis_url)
     worker_task = asyncio.create_task(worker.main())
     try:

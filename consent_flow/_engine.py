@@ -12,8 +12,8 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import structlog
 
@@ -41,6 +41,8 @@ from ._queue import Envelope, Outcome, new_id
 from ._settings import Settings
 from ._store import RedisStore, state_hash
 from ._vault import KeyRing
+
+_T = TypeVar("_T")
 
 __all__ = ["Engine", "next_refresh_at", "session_url"]
 
@@ -546,11 +548,11 @@ class Engine:
     def lock_ttl(self) -> float:
         return LOCK_TTL_FACTOR * self.settings.http_timeout
 
-    def user_lock(self, user: str) -> _UserLock:
-        return _UserLock(self.store, user, ttl=self.lock_ttl, wait=self.lock_ttl + LOCK_WAIT_EXTRA)
+    def user_lock(self, user: str) -> UserLock:
+        return UserLock(self.store, user, ttl=self.lock_ttl, wait=self.lock_ttl + LOCK_WAIT_EXTRA)
 
 
-class _UserLock:
+class UserLock:
     """One provider conversation per user at a time, across every worker (invariant 4)."""
 
     def __init__(self, store: RedisStore, user: str, *, ttl: float, wait: float) -> None:
@@ -560,13 +562,22 @@ class _UserLock:
         self.wait = wait
         self.token: str | None = None
 
-    async def __aenter__(self) -> _UserLock:
+    async def __aenter__(self) -> UserLock:
+        async def attempt() -> tuple[str | None, None]:
+            return await self.store.acquire_lock(self.user, self.ttl), None
+
+        await self.take(attempt)
+        return self
+
+    async def take(self, attempt: Callable[[], Awaitable[tuple[str | None, _T]]]) -> _T:
+        """Run ``attempt`` until it returns an owner token (kept here), backing off in between;
+        returns what the successful attempt read with it."""
         deadline = time.monotonic() + self.wait
         delay = 0.01
         while True:
-            self.token = await self.store.acquire_lock(self.user, self.ttl)
+            self.token, read = await attempt()
             if self.token is not None:
-                return self
+                return read
             if time.monotonic() > deadline:
                 raise ProviderUnavailable(
                     "another worker is still talking to the provider for this user",

@@ -44,13 +44,26 @@ class MetricsRecorder:
         self.redis = redis
         self.keys = keys
 
+    def refresh_counters(
+        self, outcome: str, *, lead: float | None = None
+    ) -> tuple[tuple[str, str, str], ...]:
+        """What one refresh adds to the counters: (hash key, field, amount as text). A successful
+        refresh's commit carries these, so they count exactly the refreshes that applied."""
+        counters = [(self.keys.refresh_counts, outcome, "1")]
+        if lead is not None:
+            lead = max(0.0, lead)
+            counters.append((self.keys.refresh_lead, _bucket(lead), "1"))
+            counters.append((self.keys.refresh_lead, "sum", f"{lead:.6f}"))
+        return tuple(counters)
+
     async def refresh(self, outcome: str, *, lead: float | None = None) -> None:
         hour = int(time.time() // 3600)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(self.keys.refresh_counts, outcome, 1)
-            if lead is not None:
-                pipe.hincrby(self.keys.refresh_lead, _bucket(max(0.0, lead)), 1)
-                pipe.hincrbyfloat(self.keys.refresh_lead, "sum", max(0.0, lead))
+            for key, name, amount in self.refresh_counters(outcome, lead=lead):
+                if "." in amount:
+                    pipe.hincrbyfloat(key, name, float(amount))
+                else:
+                    pipe.hincrby(key, name, int(amount))
             if outcome != "success":
                 pipe.hincrby(self.keys.hourly(hour), outcome, 1)
                 pipe.expire(self.keys.hourly(hour), HOURLY_TTL)

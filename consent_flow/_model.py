@@ -6,10 +6,13 @@ import json
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import ConsentError
 from ._machine import Event, State
+
+if TYPE_CHECKING:
+    from ._jobs import QueuedJob
 
 __all__ = ["Change", "CommitResult", "ConsentRecord", "HistoryEntry", "check_user", "iso"]
 
@@ -222,6 +225,11 @@ class Change:
     drop_session_lookup: str | None = None  # state hash to forget
     record_history: bool = True
     reply: tuple[str, str] | None = None  # (reply key, outcome JSON) pushed if the commit applies
+    # Also only if the commit applies: the next refresh's arq job, the release of the user's
+    # lock (its owner token), and counters added to hashes (key, field, amount as text).
+    job: QueuedJob | None = None
+    unlock: str | None = None
+    counters: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def moves(self) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 from arq.connections import ArqRedis
 
 from ._errors import WorkerUnavailable
+from ._jobs import JobQueue
 from ._machine import Event
 from ._store import REPLY_TTL, Keys
 
@@ -126,6 +127,7 @@ class EventBus:
         self.keys = keys
         self.queue_name = queue_name
         self.timeout = timeout
+        self.jobs = JobQueue(pool)
 
     async def emit(self, envelope: Envelope, *, timeout: float | None = None) -> Outcome | None:
         """Queue the event; with ``envelope.reply`` wait for its outcome.
@@ -136,12 +138,14 @@ class EventBus:
         wait = self.timeout if timeout is None else timeout
         # arq refuses a job id it still holds (the same event queued or running): that job's
         # outcome answers this caller too.
-        await self.pool.enqueue_job(
-            HANDLE_EVENT,
-            envelope.to_job(),
-            _job_id=f"ev:{envelope.event_id}",
-            _queue_name=self.queue_name,
-            _expires=max(1.0, wait),
+        await self.jobs.put(
+            self.jobs.job(
+                HANDLE_EVENT,
+                envelope.to_job(),
+                job_id=f"ev:{envelope.event_id}",
+                queue=self.queue_name,
+                expires_ms=int(max(1.0, wait) * 1000),
+            )
         )
         if not envelope.reply:
             return None

@@ -14,10 +14,11 @@ import hashlib
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
-from ._engine import TOKEN_FIELDS, Engine
+from ._engine import TOKEN_FIELDS, Engine, UserLock
 from ._errors import (
     ClientRejected,
     GrantRejected,
@@ -74,7 +75,10 @@ class Refresher:
     # --- the pause for everyone (invalid_client) ---------------------------------------------
 
     async def halted(self) -> dict[str, str] | None:
-        raw = await self.store.redis.hgetall(self.store.keys.halt)
+        """Why refreshes are paused for everyone, or None."""
+        return await self._pause_from(await self.store.redis.hgetall(self.store.keys.halt))
+
+    async def _pause_from(self, raw: dict[Any, Any]) -> dict[str, str] | None:
         if not raw:
             return None
         halt = {
@@ -119,31 +123,36 @@ class Refresher:
         envelope: Envelope | None = None,
     ) -> Outcome:
         envelope = envelope or Envelope(Event.TOKEN_REFRESHED, user, "worker", reply=False)
-        halt = await self.halted()
-        if halt is not None and not await self._may_probe():
-            rec = await self.store.load(user)
-            if not on_demand and rec.state is State.PROVISIONED:
-                await self._reschedule(
-                    rec, envelope, time.time() + self.retry.halt_retry, error=None
-                )
-            return self.engine.outcome(
-                rec, envelope, "failed", error="invalid_client", reason=halt.get("reason")
+        lock = self.engine.user_lock(user)
+
+        async def attempt() -> tuple[str | None, tuple[ConsentRecord, dict[Any, Any]]]:
+            # The lock, the record under it and the pause for everyone: one round trip.
+            token, rec, halt = await self.store.lock_and_load(
+                user, self.engine.lock_ttl, also=self.store.keys.halt
             )
+            return token, (rec, halt)
+
         if on_demand:
-            lock = self.engine.user_lock(user)
-            await lock.__aenter__()
+            rec, raw_halt = await lock.take(attempt)
         else:
-            token = await self.store.acquire_lock(user, self.engine.lock_ttl)
-            if token is None:
-                # Another worker is refreshing (or revoking) this grant right now; it schedules
-                # the next refresh itself.
-                rec = await self.store.load(user)
-                return self.engine.outcome(rec, envelope, "unchanged")
-            lock = self.engine.user_lock(user)
-            lock.token = token
+            # Scheduled: when another worker is refreshing (or revoking) this grant right now,
+            # it schedules the next refresh itself.
+            lock.token, (rec, raw_halt) = await attempt()
         try:
+            halt = await self._pause_from(raw_halt)
+            if halt is not None and not await self._may_probe():
+                if lock.token is not None and not on_demand and rec.state is State.PROVISIONED:
+                    await self._reschedule(
+                        rec, envelope, time.time() + self.retry.halt_retry, error=None
+                    )
+                return self.engine.outcome(
+                    rec, envelope, "failed", error="invalid_client", reason=halt.get("reason")
+                )
+            if lock.token is None:
+                return self.engine.outcome(rec, envelope, "unchanged")
             return await self._refresh_locked(
-                user,
+                rec,
+                lock,
                 due=due,
                 on_demand=on_demand,
                 min_ttl=min_ttl,
@@ -155,7 +164,8 @@ class Refresher:
 
     async def _refresh_locked(
         self,
-        user: str,
+        rec: ConsentRecord,
+        lock: UserLock,
         *,
         due: int | None,
         on_demand: bool,
@@ -163,7 +173,8 @@ class Refresher:
         envelope: Envelope,
         probing: bool,
     ) -> Outcome:
-        rec = await self.store.load(user)  # re-read under the lock
+        """The refresh itself, under the lock; ``rec`` was read under it."""
+        user = rec.user
         now = self.engine.clock()
         if rec.state is not State.PROVISIONED or rec.tokens is None:
             await self.store.redis.zrem(self.store.keys.sched, user)
@@ -249,23 +260,31 @@ class Refresher:
             },
             delete_fields=("referr", "inflight"),
             schedule_at=due_at,
+            # Riding in the same commit: the next refresh's job, the counters, the release of
+            # the lock and the caller's answer. One round trip for all of it.
+            job=self.scheduler.job_for(user, due_at),
+            counters=self.metrics.refresh_counters("success", lead=lead),
+            unlock=lock.token,
         )
+        outcome = self.engine.outcome(
+            rec.after(change, rec.version + 1), envelope, "applied", detail={"lead": lead}
+        )
+        if envelope.reply:
+            change.reply = (self.store.keys.reply(envelope.event_id), outcome.to_json())
         result = await self.store.commit(change)
         if not result.ok:
             # Cannot happen while we hold the lock, unless the lock expired under a very slow
             # provider: the new tokens must not live on (invariant 3).
             await self.engine.revoke_obtained(user, fresh, why="refresh lost the race")
             return await self.engine.reread_after(envelope, result.status)
-        await self.scheduler.schedule(user, due_at)
-        await self.metrics.refresh("success", lead=lead)
+        lock.token = None  # released by the commit
         log.debug(  # the transition line already says it at INFO
             "token_refreshed",
             user=user,
             lead_s=None if lead is None else round(lead, 1),
             next_in_s=round(due_at - now, 1),
         )
-        rec = rec.after(change, result.version)
-        return self.engine.outcome(rec, envelope, "applied", detail={"lead": lead})
+        return outcome.sent() if envelope.reply else outcome
 
     async def _reschedule(
         self,
@@ -292,9 +311,9 @@ class Refresher:
             delete_fields=() if keep_inflight else ("inflight",),
             schedule_at=at,
             record_history=False,
+            job=self.scheduler.job_for(rec.user, at),
         )
-        if (await self.store.commit(change)).ok:
-            await self.scheduler.schedule(rec.user, at)
+        await self.store.commit(change)
 
     async def _reject(
         self, rec: ConsentRecord, envelope: Envelope, *, lost_response: bool

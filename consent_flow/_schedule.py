@@ -10,13 +10,13 @@ commit and enqueue, or by a Redis failover); a job that is still queued is recog
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
 
+from ._jobs import JobQueue, QueuedJob
 from ._store import Keys, due_ms
 
 __all__ = ["REFRESH_JOB", "Scheduler", "refresh_job_id"]
@@ -80,19 +80,24 @@ class Scheduler:
         self.pool = pool
         self.keys = keys
         self.queue_name = queue_name
+        self.jobs = JobQueue(pool)
         self._due = pool.register_script(_DUE_WITHOUT_JOB)
         self._enqueue = pool.register_script(_ENQUEUE_MISSING)
 
-    async def schedule(self, user: str, due: float) -> None:
-        """Queue the deferred refresh job for a due time the store already holds."""
+    def job_for(self, user: str, due: float) -> QueuedJob:
+        """The deferred refresh job for a due time, for a commit to queue with the schedule."""
         ms = due_ms(due)
-        await self.pool.enqueue_job(
+        return self.jobs.job(
             REFRESH_JOB,
             {"user": user, "due_ms": ms},
-            _job_id=refresh_job_id(user, ms),
-            _queue_name=self.queue_name,
-            _defer_until=datetime.fromtimestamp(ms / 1000, UTC),
+            job_id=refresh_job_id(user, ms),
+            queue=self.queue_name,
+            run_at_ms=ms,
         )
+
+    async def schedule(self, user: str, due: float) -> None:
+        """Queue the deferred refresh job for a due time the store already holds."""
+        await self.jobs.put(self.job_for(user, due))
 
     async def sweep(self, *, now: float | None = None, limit: int = SWEEP_LIMIT) -> dict[str, int]:
         """Queue every due refresh whose job is missing. Returns counts: due looked at, requeued.

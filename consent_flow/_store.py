@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import structlog
 from redis.asyncio import Redis
 
+from ._jobs import ENQUEUE_LUA
 from ._machine import Event, State
 from ._model import CIPHER_FIELDS, Change, CommitResult, ConsentRecord, HistoryEntry
 
@@ -173,7 +174,7 @@ class Store(Protocol):
 
 # --- Lua ------------------------------------------------------------------------------------------
 
-_COMMIT = """
+_COMMIT = ENQUEUE_LUA + """
 local rec, hist, seen, idx_from, idx_to, sched, kids, stream, sess_set, sess_del, histidx,
   outbox, counters = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8],
   KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13]
@@ -256,6 +257,27 @@ if op.reply then
   redis.call('RPUSH', KEYS[14], op.reply)
   redis.call('EXPIRE', KEYS[14], op.reply_ttl)
 end
+-- What rides along only when the step applies: the next refresh's arq job (payload ARGV[2]),
+-- the release of the user's lock, and counters. Their keys follow the fixed ones, in order.
+local n = 14
+if op.job then
+  enqueue(KEYS[15], KEYS[16], KEYS[17], ARGV[2], op.job[1], op.job[2], op.job[3])
+  n = 17
+end
+if op.unlock then
+  n = n + 1
+  if redis.call('GET', KEYS[n]) == op.unlock then redis.call('DEL', KEYS[n]) end
+end
+if op.counters then
+  for _, c in ipairs(op.counters) do
+    n = n + 1
+    if string.find(c[2], '.', 1, true) then
+      redis.call('HINCRBYFLOAT', KEYS[n], c[1], c[2])
+    else
+      redis.call('HINCRBY', KEYS[n], c[1], c[2])
+    end
+  end
+end
 return {'ok', v}
 """
 
@@ -299,6 +321,13 @@ end
 return dropped
 """
 
+# Take the user's lock when it is free, and read the record and another hash (the refresh pause)
+# in the same round trip. ARGV: owner token, ttl (ms).
+_LOCK_AND_LOAD = """
+local got = redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX')
+return {got and 1 or 0, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3])}
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -307,6 +336,11 @@ return 0
 
 def _decode(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(flat: list[Any]) -> dict[str, str]:
+    """A Lua HGETALL answer (a flat list) as a dict of text."""
+    return {_decode(flat[i]): _decode(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 class RedisStore:
@@ -320,6 +354,7 @@ class RedisStore:
         self._commit = redis.register_script(_COMMIT)
         self._claim = redis.register_script(_CLAIM)
         self._release = redis.register_script(_RELEASE)
+        self._lock_and_load = redis.register_script(_LOCK_AND_LOAD)
         self._trim = redis.register_script(_TRIM)
 
     async def load(self, user: str) -> ConsentRecord:
@@ -363,6 +398,20 @@ class RedisStore:
         if change.drop_session_lookup is not None:
             sess_drop = k.sess(change.drop_session_lookup)
             op["sess_drop"] = True
+        extra_keys: list[str] = []
+        job_payload: bytes = b""
+        if change.job is not None:
+            job = change.job
+            extra_keys += job.keys
+            job_payload = job.payload
+            # Scores and expiries travel as strings: cjson prints numbers with 14 digits.
+            op["job"] = [str(job.expires_ms), str(job.score_ms), job.job_id]
+        if change.unlock is not None:
+            extra_keys.append(k.lock(change.user))
+            op["unlock"] = change.unlock
+        if change.counters:
+            extra_keys += [key for key, _, _ in change.counters]
+            op["counters"] = [[name, amount] for _, name, amount in change.counters]
         result = await self._commit(
             keys=[
                 k.rec(change.user),
@@ -379,13 +428,15 @@ class RedisStore:
                 k.outbox,
                 k.transition_counts,
                 change.reply[0] if change.reply else k.reply("-"),
+                *extra_keys,
             ],
             # cjson turns null into a truthy userdata: absent keys are the only safe "no".
             args=[
                 json.dumps(
                     {k: v for k, v in op.items() if v is not None and v is not False},
                     separators=(",", ":"),
-                )
+                ),
+                job_payload,
             ],
         )
         status = _decode(result[0])
@@ -464,6 +515,22 @@ class RedisStore:
     async def release_lock(self, user: str, token: str) -> bool:
         return bool(await self._release(keys=[self.keys.lock(user)], args=[token]))
 
+    async def lock_and_load(
+        self, user: str, ttl: float, *, also: str
+    ) -> tuple[str | None, ConsentRecord, dict[str, str]]:
+        """Try the user's lock and read the record (and the hash ``also``) in one round trip.
+
+        Returns the lock's owner token (None when another holder has it), the record as it is
+        now (under the lock when taken), and ``also``'s fields.
+        """
+        token = secrets.token_hex(16)
+        got, raw, other = await self._lock_and_load(
+            keys=[self.keys.lock(user), self.keys.rec(user), also],
+            args=[token, int(ttl * 1000)],
+        )
+        rec = ConsentRecord.from_hash(user, _pairs(raw))
+        return (token if int(got) else None), rec, _pairs(other)
+
     async def key_ids_in_use(self) -> dict[str, int]:
         raw = await self.redis.hgetall(self.keys.kids)
         return {_decode(k): int(v) for k, v in raw.items() if int(v) > 0}
@@ -497,6 +564,8 @@ class MemoryStore:
         self.sessions: dict[str, tuple[str, str]] = {}
         self.inboxes: dict[tuple[str, str], str] = {}
         self.locks: dict[str, str] = {}
+        self.jobs: dict[str, bytes] = {}  # queued arq jobs by id (payloads)
+        self.counters: dict[tuple[str, str], float] = {}
 
     async def load(self, user: str) -> ConsentRecord:
         return ConsentRecord.from_hash(user, dict(self.records.get(user, {})))
@@ -533,6 +602,12 @@ class MemoryStore:
         seen = self.seen.setdefault(user, [])
         seen.append(change.event_id)
         del seen[:-SEEN_MAX_EVENTS]
+        if change.job is not None:
+            self.jobs.setdefault(change.job.job_id, change.job.payload)
+        if change.unlock is not None and self.locks.get(user) == change.unlock:
+            del self.locks[user]
+        for key, name, amount in change.counters:
+            self.counters[key, name] = self.counters.get((key, name), 0.0) + float(amount)
         return CommitResult("ok", version + 1)
 
     async def history(self, user: str, *, limit: int = HISTORY_MAX_ENTRIES) -> list[HistoryEntry]:
@@ -569,6 +644,11 @@ class MemoryStore:
 
     async def take_inbox(self, user: str, event_id: str) -> str | None:
         return self.inboxes.pop((user, event_id), None)
+
+    async def lock_and_load(
+        self, user: str, ttl: float, *, also: str
+    ) -> tuple[str | None, ConsentRecord, dict[str, str]]:
+        return await self.acquire_lock(user, ttl), await self.load(user), {}
 
     async def acquire_lock(self, user: str, ttl: float) -> str | None:
         if user in self.locks:

@@ -180,9 +180,8 @@ def build_server(
 async def serve(settings: Settings) -> None:
     """Worker, callback and MCP endpoint in one process, until Ctrl-C."""
     import uvicorn
-    from arq.worker import Worker
 
-    from workers import worker_settings
+    from workers import ConsentWorker, worker_settings
 
     if not settings.redis_url:
         raise SettingsError("CONSENT_REDIS_URL", "is required here (the in-process worker uses it)")
@@ -198,7 +197,7 @@ async def serve(settings: Settings) -> None:
     )
     options = worker_settings(settings, settings.redis_url)
     options["handle_signals"] = False  # uvicorn owns Ctrl-C; the worker stops with it
-    worker = Worker(**options)
+    worker = ConsentWorker(**options)
     async with ConsentClient(settings) as consent, contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(verifier.aclose)
         server, _ = build_server(consent, verifier)

@@ -194,16 +194,14 @@ class Stack:
 
     async def start_worker(self, **overrides: Any) -> Any:
         """An in-process worker; ``overrides`` go to ``worker_settings`` (retry, sweep_every...)."""
-        from arq.worker import Worker
-
-        from workers import worker_settings
+        from workers import ConsentWorker, worker_settings
 
         assert self.settings.redis_url
         options = worker_settings(
             self.settings, self.settings.redis_url, **{**self.worker_options, **overrides}
         )
         options.update(handle_signals=False)
-        worker = Worker(**options)
+        worker = ConsentWorker(**options)
         self._workers.append(worker)
         self._tasks.append(asyncio.create_task(worker.main()))
         return worker

@@ -183,13 +183,11 @@ async def test_without_a_worker_the_caller_gets_a_clear_error_not_a_hang(setting
 async def _load(settings, user):
     async with ConsentClient(settings) as client:
         await asyncio.sleep(1.2)
-        from arq.worker import Worker
-
-        from workers import worker_settings
+        from workers import ConsentWorker, worker_settings
 
         options = worker_settings(settings, settings.redis_url)
         options.update(burst=True, handle_signals=False)
-        worker = Worker(**options)
+        worker = ConsentWorker(**options)
         await worker.main()
         await worker.close()
         return await client.store.load(user)

@@ -379,6 +379,38 @@ async def test_broker_serves_from_cache_then_store_then_refresh(make_stack, stea
     assert fresh == (await stored_tokens(stack, "alice"))["access_token"]
 
 
+async def test_a_refresh_commits_its_next_job_counters_and_lock_release_at_once(
+    make_stack, steady
+):
+    """What rides in a refresh's commit: the next deferred job, the counters, the lock."""
+    from arq.constants import job_key_prefix
+
+    from consent_flow._schedule import refresh_job_id
+    from consent_flow._store import due_ms
+
+    stack = await make_stack(op=steady, refresh_margin=1, worker_options=FAST)
+    await provision(stack, "alice")
+    store = stack.client.store
+    await asyncio.sleep(1.0)
+    before = await store.load("alice")
+    await stack.client.access_token("alice", min_ttl=TOKEN_TTL - 0.5)  # refreshes on demand
+    rec = await store.load("alice")
+    assert rec.version > before.version and rec.next_refresh_at is not None
+    job_id = refresh_job_id("alice", due_ms(rec.next_refresh_at))
+    assert await store.redis.exists(job_key_prefix + job_id)
+    assert await store.redis.zscore(stack.settings.queue_name, job_id) == due_ms(
+        rec.next_refresh_at
+    )
+    assert not await store.redis.exists(store.keys.lock("alice"))
+    counts = await store.redis.hgetall(store.keys.refresh_counts)
+    lead = await store.redis.hgetall(store.keys.refresh_lead)
+    successes = int(counts[b"success"])
+    assert successes >= 1
+    # Every successful refresh lands in exactly one lead-time bucket, and the sum is positive.
+    assert sum(int(v) for k, v in lead.items() if k != b"sum") == successes
+    assert float(lead[b"sum"]) > 0
+
+
 async def test_after_revocation_no_process_hands_the_token_out(make_stack, steady, settings):
     """Invariant 9, across two clients (two processes' worth of caches)."""
     stack = await make_stack(op=steady, worker_options=FAST)

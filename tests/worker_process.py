@@ -12,12 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from arq.worker import Worker
-
 from consent_flow import Settings
 from consent_flow._logging import configure_logging
 from consent_flow._refresh import RetryPolicy
-from workers import worker_settings
+from workers import ConsentWorker, worker_settings
 
 
 def main() -> None:
@@ -41,7 +39,7 @@ def main() -> None:
         cleanup_every=args.cleanup_every,
         retry=RetryPolicy(base=args.retry_base, cap=5.0),
     )
-    Worker(**options).run()
+    ConsentWorker(**options).run()
 
 
 if __name__ == "__main__":

@@ -31,9 +31,10 @@ from consent_flow._store import RedisStore
 from consent_flow._vault import KeyRing
 
 from ._context import EVENT_MAX_TRIES, Services
+from ._worker import ConsentWorker
 from .jobs import cleanup, handle_event, refresh_tokens, sweep
 
-__all__ = ["check_key_ring", "worker_settings"]
+__all__ = ["ConsentWorker", "check_key_ring", "worker_settings"]
 
 log = structlog.get_logger("consent_flow.worker")
 

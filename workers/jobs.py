@@ -95,7 +95,7 @@ async def refresh_tokens(ctx: dict[str, Any], data: dict[str, Any]) -> None:
             min_ttl=float(data.get("min_ttl", 0.0)),
             envelope=envelope,
         )
-        if envelope.reply:
+        if envelope.reply and not outcome.replied:
             await services.bus.reply(envelope.event_id, outcome)
     finally:
         structlog.contextvars.clear_contextvars()

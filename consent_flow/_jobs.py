@@ -1,0 +1,88 @@
+"""Queueing arq jobs in one round trip.
+
+arq's ``ArqRedis.enqueue_job`` spends three round trips (WATCH, EXISTS, then MULTI/EXEC) on what
+one script does atomically: refuse a job id arq still holds (queued or running, or with a
+result), otherwise write the job and its queue entry. The keys, the payload and the scores are
+arq's own, so arq's workers run these jobs exactly as if arq had queued them. Every event, every
+on-demand refresh and every scheduled refresh is queued here; a commit that schedules the next
+refresh writes the same job inside its own script (``QueuedJob`` carries what both need).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from arq.connections import ArqRedis
+from arq.constants import job_key_prefix, result_key_prefix
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms
+
+__all__ = ["ENQUEUE_LUA", "JobQueue", "QueuedJob"]
+
+# KEYS: job key, result key, queue. ARGV: payload, expiry (ms), score (ms), job id.
+ENQUEUE_LUA = """
+local function enqueue(job_key, result_key, queue, payload, px, score, id)
+  if redis.call('EXISTS', job_key, result_key) > 0 then return 0 end
+  redis.call('SET', job_key, payload, 'PX', px)
+  redis.call('ZADD', queue, score, id)
+  return 1
+end
+"""
+
+_ENQUEUE = ENQUEUE_LUA + """
+return enqueue(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedJob:
+    """One arq job, serialized and ready to be written (here or inside a commit script)."""
+
+    job_id: str
+    queue: str
+    payload: bytes
+    score_ms: int
+    expires_ms: int
+
+    @property
+    def keys(self) -> list[str]:
+        return [job_key_prefix + self.job_id, result_key_prefix + self.job_id, self.queue]
+
+    @property
+    def args(self) -> list[Any]:
+        return [self.payload, self.expires_ms, self.score_ms, self.job_id]
+
+
+class JobQueue:
+    """Writes arq jobs onto a queue with arq's layout, one round trip each."""
+
+    def __init__(self, pool: ArqRedis) -> None:
+        self.pool = pool
+        self._enqueue = pool.register_script(_ENQUEUE)
+
+    def job(
+        self,
+        function: str,
+        arg: Any,
+        *,
+        job_id: str,
+        queue: str,
+        run_at_ms: int | None = None,
+        expires_ms: int | None = None,
+    ) -> QueuedJob:
+        """Serialize a job as ``enqueue_job`` would: run at ``run_at_ms`` (now by default),
+        dropped by arq if no worker started it ``expires_ms`` after it was queued (by default a
+        day after it falls due)."""
+        now = timestamp_ms()
+        score = now if run_at_ms is None else run_at_ms
+        if expires_ms is None:
+            expires_ms = score - now + self.pool.expires_extra_ms
+        payload = serialize_job(
+            function, (arg,), {}, None, now, serializer=self.pool.job_serializer
+        )
+        return QueuedJob(job_id, queue, payload, score, max(1, expires_ms))
+
+    async def put(self, job: QueuedJob) -> bool:
+        """Queue the job; False when arq still holds a job with its id (that job stands)."""
+        return bool(await self._enqueue(keys=job.keys, args=job.args))

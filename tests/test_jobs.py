@@ -1,0 +1,143 @@
+"""Queueing and claiming arq jobs in one round trip keeps arq's own semantics, on a real Redis.
+
+arq's job keys are global (not per queue): each test uses job ids of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import pytest
+from arq.connections import create_pool
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from arq.jobs import Job, JobStatus, deserialize_job
+from arq.utils import timestamp_ms
+
+from consent_flow._jobs import JobQueue
+from consent_flow._redis import arq_redis_settings
+from workers import ConsentWorker
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def pool(redis_server):
+    pool = await create_pool(arq_redis_settings(redis_server.url))
+    try:
+        yield pool
+    finally:
+        await pool.aclose()
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return "j" + uuid.uuid4().hex[:8] + ":queue"
+
+
+async def test_a_queued_job_reads_back_as_arq_wrote_it(pool, queue_name):
+    jobs = JobQueue(pool)
+    job = jobs.job("refresh_tokens", {"user": "alice"}, job_id="refresh:alice:1", queue=queue_name)
+    assert await jobs.put(job)
+    raw = await pool.get(job_key_prefix + "refresh:alice:1")
+    job_def = deserialize_job(raw)
+    assert job_def.function == "refresh_tokens"
+    assert (job_def.args, job_def.kwargs) == (({"user": "alice"},), {})
+    assert abs(job_def.enqueue_time.timestamp() * 1000 - timestamp_ms()) < 5000
+    info = await Job("refresh:alice:1", pool, _queue_name=queue_name).info()
+    assert info is not None and info.function == "refresh_tokens"
+    assert await Job("refresh:alice:1", pool, _queue_name=queue_name).status() is JobStatus.queued
+
+
+async def test_a_job_id_arq_still_holds_is_refused(pool, queue_name):
+    jobs = JobQueue(pool)
+    first = jobs.job("f", {"n": 1}, job_id="same", queue=queue_name)
+    assert await jobs.put(first)
+    assert not await jobs.put(jobs.job("f", {"n": 2}, job_id="same", queue=queue_name))
+    assert deserialize_job(await pool.get(job_key_prefix + "same")).args == ({"n": 1},)
+    # A finished job whose result arq keeps blocks its id too, as enqueue_job does.
+    await pool.set(result_key_prefix + "done", b"x")
+    assert not await jobs.put(jobs.job("f", {}, job_id="done", queue=queue_name))
+    assert await pool.zscore(queue_name, "done") is None
+
+
+async def test_deferred_jobs_are_scored_and_expire_like_arq(pool, queue_name):
+    jobs = JobQueue(pool)
+    later = timestamp_ms() + 3_600_000
+    assert await jobs.put(jobs.job("f", {}, job_id="later", queue=queue_name, run_at_ms=later))
+    assert await pool.zscore(queue_name, "later") == later
+    ttl = await pool.pttl(job_key_prefix + "later")
+    assert 3_600_000 + pool.expires_extra_ms - 10_000 < ttl <= 3_600_000 + pool.expires_extra_ms
+    assert await jobs.put(jobs.job("f", {}, job_id="soon", queue=queue_name, expires_ms=2000))
+    assert 0 < await pool.pttl(job_key_prefix + "soon") <= 2000
+
+
+async def _run_workers(redis_server, queue_name, functions, count=3, *, seconds=2.0) -> None:
+    """Several ConsentWorkers on one queue, for a while, then closed."""
+    workers: list[Any] = [
+        ConsentWorker(
+            functions=functions,
+            queue_name=queue_name,
+            redis_settings=arq_redis_settings(redis_server.url),
+            poll_delay=0.005,
+            keep_result=0,
+            handle_signals=False,
+            max_jobs=20,
+        )
+        for _ in range(count)
+    ]
+    tasks = [asyncio.create_task(w.async_run()) for w in workers]
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for worker in workers:
+            await worker.close()
+
+
+async def test_three_workers_run_each_due_job_exactly_once(redis_server, pool, queue_name):
+    runs: list[int] = []
+
+    async def work(ctx: dict[str, Any], n: int) -> None:
+        runs.append(n)
+        await asyncio.sleep(0.01)
+
+    jobs = JobQueue(pool)
+    for n in range(300):
+        await jobs.put(jobs.job("work", n, job_id=f"{queue_name}-{n}", queue=queue_name))
+    later = timestamp_ms() + 3_600_000
+    await jobs.put(
+        jobs.job("work", -1, job_id=f"{queue_name}-later", queue=queue_name, run_at_ms=later)
+    )
+    from arq import func
+
+    await _run_workers(redis_server, queue_name, [func(work, name="work")])
+    assert sorted(runs) == list(range(300))  # each once, none lost; the deferred one waits
+    assert await pool.zrange(queue_name, 0, -1) == [f"{queue_name}-later".encode()]
+    assert not await pool.keys(f"{in_progress_key_prefix}{queue_name}-*")
+
+
+async def test_a_job_in_progress_elsewhere_is_not_claimed(redis_server, pool, queue_name):
+    runs: list[str] = []
+
+    async def work(ctx: dict[str, Any]) -> None:
+        runs.append("ran")
+
+    jobs = JobQueue(pool)
+    await jobs.put(jobs.job("work", None, job_id="busy", queue=queue_name))
+    # Another worker holds it (its in-progress marker is there): ours must leave it alone.
+    await pool.set(in_progress_key_prefix + "busy", b"1", px=60_000)
+    from arq import func
+
+    async def no_arg(ctx: dict[str, Any], _: Any) -> None:
+        await work(ctx)
+
+    started = time.monotonic()
+    await _run_workers(redis_server, queue_name, [func(no_arg, name="work")], count=1, seconds=0.5)
+    assert time.monotonic() - started >= 0.5
+    assert runs == []
+    assert await pool.zscore(queue_name, "busy") is not None

@@ -14,7 +14,8 @@ default names (prefix ``cf``, queue ``consent-flow:queue``):
   token), the template's two history entries (``HistoryEntry.to_json`` with this user's times
   and ids), the seen-zset with both event ids, the memberships of
   ``cf:idx:provisioned``, ``cf:sched`` (ms) and ``cf:histidx``, the deferred arq job key (arq's
-  ``serialize_job`` payload, arq's expiry) and its entry in the arq queue, plus the shared figures
+  ``serialize_job`` with the project's JSON serializer, arq's expiry) and its entry in the arq
+  queue, plus the shared figures
   the commit script keeps (``cf:kids``, ``cf:metrics:transitions``, the ``cf:events`` stream up to
   its cap). Next refreshes are spread over the coming hour (one-hour access tokens).
 
@@ -49,7 +50,6 @@ import asyncio
 import base64
 import json
 import os
-import pickle
 import random
 import secrets
 import shutil
@@ -353,6 +353,7 @@ def bulk_users(
     from arq.jobs import serialize_job
 
     from consent_flow._model import HistoryEntry
+    from consent_flow._queue import dump_job
     from consent_flow._schedule import REFRESH_JOB, refresh_job_id
     from consent_flow._store import due_ms
 
@@ -373,8 +374,8 @@ def bulk_users(
             or h2 != HistoryEntry(e2.event, e2.from_state, e2.to_state, t.at2, e2.actor,
                                   e2.reason, c2, ev2).to_json()):
             raise BenchError("the history templates differ from HistoryEntry.to_json")
-        payload = serialize_job(REFRESH_JOB, ({"user": user, "due_ms": ms},), {}, None,
-                                enqueue_ms)
+        payload = serialize_job(REFRESH_JOB, (user, ms), {}, None, enqueue_ms,
+                                serializer=dump_job)
         assert refresh_job_id(user, ms) == f"refresh:{user}:{ms}"
         out += [user.encode(), seal_tokens(ring, user).encode(), repr(t.exp).encode(),
                 repr(t.at2).encode(), repr(t.due).encode(), repr(t.at1).encode(),
@@ -470,6 +471,7 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
     from consent_flow import KeyRing, Settings, generate_key
     from consent_flow._engine import Engine
     from consent_flow._machine import State
+    from consent_flow._queue import JOB_SERIALIZERS, load_job
     from consent_flow._redis import arq_redis_settings
     from consent_flow._schedule import REFRESH_JOB, SWEEP_LIMIT, Scheduler, refresh_job_id
     from consent_flow._store import STREAM_MAX_ENTRIES, Keys, RedisStore, due_ms
@@ -488,7 +490,8 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
 
     server = start_redis(workdir)
     r = redis.Redis(port=server.port)
-    pool = await create_pool(arq_redis_settings(server.url), default_queue_name=queue)
+    pool = await create_pool(arq_redis_settings(server.url), default_queue_name=queue,
+                             **JOB_SERIALIZERS)
     try:
         store = RedisStore(pool, prefix=prefix)
         scheduler = Scheduler(pool, keys=keys, queue_name=queue)
@@ -530,9 +533,9 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
         if sorted(_s(k) for k in last) != ["entry", "user"]:
             raise BenchError(f"stream entries now carry {sorted(last)}: mirror them")
         job_key = next(_s(k) for k in r.scan_iter(match=f"{job_key_prefix}refresh:{real_user}:*"))
-        job = pickle.loads(r.get(job_key) or b"")  # noqa: S301 - our own Redis, arq's format
-        if job != {"t": None, "f": REFRESH_JOB, "a": (job["a"][0],), "k": {}, "et": job["et"]} \
-                or sorted(job["a"][0]) != ["due_ms", "user"]:
+        job = load_job(r.get(job_key) or b"")
+        if job != {"t": None, "f": REFRESH_JOB, "a": [real_user, int(job_key.rsplit(":", 1)[1])],
+                   "k": {}, "et": job["et"]}:
             raise BenchError(f"the deferred job now holds {job}: mirror it")
 
         # -- the bulk load
@@ -687,6 +690,7 @@ async def requeue_parts(scheduler: Any, keys: Any, queue: str, now: float, repea
     from arq.constants import job_key_prefix
     from arq.jobs import serialize_job
 
+    from consent_flow._queue import dump_job
     from consent_flow._schedule import (
         JOB_EXPIRY_MS,
         REFRESH_JOB,
@@ -713,8 +717,8 @@ async def requeue_parts(scheduler: Any, keys: Any, queue: str, now: float, repea
         for i in range(0, len(missing), 2):
             user, score = _s(missing[i]), int(missing[i + 1])
             job_id = refresh_job_id(user, score)
-            payload = serialize_job(REFRESH_JOB, ({"user": user, "due_ms": score},), {}, None,
-                                    now_ms)
+            payload = serialize_job(REFRESH_JOB, (user, score), {}, None, now_ms,
+                                    serializer=dump_job)
             args += [job_key_prefix + job_id, payload, now_ms, job_id]
         t2 = time.perf_counter()
         await scheduler._enqueue(keys=[queue], args=[JOB_EXPIRY_MS, *args])
@@ -854,6 +858,8 @@ def memory_ideas(r: redis.Redis, keys: Any, ring: Any, sample_user: str, n: int
 
     from arq.jobs import serialize_job
 
+    from consent_flow._queue import dump_job
+
     rec = {_s(k): v for k, v in r.hgetall(keys.rec(sample_user)).items()}
     tok = _s(rec["tok"])
     _version, kid, body = tok.split(".")
@@ -908,10 +914,10 @@ def memory_ideas(r: redis.Redis, keys: Any, ring: Any, sample_user: str, n: int
     # the arq job: its payload as the project writes it, and slimmer ones
     user, due = sample_user, 1764175335123
     payloads = {
-        "job payload as written (pickle of {'user', 'due_ms'} dict args)":
+        "job payload as written (JSON, positional user and due_ms)":
+            serialize_job("refresh_tokens", (user, due), {}, None, due, serializer=dump_job),
+        "job payload before: arq's default pickle of a {'user', 'due_ms'} dict":
             serialize_job("refresh_tokens", ({"user": user, "due_ms": due},), {}, None, due),
-        "job payload with positional args (user, due_ms)":
-            serialize_job("refresh_tokens", (user, due), {}, None, due),
     }
     job_costs = {}
     for label, payload in payloads.items():

@@ -135,14 +135,12 @@ class TokenBroker:
         event_id = new_id()
         await self.client.pool.enqueue_job(
             REFRESH_JOB,
-            {
-                "user": user,
-                "on_demand": True,
-                "min_ttl": min_ttl,
-                "event_id": event_id,
-                "reply": True,
-                "actor": "broker",
-            },
+            user,
+            on_demand=True,
+            min_ttl=min_ttl,
+            event_id=event_id,
+            reply=True,
+            actor="broker",
             _job_id=f"ondemand:{event_id}",
             _queue_name=self.client.settings.queue_name,
             _expires=max(1.0, self.client.settings.event_timeout),

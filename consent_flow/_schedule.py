@@ -2,7 +2,8 @@
 
 Each provisioned user has one entry in ``cf:sched`` scored by the next refresh's due time (ms),
 written in the same commit as the tokens. After the commit a deferred arq job with the
-deterministic id ``refresh:<user>:<due ms>`` is queued. A cron sweep reads the due part of the
+deterministic id ``refresh:<user>:<due ms>`` is queued; its arguments are just the user and the
+due time, positional (a million of them wait in Redis). A cron sweep reads the due part of the
 set (O(log n + due)) and queues again, in one round trip, whatever job is missing (lost between
 commit and enqueue, or by a Redis failover); a job that is still queued is recognised by its id.
 """
@@ -17,6 +18,7 @@ from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
 
+from ._queue import dump_job
 from ._store import Keys, due_ms
 
 __all__ = ["REFRESH_JOB", "Scheduler", "refresh_job_id"]
@@ -88,7 +90,8 @@ class Scheduler:
         ms = due_ms(due)
         await self.pool.enqueue_job(
             REFRESH_JOB,
-            {"user": user, "due_ms": ms},
+            user,
+            ms,
             _job_id=refresh_job_id(user, ms),
             _queue_name=self.queue_name,
             _defer_until=datetime.fromtimestamp(ms / 1000, UTC),
@@ -121,7 +124,7 @@ class Scheduler:
             score = int(missing[i + 1])
             job_id = refresh_job_id(user, score)
             payload = serialize_job(
-                REFRESH_JOB, ({"user": user, "due_ms": score},), {}, None, now_ms
+                REFRESH_JOB, (user, score), {}, None, now_ms, serializer=dump_job
             )
             # Due now: the job's queue score is the present, whatever the schedule said.
             args += [job_key_prefix + job_id, payload, now_ms, job_id]

@@ -688,20 +688,18 @@ async def requeue_parts(scheduler: Any, keys: Any, queue: str, now: float, repea
     """Where a requeue tick's time goes: ``Scheduler.sweep``'s three steps, timed one by one
     (its own registered scripts, its own payload building)."""
     from arq.constants import job_key_prefix
-    from arq.jobs import serialize_job
 
-    from consent_flow._queue import dump_job
     from consent_flow._schedule import (
         JOB_EXPIRY_MS,
-        REFRESH_JOB,
         SWEEP_LIMIT,
         SWEEP_SCAN_FACTOR,
         refresh_job_id,
+        refresh_payload,
     )
     from consent_flow._store import due_ms
 
     steps: dict[str, list[float]] = {"due script (ZRANGEBYSCORE + EXISTS per entry)": [],
-                                     "payloads in Python (serialize_job per job)": [],
+                                     "payloads in Python (refresh_payload per job)": [],
                                      "enqueue script (SET NX + ZADD per job)": []}
     names = list(steps)
     for _ in range(repeat):
@@ -717,9 +715,8 @@ async def requeue_parts(scheduler: Any, keys: Any, queue: str, now: float, repea
         for i in range(0, len(missing), 2):
             user, score = _s(missing[i]), int(missing[i + 1])
             job_id = refresh_job_id(user, score)
-            payload = serialize_job(REFRESH_JOB, (user, score), {}, None, now_ms,
-                                    serializer=dump_job)
-            args += [job_key_prefix + job_id, payload, now_ms, job_id]
+            args += [job_key_prefix + job_id, refresh_payload(user, score, now_ms), now_ms,
+                     job_id]
         t2 = time.perf_counter()
         await scheduler._enqueue(keys=[queue], args=[JOB_EXPIRY_MS, *args])
         t3 = time.perf_counter()

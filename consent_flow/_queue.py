@@ -49,6 +49,9 @@ def _result_value(value: object) -> str:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_result_value)
+
+
 def dump_job(data: dict[str, Any]) -> bytes:
     """arq's job (or result) dict as compact JSON; an unset try and no keyword arguments are
     left out (:func:`load_job` puts them back)."""
@@ -56,7 +59,7 @@ def dump_job(data: dict[str, Any]) -> bytes:
         data = {k: v for k, v in data.items() if k != "t"}
     if not data.get("k", True):
         data = {k: v for k, v in data.items() if k != "k"}
-    return json.dumps(data, separators=(",", ":"), default=_result_value).encode()
+    return _ENCODER.encode(data).encode()
 
 
 def load_job(raw: bytes) -> dict[str, Any]:

@@ -10,18 +10,17 @@ commit and enqueue, or by a Redis failover); a job that is still queued is recog
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
-from arq.jobs import serialize_job
 
-from ._queue import dump_job
 from ._store import Keys, due_ms
 
-__all__ = ["REFRESH_JOB", "Scheduler", "refresh_job_id"]
+__all__ = ["REFRESH_JOB", "Scheduler", "refresh_job_id", "refresh_payload"]
 
 REFRESH_JOB = "refresh_tokens"
 SWEEP_LIMIT = 1000  # missing jobs one sweep batch requeues
@@ -32,6 +31,18 @@ JOB_EXPIRY_MS = 24 * 3600 * 1000  # how long a queued job waits for a worker bef
 
 def refresh_job_id(user: str, due: int) -> str:
     return f"refresh:{user}:{due}"
+
+
+def refresh_payload(user: str, due: int, enqueued_ms: int) -> bytes:
+    """The refresh job as ``arq.jobs.serialize_job(REFRESH_JOB, (user, due), {}, None,
+    enqueued_ms, serializer=dump_job)`` writes it (a test holds them equal), built directly:
+    a sweep that requeues a thousand jobs spends a few milliseconds less."""
+    return b'{"f":"%s","a":[%s,%d],"et":%d}' % (
+        REFRESH_JOB.encode(),
+        json.dumps(user).encode(),
+        due,
+        enqueued_ms,
+    )
 
 
 # The due entries of the schedule whose job is missing. Due entries whose job is still queued
@@ -123,9 +134,7 @@ class Scheduler:
             user = missing[i].decode() if isinstance(missing[i], bytes) else str(missing[i])
             score = int(missing[i + 1])
             job_id = refresh_job_id(user, score)
-            payload = serialize_job(
-                REFRESH_JOB, (user, score), {}, None, now_ms, serializer=dump_job
-            )
+            payload = refresh_payload(user, score, now_ms)
             # Due now: the job's queue score is the present, whatever the schedule said.
             args += [job_key_prefix + job_id, payload, now_ms, job_id]
         return int(await self._enqueue(keys=[self.queue_name], args=[JOB_EXPIRY_MS, *args]))

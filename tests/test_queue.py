@@ -15,7 +15,7 @@ from arq.jobs import SerializationError, deserialize_job_raw, serialize_job, ser
 from consent_flow import Settings
 from consent_flow._queue import JOB_SERIALIZERS, dump_job, load_job
 from consent_flow._redis import arq_redis_settings
-from consent_flow._schedule import REFRESH_JOB, Scheduler, refresh_job_id
+from consent_flow._schedule import REFRESH_JOB, Scheduler, refresh_job_id, refresh_payload
 from consent_flow._store import Keys, due_ms
 from workers import worker_settings
 
@@ -95,3 +95,10 @@ async def test_scheduled_jobs_are_stored_as_json(redis_server):
         assert load_job(raw)["a"] == ["bob", due_ms(past)]
     finally:
         await pool.aclose()
+
+
+@pytest.mark.parametrize("user", ["alice", 'quo"te', "üser", "back\\slash"])
+def test_the_sweeps_payload_is_what_arq_would_write(user):
+    expected = serialize_job(REFRESH_JOB, (user, 17), {}, None, 42, serializer=dump_job)
+    assert refresh_payload(user, 17, 42) == expected
+    assert load_job(refresh_payload(user, 17, 42))["a"] == [user, 17]

@@ -177,7 +177,7 @@ class KeyRing:
 def seal_tokens(ring: KeyRing, user: str, tokens: Mapping[str, str | None]) -> bytes:
     """A user's tokens (access, refresh, ...) as JSON, deflated, sealed in the v2 layout."""
     raw = json.dumps({k: v for k, v in tokens.items() if v}, separators=(",", ":")).encode()
-    deflate = zlib.compressobj(9, zlib.DEFLATED, _DEFLATE_WBITS)
+    deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, _DEFLATE_WBITS)
     return ring.seal(deflate.compress(raw) + deflate.flush(), user=user, purpose="tokens")
 
 

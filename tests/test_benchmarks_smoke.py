@@ -106,8 +106,9 @@ def test_bench_schedule_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPa
     assert figures["sweep_window"] == 1000
     assert figures["sweep_backlog_probe"]["due"] == 2000
     memory = figures["memory"]
-    assert memory["bytes_per_user"] > 0 and memory["breakdown_bytes_per_user"]
-    assert memory["ideas"] and memory["aged"]
+    assert memory["bytes_per_user"] > memory["grant_bytes_per_user"] > 0
+    assert memory["breakdown_bytes_per_user"] and memory["ideas"] and memory["aged"]
+    assert memory["rec_encoding"] == "listpack"  # the sealed tokens live in a key of their own
     assert figures["target_tick_ms"] == 20 and figures["target_bytes_per_user"] == 2048
     text = _load_script(monkeypatch, script).report(figures)  # type: ignore[attr-defined]
     for needle in (
@@ -115,8 +116,9 @@ def test_bench_schedule_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPa
         "baseline ZRANGEBYSCORE",
         "requeue path",
         "(b) memory",
+        "record, tokens, schedule",
         "per provisioned user",
-        "ideas",
+        "layouts",
         "aged users",
         "target",
     ):

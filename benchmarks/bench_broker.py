@@ -303,7 +303,7 @@ async def measure(calls: int, users: int, workdir: Path) -> dict[str, Any]:
                     steps_n, lambda i: {k.decode(): v.decode() for k, v in raw.items()}),
                 "ConsentRecord.from_hash": time_sync(
                     steps_n, lambda i: ConsentRecord.from_hash(names[0], decoded)),
-                "open_tokens (decrypt, inflate, json.loads)": time_sync(
+                "open_tokens (decrypt+inflate+JSON)": time_sync(
                     steps_n, lambda i: open_tokens(ring, names[0], rec.tokens)),
             }
     finally:

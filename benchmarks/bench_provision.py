@@ -88,6 +88,7 @@ def run_floor_worker() -> None:
     from arq.logs import default_log_config
     from arq.worker import Worker
 
+    from consent_flow._queue import JOB_SERIALIZERS
     from consent_flow._redis import arq_redis_settings
     from workers import POLL_DELAY
 
@@ -96,6 +97,7 @@ def run_floor_worker() -> None:
     Worker(
         functions=[func(noop, name="noop", keep_result=0)],
         redis_settings=arq_redis_settings(os.environ["BENCH_REDIS_URL"]),
+        **JOB_SERIALIZERS,  # the project's job format, so only the job itself differs
         queue_name=queue,
         health_check_key=queue + ":health-check",
         poll_delay=POLL_DELAY,
@@ -150,9 +152,11 @@ async def bench_floor(redis_url: str, queue: str, worker: WorkerProcess,
                       warmup: float, seconds: float, processes: dict[str, list[int]]) -> Run:
     from arq.connections import create_pool
 
+    from consent_flow._queue import JOB_SERIALIZERS
     from consent_flow._redis import arq_redis_settings
 
-    pool = await create_pool(arq_redis_settings(redis_url), default_queue_name=queue)
+    pool = await create_pool(arq_redis_settings(redis_url), default_queue_name=queue,
+                             **JOB_SERIALIZERS)
     try:
         async def call(n: int, i: int) -> None:
             event_id = uuid.uuid4().hex

@@ -283,6 +283,7 @@ async def bench_project(client: Any, users: list[str], warmup: float, seconds: f
                         alive: Callable[[], None], processes: dict[str, list[int]]) -> Run:
     """(b) on-demand refreshes through the queue and the workers."""
     from consent_flow._broker import TokenBroker
+    from consent_flow._vault import open_tokens
 
     broker = TokenBroker(client)
     store, ring = client.store, client.ring
@@ -291,9 +292,7 @@ async def bench_project(client: Any, users: list[str], warmup: float, seconds: f
         rec = await store.load(user)
         if rec.tokens is None:
             raise BenchError(f"{user} has no tokens")
-        token: str = json.loads(ring.decrypt(rec.tokens, user=user, purpose="tokens"))[
-            "access_token"]
-        return token
+        return open_tokens(ring, user, rec.tokens)["access_token"]
 
     last = {u: await current(u) for u in users}
 

@@ -9,14 +9,15 @@ default names (prefix ``cf``, queue ``consent-flow:queue``):
   sealed code, ``Engine.handle(authorization_completed)`` (``RedisStore.commit``, then
   ``Scheduler.schedule``: the deferred arq job);
 * every other user is written in bulk by a Lua script, in pipelined batches, mirroring exactly
-  what a template user holds: the record hash (the template's fields, with the tokens sealed per
-  user by the project's ``KeyRing``: a JWT-shaped 1 KiB access token and a 64-character refresh
-  token), the template's two history entries (``HistoryEntry.to_json`` with this user's times
-  and ids), the seen-zset with both event ids, the memberships of
-  ``cf:idx:provisioned``, ``cf:sched`` (ms) and ``cf:histidx``, the deferred arq job key (arq's
-  ``serialize_job`` payload, arq's expiry) and its entry in the arq queue, plus the shared figures
-  the commit script keeps (``cf:kids``, ``cf:metrics:transitions``, the ``cf:events`` stream up to
-  its cap). Next refreshes are spread over the coming hour (one-hour access tokens).
+  what a template user holds: the record hash (the template's fields), the tokens key (sealed per
+  user by the project's ``seal_tokens``: a JWT-shaped 1 KiB access token and a 64-character
+  refresh token, deflated, in the binary layout), the template's two history entries
+  (``HistoryEntry.to_json`` with this user's times and ids), the seen-zset with both event ids,
+  the memberships of ``cf:idx:provisioned``, ``cf:sched`` (ms) and ``cf:histidx``, the deferred
+  arq job key (arq's ``serialize_job`` with the project's JSON serializer, arq's expiry) and its
+  entry in the arq queue, plus the shared figures the commit script keeps (``cf:kids``,
+  ``cf:metrics:transitions``, the ``cf:events`` stream up to its cap). Next refreshes are spread
+  over the coming hour (one-hour access tokens).
 
 Before measuring, the loader is checked against the real path: every key a template user has, a
 bulk user has too, with the same type, encoding, fields and size (within 10 %); no key the commit
@@ -31,11 +32,14 @@ Then it measures:
     jobs queued), the requeue path (the same 1,000 with their job keys and queue entries deleted
     before each tick), and an idle tick; next to a bare ``ZRANGEBYSCORE cf:sched -inf <now>
     WITHSCORES LIMIT 0 1000`` round trip on the same connection pool. Target: tick <= 20 ms.
-(b) memory: ``INFO memory`` used_memory before and after loading, per user (target <= 2 KiB),
-    broken down by ``MEMORY USAGE`` (``SAMPLES 0``) of a sample of each per-user key and of each
-    shared key divided by the users, and the keyspace's own hash tables (``MEMORY STATS``).
-    Then ideas that would bring it down, each measured on scratch keys in the same Redis (removed
-    afterwards), and what a user costs once it has been refreshed for a day, a week, a month.
+(b) memory: ``INFO memory`` used_memory before and after loading, per user, broken down by
+    ``MEMORY USAGE`` (``SAMPLES 0``) of a sample of each per-user key and of each shared key
+    divided by the users, and the keyspace's own hash tables (``MEMORY STATS``). The target
+    (<= 2 KiB) is for what a grant needs: the record hash, the tokens and the schedule (the
+    ``cf:sched`` entry, the deferred job and its queue entry), with those keys' share of the
+    keyspace's own overhead; the total with history, seen-ids and indexes is reported beside it.
+    Then other layouts, each measured on scratch keys in the same Redis (removed afterwards),
+    and what a user costs once it has been refreshed for a day, a week, a month.
 
 Missed targets are reported, never an exit code: only a failure exits non-zero.
 
@@ -49,7 +53,6 @@ import asyncio
 import base64
 import json
 import os
-import pickle
 import random
 import secrets
 import shutil
@@ -158,16 +161,17 @@ def access_token(user: str) -> str:
     return token[:ACCESS_TOKEN_CHARS]
 
 
-def token_plaintext(user: str) -> bytes:
-    """What ``Engine.seal_tokens`` seals: ``json.dumps`` of both tokens."""
+def user_tokens(user: str) -> dict[str, str]:
+    """What the engine seals after a code exchange: the access and the refresh token."""
     refresh = secrets.token_urlsafe(REFRESH_TOKEN_CHARS * 3 // 4)[:REFRESH_TOKEN_CHARS]
-    # == json.dumps({"access_token": ..., "refresh_token": ...}) for url-safe tokens
-    return ('{"access_token": "%s", "refresh_token": "%s"}'  # noqa: UP031
-            % (access_token(user), refresh)).encode()
+    return {"access_token": access_token(user), "refresh_token": refresh}
 
 
-def seal_tokens(ring: Any, user: str) -> str:
-    return str(ring.encrypt(token_plaintext(user), user=user, purpose="tokens"))
+def seal_tokens(ring: Any, user: str) -> bytes:
+    """The user's tokens as ``Engine.seal_tokens`` seals them (the project's own function)."""
+    from consent_flow._vault import seal_tokens as seal
+
+    return bytes(seal(ring, user, user_tokens(user)))
 
 
 @dataclass
@@ -252,7 +256,8 @@ async def provision_for_real(engine: Any, stub: StubProvider, user: str,
 
 # The bulk loader. KEYS: idx:provisioned, sched, histidx, the arq queue, the stream.
 # ARGV: prefix, stream (1/0), stream cap, job key prefix, n constant fields, their pairs, then
-# per user: user, tok, exp, at2, next, at1, ev1, ev2, hist1, hist2, due ms, job payload, job ttl.
+# per user: user, sealed tokens, exp, at2, next, at1, ev1, ev2, hist1, hist2, due ms, job
+# payload, job ttl.
 _LOAD = """
 local idx, sched, histidx, queue, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local prefix, with_stream, cap, jobp = ARGV[1], ARGV[2] == '1', ARGV[3], ARGV[4]
@@ -266,9 +271,10 @@ for i = 6 + 2 * nconst, #ARGV, 13 do
   local ev1, ev2, h1, h2, due, payload, ttl = ARGV[i+6], ARGV[i+7], ARGV[i+8], ARGV[i+9],
     ARGV[i+10], ARGV[i+11], ARGV[i+12]
   local tag = prefix .. ':{' .. user .. '}:'
-  local f = {'tok', tok, 'exp', exp, 'since', at2, 'lastref', at2, 'next', nxt, 'sub', user}
+  local f = {'exp', exp, 'since', at2, 'lastref', at2, 'next', nxt, 'sub', user}
   for j = 1, #const do f[#f + 1] = const[j] end
   redis.call('HSET', tag .. 'rec', unpack(f))
+  redis.call('SET', tag .. 'tok', tok)
   redis.call('RPUSH', tag .. 'hist', h1, h2)
   redis.call('ZADD', tag .. 'seen', at1, ev1, at2, ev2)
   redis.call('ZADD', idx, at2, user)
@@ -286,7 +292,7 @@ end
 return n
 """
 
-PER_USER_FIELDS = ("tok", "exp", "since", "lastref", "next", "sub")
+PER_USER_FIELDS = ("exp", "since", "lastref", "next", "sub")
 
 
 def resp(args: list[bytes]) -> bytes:
@@ -353,6 +359,7 @@ def bulk_users(
     from arq.jobs import serialize_job
 
     from consent_flow._model import HistoryEntry
+    from consent_flow._queue import dump_job
     from consent_flow._schedule import REFRESH_JOB, refresh_job_id
     from consent_flow._store import due_ms
 
@@ -373,10 +380,10 @@ def bulk_users(
             or h2 != HistoryEntry(e2.event, e2.from_state, e2.to_state, t.at2, e2.actor,
                                   e2.reason, c2, ev2).to_json()):
             raise BenchError("the history templates differ from HistoryEntry.to_json")
-        payload = serialize_job(REFRESH_JOB, ({"user": user, "due_ms": ms},), {}, None,
-                                enqueue_ms)
+        payload = serialize_job(REFRESH_JOB, (user, ms), {}, None, enqueue_ms,
+                                serializer=dump_job)
         assert refresh_job_id(user, ms) == f"refresh:{user}:{ms}"
-        out += [user.encode(), seal_tokens(ring, user).encode(), repr(t.exp).encode(),
+        out += [user.encode(), seal_tokens(ring, user), repr(t.exp).encode(),
                 repr(t.at2).encode(), repr(t.due).encode(), repr(t.at1).encode(),
                 ev1.encode(), ev2.encode(), h1.encode(), h2.encode(), str(ms).encode(),
                 payload, str(ms - enqueue_ms + 86_400_000).encode()]
@@ -470,9 +477,11 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
     from consent_flow import KeyRing, Settings, generate_key
     from consent_flow._engine import Engine
     from consent_flow._machine import State
+    from consent_flow._queue import JOB_SERIALIZERS, load_job
     from consent_flow._redis import arq_redis_settings
     from consent_flow._schedule import REFRESH_JOB, SWEEP_LIMIT, Scheduler, refresh_job_id
     from consent_flow._store import STREAM_MAX_ENTRIES, Keys, RedisStore, due_ms
+    from consent_flow._vault import open_tokens
 
     if SWEEP_LIMIT != SWEEP_WINDOW:
         raise BenchError(f"SWEEP_LIMIT is {SWEEP_LIMIT}; this benchmark is written for "
@@ -488,7 +497,8 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
 
     server = start_redis(workdir)
     r = redis.Redis(port=server.port)
-    pool = await create_pool(arq_redis_settings(server.url), default_queue_name=queue)
+    pool = await create_pool(arq_redis_settings(server.url), default_queue_name=queue,
+                             **JOB_SERIALIZERS)
     try:
         store = RedisStore(pool, prefix=prefix)
         scheduler = Scheduler(pool, keys=keys, queue_name=queue)
@@ -520,6 +530,8 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
         missing = [f for f in PER_USER_FIELDS if f not in rec]
         if missing:
             raise BenchError(f"a provisioned record has no {missing} field(s)")
+        if "tok" in rec or "tok" not in real_roles:
+            raise BenchError("the sealed tokens are no longer in a key of their own: mirror it")
         constants = [(f, v) for f, v in rec.items() if f not in PER_USER_FIELDS]
         history = history_templates(await store.history(real_user))
         seen = [_s(m) for m in r.zrange(keys.seen(real_user), 0, -1)]
@@ -530,9 +542,9 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
         if sorted(_s(k) for k in last) != ["entry", "user"]:
             raise BenchError(f"stream entries now carry {sorted(last)}: mirror them")
         job_key = next(_s(k) for k in r.scan_iter(match=f"{job_key_prefix}refresh:{real_user}:*"))
-        job = pickle.loads(r.get(job_key) or b"")  # noqa: S301 - our own Redis, arq's format
-        if job != {"t": None, "f": REFRESH_JOB, "a": (job["a"][0],), "k": {}, "et": job["et"]} \
-                or sorted(job["a"][0]) != ["due_ms", "user"]:
+        job = load_job(r.get(job_key) or b"")
+        if job != {"t": None, "f": REFRESH_JOB, "a": [real_user, int(job_key.rsplit(":", 1)[1])],
+                   "k": {}, "et": job["et"]}:
             raise BenchError(f"the deferred job now holds {job}: mirror it")
 
         # -- the bulk load
@@ -586,7 +598,7 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
             loaded = await store.load(user)
             if loaded.state is not State.PROVISIONED or loaded.tokens is None:
                 raise BenchError(f"RedisStore.load does not see {user} as provisioned")
-            tokens = json.loads(ring.decrypt(loaded.tokens, user=user, purpose="tokens"))
+            tokens = open_tokens(ring, user, loaded.tokens)
             if len(tokens["access_token"]) != ACCESS_TOKEN_CHARS or not tokens["refresh_token"]:
                 raise BenchError(f"the tokens of {user} do not read back")
             if loaded.next_refresh_at != t.due or loaded.expires_at != t.exp:
@@ -676,7 +688,7 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
         "tick_met": max(tick_p50, requeue_p50) <= TARGET_TICK_MS,
         "memory": memory,
         "target_bytes_per_user": TARGET_BYTES_PER_USER,
-        "memory_met": memory["bytes_per_user"] <= TARGET_BYTES_PER_USER,
+        "memory_met": memory["grant_bytes_per_user"] <= TARGET_BYTES_PER_USER,
     }
 
 
@@ -685,19 +697,18 @@ async def requeue_parts(scheduler: Any, keys: Any, queue: str, now: float, repea
     """Where a requeue tick's time goes: ``Scheduler.sweep``'s three steps, timed one by one
     (its own registered scripts, its own payload building)."""
     from arq.constants import job_key_prefix
-    from arq.jobs import serialize_job
 
     from consent_flow._schedule import (
         JOB_EXPIRY_MS,
-        REFRESH_JOB,
         SWEEP_LIMIT,
         SWEEP_SCAN_FACTOR,
         refresh_job_id,
+        refresh_payload,
     )
     from consent_flow._store import due_ms
 
     steps: dict[str, list[float]] = {"due script (ZRANGEBYSCORE + EXISTS per entry)": [],
-                                     "payloads in Python (serialize_job per job)": [],
+                                     "payloads in Python (refresh_payload per job)": [],
                                      "enqueue script (SET NX + ZADD per job)": []}
     names = list(steps)
     for _ in range(repeat):
@@ -713,9 +724,8 @@ async def requeue_parts(scheduler: Any, keys: Any, queue: str, now: float, repea
         for i in range(0, len(missing), 2):
             user, score = _s(missing[i]), int(missing[i + 1])
             job_id = refresh_job_id(user, score)
-            payload = serialize_job(REFRESH_JOB, ({"user": user, "due_ms": score},), {}, None,
-                                    now_ms)
-            args += [job_key_prefix + job_id, payload, now_ms, job_id]
+            args += [job_key_prefix + job_id, refresh_payload(user, score, now_ms), now_ms,
+                     job_id]
         t2 = time.perf_counter()
         await scheduler._enqueue(keys=[queue], args=[JOB_EXPIRY_MS, *args])
         t3 = time.perf_counter()
@@ -759,6 +769,10 @@ async def backlog_probe(r: redis.Redis, scheduler: Any, keys: Any, queue: str) -
 # --- memory -------------------------------------------------------------------------------------
 
 
+GRANT_ROLES = ("rec", "tok", "job")  # a user's own keys that hold the grant and its schedule
+GRANT_SHARED = ("cf:sched entry", "arq queue entry")
+
+
 def memory_report(r: redis.Redis, keys: Any, ring: Any, queue: str, users: int, base: int,
                   loaded: int, sample: list[str]) -> dict[str, Any]:
     from arq.constants import job_key_prefix
@@ -771,24 +785,25 @@ def memory_report(r: redis.Redis, keys: Any, ring: Any, queue: str, users: int, 
     encodings: dict[str, str] = {}
     for user in sample:
         due = int(r.zscore(keys.sched, user) or 0)
-        for role, key in (("rec", keys.rec(user)), ("hist", keys.hist(user)),
-                          ("seen", keys.seen(user)),
+        for role, key in (("rec", keys.rec(user)), ("tok", keys.sealed(user, "tok")),
+                          ("hist", keys.hist(user)), ("seen", keys.seen(user)),
                           ("job", f"{job_key_prefix}refresh:{user}:{due}")):
             roles.setdefault(role, []).append(mem(r, key))
             encodings.setdefault(role, _s(r.object("encoding", key)))
-    breakdown: dict[str, float] = {}
-    labels = {"rec": "cf:{u}:rec record hash", "hist": "cf:{u}:hist history list",
-              "seen": "cf:{u}:seen seen-id zset", "job": "arq:job:refresh:... job string"}
-    for role, values in roles.items():
-        breakdown[f"{labels[role]} ({encodings[role]})"] = sum(values) / len(values)
+    own = {role: sum(values) / len(values) for role, values in roles.items()}
+    labels = {"rec": "cf:{u}:rec record hash", "tok": "cf:{u}:tok sealed tokens string",
+              "hist": "cf:{u}:hist history list", "seen": "cf:{u}:seen seen-id zset",
+              "job": "arq:job:refresh:... job string"}
+    breakdown: dict[str, float] = {f"{labels[role]} ({encodings[role]})": own[role]
+                                   for role in labels}
     shared = {
         "cf:idx:provisioned entry": keys.idx(State.PROVISIONED),
         "cf:sched entry": keys.sched,
         "cf:histidx entry": keys.histidx,
-        f"{queue} (arq queue) entry": queue,
+        "arq queue entry": queue,
     }
-    for label, key in shared.items():
-        breakdown[label] = mem(r, key) / users
+    entries = {label: mem(r, key) / users for label, key in shared.items()}
+    breakdown.update(entries)
     fixed = mem(r, keys.stream) + mem(r, keys.kids) + mem(r, keys.transition_counts)
     breakdown["cf:events stream + cf:kids + metrics (shared, capped), per user"] = fixed / users
     stats = r.execute_command("MEMORY", "STATS")
@@ -796,21 +811,34 @@ def memory_report(r: redis.Redis, keys: Any, ring: Any, queue: str, users: int, 
     db0 = stats.get(b"db.0") or stats.get("db.0") or []
     db0 = {_s(k): int(v) for k, v in zip(db0[::2], db0[1::2], strict=True)}
     tables = db0.get("overhead.hashtable.main", 0) + db0.get("overhead.hashtable.expires", 0)
+    expires = db0.get("overhead.hashtable.expires", 0) / users
     # MEMORY USAGE counts a key's own dict entry; the keyspace's bucket arrays, the expiry
     # table (the arq job keys have a TTL) and allocator slack are what remains.
     accounted = sum(breakdown.values())
-    breakdown["the rest: keyspace buckets, expiry table, allocator (remainder)"] = \
-        per_user_total - accounted
+    remainder = per_user_total - accounted
+    breakdown["the rest: keyspace buckets, expiry table, allocator (remainder)"] = remainder
+    # What a grant needs: its record, its tokens and its schedule. Their share of the remainder:
+    # the expiry table is the job keys' (the only keys here with a TTL), the rest is split
+    # evenly over the user's own keys.
+    spread = (remainder - expires) * len(GRANT_ROLES) / len(roles)
+    grant_usage = sum(own[role] for role in GRANT_ROLES) + sum(entries[k] for k in GRANT_SHARED)
+    grant = grant_usage + expires + spread
     t_breakdown = time.perf_counter() - t0
-    rec_sample = keys.rec(sample[0])
-    tok_len = len(r.hget(rec_sample, "tok") or b"")
     return {
         "used_memory_before": base,
         "used_memory_after": loaded,
         "bytes_per_user": round(per_user_total, 1),
+        "grant_bytes_per_user": round(grant, 1),
+        "grant_memory_usage_bytes_per_user": round(grant_usage, 1),
+        "grant_parts_bytes_per_user": {
+            "record hash": round(own["rec"], 1), "tokens": round(own["tok"], 1),
+            "arq job": round(own["job"], 1),
+            **{k: round(entries[k], 1) for k in GRANT_SHARED}},
+        "grant_keyspace_share_bytes_per_user": round(expires + spread, 1),
         "breakdown_bytes_per_user": {k: round(v, 1) for k, v in breakdown.items()},
         "memory_stats_keyspace_overhead_per_user": round(tables / users, 1),
-        "tok_field_chars": tok_len,
+        "tok_bytes": len(r.get(keys.sealed(sample[0], "tok")) or b""),
+        "rec_encoding": encodings["rec"],
         "hash_max_listpack_value": int(r.config_get("hash-max-listpack-value")
                                        ["hash-max-listpack-value"]),
         "ideas": memory_ideas(r, keys, ring, sample[0],
@@ -849,69 +877,46 @@ def scratch_cost(r: redis.Redis, n: int, write: Any) -> dict[str, float]:
 
 def memory_ideas(r: redis.Redis, keys: Any, ring: Any, sample_user: str, n: int
                  ) -> dict[str, Any]:
-    """The record hash and the job payload, written other ways (scratch keys, removed after)."""
-    import zlib
-
+    """The record and the tokens as stored, next to the layouts before them, and the job payload
+    as written next to arq's default (scratch keys, removed after)."""
     from arq.jobs import serialize_job
 
+    from consent_flow._queue import dump_job
+    from consent_flow._vault import open_tokens
+
     rec = {_s(k): v for k, v in r.hgetall(keys.rec(sample_user)).items()}
-    tok = _s(rec["tok"])
-    _version, kid, body = tok.split(".")
-    raw = bytes.fromhex(kid) + base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-    plain = ring.decrypt(tok, user=sample_user, purpose="tokens")
-    deflated = zlib.compress(plain, 6)
-    # AES-GCM output is as long as its input plus nonce and tag: random bytes of that length
-    # cost Redis what the sealed deflated tokens would.
-    raw_deflated = bytes.fromhex(kid) + os.urandom(12 + len(deflated) + 16)
-    small = {k: v for k, v in rec.items() if k != "tok"}
-    ideas: dict[str, Any] = {"token_plaintext_bytes": len(plain),
-                             "token_deflated_bytes": len(deflated),
-                             "tok_base64_chars": len(tok), "tok_raw_bytes": len(raw) + 1}
+    tok = r.get(keys.sealed(sample_user, "tok")) or b""
+    plain = json.dumps(open_tokens(ring, sample_user, tok)).encode()  # as sealed before
+    v1_text = ring.encrypt(plain, user=sample_user, purpose="tokens")
+    undeflated = ring.seal(plain, user=sample_user, purpose="tokens")
+    ideas: dict[str, Any] = {"token_plaintext_bytes": len(plain), "tok_bytes": len(tok),
+                             "tok_undeflated_bytes": len(undeflated),
+                             "tok_v1_text_chars": len(v1_text)}
 
-    def rec_as_is(pipe: Any, i: int) -> None:
+    def as_stored(pipe: Any, i: int) -> None:
         pipe.hset(f"scratch:{{s{i:08d}}}:rec", mapping=rec)
-
-    def rec_raw_tok(pipe: Any, i: int) -> None:
-        pipe.hset(f"scratch:{{s{i:08d}}}:rec", mapping={**small, "tok": b"\x01" + raw})
-
-    def tok_own_key(pipe: Any, i: int) -> None:
-        pipe.hset(f"scratch:{{s{i:08d}}}:rec", mapping=small)
         pipe.set(f"scratch:{{s{i:08d}}}:tok", tok)
 
-    def tok_own_key_raw(pipe: Any, i: int) -> None:
-        pipe.hset(f"scratch:{{s{i:08d}}}:rec", mapping=small)
-        pipe.set(f"scratch:{{s{i:08d}}}:tok", b"\x01" + raw)
+    def before(pipe: Any, i: int) -> None:
+        pipe.hset(f"scratch:{{s{i:08d}}}:rec", mapping={**rec, "tok": v1_text})
 
-    def rec_deflated(pipe: Any, i: int) -> None:
-        pipe.hset(f"scratch:{{s{i:08d}}}:rec", mapping={**small, "tok": b"\x02" + raw_deflated})
+    def not_deflated(pipe: Any, i: int) -> None:
+        pipe.hset(f"scratch:{{s{i:08d}}}:rec", mapping=rec)
+        pipe.set(f"scratch:{{s{i:08d}}}:tok", undeflated)
 
-    ideas["record hash as stored (hashtable: tok is longer than hash-max-listpack-value)"] = \
-        scratch_cost(r, n, rec_as_is)
-    ideas["tok as raw bytes (kid + nonce + ciphertext + tag) instead of base64 text"] = \
-        scratch_cost(r, n, rec_raw_tok)
-    ideas["tok in a string key of its own; the hash keeps the small fields (listpack)"] = \
-        scratch_cost(r, n, tok_own_key)
-    ideas["tok in its own key as raw bytes; small-field hash (listpack)"] = \
-        scratch_cost(r, n, tok_own_key_raw)
-    old = r.config_get("hash-max-listpack-value")["hash-max-listpack-value"]
-    r.config_set("hash-max-listpack-value", 4096)
-    try:
-        ideas["record hash as stored, hash-max-listpack-value 4096 (Redis config; listpack)"] = \
-            scratch_cost(r, n, rec_as_is)
-        ideas["tok as raw bytes, hash-max-listpack-value 4096 (listpack)"] = \
-            scratch_cost(r, n, rec_raw_tok)
-        ideas["tokens deflated (zlib) before sealing, raw bytes, hash-max-listpack-value 4096"] = \
-            scratch_cost(r, n, rec_deflated)
-    finally:
-        r.config_set("hash-max-listpack-value", old)
+    ideas["record hash + tokens key, as stored (deflated, binary, a key of their own)"] = \
+        scratch_cost(r, n, as_stored)
+    ideas["before: tokens as v1 base64 text in the record hash (hashtable encoding)"] = \
+        scratch_cost(r, n, before)
+    ideas["tokens binary in their own key but not deflated"] = scratch_cost(r, n, not_deflated)
 
-    # the arq job: its payload as the project writes it, and slimmer ones
+    # the arq job: its payload as the project writes it, and arq's default before
     user, due = sample_user, 1764175335123
     payloads = {
-        "job payload as written (pickle of {'user', 'due_ms'} dict args)":
+        "job payload as written (JSON, positional user and due_ms)":
+            serialize_job("refresh_tokens", (user, due), {}, None, due, serializer=dump_job),
+        "job payload before: arq's default pickle of a {'user', 'due_ms'} dict":
             serialize_job("refresh_tokens", ({"user": user, "due_ms": due},), {}, None, due),
-        "job payload with positional args (user, due_ms)":
-            serialize_job("refresh_tokens", (user, due), {}, None, due),
     }
     job_costs = {}
     for label, payload in payloads.items():
@@ -994,21 +999,30 @@ def report(r: dict[str, Any]) -> str:
         lines.append(f"    backlog probe: {p['due']} due, first {p['queued_first']} queued, "
                      f"{p['lost_behind']} lost behind them: one tick saw {p['sweep_saw']}, "
                      f"requeued {p['requeued']}, {p['still_lost']} still lost")
+    b = m["breakdown_bytes_per_user"]
+    grant_parts = ", ".join(f"{k} {v:.0f}" for k, v in m["grant_parts_bytes_per_user"].items())
     lines += [
-        f"(b) memory: used_memory {m['used_memory_before']:,} -> {m['used_memory_after']:,} B: "
-        f"{m['bytes_per_user']:.0f} B per provisioned user; target <= "
-        f"{r['target_bytes_per_user']} B: {met(r['memory_met'])}",
-        f"    per user, by key (MEMORY USAGE SAMPLES 0; tok field {m['tok_field_chars']} chars, "
-        f"hash-max-listpack-value {m['hash_max_listpack_value']}):",
+        f"(b) memory per provisioned user: record, tokens, schedule "
+        f"{m['grant_bytes_per_user']:.0f} B; target <= {r['target_bytes_per_user']} B: "
+        f"{met(r['memory_met'])}",
+        f"    = {m['grant_memory_usage_bytes_per_user']:.0f} B by MEMORY USAGE ({grant_parts}) + "
+        f"{m['grant_keyspace_share_bytes_per_user']:.0f} B, their share of the keyspace "
+        "remainder",
+        f"    all of it, with history, seen-ids and indexes: used_memory "
+        f"{m['used_memory_before']:,} -> {m['used_memory_after']:,} B: "
+        f"{m['bytes_per_user']:.0f} B per provisioned user",
+        f"    per user, by key (MEMORY USAGE SAMPLES 0; record hash {m['rec_encoding']}, "
+        f"hash-max-listpack-value {m['hash_max_listpack_value']}; sealed tokens "
+        f"{m['tok_bytes']} B):",
     ]
-    for k, v in m["breakdown_bytes_per_user"].items():
+    for k, v in b.items():
         lines.append(f"      {v:8.1f} B  {k}")
-    lines.append("    ideas, measured on scratch keys (used_memory delta / MEMORY USAGE, "
+    lines.append("    layouts, measured on scratch keys (used_memory delta / MEMORY USAGE, "
                  "per user):")
     i = m["ideas"]
-    lines.append(f"      (tokens: {i['token_plaintext_bytes']} B plaintext, "
-                 f"{i['token_deflated_bytes']} B deflated; tok field {i['tok_base64_chars']} "
-                 f"chars as base64 text, {i['tok_raw_bytes']} B as raw bytes)")
+    lines.append(f"      (tokens: {i['token_plaintext_bytes']} B as JSON; sealed "
+                 f"{i['tok_bytes']} B deflated, {i['tok_undeflated_bytes']} B not deflated, "
+                 f"{i['tok_v1_text_chars']} chars as v1 base64 text)")
     for k, v in m["ideas"].items():
         if not isinstance(v, dict):
             continue
@@ -1020,8 +1034,7 @@ def report(r: dict[str, Any]) -> str:
         else:
             lines.append(f"      {v['used_memory_per_user']:8.1f} / "
                          f"{v['memory_usage_per_user']:7.1f} B  {k}")
-    b = m["breakdown_bytes_per_user"]
-    job = sum(v for k, v in b.items() if k.startswith("arq:job") or "(arq queue)" in k)
+    job = sum(v for k, v in b.items() if k.startswith("arq:job") or k == "arq queue entry")
     lines.append(f"      {job:8.1f} B  saved by no deferred arq job per user (job string + queue "
                  "entry; the sweep would queue due refreshes itself)")
     a = m["aged"]

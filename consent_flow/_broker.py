@@ -1,6 +1,6 @@
 """The token broker: a valid access token at once, from a short in-process cache when it can.
 
-Order of lookup: the cache (a dict; no I/O), then the store (one HGETALL and a decryption), then
+Order of lookup: the cache (a dict; no I/O), then the store (one read and a decryption), then
 an on-demand refresh through the queue, which takes the same single-flight path as scheduled
 refreshes. Every commit that replaces or wipes a user's tokens publishes the user id on
 ``cf:invalidate``; each broker listens and drops its entry, and serves nothing from the cache
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,7 @@ from ._errors import ConsentRevoked, NotProvisioned, ProviderUnavailable
 from ._machine import Event, State
 from ._queue import Envelope, new_id
 from ._schedule import REFRESH_JOB
+from ._vault import open_tokens
 
 if TYPE_CHECKING:
     from ._client import ConsentClient
@@ -124,8 +124,7 @@ class TokenBroker:
                 + (rec.last_refresh_error or "the provider did not extend it"),
                 user=user,
             )
-        tokens = json.loads(self.client.ring.decrypt(rec.tokens, user=user, purpose="tokens"))
-        token: str = tokens["access_token"]
+        token = open_tokens(self.client.ring, user, rec.tokens)["access_token"]
         if self._listening:
             self._cache[user] = _Entry(token, rec.expires_at, now)
         return token
@@ -137,8 +136,8 @@ class TokenBroker:
         await jobs.put(
             jobs.job(
                 REFRESH_JOB,
+                (user,),
                 {
-                    "user": user,
                     "on_demand": True,
                     "min_ttl": min_ttl,
                     "event_id": event_id,

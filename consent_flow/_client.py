@@ -18,7 +18,7 @@ from ._errors import ConsentError, WorkerUnavailable
 from ._machine import Event, State
 from ._model import ConsentRecord, HistoryEntry, check_user, clip, iso
 from ._oauth import OAuthClient
-from ._queue import Envelope, EventBus, Outcome
+from ._queue import JOB_SERIALIZERS, Envelope, EventBus, Outcome
 from ._redis import arq_redis_settings, embedded_redis
 from ._settings import Settings
 from ._store import RedisStore
@@ -133,6 +133,7 @@ class ConsentClient:
             self._pool = await create_pool(
                 arq_redis_settings(url, startup_retries=STARTUP_RETRIES),
                 default_queue_name=self.settings.queue_name,
+                **JOB_SERIALIZERS,
             )
             stack.push_async_callback(self._pool.aclose)
             if self.settings.encryption_keys:

@@ -40,7 +40,7 @@ from ._oauth import (
 from ._queue import Envelope, Outcome, new_id
 from ._settings import Settings
 from ._store import RedisStore, state_hash
-from ._vault import KeyRing
+from ._vault import KeyRing, open_tokens, seal_tokens
 
 _T = TypeVar("_T")
 
@@ -191,13 +191,11 @@ class Engine:
             **kwargs,
         )
 
-    def seal_tokens(self, user: str, tokens: dict[str, str | None]) -> str:
-        raw = json.dumps({k: v for k, v in tokens.items() if v}).encode()
-        return self.ring.encrypt(raw, user=user, purpose="tokens")
+    def seal_tokens(self, user: str, tokens: dict[str, str | None]) -> bytes:
+        return seal_tokens(self.ring, user, tokens)
 
-    def open_tokens(self, user: str, sealed: str) -> dict[str, str]:
-        data: dict[str, str] = json.loads(self.ring.decrypt(sealed, user=user, purpose="tokens"))
-        return data
+    def open_tokens(self, user: str, sealed: bytes) -> dict[str, str]:
+        return open_tokens(self.ring, user, sealed)
 
     def _decide(self, rec: ConsentRecord, event: Event) -> Transition:
         return self.machine.decide(rec.state, event, user=rec.user)
@@ -352,7 +350,7 @@ class Engine:
             rec,
             row,
             reason=None,
-            set_fields={
+            sealed={
                 "tok": self.seal_tokens(
                     rec.user,
                     {
@@ -360,6 +358,8 @@ class Engine:
                         "refresh_token": tokens.refresh_token,
                     },
                 ),
+            },
+            set_fields={
                 "exp": repr(tokens.expires_at) if tokens.expires_at is not None else "",
                 "sub": claims.subject,
                 "scopes": " ".join(tokens.scopes),
@@ -469,13 +469,12 @@ class Engine:
                 # The sealed tokens move to the revocation outbox in the same step that wipes
                 # them, so no process hands them out again (invariant 9) and a provider that is
                 # down now does not make us forget to revoke them later.
-                set_fields = {"rvk": rec.tokens} if rec.tokens else {}
                 change = self._change(
                     envelope,
                     rec,
                     row,
                     reason=reason,
-                    set_fields=set_fields,
+                    sealed={"rvk": rec.tokens} if rec.tokens else {},
                     delete_fields=(*SESSION_FIELDS, *TOKEN_FIELDS),
                     drop_session_lookup=rec.session_digest,
                     unschedule=True,
@@ -514,11 +513,7 @@ class Engine:
                 "provider_revocation_deferred", user=user, error=exc.code, attempts=attempts
             )
             return "deferred"
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(keys.rec(user), "rvk", "rvktries")
-            pipe.hincrby(keys.kids, KeyRing.key_id_of(rec.revocation_pending), -1)
-            pipe.zrem(keys.outbox, user)
-            await pipe.execute()
+        await self.store.drop_revoked(user, rec.revocation_pending)
         return "done"
 
     async def _revoke_tokens(self, tokens: dict[str, str]) -> None:

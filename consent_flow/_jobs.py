@@ -64,7 +64,8 @@ class JobQueue:
     def job(
         self,
         function: str,
-        arg: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None = None,
         *,
         job_id: str,
         queue: str,
@@ -79,7 +80,7 @@ class JobQueue:
         if expires_ms is None:
             expires_ms = score - now + self.pool.expires_extra_ms
         payload = serialize_job(
-            function, (arg,), {}, None, now, serializer=self.pool.job_serializer
+            function, args, kwargs or {}, None, now, serializer=self.pool.job_serializer
         )
         return QueuedJob(job_id, queue, payload, score, max(1, expires_ms))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -14,13 +15,28 @@ from ._machine import Event, State
 if TYPE_CHECKING:
     from ._jobs import QueuedJob
 
-__all__ = ["Change", "CommitResult", "ConsentRecord", "HistoryEntry", "check_user", "iso"]
+__all__ = [
+    "CIPHER_FIELDS",
+    "SEALED_KEYS",
+    "Change",
+    "CommitResult",
+    "ConsentRecord",
+    "HistoryEntry",
+    "check_user",
+    "iso",
+]
 
 MAX_USER_LENGTH = 255  # OpenID Connect Core 2: a subject is at most 255 ASCII characters
 MAX_REASON_LENGTH = 500
 
-# Record fields that hold ciphertext; the store counts records per key id from them.
-CIPHER_FIELDS = ("tok", "sess", "rvk")
+# Record hash fields that hold ciphertext (v1 text): the authorization session.
+CIPHER_FIELDS = ("sess",)
+# Ciphertext kept beside the record, each in a key of its own (v2 binary): the tokens, and the
+# tokens still to revoke at the provider. Apart, they leave the record hash small enough for
+# Redis's compact encoding. Records written by earlier versions hold them as hash fields of the
+# same names (v1 text): still read, and moved into the keys by the next write or `keys rotate`.
+# The store counts ciphertexts per key id over both (start-up key check, rotation).
+SEALED_KEYS = ("tok", "rvk")
 
 
 def check_user(user: object) -> str:
@@ -65,7 +81,7 @@ class ConsentRecord:
     actor: str | None = None
     subject: str | None = None
     scopes: tuple[str, ...] = ()
-    tokens: str | None = None  # ciphertext: access, refresh and ID token
+    tokens: bytes | None = None  # ciphertext: access and refresh token
     expires_at: float | None = None  # the access token's absolute expiry
     session: str | None = None  # ciphertext: state, verifier, nonce, authorization URL
     session_id: str | None = None
@@ -75,14 +91,25 @@ class ConsentRecord:
     last_refresh_at: float | None = None
     refresh_failures: int = 0
     last_refresh_error: str | None = None
-    revocation_pending: str | None = None  # ciphertext: tokens still to revoke at the provider
+    revocation_pending: bytes | None = None  # ciphertext: tokens still to revoke at the provider
     inflight: float | None = None  # a refresh request was sent at this time and not answered
     raw: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_hash(cls, user: str, data: dict[str, str]) -> ConsentRecord:
+    def from_hash(
+        cls, user: str, data: dict[str, str], sealed: Mapping[str, bytes] | None = None
+    ) -> ConsentRecord:
+        """The record from its hash and its sealed keys (``SEALED_KEYS`` by name)."""
         if not data:
             return cls(user=user)
+
+        def _sealed(name: str) -> bytes | None:
+            value = (sealed or {}).get(name)
+            if value:
+                return value
+            legacy = data.get(name)  # an earlier version's layout: v1 text in the hash
+            return legacy.encode() if legacy else None
+
         return cls(
             user=user,
             state=State(data.get("state", State.UNPROVISIONED.value)),
@@ -92,7 +119,7 @@ class ConsentRecord:
             actor=data.get("actor") or None,
             subject=data.get("sub") or None,
             scopes=tuple(data.get("scopes", "").split()),
-            tokens=data.get("tok") or None,
+            tokens=_sealed("tok"),
             expires_at=_float(data.get("exp")),
             session=data.get("sess") or None,
             session_id=data.get("sid") or None,
@@ -102,7 +129,7 @@ class ConsentRecord:
             last_refresh_at=_float(data.get("lastref")),
             refresh_failures=int(data.get("fails", "0") or 0),
             last_refresh_error=data.get("referr") or None,
-            revocation_pending=data.get("rvk") or None,
+            revocation_pending=_sealed("rvk"),
             inflight=_float(data.get("inflight")),
             raw=data,
         )
@@ -110,10 +137,16 @@ class ConsentRecord:
     def after(self, change: Change, version: int) -> ConsentRecord:
         """This record as the store holds it once ``change`` committed on top of it."""
         writes, deletes = change.writes()
-        data = {k: v for k, v in self.raw.items() if k not in deletes}
+        data = {k: v for k, v in self.raw.items() if k not in deletes and k not in change.sealed}
         data.update(writes)
         data["v"] = str(version)
-        return ConsentRecord.from_hash(self.user, data)
+        sealed = {
+            name: value
+            for name, value in (("tok", self.tokens), ("rvk", self.revocation_pending))
+            if value is not None and name not in deletes
+        }
+        sealed.update(change.sealed)
+        return ConsentRecord.from_hash(self.user, data, sealed)
 
     def public(self) -> dict[str, Any]:
         """The status an operator or a caller may see: no ciphertext, no secrets."""
@@ -218,6 +251,9 @@ class Change:
     reason: str | None = None
     correlation_id: str | None = None
     set_fields: dict[str, str] = field(default_factory=dict)
+    # Ciphertext for the keys beside the record (``SEALED_KEYS``); naming one of those in
+    # ``delete_fields`` wipes it, wherever it is kept.
+    sealed: dict[str, bytes] = field(default_factory=dict)
     delete_fields: tuple[str, ...] = ()
     schedule_at: float | None = None  # refresh due time; None leaves the schedule alone
     unschedule: bool = False
@@ -238,6 +274,9 @@ class Change:
 
     def writes(self) -> tuple[dict[str, str], tuple[str, ...]]:
         """Every record field this change sets, and the ones it deletes (the version aside)."""
+        misplaced = set(SEALED_KEYS) & set(self.set_fields) or set(self.sealed) - set(SEALED_KEYS)
+        if misplaced:
+            raise ValueError(f"sealed values go in Change.sealed, by SEALED_KEYS: {misplaced}")
         fields = dict(self.set_fields)
         fields["state"] = self.to_state.value
         if self.moves:

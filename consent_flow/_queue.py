@@ -6,6 +6,11 @@ an authorization code waits sealed in the user's inbox key instead.
 
 The caller does not poll arq's result (``Job.result()`` polls every 0.5 s and arq would store the
 result): the worker pushes the outcome to a reply list the caller blocks on with BLPOP.
+
+arq pickles jobs by default, and a worker unpickles whatever it finds under a job key: anyone who
+can write to Redis could run code in every worker. Every arq pool and worker of the project
+passes :data:`JOB_SERIALIZERS` instead, JSON that only ever decodes to data (and takes less
+memory per queued job).
 """
 
 from __future__ import annotations
@@ -23,9 +28,50 @@ from ._jobs import JobQueue
 from ._machine import Event
 from ._store import REPLY_TTL, Keys
 
-__all__ = ["HANDLE_EVENT", "REPLY_TTL", "Envelope", "EventBus", "Outcome"]
+__all__ = [
+    "HANDLE_EVENT",
+    "JOB_SERIALIZERS",
+    "REPLY_TTL",
+    "Envelope",
+    "EventBus",
+    "Outcome",
+    "dump_job",
+    "load_job",
+]
 
 HANDLE_EVENT = "handle_event"  # the arq function name every event goes through
+
+
+def _result_value(value: object) -> str:
+    # arq puts a failed job's exception in the result it serialises (and, with keep_result=0,
+    # never stores): its name and message, like arq's own log line. Anything else is a bug.
+    if isinstance(value, BaseException):
+        return repr(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_result_value)
+
+
+def dump_job(data: dict[str, Any]) -> bytes:
+    """arq's job (or result) dict as compact JSON; an unset try and no keyword arguments are
+    left out (:func:`load_job` puts them back)."""
+    if data.get("t") is None:
+        data = {k: v for k, v in data.items() if k != "t"}
+    if not data.get("k", True):
+        data = {k: v for k, v in data.items() if k != "k"}
+    return _ENCODER.encode(data).encode()
+
+
+def load_job(raw: bytes) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(raw)
+    data.setdefault("t", None)
+    data.setdefault("k", {})
+    return data
+
+
+# For arq's create_pool and Worker: JOB_SERIALIZERS in every pool and worker, or none at all.
+JOB_SERIALIZERS: dict[str, Any] = {"job_serializer": dump_job, "job_deserializer": load_job}
 
 
 def new_id() -> str:
@@ -141,7 +187,7 @@ class EventBus:
         await self.jobs.put(
             self.jobs.job(
                 HANDLE_EVENT,
-                envelope.to_job(),
+                (envelope.to_job(),),
                 job_id=f"ev:{envelope.event_id}",
                 queue=self.queue_name,
                 expires_ms=int(max(1.0, wait) * 1000),

@@ -244,7 +244,7 @@ class Refresher:
             at=now,
             reason=None,
             correlation_id=envelope.correlation_id,
-            set_fields={
+            sealed={
                 "tok": self.engine.seal_tokens(
                     user,
                     {
@@ -252,6 +252,8 @@ class Refresher:
                         "refresh_token": refresh_token,
                     },
                 ),
+            },
+            set_fields={
                 "exp": repr(fresh.expires_at) if fresh.expires_at is not None else "",
                 "scopes": " ".join(fresh.scopes or rec.scopes),
                 "next": repr(due_at),

@@ -1,7 +1,9 @@
-"""``keys rotate``: re-encrypt every sealed field under the ring's first key, while workers run.
+"""``keys rotate``: re-encrypt every sealed value under the ring's first key, while workers run.
 
 Each record is rewritten through the same versioned commit as any transition (no history entry),
-so a rotation racing a refresh simply retries that record; nothing is ever half-written.
+so a rotation racing a refresh simply retries that record; nothing is ever half-written. Tokens
+still in an earlier version's layout (v1 text in the record hash) move into their own keys in
+the v2 layout on the way, whatever key sealed them.
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._machine import Event, State
-from ._model import CIPHER_FIELDS, Change
+from ._model import Change
 from ._queue import new_id
+from ._vault import KeyRing, open_tokens, seal_tokens
 
 if TYPE_CHECKING:
     from ._client import ConsentClient
@@ -24,7 +27,6 @@ MAX_ATTEMPTS = 5
 async def rotate_keys(client: ConsentClient) -> dict[str, Any]:
     ring = client.ring
     store = client.store
-    purposes = {"tok": "tokens", "sess": "session", "rvk": "tokens"}
     records = rewritten = 0
     for state in State:
         offset = 0
@@ -37,23 +39,18 @@ async def rotate_keys(client: ConsentClient) -> dict[str, Any]:
                 records += 1
                 for _attempt in range(MAX_ATTEMPTS):
                     rec = await store.load(user)
-                    raw = await store.redis.hmget(store.keys.rec(user), list(CIPHER_FIELDS))
-                    fields = {
-                        name: (v.decode() if isinstance(v, bytes) else v)
-                        for name, v in zip(CIPHER_FIELDS, raw, strict=True)
-                        if v
-                    }
-                    stale = {n: v for n, v in fields.items() if ring.needs_rotation(v)}
-                    if not stale:
+                    set_fields: dict[str, str] = {}
+                    sealed: dict[str, bytes] = {}
+                    if rec.session is not None and ring.needs_rotation(rec.session):
+                        plain = ring.decrypt(rec.session, user=user, purpose="session")
+                        set_fields["sess"] = ring.encrypt(plain, user=user, purpose="session")
+                    for name, value in (("tok", rec.tokens), ("rvk", rec.revocation_pending)):
+                        if value is not None and (
+                            ring.needs_rotation(value) or not KeyRing.is_binary(value)
+                        ):
+                            sealed[name] = seal_tokens(ring, user, open_tokens(ring, user, value))
+                    if not set_fields and not sealed:
                         break
-                    fresh = {
-                        n: ring.encrypt(
-                            ring.decrypt(v, user=user, purpose=purposes[n]),
-                            user=user,
-                            purpose=purposes[n],
-                        )
-                        for n, v in stale.items()
-                    }
                     result = await store.commit(
                         Change(
                             user=user,
@@ -64,7 +61,8 @@ async def rotate_keys(client: ConsentClient) -> dict[str, Any]:
                             to_state=rec.state,
                             actor="operator",
                             at=rec.since or 0.0,
-                            set_fields=fresh,
+                            set_fields=set_fields,
+                            sealed=sealed,
                             record_history=False,
                         )
                     )

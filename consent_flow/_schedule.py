@@ -2,24 +2,25 @@
 
 Each provisioned user has one entry in ``cf:sched`` scored by the next refresh's due time (ms),
 written in the same commit as the tokens. After the commit a deferred arq job with the
-deterministic id ``refresh:<user>:<due ms>`` is queued. A cron sweep reads the due part of the
+deterministic id ``refresh:<user>:<due ms>`` is queued; its arguments are just the user and the
+due time, positional (a million of them wait in Redis). A cron sweep reads the due part of the
 set (O(log n + due)) and queues again, in one round trip, whatever job is missing (lost between
 commit and enqueue, or by a Redis failover); a job that is still queued is recognised by its id.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
-from arq.jobs import serialize_job
 
 from ._jobs import JobQueue, QueuedJob
 from ._store import Keys, due_ms
 
-__all__ = ["REFRESH_JOB", "Scheduler", "refresh_job_id"]
+__all__ = ["REFRESH_JOB", "Scheduler", "refresh_job_id", "refresh_payload"]
 
 REFRESH_JOB = "refresh_tokens"
 SWEEP_LIMIT = 1000  # missing jobs one sweep batch requeues
@@ -30,6 +31,18 @@ JOB_EXPIRY_MS = 24 * 3600 * 1000  # how long a queued job waits for a worker bef
 
 def refresh_job_id(user: str, due: int) -> str:
     return f"refresh:{user}:{due}"
+
+
+def refresh_payload(user: str, due: int, enqueued_ms: int) -> bytes:
+    """The refresh job as ``arq.jobs.serialize_job(REFRESH_JOB, (user, due), {}, None,
+    enqueued_ms, serializer=dump_job)`` writes it (a test holds them equal), built directly:
+    a sweep that requeues a thousand jobs spends a few milliseconds less."""
+    return b'{"f":"%s","a":[%s,%d],"et":%d}' % (
+        REFRESH_JOB.encode(),
+        json.dumps(user).encode(),
+        due,
+        enqueued_ms,
+    )
 
 
 # The due entries of the schedule whose job is missing. Due entries whose job is still queued
@@ -89,7 +102,7 @@ class Scheduler:
         ms = due_ms(due)
         return self.jobs.job(
             REFRESH_JOB,
-            {"user": user, "due_ms": ms},
+            (user, ms),
             job_id=refresh_job_id(user, ms),
             queue=self.queue_name,
             run_at_ms=ms,
@@ -125,9 +138,7 @@ class Scheduler:
             user = missing[i].decode() if isinstance(missing[i], bytes) else str(missing[i])
             score = int(missing[i + 1])
             job_id = refresh_job_id(user, score)
-            payload = serialize_job(
-                REFRESH_JOB, ({"user": user, "due_ms": score},), {}, None, now_ms
-            )
+            payload = refresh_payload(user, score, now_ms)
             # Due now: the job's queue score is the present, whatever the schedule said.
             args += [job_key_prefix + job_id, payload, now_ms, job_id]
         return int(await self._enqueue(keys=[self.queue_name], args=[JOB_EXPIRY_MS, *args]))

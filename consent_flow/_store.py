@@ -3,7 +3,10 @@
 Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``; every key of one user shares the hash tag
 ``{user}`` so per-user commands stay within one slot)::
 
-    cf:{alice}:rec      hash   the record (state, version, since, ciphertext fields, schedule)
+    cf:{alice}:rec      hash   the record (state, version, since, sealed session, schedule)
+    cf:{alice}:tok      string the sealed tokens (binary; apart, so the record hash stays in
+                               Redis's compact encoding)
+    cf:{alice}:rvk      string sealed tokens still to revoke at the provider (binary)
     cf:{alice}:hist     list   history entries, oldest first (JSON)
     cf:{alice}:seen     zset   event ids already applied (exactly-once effect), scored by time
     cf:{alice}:in:<id>  string sealed authorization code waiting for its event (short TTL)
@@ -21,8 +24,9 @@ Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``; every key of one user shares t
     cf:kids             hash   ciphertext count per key id (start-up key check, rotation)
     cf:events           stream every transition, for `tail` and other consumers (bounded)
 
-A transition is one Lua script: the version check, the fields, the indexes, the schedule, the
-history entry and the stream entry commit together or not at all (design.md invariant 1).
+A transition is one Lua script: the version check, the fields, the sealed tokens, the indexes,
+the schedule, the history entry and the stream entry commit together or not at all (design.md
+invariant 1). A record is read in one round trip too, hash and sealed keys alike.
 The indexes are shard-wide keys: users are sharded across primaries, not across a Cluster.
 """
 
@@ -39,7 +43,8 @@ from redis.asyncio import Redis
 
 from ._jobs import ENQUEUE_LUA
 from ._machine import Event, State
-from ._model import CIPHER_FIELDS, Change, CommitResult, ConsentRecord, HistoryEntry
+from ._model import CIPHER_FIELDS, SEALED_KEYS, Change, CommitResult, ConsentRecord, HistoryEntry
+from ._vault import KeyRing
 
 __all__ = ["Keys", "MemoryStore", "RedisStore", "Store", "due_ms", "state_hash"]
 
@@ -52,6 +57,12 @@ SEEN_MAX_EVENTS = 32
 STREAM_MAX_ENTRIES = 100_000  # approximate cap of the transition stream
 INBOX_TTL = 120  # seconds a sealed code waits for its worker
 REPLY_TTL = 60  # seconds a reply waits for a caller that stopped listening
+
+assert SEALED_KEYS == ("tok", "rvk"), "the commit script knows them by position"
+# Redis's defaults for a hash's compact (listpack) encoding: hash-max-listpack-entries and
+# hash-max-listpack-value. A record within them takes about half the memory.
+COMPACT_HASH_ENTRIES = 128
+COMPACT_HASH_VALUE = 64
 
 
 def due_ms(at: float) -> int:
@@ -72,6 +83,10 @@ class Keys:
 
     def rec(self, user: str) -> str:
         return f"{self.prefix}:{{{user}}}:rec"
+
+    def sealed(self, user: str, name: str) -> str:
+        """The key of one of ``SEALED_KEYS`` (``tok``, ``rvk``)."""
+        return f"{self.prefix}:{{{user}}}:{name}"
 
     def hist(self, user: str) -> str:
         return f"{self.prefix}:{{{user}}}:hist"
@@ -187,26 +202,63 @@ local cur_v = tonumber(redis.call('HGET', rec, 'v') or '0')
 if cur_state ~= op.expect_state or cur_v ~= op.expect_v then
   return {'conflict', cur_v, cur_state}
 end
-local cipher = op.cipher
+local cipher, slots = op.cipher, op.slots
+-- The key id of a ciphertext: v2 binary (byte 2, then 6 bytes of key id) or v1 text.
 local function kid_of(v)
   if not v then return nil end
+  if string.byte(v, 1) == 2 then
+    if #v < 7 then return nil end
+    return string.format('%02x%02x%02x%02x%02x%02x', string.byte(v, 2, 7))
+  end
   return string.match(v, '^v1%.([^%.]+)%.')
 end
-local before = redis.call('HMGET', rec, unpack(cipher))
+-- Every ciphertext of the user: the hash's cipher fields, then the sealed keys (KEYS[15], ...),
+-- each where it is (a record of an earlier version holds it in the hash, as v1 text).
+local function ciphertexts()
+  local out = redis.call('HMGET', rec, unpack(cipher))
+  for i, name in ipairs(slots) do
+    out[#cipher + i] = redis.call('GET', KEYS[14 + i]) or redis.call('HGET', rec, name)
+  end
+  return out
+end
+local before = ciphertexts()
 if #op.del > 0 then redis.call('HDEL', rec, unpack(op.del)) end
 local flat = {}
 for k, v in pairs(op.set) do flat[#flat + 1] = k; flat[#flat + 1] = v end
 local v = cur_v + 1
 flat[#flat + 1] = 'v'; flat[#flat + 1] = tostring(v)
 redis.call('HSET', rec, unpack(flat))
-local after = redis.call('HMGET', rec, unpack(cipher))
-for i = 1, #cipher do
+for i, name in ipairs(slots) do
+  local arg = op.seal[name]
+  if arg then
+    redis.call('SET', KEYS[14 + i], ARGV[arg])
+    redis.call('HDEL', rec, name)
+  elseif op.wipe[name] then
+    redis.call('DEL', KEYS[14 + i])
+  end
+end
+-- A hash that once held a long value (a sealed session, a long reason) keeps Redis's large
+-- encoding after the value is gone; written anew, it takes the compact one again if it fits.
+if redis.call('OBJECT', 'ENCODING', rec) == 'hashtable' then
+  local all = redis.call('HGETALL', rec)
+  local fits = #all <= 2 * op.compact_entries
+  for i = 1, #all do
+    if #all[i] > op.compact_value then fits = false; break end
+  end
+  if fits then
+    redis.call('DEL', rec)
+    redis.call('HSET', rec, unpack(all))
+  end
+end
+local after = ciphertexts()
+for i = 1, #after do
   local a, b = kid_of(before[i]), kid_of(after[i])
   if a ~= b then
     if a then redis.call('HINCRBY', kids, a, -1) end
     if b then redis.call('HINCRBY', kids, b, 1) end
   end
 end
+local tok, rvk = #cipher + 1, #cipher + 2
 if op.moved then
   redis.call('ZREM', idx_from, op.user)
   redis.call('ZADD', idx_to, op.since, op.user)
@@ -218,11 +270,11 @@ elseif op.unschedule then
 end
 if op.sess_value then redis.call('SET', sess_set, op.sess_value, 'EX', op.sess_ttl) end
 if op.sess_drop then redis.call('DEL', sess_del) end
-if after[3] and after[3] ~= before[3] then
+if after[rvk] and after[rvk] ~= before[rvk] then
   -- Tokens moved to the revocation outbox: the cleanup job retries what the provider missed.
   redis.call('ZADD', outbox, op.at, op.user)
 end
-if before[1] and before[1] ~= after[1] then
+if before[tok] and before[tok] ~= after[tok] then
   -- The tokens a process may have cached are gone or replaced: tell every process now.
   redis.call('PUBLISH', op.channel, op.user)
 end
@@ -257,12 +309,14 @@ if op.reply then
   redis.call('RPUSH', KEYS[14], op.reply)
   redis.call('EXPIRE', KEYS[14], op.reply_ttl)
 end
--- What rides along only when the step applies: the next refresh's arq job (payload ARGV[2]),
--- the release of the user's lock, and counters. Their keys follow the fixed ones, in order.
-local n = 14
+-- What rides along only when the step applies: the next refresh's arq job (its payload is the
+-- argument after the sealed values), the release of the user's lock, and counters. Their keys
+-- follow the sealed keys, in this order.
+local n = 14 + #slots
 if op.job then
-  enqueue(KEYS[15], KEYS[16], KEYS[17], ARGV[2], op.job[1], op.job[2], op.job[3])
-  n = 17
+  enqueue(KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], ARGV[op.job[4]], op.job[1], op.job[2],
+    op.job[3])
+  n = n + 3
 end
 if op.unlock then
   n = n + 1
@@ -321,11 +375,34 @@ end
 return dropped
 """
 
-# Take the user's lock when it is free, and read the record and another hash (the refresh pause)
-# in the same round trip. ARGV: owner token, ttl (ms).
+# A record in one round trip: the hash and the sealed keys, from one moment.
+_LOAD = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2]), redis.call('GET', KEYS[3])}
+"""
+
+# Forget tokens revoked at the provider, unless a later revocation replaced them meanwhile.
+_DROP_REVOKED = """
+local rec, rvk, kids, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local sealed, kid, user = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('GET', rvk) == sealed then
+  redis.call('DEL', rvk)
+elseif redis.call('HGET', rec, 'rvk') == sealed then
+  redis.call('HDEL', rec, 'rvk')
+else
+  return 0
+end
+redis.call('HDEL', rec, 'rvktries')
+redis.call('HINCRBY', kids, kid, -1)
+redis.call('ZREM', outbox, user)
+return 1
+"""
+
+# Take the user's lock when it is free, and read the record (hash and sealed keys) and another
+# hash (the refresh pause) in the same round trip. ARGV: owner token, ttl (ms).
 _LOCK_AND_LOAD = """
 local got = redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX')
-return {got and 1 or 0, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3])}
+return {got and 1 or 0, redis.call('HGETALL', KEYS[2]), redis.call('GET', KEYS[3]),
+  redis.call('GET', KEYS[4]), redis.call('HGETALL', KEYS[5])}
 """
 
 _RELEASE = """
@@ -343,14 +420,25 @@ def _pairs(flat: list[Any]) -> dict[str, str]:
     return {_decode(flat[i]): _decode(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
+def _record(user: str, flat: list[Any], tok: bytes | None, rvk: bytes | None) -> ConsentRecord:
+    """A record from its hash (HGETALL, flat) and its sealed keys."""
+    sealed = {name: value for name, value in (("tok", tok), ("rvk", rvk)) if value}
+    return ConsentRecord.from_hash(user, _pairs(flat), sealed)
+
+
 class RedisStore:
-    """The production store, on a ``redis.asyncio.Redis`` (bytes or decoded answers alike)."""
+    """The production store, on a ``redis.asyncio.Redis`` that answers bytes (as arq's pool does:
+    the sealed tokens are binary)."""
 
     def __init__(self, redis: Redis, *, prefix: str = "cf") -> None:
+        if redis.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("RedisStore needs a client without decode_responses")
         # redis-py types its asyncio client with sync|async unions that mypy cannot await: the
         # store treats it as untyped rather than scatter ignores over every call.
         self.redis: Any = redis
         self.keys = Keys(prefix)
+        self._load = redis.register_script(_LOAD)
+        self._drop_revoked = redis.register_script(_DROP_REVOKED)
         self._commit = redis.register_script(_COMMIT)
         self._claim = redis.register_script(_CLAIM)
         self._release = redis.register_script(_RELEASE)
@@ -358,12 +446,16 @@ class RedisStore:
         self._trim = redis.register_script(_TRIM)
 
     async def load(self, user: str) -> ConsentRecord:
-        data = await self.redis.hgetall(self.keys.rec(user))
-        return ConsentRecord.from_hash(user, {_decode(k): _decode(v) for k, v in data.items()})
+        k = self.keys
+        flat, tok, rvk = await self._load(
+            keys=[k.rec(user), k.sealed(user, "tok"), k.sealed(user, "rvk")]
+        )
+        return _record(user, flat, tok, rvk)
 
     async def commit(self, change: Change) -> CommitResult:
         k = self.keys
         set_fields, delete_fields = change.writes()
+        blobs = list(change.sealed.values())
         op: dict[str, Any] = {
             "user": change.user,
             "event_id": change.event_id,
@@ -372,6 +464,12 @@ class RedisStore:
             "set": set_fields,
             "del": list(delete_fields),
             "cipher": list(CIPHER_FIELDS),
+            "slots": list(SEALED_KEYS),
+            "compact_entries": COMPACT_HASH_ENTRIES,
+            "compact_value": COMPACT_HASH_VALUE,
+            # Sealed values travel as arguments of their own (binary): ARGV[2], ARGV[3], ...
+            "seal": {name: 2 + i for i, name in enumerate(change.sealed)},
+            "wipe": {name: True for name in SEALED_KEYS if name in delete_fields},
             "channel": k.invalidate,
             "moved": change.moves,
             # Scores travel as strings: Lua numbers are doubles, which Redis refuses as arguments.
@@ -399,13 +497,13 @@ class RedisStore:
             sess_drop = k.sess(change.drop_session_lookup)
             op["sess_drop"] = True
         extra_keys: list[str] = []
-        job_payload: bytes = b""
+        job_payload: list[bytes] = []
         if change.job is not None:
             job = change.job
             extra_keys += job.keys
-            job_payload = job.payload
+            job_payload.append(job.payload)
             # Scores and expiries travel as strings: cjson prints numbers with 14 digits.
-            op["job"] = [str(job.expires_ms), str(job.score_ms), job.job_id]
+            op["job"] = [str(job.expires_ms), str(job.score_ms), job.job_id, 2 + len(blobs)]
         if change.unlock is not None:
             extra_keys.append(k.lock(change.user))
             op["unlock"] = change.unlock
@@ -428,6 +526,7 @@ class RedisStore:
                 k.outbox,
                 k.transition_counts,
                 change.reply[0] if change.reply else k.reply("-"),
+                *(k.sealed(change.user, name) for name in SEALED_KEYS),
                 *extra_keys,
             ],
             # cjson turns null into a truthy userdata: absent keys are the only safe "no".
@@ -436,7 +535,8 @@ class RedisStore:
                     {k: v for k, v in op.items() if v is not None and v is not False},
                     separators=(",", ":"),
                 ),
-                job_payload,
+                *blobs,
+                *job_payload,
             ],
         )
         status = _decode(result[0])
@@ -523,13 +623,24 @@ class RedisStore:
         Returns the lock's owner token (None when another holder has it), the record as it is
         now (under the lock when taken), and ``also``'s fields.
         """
+        k = self.keys
         token = secrets.token_hex(16)
-        got, raw, other = await self._lock_and_load(
-            keys=[self.keys.lock(user), self.keys.rec(user), also],
+        got, flat, tok, rvk, other = await self._lock_and_load(
+            keys=[k.lock(user), k.rec(user), k.sealed(user, "tok"), k.sealed(user, "rvk"), also],
             args=[token, int(ttl * 1000)],
         )
-        rec = ConsentRecord.from_hash(user, _pairs(raw))
-        return (token if int(got) else None), rec, _pairs(other)
+        return (token if int(got) else None), _record(user, flat, tok, rvk), _pairs(other)
+
+    async def drop_revoked(self, user: str, sealed: bytes) -> bool:
+        """Forget ``sealed`` tokens once the provider revoked them (compare-and-delete: tokens
+        that a later revocation put there stay). Returns whether they were still there."""
+        k = self.keys
+        return bool(
+            await self._drop_revoked(
+                keys=[k.rec(user), k.sealed(user, "rvk"), k.kids, k.outbox],
+                args=[sealed, KeyRing.key_id_of(sealed), user],
+            )
+        )
 
     async def key_ids_in_use(self) -> dict[str, int]:
         raw = await self.redis.hgetall(self.keys.kids)
@@ -557,6 +668,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.records: dict[str, dict[str, str]] = {}
+        self.sealed: dict[str, dict[str, bytes]] = {}  # the keys beside the record
         self.histories: dict[str, list[HistoryEntry]] = {}
         self.seen: dict[str, list[str]] = {}
         self.indexes: dict[State, dict[str, float]] = {state: {} for state in State}
@@ -568,7 +680,9 @@ class MemoryStore:
         self.counters: dict[tuple[str, str], float] = {}
 
     async def load(self, user: str) -> ConsentRecord:
-        return ConsentRecord.from_hash(user, dict(self.records.get(user, {})))
+        return ConsentRecord.from_hash(
+            user, dict(self.records.get(user, {})), dict(self.sealed.get(user, {}))
+        )
 
     async def commit(self, change: Change) -> CommitResult:
         user = change.user
@@ -580,10 +694,15 @@ class MemoryStore:
         if current is not change.expect_state or version != change.expect_version:
             return CommitResult("conflict", version, current)
         writes, deletes = change.writes()
+        sealed = self.sealed.setdefault(user, {})
         for name in deletes:
             rec.pop(name, None)
+            sealed.pop(name, None)
         rec.update(writes)
         rec["v"] = str(version + 1)
+        for name, value in change.sealed.items():
+            sealed[name] = value
+            rec.pop(name, None)  # an earlier version's layout kept it in the record
         if change.moves:
             self.indexes[change.expect_state].pop(user, None)
             self.indexes[change.to_state][user] = change.at
@@ -662,3 +781,14 @@ class MemoryStore:
             del self.locks[user]
             return True
         return False
+
+    async def drop_revoked(self, user: str, sealed: bytes) -> bool:
+        held = self.sealed.get(user, {})
+        if held.get("rvk") == sealed:
+            del held["rvk"]
+        elif self.records.get(user, {}).get("rvk", "").encode() == sealed:
+            del self.records[user]["rvk"]
+        else:
+            return False
+        self.records[user].pop("rvktries", None)
+        return True

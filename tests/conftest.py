@@ -305,14 +305,11 @@ async def stack(make_stack: Callable[..., Awaitable[Stack]]) -> Stack:
 
 async def stored_tokens(stack: Stack, user: str) -> dict[str, str]:
     """The user's tokens as the vault holds them (tests only: they hold the key)."""
-    import json
+    from consent_flow._vault import open_tokens
 
     rec = await stack.client.store.load(user)
     assert rec.tokens, f"{user} has no stored tokens"
-    data: dict[str, str] = json.loads(
-        stack.client.ring.decrypt(rec.tokens, user=user, purpose="tokens")
-    )
-    return data
+    return open_tokens(stack.client.ring, user, rec.tokens)
 
 
 async def provision(stack: Stack, user: str = "alice", login: str | None = None) -> httpx.Response:

@@ -44,8 +44,12 @@ def test_all_is_pinned():
 
 
 def test_every_error_derives_from_one_base_and_has_a_stable_code():
-    errors = [getattr(consent_flow, n) for n in PUBLIC if n.endswith(("Error", "Rejected",
-              "Unavailable", "Revoked", "Transition", "Provisioned")) and n != "Transition"]
+    errors = [
+        getattr(consent_flow, n)
+        for n in PUBLIC
+        if n.endswith(("Error", "Rejected", "Unavailable", "Revoked", "Transition", "Provisioned"))
+        and n != "Transition"
+    ]
     assert len(errors) >= 14
     codes = set()
     for error in errors:

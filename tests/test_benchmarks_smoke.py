@@ -23,7 +23,11 @@ pytestmark = pytest.mark.integration
 def test_bench_provision_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPatch) -> None:
     result = subprocess.run(
         [sys.executable, str(BENCH_PROVISION), "--seconds", "1", "--warmup", "0.5", "--json"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)
@@ -42,8 +46,14 @@ def test_bench_provision_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script prepends the repository
     spec.loader.exec_module(module)
     text = module.report(figures)
-    for needle in ("(a) arq floor", "(b) provision_requested", "ratio (b)/(a)", "(c)", "p99",
-                   "target"):
+    for needle in (
+        "(a) arq floor",
+        "(b) provision_requested",
+        "ratio (b)/(a)",
+        "(c)",
+        "p99",
+        "target",
+    ):
         assert needle in text
 
 
@@ -61,7 +71,11 @@ def _load_script(monkeypatch: pytest.MonkeyPatch, path: Path) -> object:
 def _run_json(path: Path, *args: str, timeout: float = 120) -> dict:
     result = subprocess.run(
         [sys.executable, str(path), *args, "--json"],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     figures: dict = json.loads(result.stdout)
@@ -92,24 +106,44 @@ def test_bench_schedule_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPa
     assert figures["sweep_window"] == 1000
     assert figures["sweep_backlog_probe"]["due"] == 2000
     memory = figures["memory"]
-    assert memory["bytes_per_user"] > 0 and memory["breakdown_bytes_per_user"]
-    assert memory["ideas"] and memory["aged"]
+    assert memory["bytes_per_user"] > memory["grant_bytes_per_user"] > 0
+    assert memory["breakdown_bytes_per_user"] and memory["ideas"] and memory["aged"]
+    assert memory["rec_encoding"] == "listpack"  # the sealed tokens live in a key of their own
     assert figures["target_tick_ms"] == 20 and figures["target_bytes_per_user"] == 2048
     text = _load_script(monkeypatch, script).report(figures)  # type: ignore[attr-defined]
-    for needle in ("(a) sweep tick", "baseline ZRANGEBYSCORE", "requeue path", "(b) memory",
-                   "per provisioned user", "ideas", "aged users", "target"):
+    for needle in (
+        "(a) sweep tick",
+        "baseline ZRANGEBYSCORE",
+        "requeue path",
+        "(b) memory",
+        "record, tokens, schedule",
+        "per provisioned user",
+        "layouts",
+        "aged users",
+        "target",
+    ):
         assert needle in text
 
 
 def test_bench_broker_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPatch) -> None:
     script = ROOT / "benchmarks" / "bench_broker.py"
     figures = _run_json(script, "--calls", "2000", "--users", "10")
-    for case in ("baseline_dict_time", "baseline_dict_time_async", "cache_path", "store_path",
-                 "baseline_hgetall"):
+    for case in (
+        "baseline_dict_time",
+        "baseline_dict_time_async",
+        "cache_path",
+        "store_path",
+        "baseline_hgetall",
+    ):
         assert 0 < figures[case]["p50_us"] <= figures[case]["p99_us"], (case, figures)
     assert figures["cache_path_redis_calls"] == 0
     assert figures["target_p50_us"] == 50
     text = _load_script(monkeypatch, script).report(figures)  # type: ignore[attr-defined]
-    for needle in ("(a) baseline", "(b) access_token, in-process cache", "(c) access_token",
-                   "bare HGETALL", "target p50"):
+    for needle in (
+        "(a) baseline",
+        "(b) access_token, in-process cache",
+        "(c) access_token",
+        "bare HGETALL",
+        "target p50",
+    ):
         assert needle in text

@@ -71,7 +71,10 @@ async def test_a_wrong_key_is_a_clear_error_and_wipes_nothing(stack, env):
     from workers import check_key_ring
 
     await provision(stack, "alice")
-    before = await stack.client.pool.hgetall(stack.client.store.keys.rec("alice"))
+    keys = stack.client.store.keys
+    before = await stack.client.pool.hgetall(keys.rec("alice"))
+    sealed_before = await stack.client.pool.get(keys.sealed("alice", "tok"))
+    assert sealed_before
     wrong = make_settings({**env, "CONSENT_ENCRYPTION_KEYS": generate_key()})
     from consent_flow import KeyRing
 
@@ -81,8 +84,8 @@ async def test_a_wrong_key_is_a_clear_error_and_wipes_nothing(stack, env):
     async with ConsentClient(wrong) as client:
         with pytest.raises(UnknownKeyError):
             await client.access_token("alice")
-    after = await stack.client.pool.hgetall(stack.client.store.keys.rec("alice"))
-    assert after == before
+    assert await stack.client.pool.hgetall(keys.rec("alice")) == before
+    assert await stack.client.pool.get(keys.sealed("alice", "tok")) == sealed_before
 
 
 async def test_rotated_key_ring_still_reads_old_records(stack, env):
@@ -103,6 +106,8 @@ async def test_a_ciphertext_copied_to_another_user_is_refused(stack):
     keys = stack.client.store.keys
     alice = await stack.client.pool.hgetall(keys.rec("alice"))
     await stack.client.pool.hset(keys.rec("mallory"), mapping=alice)
+    sealed = await stack.client.pool.get(keys.sealed("alice", "tok"))
+    await stack.client.pool.set(keys.sealed("mallory", "tok"), sealed)
     from consent_flow import VaultError
 
     with pytest.raises(VaultError):
@@ -141,6 +146,8 @@ async def test_no_secret_reaches_redis_in_clear_or_any_log_line(stack):
             dump.append(repr(await redis.xrange(key)))
     async for key in redis.scan_iter(match="arq:*"):
         dump.append(repr(await redis.get(key)) if (await redis.type(key)) == b"string" else "")
+    # The tokens were stored (sealed, in a key of their own) and are in the dump, not in clear.
+    assert repr(await redis.get(stack.client.store.keys.sealed("alice", "tok"))) in dump
     text = "\n".join(dump) + "\n".join(json.dumps(e, default=str) for e in logs)
     assert logs
     for secret in secrets:

@@ -17,6 +17,7 @@ from arq.jobs import Job, JobStatus, deserialize_job
 from arq.utils import timestamp_ms
 
 from consent_flow._jobs import JobQueue
+from consent_flow._queue import JOB_SERIALIZERS, load_job
 from consent_flow._redis import arq_redis_settings
 from workers import ConsentWorker
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def pool(redis_server):
-    pool = await create_pool(arq_redis_settings(redis_server.url))
+    pool = await create_pool(arq_redis_settings(redis_server.url), **JOB_SERIALIZERS)
     try:
         yield pool
     finally:
@@ -39,38 +40,43 @@ def queue_name() -> str:
 
 async def test_a_queued_job_reads_back_as_arq_wrote_it(pool, queue_name):
     jobs = JobQueue(pool)
-    job = jobs.job("refresh_tokens", {"user": "alice"}, job_id="refresh:alice:1", queue=queue_name)
+    job = jobs.job("refresh_tokens", ("alice", 1), job_id="refresh:alice:1", queue=queue_name)
     assert await jobs.put(job)
     raw = await pool.get(job_key_prefix + "refresh:alice:1")
-    job_def = deserialize_job(raw)
+    assert raw.startswith(b"{")  # the project's JSON job format, never a pickle
+    job_def = deserialize_job(raw, deserializer=load_job)
     assert job_def.function == "refresh_tokens"
-    assert (job_def.args, job_def.kwargs) == (({"user": "alice"},), {})
+    assert (tuple(job_def.args), job_def.kwargs) == (("alice", 1), {})
     assert abs(job_def.enqueue_time.timestamp() * 1000 - timestamp_ms()) < 5000
-    info = await Job("refresh:alice:1", pool, _queue_name=queue_name).info()
+    info = await Job("refresh:alice:1", pool, _queue_name=queue_name, _deserializer=load_job).info()
     assert info is not None and info.function == "refresh_tokens"
-    assert await Job("refresh:alice:1", pool, _queue_name=queue_name).status() is JobStatus.queued
+    assert (
+        await Job("refresh:alice:1", pool, _queue_name=queue_name, _deserializer=load_job).status()
+        is JobStatus.queued
+    )
 
 
 async def test_a_job_id_arq_still_holds_is_refused(pool, queue_name):
     jobs = JobQueue(pool)
-    first = jobs.job("f", {"n": 1}, job_id="same", queue=queue_name)
+    first = jobs.job("f", (1,), job_id="same", queue=queue_name)
     assert await jobs.put(first)
-    assert not await jobs.put(jobs.job("f", {"n": 2}, job_id="same", queue=queue_name))
-    assert deserialize_job(await pool.get(job_key_prefix + "same")).args == ({"n": 1},)
+    assert not await jobs.put(jobs.job("f", (2,), job_id="same", queue=queue_name))
+    held = deserialize_job(await pool.get(job_key_prefix + "same"), deserializer=load_job)
+    assert list(held.args) == [1]
     # A finished job whose result arq keeps blocks its id too, as enqueue_job does.
     await pool.set(result_key_prefix + "done", b"x")
-    assert not await jobs.put(jobs.job("f", {}, job_id="done", queue=queue_name))
+    assert not await jobs.put(jobs.job("f", (), job_id="done", queue=queue_name))
     assert await pool.zscore(queue_name, "done") is None
 
 
 async def test_deferred_jobs_are_scored_and_expire_like_arq(pool, queue_name):
     jobs = JobQueue(pool)
     later = timestamp_ms() + 3_600_000
-    assert await jobs.put(jobs.job("f", {}, job_id="later", queue=queue_name, run_at_ms=later))
+    assert await jobs.put(jobs.job("f", (), job_id="later", queue=queue_name, run_at_ms=later))
     assert await pool.zscore(queue_name, "later") == later
     ttl = await pool.pttl(job_key_prefix + "later")
     assert 3_600_000 + pool.expires_extra_ms - 10_000 < ttl <= 3_600_000 + pool.expires_extra_ms
-    assert await jobs.put(jobs.job("f", {}, job_id="soon", queue=queue_name, expires_ms=2000))
+    assert await jobs.put(jobs.job("f", (), job_id="soon", queue=queue_name, expires_ms=2000))
     assert 0 < await pool.pttl(job_key_prefix + "soon") <= 2000
 
 
@@ -85,6 +91,7 @@ async def _run_workers(redis_server, queue_name, functions, count=3, *, seconds=
             keep_result=0,
             handle_signals=False,
             max_jobs=20,
+            **JOB_SERIALIZERS,
         )
         for _ in range(count)
     ]
@@ -108,10 +115,10 @@ async def test_three_workers_run_each_due_job_exactly_once(redis_server, pool, q
 
     jobs = JobQueue(pool)
     for n in range(300):
-        await jobs.put(jobs.job("work", n, job_id=f"{queue_name}-{n}", queue=queue_name))
+        await jobs.put(jobs.job("work", (n,), job_id=f"{queue_name}-{n}", queue=queue_name))
     later = timestamp_ms() + 3_600_000
     await jobs.put(
-        jobs.job("work", -1, job_id=f"{queue_name}-later", queue=queue_name, run_at_ms=later)
+        jobs.job("work", (-1,), job_id=f"{queue_name}-later", queue=queue_name, run_at_ms=later)
     )
     from arq import func
 
@@ -128,7 +135,7 @@ async def test_a_job_in_progress_elsewhere_is_not_claimed(redis_server, pool, qu
         runs.append("ran")
 
     jobs = JobQueue(pool)
-    await jobs.put(jobs.job("work", None, job_id="busy", queue=queue_name))
+    await jobs.put(jobs.job("work", (None,), job_id="busy", queue=queue_name))
     # Another worker holds it (its in-progress marker is there): ours must leave it alone.
     await pool.set(in_progress_key_prefix + "busy", b"1", px=60_000)
     from arq import func

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from conftest import free_port, provision
+from conftest import free_port, provision, stored_tokens
 from local_provider import approve
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
@@ -39,6 +39,7 @@ from consent_flow._ops import ops_routes
 from consent_flow._queue import new_id
 from consent_flow._settings import Secret
 from consent_flow._store import state_hash
+from consent_flow._vault import seal_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -92,10 +93,12 @@ class Seeder:
         self.margin = client.settings.refresh_margin
         self.seeded = seeded
 
-    def _tokens(self, user: str, at: float, due: float) -> dict[str, str]:
-        raw = json.dumps({"access_token": secrets.token_hex(16), "refresh_token": new_id()})
+    def _sealed(self, user: str) -> dict[str, bytes]:
+        tokens = {"access_token": secrets.token_hex(16), "refresh_token": new_id()}
+        return {"tok": seal_tokens(self.ring, user, tokens)}
+
+    def _tokens(self, at: float, due: float) -> dict[str, str]:
         return {
-            "tok": self.ring.encrypt(raw.encode(), user=user, purpose="tokens"),
             "exp": repr(due + self.margin),
             "scopes": "openid offline_access notes:read",
             "next": repr(due),
@@ -134,10 +137,11 @@ class Seeder:
                 )
             elif event is Event.AUTHORIZATION_COMPLETED:
                 due = rest[0]
-                fields = self._tokens(user, at, due)
+                fields = self._tokens(at, due)
                 fields["sub"] = user
                 extra = dict(
                     set_fields=fields,
+                    sealed=self._sealed(user),
                     delete_fields=(*SESSION_FIELDS, "referr", "reason"),
                     drop_session_lookup=state_hash(session_state or ""),
                     schedule_at=due,
@@ -149,9 +153,11 @@ class Seeder:
                 )
             elif event is Event.TOKEN_REFRESHED:
                 due = rest[0]
-                fields = self._tokens(user, at, due)
                 extra = dict(
-                    set_fields=fields, delete_fields=("referr", "inflight"), schedule_at=due
+                    set_fields=self._tokens(at, due),
+                    sealed=self._sealed(user),
+                    delete_fields=("referr", "inflight"),
+                    schedule_at=due,
                 )
             elif event is Event.REFRESH_REJECTED:
                 extra = dict(delete_fields=TOKEN_FIELDS, unschedule=True)
@@ -556,8 +562,9 @@ async def test_ops_page_shows_states_pages_and_timelines_in_chromium(stack):
             "authorization_completed",
         ]
         html_text = await page.content()
-        rec = await stack.client.store.load("alice")
-        assert rec.tokens and rec.tokens not in html_text
+        tokens = await stored_tokens(stack, "alice")
+        assert tokens["access_token"] not in html_text
+        assert tokens["refresh_token"] not in html_text
         assert "v1." not in html_text
         await page.goto(f"{base}/ops/users/bob")
         assert await page.locator("#status-state").inner_text() == "unprovisioned"

@@ -474,9 +474,14 @@ async def test_tokens_never_in_clear_after_refreshes(make_stack, steady):
         await wait_for(lambda: refreshes(stack, "alice"), timeout=3 * TOKEN_TTL)
         tokens = await stored_tokens(stack, "alice")
     text = repr(logs)
-    async for key in stack.client.pool.scan_iter(match=f"{stack.settings.redis_prefix}:*"):
-        if (await stack.client.pool.type(key)) == b"hash":
-            text += repr(await stack.client.pool.hgetall(key))
+    pool = stack.client.pool
+    async for key in pool.scan_iter(match=f"{stack.settings.redis_prefix}:*"):
+        kind = await pool.type(key)
+        if kind == b"hash":
+            text += repr(await pool.hgetall(key))
+        elif kind == b"string":  # the sealed tokens: binary, deflated and encrypted
+            text += repr(await pool.get(key))
+    assert (await pool.get(stack.client.store.keys.sealed("alice", "tok")))[:1] == b"\x02"
     assert tokens["access_token"] not in text
     assert tokens["refresh_token"] not in text
 

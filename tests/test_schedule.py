@@ -9,6 +9,7 @@ import pytest
 from arq.connections import create_pool
 from arq.constants import job_key_prefix
 
+from consent_flow._queue import JOB_SERIALIZERS
 from consent_flow._redis import arq_redis_settings
 from consent_flow._schedule import Scheduler, refresh_job_id
 from consent_flow._store import Keys, due_ms
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def scheduler(redis_server):
-    pool = await create_pool(arq_redis_settings(redis_server.url))
+    pool = await create_pool(arq_redis_settings(redis_server.url), **JOB_SERIALIZERS)
     keys = Keys("s" + uuid.uuid4().hex[:8])
     try:
         yield Scheduler(pool, keys=keys, queue_name=f"{keys.prefix}:queue")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
 from redis.asyncio import Redis
 
-from consent_flow import Event, State
+from consent_flow import Event, KeyRing, State, generate_key
+from consent_flow._engine import SESSION_FIELDS, TOKEN_FIELDS
 from consent_flow._model import Change, ConsentRecord, HistoryEntry
 from consent_flow._store import MemoryStore, RedisStore
+from consent_flow._vault import open_tokens, seal_tokens
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -161,3 +164,166 @@ async def test_users_are_paginated_in_since_order(store):
     page1 = await store.users(State.PENDING, offset=0, limit=2)
     page2 = await store.users(State.PENDING, offset=2, limit=2)
     assert [u for u, _ in page1 + page2] == ["u0", "u1", "u2", "u3"]
+
+
+# --- sealed tokens: in a key of their own beside the record -------------------------------------
+
+TOKENS = {"access_token": "a" * 1024, "refresh_token": "r" * 64}
+
+
+async def provisioned(store, ring: KeyRing, user: str) -> tuple[ConsentRecord, Change]:
+    """``user`` through pending (with a sealed session) to provisioned, as the engine commits."""
+    rec = await store.load(user)
+    session = json.dumps({"state": "s" * 43, "verifier": "v" * 64, "nonce": "n" * 22, "url": URL})
+    pending = change(
+        rec,
+        Event.PROVISION_REQUESTED,
+        State.PENDING,
+        set_fields={
+            "sess": ring.encrypt(session.encode(), user=user, purpose="session"),
+            "sid": uuid.uuid4().hex,
+            "sexp": "1300.0",
+            "shash": "h" * 64,
+        },
+        delete_fields=("claimed", "reason", *TOKEN_FIELDS),
+        unschedule=True,
+    )
+    assert (await store.commit(pending)).ok
+    rec = await store.load(user)
+    granted = change(
+        rec,
+        Event.AUTHORIZATION_COMPLETED,
+        State.PROVISIONED,
+        at=1001.25,
+        sealed={"tok": seal_tokens(ring, user, TOKENS)},
+        set_fields={
+            "exp": "4601.25",
+            "sub": user,
+            "scopes": "openid offline_access profile notes:read",
+            "next": "4481.0625",
+            "lastref": "1001.25",
+            "fails": "0",
+        },
+        delete_fields=(*SESSION_FIELDS, "referr", "reason"),
+        schedule_at=4481.0625,
+    )
+    result = await store.commit(granted)
+    assert result.ok
+    return rec, granted
+
+
+URL = "https://id.example/authorize?" + "&".join(f"p{i}={'x' * 20}" for i in range(12))
+
+
+async def test_tokens_are_sealed_beside_the_record_and_read_back_with_it(store):
+    ring = KeyRing.from_strings([generate_key()])
+    before, granted = await provisioned(store, ring, "hank")
+    rec = await store.load("hank")
+    assert rec == before.after(granted, rec.version)
+    assert rec.tokens is not None and KeyRing.is_binary(rec.tokens)
+    assert open_tokens(ring, "hank", rec.tokens) == TOKENS
+    assert rec.session is None and rec.expires_at == 4601.25
+
+
+async def test_revoking_moves_the_tokens_to_the_outbox_and_wipes_them(store):
+    ring = KeyRing.from_strings([generate_key()])
+    await provisioned(store, ring, "ivan")
+    rec = await store.load("ivan")
+    assert rec.tokens is not None
+    revoke = change(
+        rec,
+        Event.REVOKE_REQUESTED,
+        State.REVOKED,
+        sealed={"rvk": rec.tokens},
+        delete_fields=(*SESSION_FIELDS, *TOKEN_FIELDS),
+        unschedule=True,
+    )
+    assert (await store.commit(revoke)).ok
+    after = await store.load("ivan")
+    assert after == rec.after(revoke, after.version)
+    assert after.tokens is None and after.revocation_pending == rec.tokens
+    other = seal_tokens(ring, "ivan", {"refresh_token": "another"})
+    assert not await store.drop_revoked("ivan", other)  # not what is there: left alone
+    assert await store.drop_revoked("ivan", rec.tokens)
+    assert (await store.load("ivan")).revocation_pending is None
+
+
+def test_sealed_values_never_go_in_the_record_hash():
+    rec = ConsentRecord(user="judy")
+    with pytest.raises(ValueError, match=r"Change\.sealed"):
+        change(rec, Event.TOKEN_REFRESHED, State.PROVISIONED, set_fields={"tok": "v1.x.y"}).writes()
+    with pytest.raises(ValueError, match=r"Change\.sealed"):
+        change(rec, Event.TOKEN_REFRESHED, State.PROVISIONED, sealed={"sess": b"x"}).writes()
+
+
+@pytest.fixture
+async def redis_store(redis_server):
+    client = Redis(port=redis_server.port)
+    try:
+        yield RedisStore(client, prefix="s" + uuid.uuid4().hex[:8])
+    finally:
+        await client.aclose()
+
+
+async def test_a_provisioned_record_stays_in_the_compact_encoding(redis_store):
+    """With a 1 KiB access token: the tokens are sealed in a key of their own, and the hash that
+    held the (long) sealed session while pending is compact again once it is gone."""
+    ring = KeyRing.from_strings([generate_key()])
+    store, keys = redis_store, redis_store.keys
+    rec = await store.load("kate")
+    await store.commit(
+        change(rec, Event.PROVISION_REQUESTED, State.PENDING, reason="x" * 200)  # a long value
+    )
+    assert await store.redis.object("encoding", keys.rec("kate")) == b"hashtable"
+    await provisioned(store, ring, "kate")
+    assert await store.redis.object("encoding", keys.rec("kate")) == b"listpack"
+    sealed = await store.redis.get(keys.sealed("kate", "tok"))
+    assert sealed[:1] == b"\x02" and sealed[1:7].hex() == ring.primary_id
+    assert len(sealed) < len(TOKENS["access_token"])  # deflated before sealing
+    assert await store.redis.hget(keys.rec("kate"), "tok") is None
+
+
+async def test_ciphertexts_are_counted_per_key_id_wherever_they_live(redis_store):
+    """The start-up key check and rotation rely on cf:kids."""
+    old = KeyRing.from_strings([generate_key()])
+    new = KeyRing.from_strings([generate_key()])
+    store, keys = redis_store, redis_store.keys
+    await provisioned(store, old, "liam")
+    assert await store.key_ids_in_use() == {old.primary_id: 1}  # the session went, tokens came
+    # An earlier version's record: tokens as v1 text in the hash, counted alike.
+    await provisioned(store, old, "mona")
+    legacy = old.encrypt(json.dumps(TOKENS).encode(), user="mona", purpose="tokens")
+    await store.redis.delete(keys.sealed("mona", "tok"))
+    await store.redis.hset(keys.rec("mona"), "tok", legacy)
+    rec = await store.load("mona")
+    assert rec.tokens == legacy.encode() and open_tokens(old, "mona", rec.tokens) == TOKENS
+    assert await store.key_ids_in_use() == {old.primary_id: 2}
+    # Rewritten under the new key, into the new layout.
+    fresh = seal_tokens(new, "mona", TOKENS)
+    rewrite = change(rec, Event.TOKEN_REFRESHED, State.PROVISIONED, sealed={"tok": fresh})
+    assert (await store.commit(rewrite)).ok
+    assert await store.redis.hget(keys.rec("mona"), "tok") is None
+    assert await store.redis.get(keys.sealed("mona", "tok")) == fresh
+    assert await store.key_ids_in_use() == {old.primary_id: 1, new.primary_id: 1}
+    # Revoked: the tokens move to the outbox (still counted), then are forgotten.
+    rec = await store.load("liam")
+    revoke = change(
+        rec,
+        Event.REVOKE_REQUESTED,
+        State.REVOKED,
+        sealed={"rvk": rec.tokens},
+        delete_fields=TOKEN_FIELDS,
+    )
+    assert (await store.commit(revoke)).ok
+    assert await store.redis.exists(keys.sealed("liam", "tok")) == 0
+    assert await store.key_ids_in_use() == {old.primary_id: 1, new.primary_id: 1}
+    assert await store.redis.zscore(keys.outbox, "liam") is not None
+    assert await store.drop_revoked("liam", rec.tokens)
+    assert await store.key_ids_in_use() == {new.primary_id: 1}
+    assert await store.redis.zscore(keys.outbox, "liam") is None
+    # Refresh rejected: the tokens are wiped, their count goes with them.
+    rec = await store.load("mona")
+    reject = change(rec, Event.REFRESH_REJECTED, State.REVOKED, delete_fields=TOKEN_FIELDS)
+    assert (await store.commit(reject)).ok
+    assert await store.redis.exists(keys.sealed("mona", "tok")) == 0
+    assert await store.key_ids_in_use() == {}

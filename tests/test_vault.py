@@ -1,10 +1,14 @@
-"""The vault: AES-GCM under a key ring, ciphertext bound to its user and purpose."""
+"""The vault: AES-GCM under a key ring, ciphertext bound to its user and purpose, in the v1 text
+layout and the v2 binary one."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from consent_flow import KeyRing, UnknownKeyError, VaultError, generate_key
+from consent_flow._vault import open_tokens, seal_tokens
 
 
 def test_round_trip_and_format():
@@ -65,3 +69,45 @@ def test_generated_keys_differ_and_have_distinct_ids():
     keys = {generate_key() for _ in range(50)}
     assert len(keys) == 50
     assert len({KeyRing.from_strings([k]).primary_id for k in keys}) == 50
+
+
+def test_binary_layout_carries_version_and_key_id_and_binds_user_and_purpose():
+    ring = KeyRing.from_strings([generate_key()])
+    sealed = ring.seal(b"refresh-token-value", user="alice", purpose="tokens")
+    assert sealed[:1] == b"\x02" and sealed[1:7] == bytes.fromhex(ring.primary_id)
+    assert len(sealed) == 1 + 6 + 12 + len(b"refresh-token-value") + 16
+    assert KeyRing.is_binary(sealed) and KeyRing.key_id_of(sealed) == ring.primary_id
+    assert ring.decrypt(sealed, user="alice", purpose="tokens") == b"refresh-token-value"
+    for user, purpose in (("mallory", "tokens"), ("alice", "session")):
+        with pytest.raises(VaultError):
+            ring.decrypt(sealed, user=user, purpose=purpose)
+    with pytest.raises(VaultError):
+        ring.decrypt(sealed[:-1] + bytes([sealed[-1] ^ 1]), user="alice", purpose="tokens")
+    with pytest.raises(VaultError):
+        ring.decrypt(sealed[:10], user="alice", purpose="tokens")
+
+
+def test_the_binary_header_is_authenticated():
+    """A blob relabelled with another key id of the ring does not open."""
+    first, second = generate_key(), generate_key()
+    ring = KeyRing.from_strings([first, second])
+    other_id = KeyRing.from_strings([second]).primary_id
+    sealed = ring.seal(b"x", user="alice", purpose="tokens")
+    relabelled = sealed[:1] + bytes.fromhex(other_id) + sealed[7:]
+    with pytest.raises(VaultError):
+        ring.decrypt(relabelled, user="alice", purpose="tokens")
+
+
+def test_tokens_are_deflated_and_the_old_text_layout_still_opens():
+    ring = KeyRing.from_strings([generate_key()])
+    tokens = {"access_token": "eyJ" + "a1b2" * 256, "refresh_token": "r" * 64}
+    sealed = seal_tokens(ring, "alice", tokens)
+    assert KeyRing.is_binary(sealed) and len(sealed) < len(tokens["access_token"])
+    assert open_tokens(ring, "alice", sealed) == tokens
+    # What earlier versions stored: plain JSON in the v1 text layout, as text or as bytes.
+    legacy = ring.encrypt(json.dumps(tokens).encode(), user="alice", purpose="tokens")
+    assert open_tokens(ring, "alice", legacy) == tokens
+    assert open_tokens(ring, "alice", legacy.encode()) == tokens
+    assert ring.needs_rotation(legacy.encode()) is False
+    with pytest.raises(VaultError):
+        open_tokens(ring, "mallory", sealed)

@@ -22,7 +22,7 @@ from consent_flow._engine import Engine
 from consent_flow._errors import UnknownKeyError
 from consent_flow._metrics import HEARTBEAT_INTERVAL, MetricsRecorder
 from consent_flow._oauth import OAuthClient
-from consent_flow._queue import HANDLE_EVENT, EventBus
+from consent_flow._queue import HANDLE_EVENT, JOB_SERIALIZERS, EventBus
 from consent_flow._redis import arq_redis_settings
 from consent_flow._refresh import Refresher, RetryPolicy
 from consent_flow._schedule import REFRESH_JOB, Scheduler
@@ -171,6 +171,7 @@ def worker_settings(
         "on_startup": startup,
         "on_shutdown": shutdown,
         "redis_settings": arq_redis_settings(redis_url),
+        **JOB_SERIALIZERS,
         "queue_name": settings.queue_name,
         "health_check_key": settings.queue_name + ":health-check",
         "health_check_interval": HEALTH_CHECK_INTERVAL,

@@ -69,17 +69,29 @@ async def handle_event(ctx: dict[str, Any], data: dict[str, Any]) -> None:
         structlog.contextvars.clear_contextvars()
 
 
-async def refresh_tokens(ctx: dict[str, Any], data: dict[str, Any]) -> None:
-    """Refresh one grant: scheduled (deferred job or sweep) or on demand (the token broker)."""
+async def refresh_tokens(
+    ctx: dict[str, Any],
+    user: str,
+    due_ms: int | None = None,
+    *,
+    on_demand: bool = False,
+    min_ttl: float = 0.0,
+    event_id: str | None = None,
+    correlation_id: str | None = None,
+    reply: bool = False,
+    actor: str = "worker",
+) -> None:
+    """Refresh one grant: scheduled (deferred job or sweep: user and due time) or on demand (the
+    token broker: keyword arguments)."""
     services: Services = ctx["services"]
-    user = str(data["user"])
+    user = str(user)
     envelope = Envelope(
         Event.TOKEN_REFRESHED,
         user,
-        str(data.get("actor", "worker")),
-        event_id=str(data.get("event_id") or new_id()),
-        correlation_id=str(data.get("correlation_id") or new_id()),
-        reply=bool(data.get("reply", False)),
+        str(actor),
+        event_id=str(event_id or new_id()),
+        correlation_id=str(correlation_id or new_id()),
+        reply=bool(reply),
     )
     structlog.contextvars.bind_contextvars(
         user=user,
@@ -90,9 +102,9 @@ async def refresh_tokens(ctx: dict[str, Any], data: dict[str, Any]) -> None:
     try:
         outcome = await services.refresher.refresh(
             user,
-            due=int(data["due_ms"]) if data.get("due_ms") is not None else None,
-            on_demand=bool(data.get("on_demand", False)),
-            min_ttl=float(data.get("min_ttl", 0.0)),
+            due=int(due_ms) if due_ms is not None else None,
+            on_demand=bool(on_demand),
+            min_ttl=float(min_ttl),
             envelope=envelope,
         )
         if envelope.reply and not outcome.replied:

@@ -18,6 +18,7 @@ demo: setup
 
 test: setup $(MCP1_STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 	# The MCP integration again on the 1.x SDK (FastMCP), which many servers still run.

@@ -111,11 +111,14 @@ class StubProvider:
     def __init__(self) -> None:
         self.grants: dict[str, tuple[Any, str]] = {}  # code -> (TokenSet, subject)
 
-    async def authorization_url(self, *, state: str, nonce: str, code_challenge: str,
-                                **extra: Any) -> str:
-        return ("http://127.0.0.1:9/auth?response_type=code&client_id=consent-flow-bench"
-                f"&scope=openid+offline_access+profile&state={state}&nonce={nonce}"
-                f"&code_challenge={code_challenge}&code_challenge_method=S256")
+    async def authorization_url(
+        self, *, state: str, nonce: str, code_challenge: str, **extra: Any
+    ) -> str:
+        return (
+            "http://127.0.0.1:9/auth?response_type=code&client_id=consent-flow-bench"
+            f"&scope=openid+offline_access+profile&state={state}&nonce={nonce}"
+            f"&code_challenge={code_challenge}&code_challenge_method=S256"
+        )
 
     async def exchange_code(self, code: str, **extra: Any) -> Any:
         return self.grants[code][0]
@@ -126,8 +129,15 @@ class StubProvider:
         code = next(c for c, (t, _) in self.grants.items() if t.id_token == id_token)
         user = self.grants.pop(code)[1]
         now = time.time()
-        return IDTokenClaims(subject=user, issuer="http://127.0.0.1:9", audience=(CLIENT_ID,),
-                             expires_at=now + 300, issued_at=now, nonce=nonce, claims={})
+        return IDTokenClaims(
+            subject=user,
+            issuer="http://127.0.0.1:9",
+            audience=(CLIENT_ID,),
+            expires_at=now + 300,
+            issued_at=now,
+            nonce=nonce,
+            claims={},
+        )
 
 
 async def provision(engine: Any, stub: StubProvider, user: str) -> str:
@@ -146,16 +156,29 @@ async def provision(engine: Any, stub: StubProvider, user: str) -> str:
     event_id, code = new_id(), "code-" + uuid.uuid4().hex
     access_token = (user + ".") * (ACCESS_TOKEN_BYTES // (len(user) + 1) + 1)
     access_token = access_token[:ACCESS_TOKEN_BYTES]
-    stub.grants[code] = (TokenSet(
-        access_token=access_token, refresh_token=uuid.uuid4().hex + uuid.uuid4().hex,
-        id_token="stub-" + code, token_type="Bearer", expires_at=time.time() + TOKEN_TTL,
-        scopes=("openid", "offline_access", "profile")), user)
+    stub.grants[code] = (
+        TokenSet(
+            access_token=access_token,
+            refresh_token=uuid.uuid4().hex + uuid.uuid4().hex,
+            id_token="stub-" + code,
+            token_type="Bearer",
+            expires_at=time.time() + TOKEN_TTL,
+            scopes=("openid", "offline_access", "profile"),
+        ),
+        user,
+    )
     sealed = ring.encrypt(code.encode(), user=user, purpose=f"code:{event_id}")
     if await store.claim_session(user, rec.session_id, event_id, sealed) != "ok":
         raise BenchError(f"the session claim failed for {user}")
-    outcome = await engine.handle(Envelope(
-        Event.AUTHORIZATION_COMPLETED, user, "browser", event_id=event_id,
-        payload={"session_id": rec.session_id or ""}))
+    outcome = await engine.handle(
+        Envelope(
+            Event.AUTHORIZATION_COMPLETED,
+            user,
+            "browser",
+            event_id=event_id,
+            payload={"session_id": rec.session_id or ""},
+        )
+    )
     if outcome.state != State.PROVISIONED.value:
         raise BenchError(f"authorization_completed did not apply for {user}: {outcome}")
     return access_token
@@ -199,10 +222,16 @@ async def measure(calls: int, users: int, workdir: Path) -> dict[str, Any]:
             from consent_flow._schedule import Scheduler
 
             stub = StubProvider()
-            scheduler = Scheduler(client.pool, keys=client.store.keys,
-                                  queue_name=settings.queue_name)
-            engine = Engine(settings=settings, store=client.store, oauth=stub,  # type: ignore[arg-type]
-                            ring=client.ring, on_scheduled=scheduler.schedule)
+            scheduler = Scheduler(
+                client.pool, keys=client.store.keys, queue_name=settings.queue_name
+            )
+            engine = Engine(
+                settings=settings,
+                store=client.store,
+                oauth=stub,  # type: ignore[arg-type]
+                ring=client.ring,
+                on_scheduled=scheduler.schedule,
+            )
             expected = {u: await provision(engine, stub, u) for u in names}
             store_calls = max(1000, calls // 10)
 
@@ -285,8 +314,9 @@ async def measure(calls: int, users: int, workdir: Path) -> dict[str, Any]:
                     gc.enable()
                 store_reads = command_calls(r, "hgetall") - before
             if store_reads != 2 * store_calls:
-                raise BenchError(f"the store phase made {store_reads} HGETALLs, "
-                                 f"expected {2 * store_calls}")
+                raise BenchError(
+                    f"the store phase made {store_reads} HGETALLs, expected {2 * store_calls}"
+                )
 
             # where the store path's client-side time goes, step by step
             raw = await pool.hgetall(rec_keys[0])
@@ -300,11 +330,14 @@ async def measure(calls: int, users: int, workdir: Path) -> dict[str, Any]:
                 "check_user (12 characters)": time_sync(steps_n, lambda i: check_user(names[0])),
                 "check_user (64 characters)": time_sync(steps_n, lambda i: check_user(long_user)),
                 "decode HGETALL answer": time_sync(
-                    steps_n, lambda i: {k.decode(): v.decode() for k, v in raw.items()}),
+                    steps_n, lambda i: {k.decode(): v.decode() for k, v in raw.items()}
+                ),
                 "ConsentRecord.from_hash": time_sync(
-                    steps_n, lambda i: ConsentRecord.from_hash(names[0], decoded)),
+                    steps_n, lambda i: ConsentRecord.from_hash(names[0], decoded)
+                ),
                 "open_tokens (decrypt+inflate+JSON)": time_sync(
-                    steps_n, lambda i: open_tokens(ring, names[0], rec.tokens)),
+                    steps_n, lambda i: open_tokens(ring, names[0], rec.tokens)
+                ),
             }
     finally:
         stop_process(server.process)
@@ -334,8 +367,10 @@ async def measure(calls: int, users: int, workdir: Path) -> dict[str, Any]:
 
 def report(r: dict[str, Any]) -> str:
     def row(label: str, s: dict[str, float]) -> str:
-        return (f"{label:<44} p50 {s['p50_us']:8.2f} us   p99 {s['p99_us']:8.2f} us   "
-                f"max {s['max_us']:9.2f} us   ({s['calls']} calls)")
+        return (
+            f"{label:<44} p50 {s['p50_us']:8.2f} us   p99 {s['p99_us']:8.2f} us   "
+            f"max {s['max_us']:9.2f} us   ({s['calls']} calls)"
+        )
 
     met = "met" if r["p50_met"] else "MISSED"
     lines = [
@@ -360,11 +395,16 @@ def report(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=100_000,
-                        help="timed calls per cache-path phase (default 100000; the store path "
-                             "takes a tenth, at least 1000)")
-    parser.add_argument("--users", type=int, default=100,
-                        help="provisioned users the calls go round (default 100)")
+    parser.add_argument(
+        "--calls",
+        type=int,
+        default=100_000,
+        help="timed calls per cache-path phase (default 100000; the store path "
+        "takes a tenth, at least 1000)",
+    )
+    parser.add_argument(
+        "--users", type=int, default=100, help="provisioned users the calls go round (default 100)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.calls < 100 or args.users < 1:

@@ -65,10 +65,17 @@ CLIENT_SECRET = "bench-secret"  # a throwaway client of a throwaway provider
 READY_TIMEOUT = 30.0
 EVENT_TIMEOUT = 30.0
 # The floor's reply: the size of a pending outcome (its authorization URL is most of it).
-FLOOR_ANSWER = json.dumps({
-    "user": "floor", "state": "pending", "since": "2025-01-01T00:00:00Z", "reason": None,
-    "event": "provision_requested", "result": "applied", "authorization_url": "x" * 420,
-})
+FLOOR_ANSWER = json.dumps(
+    {
+        "user": "floor",
+        "state": "pending",
+        "since": "2025-01-01T00:00:00Z",
+        "reason": None,
+        "event": "provision_requested",
+        "result": "applied",
+        "authorization_url": "x" * 420,
+    }
+)
 
 
 # --- the worker processes ----------------------------------------------------------------------
@@ -123,11 +130,16 @@ def start_worker(kind: str, env: dict[str, str], workdir: Path) -> WorkerProcess
     log = workdir / f"worker-{kind}.log"
     command = (
         [sys.executable, str(Path(__file__).resolve()), "--worker", "floor"]
-        if kind == "floor" else [sys.executable, "-m", "consent_flow", "worker"]
+        if kind == "floor"
+        else [sys.executable, "-m", "consent_flow", "worker"]
     )
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
     return WorkerProcess(kind, process, log)
@@ -140,35 +152,51 @@ def wait_ready(worker: WorkerProcess, redis_url: str, health_key: str) -> None:
         while not r.exists(health_key):
             worker.check()
             if time.monotonic() > deadline:
-                raise BenchError(f"the {worker.name} worker was not ready after "
-                                 f"{READY_TIMEOUT:g} s:\n{tail(worker.log)}")
+                raise BenchError(
+                    f"the {worker.name} worker was not ready after "
+                    f"{READY_TIMEOUT:g} s:\n{tail(worker.log)}"
+                )
             time.sleep(0.05)
 
 
 # --- measuring ---------------------------------------------------------------------------------
 
 
-async def bench_floor(redis_url: str, queue: str, worker: WorkerProcess,
-                      warmup: float, seconds: float, processes: dict[str, list[int]]) -> Run:
+async def bench_floor(
+    redis_url: str,
+    queue: str,
+    worker: WorkerProcess,
+    warmup: float,
+    seconds: float,
+    processes: dict[str, list[int]],
+) -> Run:
     from arq.connections import create_pool
 
     from consent_flow._queue import JOB_SERIALIZERS
     from consent_flow._redis import arq_redis_settings
 
-    pool = await create_pool(arq_redis_settings(redis_url), default_queue_name=queue,
-                             **JOB_SERIALIZERS)
+    pool = await create_pool(
+        arq_redis_settings(redis_url), default_queue_name=queue, **JOB_SERIALIZERS
+    )
     try:
+
         async def call(n: int, i: int) -> None:
             event_id = uuid.uuid4().hex
             reply = f"{queue}:reply:{event_id}"
             # An argument the size and shape of an envelope, so arq's (de)serialisation is alike.
             data = {
-                "event": "provision_requested", "user": f"floor-{n}-{i}", "actor": "user",
-                "event_id": event_id, "correlation_id": uuid.uuid4().hex, "payload": {},
-                "reply": reply, "answer": FLOOR_ANSWER,
+                "event": "provision_requested",
+                "user": f"floor-{n}-{i}",
+                "actor": "user",
+                "event_id": event_id,
+                "correlation_id": uuid.uuid4().hex,
+                "payload": {},
+                "reply": reply,
+                "answer": FLOOR_ANSWER,
             }
-            await pool.enqueue_job("noop", data, _job_id=f"ev:{event_id}", _queue_name=queue,
-                                   _expires=EVENT_TIMEOUT)
+            await pool.enqueue_job(
+                "noop", data, _job_id=f"ev:{event_id}", _queue_name=queue, _expires=EVENT_TIMEOUT
+            )
             if await pool.blpop([reply], timeout=EVENT_TIMEOUT) is None:
                 raise BenchError("the floor worker did not answer a job")
 
@@ -177,17 +205,29 @@ async def bench_floor(redis_url: str, queue: str, worker: WorkerProcess,
         await pool.aclose()
 
 
-async def bench_project(settings: Any, worker: WorkerProcess, warmup: float, seconds: float,
-                        processes: dict[str, list[int]], *, callers: int, tag: str) -> Run:
+async def bench_project(
+    settings: Any,
+    worker: WorkerProcess,
+    warmup: float,
+    seconds: float,
+    processes: dict[str, list[int]],
+    *,
+    callers: int,
+    tag: str,
+) -> Run:
     from consent_flow import ConsentClient
     from consent_flow._machine import State
 
     async with ConsentClient(settings) as client:
+
         async def call(n: int, i: int) -> None:
             status = await client.request_provisioning(f"bench-{tag}-{n}-{i}")
             # A new session each time ("applied"), not the idempotent answer ("unchanged").
-            if (status.state is not State.PENDING or not status.authorization_url
-                    or status.details.get("result", "applied") != "applied"):
+            if (
+                status.state is not State.PENDING
+                or not status.authorization_url
+                or status.details.get("result", "applied") != "applied"
+            ):
                 raise BenchError(f"request_provisioning did not start a session: {status}")
 
         return await drive(callers, warmup, seconds, call, worker.check, processes)
@@ -204,17 +244,23 @@ def infrastructure(workdir: Path) -> Iterator[tuple[Redis, Any]]:
     server = start_redis(workdir)
     try:
         redirect = f"http://127.0.0.1:{free_port()}/oauth/callback"
-        clients = [{"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
-                    "redirect_uris": [redirect],
-                    "token_endpoint_auth_method": "client_secret_basic"}]
+        clients = [
+            {
+                "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET,
+                "redirect_uris": [redirect],
+                "token_endpoint_auth_method": "client_secret_basic",
+            }
+        ]
         with LocalProvider.start(clients=clients) as provider:
             yield server, provider
     finally:
         stop_process(server.process)
 
 
-def project_env(server: Redis, provider: Any, workdir: Path, prefix: str,
-                queue: str) -> dict[str, str]:
+def project_env(
+    server: Redis, provider: Any, workdir: Path, prefix: str, queue: str
+) -> dict[str, str]:
     from consent_flow import generate_key
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_")}
@@ -250,16 +296,20 @@ async def measure(seconds: float, warmup: float, workdir: Path) -> dict[str, Any
         env["BENCH_MAX_JOBS"] = str(max_jobs)
 
         def processes(worker: WorkerProcess) -> dict[str, list[int]]:
-            return {"client": [os.getpid()], "worker": [worker.process.pid],
-                    "redis": [server.process.pid]}
+            return {
+                "client": [os.getpid()],
+                "worker": [worker.process.pid],
+                "redis": [server.process.pid],
+            }
 
         # (a) arq's floor
         floor_env = dict(env, BENCH_QUEUE=f"{prefix}:floor")
         floor = start_worker("floor", floor_env, workdir)
         try:
             wait_ready(floor, server.url, f"{prefix}:floor:health-check")
-            run_a = await bench_floor(server.url, f"{prefix}:floor", floor, warmup, seconds,
-                                      processes(floor))
+            run_a = await bench_floor(
+                server.url, f"{prefix}:floor", floor, warmup, seconds, processes(floor)
+            )
         finally:
             floor.stop()
 
@@ -267,10 +317,24 @@ async def measure(seconds: float, warmup: float, workdir: Path) -> dict[str, Any
         project = start_worker("project", env, workdir)
         try:
             wait_ready(project, server.url, settings.queue_name + ":health-check")
-            run_b = await bench_project(settings, project, warmup, seconds, processes(project),
-                                        callers=THROUGHPUT_CALLERS, tag="b")
-            run_c = await bench_project(settings, project, warmup, seconds, processes(project),
-                                        callers=LATENCY_CALLERS, tag="c")
+            run_b = await bench_project(
+                settings,
+                project,
+                warmup,
+                seconds,
+                processes(project),
+                callers=THROUGHPUT_CALLERS,
+                tag="b",
+            )
+            run_c = await bench_project(
+                settings,
+                project,
+                warmup,
+                seconds,
+                processes(project),
+                callers=LATENCY_CALLERS,
+                tag="c",
+            )
             project.check()
         finally:
             project.stop()
@@ -312,33 +376,42 @@ def report(r: dict[str, Any]) -> str:
         return "met" if ok else "MISSED"
 
     def cpu(a: dict[str, float], b: dict[str, float]) -> str:
-        return ", ".join(f"{name} {a[name]:.2f} / {b[name]:.2f}" for name in a if name in b) \
-            or "n/a"
+        return (
+            ", ".join(f"{name} {a[name]:.2f} / {b[name]:.2f}" for name in a if name in b) or "n/a"
+        )
 
-    return "\n".join([
-        f"consent-flow provision benchmark: {r['seconds']:g} s per phase after "
-        f"{r['warmup_seconds']:g} s warm-up, {r['cpus']} CPUs, poll_delay {r['poll_delay']} s, "
-        f"max_jobs {r['max_jobs']}",
-        f"(a) arq floor (noop + reply/BLPOP), {r['floor_callers']} callers: "
-        f"{r['floor_jobs_per_s']:.1f} jobs/s ({r['floor_jobs']} jobs)",
-        f"(b) provision_requested, {r['provision_callers']} callers:      "
-        f"{r['provision_per_s']:.1f} events/s ({r['provision_events']} events)",
-        f"    ratio (b)/(a): {r['ratio']:.3f}   target >= {r['target_ratio']}: "
-        f"{met(r['ratio_met'])}",
-        f"    CPU ms per job (a) / per event (b): {cpu(r['floor_cpu_ms'], r['provision_cpu_ms'])}",
-        f"(c) request_provisioning latency, {r['latency_callers']} callers: "
-        f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms "
-        f"({r['latency_samples']} calls, {r['latency_throughput_per_s']:.1f}/s)",
-        f"    p99 target <= {r['target_p99_ms']:g} ms: {met(r['p99_met'])}",
-    ])
+    return "\n".join(
+        [
+            f"consent-flow provision benchmark: {r['seconds']:g} s per phase after "
+            f"{r['warmup_seconds']:g} s warm-up, {r['cpus']} CPUs, poll_delay {r['poll_delay']} s, "
+            f"max_jobs {r['max_jobs']}",
+            f"(a) arq floor (noop + reply/BLPOP), {r['floor_callers']} callers: "
+            f"{r['floor_jobs_per_s']:.1f} jobs/s ({r['floor_jobs']} jobs)",
+            f"(b) provision_requested, {r['provision_callers']} callers:      "
+            f"{r['provision_per_s']:.1f} events/s ({r['provision_events']} events)",
+            f"    ratio (b)/(a): {r['ratio']:.3f}   target >= {r['target_ratio']}: "
+            f"{met(r['ratio_met'])}",
+            "    CPU ms per job (a) / per event (b): "
+            + cpu(r["floor_cpu_ms"], r["provision_cpu_ms"]),
+            f"(c) request_provisioning latency, {r['latency_callers']} callers: "
+            f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms "
+            f"({r['latency_samples']} calls, {r['latency_throughput_per_s']:.1f}/s)",
+            f"    p99 target <= {r['target_p99_ms']:g} ms: {met(r['p99_met'])}",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0,
-                        help="measured seconds per phase (default 10)")
-    parser.add_argument("--warmup", type=float, default=None,
-                        help="warm-up seconds per phase (default: half of --seconds, 1 to 3)")
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="measured seconds per phase (default 10)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="warm-up seconds per phase (default: half of --seconds, 1 to 3)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--worker", choices=("floor",), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

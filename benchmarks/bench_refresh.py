@@ -122,7 +122,11 @@ def start_worker(name: str, env: dict[str, str], workdir: Path) -> WorkerProcess
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--worker"],
-            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
     return WorkerProcess(name, process, log)
 
@@ -139,8 +143,10 @@ def wait_ready(workers: list[WorkerProcess], redis_url: str, health_key: str) ->
             if started and r.exists(health_key):
                 return
             if time.monotonic() > deadline:
-                raise BenchError(f"the workers were not ready after {READY_TIMEOUT:g} s:\n"
-                                 + "\n".join(tail(w.log) for w in workers))
+                raise BenchError(
+                    f"the workers were not ready after {READY_TIMEOUT:g} s:\n"
+                    + "\n".join(tail(w.log) for w in workers)
+                )
             time.sleep(0.05)
 
 
@@ -175,8 +181,12 @@ class CallbackServer:
         from consent_flow import create_app
 
         config = uvicorn.Config(
-            create_app(self.settings), host="127.0.0.1", port=self.settings.http_port,
-            access_log=False, log_config=None, lifespan="on",
+            create_app(self.settings),
+            host="127.0.0.1",
+            port=self.settings.http_port,
+            access_log=False,
+            log_config=None,
+            lifespan="on",
         )
         self.server = uvicorn.Server(config)
         self.task = asyncio.create_task(self.server.serve())
@@ -203,6 +213,7 @@ async def provision_users(client: Any, settings: Any, users: list[str]) -> None:
 
     gate = asyncio.Semaphore(PROVISION_CONCURRENCY)
     async with CallbackServer(settings), httpx.AsyncClient(timeout=30) as http:
+
         async def one(user: str) -> None:
             async with gate:
                 status = await client.request_provisioning(user)
@@ -231,29 +242,45 @@ async def direct_grants(provider: Any, accounts: list[str]) -> list[str]:
     redirect = provider.clients[0]["redirect_uris"][0]
     gate = asyncio.Semaphore(PROVISION_CONCURRENCY)
     async with httpx.AsyncClient(timeout=30) as http:
+
         async def one(account: str) -> str:
             async with gate:
                 verifier, challenge = pkce_pair()
                 url = provider.authorization_url(
-                    code_challenge=challenge, state=secrets.token_urlsafe(16),
-                    nonce=secrets.token_urlsafe(16), scope=SCOPES)
+                    code_challenge=challenge,
+                    state=secrets.token_urlsafe(16),
+                    nonce=secrets.token_urlsafe(16),
+                    scope=SCOPES,
+                )
                 params = callback_params(await approve(url, account, client=http))
                 reply = await http.post(
                     token_endpoint,
-                    data={"grant_type": "authorization_code", "code": params["code"],
-                          "redirect_uri": redirect, "code_verifier": verifier},
-                    headers={"Authorization": basic_auth(), "Accept": "application/json"})
+                    data={
+                        "grant_type": "authorization_code",
+                        "code": params["code"],
+                        "redirect_uri": redirect,
+                        "code_verifier": verifier,
+                    },
+                    headers={"Authorization": basic_auth(), "Accept": "application/json"},
+                )
                 if reply.status_code != 200 or "refresh_token" not in reply.json():
-                    raise BenchError(f"no refresh token for the baseline account {account}: "
-                                     f"{reply.status_code}")
+                    raise BenchError(
+                        f"no refresh token for the baseline account {account}: {reply.status_code}"
+                    )
                 token: str = reply.json()["refresh_token"]
                 return token
 
         return list(await asyncio.gather(*(one(a) for a in accounts)))
 
 
-async def bench_provider(provider: Any, chains: list[str], warmup: float, seconds: float,
-                         alive: Callable[[], None], processes: dict[str, list[int]]) -> Run:
+async def bench_provider(
+    provider: Any,
+    chains: list[str],
+    warmup: float,
+    seconds: float,
+    alive: Callable[[], None],
+    processes: dict[str, list[int]],
+) -> Run:
     """(a) plain refresh calls, each caller rotating its own chain."""
     token_endpoint = provider.metadata["token_endpoint"]
     headers = {"Authorization": basic_auth(), "Accept": "application/json"}
@@ -267,10 +294,12 @@ async def bench_provider(provider: Any, chains: list[str], warmup: float, second
             reply = await https[n].post(
                 token_endpoint,
                 data={"grant_type": "refresh_token", "refresh_token": chains[n]},
-                headers=headers)
+                headers=headers,
+            )
             if reply.status_code != 200:
-                raise BenchError(f"a baseline refresh answered {reply.status_code}: "
-                                 f"{reply.text[:200]}")
+                raise BenchError(
+                    f"a baseline refresh answered {reply.status_code}: {reply.text[:200]}"
+                )
             body = reply.json()
             if not body.get("access_token") or not body.get("refresh_token"):
                 raise BenchError("a baseline refresh returned no tokens")
@@ -279,8 +308,14 @@ async def bench_provider(provider: Any, chains: list[str], warmup: float, second
         return await drive(len(chains), warmup, seconds, call, alive, processes)
 
 
-async def bench_project(client: Any, users: list[str], warmup: float, seconds: float,
-                        alive: Callable[[], None], processes: dict[str, list[int]]) -> Run:
+async def bench_project(
+    client: Any,
+    users: list[str],
+    warmup: float,
+    seconds: float,
+    alive: Callable[[], None],
+    processes: dict[str, list[int]],
+) -> Run:
     """(b) on-demand refreshes through the queue and the workers."""
     from consent_flow._broker import TokenBroker
     from consent_flow._vault import open_tokens
@@ -321,18 +356,25 @@ def infrastructure(workdir: Path, callback_port: int) -> Iterator[tuple[Redis, A
     server = start_redis(workdir)
     try:
         redirect = f"http://127.0.0.1:{callback_port}/oauth/callback"
-        clients = [{"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
-                    "redirect_uris": [redirect],
-                    "token_endpoint_auth_method": "client_secret_basic"}]
-        with LocalProvider.start(clients=clients, access_token_ttl=ACCESS_TOKEN_TTL,
-                                 rotate_refresh_token=True) as provider:
+        clients = [
+            {
+                "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET,
+                "redirect_uris": [redirect],
+                "token_endpoint_auth_method": "client_secret_basic",
+            }
+        ]
+        with LocalProvider.start(
+            clients=clients, access_token_ttl=ACCESS_TOKEN_TTL, rotate_refresh_token=True
+        ) as provider:
             yield server, provider
     finally:
         stop_process(server.process)
 
 
-def project_env(server: Redis, provider: Any, workdir: Path, prefix: str, queue: str,
-                callback_port: int) -> dict[str, str]:
+def project_env(
+    server: Redis, provider: Any, workdir: Path, prefix: str, queue: str, callback_port: int
+) -> dict[str, str]:
     from consent_flow import generate_key
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_")}
@@ -357,8 +399,10 @@ def project_env(server: Redis, provider: Any, workdir: Path, prefix: str, queue:
 
 def command_counts(server: Redis) -> dict[str, int]:
     with redis.Redis(port=server.port) as r:
-        return {name.removeprefix("cmdstat_"): int(v["calls"])
-                for name, v in r.info("commandstats").items()}
+        return {
+            name.removeprefix("cmdstat_"): int(v["calls"])
+            for name, v in r.info("commandstats").items()
+        }
 
 
 def diff_counts(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
@@ -384,8 +428,11 @@ async def measure(n_users: int, seconds: float, warmup: float, workdir: Path) ->
             if not provider.running:
                 raise BenchError("the provider stopped:\n" + "\n".join(provider.output[-20:]))
 
-        processes = {"client": [os.getpid()], "workers": [w.process.pid for w in workers],
-                     "redis": [server.process.pid]}
+        processes = {
+            "client": [os.getpid()],
+            "workers": [w.process.pid for w in workers],
+            "redis": [server.process.pid],
+        }
         if node is not None:
             processes["provider"] = [node.pid]
         try:
@@ -397,33 +444,46 @@ async def measure(n_users: int, seconds: float, warmup: float, workdir: Path) ->
                 chains = await direct_grants(provider, [f"base{i:04d}" for i in range(n_users)])
                 setup_s = time.monotonic() - t0
 
-                baseline_1 = await bench_provider(provider, chains, warmup, seconds, alive,
-                                                  {k: v for k, v in processes.items()
-                                                   if k in ("client", "provider")})
+                baseline_1 = await bench_provider(
+                    provider,
+                    chains,
+                    warmup,
+                    seconds,
+                    alive,
+                    {k: v for k, v in processes.items() if k in ("client", "provider")},
+                )
                 provider.reset_stats()
                 commands_before = command_counts(server)
                 project = await bench_project(client, users, warmup, seconds, alive, processes)
                 commands = diff_counts(command_counts(server), commands_before)
                 stats = provider.stats()
-                baseline_2 = await bench_provider(provider, chains, warmup, seconds, alive,
-                                                  {k: v for k, v in processes.items()
-                                                   if k in ("client", "provider")})
+                baseline_2 = await bench_provider(
+                    provider,
+                    chains,
+                    warmup,
+                    seconds,
+                    alive,
+                    {k: v for k, v in processes.items() if k in ("client", "provider")},
+                )
                 alive()
         finally:
             for worker in workers:
                 worker.stop()
 
     if stats.get("refresh_reuse_detected"):
-        raise BenchError(f"the provider saw {stats['refresh_reuse_detected']} reused refresh "
-                         "tokens during the project phase (invariant 4)")
+        raise BenchError(
+            f"the provider saw {stats['refresh_reuse_detected']} reused refresh "
+            "tokens during the project phase (invariant 4)"
+        )
     if stats.get("refresh_errors"):
         raise BenchError(f"the provider counted {stats['refresh_errors']} refresh errors")
     a1, a2, b = summary(baseline_1), summary(baseline_2), summary(project)
     # Redis commands per refresh over the whole phase (warm-up included, so per started call):
     # the caller's, the workers' (jobs, arq's polling and bookkeeping) and the sweeps'.
     started = len(project.samples)
-    per_refresh = {k: round(v / started, 2) for k, v in
-                   sorted(commands.items(), key=lambda kv: -kv[1])}
+    per_refresh = {
+        k: round(v / started, 2) for k, v in sorted(commands.items(), key=lambda kv: -kv[1])
+    }
     baseline = (a1["per_s"] + a2["per_s"]) / 2
     ratio = b["per_s"] / baseline if baseline else 0.0
     return {
@@ -456,36 +516,52 @@ def report(r: dict[str, Any]) -> str:
 
     def row(label: str, s: dict[str, Any]) -> str:
         cpu = ", ".join(f"{k} {v:.2f}" for k, v in s["cpu_ms_per_refresh"].items()) or "n/a"
-        return (f"{label}{s['per_s']:8.1f} refreshes/s  ({s['calls']} calls, p50 "
-                f"{s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms; CPU ms/refresh: {cpu})")
+        return (
+            f"{label}{s['per_s']:8.1f} refreshes/s  ({s['calls']} calls, p50 "
+            f"{s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms; CPU ms/refresh: {cpu})"
+        )
 
-    return "\n".join([
-        f"consent-flow refresh benchmark: {r['users']} users, {r['callers']} concurrent callers, "
-        f"{r['workers']} worker processes, {r['seconds']:g} s per phase after "
-        f"{r['warmup_seconds']:g} s warm-up, {r['cpus']} CPUs (load average "
-        f"{r['loadavg_before'][0]:.2f} before, {r['loadavg_after'][0]:.2f} after); "
-        f"set-up (provisioning end to end) {r['setup_seconds']:g} s",
-        row("(a) provider, plain httpx refreshes (before): ", r["provider_before"]),
-        row("(b) through the project (on-demand, queue):   ", r["project"]),
-        row("(a) provider, plain httpx refreshes (after):  ", r["provider_after"]),
-        f"    ratio (b) / mean(a) = {r['project']['per_s']:.1f} / {r['baseline_per_s']:.1f} = "
-        f"{r['ratio']:.3f}   target >= {r['target_ratio']}: {met(r['ratio_met'])}",
-        f"    provider during (b): {r['provider_refresh_requests_in_project_phase']} refresh "
-        f"requests, {r['provider_refresh_reuse_detected']} reused rotated tokens",
-        f"    Redis commands per refresh during (b): {r['redis_commands_per_refresh']:.1f} ("
-        + ", ".join(f"{k} {v:g}" for k, v in
-                    list(r["redis_commands_per_refresh_by_name"].items())[:10]) + ", ...)",
-    ])
+    return "\n".join(
+        [
+            f"consent-flow refresh benchmark: {r['users']} users, "
+            f"{r['callers']} concurrent callers, "
+            f"{r['workers']} worker processes, {r['seconds']:g} s per phase after "
+            f"{r['warmup_seconds']:g} s warm-up, {r['cpus']} CPUs (load average "
+            f"{r['loadavg_before'][0]:.2f} before, {r['loadavg_after'][0]:.2f} after); "
+            f"set-up (provisioning end to end) {r['setup_seconds']:g} s",
+            row("(a) provider, plain httpx refreshes (before): ", r["provider_before"]),
+            row("(b) through the project (on-demand, queue):   ", r["project"]),
+            row("(a) provider, plain httpx refreshes (after):  ", r["provider_after"]),
+            f"    ratio (b) / mean(a) = {r['project']['per_s']:.1f} / {r['baseline_per_s']:.1f} = "
+            f"{r['ratio']:.3f}   target >= {r['target_ratio']}: {met(r['ratio_met'])}",
+            f"    provider during (b): {r['provider_refresh_requests_in_project_phase']} refresh "
+            f"requests, {r['provider_refresh_reuse_detected']} reused rotated tokens",
+            f"    Redis commands per refresh during (b): {r['redis_commands_per_refresh']:.1f} ("
+            + ", ".join(
+                f"{k} {v:g}" for k, v in list(r["redis_commands_per_refresh_by_name"].items())[:10]
+            )
+            + ", ...)",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=50,
-                        help="users provisioned, and concurrent callers per phase (default 50)")
-    parser.add_argument("--seconds", type=float, default=10.0,
-                        help="measured seconds per phase (default 10)")
-    parser.add_argument("--warmup", type=float, default=None,
-                        help="warm-up seconds per phase (default: half of --seconds, 1 to 3)")
+    parser.add_argument(
+        "--users",
+        type=int,
+        default=50,
+        help="users provisioned, and concurrent callers per phase (default 50)",
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="measured seconds per phase (default 10)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="warm-up seconds per phase (default: half of --seconds, 1 to 3)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -120,18 +120,27 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-_JWT_HEADER = _b64url(json.dumps({"alg": "RS256", "typ": "at+jwt",
-                                  "kid": "k" + "0" * 42}).encode())
+_JWT_HEADER = _b64url(json.dumps({"alg": "RS256", "typ": "at+jwt", "kid": "k" + "0" * 42}).encode())
 
 
 def _jwt_claims(user: str, pad: int, jti: str, sid: str) -> bytes:
     iat = 1764175335
-    return json.dumps({
-        "iss": "https://cloud.example.com", "sub": user, "aud": "https://cloud.example.com/api",
-        "client_id": "consent-flow", "scope": SCOPES + " notes:read notes:write",
-        "iat": iat, "nbf": iat, "exp": iat + int(TOKEN_TTL), "auth_time": iat,
-        "jti": jti, "sid": sid, "ext": "x" * pad,
-    }).encode()
+    return json.dumps(
+        {
+            "iss": "https://cloud.example.com",
+            "sub": user,
+            "aud": "https://cloud.example.com/api",
+            "client_id": "consent-flow",
+            "scope": SCOPES + " notes:read notes:write",
+            "iat": iat,
+            "nbf": iat,
+            "exp": iat + int(TOKEN_TTL),
+            "auth_time": iat,
+            "jti": jti,
+            "sid": sid,
+            "ext": "x" * pad,
+        }
+    ).encode()
 
 
 def _jwt_pad(user: str) -> int:
@@ -203,16 +212,27 @@ class StubProvider:
         from consent_flow._oauth import TokenSet
 
         refresh = secrets.token_urlsafe(REFRESH_TOKEN_CHARS * 3 // 4)[:REFRESH_TOKEN_CHARS]
-        self.grants[code] = (TokenSet(access_token=access_token(user), refresh_token=refresh,
-                                      id_token="stub", token_type="Bearer",
-                                      expires_at=expires_at, scopes=tuple(SCOPES.split())), user)
+        self.grants[code] = (
+            TokenSet(
+                access_token=access_token(user),
+                refresh_token=refresh,
+                id_token="stub",
+                token_type="Bearer",
+                expires_at=expires_at,
+                scopes=tuple(SCOPES.split()),
+            ),
+            user,
+        )
 
-    async def authorization_url(self, *, state: str, nonce: str, code_challenge: str,
-                                **extra: Any) -> str:
-        return ("http://127.0.0.1:8080/auth?response_type=code&client_id=consent-flow"
-                "&redirect_uri=http%3A%2F%2F127.0.0.1%3A8080%2Foauth%2Fcallback"
-                f"&scope={SCOPES.replace(' ', '+')}&state={state}&nonce={nonce}"
-                f"&code_challenge={code_challenge}&code_challenge_method=S256&prompt=consent")
+    async def authorization_url(
+        self, *, state: str, nonce: str, code_challenge: str, **extra: Any
+    ) -> str:
+        return (
+            "http://127.0.0.1:8080/auth?response_type=code&client_id=consent-flow"
+            "&redirect_uri=http%3A%2F%2F127.0.0.1%3A8080%2Foauth%2Fcallback"
+            f"&scope={SCOPES.replace(' ', '+')}&state={state}&nonce={nonce}"
+            f"&code_challenge={code_challenge}&code_challenge_method=S256&prompt=consent"
+        )
 
     async def exchange_code(self, code: str, **extra: Any) -> Any:
         return self.grants[code][0]
@@ -223,13 +243,18 @@ class StubProvider:
         code = next(c for c, (t, _) in self.grants.items() if t.id_token == id_token)
         user = self.grants.pop(code)[1]
         now = time.time()
-        return IDTokenClaims(subject=user, issuer="http://127.0.0.1:8080",
-                             audience=("consent-flow",), expires_at=now + 300, issued_at=now,
-                             nonce=nonce, claims={})
+        return IDTokenClaims(
+            subject=user,
+            issuer="http://127.0.0.1:8080",
+            audience=("consent-flow",),
+            expires_at=now + 300,
+            issued_at=now,
+            nonce=nonce,
+            claims={},
+        )
 
 
-async def provision_for_real(engine: Any, stub: StubProvider, user: str,
-                             expires_at: float) -> None:
+async def provision_for_real(engine: Any, stub: StubProvider, user: str, expires_at: float) -> None:
     """What a user who asks and approves goes through, with the provider stubbed: the engine
     handles ``provision_requested``, the callback's session claim (as ``_web`` makes it), then
     the engine handles ``authorization_completed`` (commit, then ``Scheduler.schedule``)."""
@@ -247,9 +272,15 @@ async def provision_for_real(engine: Any, stub: StubProvider, user: str,
     claimed = await store.claim_session(user, rec.session_id, event_id, sealed)
     if claimed != "ok":
         raise BenchError(f"the session claim failed for {user}: {claimed}")
-    outcome = await engine.handle(Envelope(
-        Event.AUTHORIZATION_COMPLETED, user, "browser", event_id=event_id,
-        payload={"session_id": rec.session_id or ""}))
+    outcome = await engine.handle(
+        Envelope(
+            Event.AUTHORIZATION_COMPLETED,
+            user,
+            "browser",
+            event_id=event_id,
+            payload={"session_id": rec.session_id or ""},
+        )
+    )
     if outcome.state != State.PROVISIONED.value or outcome.result != "applied":
         raise BenchError(f"authorization_completed did not apply for {user}: {outcome}")
 
@@ -311,8 +342,13 @@ class Loader:
     def __init__(self, port: int, sha: str, keys: list[str], header: list[bytes]) -> None:
         self.conn = redis.Connection(port=port, socket_timeout=120)
         self.conn.connect()
-        self.head = [b"EVALSHA", sha.encode(), str(len(keys)).encode(),
-                     *(k.encode() for k in keys), *header]
+        self.head = [
+            b"EVALSHA",
+            sha.encode(),
+            str(len(keys)).encode(),
+            *(k.encode() for k in keys),
+            *header,
+        ]
         self.stream_arg = 3 + len(keys) + 1  # ARGV[2]
         self.in_flight = 0
         self.loaded = 0
@@ -344,16 +380,28 @@ def history_templates(entries: list[Any]) -> list[tuple[Any, str]]:
 
     out = []
     for e in entries:
-        probe = HistoryEntry(e.event, e.from_state, e.to_state, 1234567.25, e.actor, e.reason,
-                             "C" * 32, "E" * 32).to_json().replace("%", "%%")
-        text = (probe.replace("1234567.25", "%(at)s").replace("C" * 32, "%(c)s")
-                .replace("E" * 32, "%(e)s"))
+        probe = (
+            HistoryEntry(
+                e.event, e.from_state, e.to_state, 1234567.25, e.actor, e.reason, "C" * 32, "E" * 32
+            )
+            .to_json()
+            .replace("%", "%%")
+        )
+        text = (
+            probe.replace("1234567.25", "%(at)s")
+            .replace("C" * 32, "%(c)s")
+            .replace("E" * 32, "%(e)s")
+        )
         out.append((e, text))
     return out
 
 
 def bulk_users(
-    start: int, stop: int, now: float, ring: Any, rng: random.Random,
+    start: int,
+    stop: int,
+    now: float,
+    ring: Any,
+    rng: random.Random,
     history: list[tuple[Any, str]],
 ) -> tuple[list[bytes], list[tuple[str, Times]]]:
     from arq.jobs import serialize_job
@@ -375,18 +423,33 @@ def bulk_users(
         h1 = t1 % {"at": repr(t.at1), "c": c1, "e": ev1}
         h2 = t2 % {"at": repr(t.at2), "c": c2, "e": ev2}
         if i == start and (
-            h1 != HistoryEntry(e1.event, e1.from_state, e1.to_state, t.at1, e1.actor,
-                               e1.reason, c1, ev1).to_json()
-            or h2 != HistoryEntry(e2.event, e2.from_state, e2.to_state, t.at2, e2.actor,
-                                  e2.reason, c2, ev2).to_json()):
+            h1
+            != HistoryEntry(
+                e1.event, e1.from_state, e1.to_state, t.at1, e1.actor, e1.reason, c1, ev1
+            ).to_json()
+            or h2
+            != HistoryEntry(
+                e2.event, e2.from_state, e2.to_state, t.at2, e2.actor, e2.reason, c2, ev2
+            ).to_json()
+        ):
             raise BenchError("the history templates differ from HistoryEntry.to_json")
-        payload = serialize_job(REFRESH_JOB, (user, ms), {}, None, enqueue_ms,
-                                serializer=dump_job)
+        payload = serialize_job(REFRESH_JOB, (user, ms), {}, None, enqueue_ms, serializer=dump_job)
         assert refresh_job_id(user, ms) == f"refresh:{user}:{ms}"
-        out += [user.encode(), seal_tokens(ring, user), repr(t.exp).encode(),
-                repr(t.at2).encode(), repr(t.due).encode(), repr(t.at1).encode(),
-                ev1.encode(), ev2.encode(), h1.encode(), h2.encode(), str(ms).encode(),
-                payload, str(ms - enqueue_ms + 86_400_000).encode()]
+        out += [
+            user.encode(),
+            seal_tokens(ring, user),
+            repr(t.exp).encode(),
+            repr(t.at2).encode(),
+            repr(t.due).encode(),
+            repr(t.at1).encode(),
+            ev1.encode(),
+            ev2.encode(),
+            h1.encode(),
+            h2.encode(),
+            str(ms).encode(),
+            payload,
+            str(ms - enqueue_ms + 86_400_000).encode(),
+        ]
         made.append((user, t))
     return out, made
 
@@ -397,16 +460,19 @@ def bulk_users(
 def user_keys(r: redis.Redis, prefix: str, user: str) -> dict[str, str]:
     """The user's own keys, by role: rec, hist, seen, ... and 'job' for its arq job (a SCAN:
     call it while the keyspace is small)."""
-    keys = {_s(k).rsplit(":", 1)[-1]: _s(k)
-            for k in r.scan_iter(match=f"{prefix}:{{{user}}}:*", count=1000)}
+    keys = {
+        _s(k).rsplit(":", 1)[-1]: _s(k)
+        for k in r.scan_iter(match=f"{prefix}:{{{user}}}:*", count=1000)
+    }
     jobs = [_s(k) for k in r.scan_iter(match=f"arq:job:refresh:{user}:*", count=1000)]
     if jobs:
         keys["job"] = jobs[0]
     return keys
 
 
-def same_roles(r: redis.Redis, prefix: str, roles: dict[str, str], user: str,
-               sched: str) -> dict[str, str]:
+def same_roles(
+    r: redis.Redis, prefix: str, roles: dict[str, str], user: str, sched: str
+) -> dict[str, str]:
     """The keys ``user`` should hold in each of a template user's roles."""
     from arq.constants import job_key_prefix
 
@@ -417,15 +483,20 @@ def same_roles(r: redis.Redis, prefix: str, roles: dict[str, str], user: str,
         out["job"] = job_key_prefix + refresh_job_id(user, int(r.zscore(sched, user) or 0))
     missing = [role for role, key in out.items() if not r.exists(key)]
     if missing:
-        raise BenchError(f"a real user has keys {sorted(roles)}; bulk-loaded {user} lacks "
-                         f"{missing}")
+        raise BenchError(
+            f"a real user has keys {sorted(roles)}; bulk-loaded {user} lacks {missing}"
+        )
     return out
 
 
 def describe_key(r: redis.Redis, key: str) -> dict[str, Any]:
     kind = _s(r.type(key))
-    out: dict[str, Any] = {"type": kind, "encoding": _s(r.object("encoding", key)),
-                           "bytes": mem(r, key), "ttl": r.pttl(key) > 0}
+    out: dict[str, Any] = {
+        "type": kind,
+        "encoding": _s(r.object("encoding", key)),
+        "bytes": mem(r, key),
+        "ttl": r.pttl(key) > 0,
+    }
     if kind == "hash":
         out["fields"] = sorted(_s(f) for f in r.hkeys(key))
     elif kind == "list":
@@ -441,13 +512,19 @@ def check_same_shape(r: redis.Redis, a: dict[str, str], b: dict[str, str]) -> di
         da, db = describe_key(r, a[role]), describe_key(r, b[role])
         for field in ("type", "encoding", "fields", "len", "ttl"):
             if da.get(field) != db.get(field):
-                raise BenchError(f"{role} key differs in {field}: real {da.get(field)!r}, "
-                                 f"bulk {db.get(field)!r}")
+                raise BenchError(
+                    f"{role} key differs in {field}: real {da.get(field)!r}, bulk {db.get(field)!r}"
+                )
         if abs(da["bytes"] - db["bytes"]) > 0.1 * da["bytes"]:
-            raise BenchError(f"{role} key differs in size: real {da['bytes']} B, bulk "
-                             f"{db['bytes']} B")
-        shapes[role] = {"real_bytes": da["bytes"], "bulk_bytes": db["bytes"],
-                        "type": da["type"], "encoding": da["encoding"]}
+            raise BenchError(
+                f"{role} key differs in size: real {da['bytes']} B, bulk {db['bytes']} B"
+            )
+        shapes[role] = {
+            "real_bytes": da["bytes"],
+            "bulk_bytes": db["bytes"],
+            "type": da["type"],
+            "encoding": da["encoding"],
+        }
     return shapes
 
 
@@ -466,8 +543,11 @@ async def timed(repeat: int, call: Any, before: Any = None) -> list[float]:
 
 
 def stats_ms(values: list[float]) -> dict[str, float]:
-    return {"p50_ms": round(percentile(values, 50), 3), "max_ms": round(max(values), 3),
-            "runs": len(values)}
+    return {
+        "p50_ms": round(percentile(values, 50), 3),
+        "max_ms": round(max(values), 3),
+        "runs": len(values),
+    }
 
 
 async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
@@ -484,8 +564,9 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
     from consent_flow._vault import open_tokens
 
     if SWEEP_LIMIT != SWEEP_WINDOW:
-        raise BenchError(f"SWEEP_LIMIT is {SWEEP_LIMIT}; this benchmark is written for "
-                         f"{SWEEP_WINDOW}")
+        raise BenchError(
+            f"SWEEP_LIMIT is {SWEEP_LIMIT}; this benchmark is written for {SWEEP_WINDOW}"
+        )
     quiet_logs()
     settings = Settings()  # the default names: prefix cf, queue consent-flow:queue
     prefix, queue = settings.redis_prefix, settings.queue_name
@@ -497,8 +578,9 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
 
     server = start_redis(workdir)
     r = redis.Redis(port=server.port)
-    pool = await create_pool(arq_redis_settings(server.url), default_queue_name=queue,
-                             **JOB_SERIALIZERS)
+    pool = await create_pool(
+        arq_redis_settings(server.url), default_queue_name=queue, **JOB_SERIALIZERS
+    )
     try:
         store = RedisStore(pool, prefix=prefix)
         scheduler = Scheduler(pool, keys=keys, queue_name=queue)
@@ -509,23 +591,36 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
         # bulk ones in the same tick.
         t0 = time.perf_counter()
         stub = StubProvider()
-        engine = Engine(settings=settings, store=store, oauth=stub,  # type: ignore[arg-type]
-                        ring=ring, on_scheduled=scheduler.schedule)
+        engine = Engine(
+            settings=settings,
+            store=store,
+            oauth=stub,  # type: ignore[arg-type]
+            ring=ring,
+            on_scheduled=scheduler.schedule,
+        )
         templates = [user_name(i) for i in range(TEMPLATE_USERS)]
         for user in templates:
             await provision_for_real(engine, stub, user, time.time() + 200)
         real_user = templates[0]
         real_roles = user_keys(r, prefix, real_user)
-        shared_expected = {keys.idx(State.PROVISIONED), keys.sched, keys.histidx, keys.kids,
-                           keys.stream, keys.transition_counts, queue}
+        shared_expected = {
+            keys.idx(State.PROVISIONED),
+            keys.sched,
+            keys.histidx,
+            keys.kids,
+            keys.stream,
+            keys.transition_counts,
+            queue,
+        }
         written = {_s(k) for k in r.scan_iter(count=1000)}
         per_user = {k for k in written if "}:" in k or k.startswith(job_key_prefix)}
         # Reply lists are the callers' answers: transient (a minute), not part of a user's cost.
         replies = {k for k in written if k.startswith(keys.reply(""))}
         unknown = written - per_user - shared_expected - replies
         if unknown:
-            raise BenchError(f"the commit path writes keys this loader does not mirror: "
-                             f"{sorted(unknown)}")
+            raise BenchError(
+                f"the commit path writes keys this loader does not mirror: {sorted(unknown)}"
+            )
         rec = {_s(k): _s(v) for k, v in r.hgetall(keys.rec(real_user)).items()}
         missing = [f for f in PER_USER_FIELDS if f not in rec]
         if missing:
@@ -536,30 +631,49 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
         history = history_templates(await store.history(real_user))
         seen = [_s(m) for m in r.zrange(keys.seen(real_user), 0, -1)]
         if len(history) != 2 or seen != [e.event_id for e, _ in history]:
-            raise BenchError("a provisioned user now holds other than two history entries and "
-                             "their two event ids: the loader mirrors two transitions")
+            raise BenchError(
+                "a provisioned user now holds other than two history entries and "
+                "their two event ids: the loader mirrors two transitions"
+            )
         last = r.xrevrange(keys.stream, count=1)[0][1]
         if sorted(_s(k) for k in last) != ["entry", "user"]:
             raise BenchError(f"stream entries now carry {sorted(last)}: mirror them")
         job_key = next(_s(k) for k in r.scan_iter(match=f"{job_key_prefix}refresh:{real_user}:*"))
         job = load_job(r.get(job_key) or b"")
-        if job != {"t": None, "f": REFRESH_JOB, "a": [real_user, int(job_key.rsplit(":", 1)[1])],
-                   "k": {}, "et": job["et"]}:
+        if job != {
+            "t": None,
+            "f": REFRESH_JOB,
+            "a": [real_user, int(job_key.rsplit(":", 1)[1])],
+            "k": {},
+            "et": job["et"],
+        }:
             raise BenchError(f"the deferred job now holds {job}: mirror it")
 
         # -- the bulk load
         sha = _s(r.script_load(_LOAD))
-        header = [prefix.encode(), b"0", str(STREAM_MAX_ENTRIES).encode(),
-                  job_key_prefix.encode(), str(len(constants)).encode()]
+        header = [
+            prefix.encode(),
+            b"0",
+            str(STREAM_MAX_ENTRIES).encode(),
+            job_key_prefix.encode(),
+            str(len(constants)).encode(),
+        ]
         for f, v in constants:
             header += [f.encode(), v.encode()]
-        loader = Loader(server.port,
-                        sha, [keys.idx(State.PROVISIONED), keys.sched, keys.histidx, queue,
-                              keys.stream], header)
+        loader = Loader(
+            server.port,
+            sha,
+            [keys.idx(State.PROVISIONED), keys.sched, keys.histidx, queue, keys.stream],
+            header,
+        )
         stream_from = max(TEMPLATE_USERS, users - STREAM_MAX_ENTRIES // 2)
         sample_users: list[tuple[str, Times]] = []
-        wanted = set(random.Random(2).sample(range(TEMPLATE_USERS, max(users, TEMPLATE_USERS + 1)),
-                                             min(SAMPLE, max(0, users - TEMPLATE_USERS))))
+        wanted = set(
+            random.Random(2).sample(
+                range(TEMPLATE_USERS, max(users, TEMPLATE_USERS + 1)),
+                min(SAMPLE, max(0, users - TEMPLATE_USERS)),
+            )
+        )
         first_bulk: list[tuple[str, Times]] = []
         i = TEMPLATE_USERS
         while i < users:
@@ -576,8 +690,9 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
             i = end
         loader.close()
         if loader.loaded != users - TEMPLATE_USERS:
-            raise BenchError(f"the loader wrote {loader.loaded} users, not "
-                             f"{users - TEMPLATE_USERS}")
+            raise BenchError(
+                f"the loader wrote {loader.loaded} users, not {users - TEMPLATE_USERS}"
+            )
         bulk_n = users - TEMPLATE_USERS
         for field, count in r.hgetall(keys.transition_counts).items():
             r.hincrby(keys.transition_counts, field, bulk_n * int(count) // TEMPLATE_USERS)
@@ -590,8 +705,12 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
         if first_bulk:
             bulk_roles = same_roles(r, prefix, real_roles, first_bulk[0][0], keys.sched)
             shapes = check_same_shape(r, real_roles, bulk_roles)
-        for key, expected in ((keys.idx(State.PROVISIONED), users), (keys.sched, users),
-                              (keys.histidx, users), (queue, users)):
+        for key, expected in (
+            (keys.idx(State.PROVISIONED), users),
+            (keys.sched, users),
+            (keys.histidx, users),
+            (queue, users),
+        ):
             if r.zcard(key) != expected:
                 raise BenchError(f"{key} holds {r.zcard(key)} entries, expected {expected}")
         for user, t in sample_users:
@@ -611,12 +730,21 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
 
         # -- (b) memory, before anything below changes the data
         timings["check_s"] = round(time.perf_counter() - t0 - timings["load_s"], 1)
-        memory = memory_report(r, keys, ring, queue, users, base_memory, loaded_memory,
-                               [u for u, _ in sample_users] or [real_user])
+        memory = memory_report(
+            r,
+            keys,
+            ring,
+            queue,
+            users,
+            base_memory,
+            loaded_memory,
+            [u for u, _ in sample_users] or [real_user],
+        )
         memory["shapes_real_vs_bulk"] = shapes
 
-        timings["memory_s"] = round(time.perf_counter() - t0 - timings["load_s"]
-                                    - timings["check_s"], 1)
+        timings["memory_s"] = round(
+            time.perf_counter() - t0 - timings["load_s"] - timings["check_s"], 1
+        )
         # -- (a) sweep ticks
         scores = r.zrange(keys.sched, 0, SWEEP_WINDOW - 1, withscores=True)
         window = [(_s(u), int(s)) for u, s in scores]
@@ -632,8 +760,9 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
             await scheduler.sweep(now=sweep_now)
 
         async def bare() -> None:
-            await pool.zrangebyscore(keys.sched, "-inf", edge, start=0, num=SWEEP_WINDOW,
-                                     withscores=True)
+            await pool.zrangebyscore(
+                keys.sched, "-inf", edge, start=0, num=SWEEP_WINDOW, withscores=True
+            )
 
         job_ids = [refresh_job_id(u, s) for u, s in window]
 
@@ -655,8 +784,9 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
 
         requeue = await timed(repeat, requeue_tick, before=drop_jobs)
         if any(c != {"due": len(window), "requeued": len(window)} for c in requeue_counts):
-            raise BenchError(f"the requeue tick did not requeue every dropped job: "
-                             f"{requeue_counts[:3]}")
+            raise BenchError(
+                f"the requeue tick did not requeue every dropped job: {requeue_counts[:3]}"
+            )
         parts = await requeue_parts(scheduler, keys, queue, sweep_now, repeat, drop_jobs)
         probe = await backlog_probe(r, scheduler, keys, queue)
         timings["total_s"] = round(time.perf_counter() - t0, 1)
@@ -692,8 +822,9 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
     }
 
 
-async def requeue_parts(scheduler: Any, keys: Any, queue: str, now: float, repeat: int,
-                        drop_jobs: Any) -> dict[str, float]:
+async def requeue_parts(
+    scheduler: Any, keys: Any, queue: str, now: float, repeat: int, drop_jobs: Any
+) -> dict[str, float]:
     """Where a requeue tick's time goes: ``Scheduler.sweep``'s three steps, timed one by one
     (its own registered scripts, its own payload building)."""
     from arq.constants import job_key_prefix
@@ -707,9 +838,11 @@ async def requeue_parts(scheduler: Any, keys: Any, queue: str, now: float, repea
     )
     from consent_flow._store import due_ms
 
-    steps: dict[str, list[float]] = {"due script (ZRANGEBYSCORE + EXISTS per entry)": [],
-                                     "payloads in Python (refresh_payload per job)": [],
-                                     "enqueue script (SET NX + ZADD per job)": []}
+    steps: dict[str, list[float]] = {
+        "due script (ZRANGEBYSCORE + EXISTS per entry)": [],
+        "payloads in Python (refresh_payload per job)": [],
+        "enqueue script (SET NX + ZADD per job)": [],
+    }
     names = list(steps)
     for _ in range(repeat):
         drop_jobs()
@@ -724,8 +857,7 @@ async def requeue_parts(scheduler: Any, keys: Any, queue: str, now: float, repea
         for i in range(0, len(missing), 2):
             user, score = _s(missing[i]), int(missing[i + 1])
             job_id = refresh_job_id(user, score)
-            args += [job_key_prefix + job_id, refresh_payload(user, score, now_ms), now_ms,
-                     job_id]
+            args += [job_key_prefix + job_id, refresh_payload(user, score, now_ms), now_ms, job_id]
         t2 = time.perf_counter()
         await scheduler._enqueue(keys=[queue], args=[JOB_EXPIRY_MS, *args])
         t3 = time.perf_counter()
@@ -761,9 +893,14 @@ async def backlog_probe(r: redis.Redis, scheduler: Any, keys: Any, queue: str) -
             pipe.restore(job_key_prefix + j, max(1, ttls[j]), saved[j])
             pipe.zadd(queue, {j: int(j.rsplit(":", 1)[1])})
         pipe.execute()
-    return {"due": 2 * SWEEP_WINDOW, "queued_first": SWEEP_WINDOW, "lost_behind": len(later),
-            "sweep_saw": counts["due"], "requeued": counts["requeued"],
-            "still_lost": lost_after}
+    return {
+        "due": 2 * SWEEP_WINDOW,
+        "queued_first": SWEEP_WINDOW,
+        "lost_behind": len(later),
+        "sweep_saw": counts["due"],
+        "requeued": counts["requeued"],
+        "still_lost": lost_after,
+    }
 
 
 # --- memory -------------------------------------------------------------------------------------
@@ -773,8 +910,16 @@ GRANT_ROLES = ("rec", "tok", "job")  # a user's own keys that hold the grant and
 GRANT_SHARED = ("cf:sched entry", "arq queue entry")
 
 
-def memory_report(r: redis.Redis, keys: Any, ring: Any, queue: str, users: int, base: int,
-                  loaded: int, sample: list[str]) -> dict[str, Any]:
+def memory_report(
+    r: redis.Redis,
+    keys: Any,
+    ring: Any,
+    queue: str,
+    users: int,
+    base: int,
+    loaded: int,
+    sample: list[str],
+) -> dict[str, Any]:
     from arq.constants import job_key_prefix
 
     from consent_flow._machine import State
@@ -785,17 +930,26 @@ def memory_report(r: redis.Redis, keys: Any, ring: Any, queue: str, users: int, 
     encodings: dict[str, str] = {}
     for user in sample:
         due = int(r.zscore(keys.sched, user) or 0)
-        for role, key in (("rec", keys.rec(user)), ("tok", keys.sealed(user, "tok")),
-                          ("hist", keys.hist(user)), ("seen", keys.seen(user)),
-                          ("job", f"{job_key_prefix}refresh:{user}:{due}")):
+        for role, key in (
+            ("rec", keys.rec(user)),
+            ("tok", keys.sealed(user, "tok")),
+            ("hist", keys.hist(user)),
+            ("seen", keys.seen(user)),
+            ("job", f"{job_key_prefix}refresh:{user}:{due}"),
+        ):
             roles.setdefault(role, []).append(mem(r, key))
             encodings.setdefault(role, _s(r.object("encoding", key)))
     own = {role: sum(values) / len(values) for role, values in roles.items()}
-    labels = {"rec": "cf:{u}:rec record hash", "tok": "cf:{u}:tok sealed tokens string",
-              "hist": "cf:{u}:hist history list", "seen": "cf:{u}:seen seen-id zset",
-              "job": "arq:job:refresh:... job string"}
-    breakdown: dict[str, float] = {f"{labels[role]} ({encodings[role]})": own[role]
-                                   for role in labels}
+    labels = {
+        "rec": "cf:{u}:rec record hash",
+        "tok": "cf:{u}:tok sealed tokens string",
+        "hist": "cf:{u}:hist history list",
+        "seen": "cf:{u}:seen seen-id zset",
+        "job": "arq:job:refresh:... job string",
+    }
+    breakdown: dict[str, float] = {
+        f"{labels[role]} ({encodings[role]})": own[role] for role in labels
+    }
     shared = {
         "cf:idx:provisioned entry": keys.idx(State.PROVISIONED),
         "cf:sched entry": keys.sched,
@@ -831,18 +985,20 @@ def memory_report(r: redis.Redis, keys: Any, ring: Any, queue: str, users: int, 
         "grant_bytes_per_user": round(grant, 1),
         "grant_memory_usage_bytes_per_user": round(grant_usage, 1),
         "grant_parts_bytes_per_user": {
-            "record hash": round(own["rec"], 1), "tokens": round(own["tok"], 1),
+            "record hash": round(own["rec"], 1),
+            "tokens": round(own["tok"], 1),
             "arq job": round(own["job"], 1),
-            **{k: round(entries[k], 1) for k in GRANT_SHARED}},
+            **{k: round(entries[k], 1) for k in GRANT_SHARED},
+        },
         "grant_keyspace_share_bytes_per_user": round(expires + spread, 1),
         "breakdown_bytes_per_user": {k: round(v, 1) for k, v in breakdown.items()},
         "memory_stats_keyspace_overhead_per_user": round(tables / users, 1),
         "tok_bytes": len(r.get(keys.sealed(sample[0], "tok")) or b""),
         "rec_encoding": encodings["rec"],
-        "hash_max_listpack_value": int(r.config_get("hash-max-listpack-value")
-                                       ["hash-max-listpack-value"]),
-        "ideas": memory_ideas(r, keys, ring, sample[0],
-                              min(SCRATCH_USERS, max(200, users // 10))),
+        "hash_max_listpack_value": int(
+            r.config_get("hash-max-listpack-value")["hash-max-listpack-value"]
+        ),
+        "ideas": memory_ideas(r, keys, ring, sample[0], min(SCRATCH_USERS, max(200, users // 10))),
         "aged": aged_users(r, keys, sample[0], per_user_total),
         "breakdown_seconds": round(t_breakdown, 1),
     }
@@ -869,14 +1025,15 @@ def scratch_cost(r: redis.Redis, n: int, write: Any) -> dict[str, float]:
         usage = [mem(r, k) for k in members[:: max(1, len(members) // SAMPLE)]]
         total += sum(usage) / len(usage) * len(members)
     for start in range(0, len(names), 1000):
-        r.delete(*names[start:start + 1000])
-    return {"used_memory_per_user": round((after - before) / n, 1),
-            "memory_usage_per_user": round(total / n, 1),
-            "keys_per_user": round(len(names) / n, 2)}
+        r.delete(*names[start : start + 1000])
+    return {
+        "used_memory_per_user": round((after - before) / n, 1),
+        "memory_usage_per_user": round(total / n, 1),
+        "keys_per_user": round(len(names) / n, 2),
+    }
 
 
-def memory_ideas(r: redis.Redis, keys: Any, ring: Any, sample_user: str, n: int
-                 ) -> dict[str, Any]:
+def memory_ideas(r: redis.Redis, keys: Any, ring: Any, sample_user: str, n: int) -> dict[str, Any]:
     """The record and the tokens as stored, next to the layouts before them, and the job payload
     as written next to arq's default (scratch keys, removed after)."""
     from arq.jobs import serialize_job
@@ -889,9 +1046,12 @@ def memory_ideas(r: redis.Redis, keys: Any, ring: Any, sample_user: str, n: int
     plain = json.dumps(open_tokens(ring, sample_user, tok)).encode()  # as sealed before
     v1_text = ring.encrypt(plain, user=sample_user, purpose="tokens")
     undeflated = ring.seal(plain, user=sample_user, purpose="tokens")
-    ideas: dict[str, Any] = {"token_plaintext_bytes": len(plain), "tok_bytes": len(tok),
-                             "tok_undeflated_bytes": len(undeflated),
-                             "tok_v1_text_chars": len(v1_text)}
+    ideas: dict[str, Any] = {
+        "token_plaintext_bytes": len(plain),
+        "tok_bytes": len(tok),
+        "tok_undeflated_bytes": len(undeflated),
+        "tok_v1_text_chars": len(v1_text),
+    }
 
     def as_stored(pipe: Any, i: int) -> None:
         pipe.hset(f"scratch:{{s{i:08d}}}:rec", mapping=rec)
@@ -904,22 +1064,27 @@ def memory_ideas(r: redis.Redis, keys: Any, ring: Any, sample_user: str, n: int
         pipe.hset(f"scratch:{{s{i:08d}}}:rec", mapping=rec)
         pipe.set(f"scratch:{{s{i:08d}}}:tok", undeflated)
 
-    ideas["record hash + tokens key, as stored (deflated, binary, a key of their own)"] = \
+    ideas["record hash + tokens key, as stored (deflated, binary, a key of their own)"] = (
         scratch_cost(r, n, as_stored)
-    ideas["before: tokens as v1 base64 text in the record hash (hashtable encoding)"] = \
+    )
+    ideas["before: tokens as v1 base64 text in the record hash (hashtable encoding)"] = (
         scratch_cost(r, n, before)
+    )
     ideas["tokens binary in their own key but not deflated"] = scratch_cost(r, n, not_deflated)
 
     # the arq job: its payload as the project writes it, and arq's default before
     user, due = sample_user, 1764175335123
     payloads = {
-        "job payload as written (JSON, positional user and due_ms)":
-            serialize_job("refresh_tokens", (user, due), {}, None, due, serializer=dump_job),
-        "job payload before: arq's default pickle of a {'user', 'due_ms'} dict":
-            serialize_job("refresh_tokens", ({"user": user, "due_ms": due},), {}, None, due),
+        "job payload as written (JSON, positional user and due_ms)": serialize_job(
+            "refresh_tokens", (user, due), {}, None, due, serializer=dump_job
+        ),
+        "job payload before: arq's default pickle of a {'user', 'due_ms'} dict": serialize_job(
+            "refresh_tokens", ({"user": user, "due_ms": due},), {}, None, due
+        ),
     }
     job_costs = {}
     for label, payload in payloads.items():
+
         def write_job(pipe: Any, i: int, payload: bytes = payload) -> None:
             pipe.set(f"scratch:job:refresh:s{i:08d}:{due}", payload, px=86_400_000 + 3_600_000)
 
@@ -942,19 +1107,33 @@ def aged_users(r: redis.Redis, keys: Any, sample_user: str, fresh: float) -> dic
     fresh_cost = mem(r, keys.hist(sample_user)) + mem(r, keys.seen(sample_user))
     base_at = 1764175335.123456
     out: dict[str, Any] = {"seen_max": SEEN_MAX_EVENTS, "history_max": HISTORY_MAX_ENTRIES}
-    profiles = [("1 day (24 refreshes)", 24), ("1 week (168 refreshes)", 168),
-                ("42 days (1008 refreshes)", 1008), ("1 year (8760 refreshes)", 8760)]
+    profiles = [
+        ("1 day (24 refreshes)", 24),
+        ("1 week (168 refreshes)", 168),
+        ("42 days (1008 refreshes)", 1008),
+        ("1 year (8760 refreshes)", 8760),
+    ]
     for label, k in profiles:
-        entry = HistoryEntry("token_refreshed", "provisioned", "provisioned",
-                             base_at + 3600 * k, "worker", None, new_id(), new_id(),
-                             count=k, first_at=base_at + 3600).to_json()
+        entry = HistoryEntry(
+            "token_refreshed",
+            "provisioned",
+            "provisioned",
+            base_at + 3600 * k,
+            "worker",
+            None,
+            new_id(),
+            new_id(),
+            count=k,
+            first_at=base_at + 3600,
+        ).to_json()
         data = json.loads(entry)
         data.update(count=k, first_at=base_at + 3600)  # as the commit script writes it
         refreshed = [json.dumps(data, separators=(",", ":"))]
         ids = [(new_id(), base_at + 3600 * j) for j in range(max(0, k - SEEN_MAX_EVENTS), k)]
 
-        def write(pipe: Any, i: int, refreshed: list[str] = refreshed,
-                  ids: list[tuple[str, float]] = ids) -> None:
+        def write(
+            pipe: Any, i: int, refreshed: list[str] = refreshed, ids: list[tuple[str, float]] = ids
+        ) -> None:
             h = f"scratch:{{a{i:08d}}}:hist"
             s = f"scratch:{{a{i:08d}}}:seen"
             pipe.rpush(h, *hist, *refreshed)
@@ -963,8 +1142,10 @@ def aged_users(r: redis.Redis, keys: Any, sample_user: str, fresh: float) -> dic
 
         cost = scratch_cost(r, AGED_USERS, write)
         extra = cost["memory_usage_per_user"] - fresh_cost
-        out[label] = {"hist_and_seen_bytes": cost["memory_usage_per_user"],
-                      "bytes_per_user": round(fresh + extra, 1)}
+        out[label] = {
+            "hist_and_seen_bytes": cost["memory_usage_per_user"],
+            "bytes_per_user": round(fresh + extra, 1),
+        }
     return out
 
 
@@ -992,13 +1173,17 @@ def report(r: dict[str, Any]) -> str:
         f"    sweep, nothing due (idle tick):                 {ms(r['sweep_idle'])}",
         f"    target tick <= {r['target_tick_ms']:g} ms (p50, both paths): {met(r['tick_met'])}",
     ]
-    lines.append("    requeue tick, step by step (p50): " + "; ".join(
-        f"{k} {v:.2f} ms" for k, v in r["sweep_requeue_parts_p50_ms"].items()))
+    lines.append(
+        "    requeue tick, step by step (p50): "
+        + "; ".join(f"{k} {v:.2f} ms" for k, v in r["sweep_requeue_parts_p50_ms"].items())
+    )
     p = r["sweep_backlog_probe"]
     if "skipped" not in p:
-        lines.append(f"    backlog probe: {p['due']} due, first {p['queued_first']} queued, "
-                     f"{p['lost_behind']} lost behind them: one tick saw {p['sweep_saw']}, "
-                     f"requeued {p['requeued']}, {p['still_lost']} still lost")
+        lines.append(
+            f"    backlog probe: {p['due']} due, first {p['queued_first']} queued, "
+            f"{p['lost_behind']} lost behind them: one tick saw {p['sweep_saw']}, "
+            f"requeued {p['requeued']}, {p['still_lost']} still lost"
+        )
     b = m["breakdown_bytes_per_user"]
     grant_parts = ", ".join(f"{k} {v:.0f}" for k, v in m["grant_parts_bytes_per_user"].items())
     lines += [
@@ -1017,42 +1202,56 @@ def report(r: dict[str, Any]) -> str:
     ]
     for k, v in b.items():
         lines.append(f"      {v:8.1f} B  {k}")
-    lines.append("    layouts, measured on scratch keys (used_memory delta / MEMORY USAGE, "
-                 "per user):")
+    lines.append(
+        "    layouts, measured on scratch keys (used_memory delta / MEMORY USAGE, per user):"
+    )
     i = m["ideas"]
-    lines.append(f"      (tokens: {i['token_plaintext_bytes']} B as JSON; sealed "
-                 f"{i['tok_bytes']} B deflated, {i['tok_undeflated_bytes']} B not deflated, "
-                 f"{i['tok_v1_text_chars']} chars as v1 base64 text)")
+    lines.append(
+        f"      (tokens: {i['token_plaintext_bytes']} B as JSON; sealed "
+        f"{i['tok_bytes']} B deflated, {i['tok_undeflated_bytes']} B not deflated, "
+        f"{i['tok_v1_text_chars']} chars as v1 base64 text)"
+    )
     for k, v in m["ideas"].items():
         if not isinstance(v, dict):
             continue
         if k == "arq job key":
             for label, c in v.items():
-                lines.append(f"      {c['used_memory_per_user']:8.1f} / "
-                             f"{c['memory_usage_per_user']:7.1f} B  {label} "
-                             f"({c['payload_bytes']} B payload)")
+                lines.append(
+                    f"      {c['used_memory_per_user']:8.1f} / "
+                    f"{c['memory_usage_per_user']:7.1f} B  {label} "
+                    f"({c['payload_bytes']} B payload)"
+                )
         else:
-            lines.append(f"      {v['used_memory_per_user']:8.1f} / "
-                         f"{v['memory_usage_per_user']:7.1f} B  {k}")
+            lines.append(
+                f"      {v['used_memory_per_user']:8.1f} / {v['memory_usage_per_user']:7.1f} B  {k}"
+            )
     job = sum(v for k, v in b.items() if k.startswith("arq:job") or k == "arq queue entry")
-    lines.append(f"      {job:8.1f} B  saved by no deferred arq job per user (job string + queue "
-                 "entry; the sweep would queue due refreshes itself)")
+    lines.append(
+        f"      {job:8.1f} B  saved by no deferred arq job per user (job string + queue "
+        "entry; the sweep would queue due refreshes itself)"
+    )
     a = m["aged"]
-    lines.append("    aged users (one refresh an hour; refreshes in a row share one history "
-                 f"entry, seen <= {a['seen_max']} ids):")
+    lines.append(
+        "    aged users (one refresh an hour; refreshes in a row share one history "
+        f"entry, seen <= {a['seen_max']} ids):"
+    )
     for k, v in a.items():
         if isinstance(v, dict):
-            lines.append(f"      {v['bytes_per_user']:10.1f} B per user after {k} "
-                         f"(history + seen: {v['hist_and_seen_bytes']:.0f} B)")
+            lines.append(
+                f"      {v['bytes_per_user']:10.1f} B per user after {k} "
+                f"(history + seen: {v['hist_and_seen_bytes']:.0f} B)"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=1_000_000,
-                        help="provisioned users to load (default 1000000)")
-    parser.add_argument("--repeat", type=int, default=30,
-                        help="timed sweep ticks per case (default 30)")
+    parser.add_argument(
+        "--users", type=int, default=1_000_000, help="provisioned users to load (default 1000000)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=30, help="timed sweep ticks per case (default 30)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.users < TEMPLATE_USERS + 1 or args.repeat < 1:

@@ -30,9 +30,12 @@ local function enqueue(job_key, result_key, queue, payload, px, score, id)
 end
 """
 
-_ENQUEUE = ENQUEUE_LUA + """
+_ENQUEUE = (
+    ENQUEUE_LUA
+    + """
 return enqueue(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 """
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -189,7 +189,9 @@ class Store(Protocol):
 
 # --- Lua ------------------------------------------------------------------------------------------
 
-_COMMIT = ENQUEUE_LUA + """
+_COMMIT = (
+    ENQUEUE_LUA
+    + """
 local rec, hist, seen, idx_from, idx_to, sched, kids, stream, sess_set, sess_del, histidx,
   outbox, counters = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8],
   KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13]
@@ -334,6 +336,7 @@ if op.counters then
 end
 return {'ok', v}
 """
+)
 
 # Claim an authorization session for one callback: single use, checked against the record.
 _CLAIM = """

@@ -98,7 +98,12 @@ def consent_flow(
         print(f"$ {shown}", flush=True)
     result = subprocess.run(
         [sys.executable, "-m", "consent_flow", *args],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
     )
     if echo and result.stdout:
         show(result.stdout)
@@ -145,7 +150,10 @@ class Up:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "consent_flow", "up"],
-                env=self.env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                env=self.env,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
                 stderr=subprocess.STDOUT,
                 # Its own session: a Ctrl-C in the terminal reaches the demo only, and the demo
                 # stops `up` in order (see stop()).
@@ -260,7 +268,8 @@ def configuration(env: dict[str, str]) -> str:
     hidden = {"CONSENT_CLIENT_SECRET", "CONSENT_ENCRYPTION_KEYS"}
     lines = [
         f"    {name}={'********' if name in hidden else env[name]}"
-        for name in sorted(env) if name.startswith("CONSENT_")
+        for name in sorted(env)
+        if name.startswith("CONSENT_")
     ]
     lines.append(
         "    (CONSENT_REDIS_URL is not set: `up` starts an embedded Redis in the data folder)"
@@ -365,15 +374,19 @@ def main() -> int:
             redirect_uri = f"http://127.0.0.1:{callback_port}/oauth/callback"
             client_secret = os.urandom(24).hex()
             say("Starting the local OpenID provider (examples/provider, oidc-provider)")
-            provider = stack.enter_context(LocalProvider.start(
-                clients=[{
-                    "client_id": CLIENT_ID,
-                    "client_secret": client_secret,
-                    "redirect_uris": [redirect_uri],
-                    "token_endpoint_auth_method": "client_secret_basic",
-                }],
-                test_controls=False,
-            ))
+            provider = stack.enter_context(
+                LocalProvider.start(
+                    clients=[
+                        {
+                            "client_id": CLIENT_ID,
+                            "client_secret": client_secret,
+                            "redirect_uris": [redirect_uri],
+                            "token_endpoint_auth_method": "client_secret_basic",
+                        }
+                    ],
+                    test_controls=False,
+                )
+            )
             print(f"issuer {provider.issuer}, client {CLIENT_ID} -> {redirect_uri}")
 
             # Nothing from the caller's shell (a CONSENT_REDIS_URL, say) leaks into the demo.
@@ -407,8 +420,10 @@ def main() -> int:
                     up.stop(failing=True)
                 except DemoFailed as exc:
                     stopping_error = exc
-                print(f"\n--- consent-flow up log ({up.log_path}) ---\n{up.log_tail()}\n---",
-                      file=sys.stderr)
+                print(
+                    f"\n--- consent-flow up log ({up.log_path}) ---\n{up.log_tail()}\n---",
+                    file=sys.stderr,
+                )
                 if stopping_error is not None:
                     print(f"demo: also: {stopping_error}", file=sys.stderr)
                 raise
@@ -422,8 +437,10 @@ def main() -> int:
         print(f"\ndemo FAILED: {exc}", file=sys.stderr)
         return 1
 
-    say(f"Demo finished in {time.monotonic() - started:.1f} s; the provider and the temporary "
-        "folder are gone.")
+    say(
+        f"Demo finished in {time.monotonic() - started:.1f} s; the provider and the temporary "
+        "folder are gone."
+    )
     print(NEXT_STEPS, end="")
     return 0
 

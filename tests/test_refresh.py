@@ -379,9 +379,7 @@ async def test_broker_serves_from_cache_then_store_then_refresh(make_stack, stea
     assert fresh == (await stored_tokens(stack, "alice"))["access_token"]
 
 
-async def test_a_refresh_commits_its_next_job_counters_and_lock_release_at_once(
-    make_stack, steady
-):
+async def test_a_refresh_commits_its_next_job_counters_and_lock_release_at_once(make_stack, steady):
     """What rides in a refresh's commit: the next deferred job, the counters, the lock."""
     from arq.constants import job_key_prefix
 

@@ -26,7 +26,9 @@ Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``; every key of one user shares t
 
 A transition is one Lua script: the version check, the fields, the sealed tokens, the indexes,
 the schedule, the history entry and the stream entry commit together or not at all (design.md
-invariant 1). A record is read in one round trip too, hash and sealed keys alike.
+invariant 1); a refresh's commit also queues the next refresh's arq job, adds its counters,
+releases the user's lock and pushes the caller's answer, only if it applies. A record is read in
+one round trip too, hash and sealed keys alike (with the lock taken, for a refresh).
 The indexes are shard-wide keys: users are sharded across primaries, not across a Cluster.
 """
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -65,6 +66,7 @@ from ._errors import (
     ProviderUnavailable,
     SettingsError,
 )
+from ._http import HttpClients
 from ._settings import Settings
 
 __all__ = [
@@ -336,14 +338,16 @@ class _Reply:
 class OAuthClient:
     """OpenID Connect relying party for one provider and one confidential client.
 
-    Share one instance (and one ``httpx.AsyncClient``) per process: discovery and the key set are
-    cached on it, and concurrent callers share a single fetch.
+    Share one instance per process: discovery and the key set are cached on it, and concurrent
+    callers share a single fetch. ``http`` is one ``httpx.AsyncClient`` for every request, or
+    :class:`HttpClients` that lend each request a client of its own (workers: many provider
+    calls at once).
     """
 
     def __init__(
         self,
         settings: Settings,
-        http: httpx.AsyncClient,
+        http: httpx.AsyncClient | HttpClients,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -820,6 +824,11 @@ class OAuthClient:
 
     # HTTP ----------------------------------------------------------------------------------------
 
+    def _client(self) -> contextlib.AbstractAsyncContextManager[httpx.AsyncClient]:
+        if isinstance(self._http, HttpClients):
+            return self._http.lease()
+        return contextlib.nullcontext(self._http)
+
     def _timeout(self) -> httpx.Timeout:
         t = self._http.timeout
         d = DEFAULT_TIMEOUT_SECONDS
@@ -844,14 +853,17 @@ class OAuthClient:
         :data:`MAX_RESPONSE_BYTES`. Transport failures become :class:`ProviderUnavailable`; the
         httpx exception is not chained (its request holds the credentials)."""
         try:
-            async with self._http.stream(
-                method,
-                url,
-                data=data,
-                headers=headers,
-                timeout=self._timeout(),
-                follow_redirects=False,
-            ) as response:
+            async with (
+                self._client() as http,
+                http.stream(
+                    method,
+                    url,
+                    data=data,
+                    headers=headers,
+                    timeout=self._timeout(),
+                    follow_redirects=False,
+                ) as response,
+            ):
                 status = response.status_code
                 if status >= 500 or status in _TRANSIENT_STATUSES:
                     return _Reply(status, response.headers, b"")

@@ -34,6 +34,7 @@ from consent_flow._errors import (
     ProviderResponseError,
     ProviderUnavailable,
 )
+from consent_flow._http import HttpClients
 from consent_flow._oauth import (
     CLOCK_SKEW_LEEWAY,
     ID_TOKEN_MAX_AGE,
@@ -190,14 +191,26 @@ def clock() -> Clock:
     return Clock(NOW)
 
 
-@pytest.fixture
-async def http(provider: FakeProvider) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(provider), timeout=5.0) as client:
-        yield client
+@pytest.fixture(params=["shared", "lent"])
+async def http(
+    request: pytest.FixtureRequest, provider: FakeProvider
+) -> AsyncIterator[httpx.AsyncClient | HttpClients]:
+    """Every test twice: one shared client (callers, the server) and clients lent per request
+    (workers)."""
+    transport = httpx.MockTransport(provider)
+    if request.param == "shared":
+        async with httpx.AsyncClient(transport=transport, timeout=5.0) as client:
+            yield client
+    else:
+        clients = HttpClients(transport=transport, timeout=5.0)
+        try:
+            yield clients
+        finally:
+            await clients.aclose()
 
 
 @pytest.fixture
-def make_client(http: httpx.AsyncClient, clock: Clock) -> Callable[..., OAuthClient]:
+def make_client(http: httpx.AsyncClient | HttpClients, clock: Clock) -> Callable[..., OAuthClient]:
     def make(**changes: Any) -> OAuthClient:
         return OAuthClient(SETTINGS.with_changes(**changes), http, clock=clock)
 
@@ -416,7 +429,7 @@ async def test_discovery_redirect_is_not_followed(
 
 
 async def test_stale_discovery_is_kept_while_the_provider_is_down(
-    client: OAuthClient, provider: FakeProvider, clock: Clock, http: httpx.AsyncClient
+    client: OAuthClient, provider: FakeProvider, clock: Clock, http: httpx.AsyncClient | HttpClients
 ) -> None:
     await client.metadata()
     provider.discovery = lambda r: httpx.Response(503)

@@ -14,12 +14,12 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
 import structlog
 from arq import cron, func
 
 from consent_flow._engine import Engine
 from consent_flow._errors import UnknownKeyError
+from consent_flow._http import HttpClients
 from consent_flow._metrics import HEARTBEAT_INTERVAL, MetricsRecorder
 from consent_flow._oauth import OAuthClient
 from consent_flow._queue import HANDLE_EVENT, JOB_SERIALIZERS, EventBus
@@ -93,7 +93,8 @@ def worker_settings(
         store = RedisStore(ctx["redis"], prefix=settings.redis_prefix)
         ring = KeyRing.from_strings(k.reveal() for k in settings.encryption_keys)
         await check_key_ring(store, ring)
-        http = httpx.AsyncClient(timeout=settings.http_timeout, follow_redirects=False)
+        # Up to max_jobs provider calls at once: each gets an httpx client of its own.
+        http = HttpClients(timeout=settings.http_timeout, follow_redirects=False)
         oauth = OAuthClient(settings, http)
         bus = EventBus(
             ctx["redis"],

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import httpx
-
 from consent_flow._engine import Engine
+from consent_flow._http import HttpClients
 from consent_flow._oauth import OAuthClient
 from consent_flow._queue import EventBus
 from consent_flow._refresh import Refresher
@@ -23,7 +22,7 @@ class Services:
     settings: Settings
     store: RedisStore
     bus: EventBus
-    http: httpx.AsyncClient
+    http: HttpClients
     oauth: OAuthClient
     ring: KeyRing
     engine: Engine

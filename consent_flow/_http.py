@@ -26,6 +26,9 @@ class HttpClients:
 
     def __init__(self, *, timeout: float | httpx.Timeout, max_idle: int = 64, **options: Any):
         self.timeout = httpx.Timeout(timeout)
+        if "transport" not in options:
+            # One TLS context for all of them: building one loads the CA store (milliseconds).
+            options.setdefault("verify", httpx.create_ssl_context())
         self._options = options
         self._max_idle = max_idle
         self._idle: list[httpx.AsyncClient] = []

@@ -47,10 +47,15 @@ class QueuedJob:
     payload: bytes
     score_ms: int
     expires_ms: int
+    replaces: str | None = None
+    """A job this one supersedes, removed from the queue in the same step (inside a commit)."""
 
     @property
     def keys(self) -> list[str]:
-        return [job_key_prefix + self.job_id, result_key_prefix + self.job_id, self.queue]
+        keys = [job_key_prefix + self.job_id, result_key_prefix + self.job_id, self.queue]
+        if self.replaces is not None:
+            keys.append(job_key_prefix + self.replaces)
+        return keys
 
     @property
     def args(self) -> list[Any]:

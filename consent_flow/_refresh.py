@@ -264,7 +264,7 @@ class Refresher:
             schedule_at=due_at,
             # Riding in the same commit: the next refresh's job, the counters, the release of
             # the lock and the caller's answer. One round trip for all of it.
-            job=self.scheduler.job_for(user, due_at),
+            job=self.scheduler.job_for(user, due_at, replacing=rec.next_refresh_at),
             counters=self.metrics.refresh_counters("success", lead=lead),
             unlock=lock.token,
         )
@@ -313,7 +313,7 @@ class Refresher:
             delete_fields=() if keep_inflight else ("inflight",),
             schedule_at=at,
             record_history=False,
-            job=self.scheduler.job_for(rec.user, at),
+            job=self.scheduler.job_for(rec.user, at, replacing=rec.next_refresh_at),
         )
         await self.store.commit(change)
 

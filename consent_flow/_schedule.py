@@ -10,6 +10,7 @@ commit and enqueue, or by a Redis failover); a job that is still queued is recog
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any
@@ -97,16 +98,25 @@ class Scheduler:
         self._due = pool.register_script(_DUE_WITHOUT_JOB)
         self._enqueue = pool.register_script(_ENQUEUE_MISSING)
 
-    def job_for(self, user: str, due: float) -> QueuedJob:
-        """The deferred refresh job for a due time, for a commit to queue with the schedule."""
+    def job_for(self, user: str, due: float, *, replacing: float | None = None) -> QueuedJob:
+        """The deferred refresh job for a due time, for a commit to queue with the schedule;
+        the job of the schedule it replaces (``replacing``, its due time) goes in that commit.
+
+        Removing the replaced job is harmless when it is the one running (arq's own clean-up
+        finds nothing left) and spares the queue a stale job when it is a later one (an
+        on-demand refresh came first)."""
         ms = due_ms(due)
-        return self.jobs.job(
+        replaces = None if replacing is None else refresh_job_id(user, due_ms(replacing))
+        job = self.jobs.job(
             REFRESH_JOB,
             (user, ms),
             job_id=refresh_job_id(user, ms),
             queue=self.queue_name,
             run_at_ms=ms,
         )
+        if replaces is None or replaces == job.job_id:
+            return job
+        return dataclasses.replace(job, replaces=replaces)
 
     async def schedule(self, user: str, due: float) -> None:
         """Queue the deferred refresh job for a due time the store already holds."""

@@ -318,9 +318,14 @@ end
 -- follow the sealed keys, in this order.
 local n = 14 + #slots
 if op.job then
+  if op.job[5] then
+    -- The job of the schedule this step replaced: gone with it.
+    redis.call('DEL', KEYS[n + 4])
+    redis.call('ZREM', KEYS[n + 3], op.job[5])
+  end
   enqueue(KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], ARGV[op.job[4]], op.job[1], op.job[2],
     op.job[3])
-  n = n + 3
+  n = n + (op.job[5] and 4 or 3)
 end
 if op.unlock then
   n = n + 1
@@ -509,6 +514,8 @@ class RedisStore:
             job_payload.append(job.payload)
             # Scores and expiries travel as strings: cjson prints numbers with 14 digits.
             op["job"] = [str(job.expires_ms), str(job.score_ms), job.job_id, 2 + len(blobs)]
+            if job.replaces is not None:
+                op["job"].append(job.replaces)
         if change.unlock is not None:
             extra_keys.append(k.lock(change.user))
             op["unlock"] = change.unlock
@@ -727,6 +734,8 @@ class MemoryStore:
         seen.append(change.event_id)
         del seen[:-SEEN_MAX_EVENTS]
         if change.job is not None:
+            if change.job.replaces is not None:
+                self.jobs.pop(change.job.replaces, None)
             self.jobs.setdefault(change.job.job_id, change.job.payload)
         if change.unlock is not None and self.locks.get(user) == change.unlock:
             del self.locks[user]

@@ -391,9 +391,16 @@ async def test_a_refresh_commits_its_next_job_counters_and_lock_release_at_once(
     store = stack.client.store
     await asyncio.sleep(1.0)
     before = await store.load("alice")
+    assert before.next_refresh_at is not None and before.next_refresh_at > time.time()
+    replaced = refresh_job_id("alice", due_ms(before.next_refresh_at))
+    assert await store.redis.exists(job_key_prefix + replaced)  # the schedule's job, queued
     await stack.client.access_token("alice", min_ttl=TOKEN_TTL - 0.5)  # refreshes on demand
     rec = await store.load("alice")
     assert rec.version > before.version and rec.next_refresh_at is not None
+    assert before.next_refresh_at != rec.next_refresh_at
+    # The job of the schedule the refresh replaced went with it: no stale job left queued.
+    assert not await store.redis.exists(job_key_prefix + replaced)
+    assert await store.redis.zscore(stack.settings.queue_name, replaced) is None
     job_id = refresh_job_id("alice", due_ms(rec.next_refresh_at))
     assert await store.redis.exists(job_key_prefix + job_id)
     assert await store.redis.zscore(stack.settings.queue_name, job_id) == due_ms(

@@ -1,9 +1,10 @@
 """Refresh scheduling: a deferred arq job per grant, backed by a sorted set that a sweep reads.
 
 Each provisioned user has one entry in ``cf:sched`` scored by the next refresh's due time (ms),
-written in the same commit as the tokens. After the commit a deferred arq job with the
-deterministic id ``refresh:<user>:<due ms>`` is queued; its arguments are just the user and the
-due time, positional (a million of them wait in Redis). A cron sweep reads the due part of the
+written in the same commit as the tokens, with a deferred arq job of the deterministic id
+``refresh:<user>:<due ms>``: a refresh's commit queues it itself (and removes the job it
+replaces), a new grant's right after its commit. Its arguments are just the user and the due
+time, positional (a million of them wait in Redis). A cron sweep reads the due part of the
 set (O(log n + due)) and queues again, in one round trip, whatever job is missing (lost between
 commit and enqueue, or by a Redis failover); a job that is still queued is recognised by its id.
 """

@@ -14,7 +14,6 @@ import hashlib
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
@@ -74,17 +73,10 @@ class Refresher:
 
     # --- the pause for everyone (invalid_client) ---------------------------------------------
 
-    async def halted(self) -> dict[str, str] | None:
-        """Why refreshes are paused for everyone, or None."""
-        return await self._pause_from(await self.store.redis.hgetall(self.store.keys.halt))
-
-    async def _pause_from(self, raw: dict[Any, Any]) -> dict[str, str] | None:
-        if not raw:
+    async def _pause_from(self, halt: dict[str, str]) -> dict[str, str] | None:
+        """Why refreshes are paused for everyone (``cf:halt`` as read), or None."""
+        if not halt:
             return None
-        halt = {
-            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in raw.items()
-        }
         if halt.get("fingerprint") != self.fingerprint:
             # This process runs with other credentials than the ones that were refused: the
             # operator fixed them. Lift the pause and let this refresh prove it.
@@ -125,7 +117,7 @@ class Refresher:
         envelope = envelope or Envelope(Event.TOKEN_REFRESHED, user, "worker", reply=False)
         lock = self.engine.user_lock(user)
 
-        async def attempt() -> tuple[str | None, tuple[ConsentRecord, dict[Any, Any]]]:
+        async def attempt() -> tuple[str | None, tuple[ConsentRecord, dict[str, str]]]:
             # The lock, the record under it and the pause for everyone: one round trip.
             token, rec, halt = await self.store.lock_and_load(
                 user, self.engine.lock_ttl, also=self.store.keys.halt

@@ -80,21 +80,25 @@ async def test_deferred_jobs_are_scored_and_expire_like_arq(pool, queue_name):
     assert 0 < await pool.pttl(job_key_prefix + "soon") <= 2000
 
 
-async def _run_workers(redis_server, queue_name, functions, count=3, *, seconds=2.0) -> None:
+def _worker(redis_server, queue_name, functions, **options: Any) -> ConsentWorker:
+    options = {"max_jobs": 20, **options}
+    return ConsentWorker(
+        functions=functions,
+        queue_name=queue_name,
+        redis_settings=arq_redis_settings(redis_server.url),
+        poll_delay=0.005,
+        keep_result=0,
+        handle_signals=False,
+        **options,
+        **JOB_SERIALIZERS,
+    )
+
+
+async def _run_workers(
+    redis_server, queue_name, functions, count=3, *, seconds=2.0, **options: Any
+) -> None:
     """Several ConsentWorkers on one queue, for a while, then closed."""
-    workers: list[Any] = [
-        ConsentWorker(
-            functions=functions,
-            queue_name=queue_name,
-            redis_settings=arq_redis_settings(redis_server.url),
-            poll_delay=0.005,
-            keep_result=0,
-            handle_signals=False,
-            max_jobs=20,
-            **JOB_SERIALIZERS,
-        )
-        for _ in range(count)
-    ]
+    workers = [_worker(redis_server, queue_name, functions, **options) for _ in range(count)]
     tasks = [asyncio.create_task(w.async_run()) for w in workers]
     try:
         await asyncio.sleep(seconds)
@@ -148,3 +152,76 @@ async def test_a_job_in_progress_elsewhere_is_not_claimed(redis_server, pool, qu
     assert time.monotonic() - started >= 0.5
     assert runs == []
     assert await pool.zscore(queue_name, "busy") is not None
+
+
+async def test_jobs_behind_ones_running_elsewhere_are_claimed(redis_server, pool, queue_name):
+    runs: list[str] = []
+
+    async def work(ctx: dict[str, Any], name: str) -> None:
+        runs.append(name)
+
+    jobs = JobQueue(pool)
+    now = timestamp_ms()
+    for n in range(5):
+        name = f"{queue_name}-{n}"
+        await jobs.put(jobs.job("work", (name,), job_id=name, queue=queue_name, run_at_ms=now + n))
+        if n < 3:  # the oldest three run elsewhere
+            await pool.set(in_progress_key_prefix + name, b"1", px=60_000)
+    from arq import func
+
+    await _run_workers(redis_server, queue_name, [func(work, name="work")], count=1, seconds=0.5)
+    assert sorted(runs) == [f"{queue_name}-3", f"{queue_name}-4"]
+    assert len(await pool.zrange(queue_name, 0, -1)) == 3
+
+
+async def test_a_worker_claims_no_more_jobs_than_it_has_free_slots(redis_server, pool, queue_name):
+    running = 0
+    most = 0
+    runs: list[int] = []
+
+    async def work(ctx: dict[str, Any], n: int) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        # Only the jobs this worker runs are marked in progress: none waits claimed.
+        marked = await pool.keys(f"{in_progress_key_prefix}{queue_name}-*")
+        assert len(marked) <= 2
+        await asyncio.sleep(0.05)
+        running -= 1
+        runs.append(n)
+
+    jobs = JobQueue(pool)
+    for n in range(8):
+        await jobs.put(jobs.job("work", (n,), job_id=f"{queue_name}-{n}", queue=queue_name))
+    from arq import func
+
+    await _run_workers(
+        redis_server, queue_name, [func(work, name="work")], count=1, seconds=1.0, max_jobs=2
+    )
+    assert sorted(runs) == list(range(8))
+    assert most == 2
+
+
+async def test_burst_mode_stops_after_max_burst_jobs(redis_server, pool, queue_name):
+    runs: list[int] = []
+
+    async def work(ctx: dict[str, Any], n: int) -> None:
+        runs.append(n)
+
+    jobs = JobQueue(pool)
+    now = timestamp_ms()
+    for n in range(5):
+        await jobs.put(
+            jobs.job("work", (n,), job_id=f"{queue_name}-{n}", queue=queue_name, run_at_ms=now + n)
+        )
+    from arq import func
+
+    worker = _worker(
+        redis_server, queue_name, [func(work, name="work")], burst=True, max_burst_jobs=3
+    )
+    try:
+        await asyncio.wait_for(worker.async_run(), timeout=10)
+    finally:
+        await worker.close()
+    assert sorted(runs) == [0, 1, 2]
+    assert len(await pool.zrange(queue_name, 0, -1)) == 2

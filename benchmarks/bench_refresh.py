@@ -3,20 +3,20 @@
 One run starts a private ``redis-server`` (a free port, a temporary folder; never the system Redis),
 the local OpenID provider (oidc-provider; one-hour access tokens, refresh tokens that rotate on
 every use, where a reused one kills the grant), three worker processes of the project (this script
-run as ``--worker``, which builds ``ConsentWorker(**worker_settings(...))`` as
+run as ``--worker project``, which builds ``ConsentWorker(**worker_settings(...))`` as
 ``consent-flow worker`` does, JSON logs to a file as docker-compose runs it) and the callback
 server in this process.
 
 It provisions ``--users`` users end to end (``ConsentClient.request_provisioning``, a headless
 login and approval at the provider, the browser's GET of the callback), and obtains as many grants
-of other accounts straight from the provider (PKCE code flow) for the baseline. Then, each phase
-with ``--users`` concurrent callers, each caller on a user (or grant) of its own, closed loop,
-after a warm-up:
+of other accounts straight from the provider (PKCE code flow) for the baseline, and as many again
+for the floor. Then, each phase with ``--users`` concurrent callers, each caller on a user (or
+grant) of its own, closed loop, after a warm-up:
 
 (a) the provider's capacity: plain refresh calls with httpx, straight to the token endpoint with
     client_secret_basic, each using the refresh token its previous call was given (a rotating
-    chain per caller). Measured before and after (b); the mean of the two is the baseline, so
-    a provider that slows down as it accumulates tokens does not flatter either side.
+    chain per caller). Measured first and last; the mean of the two is the baseline, so a
+    provider that slows down as it accumulates tokens does not flatter any phase.
 (b) refreshes through the project. Each call is the on-demand refresh that
     ``ConsentClient.access_token`` makes when the stored token does not live long enough: it
     calls the client's own ``TokenBroker._refresh`` (an arq job ``refresh_tokens`` with
@@ -30,11 +30,20 @@ after a warm-up:
     under the token lifetime refreshes a user at most once per few seconds. Scheduled refreshes
     run the same worker code, with a non-blocking lock and no reply; they cannot be driven at a
     chosen rate without touching arq's queue behind the project's back.
+(c) the floor of a refresh through a queue: three worker processes of their own (the project's
+    ``ConsentWorker``, poll delay, ``max_jobs``, job format and logging; the project's workers
+    are stopped first) run a job that only opens a sealed refresh token, presents it (an
+    ``HttpClients`` client, as the project's OAuth client gets) and answers the sealed new one
+    on the caller's reply list. Callers queue it as the broker does (``JobQueue``) and wait as
+    ``EventBus.wait`` does, each rotating a chain of its own (grants straight from the provider).
+    No lock, record, commit, schedule, history or log line: what (b) cannot go below with arq,
+    redis-py and httpx on this machine.
 
-Reported: refreshes per second of (a) and (b), the ratio (b)/(a) (target >= 0.7), CPU
-milliseconds per refresh of each process (Linux /proc), and the provider's own counters (no
-rotated token reused, no refresh error). Missed targets are reported, never an exit code: only a
-failure (a worker that dies, a refresh that did not happen, a reused token) exits non-zero.
+Reported: refreshes per second of (a), (b) and (c), the ratio (b)/(a) (target >= 0.7), the
+floor's (c)/(a) and the project's share of it (b)/(c), CPU milliseconds per refresh of each
+process (Linux /proc), and the provider's own counters (no rotated token reused, no refresh
+error). Missed targets are reported, never an exit code: only a failure (a worker that dies, a
+refresh that did not happen, a reused token) exits non-zero.
 
     .venv/bin/python benchmarks/bench_refresh.py [--users 50] [--seconds 10] [--json]
 """
@@ -107,6 +116,70 @@ def run_project_worker() -> None:
     ConsentWorker(**worker_settings(settings, settings.redis_url)).run()
 
 
+FLOOR_JOB = "floor_refresh"
+FLOOR_USER = "floor"  # what the floor's sealed refresh tokens are bound to
+FLOOR_PURPOSE = "bench-floor"
+
+
+async def floor_refresh(ctx: dict[str, Any], sealed: str, reply: str) -> None:
+    """The floor's job: open the refresh token, present it, answer the new one, sealed, on the
+    caller's reply list (as ``EventBus.reply`` answers). No lock, record, commit or schedule."""
+    ring, http, endpoint, headers = ctx["floor"]
+    token = ring.decrypt(sealed, user=FLOOR_USER, purpose=FLOOR_PURPOSE).decode()
+    async with http.lease() as client:
+        answer = await client.post(
+            endpoint, data={"grant_type": "refresh_token", "refresh_token": token}, headers=headers
+        )
+    fresh = answer.json().get("refresh_token") if answer.status_code == 200 else None
+    sealed_fresh = (
+        ring.encrypt(fresh.encode(), user=FLOOR_USER, purpose=FLOOR_PURPOSE) if fresh else ""
+    )
+    async with ctx["redis"].pipeline(transaction=True) as pipe:
+        pipe.rpush(reply, sealed_fresh)
+        pipe.expire(reply, 60)
+        await pipe.execute()
+
+
+def run_floor_worker() -> None:
+    """The floor's worker: the project's ``ConsentWorker`` (its claim, its event loop) with the
+    project's poll delay, ``max_jobs``, job format and logging, running ``floor_refresh`` only."""
+    from arq import func
+
+    from consent_flow import KeyRing
+    from consent_flow._http import HttpClients
+    from consent_flow._logging import configure_logging
+    from consent_flow._queue import JOB_SERIALIZERS
+    from consent_flow._redis import arq_redis_settings
+    from workers import ConsentWorker, worker_settings
+
+    settings = bench_settings(dict(os.environ))
+    configure_logging(settings.log_format, logging.INFO)
+    assert settings.redis_url
+    project = worker_settings(settings, settings.redis_url)
+    queue = os.environ["BENCH_FLOOR_QUEUE"]
+    ring = KeyRing.from_strings(k.reveal() for k in settings.encryption_keys)
+    headers = {"Authorization": basic_auth(), "Accept": "application/json"}
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        http = HttpClients(timeout=settings.http_timeout, follow_redirects=False)
+        ctx["floor"] = (ring, http, os.environ["BENCH_TOKEN_ENDPOINT"], headers)
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        if "floor" in ctx:
+            await ctx["floor"][1].aclose()
+
+    ConsentWorker(
+        functions=[func(floor_refresh, name=FLOOR_JOB, keep_result=0)],
+        on_startup=startup,
+        on_shutdown=shutdown,
+        redis_settings=arq_redis_settings(settings.redis_url),
+        **JOB_SERIALIZERS,
+        queue_name=queue,
+        health_check_key=queue + ":health-check",
+        **{k: project[k] for k in ("poll_delay", "keep_result", "max_jobs", "handle_signals")},
+    ).run()
+
+
 def bench_settings(env: dict[str, str]) -> Any:
     from consent_flow import Settings
 
@@ -117,11 +190,13 @@ def bench_settings(env: dict[str, str]) -> Any:
 # --- infrastructure ----------------------------------------------------------------------------
 
 
-def start_worker(name: str, env: dict[str, str], workdir: Path) -> WorkerProcess:
+def start_worker(
+    name: str, env: dict[str, str], workdir: Path, kind: str = "project"
+) -> WorkerProcess:
     log = workdir / f"worker-{name}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--worker"],
+            [sys.executable, str(Path(__file__).resolve()), "--worker", kind],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -131,15 +206,17 @@ def start_worker(name: str, env: dict[str, str], workdir: Path) -> WorkerProcess
     return WorkerProcess(name, process, log)
 
 
-def wait_ready(workers: list[WorkerProcess], redis_url: str, health_key: str) -> None:
-    """Each worker logs ``worker_started`` at the end of its start-up, then arq polls and records
-    its health key: then they all take jobs."""
+def wait_ready(
+    workers: list[WorkerProcess], redis_url: str, health_key: str, started_line: str | None
+) -> None:
+    """Each worker logs ``started_line`` at the end of its start-up (the project's
+    ``worker_started``), then arq polls and records its health key: then they all take jobs."""
     deadline = time.monotonic() + READY_TIMEOUT
     with redis.Redis.from_url(redis_url) as r:
         while True:
             for worker in workers:
                 worker.check()
-            started = all("worker_started" in tail(w.log, 200) for w in workers)
+            started = started_line is None or all(started_line in tail(w.log, 200) for w in workers)
             if started and r.exists(health_key):
                 return
             if time.monotonic() > deadline:
@@ -345,6 +422,44 @@ async def bench_project(
         await broker.close()
 
 
+async def bench_floor(
+    pool: Any,
+    ring: Any,
+    queue: str,
+    chains: list[str],
+    warmup: float,
+    seconds: float,
+    alive: Callable[[], None],
+    processes: dict[str, list[int]],
+) -> Run:
+    """(c) the floor: each call queues a ``floor_refresh`` job (``JobQueue``, as the broker
+    queues its refresh) and waits for the sealed new refresh token on a reply list (BLMOVE, as
+    ``EventBus.wait``)."""
+    from consent_flow._jobs import JobQueue
+
+    jobs = JobQueue(pool)
+    sealed = [ring.encrypt(t.encode(), user=FLOOR_USER, purpose=FLOOR_PURPOSE) for t in chains]
+
+    async def call(n: int, i: int) -> None:
+        event = uuid.uuid4().hex
+        reply = f"{queue}:reply:{event}"
+        await jobs.put(
+            jobs.job(
+                FLOOR_JOB,
+                (sealed[n], reply),
+                job_id=f"floor:{event}",
+                queue=queue,
+                expires_ms=int(EVENT_TIMEOUT * 1000),
+            )
+        )
+        answer = await pool.blmove(reply, reply, EVENT_TIMEOUT, "LEFT", "RIGHT")
+        if not answer:
+            raise BenchError("a floor refresh got no new refresh token (or no answer)")
+        sealed[n] = answer.decode()
+
+    return await drive(len(chains), warmup, seconds, call, alive, processes)
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 
@@ -393,6 +508,8 @@ def project_env(
         CONSENT_LOG_FORMAT="json",  # as docker-compose.yml runs it
         CONSENT_DATA_DIR=str(workdir / "data"),
         BENCH_QUEUE=queue,
+        BENCH_FLOOR_QUEUE=f"{prefix}:floor",
+        BENCH_TOKEN_ENDPOINT=provider.metadata["token_endpoint"],
     )
     return env
 
@@ -436,12 +553,15 @@ async def measure(n_users: int, seconds: float, warmup: float, workdir: Path) ->
         if node is not None:
             processes["provider"] = [node.pid]
         try:
-            wait_ready(workers, server.url, settings.queue_name + ":health-check")
+            wait_ready(workers, server.url, settings.queue_name + ":health-check", "worker_started")
             users = [f"user{i:04d}" for i in range(n_users)]
             t0 = time.monotonic()
             async with ConsentClient(settings) as client:
                 await provision_users(client, settings, users)
                 chains = await direct_grants(provider, [f"base{i:04d}" for i in range(n_users)])
+                floor_chains = await direct_grants(
+                    provider, [f"floor{i:04d}" for i in range(n_users)]
+                )
                 setup_s = time.monotonic() - t0
 
                 baseline_1 = await bench_provider(
@@ -457,6 +577,28 @@ async def measure(n_users: int, seconds: float, warmup: float, workdir: Path) ->
                 project = await bench_project(client, users, warmup, seconds, alive, processes)
                 commands = diff_counts(command_counts(server), commands_before)
                 stats = provider.stats()
+                # (c) the floor, on worker processes of its own; the project's are stopped so
+                # that neither phase pays for the other's idle polling.
+                for worker in workers:
+                    worker.stop()
+                floor_env = dict(env, BENCH_QUEUE=env["BENCH_FLOOR_QUEUE"])
+                workers = [
+                    start_worker(f"floor-{i + 1}", floor_env, workdir, "floor")
+                    for i in range(WORKERS)
+                ]
+                processes["workers"] = [w.process.pid for w in workers]
+                wait_ready(workers, server.url, env["BENCH_FLOOR_QUEUE"] + ":health-check", None)
+                floor = await bench_floor(
+                    client.pool,
+                    client.ring,
+                    env["BENCH_FLOOR_QUEUE"],
+                    floor_chains,
+                    warmup,
+                    seconds,
+                    alive,
+                    processes,
+                )
+                floor_stats = provider.stats()
                 baseline_2 = await bench_provider(
                     provider,
                     chains,
@@ -477,7 +619,9 @@ async def measure(n_users: int, seconds: float, warmup: float, workdir: Path) ->
         )
     if stats.get("refresh_errors"):
         raise BenchError(f"the provider counted {stats['refresh_errors']} refresh errors")
-    a1, a2, b = summary(baseline_1), summary(baseline_2), summary(project)
+    if floor_stats.get("refresh_reuse_detected") or floor_stats.get("refresh_errors"):
+        raise BenchError(f"the provider counted reuse or errors during the floor: {floor_stats}")
+    a1, a2, b, c = summary(baseline_1), summary(baseline_2), summary(project), summary(floor)
     # Redis commands per refresh over the whole phase (warm-up included, so per started call):
     # the caller's, the workers' (jobs, arq's polling and bookkeeping) and the sweeps'.
     started = len(project.samples)
@@ -486,6 +630,7 @@ async def measure(n_users: int, seconds: float, warmup: float, workdir: Path) ->
     }
     baseline = (a1["per_s"] + a2["per_s"]) / 2
     ratio = b["per_s"] / baseline if baseline else 0.0
+    floor_ratio = c["per_s"] / baseline if baseline else 0.0
     return {
         "users": n_users,
         "callers": n_users,
@@ -499,6 +644,9 @@ async def measure(n_users: int, seconds: float, warmup: float, workdir: Path) ->
         "provider_before": a1,
         "project": b,
         "provider_after": a2,
+        "floor": c,
+        "floor_ratio": round(floor_ratio, 3),
+        "project_share_of_floor": round(b["per_s"] / c["per_s"], 3) if c["per_s"] else 0.0,
         "baseline_per_s": round(baseline, 1),
         "ratio": round(ratio, 3),
         "redis_commands_per_refresh": round(sum(commands.values()) / started, 1),
@@ -531,9 +679,12 @@ def report(r: dict[str, Any]) -> str:
             f"set-up (provisioning end to end) {r['setup_seconds']:g} s",
             row("(a) provider, plain httpx refreshes (before): ", r["provider_before"]),
             row("(b) through the project (on-demand, queue):   ", r["project"]),
+            row("(c) floor: queue, claim, call, reply:         ", r["floor"]),
             row("(a) provider, plain httpx refreshes (after):  ", r["provider_after"]),
             f"    ratio (b) / mean(a) = {r['project']['per_s']:.1f} / {r['baseline_per_s']:.1f} = "
             f"{r['ratio']:.3f}   target >= {r['target_ratio']}: {met(r['ratio_met'])}",
+            f"    floor (c) / mean(a) = {r['floor_ratio']:.3f}: the most a refresh through an arq "
+            f"queue and httpx gets here; (b) / (c) = {r['project_share_of_floor']:.3f}",
             f"    provider during (b): {r['provider_refresh_requests_in_project_phase']} refresh "
             f"requests, {r['provider_refresh_reuse_detected']} reused rotated tokens",
             f"    Redis commands per refresh during (b): {r['redis_commands_per_refresh']:.1f} ("
@@ -563,11 +714,14 @@ def main(argv: list[str] | None = None) -> int:
         help="warm-up seconds per phase (default: half of --seconds, 1 to 3)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("project", "floor"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    if args.worker:
+    if args.worker == "project":
         run_project_worker()
+        return 0
+    if args.worker == "floor":
+        run_floor_worker()
         return 0
     if args.seconds <= 0 or args.users < 1:
         parser.error("--seconds must be positive and --users at least 1")

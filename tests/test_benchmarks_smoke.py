@@ -85,16 +85,24 @@ def _run_json(path: Path, *args: str, timeout: float = 120) -> dict:
 def test_bench_refresh_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPatch) -> None:
     script = ROOT / "benchmarks" / "bench_refresh.py"
     figures = _run_json(script, "--users", "4", "--seconds", "1", "--warmup", "0.5")
-    for phase in ("provider_before", "project", "provider_after"):
+    for phase in ("provider_before", "project", "floor", "provider_after"):
         assert figures[phase]["per_s"] > 0 and figures[phase]["calls"] > 0, (phase, figures)
         assert figures[phase]["p50_ms"] <= figures[phase]["p99_ms"]
     assert figures["ratio"] > 0 and figures["baseline_per_s"] > 0
+    assert figures["floor_ratio"] > 0 and figures["project_share_of_floor"] > 0
     assert figures["workers"] == 3 and figures["callers"] == figures["users"] == 4
     assert figures["target_ratio"] == 0.7
     assert figures["provider_refresh_reuse_detected"] == 0
     assert figures["redis_commands_per_refresh"] > 0
     text = _load_script(monkeypatch, script).report(figures)  # type: ignore[attr-defined]
-    for needle in ("(a) provider", "(b) through the project", "ratio (b) / mean(a)", "target"):
+    for needle in (
+        "(a) provider",
+        "(b) through the project",
+        "(c) floor",
+        "ratio (b) / mean(a)",
+        "floor (c) / mean(a)",
+        "target",
+    ):
         assert needle in text
 
 

@@ -27,6 +27,7 @@ from ._errors import (
     ProviderUnavailable,
     VaultError,
 )
+from ._jobs import JobRef
 from ._machine import ConsentMachine, Event, State, Transition
 from ._model import Change, ConsentRecord, clip, iso
 from ._oauth import (
@@ -38,8 +39,9 @@ from ._oauth import (
     new_state,
 )
 from ._queue import Envelope, Outcome, new_id
+from ._schedule import refresh_job_id
 from ._settings import Settings
-from ._store import RedisStore, state_hash
+from ._store import RedisStore, due_ms, state_hash
 from ._vault import KeyRing, open_tokens, seal_tokens
 
 _T = TypeVar("_T")
@@ -191,6 +193,14 @@ class Engine:
             **kwargs,
         )
 
+    def scheduled_job(self, rec: ConsentRecord) -> JobRef | None:
+        """The deferred refresh job of ``rec``'s schedule, for a step that cancels it."""
+        if rec.next_refresh_at is None:
+            return None
+        return JobRef(
+            refresh_job_id(rec.user, due_ms(rec.next_refresh_at)), self.settings.queue_name
+        )
+
     def seal_tokens(self, user: str, tokens: dict[str, str | None]) -> bytes:
         return seal_tokens(self.ring, user, tokens)
 
@@ -272,6 +282,7 @@ class Engine:
                 delete_fields=("claimed", "reason", *TOKEN_FIELDS),
                 session_lookup=(state_hash(state), self.settings.session_ttl),
                 unschedule=True,
+                drop_job=self.scheduled_job(rec),
             )
             # The caller's answer rides in the commit itself: one round trip less per event.
             outcome = self.outcome(rec.after(change, rec.version + 1), envelope, "applied", url=url)
@@ -478,6 +489,7 @@ class Engine:
                     delete_fields=(*SESSION_FIELDS, *TOKEN_FIELDS),
                     drop_session_lookup=rec.session_digest,
                     unschedule=True,
+                    drop_job=self.scheduled_job(rec),
                 )
                 result = await self.store.commit(change)
                 if result.status == "conflict":

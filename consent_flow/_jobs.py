@@ -18,7 +18,7 @@ from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 
-__all__ = ["ENQUEUE_LUA", "JobQueue", "QueuedJob"]
+__all__ = ["ENQUEUE_LUA", "JobQueue", "JobRef", "QueuedJob"]
 
 # KEYS: job key, result key, queue. ARGV: payload, expiry (ms), score (ms), job id.
 ENQUEUE_LUA = """
@@ -60,6 +60,19 @@ class QueuedJob:
     @property
     def args(self) -> list[Any]:
         return [self.payload, self.expires_ms, self.score_ms, self.job_id]
+
+
+@dataclass(frozen=True, slots=True)
+class JobRef:
+    """A queued arq job that a commit removes (its key and its queue entry): the job of a
+    schedule the commit cancels."""
+
+    job_id: str
+    queue: str
+
+    @property
+    def keys(self) -> list[str]:
+        return [job_key_prefix + self.job_id, self.queue]
 
 
 class JobQueue:

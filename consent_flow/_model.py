@@ -13,7 +13,7 @@ from ._errors import ConsentError
 from ._machine import Event, State
 
 if TYPE_CHECKING:
-    from ._jobs import QueuedJob
+    from ._jobs import JobRef, QueuedJob
 
 __all__ = [
     "CIPHER_FIELDS",
@@ -261,9 +261,11 @@ class Change:
     drop_session_lookup: str | None = None  # state hash to forget
     record_history: bool = True
     reply: tuple[str, str] | None = None  # (reply key, outcome JSON) pushed if the commit applies
-    # Also only if the commit applies: the next refresh's arq job, the release of the user's
-    # lock (its owner token), and counters added to hashes (key, field, amount as text).
+    # Also only if the commit applies: the next refresh's arq job, the job of the schedule it
+    # cancels (with ``unschedule``), the release of the user's lock (its owner token), and
+    # counters added to hashes (key, field, amount as text).
     job: QueuedJob | None = None
+    drop_job: JobRef | None = None
     unlock: str | None = None
     counters: tuple[tuple[str, str, str], ...] = ()
 

@@ -339,6 +339,7 @@ class Refresher:
             correlation_id=envelope.correlation_id,
             delete_fields=TOKEN_FIELDS,
             unschedule=True,
+            drop_job=self.engine.scheduled_job(rec),
         )
         result = await self.store.commit(change)
         if not result.ok:

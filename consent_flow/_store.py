@@ -314,8 +314,8 @@ if op.reply then
   redis.call('EXPIRE', KEYS[14], op.reply_ttl)
 end
 -- What rides along only when the step applies: the next refresh's arq job (its payload is the
--- argument after the sealed values), the release of the user's lock, and counters. Their keys
--- follow the sealed keys, in this order.
+-- argument after the sealed values), the job of a cancelled schedule, the release of the user's
+-- lock, and counters. Their keys follow the sealed keys, in this order.
 local n = 14 + #slots
 if op.job then
   if op.job[5] then
@@ -326,6 +326,12 @@ if op.job then
   enqueue(KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], ARGV[op.job[4]], op.job[1], op.job[2],
     op.job[3])
   n = n + (op.job[5] and 4 or 3)
+end
+if op.drop_job then
+  -- The job of the schedule this step cancels: a revoked grant leaves nothing queued.
+  redis.call('DEL', KEYS[n + 1])
+  redis.call('ZREM', KEYS[n + 2], op.drop_job)
+  n = n + 2
 end
 if op.unlock then
   n = n + 1
@@ -516,6 +522,9 @@ class RedisStore:
             op["job"] = [str(job.expires_ms), str(job.score_ms), job.job_id, 2 + len(blobs)]
             if job.replaces is not None:
                 op["job"].append(job.replaces)
+        if change.drop_job is not None:
+            extra_keys += change.drop_job.keys
+            op["drop_job"] = change.drop_job.job_id
         if change.unlock is not None:
             extra_keys.append(k.lock(change.user))
             op["unlock"] = change.unlock
@@ -737,6 +746,8 @@ class MemoryStore:
             if change.job.replaces is not None:
                 self.jobs.pop(change.job.replaces, None)
             self.jobs.setdefault(change.job.job_id, change.job.payload)
+        if change.drop_job is not None:
+            self.jobs.pop(change.drop_job.job_id, None)
         if change.unlock is not None and self.locks.get(user) == change.unlock:
             del self.locks[user]
         for key, name, amount in change.counters:

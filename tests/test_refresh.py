@@ -430,6 +430,37 @@ async def test_after_revocation_no_process_hands_the_token_out(make_stack, stead
             await other.access_token("alice", min_ttl=0)
 
 
+async def test_a_revocation_removes_the_queued_refresh_job(make_stack, steady):
+    """The revocation's commit takes the deferred job of the schedule it cancels with it: no
+    job of a revoked grant waits in the queue to run as a no-op."""
+    from arq.constants import job_key_prefix
+
+    from consent_flow._schedule import refresh_job_id
+    from consent_flow._store import due_ms
+
+    stack = await make_stack(op=steady, refresh_margin=1, worker_options=FAST)
+    await provision(stack, "alice")
+    store, queue = stack.client.store, stack.settings.queue_name
+
+    async def queued() -> list[bytes]:
+        return [m for m in await store.redis.zrange(queue, 0, -1) if m.startswith(b"refresh:al")]
+
+    rec = await store.load("alice")
+    assert rec.next_refresh_at is not None and rec.next_refresh_at > time.time() + 1
+    job_id = refresh_job_id("alice", due_ms(rec.next_refresh_at))
+    assert await wait_for(lambda: store.redis.exists(job_key_prefix + job_id), timeout=2)
+    await stack.client.revoke("alice")
+    assert await store.redis.zscore(store.keys.sched, "alice") is None
+
+    async def gone() -> bool:
+        # A refresh that was running when the revocation came is cleaned up by arq itself. (Job
+        # keys are arq's, global: other tests' alices have theirs; the queue is this stack's.)
+        return not await store.redis.exists(job_key_prefix + job_id) and not await queued()
+
+    assert await wait_for(gone, timeout=1.0)
+    assert rec.next_refresh_at > time.time()  # the job was still due later: the commit took it
+
+
 async def test_broker_errors_are_clear(stack):
     with pytest.raises(NotProvisioned) as info:
         await stack.client.access_token("nobody")

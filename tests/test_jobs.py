@@ -225,3 +225,26 @@ async def test_burst_mode_stops_after_max_burst_jobs(redis_server, pool, queue_n
         await worker.close()
     assert sorted(runs) == [0, 1, 2]
     assert len(await pool.zrange(queue_name, 0, -1)) == 2
+
+
+async def test_a_retried_job_runs_again_when_its_delay_is_over(redis_server, pool, queue_name):
+    """arq's Retry puts the job back with a later score and frees it: the poll claims it again
+    only when that time comes, and ctx carries the try number."""
+    from arq import Retry, func
+
+    runs: list[tuple[int, float]] = []
+
+    async def work(ctx: dict[str, Any]) -> None:
+        runs.append((ctx["job_try"], time.monotonic()))
+        if ctx["job_try"] == 1:
+            raise Retry(defer=0.4)
+
+    jobs = JobQueue(pool)
+    await jobs.put(jobs.job("work", (), job_id=f"{queue_name}-retry", queue=queue_name))
+    await _run_workers(
+        redis_server, queue_name, [func(work, name="work", max_tries=3)], count=2, seconds=1.5
+    )
+    assert [t for t, _ in runs] == [1, 2]
+    assert runs[1][1] - runs[0][1] >= 0.35  # not before its delay (clocks differ by a little)
+    assert await pool.zscore(queue_name, f"{queue_name}-retry") is None
+    assert not await pool.exists(in_progress_key_prefix + f"{queue_name}-retry")

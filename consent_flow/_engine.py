@@ -39,9 +39,9 @@ from ._oauth import (
     new_state,
 )
 from ._queue import Envelope, Outcome, new_id
-from ._schedule import refresh_job_id
+from ._schedule import refresh_job_ref
 from ._settings import Settings
-from ._store import RedisStore, due_ms, state_hash
+from ._store import RedisStore, state_hash
 from ._vault import KeyRing, open_tokens, seal_tokens
 
 _T = TypeVar("_T")
@@ -194,12 +194,11 @@ class Engine:
         )
 
     def scheduled_job(self, rec: ConsentRecord) -> JobRef | None:
-        """The deferred refresh job of ``rec``'s schedule, for a step that cancels it."""
+        """The deferred refresh job of ``rec``'s schedule, for a step that cancels or replaces
+        it."""
         if rec.next_refresh_at is None:
             return None
-        return JobRef(
-            refresh_job_id(rec.user, due_ms(rec.next_refresh_at)), self.settings.queue_name
-        )
+        return refresh_job_ref(rec.user, rec.next_refresh_at, self.settings.queue_name)
 
     def seal_tokens(self, user: str, tokens: dict[str, str | None]) -> bytes:
         return seal_tokens(self.ring, user, tokens)

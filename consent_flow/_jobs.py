@@ -47,15 +47,10 @@ class QueuedJob:
     payload: bytes
     score_ms: int
     expires_ms: int
-    replaces: str | None = None
-    """A job this one supersedes, removed from the queue in the same step (inside a commit)."""
 
     @property
     def keys(self) -> list[str]:
-        keys = [job_key_prefix + self.job_id, result_key_prefix + self.job_id, self.queue]
-        if self.replaces is not None:
-            keys.append(job_key_prefix + self.replaces)
-        return keys
+        return [job_key_prefix + self.job_id, result_key_prefix + self.job_id, self.queue]
 
     @property
     def args(self) -> list[Any]:
@@ -65,7 +60,7 @@ class QueuedJob:
 @dataclass(frozen=True, slots=True)
 class JobRef:
     """A queued arq job that a commit removes (its key and its queue entry): the job of a
-    schedule the commit cancels."""
+    schedule the commit cancels or replaces."""
 
     job_id: str
     queue: str

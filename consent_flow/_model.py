@@ -262,7 +262,7 @@ class Change:
     record_history: bool = True
     reply: tuple[str, str] | None = None  # (reply key, outcome JSON) pushed if the commit applies
     # Also only if the commit applies: the next refresh's arq job, the job of the schedule it
-    # cancels (with ``unschedule``), the release of the user's lock (its owner token), and
+    # cancels or replaces, the release of the user's lock (its owner token), and
     # counters added to hashes (key, field, amount as text).
     job: QueuedJob | None = None
     drop_job: JobRef | None = None

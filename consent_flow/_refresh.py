@@ -24,6 +24,7 @@ from ._errors import (
     ProviderError,
     ProviderUnavailable,
 )
+from ._jobs import JobRef, QueuedJob
 from ._machine import Event, State
 from ._metrics import MetricsRecorder
 from ._model import Change, ConsentRecord, clip
@@ -224,6 +225,7 @@ class Refresher:
             log.warning("refresh_pause_lifted", why="a refresh succeeded")
         refresh_token = fresh.refresh_token or tokens["refresh_token"]  # kept when not rotated
         due_at = self.engine.refresh_due(fresh.expires_at, now)
+        job = self.scheduler.job_for(user, due_at)
         lead = None if rec.expires_at is None else rec.expires_at - now
         change = Change(
             user=user,
@@ -256,7 +258,8 @@ class Refresher:
             schedule_at=due_at,
             # Riding in the same commit: the next refresh's job, the counters, the release of
             # the lock and the caller's answer. One round trip for all of it.
-            job=self.scheduler.job_for(user, due_at, replacing=rec.next_refresh_at),
+            job=job,
+            drop_job=self._replaced(rec, job),
             counters=self.metrics.refresh_counters("success", lead=lead),
             unlock=lock.token,
         )
@@ -290,6 +293,7 @@ class Refresher:
         keep_inflight: bool = False,
     ) -> None:
         fields = {"next": repr(at)}
+        job = self.scheduler.job_for(rec.user, at)
         if error is not None:
             fields.update(referr=clip(error) or "", fails=str(rec.refresh_failures + 1))
         change = Change(
@@ -305,9 +309,18 @@ class Refresher:
             delete_fields=() if keep_inflight else ("inflight",),
             schedule_at=at,
             record_history=False,
-            job=self.scheduler.job_for(rec.user, at, replacing=rec.next_refresh_at),
+            job=job,
+            drop_job=self._replaced(rec, job),
         )
         await self.store.commit(change)
+
+    def _replaced(self, rec: ConsentRecord, job: QueuedJob) -> JobRef | None:
+        """The job of the schedule ``job`` replaces, for the commit to remove, unless it is the
+        same job. Removing it is harmless when it is the one running (arq's own clean-up finds
+        nothing left) and spares the queue a stale job when it is a later one (an on-demand
+        refresh came first)."""
+        old = self.engine.scheduled_job(rec)
+        return None if old is None or old.job_id == job.job_id else old
 
     async def _reject(
         self, rec: ConsentRecord, envelope: Envelope, *, lost_response: bool

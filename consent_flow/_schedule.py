@@ -11,7 +11,6 @@ commit and enqueue, or by a Redis failover); a job that is still queued is recog
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from typing import Any
@@ -19,10 +18,10 @@ from typing import Any
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 
-from ._jobs import JobQueue, QueuedJob
+from ._jobs import JobQueue, JobRef, QueuedJob
 from ._store import Keys, due_ms
 
-__all__ = ["REFRESH_JOB", "Scheduler", "refresh_job_id", "refresh_payload"]
+__all__ = ["REFRESH_JOB", "Scheduler", "refresh_job_id", "refresh_job_ref", "refresh_payload"]
 
 REFRESH_JOB = "refresh_tokens"
 SWEEP_LIMIT = 1000  # missing jobs one sweep batch requeues
@@ -33,6 +32,11 @@ JOB_EXPIRY_MS = 24 * 3600 * 1000  # how long a queued job waits for a worker bef
 
 def refresh_job_id(user: str, due: int) -> str:
     return f"refresh:{user}:{due}"
+
+
+def refresh_job_ref(user: str, due: float, queue: str) -> JobRef:
+    """The queued job of the schedule due at ``due`` (seconds), for a commit to remove."""
+    return JobRef(refresh_job_id(user, due_ms(due)), queue)
 
 
 def refresh_payload(user: str, due: int, enqueued_ms: int) -> bytes:
@@ -99,25 +103,16 @@ class Scheduler:
         self._due = pool.register_script(_DUE_WITHOUT_JOB)
         self._enqueue = pool.register_script(_ENQUEUE_MISSING)
 
-    def job_for(self, user: str, due: float, *, replacing: float | None = None) -> QueuedJob:
-        """The deferred refresh job for a due time, for a commit to queue with the schedule;
-        the job of the schedule it replaces (``replacing``, its due time) goes in that commit.
-
-        Removing the replaced job is harmless when it is the one running (arq's own clean-up
-        finds nothing left) and spares the queue a stale job when it is a later one (an
-        on-demand refresh came first)."""
+    def job_for(self, user: str, due: float) -> QueuedJob:
+        """The deferred refresh job for a due time, for a commit to queue with the schedule."""
         ms = due_ms(due)
-        replaces = None if replacing is None else refresh_job_id(user, due_ms(replacing))
-        job = self.jobs.job(
+        return self.jobs.job(
             REFRESH_JOB,
             (user, ms),
             job_id=refresh_job_id(user, ms),
             queue=self.queue_name,
             run_at_ms=ms,
         )
-        if replaces is None or replaces == job.job_id:
-            return job
-        return dataclasses.replace(job, replaces=replaces)
 
     async def schedule(self, user: str, due: float) -> None:
         """Queue the deferred refresh job for a due time the store already holds."""

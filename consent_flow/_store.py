@@ -314,24 +314,20 @@ if op.reply then
   redis.call('EXPIRE', KEYS[14], op.reply_ttl)
 end
 -- What rides along only when the step applies: the next refresh's arq job (its payload is the
--- argument after the sealed values), the job of a cancelled schedule, the release of the user's
--- lock, and counters. Their keys follow the sealed keys, in this order.
+-- argument after the sealed values), the job of a cancelled or replaced schedule, the release of
+-- the user's lock, and counters. Their keys follow the sealed keys, in the order: the dropped
+-- job, the new job, the lock, the counters.
 local n = 14 + #slots
-if op.job then
-  if op.job[5] then
-    -- The job of the schedule this step replaced: gone with it.
-    redis.call('DEL', KEYS[n + 4])
-    redis.call('ZREM', KEYS[n + 3], op.job[5])
-  end
-  enqueue(KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], ARGV[op.job[4]], op.job[1], op.job[2],
-    op.job[3])
-  n = n + (op.job[5] and 4 or 3)
-end
 if op.drop_job then
-  -- The job of the schedule this step cancels: a revoked grant leaves nothing queued.
+  -- The job of the schedule this step cancels or replaces: nothing stale stays queued.
   redis.call('DEL', KEYS[n + 1])
   redis.call('ZREM', KEYS[n + 2], op.drop_job)
   n = n + 2
+end
+if op.job then
+  enqueue(KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], ARGV[op.job[4]], op.job[1], op.job[2],
+    op.job[3])
+  n = n + 3
 end
 if op.unlock then
   n = n + 1
@@ -514,17 +510,15 @@ class RedisStore:
             op["sess_drop"] = True
         extra_keys: list[str] = []
         job_payload: list[bytes] = []
+        if change.drop_job is not None:
+            extra_keys += change.drop_job.keys
+            op["drop_job"] = change.drop_job.job_id
         if change.job is not None:
             job = change.job
             extra_keys += job.keys
             job_payload.append(job.payload)
             # Scores and expiries travel as strings: cjson prints numbers with 14 digits.
             op["job"] = [str(job.expires_ms), str(job.score_ms), job.job_id, 2 + len(blobs)]
-            if job.replaces is not None:
-                op["job"].append(job.replaces)
-        if change.drop_job is not None:
-            extra_keys += change.drop_job.keys
-            op["drop_job"] = change.drop_job.job_id
         if change.unlock is not None:
             extra_keys.append(k.lock(change.user))
             op["unlock"] = change.unlock
@@ -742,12 +736,10 @@ class MemoryStore:
         seen = self.seen.setdefault(user, [])
         seen.append(change.event_id)
         del seen[:-SEEN_MAX_EVENTS]
-        if change.job is not None:
-            if change.job.replaces is not None:
-                self.jobs.pop(change.job.replaces, None)
-            self.jobs.setdefault(change.job.job_id, change.job.payload)
         if change.drop_job is not None:
             self.jobs.pop(change.drop_job.job_id, None)
+        if change.job is not None:
+            self.jobs.setdefault(change.job.job_id, change.job.payload)
         if change.unlock is not None and self.locks.get(user) == change.unlock:
             del self.locks[user]
         for key, name, amount in change.counters:

@@ -7,6 +7,7 @@ by path (tests/test_benchmarks_smoke.py), the script appends its folder itself.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -243,3 +244,25 @@ async def drive(
     if not run.measured():
         raise BenchError("nothing completed within the measurement window")
     return run
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def add_phase_options(parser: argparse.ArgumentParser) -> None:
+    """``--seconds``, ``--warmup`` and ``--json``, for a script that measures timed phases."""
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="measured seconds per phase (default 10)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="warm-up seconds per phase (default: half of --seconds, 1 to 3)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def warmup_seconds(args: argparse.Namespace) -> float:
+    warmup: float = args.warmup
+    return warmup if warmup is not None else min(3.0, max(1.0, args.seconds / 2))

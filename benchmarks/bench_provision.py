@@ -48,12 +48,14 @@ from _infra import (  # noqa: E402
     Redis,
     Run,
     WorkerProcess,
+    add_phase_options,
     drive,
     free_port,
     percentile,
     start_redis,
     stop_process,
     tail,
+    warmup_seconds,
 )
 
 TARGET_RATIO = 0.6  # (b) / (a)
@@ -403,16 +405,7 @@ def report(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--seconds", type=float, default=10.0, help="measured seconds per phase (default 10)"
-    )
-    parser.add_argument(
-        "--warmup",
-        type=float,
-        default=None,
-        help="warm-up seconds per phase (default: half of --seconds, 1 to 3)",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_phase_options(parser)
     parser.add_argument("--worker", choices=("floor",), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -421,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.seconds <= 0:
         parser.error("--seconds must be positive")
-    warmup = args.warmup if args.warmup is not None else min(3.0, max(1.0, args.seconds / 2))
+    warmup = warmup_seconds(args)
 
     workdir = Path(tempfile.mkdtemp(prefix="consent-flow-bench-"))
     try:

@@ -81,6 +81,7 @@ from _infra import (  # noqa: E402
     Redis,
     Run,
     WorkerProcess,
+    add_phase_options,
     drive,
     free_port,
     percentile,
@@ -88,6 +89,7 @@ from _infra import (  # noqa: E402
     start_redis,
     stop_process,
     tail,
+    warmup_seconds,
 )
 
 TARGET_RATIO = 0.7  # (b) / (a)
@@ -158,7 +160,7 @@ def run_floor_worker() -> None:
     project = worker_settings(settings, settings.redis_url)
     queue = os.environ["BENCH_FLOOR_QUEUE"]
     ring = KeyRing.from_strings(k.reveal() for k in settings.encryption_keys)
-    headers = {"Authorization": basic_auth(), "Accept": "application/json"}
+    headers = token_headers()
 
     async def startup(ctx: dict[str, Any]) -> None:
         http = HttpClients(timeout=settings.http_timeout, follow_redirects=False)
@@ -306,9 +308,11 @@ async def provision_users(client: Any, settings: Any, users: list[str]) -> None:
         await asyncio.gather(*(one(u) for u in users))
 
 
-def basic_auth() -> str:
+def token_headers() -> dict[str, str]:
+    """What a token request of the bench client sends: client_secret_basic, JSON wanted."""
     raw = f"{quote_plus(CLIENT_ID)}:{quote_plus(CLIENT_SECRET)}"
-    return "Basic " + base64.b64encode(raw.encode("ascii")).decode("ascii")
+    basic = "Basic " + base64.b64encode(raw.encode("ascii")).decode("ascii")
+    return {"Authorization": basic, "Accept": "application/json"}
 
 
 async def direct_grants(provider: Any, accounts: list[str]) -> list[str]:
@@ -338,7 +342,7 @@ async def direct_grants(provider: Any, accounts: list[str]) -> list[str]:
                         "redirect_uri": redirect,
                         "code_verifier": verifier,
                     },
-                    headers={"Authorization": basic_auth(), "Accept": "application/json"},
+                    headers=token_headers(),
                 )
                 if reply.status_code != 200 or "refresh_token" not in reply.json():
                     raise BenchError(
@@ -360,7 +364,7 @@ async def bench_provider(
 ) -> Run:
     """(a) plain refresh calls, each caller rotating its own chain."""
     token_endpoint = provider.metadata["token_endpoint"]
-    headers = {"Authorization": basic_auth(), "Accept": "application/json"}
+    headers = token_headers()
     # A client (one kept-alive connection) per caller: one client shared by 50 concurrent
     # callers spends several times the CPU per request in httpcore's connection pool, and the
     # baseline would measure that instead of the provider.
@@ -704,16 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         default=50,
         help="users provisioned, and concurrent callers per phase (default 50)",
     )
-    parser.add_argument(
-        "--seconds", type=float, default=10.0, help="measured seconds per phase (default 10)"
-    )
-    parser.add_argument(
-        "--warmup",
-        type=float,
-        default=None,
-        help="warm-up seconds per phase (default: half of --seconds, 1 to 3)",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_phase_options(parser)
     parser.add_argument("--worker", choices=("project", "floor"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -725,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.seconds <= 0 or args.users < 1:
         parser.error("--seconds must be positive and --users at least 1")
-    warmup = args.warmup if args.warmup is not None else min(3.0, max(1.0, args.seconds / 2))
+    warmup = warmup_seconds(args)
 
     workdir = Path(tempfile.mkdtemp(prefix="consent-flow-bench-"))
     try:

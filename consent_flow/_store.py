@@ -44,6 +44,7 @@ import structlog
 from redis.asyncio import Redis
 
 from ._jobs import ENQUEUE_LUA
+from ._lua import lua
 from ._machine import Event, State
 from ._model import CIPHER_FIELDS, SEALED_KEYS, Change, CommitResult, ConsentRecord, HistoryEntry
 from ._vault import KeyRing
@@ -387,11 +388,6 @@ end
 return dropped
 """
 
-# A record in one round trip: the hash and the sealed keys, from one moment.
-_LOAD = """
-return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2]), redis.call('GET', KEYS[3])}
-"""
-
 # Forget tokens revoked at the provider, unless a later revocation replaced them meanwhile.
 _DROP_REVOKED = """
 local rec, rvk, kids, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -449,7 +445,7 @@ class RedisStore:
         # store treats it as untyped rather than scatter ignores over every call.
         self.redis: Any = redis
         self.keys = Keys(prefix)
-        self._load = redis.register_script(_LOAD)
+        self._load = redis.register_script(lua("load_record"))
         self._drop_revoked = redis.register_script(_DROP_REVOKED)
         self._commit = redis.register_script(_COMMIT)
         self._claim = redis.register_script(_CLAIM)

@@ -107,6 +107,10 @@ log = structlog.get_logger("consent_flow.import")
 TABLE = "refresh_tokens"
 # Enough rows that a few garbled ones cannot pass for a wrong key; few enough to stay instant.
 KEY_CHECK_SAMPLE = 50
+# How long to wait for a PostgreSQL server that does not answer, unless the URL says otherwise.
+CONNECT_TIMEOUT = 10
+# How long to wait for an SQLite file another process holds locked (a write in progress).
+SQLITE_BUSY_TIMEOUT = 5.0
 # Rows fetched per round trip from a PostgreSQL server-side cursor or an SQLite cursor.
 FETCH_BATCH = 500
 MAX_USER_LENGTH = 255  # OpenID Connect Core 2: a subject is at most 255 ASCII characters
@@ -584,7 +588,9 @@ class _SqliteReader(_Reader):
             raise ImportSourceError(f"no SQLite file at {path}")
         uri = f"{Path(path).resolve().as_uri()}?mode=ro"
         try:
-            self.connection = sqlite3.connect(uri, uri=True, isolation_level=None)
+            self.connection = sqlite3.connect(
+                uri, uri=True, isolation_level=None, timeout=SQLITE_BUSY_TIMEOUT
+            )
             # One read transaction: the count, the key check and the rows see the same table.
             self.connection.execute("BEGIN")
         except sqlite3.Error as exc:
@@ -624,8 +630,11 @@ class _PostgresReader(_Reader):
         self._psycopg = psycopg
         self._location = redact_url(url)
         self._password = urlsplit(url).password
+        options: dict[str, Any] = {}
+        if "connect_timeout=" not in urlsplit(url).query:
+            options["connect_timeout"] = CONNECT_TIMEOUT
         try:
-            self.connection: psycopg.Connection[tuple[Any, ...]] = psycopg.connect(url)
+            self.connection: psycopg.Connection[tuple[Any, ...]] = psycopg.connect(url, **options)
             # One snapshot for the count, the key check and the rows, and no way to write.
             self.connection.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             self.connection.read_only = True

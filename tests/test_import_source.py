@@ -47,10 +47,13 @@ from consent_flow._import import (
 )
 from consent_flow._model import check_user
 
-# user@host:port of a server where that user may create databases
+# user[:password]@host:port of a server where that user may create databases
 POSTGRES = os.environ.get("CONSENT_TEST_POSTGRES", "postgres@127.0.0.1:5432")
-# Trust authentication ignores it; it is here to prove it never reaches a log line or a message.
-PG_PASSWORD = "pg-pass-never-shown-7Q"
+_CREDENTIALS, _, PG_HOST = POSTGRES.rpartition("@")
+PG_USER, _, _password = _CREDENTIALS.partition(":")
+# Under trust authentication the server ignores it: it is there to show it never gets out.
+PG_PASSWORD = _password or "pg-pass-never-shown-7Q"
+PG_ADMIN = f"postgresql://{PG_USER}:{PG_PASSWORD}@{PG_HOST}"
 NOW = 1_800_000_000.0
 
 # nextcloud_mcp_server/alembic/versions/20251217_2200_001_initial_schema.py, as first written
@@ -182,13 +185,12 @@ def sqlite_store(directory: Path, key: bytes) -> Iterator[Store]:
 
 def postgres_admin() -> psycopg.Connection[tuple[Any, ...]]:
     try:
-        return psycopg.connect(
-            f"postgresql://{POSTGRES}/postgres", autocommit=True, connect_timeout=5
-        )
+        return psycopg.connect(f"{PG_ADMIN}/postgres", autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
         pytest.fail(
-            f"PostgreSQL is not reachable as {POSTGRES} ({exc}); "
-            "install and start it (Debian: apt-get install postgresql)"
+            f"PostgreSQL is not reachable as {PG_USER}@{PG_HOST} ({exc}); install and start it "
+            "(Debian: apt-get install postgresql; pg_ctlcluster VERSION main start) and let "
+            "that user in over TCP (trust, or CONSENT_TEST_POSTGRES=user:password@host:port)"
         )
 
 
@@ -197,7 +199,7 @@ def postgres_store(key: bytes) -> Iterator[Store]:
     with postgres_admin() as admin:
         admin.execute(f"CREATE DATABASE {name}")
     try:
-        with psycopg.connect(f"postgresql://{POSTGRES}/{name}", autocommit=True) as connection:
+        with psycopg.connect(f"{PG_ADMIN}/{name}", autocommit=True) as connection:
             connection.execute(POSTGRES_DDL)
 
             def execute(sql: str, params: tuple[Any, ...]) -> None:
@@ -206,9 +208,7 @@ def postgres_store(key: bytes) -> Iterator[Store]:
             def query(sql: str) -> list[tuple[Any, ...]]:
                 return connection.execute(sql).fetchall()
 
-            user, _, host = POSTGRES.rpartition("@")
-            url = f"postgresql://{user}:{PG_PASSWORD}@{host}/{name}"
-            yield Store(url, "postgresql", key, execute, query)
+            yield Store(f"{PG_ADMIN}/{name}", "postgresql", key, execute, query)
     finally:
         with postgres_admin() as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -748,7 +748,8 @@ class TokenStoreSource:
         )
         sampled = decrypted = 0
         for (ciphertext,) in self._reader.query(sql, params):
-            if ciphertext is None or len(ciphertext) == 0:
+            # SQLite keeps whatever was written: only non-empty text or bytes can be a token.
+            if not isinstance(ciphertext, bytes | str | memoryview) or len(ciphertext) == 0:
                 continue
             sampled += 1
             if _decrypt(self._fernet, ciphertext) is not None:

@@ -394,12 +394,15 @@ def test_sqlite_null_users_are_invalid_and_resume_exactly_once(sqlite_only: Stor
     store.store_refresh_token("zoe", "rt-zoe")
     store.store_refresh_token("blob", "rt-blob")
     store.set_column("blob", "user_id", b"\x00\xffblob")
+    store.store_refresh_token("zz-number", "rt-number")
+    store.set_column("zz-number", "encrypted_token", 12345)
     with open_source(store.url, Fernet(store.key)) as source:
         rows = list(source.rows())
     assert [(row.status, row.reason) for row in rows] == [
         (RowStatus.INVALID, InvalidReason.MISSING_USER),
         (RowStatus.INVALID, InvalidReason.MISSING_USER),
         (RowStatus.IMPORTABLE, None),  # text sorts before blobs in SQLite
+        (RowStatus.UNDECRYPTABLE, None),  # a number where the ciphertext belongs
         (RowStatus.INVALID, InvalidReason.BAD_USER),
     ]
     for index, row in enumerate(rows):

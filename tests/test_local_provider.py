@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import secrets
@@ -281,7 +282,7 @@ async def test_refresh_expires_in_says_what_the_refresh_token_has_left() -> None
         }
     with LocalProvider.start(refresh_expires_in=True, rotate_refresh_token=False) as op:
         tokens = await _tokens(op, "kim")
-        time.sleep(1.1)
+        await asyncio.sleep(1.1)
         again = (await _refresh(op, tokens["refresh_token"])).json()
         # Not rotated: the same token, with less left than at first.
         assert again["refresh_token"] == tokens["refresh_token"]

@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 from consent_flow import ProviderUnavailable, State
 from consent_flow._metrics import read_snapshot
 from consent_flow._refresh import RetryPolicy
+from consent_flow.mcp import ConsentResult
 
 pytestmark = pytest.mark.integration
 
@@ -130,6 +131,8 @@ async def test_a_provider_without_revocation_endpoint_revokes_locally_and_says_s
         assert "stays valid there until it lapses" in note
         assert "withdraw it in the provider's account settings" in note
         assert any(e["event"] == "provider_revocation_unsupported" for e in logs)
+        # The MCP tool's answer tells the user too.
+        assert note in ConsentResult.from_status(answer).message
         store = stack.client.store
         rec = await store.load("alice")
         assert rec.tokens is None and rec.revocation_pending is None

@@ -46,7 +46,13 @@ from ._vault import KeyRing, open_tokens, seal_tokens
 
 _T = TypeVar("_T")
 
-__all__ = ["Engine", "next_refresh_at", "refresh_expiry_after", "session_url"]
+__all__ = [
+    "Engine",
+    "next_refresh_at",
+    "refresh_expiry_after",
+    "scheduling_lapse",
+    "session_url",
+]
 
 log = structlog.get_logger("consent_flow.engine")
 
@@ -58,6 +64,9 @@ MAX_CONFLICT_RETRIES = 5
 MIN_REFRESH_DELAY = 1.0  # never schedule a refresh sooner than this after the last one
 REFRESH_JITTER = 0.1  # up to this share of the lead time is taken off, so refreshes spread out
 MAX_REFRESH_JITTER = 300.0
+# A refresh token's lapse that a refresh moved by less than this did not move (the provider counts
+# in whole seconds from its own clock): it is a fixed end that refreshing earlier cannot push back.
+LAPSE_MOVE_SLACK = 2.0
 OUTBOX_RETRY_BASE = 30.0  # seconds before a provider revocation that failed is tried again
 OUTBOX_RETRY_CAP = 3600.0
 # Tries of one provider revocation before the outbox gives up on it (about a day of backoff).
@@ -140,6 +149,19 @@ def refresh_expiry_after(
     if rotated or previous is None or previous <= now:
         return None
     return previous
+
+
+def scheduling_lapse(new: float | None, previous: float | None) -> float | None:
+    """The refresh token's lapse a refresh should be scheduled by, or None.
+
+    Only a lapse that refreshing pushes back: one that a refresh left where it was (a grant with
+    a fixed end, such as Keycloak's maximum session length) cannot be helped by refreshing before
+    it, and scheduling by it would refresh ever more often as it nears. Such a grant ends when
+    the provider says; its access token is refreshed on its own schedule meanwhile.
+    """
+    if new is None or previous is None or new > previous + LAPSE_MOVE_SLACK:
+        return new
+    return None
 
 
 class Engine:

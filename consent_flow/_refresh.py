@@ -17,7 +17,13 @@ from dataclasses import dataclass
 
 import structlog
 
-from ._engine import TOKEN_FIELDS, Engine, UserLock, refresh_expiry_after
+from ._engine import (
+    TOKEN_FIELDS,
+    Engine,
+    UserLock,
+    refresh_expiry_after,
+    scheduling_lapse,
+)
 from ._errors import (
     ClientRejected,
     GrantRejected,
@@ -248,7 +254,9 @@ class Refresher:
             rotated=refresh_token != tokens["refresh_token"],
             now=now,
         )
-        due_at = self.engine.refresh_due(fresh.expires_at, now, refresh_expires_at)
+        due_at = self.engine.refresh_due(
+            fresh.expires_at, now, scheduling_lapse(refresh_expires_at, rec.refresh_expires_at)
+        )
         job = self.scheduler.job_for(user, due_at)
         lead = None if rec.expires_at is None else rec.expires_at - now
         change = Change(

@@ -9,6 +9,7 @@ from consent_flow._engine import (
     REFRESH_JITTER,
     next_refresh_at,
     refresh_expiry_after,
+    scheduling_lapse,
 )
 from consent_flow._model import ON_DEMAND_COOLDOWN, ConsentRecord
 from consent_flow._oauth import TokenSet
@@ -125,6 +126,35 @@ def test_the_refresh_expiry_kept_after_a_refresh():
     assert refresh_expiry_after(silent, None, rotated=False, now=NOW) is None
     # A lapse the provider has evidently outlived is dropped, not kept to loop on.
     assert refresh_expiry_after(silent, NOW - 1, rotated=False, now=NOW) is None
+
+
+def test_only_a_lapse_that_refreshing_pushes_back_drives_the_schedule():
+    assert scheduling_lapse(NOW + 20, None) == NOW + 20  # the first one known
+    assert scheduling_lapse(NOW + 30, NOW + 20) == NOW + 30  # slides with each refresh
+    assert scheduling_lapse(None, NOW + 20) is None
+    # A fixed end (whole seconds from the provider's clock): refreshing sooner cannot help, and
+    # scheduling by it would refresh ever more often as it nears.
+    assert scheduling_lapse(NOW + 20, NOW + 20) is None
+    assert scheduling_lapse(NOW + 21, NOW + 20) is None
+    assert scheduling_lapse(NOW + 19, NOW + 20) is None
+
+
+def test_a_fixed_lapse_does_not_make_refreshes_converge_on_it():
+    """A lapse that never moves, refreshed by: each refresh would fall half-way there."""
+    lapse, now, previous = NOW + 20, NOW, None
+    dues = []
+    while now < lapse and len(dues) < 100:
+        now = next_refresh_at(
+            NOW + 3600,
+            now,
+            margin=120,
+            keepalive=86400,
+            refresh_expires_at=scheduling_lapse(lapse, previous),
+        )
+        previous = lapse
+        dues.append(now)
+    # One refresh ahead of the lapse (it might have moved); then the access token's schedule.
+    assert dues == [NOW + 10, NOW + 3600 - 120]
 
 
 # --- on-demand cooldown after a failure ------------------------------------------------------

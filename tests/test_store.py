@@ -275,8 +275,9 @@ async def test_dropping_given_up_tokens_notes_it_and_counts_it(redis_store):
     assert kai.revocation_pending is None and kai.provider_revocation is abandoned
     assert await store.redis.hget(keys.rec("kai"), "rvktries") is None
     assert await store.redis.zscore(keys.outbox, "kai") is None
-    assert "withdraw it in the provider's account settings" in (
-        kai.public()["provider_revocation_note"]
+    assert (
+        "withdraw it in the provider's account settings"
+        in (kai.public()["provider_revocation_note"])
     )
     # Provisioned again meanwhile: the old tokens go, the new record is left as it is.
     lea = await store.load("lea")

@@ -24,6 +24,7 @@ from ._errors import (
     WorkerUnavailable,
 )
 from ._machine import TRANSITIONS, Event, State, Transition, mermaid
+from ._model import ProviderRevocation
 from ._ops import ops_routes
 from ._settings import Settings
 from ._vault import KeyRing, generate_key
@@ -45,6 +46,7 @@ __all__ = [
     "NotProvisioned",
     "ProviderError",
     "ProviderResponseError",
+    "ProviderRevocation",
     "ProviderUnavailable",
     "Settings",
     "SettingsError",

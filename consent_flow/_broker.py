@@ -19,6 +19,7 @@ import structlog
 
 from ._errors import ConsentRevoked, NotProvisioned, ProviderUnavailable
 from ._machine import Event, State
+from ._model import cooldown_reason
 from ._queue import Envelope, new_id
 from ._schedule import REFRESH_JOB
 from ._vault import open_tokens
@@ -117,6 +118,12 @@ class TokenBroker:
                 user=user,
             )
         if not fresh_enough and not refreshed:
+            retry_at = rec.on_demand_retry_at()
+            if retry_at is not None and retry_at > now:
+                # Refreshes are failing and the retry is not due: no job, no provider call.
+                raise ProviderUnavailable(
+                    cooldown_reason(rec, retry_at), retry_after=retry_at - now, user=user
+                )
             return None
         if not fresh_enough:
             raise ProviderUnavailable(
@@ -155,8 +162,9 @@ class TokenBroker:
         if outcome.error == "invalid_client":
             raise ProviderUnavailable(outcome.reason or "refreshes are paused", user=user)
         if outcome.error and outcome.state == State.PROVISIONED.value:
+            why = f": {outcome.reason}" if outcome.reason else ""
             raise ProviderUnavailable(
-                f"the provider is unavailable ({outcome.error}); the grant is kept", user=user
+                f"the provider is unavailable ({outcome.error}); the grant is kept{why}", user=user
             )
 
     # --- invalidation -------------------------------------------------------------------------

@@ -107,9 +107,13 @@ def _status_text(data: dict[str, Any]) -> str:
     for name in (
         "scopes",
         "access_token_expires_at",
+        "refresh_token_expires_at",
         "next_refresh_at",
         "refresh_failures",
+        "failing_since",
         "last_refresh_error",
+        "provider_revocation",
+        "provider_revocation_note",
         "authorization_url",
     ):
         if data.get(name) not in (None, [], 0, ""):
@@ -136,6 +140,7 @@ def _stats_text(data: dict[str, Any]) -> str:
         "deferred_jobs",
         "workers_alive",
         "refreshes_paused",
+        "revocations_abandoned",
     ):
         lines.append(f"{name.replace('_', ' ')}: {data[name] if data[name] is not None else '-'}")
     return "\n".join(lines)

@@ -29,7 +29,7 @@ from ._errors import (
 )
 from ._jobs import JobRef
 from ._machine import ConsentMachine, Event, State, Transition
-from ._model import Change, ConsentRecord, clip, iso
+from ._model import Change, ConsentRecord, ProviderRevocation, clip, iso, revocation_note
 from ._oauth import (
     OAuthClient,
     TokenSet,
@@ -46,7 +46,13 @@ from ._vault import KeyRing, open_tokens, seal_tokens
 
 _T = TypeVar("_T")
 
-__all__ = ["Engine", "next_refresh_at", "session_url"]
+__all__ = [
+    "Engine",
+    "next_refresh_at",
+    "refresh_expiry_after",
+    "scheduling_lapse",
+    "session_url",
+]
 
 log = structlog.get_logger("consent_flow.engine")
 
@@ -58,11 +64,29 @@ MAX_CONFLICT_RETRIES = 5
 MIN_REFRESH_DELAY = 1.0  # never schedule a refresh sooner than this after the last one
 REFRESH_JITTER = 0.1  # up to this share of the lead time is taken off, so refreshes spread out
 MAX_REFRESH_JITTER = 300.0
+# A refresh token's lapse that a refresh moved by less than this did not move (the provider counts
+# in whole seconds from its own clock): it is a fixed end that refreshing earlier cannot push back.
+LAPSE_MOVE_SLACK = 2.0
 OUTBOX_RETRY_BASE = 30.0  # seconds before a provider revocation that failed is tried again
 OUTBOX_RETRY_CAP = 3600.0
+# Tries of one provider revocation before the outbox gives up on it (about a day of backoff).
+OUTBOX_MAX_ATTEMPTS = 30
 
 SESSION_FIELDS = ("sess", "sid", "sexp", "shash", "claimed")
-TOKEN_FIELDS = ("tok", "exp", "sub", "scopes", "next", "lastref", "fails", "referr", "inflight")
+TOKEN_FIELDS = (
+    "tok",
+    "exp",
+    "rexp",
+    "sub",
+    "scopes",
+    "next",
+    "lastref",
+    "fails",
+    "referr",
+    "failsince",
+    "failat",
+    "inflight",
+)
 
 
 def session_url(ring: KeyRing, rec: ConsentRecord) -> str | None:
@@ -84,15 +108,24 @@ def next_refresh_at(
     margin: float,
     keepalive: float,
     jitter: float = 0.0,
+    refresh_expires_at: float | None = None,
 ) -> float:
     """When to refresh next: ``margin`` before expiry, less a jitter, at least every keepalive.
 
+    The expiry is the sooner of the access token's (``expires_at``) and the refresh token's own
+    lapse (``refresh_expires_at``): a refresh token that lapses first would end the grant before
+    the access token's refresh came due. A refresh-token lapse already past is ignored: the
+    provider accepted that token after it, so the figure is stale, and a refresh now would loop.
     A token with no expiry (the provider sent no ``expires_in``) is treated as long-lived and
     refreshed at the keep-alive interval. A token that lives shorter than twice the margin is
     refreshed half-way through its life, so short-lived tokens are not refreshed in a loop.
     ``jitter`` in [0, 1) takes up to ``REFRESH_JITTER`` of the lead time off.
     """
     latest = now + keepalive
+    if refresh_expires_at is not None and refresh_expires_at > now:
+        expires_at = (
+            refresh_expires_at if expires_at is None else min(expires_at, refresh_expires_at)
+        )
     if expires_at is None:
         return latest
     lifetime = max(0.0, expires_at - now)
@@ -100,6 +133,35 @@ def next_refresh_at(
     spread = min(lead * REFRESH_JITTER, MAX_REFRESH_JITTER) * jitter
     due = expires_at - lead - spread
     return max(now + min(MIN_REFRESH_DELAY, lifetime / 2), min(due, latest))
+
+
+def refresh_expiry_after(
+    fresh: TokenSet, previous: float | None, *, rotated: bool, now: float
+) -> float | None:
+    """The refresh token's lapse to keep after a refresh answered ``fresh``.
+
+    What the provider said wins (``0``: no lapse). When it said nothing, the previous lapse still
+    holds only for the same refresh token, and only while it is ahead: a rotated token's
+    lifetime is unknown.
+    """
+    if fresh.refresh_expiry_stated:
+        return fresh.refresh_expires_at
+    if rotated or previous is None or previous <= now:
+        return None
+    return previous
+
+
+def scheduling_lapse(new: float | None, previous: float | None) -> float | None:
+    """The refresh token's lapse a refresh should be scheduled by, or None.
+
+    Only a lapse that refreshing pushes back: one that a refresh left where it was (a grant with
+    a fixed end, such as Keycloak's maximum session length) cannot be helped by refreshing before
+    it, and scheduling by it would refresh ever more often as it nears. Such a grant ends when
+    the provider says; its access token is refreshed on its own schedule meanwhile.
+    """
+    if new is None or previous is None or new > previous + LAPSE_MOVE_SLACK:
+        return new
+    return None
 
 
 class Engine:
@@ -218,13 +280,16 @@ class Engine:
     def _live_url(self, rec: ConsentRecord) -> str | None:
         return session_url(self.ring, rec)
 
-    def refresh_due(self, expires_at: float | None, now: float) -> float:
+    def refresh_due(
+        self, expires_at: float | None, now: float, refresh_expires_at: float | None = None
+    ) -> float:
         return next_refresh_at(
             expires_at,
             now,
             margin=self.settings.refresh_margin,
             keepalive=self.settings.keepalive,
             jitter=random.random(),
+            refresh_expires_at=refresh_expires_at,
         )
 
     # --- provision_requested ----------------------------------------------------------------
@@ -278,7 +343,7 @@ class Engine:
                     "sexp": repr(expires),
                     "shash": state_hash(state),
                 },
-                delete_fields=("claimed", "reason", *TOKEN_FIELDS),
+                delete_fields=("claimed", "reason", "provrev", *TOKEN_FIELDS),
                 session_lookup=(state_hash(state), self.settings.session_ttl),
                 unschedule=True,
                 drop_job=self.scheduled_job(rec),
@@ -354,7 +419,7 @@ class Engine:
                 obtained=tokens,
             )
         now = self.clock()
-        due = self.refresh_due(tokens.expires_at, now)
+        due = self.refresh_due(tokens.expires_at, now, tokens.refresh_expires_at)
         change = self._change(
             envelope,
             rec,
@@ -371,6 +436,7 @@ class Engine:
             },
             set_fields={
                 "exp": repr(tokens.expires_at) if tokens.expires_at is not None else "",
+                "rexp": _time_field(tokens.refresh_expires_at),
                 "sub": claims.subject,
                 "scopes": " ".join(tokens.scopes),
                 "next": repr(due),
@@ -476,15 +542,23 @@ class Engine:
                 if not row.changes:
                     return self.outcome(rec, envelope, "unchanged")
                 reason = envelope.payload.get("reason") or "revoked by " + envelope.actor
-                # The sealed tokens move to the revocation outbox in the same step that wipes
-                # them, so no process hands them out again (invariant 9) and a provider that is
+                # A provider without a revocation endpoint cannot take the tokens back: they are
+                # wiped here and nothing goes to the outbox, where it would be retried in vain.
+                unsupported = rec.tokens is not None and await self._cannot_revoke()
+                # Otherwise the sealed tokens move to the revocation outbox in the same step
+                # that wipes them, so no process hands them out again and a provider that is
                 # down now does not make us forget to revoke them later.
+                provrev = {}
+                if rec.tokens is not None:
+                    pending = ProviderRevocation.UNSUPPORTED if unsupported else None
+                    provrev["provrev"] = (pending or ProviderRevocation.DEFERRED).value
                 change = self._change(
                     envelope,
                     rec,
                     row,
                     reason=reason,
-                    sealed={"rvk": rec.tokens} if rec.tokens else {},
+                    sealed={"rvk": rec.tokens} if rec.tokens and not unsupported else {},
+                    set_fields=provrev,
                     delete_fields=(*SESSION_FIELDS, *TOKEN_FIELDS),
                     drop_session_lookup=rec.session_digest,
                     unschedule=True,
@@ -497,35 +571,70 @@ class Engine:
                     return await self.reread_after(envelope, "duplicate")
                 rec = rec.after(change, result.version)
                 detail: dict[str, Any] = {}
-                if rec.revocation_pending:
-                    detail["provider_revocation"] = await self.revoke_pending(rec.user)
+                outcome: ProviderRevocation | None = None
+                if unsupported:
+                    outcome = ProviderRevocation.UNSUPPORTED
+                    await self.store.redis.hincrby(
+                        self.store.keys.revocation_counts, outcome.value, 1
+                    )
+                    log.warning("provider_revocation_unsupported", user=rec.user)
+                elif rec.revocation_pending:
+                    outcome = await self.revoke_pending(rec.user)
+                if outcome is not None:
+                    detail["provider_revocation"] = outcome.value
+                    detail["provider_revocation_note"] = revocation_note(outcome)
                 return self.outcome(rec, envelope, "applied", detail=detail)
         return await self.reread_after(envelope, "conflict")
 
-    async def revoke_pending(self, user: str) -> str:
+    async def _cannot_revoke(self) -> bool:
+        """Whether the provider's discovery document names no revocation endpoint; False while
+        discovery cannot be read (the outbox finds out later)."""
+        try:
+            meta = await self.oauth.metadata()
+        except ProviderError:
+            return False
+        return not meta.revocation_endpoint
+
+    async def revoke_pending(self, user: str) -> ProviderRevocation:
         """Revoke the tokens in a user's outbox at the provider (RFC 7009), then forget them.
 
-        Returns "done", or "deferred" when the provider could not take it now (tried again by
-        the cleanup job with backoff).
+        Returns ``DONE``; ``DEFERRED`` when the provider could not take it now (tried again by
+        the cleanup job with backoff); ``UNSUPPORTED`` when the provider has no revocation
+        endpoint, and ``ABANDONED`` after ``OUTBOX_MAX_ATTEMPTS`` failed tries: in both the
+        tokens are dropped, never retried again.
         """
         keys = self.store.keys
         redis = self.store.redis
         rec = await self.store.load(user)
         if rec.revocation_pending is None:
             await redis.zrem(keys.outbox, user)
-            return "done"
+            return ProviderRevocation.DONE
+        if await self._cannot_revoke():
+            await self.store.drop_revoked(
+                user, rec.revocation_pending, outcome=ProviderRevocation.UNSUPPORTED
+            )
+            log.warning("provider_revocation_unsupported", user=user)
+            return ProviderRevocation.UNSUPPORTED
         try:
             await self._revoke_tokens(self.open_tokens(user, rec.revocation_pending))
         except (ProviderError, VaultError) as exc:
             attempts = int(await redis.hincrby(keys.rec(user), "rvktries", 1))
+            if attempts >= OUTBOX_MAX_ATTEMPTS:
+                await self.store.drop_revoked(
+                    user, rec.revocation_pending, outcome=ProviderRevocation.ABANDONED
+                )
+                log.error(
+                    "provider_revocation_abandoned", user=user, error=exc.code, attempts=attempts
+                )
+                return ProviderRevocation.ABANDONED
             delay = min(OUTBOX_RETRY_CAP, OUTBOX_RETRY_BASE * 2 ** (attempts - 1))
             await redis.zadd(keys.outbox, {user: self.clock() + delay})
             log.warning(
                 "provider_revocation_deferred", user=user, error=exc.code, attempts=attempts
             )
-            return "deferred"
+            return ProviderRevocation.DEFERRED
         await self.store.drop_revoked(user, rec.revocation_pending)
-        return "done"
+        return ProviderRevocation.DONE
 
     async def _revoke_tokens(self, tokens: dict[str, str]) -> None:
         # Revoking the refresh token ends the grant (RFC 7009 section 2.1); the access token is
@@ -595,6 +704,11 @@ class UserLock:
     async def __aexit__(self, *exc: object) -> None:
         if self.token is not None:
             await self.store.release_lock(self.user, self.token)
+
+
+def _time_field(at: float | None) -> str:
+    """A record time field: empty for "none"."""
+    return "" if at is None else repr(at)
 
 
 def _describe(exc: ConsentError) -> str:

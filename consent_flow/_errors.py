@@ -158,15 +158,34 @@ class ProviderUnavailable(ProviderError):
 
 
 class GrantRejected(ProviderError):
-    """``invalid_grant``: the code or refresh token is dead (RFC 6749 section 5.2)."""
+    """``invalid_grant``: the code or refresh token is dead (RFC 6749 section 5.2).
+
+    ``description`` is the provider's ``error_description``, already sanitised (printable,
+    bounded, secrets and token-shaped strings redacted), or None.
+    """
 
     code = "invalid_grant"
 
+    def __init__(
+        self, message: str, *, description: str | None = None, user: str | None = None
+    ) -> None:
+        super().__init__(message, user=user)
+        self.description = description
+
 
 class ClientRejected(ProviderError):
-    """``invalid_client``: the deployment's own client credentials are wrong."""
+    """The deployment's own client is refused (``invalid_client``, ``unauthorized_client``,
+    ``expired_client``...): a fault of the whole deployment, never of one user's grant.
+
+    ``code`` stays ``invalid_client`` for every such answer; ``error`` is the code the provider
+    actually sent (sanitised), or None for a bare 401.
+    """
 
     code = "invalid_client"
+
+    def __init__(self, message: str, *, error: str | None = None, user: str | None = None) -> None:
+        super().__init__(message, user=user)
+        self.error = error or self.code
 
 
 class ProviderResponseError(ProviderError):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._machine import State
+from ._model import ProviderRevocation
 from ._store import Keys, due_ms
 
 __all__ = [
@@ -97,6 +98,12 @@ class Snapshot:
     refresh_outcomes: dict[str, int]
     lead_buckets: dict[str, int]
     lead_sum: float
+    revocation_outcomes: dict[str, int]
+
+    @property
+    def revocations_abandoned(self) -> int:
+        """Provider revocations the outbox gave up after its bounded number of attempts."""
+        return self.revocation_outcomes.get(ProviderRevocation.ABANDONED.value, 0)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -108,6 +115,7 @@ class Snapshot:
             "deferred_jobs": self.deferred_jobs,
             "workers_alive": self.workers_alive,
             "refreshes_paused": self.refreshes_paused,
+            "revocations_abandoned": self.revocations_abandoned,
         }
 
 
@@ -127,6 +135,7 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
         pipe.hgetall(keys.transition_counts)
         pipe.hgetall(keys.refresh_counts)
         pipe.hgetall(keys.refresh_lead)
+        pipe.hgetall(keys.revocation_counts)
         values = await pipe.execute()
     states = {state.value: int(values[i]) for i, state in enumerate(State)}
     rest = values[len(State) :]
@@ -134,7 +143,7 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
     hourly = rest[1:25]
     failures = sum(int(h.get(b"transient_failure", h.get("transient_failure", 0))) for h in hourly)
     rejections = sum(int(h.get(b"rejected", h.get("rejected", 0))) for h in hourly)
-    queue_depth, deferred, alive, halt, transitions, outcomes, lead = rest[25:]
+    queue_depth, deferred, alive, halt, transitions, outcomes, lead, revocations = rest[25:]
     lead_text = {_text(k): _text(v) for k, v in lead.items()}
     return Snapshot(
         states=states,
@@ -152,4 +161,5 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
         refresh_outcomes={_text(k): int(v) for k, v in outcomes.items()},
         lead_buckets={k: int(v) for k, v in lead_text.items() if k != "sum"},
         lead_sum=float(lead_text.get("sum", 0.0)),
+        revocation_outcomes={_text(k): int(v) for k, v in revocations.items()},
     )

@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from ._errors import ConsentError
@@ -17,17 +18,54 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CIPHER_FIELDS",
+    "ON_DEMAND_COOLDOWN",
     "SEALED_KEYS",
     "Change",
     "CommitResult",
     "ConsentRecord",
     "HistoryEntry",
+    "ProviderRevocation",
     "check_user",
+    "cooldown_reason",
     "iso",
+    "revocation_note",
 ]
 
 MAX_USER_LENGTH = 255  # OpenID Connect Core 2: a subject is at most 255 ASCII characters
 MAX_REASON_LENGTH = 500
+# After a failed refresh, on-demand refreshes leave the provider alone until the retry is due, and
+# at least this long after the failure: a tool calling in a loop during an outage must not hammer.
+ON_DEMAND_COOLDOWN = 5.0
+
+
+class ProviderRevocation(StrEnum):
+    """What became of a revoked grant at the provider (RFC 7009)."""
+
+    DONE = "done"  # the provider revoked it
+    DEFERRED = "deferred"  # not reachable now: the outbox tries again, a bounded number of times
+    UNSUPPORTED = "unsupported"  # no revocation endpoint: nothing to try, nothing retried
+    ABANDONED = "abandoned"  # the outbox ran out of attempts and dropped the tokens
+
+
+_WITHDRAW = "withdraw it in the provider's account settings"
+
+
+def revocation_note(value: ProviderRevocation) -> str:
+    """One plain sentence for a caller or an operator on what the provider did with the grant."""
+    if value is ProviderRevocation.DONE:
+        return "revoked at the provider"
+    if value is ProviderRevocation.DEFERRED:
+        return "the provider could not be reached; its revocation is tried again later"
+    if value is ProviderRevocation.UNSUPPORTED:
+        return (
+            "this provider cannot revoke a grant (it offers no revocation endpoint): the grant "
+            f"stays valid there until it lapses; {_WITHDRAW}"
+        )
+    return (
+        "revocation at the provider kept failing and was given up: the grant stays valid there "
+        f"until it lapses; {_WITHDRAW}"
+    )
+
 
 # Record hash fields that hold ciphertext (v1 text): the authorization session.
 CIPHER_FIELDS = ("sess",)
@@ -62,11 +100,24 @@ def clip(text: str | None, limit: int = MAX_REASON_LENGTH) -> str | None:
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
 
 
+def cooldown_reason(rec: ConsentRecord, retry_at: float) -> str:
+    """Why an on-demand refresh did not call the provider, and when it is tried next."""
+    last = rec.last_refresh_error or "the last refresh failed"
+    return f"{last}; the provider is tried again at {iso(retry_at)}"
+
+
 def _float(value: str | None) -> float | None:
     if value is None or value == "":
         return None
     number = float(value)
     return number if math.isfinite(number) else None
+
+
+def _revocation(value: str | None) -> ProviderRevocation | None:
+    try:
+        return ProviderRevocation(value) if value else None
+    except ValueError:
+        return None  # written by a later version: shown as unknown, never fails a read
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +134,7 @@ class ConsentRecord:
     scopes: tuple[str, ...] = ()
     tokens: bytes | None = None  # ciphertext: access and refresh token
     expires_at: float | None = None  # the access token's absolute expiry
+    refresh_expires_at: float | None = None  # the refresh token's, when the provider says
     session: str | None = None  # ciphertext: state, verifier, nonce, authorization URL
     session_id: str | None = None
     session_digest: str | None = None  # SHA-256 of the session's state: its lookup key
@@ -91,7 +143,10 @@ class ConsentRecord:
     last_refresh_at: float | None = None
     refresh_failures: int = 0
     last_refresh_error: str | None = None
+    failing_since: float | None = None  # the first failure of the current run of failures
+    last_failure_at: float | None = None
     revocation_pending: bytes | None = None  # ciphertext: tokens still to revoke at the provider
+    provider_revocation: ProviderRevocation | None = None  # set by a revocation
     inflight: float | None = None  # a refresh request was sent at this time and not answered
     raw: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -121,6 +176,7 @@ class ConsentRecord:
             scopes=tuple(data.get("scopes", "").split()),
             tokens=_sealed("tok"),
             expires_at=_float(data.get("exp")),
+            refresh_expires_at=_float(data.get("rexp")),
             session=data.get("sess") or None,
             session_id=data.get("sid") or None,
             session_digest=data.get("shash") or None,
@@ -129,7 +185,10 @@ class ConsentRecord:
             last_refresh_at=_float(data.get("lastref")),
             refresh_failures=int(data.get("fails", "0") or 0),
             last_refresh_error=data.get("referr") or None,
+            failing_since=_float(data.get("failsince")),
+            last_failure_at=_float(data.get("failat")),
             revocation_pending=_sealed("rvk"),
+            provider_revocation=_revocation(data.get("provrev")),
             inflight=_float(data.get("inflight")),
             raw=data,
         )
@@ -148,6 +207,18 @@ class ConsentRecord:
         sealed.update(change.sealed)
         return ConsentRecord.from_hash(self.user, data, sealed)
 
+    def on_demand_retry_at(self) -> float | None:
+        """While refreshes fail, when an on-demand refresh may call the provider again: the
+        scheduled retry, and never sooner than ``ON_DEMAND_COOLDOWN`` after the last failure.
+        None when the last refresh did not fail."""
+        if self.refresh_failures <= 0:
+            return None
+        times = [self.next_refresh_at]
+        if self.last_failure_at is not None:
+            times.append(self.last_failure_at + ON_DEMAND_COOLDOWN)
+        known = [t for t in times if t is not None]
+        return max(known) if known else None
+
     def public(self) -> dict[str, Any]:
         """The status an operator or a caller may see: no ciphertext, no secrets."""
         out: dict[str, Any] = {
@@ -163,10 +234,17 @@ class ConsentRecord:
                 subject=self.subject,
                 scopes=list(self.scopes),
                 access_token_expires_at=iso(self.expires_at),
+                refresh_token_expires_at=iso(self.refresh_expires_at),
                 next_refresh_at=iso(self.next_refresh_at),
                 last_refresh_at=iso(self.last_refresh_at),
                 refresh_failures=self.refresh_failures,
                 last_refresh_error=self.last_refresh_error,
+                failing_since=iso(self.failing_since),
+            )
+        if self.state is State.REVOKED and self.provider_revocation is not None:
+            out.update(
+                provider_revocation=self.provider_revocation.value,
+                provider_revocation_note=revocation_note(self.provider_revocation),
             )
         if self.state is State.PENDING:
             out["session_expires_at"] = iso(self.session_expires_at)

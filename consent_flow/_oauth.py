@@ -25,6 +25,14 @@ Decisions worth knowing:
 * ``expires_in`` missing: :attr:`TokenSet.expires_at` is ``None`` ("unknown"); callers refresh on
   their keep-alive schedule. ``expires_at`` is computed from the moment the request was sent, so it
   errs early, never late.
+* ``refresh_expires_in`` (Keycloak, Nextcloud's oidc app: how long the refresh token itself lives)
+  gives :attr:`TokenSet.refresh_expires_at` the same way. ``0`` means the refresh token does not
+  lapse (Keycloak's offline tokens): stated, with no expiry. Missing or malformed means "not said"
+  (:attr:`TokenSet.refresh_expiry_stated` false): a malformed value never fails the response,
+  because the provider may already have rotated the refresh token it carries.
+* Client-level errors (:data:`CLIENT_ERRORS`: ``invalid_client``, ``unauthorized_client``,
+  ``expired_client``...) raise :class:`ClientRejected` whatever the 4xx status: they are faults of
+  the deployment, never of one user's grant.
 * Timeouts: the shared ``httpx.AsyncClient``'s timeouts are used; any phase that client leaves
   unbounded (``None``) gets :data:`DEFAULT_TIMEOUT_SECONDS`, so no request can hang forever.
 * Clock skew leeway :data:`CLOCK_SKEW_LEEWAY` (30 s); ID tokens older than
@@ -70,6 +78,7 @@ from ._http import HttpClients
 from ._settings import Settings
 
 __all__ = [
+    "CLIENT_ERRORS",
     "CLOCK_SKEW_LEEWAY",
     "ID_TOKEN_MAX_AGE",
     "IDTokenClaims",
@@ -106,6 +115,21 @@ MAX_RETRY_AFTER: Final = 3600.0
 MAX_EXPIRES_IN: Final = 10 * 365 * 24 * 3600
 DEFAULT_TIMEOUT_SECONDS: Final = 10.0
 MAX_DESCRIPTION_CHARS: Final = 200
+CLIENT_ERRORS: Final = frozenset(
+    {
+        # RFC 6749 5.2: the client is unknown, failed authentication, or may not use this grant.
+        "invalid_client",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        # Providers that register clients dynamically (RFC 7591) refuse a client whose secret
+        # passed its client_secret_expires_at, or whose registration they no longer accept.
+        "expired_client",
+        "invalid_client_metadata",
+        "invalid_software_statement",
+        "unapproved_software_statement",
+    }
+)
+"""Error codes that blame the deployment's client, not a user's grant."""
 MAX_ERROR_CODE_CHARS: Final = 64
 MAX_SUBJECT_CHARS: Final = 255  # OpenID Connect Core 1.0 section 2, "sub"
 
@@ -285,6 +309,11 @@ class TokenSet:
     """Absolute epoch seconds; ``None`` when the provider sent no ``expires_in`` (unknown)."""
     scopes: tuple[str, ...]
     """Granted scopes: the response's ``scope``, or the requested ones when it is omitted."""
+    refresh_expires_at: float | None = None
+    """When the refresh token lapses (absolute epoch seconds, from ``refresh_expires_in``);
+    ``None`` when it does not lapse or the provider did not say (see ``refresh_expiry_stated``)."""
+    refresh_expiry_stated: bool = False
+    """Whether the response carried a valid ``refresh_expires_in`` (``0``: does not lapse)."""
 
     def __repr__(self) -> str:
         return (
@@ -292,7 +321,7 @@ class TokenSet:
             f"refresh_token={'<present>' if self.refresh_token else None}, "
             f"id_token={'<present>' if self.id_token else None}, "
             f"token_type={self.token_type!r}, expires_at={self.expires_at!r}, "
-            f"scopes={self.scopes!r})"
+            f"refresh_expires_at={self.refresh_expires_at!r}, scopes={self.scopes!r})"
         )
 
     __str__ = __repr__
@@ -934,6 +963,7 @@ def _parse_token_response(
     if id_token is not None and (not isinstance(id_token, str) or not id_token):
         raise ProviderResponseError(f"{what} response has an invalid id_token")
     expires_in = _expires_in(doc.get("expires_in"))
+    refresh_stated, refresh_expires_in = _refresh_expires_in(doc.get("refresh_expires_in"))
     scope = doc.get("scope")
     if scope is None:
         scopes = requested  # RFC 6749 5.1: omitted means identical to the requested scope
@@ -950,6 +980,8 @@ def _parse_token_response(
         token_type="Bearer",
         expires_at=None if expires_in is None else sent_at + expires_in,
         scopes=scopes,
+        refresh_expires_at=None if refresh_expires_in is None else sent_at + refresh_expires_in,
+        refresh_expiry_stated=refresh_stated,
     )
 
 
@@ -966,6 +998,21 @@ def _expires_in(value: object) -> float | None:
     if seconds is None or not math.isfinite(seconds) or not 0 < seconds <= MAX_EXPIRES_IN:
         raise ProviderResponseError("token endpoint response has an invalid expires_in")
     return seconds
+
+
+def _refresh_expires_in(value: object) -> tuple[bool, float | None]:
+    """``(stated, seconds)`` from ``refresh_expires_in``: ``(True, None)`` for ``0`` (does not
+    lapse), ``(False, None)`` when missing or malformed (not said)."""
+    seconds: float | None = None
+    if isinstance(value, bool) or value is None:
+        seconds = None
+    elif isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 12:
+        seconds = float(int(value))
+    if seconds is None or not math.isfinite(seconds) or not 0 <= seconds <= MAX_EXPIRES_IN:
+        return False, None
+    return True, (seconds or None)
 
 
 def _error_for(
@@ -1003,10 +1050,12 @@ def _error_for(
     if description:
         detail += f" ({description})"
     message = f"{what} answered HTTP {status}{detail}{suffix}"
+    if oauth and code in CLIENT_ERRORS and 400 <= status < 500:
+        return ClientRejected(message, error=code)
     if oauth and status in (400, 401):
         if code == "invalid_grant":
-            return GrantRejected(message)
-        if code == "invalid_client" or (status == 401 and not code):
+            return GrantRejected(message, description=description)
+        if status == 401 and not code:
             return ClientRejected(message)
     return ProviderResponseError(message, error=code)
 

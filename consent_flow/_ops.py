@@ -61,7 +61,7 @@ from ._client import ConsentClient
 from ._errors import ConsentError
 from ._machine import TRANSITIONS, State
 from ._metrics import LEAD_BUCKETS, REFRESH_OUTCOMES, Snapshot, read_snapshot
-from ._model import check_user, iso
+from ._model import ProviderRevocation, check_user, iso
 from ._web import SECURITY_HEADERS
 
 __all__ = ["ops_routes"]
@@ -240,6 +240,20 @@ class SnapshotCollector(Collector):
             "Transient refresh failures in the last 24 hours.",
             s.refresh_failures_24h,
         )
+        revocations = CounterMetricFamily(
+            "consent_flow_provider_revocations",
+            "Revoked grants by what became of them at the provider: done (revoked there), "
+            "unsupported (no revocation endpoint), abandoned (the outbox gave up).",
+            labels=["outcome"],
+        )
+        revocation_counts = dict.fromkeys(
+            (r.value for r in ProviderRevocation if r is not ProviderRevocation.DEFERRED), 0
+        )
+        revocation_counts.update(s.revocation_outcomes)
+        for outcome, n in revocation_counts.items():
+            revocations.add_metric([outcome], n)
+        yield revocations
+
         yield _gauge(
             "refresh_rejections_24h",
             "Refreshes the provider rejected (invalid_grant) in the last 24 hours.",
@@ -426,6 +440,11 @@ def _figures(snapshot: Snapshot) -> str:
         ("failures-24h", "Refresh failures, last 24 h", str(snapshot.refresh_failures_24h)),
         ("rejections-24h", "Refresh rejections, last 24 h", str(snapshot.refresh_rejections_24h)),
         ("paused", "Refreshes paused", paused_html),
+        (
+            "revocations-abandoned",
+            "Provider revocations given up",
+            str(snapshot.revocations_abandoned),
+        ),
         ("queue-depth", "Queue depth", str(snapshot.queue_depth)),
         ("deferred-jobs", "Deferred jobs", str(snapshot.deferred_jobs)),
         (

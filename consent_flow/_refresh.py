@@ -17,7 +17,13 @@ from dataclasses import dataclass
 
 import structlog
 
-from ._engine import TOKEN_FIELDS, Engine, UserLock
+from ._engine import (
+    TOKEN_FIELDS,
+    Engine,
+    UserLock,
+    refresh_expiry_after,
+    scheduling_lapse,
+)
 from ._errors import (
     ClientRejected,
     GrantRejected,
@@ -27,7 +33,7 @@ from ._errors import (
 from ._jobs import JobRef, QueuedJob
 from ._machine import Event, State
 from ._metrics import MetricsRecorder
-from ._model import Change, ConsentRecord, clip
+from ._model import Change, ConsentRecord, clip, cooldown_reason, iso
 from ._queue import Envelope, Outcome
 from ._schedule import Scheduler
 from ._store import due_ms
@@ -97,12 +103,13 @@ class Refresher:
             self.store.keys.halt,
             mapping={
                 "reason": "the provider rejected this deployment's client credentials "
-                "(invalid_client): refreshes are paused for everyone; no consent was revoked",
+                f"({_client_error(exc)}): refreshes are paused for everyone; no consent was "
+                "revoked",
                 "since": repr(time.time()),
                 "fingerprint": self.fingerprint,
             },
         )
-        log.error("refresh_paused", error=exc.code)
+        log.error("refresh_paused", error=exc.code, provider_error=exc.error)
 
     # --- one refresh --------------------------------------------------------------------------
 
@@ -175,6 +182,18 @@ class Refresher:
         if on_demand:
             if rec.expires_at is None or rec.expires_at - now >= min_ttl:
                 return self.engine.outcome(rec, envelope, "unchanged")
+            retry_at = rec.on_demand_retry_at()
+            if retry_at is not None and retry_at > now:
+                # The last refresh failed and its retry is not due: a caller asking again and
+                # again during an outage gets the record's answer, and the provider is spared.
+                return self.engine.outcome(
+                    rec,
+                    envelope,
+                    "failed",
+                    error="provider_unavailable",
+                    reason=cooldown_reason(rec, retry_at),
+                    detail={"retry_at": iso(retry_at)},
+                )
         elif due is not None and (
             rec.next_refresh_at is None or due_ms(rec.next_refresh_at) != due
         ):
@@ -186,11 +205,16 @@ class Refresher:
         await self.store.redis.hset(self.store.keys.rec(user), "inflight", repr(now))
         try:
             fresh = await self.engine.oauth.refresh(tokens["refresh_token"], scopes=rec.scopes)
-        except GrantRejected:
+        except GrantRejected as exc:
             # An earlier attempt's mark still there: it sent a refresh and never heard back. With
             # rotating refresh tokens the provider took that as the last use of this token.
             await self.metrics.refresh("rejected")
-            return await self._reject(rec, envelope, lost_response=rec.inflight is not None)
+            return await self._reject(
+                rec,
+                envelope,
+                lost_response=rec.inflight is not None,
+                description=exc.description,
+            )
         except ClientRejected as exc:
             await self.metrics.refresh("client_rejected")
             await self._halt(exc)
@@ -198,7 +222,7 @@ class Refresher:
                 rec,
                 envelope,
                 now + self.retry.halt_retry,
-                error="client credentials rejected (invalid_client)",
+                error=f"client credentials rejected ({_client_error(exc)})",
             )
             return self.engine.outcome(rec, envelope, "failed", error=exc.code)
         except ProviderError as exc:
@@ -224,7 +248,15 @@ class Refresher:
             await self.store.redis.delete(self.store.keys.halt)
             log.warning("refresh_pause_lifted", why="a refresh succeeded")
         refresh_token = fresh.refresh_token or tokens["refresh_token"]  # kept when not rotated
-        due_at = self.engine.refresh_due(fresh.expires_at, now)
+        refresh_expires_at = refresh_expiry_after(
+            fresh,
+            rec.refresh_expires_at,
+            rotated=refresh_token != tokens["refresh_token"],
+            now=now,
+        )
+        due_at = self.engine.refresh_due(
+            fresh.expires_at, now, scheduling_lapse(refresh_expires_at, rec.refresh_expires_at)
+        )
         job = self.scheduler.job_for(user, due_at)
         lead = None if rec.expires_at is None else rec.expires_at - now
         change = Change(
@@ -249,12 +281,13 @@ class Refresher:
             },
             set_fields={
                 "exp": repr(fresh.expires_at) if fresh.expires_at is not None else "",
+                "rexp": "" if refresh_expires_at is None else repr(refresh_expires_at),
                 "scopes": " ".join(fresh.scopes or rec.scopes),
                 "next": repr(due_at),
                 "lastref": repr(now),
                 "fails": "0",
             },
-            delete_fields=("referr", "inflight"),
+            delete_fields=("referr", "failsince", "failat", "inflight"),
             schedule_at=due_at,
             # Riding in the same commit: the next refresh's job, the counters, the release of
             # the lock and the caller's answer. One round trip for all of it.
@@ -295,7 +328,14 @@ class Refresher:
         fields = {"next": repr(at)}
         job = self.scheduler.job_for(rec.user, at)
         if error is not None:
-            fields.update(referr=clip(error) or "", fails=str(rec.refresh_failures + 1))
+            now = self.engine.clock()
+            fields.update(
+                referr=clip(error) or "",
+                fails=str(rec.refresh_failures + 1),
+                failat=repr(now),
+                # The first failure of a run: cleared by the next success.
+                failsince=repr(rec.failing_since if rec.failing_since is not None else now),
+            )
         change = Change(
             user=rec.user,
             event=Event.TOKEN_REFRESHED,
@@ -323,9 +363,17 @@ class Refresher:
         return None if old is None or old.job_id == job.job_id else old
 
     async def _reject(
-        self, rec: ConsentRecord, envelope: Envelope, *, lost_response: bool
+        self,
+        rec: ConsentRecord,
+        envelope: Envelope,
+        *,
+        lost_response: bool,
+        description: str | None = None,
     ) -> Outcome:
         reason = "refresh token rejected by provider: invalid_grant"
+        if description:
+            # Sanitised by the OAuth client: "consent withdrawn" and "token expired" differ.
+            reason += f" ({description})"
         if lost_response:
             reason += (
                 " (an earlier refresh's response was lost after the provider rotated the "
@@ -362,6 +410,12 @@ class Refresher:
         )
         rec = rec.after(change, result.version)
         return self.engine.outcome(rec, rejected, "applied", error="invalid_grant")
+
+
+def _client_error(exc: ClientRejected) -> str:
+    if exc.error == exc.code:
+        return exc.code
+    return f"{exc.error}, a client-level error: {exc.code}"
 
 
 def _brief(exc: ProviderError) -> str:

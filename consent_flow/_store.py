@@ -16,7 +16,8 @@ Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``; every key of one user shares t
     cf:histidx          zset   users by the time of their oldest history entry (retention)
     cf:outbox           zset   users with tokens still to revoke at the provider, by next try
     cf:metrics:*        hash   counters for /metrics and stats (transitions, refresh outcomes,
-                               refresh lead time buckets, per-hour failures and rejections)
+                               refresh lead time buckets, per-hour failures and rejections,
+                               provider revocations by outcome)
     cf:workers          zset   worker ids by last heartbeat
     cf:invalidate       pubsub user ids whose cached tokens must be dropped (published by commits)
     cf:halt             hash   refreshes paused for everyone: invalid_client (reason, since)
@@ -46,7 +47,15 @@ from redis.asyncio import Redis
 from ._jobs import ENQUEUE_LUA
 from ._lua import lua
 from ._machine import Event, State
-from ._model import CIPHER_FIELDS, SEALED_KEYS, Change, CommitResult, ConsentRecord, HistoryEntry
+from ._model import (
+    CIPHER_FIELDS,
+    SEALED_KEYS,
+    Change,
+    CommitResult,
+    ConsentRecord,
+    HistoryEntry,
+    ProviderRevocation,
+)
 from ._vault import KeyRing
 
 __all__ = ["Keys", "MemoryStore", "RedisStore", "Store", "due_ms", "state_hash"]
@@ -121,6 +130,10 @@ class Keys:
     @property
     def refresh_counts(self) -> str:
         return f"{self.prefix}:metrics:refresh"
+
+    @property
+    def revocation_counts(self) -> str:
+        return f"{self.prefix}:metrics:revocation"
 
     @property
     def refresh_lead(self) -> str:
@@ -388,10 +401,12 @@ end
 return dropped
 """
 
-# Forget tokens revoked at the provider, unless a later revocation replaced them meanwhile.
+# Forget tokens revoked at the provider (or given up on), unless a later revocation replaced them
+# meanwhile; a still revoked record notes what became of them, and the outcome is counted.
+# ARGV: sealed tokens, their key id, user, outcome.
 _DROP_REVOKED = """
-local rec, rvk, kids, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local sealed, kid, user = ARGV[1], ARGV[2], ARGV[3]
+local rec, rvk, kids, outbox, counts = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local sealed, kid, user, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('GET', rvk) == sealed then
   redis.call('DEL', rvk)
 elseif redis.call('HGET', rec, 'rvk') == sealed then
@@ -400,8 +415,12 @@ else
   return 0
 end
 redis.call('HDEL', rec, 'rvktries')
+if redis.call('HGET', rec, 'state') == 'revoked' then
+  redis.call('HSET', rec, 'provrev', outcome)
+end
 redis.call('HINCRBY', kids, kid, -1)
 redis.call('ZREM', outbox, user)
+redis.call('HINCRBY', counts, outcome, 1)
 return 1
 """
 
@@ -642,14 +661,21 @@ class RedisStore:
         )
         return (token if int(got) else None), _record(user, flat, tok, rvk), _pairs(other)
 
-    async def drop_revoked(self, user: str, sealed: bytes) -> bool:
-        """Forget ``sealed`` tokens once the provider revoked them (compare-and-delete: tokens
-        that a later revocation put there stay). Returns whether they were still there."""
+    async def drop_revoked(
+        self,
+        user: str,
+        sealed: bytes,
+        *,
+        outcome: ProviderRevocation = ProviderRevocation.DONE,
+    ) -> bool:
+        """Forget ``sealed`` tokens once the provider revoked them, or once revoking them there
+        was given up (``outcome``; compare-and-delete: tokens that a later revocation put there
+        stay). Returns whether they were still there."""
         k = self.keys
         return bool(
             await self._drop_revoked(
-                keys=[k.rec(user), k.sealed(user, "rvk"), k.kids, k.outbox],
-                args=[sealed, KeyRing.key_id_of(sealed), user],
+                keys=[k.rec(user), k.sealed(user, "rvk"), k.kids, k.outbox, k.revocation_counts],
+                args=[sealed, KeyRing.key_id_of(sealed), user, outcome.value],
             )
         )
 
@@ -795,7 +821,13 @@ class MemoryStore:
             return True
         return False
 
-    async def drop_revoked(self, user: str, sealed: bytes) -> bool:
+    async def drop_revoked(
+        self,
+        user: str,
+        sealed: bytes,
+        *,
+        outcome: ProviderRevocation = ProviderRevocation.DONE,
+    ) -> bool:
         held = self.sealed.get(user, {})
         if held.get("rvk") == sealed:
             del held["rvk"]
@@ -804,4 +836,6 @@ class MemoryStore:
         else:
             return False
         self.records[user].pop("rvktries", None)
+        if self.records[user].get("state") == State.REVOKED.value:
+            self.records[user]["provrev"] = outcome.value
         return True

@@ -118,6 +118,11 @@ class ConsentResult(BaseModel):
         with_url: bool = True,
     ) -> ConsentResult:
         url = status.authorization_url if with_url else None
+        message = _message(status.state, url is not None, elicitation)
+        note = status.details.get("provider_revocation_note")
+        if status.state is State.REVOKED and note:
+            # The user must hear it when the provider keeps the grant (no revocation endpoint).
+            message += f" At the provider: {note}."
         return cls(
             state=status.state.value,
             since=_iso(status.since),
@@ -125,7 +130,7 @@ class ConsentResult(BaseModel):
             scopes=list(status.scopes),
             reason=status.reason,
             elicitation=elicitation,
-            message=_message(status.state, url is not None, elicitation),
+            message=message,
         )
 
 
@@ -449,7 +454,8 @@ _DESCRIPTIONS = {
     ),
     "revoke_access": (
         "Withdraw the signed-in user's delegated access: the grant is revoked at the provider "
-        "and the stored tokens are deleted. Asking again later needs a new approval."
+        "(where the provider can; the answer says when it cannot) and the stored tokens are "
+        "deleted. Asking again later needs a new approval."
     ),
 }
 _TITLES = {

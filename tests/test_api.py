@@ -20,6 +20,7 @@ PUBLIC = [
     "NotProvisioned",
     "ProviderError",
     "ProviderResponseError",
+    "ProviderRevocation",
     "ProviderUnavailable",
     "Settings",
     "SettingsError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import secrets
@@ -254,3 +255,56 @@ def test_starts_fast_and_controls_are_off_by_default() -> None:
         assert httpx.get(f"{op.issuer}/__test/stats").status_code == 404
     assert not op.running
     assert elapsed < 5.0  # about 0.3 s here; generous for a loaded CI machine
+
+
+async def test_fault_carries_an_error_description(op: LocalProvider) -> None:
+    tokens = await _tokens(op, "dora")
+    op.fault(token_status=400, token_error="invalid_grant", token_error_description="consent gone")
+    faulted = await _refresh(op, tokens["refresh_token"])
+    assert faulted.status_code == 400
+    assert faulted.json() == {"error": "invalid_grant", "error_description": "consent gone"}
+    op.fault(token_status=401, token_error="expired_client")
+    assert (await _refresh(op, tokens["refresh_token"])).json() == {"error": "expired_client"}
+
+
+async def test_refresh_expires_in_says_what_the_refresh_token_has_left() -> None:
+    with LocalProvider.start(refresh_expires_in=True, refresh_token_ttl=120) as op:
+        tokens = await _tokens(op, "kim")
+        assert 115 <= tokens["refresh_expires_in"] <= 120
+        assert tokens["expires_in"] == 3600
+        # Rotated: the new refresh token's own lifetime.
+        rotated = (await _refresh(op, tokens["refresh_token"])).json()
+        assert 115 <= rotated["refresh_expires_in"] <= 120
+        # Faulted answers carry no refresh token and are left alone.
+        op.fault(token_status=503)
+        assert (await _refresh(op, rotated["refresh_token"])).json() == {
+            "error": "temporarily_unavailable"
+        }
+    with LocalProvider.start(refresh_expires_in=True, rotate_refresh_token=False) as op:
+        tokens = await _tokens(op, "kim")
+        await asyncio.sleep(1.1)
+        again = (await _refresh(op, tokens["refresh_token"])).json()
+        # Not rotated: the same token, with less left than at first.
+        assert again["refresh_token"] == tokens["refresh_token"]
+        assert again["refresh_expires_in"] < tokens["refresh_expires_in"]
+
+
+async def test_off_by_default_refresh_expires_in_and_revocation(op: LocalProvider) -> None:
+    tokens = await _tokens(op, "lou")
+    assert "refresh_expires_in" not in tokens
+    assert op.metadata["revocation_endpoint"].endswith("/token/revocation")
+
+
+async def test_no_revocation_endpoint() -> None:
+    with LocalProvider.start(no_revocation=True) as op:
+        assert "revocation_endpoint" not in op.metadata
+        tokens = await _tokens(op, "nina")
+        client = op.clients[0]
+        async with httpx.AsyncClient(timeout=10.0) as http:
+            response = await http.post(
+                f"{op.issuer}/token/revocation",
+                data={"token": tokens["refresh_token"]},
+                auth=(client["client_id"], client["client_secret"]),
+            )
+        assert response.status_code == 404
+        assert op.introspect(tokens["refresh_token"])["active"] is True

@@ -591,6 +591,68 @@ async def test_missing_expires_in_means_unknown_expiry(
     assert tokens.token_type == "Bearer"
 
 
+@pytest.mark.parametrize(
+    ("value", "stated", "expires_at"),
+    [
+        (900, True, NOW + 900),
+        ("900", True, NOW + 900),
+        (0, True, None),  # Keycloak's offline tokens: the refresh token does not lapse
+        (None, False, None),  # not said
+        (-5, False, None),  # malformed: ignored, never fails a response that may have rotated
+        ("soon", False, None),
+        (True, False, None),
+        (1e30, False, None),
+    ],
+)
+async def test_refresh_expires_in(
+    client: OAuthClient, provider: FakeProvider, value: Any, stated: bool, expires_at: Any
+) -> None:
+    provider.token = lambda r: json_response(200, token_body(refresh_expires_in=value))
+    for call in (client.exchange_code(CODE, code_verifier=VERIFIER), client.refresh(REFRESH)):
+        tokens = await call
+        assert tokens.refresh_expiry_stated is stated
+        assert tokens.refresh_expires_at == expires_at
+        assert tokens.expires_at == NOW + 3600
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (400, "invalid_client"),
+        (401, "invalid_client"),
+        (400, "unauthorized_client"),
+        (400, "unsupported_grant_type"),
+        (400, "expired_client"),
+        (401, "expired_client"),
+        (403, "expired_client"),
+    ],
+)
+async def test_client_level_errors_blame_the_client(
+    client: OAuthClient, provider: FakeProvider, status: int, error: str
+) -> None:
+    provider.token = lambda r: json_response(status, {"error": error})
+    exc = await expect(ClientRejected, client.refresh(REFRESH))
+    assert exc.code == "invalid_client"
+    assert exc.error == error
+
+
+async def test_invalid_grant_keeps_a_sanitised_description(
+    client: OAuthClient, provider: FakeProvider
+) -> None:
+    description = f"consent withdrawn\x1b[31m for {REFRESH} " + "y" * 500
+    provider.token = lambda r: json_response(
+        400, {"error": "invalid_grant", "error_description": description}
+    )
+    exc = await expect(GrantRejected, client.refresh(REFRESH))
+    assert exc.description is not None
+    assert exc.description.startswith("consent withdrawn?[31m for [redacted] yyy")
+    assert "\x1b" not in exc.description
+    assert REFRESH not in exc.description
+    assert len(exc.description) <= 200
+    provider.token = lambda r: json_response(400, {"error": "invalid_grant"})
+    assert (await expect(GrantRejected, client.refresh(REFRESH))).description is None
+
+
 def _raise(exc: type[httpx.HTTPError]) -> Responder:
     def responder(request: httpx.Request) -> httpx.Response:
         raise exc("simulated", request=request)  # type: ignore[call-arg]

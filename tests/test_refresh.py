@@ -203,7 +203,7 @@ async def test_a_grant_revoked_at_the_provider_ends_revoked_and_the_broker_raise
     assert await stack.client.access_token("alice", min_ttl=0)
     steady.revoke_grants("alice")
     status = await wait_for(lambda: _revoked(stack, "alice"), timeout=3 * TOKEN_TTL)
-    assert status.reason == "refresh token rejected by provider: invalid_grant"
+    assert status.reason.startswith("refresh token rejected by provider: invalid_grant")
     [last] = (await stack.client.history("alice"))[-1:]
     assert (last["event"], last["from"], last["to"]) == (
         "refresh_rejected",

@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from consent_flow import Event, KeyRing, State, generate_key
 from consent_flow._engine import SESSION_FIELDS, TOKEN_FIELDS
-from consent_flow._model import Change, ConsentRecord, HistoryEntry
+from consent_flow._model import Change, ConsentRecord, HistoryEntry, ProviderRevocation
 from consent_flow._store import MemoryStore, RedisStore
 from consent_flow._vault import open_tokens, seal_tokens
 
@@ -245,7 +245,48 @@ async def test_revoking_moves_the_tokens_to_the_outbox_and_wipes_them(store):
     other = seal_tokens(ring, "ivan", {"refresh_token": "another"})
     assert not await store.drop_revoked("ivan", other)  # not what is there: left alone
     assert await store.drop_revoked("ivan", rec.tokens)
-    assert (await store.load("ivan")).revocation_pending is None
+    after = await store.load("ivan")
+    assert after.revocation_pending is None
+    assert after.provider_revocation is ProviderRevocation.DONE
+
+
+async def test_dropping_given_up_tokens_notes_it_and_counts_it(redis_store):
+    store, keys = redis_store, redis_store.keys
+    ring = KeyRing.from_strings([generate_key()])
+    for user in ("kai", "lea"):
+        await provisioned(store, ring, user)
+        rec = await store.load(user)
+        revoke = change(
+            rec,
+            Event.REVOKE_REQUESTED,
+            State.REVOKED,
+            sealed={"rvk": rec.tokens},
+            set_fields={"provrev": "deferred"},
+            delete_fields=TOKEN_FIELDS,
+        )
+        assert (await store.commit(revoke)).ok
+        await store.redis.hset(keys.rec(user), "rvktries", "3")
+    kai = await store.load("kai")
+    assert kai.provider_revocation is ProviderRevocation.DEFERRED
+    assert kai.public()["provider_revocation"] == "deferred"
+    abandoned = ProviderRevocation.ABANDONED
+    assert await store.drop_revoked("kai", kai.revocation_pending, outcome=abandoned)
+    kai = await store.load("kai")
+    assert kai.revocation_pending is None and kai.provider_revocation is abandoned
+    assert await store.redis.hget(keys.rec("kai"), "rvktries") is None
+    assert await store.redis.zscore(keys.outbox, "kai") is None
+    assert (
+        "withdraw it in the provider's account settings"
+        in (kai.public()["provider_revocation_note"])
+    )
+    # Provisioned again meanwhile: the old tokens go, the new record is left as it is.
+    lea = await store.load("lea")
+    await store.redis.hset(keys.rec("lea"), "state", "pending")
+    assert await store.drop_revoked("lea", lea.revocation_pending, outcome=abandoned)
+    assert await store.redis.hget(keys.rec("lea"), "provrev") == b"deferred"
+    assert not await store.drop_revoked("lea", lea.revocation_pending, outcome=abandoned)
+    counts = await store.redis.hgetall(keys.revocation_counts)
+    assert counts == {b"abandoned": b"2"}
 
 
 def test_sealed_values_never_go_in_the_record_hash():

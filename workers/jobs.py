@@ -9,7 +9,7 @@ import structlog
 
 from consent_flow._errors import ConsentError
 from consent_flow._machine import Event, State
-from consent_flow._model import ConsentRecord, iso
+from consent_flow._model import ConsentRecord, ProviderRevocation, iso
 from consent_flow._queue import Envelope, Outcome, new_id
 
 from ._context import EVENT_MAX_TRIES, Services
@@ -137,7 +137,7 @@ async def cleanup(ctx: dict[str, Any]) -> None:
     revoked = 0
     for user in await store.outbox_due(now, limit=100):
         result = await services.engine.revoke_pending(user)
-        if result == "done":
+        if result is ProviderRevocation.DONE:
             revoked += 1
     trimmed = await store.trim_history(now - settings.history_retention)
     if expired or revoked or trimmed:

@@ -70,6 +70,8 @@ _SERVER_ENV = (
     "ACCESS_TOKEN_TTL",
     "REFRESH_TOKEN_TTL",
     "ROTATE_REFRESH_TOKEN",
+    "REFRESH_EXPIRES_IN",
+    "NO_REVOCATION",
     "TEST_CONTROLS",
     "EXIT_WITH_STDIN",
 )
@@ -168,13 +170,17 @@ class LocalProvider:
         rotate_refresh_token: bool = True,
         test_controls: bool = True,
         resource: str | None = None,
+        refresh_expires_in: bool = False,
+        no_revocation: bool = False,
         startup_timeout: float = 15.0,
     ) -> LocalProvider:
         """Spawn the provider and wait until it serves its discovery document.
 
         ``port=None`` lets the provider pick a free port itself (no race). ``clients`` defaults to
         :data:`DEFAULT_CLIENT`; see server.mjs for the fields. ``resource`` is the one accepted
-        resource indicator (default ``<issuer>/api``).
+        resource indicator (default ``<issuer>/api``). ``refresh_expires_in``: token responses
+        say how long their refresh token has left (``REFRESH_EXPIRES_IN=1``). ``no_revocation``:
+        no revocation endpoint (``NO_REVOCATION=1``).
         """
         node = shutil.which("node")
         if node is None:
@@ -195,6 +201,8 @@ class LocalProvider:
             ACCESS_TOKEN_TTL=str(access_token_ttl),
             ROTATE_REFRESH_TOKEN="1" if rotate_refresh_token else "0",
             TEST_CONTROLS="1" if test_controls else "0",
+            REFRESH_EXPIRES_IN="1" if refresh_expires_in else "0",
+            NO_REVOCATION="1" if no_revocation else "0",
             # The provider exits when our end of its stdin closes: no orphan if Python dies.
             EXIT_WITH_STDIN="1",
         )
@@ -393,6 +401,7 @@ class LocalProvider:
         token_status: int | None = None,
         retry_after: int | None = None,
         token_error: str | None = None,
+        token_error_description: str | None = None,
         token_delay_ms: int | None = None,
         token_drop_response: bool | None = None,
         id_token: str | None = None,
@@ -401,7 +410,8 @@ class LocalProvider:
         ``count`` token requests (for ``id_token``: token responses carrying an ID token).
 
         ``token_status``: answer that status without reaching the provider, body
-        ``{"error": token_error or "temporarily_unavailable"}``, ``Retry-After: retry_after``.
+        ``{"error": token_error or "temporarily_unavailable"}`` (plus ``error_description:
+        token_error_description`` when given), ``Retry-After: retry_after``.
         ``token_delay_ms``: delay the requests. ``token_drop_response``: let the provider
         handle them, then cut the connection before the answer (a lost response).
         ``id_token``: one of ``bad_signature``,
@@ -414,6 +424,7 @@ class LocalProvider:
             ("token_status", token_status),
             ("retry_after", retry_after),
             ("token_error", token_error),
+            ("token_error_description", token_error_description),
             ("token_delay_ms", token_delay_ms),
             ("token_drop_response", token_drop_response),
             ("id_token", id_token),

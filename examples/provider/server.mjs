@@ -22,6 +22,13 @@
 //   ACCESS_TOKEN_TTL     Access token lifetime in seconds (default 3600).
 //   REFRESH_TOKEN_TTL    Refresh token lifetime in seconds (default 1209600, 14 days).
 //   ROTATE_REFRESH_TOKEN "1": rotate on every refresh (default); "0": never rotate.
+//   REFRESH_EXPIRES_IN   "1": token responses that carry a refresh token also carry
+//                        `refresh_expires_in`, the seconds that refresh token has left (as
+//                        Keycloak and Nextcloud's oidc app send it). oidc-provider does not send
+//                        it natively: a Koa middleware around the token endpoint adds it to the
+//                        JSON. Default off.
+//   NO_REVOCATION        "1": no revocation endpoint (as Nextcloud's oidc app): discovery names no
+//                        `revocation_endpoint` and POST /token/revocation answers 404. Default off.
 //   TEST_CONTROLS        "1" enables the /__test/ control endpoints (off by default).
 //   EXIT_WITH_STDIN      "1": exit when stdin reaches EOF, so that the provider dies with the
 //                        process that spawned it (the Python driver sets this).
@@ -38,7 +45,11 @@
 //   POST /__test/fault          Replace the fault set ({} clears it). Fields (all optional):
 //                                 token_status: HTTP status the next `count` token requests get,
 //                                   without reaching the provider, with body
-//                                   {"error": token_error || "temporarily_unavailable"};
+//                                   {"error": token_error || "temporarily_unavailable",
+//                                    "error_description": token_error_description (if given)};
+//                                   token_error may be any code: "invalid_grant" (a dead grant),
+//                                   "invalid_client", "unauthorized_client", "expired_client"
+//                                   (client-level errors), ...;
 //                                 retry_after: seconds, sent as Retry-After with token_status;
 //                                 token_delay_ms: delay the next `count` token requests;
 //                                 id_token: tamper MODE for the next `count` token responses that
@@ -86,6 +97,8 @@ const ACCESS_TOKEN_TTL = envInt('ACCESS_TOKEN_TTL', 3600);
 const REFRESH_TOKEN_TTL = envInt('REFRESH_TOKEN_TTL', 14 * 24 * 60 * 60);
 const ROTATE_REFRESH_TOKEN = (process.env.ROTATE_REFRESH_TOKEN ?? '1') !== '0';
 const TEST_CONTROLS = process.env.TEST_CONTROLS === '1';
+const REFRESH_EXPIRES_IN = process.env.REFRESH_EXPIRES_IN === '1';
+const NO_REVOCATION = process.env.NO_REVOCATION === '1';
 
 const DEFAULT_CLIENTS = [{
   client_id: 'consent-flow-demo',
@@ -423,7 +436,7 @@ async function main() {
     },
     features: {
       devInteractions: { enabled: false },
-      revocation: { enabled: true, allowedPolicy: async () => true },
+      revocation: { enabled: !NO_REVOCATION, allowedPolicy: async () => true },
       introspection: {
         enabled: true,
         // Any authenticated client may introspect; public clients only their own tokens.
@@ -549,6 +562,33 @@ ${resources.length ? `<p>at the resource</p>\n<ul id="resources">\n${resourceIte
     return undefined;
   });
 
+  if (NO_REVOCATION) {
+    // The feature is off, so oidc-provider mounts no route; say so plainly at the usual path.
+    provider.use(async (ctx, next) => {
+      if (ctx.path !== '/token/revocation') return next();
+      ctx.status = 404;
+      ctx.set('Cache-Control', 'no-store');
+      ctx.body = { error: 'not_found', error_description: 'this provider cannot revoke tokens' };
+      return undefined;
+    });
+  }
+
+  if (REFRESH_EXPIRES_IN) {
+    // Placed before the test controls, so it wraps their fault layer: faulted answers carry no
+    // refresh token and pass untouched.
+    const tokenPath = new URL(provider.urlFor('token')).pathname;
+    provider.use(async (ctx, next) => {
+      await next();
+      if (ctx.path !== tokenPath || ctx.status !== 200) return;
+      const body = ctx.body;
+      if (typeof body?.refresh_token !== 'string') return;
+      const token = await provider.RefreshToken.find(body.refresh_token, { ignoreExpiration: true });
+      if (!token?.exp) return;
+      const left = Math.max(0, token.exp - Math.floor(Date.now() / 1000));
+      ctx.body = { ...body, refresh_expires_in: left };
+    });
+  }
+
   // -------------------------------------------------------------------------------------------
   // Test controls: fault injection on the token endpoint, statistics, grant revocation.
 
@@ -599,7 +639,7 @@ function installTestControls(provider, { signingKey }) {
 
   // Path from the discovery document's token_endpoint (a mount path would be part of it).
   const tokenPath = new URL(provider.urlFor('token')).pathname;
-  const revocationPath = new URL(provider.urlFor('revocation')).pathname;
+  const revocationPath = NO_REVOCATION ? null : new URL(provider.urlFor('revocation')).pathname;
 
   // Counts answered revocations (RFC 7009); oidc-provider emits no event of its own for them.
   provider.use(async (ctx, next) => {
@@ -660,8 +700,12 @@ function installTestControls(provider, { signingKey }) {
         remaining: count,
         status: body.token_status,
         error: body.token_error ?? 'temporarily_unavailable',
+        description: body.token_error_description,
         retryAfter: body.retry_after,
       };
+      if (next.status.description !== undefined && typeof next.status.description !== 'string') {
+        throw new Error('token_error_description must be a string');
+      }
     }
     if (body.token_delay_ms !== undefined) {
       if (!Number.isInteger(body.token_delay_ms) || body.token_delay_ms < 0) {
@@ -704,6 +748,7 @@ function installTestControls(provider, { signingKey }) {
       ctx.set('Cache-Control', 'no-store');
       if (fault.retryAfter !== undefined) ctx.set('Retry-After', String(fault.retryAfter));
       ctx.body = { error: fault.error };
+      if (fault.description !== undefined) ctx.body.error_description = fault.description;
       return undefined;
     }
 

@@ -23,6 +23,7 @@ DEFAULT_REFRESH_MARGIN = 120  # refresh this long before the access token expire
 DEFAULT_KEEPALIVE = 24 * 3600  # refresh at least this often, even if the token never expires
 DEFAULT_HISTORY_RETENTION = 90 * 24 * 3600
 DEFAULT_EVENT_TIMEOUT = 15.0  # how long a caller waits for the worker's outcome
+MAX_EVENT_TIMEOUT = 3600.0  # the longest an event may wait for a worker before it expires
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_HTTP_TIMEOUT = 10.0  # seconds for one call to the provider
 MAX_SCOPES_LENGTH = 2000
@@ -218,8 +219,10 @@ class Settings:
                 raise SettingsError(
                     "CONSENT_EVENT_TIMEOUT", "must be a number of seconds"
                 ) from None
-            if not 0 < event_timeout <= 3600:
-                raise SettingsError("CONSENT_EVENT_TIMEOUT", "must be between 0 and 3600 seconds")
+            if not 0 < event_timeout <= MAX_EVENT_TIMEOUT:
+                raise SettingsError(
+                    "CONSENT_EVENT_TIMEOUT", f"must be between 0 and {MAX_EVENT_TIMEOUT:g} seconds"
+                )
 
         http_timeout = DEFAULT_HTTP_TIMEOUT
         if (raw_timeout := get("CONSENT_HTTP_TIMEOUT")) is not None:

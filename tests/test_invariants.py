@@ -46,6 +46,26 @@ async def test_a_duplicated_event_is_applied_once(stack):
     assert [h["event"] for h in history].count("revoke_requested") == 1
 
 
+async def test_a_redelivery_after_40_newer_events_changes_nothing(stack):
+    """2: the duplicate window is time-based, not the last few ids: a redelivery that comes after
+    40 newer events for the same user is still recognised."""
+    first = Envelope(Event.PROVISION_REQUESTED, "alice", "test")
+    assert (await stack.client.emit(first)).state == "pending"
+    for i in range(41):  # revoke, provision, ..., revoke: 41 newer events, ending revoked
+        event = Event.PROVISION_REQUESTED if i % 2 else Event.REVOKE_REQUESTED
+        await stack.client.emit(Envelope(event, "alice", "test"))
+    before = await stack.client.store.load("alice")
+    assert before.state is State.REVOKED
+    # The same event id delivered again, after its first outcome's reply is gone (it would
+    # answer at once otherwise): the worker's answer to the replay is what this waits for.
+    await stack.client.pool.delete(stack.client.store.keys.reply(first.event_id))
+    replay = await stack.client.emit(first)
+    assert replay.state == "revoked"
+    after = await stack.client.store.load("alice")
+    assert (after.state, after.version) == (State.REVOKED, before.version)
+    assert len(await stack.client.history("alice")) == 42
+
+
 async def test_tokens_of_a_step_that_loses_are_revoked_not_stored(stack):
     """3: the user revokes while the code exchange is in flight."""
     status = await stack.client.request_provisioning("alice")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from conftest import CLIENT_SECRET, make_settings, provision, stored_tokens
@@ -172,6 +174,68 @@ async def test_no_secret_reaches_redis_in_clear_or_any_log_line(stack):
     assert logs
     for secret in secrets:
         assert secret not in text
+
+
+async def dump_redis(redis) -> bytes:
+    """Every key of the Redis, every type, values and members and fields alike."""
+    out: list[bytes] = []
+    async for key in redis.scan_iter(count=1000):
+        kind = (await redis.type(key)).decode()
+        out.append(key)
+        if kind == "string":
+            out.append(await redis.get(key) or b"")
+        elif kind == "hash":
+            for field, value in (await redis.hgetall(key)).items():
+                out += [field, value]
+        elif kind == "list":
+            out += await redis.lrange(key, 0, -1)
+        elif kind == "set":
+            out += list(await redis.smembers(key))
+        elif kind == "zset":
+            out += [member for member, _ in await redis.zrange(key, 0, -1, withscores=True)]
+        elif kind == "stream":
+            for entry_id, fields in await redis.xrange(key):
+                out.append(entry_id)
+                for field, value in fields.items():
+                    out += [field, value]
+        elif kind != "none":  # "none": gone since the scan saw it (a finished job)
+            raise AssertionError(f"{key!r} is a {kind}: dump it too")
+    return b"\n".join(out)
+
+
+def session_secrets(url: str) -> list[bytes]:
+    query = parse_qs(urlsplit(url).query)
+    [state], [nonce] = query["state"], query["nonce"]
+    assert len(state) >= 43 and len(nonce) >= 43
+    return [state.encode(), nonce.encode()]
+
+
+async def test_no_state_or_nonce_in_redis_at_any_moment(stack):
+    """8: the authorization URL carries the session's state and nonce. The caller's reply (which
+    waits in Redis for a minute), the job, the record: none holds them in clear, neither while
+    pending nor once provisioned; a duplicate waiter holding another key cannot open the URL."""
+    redis = stack.client.pool
+    status = await stack.client.request_provisioning("alice")
+    assert status.authorization_url
+    secrets = session_secrets(status.authorization_url)
+    # Bob's event is emitted twice by its caller (a retry) and once by someone else: the same
+    # event id, so all three read the one reply the worker pushed.
+    envelope = Envelope(Event.PROVISION_REQUESTED, "bob", "test").with_reply_key()
+    first = await stack.client.emit(envelope)
+    again = await stack.client.emit(envelope)
+    stranger = await stack.client.emit(replace(envelope, reply_to=None, reply_key=None))
+    assert first.authorization_url and again.authorization_url == first.authorization_url
+    assert stranger.state == "pending" and stranger.authorization_url is None
+    secrets += session_secrets(first.authorization_url)
+    assert await redis.exists(stack.client.store.keys.reply(envelope.event_id))
+    pending = await dump_redis(redis)
+    callback = await approve(status.authorization_url, "alice")
+    assert (await stack.callback(callback)).status_code == 200
+    assert (await stack.client.status("alice")).state is State.PROVISIONED
+    provisioned = await dump_redis(redis)
+    for secret in secrets:
+        assert secret not in pending
+        assert secret not in provisioned
 
 
 async def test_the_user_is_the_session_owner_not_a_parameter(stack):

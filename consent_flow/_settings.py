@@ -6,6 +6,7 @@ the worker settings and ``ConsentClient.from_env`` and the object is passed down
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -15,7 +16,7 @@ from urllib.parse import urlsplit
 
 from ._errors import SettingsError
 
-__all__ = ["Secret", "Settings"]
+__all__ = ["Secret", "Settings", "is_loopback_host"]
 
 DEFAULT_SCOPES = ("openid", "offline_access")
 DEFAULT_SESSION_TTL = 600  # seconds a user has to approve at the provider
@@ -56,6 +57,21 @@ class Secret:
 
     def __bool__(self) -> bool:
         return bool(self._value)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (an address or a name, without a port) can only mean this machine:
+    ``localhost`` and names under ``.localhost`` (RFC 6761), 127.0.0.0/8, ::1."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def _default_data_dir(env: Mapping[str, str]) -> Path:
@@ -279,6 +295,20 @@ class Settings:
             raise SettingsError("CONSENT_REDIRECT_URI", "is required")
         if "openid" not in self.scopes:
             raise SettingsError("CONSENT_SCOPES", "must include 'openid'")
+
+    def check_listen_address(self) -> None:
+        """``serve`` and ``up``: beyond loopback, /ops and /metrics need ``CONSENT_OPS_TOKEN``.
+
+        Without the token they answer loopback clients only, and any client reaching a
+        non-loopback listener through a proxy or forwarder on this machine arrives from loopback.
+        """
+        if not self.ops_token and not is_loopback_host(self.http_host):
+            raise SettingsError(
+                "CONSENT_OPS_TOKEN",
+                f"is required when CONSENT_HTTP_HOST ({self.http_host}) is not a loopback "
+                "address: without it /ops and /metrics trust any client that arrives from this "
+                "machine, which every client does through a proxy or a port forwarder",
+            )
 
     def check_keys(self) -> None:
         if not self.encryption_keys:

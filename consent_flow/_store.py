@@ -8,7 +8,8 @@ Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``; every key of one user shares t
                                Redis's compact encoding)
     cf:{alice}:rvk      string sealed tokens still to revoke at the provider (binary)
     cf:{alice}:hist     list   history entries, oldest first (JSON)
-    cf:{alice}:seen     zset   event ids already applied (exactly-once effect), scored by time
+    cf:{alice}:seen     zset   event ids already applied (exactly-once effect), scored by time,
+                               kept for the queue's redelivery window (SEEN_WINDOW)
     cf:{alice}:in:<id>  string sealed authorization code waiting for its event (short TTL)
     cf:{alice}:lock     string single-flight lock for provider calls, value = owner token
     cf:idx:<state>      zset   users in that state, scored by since (list, stats: no KEYS scans)

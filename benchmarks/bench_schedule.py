@@ -52,6 +52,7 @@ import argparse
 import asyncio
 import base64
 import json
+import math
 import os
 import random
 import secrets
@@ -308,6 +309,7 @@ for i = 6 + 2 * nconst, #ARGV, 13 do
   redis.call('SET', tag .. 'tok', tok)
   redis.call('RPUSH', tag .. 'hist', h1, h2)
   redis.call('ZADD', tag .. 'seen', at1, ev1, at2, ev2)
+  redis.call('EXPIRE', tag .. 'seen', SEEN_TTL)
   redis.call('ZADD', idx, at2, user)
   redis.call('ZADD', sched, due, user)
   redis.call('ZADD', histidx, 'NX', at1, user)
@@ -650,7 +652,10 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
             raise BenchError(f"the deferred job now holds {job}: mirror it")
 
         # -- the bulk load
-        sha = _s(r.script_load(_LOAD))
+        from consent_flow._store import SEEN_WINDOW
+
+        # The commit script gives the seen-ids their window as a time to live.
+        sha = _s(r.script_load(_LOAD.replace("SEEN_TTL", str(math.ceil(SEEN_WINDOW)))))
         header = [
             prefix.encode(),
             b"0",
@@ -1097,16 +1102,21 @@ def memory_ideas(r: redis.Redis, keys: Any, ring: Any, sample_user: str, n: int)
 
 def aged_users(r: redis.Redis, keys: Any, sample_user: str, fresh: float) -> dict[str, Any]:
     """History and seen-ids after k scheduled refreshes (one an hour), as the commit script
-    leaves them: refreshes in a row share one history entry that counts them, and the last
-    SEEN_MAX_EVENTS event ids are kept. The entry is built with the project's HistoryEntry."""
+    leaves them: refreshes in a row share one history entry that counts them, and the event ids
+    of the last SEEN_WINDOW seconds are kept (at most SEEN_MAX_EVENTS). The entry is built with
+    the project's HistoryEntry."""
     from consent_flow._model import HistoryEntry
-    from consent_flow._store import HISTORY_MAX_ENTRIES, SEEN_MAX_EVENTS
+    from consent_flow._store import HISTORY_MAX_ENTRIES, SEEN_MAX_EVENTS, SEEN_WINDOW
 
     hist = [_s(h) for h in r.lrange(keys.hist(sample_user), 0, -1)]
     seen = r.zrange(keys.seen(sample_user), 0, -1, withscores=True)
     fresh_cost = mem(r, keys.hist(sample_user)) + mem(r, keys.seen(sample_user))
     base_at = 1764175335.123456
-    out: dict[str, Any] = {"seen_max": SEEN_MAX_EVENTS, "history_max": HISTORY_MAX_ENTRIES}
+    out: dict[str, Any] = {
+        "seen_max": SEEN_MAX_EVENTS,
+        "seen_window": SEEN_WINDOW,
+        "history_max": HISTORY_MAX_ENTRIES,
+    }
     profiles = [
         ("1 day (24 refreshes)", 24),
         ("1 week (168 refreshes)", 168),
@@ -1129,16 +1139,27 @@ def aged_users(r: redis.Redis, keys: Any, sample_user: str, fresh: float) -> dic
         data = json.loads(entry)
         data.update(count=k, first_at=base_at + 3600)  # as the commit script writes it
         refreshed = [json.dumps(data, separators=(",", ":"))]
-        ids = [(new_id(), base_at + 3600 * j) for j in range(max(0, k - SEEN_MAX_EVENTS), k)]
+        last = base_at + 3600 * (k - 1)
+        ids = [
+            (new_id(), base_at + 3600 * j)
+            for j in range(k)
+            if base_at + 3600 * j >= last - SEEN_WINDOW
+        ]
 
         def write(
-            pipe: Any, i: int, refreshed: list[str] = refreshed, ids: list[tuple[str, float]] = ids
+            pipe: Any,
+            i: int,
+            refreshed: list[str] = refreshed,
+            ids: list[tuple[str, float]] = ids,
+            last: float = last,
         ) -> None:
             h = f"scratch:{{a{i:08d}}}:hist"
             s = f"scratch:{{a{i:08d}}}:seen"
             pipe.rpush(h, *hist, *refreshed)
             members = sorted([(_s(m), sc) for m, sc in seen] + ids, key=lambda m: m[1])
-            pipe.zadd(s, dict(members[-SEEN_MAX_EVENTS:]))
+            kept = [m for m in members if m[1] >= last - SEEN_WINDOW][-SEEN_MAX_EVENTS:]
+            pipe.zadd(s, dict(kept))
+            pipe.expire(s, math.ceil(SEEN_WINDOW))
 
         cost = scratch_cost(r, AGED_USERS, write)
         extra = cost["memory_usage_per_user"] - fresh_cost
@@ -1233,7 +1254,7 @@ def report(r: dict[str, Any]) -> str:
     a = m["aged"]
     lines.append(
         "    aged users (one refresh an hour; refreshes in a row share one history "
-        f"entry, seen <= {a['seen_max']} ids):"
+        f"entry, seen-ids of the last {a['seen_window']:.0f} s, at most {a['seen_max']}):"
     )
     for k, v in a.items():
         if isinstance(v, dict):

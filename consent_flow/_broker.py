@@ -4,7 +4,17 @@ Order of lookup: the cache (a dict; no I/O), then the store (one read and a decr
 an on-demand refresh through the queue, which takes the same single-flight path as scheduled
 refreshes. Every commit that replaces or wipes a user's tokens publishes the user id on
 ``cf:invalidate``; each broker listens and drops its entry, and serves nothing from the cache
-while it is not subscribed. Entries also age out after ``CACHE_MAX_AGE`` (invariant 9).
+while it is not subscribed. Entries also age out after ``CACHE_MAX_AGE``.
+
+A fill (a read of the store that ends in the cache) can lose a race with a revocation elsewhere:
+it reads the record, the revocation commits and its invalidation arrives, then the fill inserts
+the token it read. So each fill notes, before it reads, the subscription's epoch (which moves
+whenever the subscription starts or ends, since messages are lost while it is down) and how many
+invalidations for its user arrived so far; if either moved by the time it would insert, it reads
+again, and a fill that keeps losing serves its last read without caching it. After a revocation
+completes, a process hands out the token again only if it took the token from the cache before
+the invalidation message reached it (a few hundred microseconds on one host) or the pub/sub
+connection died silently (noticed within two ``PUBSUB_PING_EVERY``, then the cache is cleared).
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import structlog
 
 from ._errors import ConsentRevoked, NotProvisioned, ProviderUnavailable
 from ._machine import Event, State
-from ._model import cooldown_reason
+from ._model import ConsentRecord, cooldown_reason
 from ._queue import Envelope, new_id
 from ._schedule import REFRESH_JOB
 from ._vault import open_tokens
@@ -33,6 +43,10 @@ log = structlog.get_logger("consent_flow.broker")
 
 CACHE_MAX_AGE = 30.0  # seconds an access token is served from memory without a second look
 RESUBSCRIBE_DELAY = 1.0
+FILL_ATTEMPTS = 3  # reads of one fill while invalidations for its user keep arriving
+# Seconds of silence on the subscription before it is probed with a PING; a probe unanswered for
+# as long again counts as a lost connection.
+PUBSUB_PING_EVERY = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +62,11 @@ class TokenBroker:
         self._cache: dict[str, _Entry] = {}
         self._listening = False
         self._task: asyncio.Task[None] | None = None
+        # Moves whenever the subscription starts or ends: a fill that saw another epoch may have
+        # missed an invalidation.
+        self._epoch = 0
+        # Per user with a fill in flight: [fills in flight, invalidations received meanwhile].
+        self._fills: dict[str, list[int]] = {}
 
     # --- public -------------------------------------------------------------------------------
 
@@ -71,11 +90,14 @@ class TokenBroker:
         return token
 
     def forget(self, user: str) -> None:
+        """Drop ``user``'s cached token; a fill for ``user`` in flight reads again."""
         self._cache.pop(user, None)
+        fill = self._fills.get(user)
+        if fill is not None:
+            fill[1] += 1
 
     async def close(self) -> None:
-        self._listening = False
-        self._cache.clear()
+        self._set_listening(False)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -84,10 +106,33 @@ class TokenBroker:
 
     # --- lookups ------------------------------------------------------------------------------
 
+    async def read_record(self, user: str) -> ConsentRecord:
+        """A fill's read of the store. A seam: a subclass may wrap it (tests hold a fill there,
+        between its read and its insert into the cache)."""
+        return await self.client.store.load(user)
+
+    async def _read(self, user: str) -> tuple[ConsentRecord, bool]:
+        """The record, and whether its token may be cached: the subscription was up when the
+        read began and nothing that could invalidate it arrived until the read ended."""
+        fill = self._fills.setdefault(user, [0, 0])
+        fill[0] += 1
+        try:
+            for _ in range(FILL_ATTEMPTS):
+                listening, epoch, seen = self._listening, self._epoch, fill[1]
+                rec = await self.read_record(user)
+                if (epoch, seen) == (self._epoch, fill[1]):
+                    return rec, listening
+            return rec, False
+        finally:
+            fill[0] -= 1
+            if not fill[0]:
+                del self._fills[user]
+
     async def _from_store(
         self, user: str, now: float, min_ttl: float, *, refreshed: bool = False
     ) -> str | None:
-        rec = await self.client.store.load(user)
+        rec, cacheable = await self._read(user)
+        # From here to the insert nothing awaits: no invalidation can land in between.
         if rec.state is State.REVOKED:
             self.forget(user)
             raise ConsentRevoked(
@@ -132,7 +177,7 @@ class TokenBroker:
                 user=user,
             )
         token = open_tokens(self.client.ring, user, rec.tokens)["access_token"]
-        if self._listening:
+        if cacheable:
             self._cache[user] = _Entry(token, rec.expires_at, now)
         return token
 
@@ -169,25 +214,46 @@ class TokenBroker:
 
     # --- invalidation -------------------------------------------------------------------------
 
+    def _set_listening(self, listening: bool) -> None:
+        self._listening = listening
+        self._epoch += 1
+        self._cache.clear()
+
     def _ensure_listening(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._listen(), name="consent-flow-invalidation")
+
+    def _connection_lost(self, _connection: object) -> None:
+        # redis-py reconnects a subscription and subscribes again by itself: whatever was
+        # published in between is lost, so nothing cached before may be trusted.
+        if self._listening:
+            self._set_listening(False)
 
     async def _listen(self) -> None:
         channel = self.client.store.keys.invalidate
         while True:
             pubsub: Any = self.client.pool.pubsub()
+            connection: Any = None
             try:
                 await pubsub.subscribe(channel)
-                # Serve from memory only once the server has confirmed the subscription.
+                connection = pubsub.connection
+                connection.register_connect_callback(self._connection_lost)
+                probing = False
                 while True:
-                    confirm = await pubsub.get_message(timeout=5.0)
-                    if confirm is not None and confirm.get("type") == "subscribe":
-                        break
-                self._listening = True
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
-                    if message is not None and message.get("type") == "message":
+                    message = await pubsub.get_message(timeout=PUBSUB_PING_EVERY)
+                    if message is None:
+                        # A connection that died without a reset delivers nothing, not an error.
+                        if probing:
+                            raise ConnectionError("the subscription did not answer a PING")
+                        await pubsub.ping()
+                        probing = True
+                        continue
+                    probing = False
+                    kind = message.get("type")
+                    if kind == "subscribe" and not self._listening:
+                        # Serve from memory only once the server confirmed the subscription.
+                        self._set_listening(True)
+                    elif kind == "message":
                         data = message["data"]
                         self.forget(data.decode() if isinstance(data, bytes) else str(data))
             except asyncio.CancelledError:
@@ -195,8 +261,11 @@ class TokenBroker:
             except Exception as exc:  # noqa: BLE001 - any failure: stop serving from memory
                 log.warning("invalidation_lost", error=type(exc).__name__)
             finally:
-                self._listening = False
-                self._cache.clear()
+                if self._listening:
+                    self._set_listening(False)
+                if connection is not None:
+                    # The connection goes back to the pool: it must not call us when reused.
+                    connection.deregister_connect_callback(self._connection_lost)
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
             await asyncio.sleep(RESUBSCRIBE_DELAY)

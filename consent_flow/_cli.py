@@ -223,6 +223,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         or args.command == "token"
         or (args.command == "keys" and args.keys_command == "rotate"),
     )
+    if args.command in ("serve", "up"):
+        settings.check_listen_address()
     configure_logging(settings.log_format, logging.INFO if server_side else logging.WARNING)
 
     if args.command == "worker":

@@ -351,7 +351,8 @@ class Engine:
             # The caller's answer rides in the commit itself: one round trip less per event.
             outcome = self.outcome(rec.after(change, rec.version + 1), envelope, "applied", url=url)
             if envelope.reply:
-                change.reply = (self.store.keys.reply(envelope.event_id), outcome.to_json())
+                reply = outcome.reply_json(envelope)
+                change.reply = (self.store.keys.reply(envelope.event_id), reply)
             result = await self.store.commit(change)
             if result.ok:
                 return outcome.sent() if envelope.reply else outcome

@@ -18,7 +18,31 @@ from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 
-__all__ = ["ENQUEUE_LUA", "JobQueue", "JobRef", "QueuedJob"]
+from ._settings import MAX_EVENT_TIMEOUT
+
+__all__ = [
+    "ENQUEUE_LUA",
+    "EVENT_MAX_TRIES",
+    "JOB_TIMEOUT",
+    "REDELIVERY_WINDOW",
+    "REFRESH_MAX_TRIES",
+    "JobQueue",
+    "JobRef",
+    "QueuedJob",
+]
+
+# How arq runs the project's jobs (workers/ hands these to arq); the store's duplicate detection
+# is derived from them, so they live beside the queue rather than in the worker.
+JOB_TIMEOUT = 60  # seconds; longer than a provider round trip with its retries
+EVENT_MAX_TRIES = 3
+REFRESH_MAX_TRIES = 5  # arq re-runs a refresh whose worker died; failures reschedule themselves
+ARQ_IN_PROGRESS_GRACE = 10  # arq holds a running job's claim this long past the job's timeout
+# How long after an event was queued arq can still run it: its job key lives at most the event's
+# expiry, and a try that starts just before that may run and be retried for every try it has left.
+# An event id is remembered at least this long, so a redelivery never applies twice.
+REDELIVERY_WINDOW = MAX_EVENT_TIMEOUT + max(EVENT_MAX_TRIES, REFRESH_MAX_TRIES) * (
+    JOB_TIMEOUT + ARQ_IN_PROGRESS_GRACE
+)
 
 # KEYS: job key, result key, queue. ARGV: payload, expiry (ms), score (ms), job id.
 ENQUEUE_LUA = """

@@ -62,6 +62,7 @@ from ._errors import ConsentError
 from ._machine import TRANSITIONS, State
 from ._metrics import LEAD_BUCKETS, REFRESH_OUTCOMES, Snapshot, read_snapshot
 from ._model import ProviderRevocation, check_user, iso
+from ._settings import is_loopback_host
 from ._web import SECURITY_HEADERS
 
 __all__ = ["ops_routes"]
@@ -117,6 +118,14 @@ def _is_loopback(host: str | None) -> bool:
     return address.is_loopback
 
 
+def _host_name(header: str) -> str:
+    """The name or address of a ``Host`` header, without its port."""
+    header = header.strip()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
 def _denied(client: ConsentClient, request: Request, home: str) -> Response | None:
     """None when the request may see operator data, else the 401 or 403 answer."""
     token = client.settings.ops_token
@@ -136,8 +145,13 @@ def _denied(client: ConsentClient, request: Request, home: str) -> Response | No
         )
         response.headers["WWW-Authenticate"] = f'Basic realm="{REALM}"'
         return response
+    # What the guard can tell: the TCP peer, proxy headers, and the name the client asked for.
+    # A client that arrives through a proxy or forwarder on this machine is a loopback peer; it
+    # names this machine's public name (or the DNS-rebinding attacker's) unless it forges Host.
+    # Hence the rule that serving beyond loopback needs CONSENT_OPS_TOKEN.
     proxied = any(name in request.headers for name in _PROXY_HEADERS)
-    if _is_loopback(host) and not proxied:
+    local_name = is_loopback_host(_host_name(request.headers.get("host", "")))
+    if _is_loopback(host) and not proxied and local_name:
         return None
     log.warning("ops_access_denied", why="not_local", client=host, path=request.url.path)
     return _error(

@@ -5,7 +5,11 @@ payload of non-secret values. arq stores and logs job arguments, so secrets neve
 an authorization code waits sealed in the user's inbox key instead.
 
 The caller does not poll arq's result (``Job.result()`` polls every 0.5 s and arq would store the
-result): the worker pushes the outcome to a reply list the caller blocks on with BLPOP.
+result): the worker pushes the outcome to a reply list the caller blocks on with BLPOP. The reply
+waits in Redis up to ``REPLY_TTL``, and an authorization URL carries the session's ``state`` and
+nonce: so the caller sends the public half of a one-time key with its event
+(:class:`~consent_flow._vault.ReplyKey`) and the worker seals the URL to it. Nothing in the reply,
+the job or anywhere else in Redis shows them in clear, and only that caller can open it.
 
 arq pickles jobs by default, and a worker unpickles whatever it finds under a job key: anyone who
 can write to Redis could run code in every worker. Every arq pool and worker of the project
@@ -23,10 +27,11 @@ from typing import Any
 
 from arq.connections import ArqRedis
 
-from ._errors import WorkerUnavailable
+from ._errors import VaultError, WorkerUnavailable
 from ._jobs import JobQueue
 from ._machine import Event
 from ._store import REPLY_TTL, Keys
+from ._vault import ReplyKey, seal_reply
 
 __all__ = [
     "HANDLE_EVENT",
@@ -87,9 +92,20 @@ class Envelope:
     correlation_id: str = field(default_factory=new_id)
     payload: dict[str, str] = field(default_factory=dict)
     reply: bool = True
+    reply_to: str | None = None
+    """The public half of the caller's reply key: what the reply seals secrets to."""
+    reply_key: ReplyKey | None = field(default=None, repr=False, compare=False)
+    """The caller's private half; only in the caller's process, never in the job."""
+
+    def with_reply_key(self) -> Envelope:
+        """This envelope with a fresh reply key, unless it has one or wants no reply."""
+        if not self.reply or self.reply_key is not None:
+            return self
+        key = ReplyKey()
+        return dataclasses.replace(self, reply_to=key.public, reply_key=key)
 
     def to_job(self) -> dict[str, Any]:
-        return {
+        job: dict[str, Any] = {
             "event": self.event.value,
             "user": self.user,
             "actor": self.actor,
@@ -98,6 +114,9 @@ class Envelope:
             "payload": dict(self.payload),
             "reply": self.reply,
         }
+        if self.reply_to:
+            job["reply_to"] = self.reply_to
+        return job
 
     @classmethod
     def from_job(cls, data: dict[str, Any]) -> Envelope:
@@ -109,6 +128,7 @@ class Envelope:
             correlation_id=str(data["correlation_id"]),
             payload={str(k): str(v) for k, v in dict(data.get("payload") or {}).items()},
             reply=bool(data.get("reply", True)),
+            reply_to=str(data["reply_to"]) if data.get("reply_to") else None,
         )
 
 
@@ -131,7 +151,17 @@ class Outcome:
     def sent(self) -> Outcome:
         return dataclasses.replace(self, replied=True)
 
-    def to_json(self) -> str:
+    def reply_json(self, envelope: Envelope) -> str:
+        """The outcome as the reply list holds it for ``envelope``'s caller: the authorization
+        URL sealed to the caller's reply key, or left out when the caller sent none."""
+        sealed = None
+        if self.authorization_url and envelope.reply_to:
+            try:
+                sealed = seal_reply(
+                    envelope.reply_to, self.authorization_url, context=envelope.event_id
+                )
+            except VaultError:
+                sealed = None  # a malformed key from the job: the caller reads `status` instead
         # Built by hand: dataclasses.asdict deep-copies, and this runs for every event.
         return json.dumps(
             {
@@ -141,7 +171,7 @@ class Outcome:
                 "reason": self.reason,
                 "event": self.event,
                 "result": self.result,
-                "authorization_url": self.authorization_url,
+                "sealed_url": sealed,
                 "error": self.error,
                 "detail": self.detail,
             },
@@ -149,8 +179,19 @@ class Outcome:
         )
 
     @classmethod
-    def from_json(cls, raw: str | bytes) -> Outcome:
-        return cls(**json.loads(raw), replied=True)
+    def from_reply(cls, raw: str | bytes, envelope: Envelope) -> Outcome:
+        """What :meth:`reply_json` wrote, with the URL opened by ``envelope``'s reply key (None
+        for a waiter that holds another key: a duplicate of someone else's event)."""
+        data = json.loads(raw)
+        sealed = data.pop("sealed_url", None)
+        data.pop("authorization_url", None)
+        url = None
+        if sealed and envelope.reply_key is not None:
+            try:
+                url = envelope.reply_key.open(sealed, context=envelope.event_id)
+            except VaultError:
+                url = None
+        return cls(**data, authorization_url=url, replied=True)
 
     def public(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -182,6 +223,7 @@ class EventBus:
         never has its event applied behind its back.
         """
         wait = self.timeout if timeout is None else timeout
+        envelope = envelope.with_reply_key()
         # arq refuses a job id it still holds (the same event queued or running): that job's
         # outcome answers this caller too.
         await self.jobs.put(
@@ -213,11 +255,12 @@ class EventBus:
                 user=envelope.user,
                 event=envelope.event.value,
             )
-        return Outcome.from_json(outcome)
+        return Outcome.from_reply(outcome, envelope)
 
-    async def reply(self, event_id: str, outcome: Outcome) -> None:
-        key = self.keys.reply(event_id)
+    async def reply(self, envelope: Envelope, outcome: Outcome) -> None:
+        """Push ``outcome`` to ``envelope``'s caller (secrets sealed to its reply key)."""
+        key = self.keys.reply(envelope.event_id)
         async with self.pool.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, outcome.to_json())
+            pipe.rpush(key, outcome.reply_json(envelope))
             pipe.expire(key, REPLY_TTL)
             await pipe.execute()

@@ -300,7 +300,7 @@ class Refresher:
             rec.after(change, rec.version + 1), envelope, "applied", detail={"lead": lead}
         )
         if envelope.reply:
-            change.reply = (self.store.keys.reply(envelope.event_id), outcome.to_json())
+            change.reply = (self.store.keys.reply(envelope.event_id), outcome.reply_json(envelope))
         result = await self.store.commit(change)
         if not result.ok:
             # Cannot happen while we hold the lock, unless the lock expired under a very slow

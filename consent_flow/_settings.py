@@ -6,6 +6,7 @@ the worker settings and ``ConsentClient.from_env`` and the object is passed down
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -15,7 +16,7 @@ from urllib.parse import urlsplit
 
 from ._errors import SettingsError
 
-__all__ = ["Secret", "Settings"]
+__all__ = ["Secret", "Settings", "is_loopback_host"]
 
 DEFAULT_SCOPES = ("openid", "offline_access")
 DEFAULT_SESSION_TTL = 600  # seconds a user has to approve at the provider
@@ -23,6 +24,7 @@ DEFAULT_REFRESH_MARGIN = 120  # refresh this long before the access token expire
 DEFAULT_KEEPALIVE = 24 * 3600  # refresh at least this often, even if the token never expires
 DEFAULT_HISTORY_RETENTION = 90 * 24 * 3600
 DEFAULT_EVENT_TIMEOUT = 15.0  # how long a caller waits for the worker's outcome
+MAX_EVENT_TIMEOUT = 3600.0  # the longest an event may wait for a worker before it expires
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_HTTP_TIMEOUT = 10.0  # seconds for one call to the provider
 MAX_SCOPES_LENGTH = 2000
@@ -55,6 +57,21 @@ class Secret:
 
     def __bool__(self) -> bool:
         return bool(self._value)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (an address or a name, without a port) can only mean this machine:
+    ``localhost`` and names under ``.localhost`` (RFC 6761), 127.0.0.0/8, ::1."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def _default_data_dir(env: Mapping[str, str]) -> Path:
@@ -218,8 +235,10 @@ class Settings:
                 raise SettingsError(
                     "CONSENT_EVENT_TIMEOUT", "must be a number of seconds"
                 ) from None
-            if not 0 < event_timeout <= 3600:
-                raise SettingsError("CONSENT_EVENT_TIMEOUT", "must be between 0 and 3600 seconds")
+            if not 0 < event_timeout <= MAX_EVENT_TIMEOUT:
+                raise SettingsError(
+                    "CONSENT_EVENT_TIMEOUT", f"must be between 0 and {MAX_EVENT_TIMEOUT:g} seconds"
+                )
 
         http_timeout = DEFAULT_HTTP_TIMEOUT
         if (raw_timeout := get("CONSENT_HTTP_TIMEOUT")) is not None:
@@ -276,6 +295,20 @@ class Settings:
             raise SettingsError("CONSENT_REDIRECT_URI", "is required")
         if "openid" not in self.scopes:
             raise SettingsError("CONSENT_SCOPES", "must include 'openid'")
+
+    def check_listen_address(self) -> None:
+        """``serve`` and ``up``: beyond loopback, /ops and /metrics need ``CONSENT_OPS_TOKEN``.
+
+        Without the token they answer loopback clients only, and any client reaching a
+        non-loopback listener through a proxy or forwarder on this machine arrives from loopback.
+        """
+        if not self.ops_token and not is_loopback_host(self.http_host):
+            raise SettingsError(
+                "CONSENT_OPS_TOKEN",
+                f"is required when CONSENT_HTTP_HOST ({self.http_host}) is not a loopback "
+                "address: without it /ops and /metrics trust any client that arrives from this "
+                "machine, which every client does through a proxy or a port forwarder",
+            )
 
     def check_keys(self) -> None:
         if not self.encryption_keys:

@@ -8,7 +8,8 @@ Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``; every key of one user shares t
                                Redis's compact encoding)
     cf:{alice}:rvk      string sealed tokens still to revoke at the provider (binary)
     cf:{alice}:hist     list   history entries, oldest first (JSON)
-    cf:{alice}:seen     zset   event ids already applied (exactly-once effect), scored by time
+    cf:{alice}:seen     zset   event ids already applied (exactly-once effect), scored by time,
+                               kept for the queue's redelivery window (SEEN_WINDOW)
     cf:{alice}:in:<id>  string sealed authorization code waiting for its event (short TTL)
     cf:{alice}:lock     string single-flight lock for provider calls, value = owner token
     cf:idx:<state>      zset   users in that state, scored by since (list, stats: no KEYS scans)
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 import time
 from typing import Any, Protocol
@@ -44,7 +46,7 @@ from typing import Any, Protocol
 import structlog
 from redis.asyncio import Redis
 
-from ._jobs import ENQUEUE_LUA
+from ._jobs import ENQUEUE_LUA, REDELIVERY_WINDOW
 from ._lua import lua
 from ._machine import Event, State
 from ._model import (
@@ -58,14 +60,25 @@ from ._model import (
 )
 from ._vault import KeyRing
 
-__all__ = ["Keys", "MemoryStore", "RedisStore", "Store", "due_ms", "state_hash"]
+__all__ = [
+    "SEEN_MAX_EVENTS",
+    "SEEN_WINDOW",
+    "Keys",
+    "MemoryStore",
+    "RedisStore",
+    "Store",
+    "due_ms",
+    "state_hash",
+]
 
 log = structlog.get_logger("consent_flow.transitions")
 
 HISTORY_MAX_ENTRIES = 1000  # a hard cap on top of the time-based retention
-# Event ids remembered per user for de-duplication: redeliveries come within minutes, and a small
-# set stays in Redis's compact encoding.
-SEEN_MAX_EVENTS = 32
+# Event ids are remembered per user for the queue's whole redelivery window (pruned by age), so a
+# redelivered event never applies twice however many came after it; the count cap only bounds
+# memory and sits far above what the window holds (a refresh a second for the whole window).
+SEEN_WINDOW = REDELIVERY_WINDOW
+SEEN_MAX_EVENTS = 10_000
 STREAM_MAX_ENTRIES = 100_000  # approximate cap of the transition stream
 INBOX_TTL = 120  # seconds a sealed code waits for its worker
 REPLY_TTL = 60  # seconds a reply waits for a caller that stopped listening
@@ -322,7 +335,10 @@ if op.hist then
   redis.call('HINCRBY', counters, op.metric, 1)
 end
 redis.call('ZADD', seen, op.at, op.event_id)
+redis.call('ZREMRANGEBYSCORE', seen, '-inf', '(' .. op.seen_after)
 redis.call('ZREMRANGEBYRANK', seen, 0, -tonumber(op.seen_max) - 1)
+-- A user that goes quiet drops the whole set once its newest id is out of the window.
+redis.call('EXPIRE', seen, op.seen_ttl)
 if op.reply then
   redis.call('RPUSH', KEYS[14], op.reply)
   redis.call('EXPIRE', KEYS[14], op.reply_ttl)
@@ -513,6 +529,8 @@ class RedisStore:
             "hist_max": str(HISTORY_MAX_ENTRIES),
             "stream_max": str(STREAM_MAX_ENTRIES),
             "seen_max": str(SEEN_MAX_EVENTS),
+            "seen_after": repr(change.at - SEEN_WINDOW),
+            "seen_ttl": str(math.ceil(SEEN_WINDOW)),
         }
         sess_set = sess_drop = k.sess("-")
         if change.session_lookup is not None:
@@ -707,7 +725,7 @@ class MemoryStore:
         self.records: dict[str, dict[str, str]] = {}
         self.sealed: dict[str, dict[str, bytes]] = {}  # the keys beside the record
         self.histories: dict[str, list[HistoryEntry]] = {}
-        self.seen: dict[str, list[str]] = {}
+        self.seen: dict[str, dict[str, float]] = {}  # event id: when it applied
         self.indexes: dict[State, dict[str, float]] = {state: {} for state in State}
         self.schedule: dict[str, float] = {}
         self.sessions: dict[str, tuple[str, str]] = {}
@@ -755,9 +773,13 @@ class MemoryStore:
             entries = self.histories.setdefault(user, [])
             entries.append(change.history_entry())
             del entries[:-HISTORY_MAX_ENTRIES]
-        seen = self.seen.setdefault(user, [])
-        seen.append(change.event_id)
-        del seen[:-SEEN_MAX_EVENTS]
+        seen = self.seen.setdefault(user, {})
+        seen[change.event_id] = change.at
+        kept = sorted(
+            ((at, eid) for eid, at in seen.items() if at >= change.at - SEEN_WINDOW),
+            reverse=True,
+        )[:SEEN_MAX_EVENTS]
+        self.seen[user] = {eid: at for at, eid in kept}
         if change.drop_job is not None:
             self.jobs.pop(change.drop_job.job_id, None)
         if change.job is not None:

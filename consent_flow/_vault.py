@@ -19,6 +19,14 @@ The associated data binds a ciphertext to its purpose and its user: a blob copie
 user's record does not decrypt (design.md invariant 6). A v2 blob's header (version and key id)
 is authenticated too.
 
+A caller's reply (the authorization URL carries the session's ``state`` and nonce) is sealed to
+that caller alone: it makes a one-time X25519 key pair (:class:`ReplyKey`), sends the public half
+with its event, and the worker seals to it (:func:`seal_reply`: an ephemeral X25519 exchange,
+HKDF-SHA256, AES-256-GCM; the shape of RFC 9180's base mode). The caller needs no key ring, and
+the private half never leaves the caller's memory::
+
+      r1.<base64url(ephemeral public key (32) || nonce || ciphertext || tag)>
+
 Tokens (:func:`seal_tokens`) are JSON, raw-deflated before sealing in v2 (plain JSON in v1
 blobs written by earlier versions). Compressing before encrypting leaks only the compressed
 length, and the tokens are compressed alone, with nothing an outsider chooses beside them.
@@ -35,11 +43,14 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ._errors import UnknownKeyError, VaultError
 
-__all__ = ["KeyRing", "generate_key", "open_tokens", "seal_tokens"]
+__all__ = ["KeyRing", "ReplyKey", "generate_key", "open_tokens", "seal_reply", "seal_tokens"]
 
 _VERSION = "v1"
 _BINARY = b"\x02"  # the v2 layout's first byte; no v1 text starts with it
@@ -48,6 +59,8 @@ _NONCE_BYTES = 12  # 96-bit nonces, random per message (NIST SP 800-38D 8.2.2)
 _KEY_BYTES = 32
 _HEADER_BYTES = 1 + _KID_BYTES
 _DEFLATE_WBITS = -15  # raw deflate: no zlib header or checksum, AES-GCM authenticates already
+_REPLY_VERSION = "r1"
+_X25519_BYTES = 32
 
 
 def _b64e(data: bytes) -> str:
@@ -191,3 +204,57 @@ def open_tokens(ring: KeyRing, user: str, sealed: str | bytes) -> dict[str, str]
             raise VaultError("sealed tokens do not inflate", user=user) from None
     data: dict[str, str] = json.loads(raw)
     return data
+
+
+def _reply_aead(shared: bytes, sender: bytes, recipient: bytes) -> AESGCM:
+    # Both public keys go into the derivation, as in RFC 9180's DHKEM: the key is this exchange's.
+    info = b"consent-flow reply\x00" + sender + recipient
+    return AESGCM(HKDF(SHA256(), _KEY_BYTES, salt=None, info=info).derive(shared))
+
+
+def seal_reply(public_key: str, plaintext: str, *, context: str) -> str:
+    """Seal ``plaintext`` so that only the holder of ``public_key``'s :class:`ReplyKey` opens it;
+    ``context`` (the event id) is authenticated, so a sealed value cannot answer another event."""
+    ephemeral = X25519PrivateKey.generate()
+    sender = ephemeral.public_key().public_bytes_raw()
+    try:
+        recipient = X25519PublicKey.from_public_bytes(_b64d(public_key))
+        shared = ephemeral.exchange(recipient)  # refuses low-order points
+    except ValueError:
+        raise VaultError("not a reply key") from None
+    aead = _reply_aead(shared, sender, recipient.public_bytes_raw())
+    nonce = os.urandom(_NONCE_BYTES)
+    sealed = aead.encrypt(nonce, plaintext.encode(), context.encode())
+    return f"{_REPLY_VERSION}.{_b64e(sender + nonce + sealed)}"
+
+
+class ReplyKey:
+    """A one-time key pair for the reply to one event; the private half stays in this object."""
+
+    __slots__ = ("_private", "public")
+
+    def __init__(self) -> None:
+        self._private = X25519PrivateKey.generate()
+        self.public = _b64e(self._private.public_key().public_bytes_raw())
+        """The public half, base64url: it travels with the event."""
+
+    def __repr__(self) -> str:
+        return f"ReplyKey(public={self.public!r})"
+
+    def open(self, sealed: str, *, context: str) -> str:
+        """What :func:`seal_reply` sealed to this key for ``context``."""
+        version, _, body = sealed.partition(".")
+        try:
+            blob = _b64d(body)
+        except ValueError:
+            blob = b""
+        if version != _REPLY_VERSION or len(blob) < _X25519_BYTES + _NONCE_BYTES:
+            raise VaultError("not a sealed reply")
+        sender, nonce = blob[:_X25519_BYTES], blob[_X25519_BYTES : _X25519_BYTES + _NONCE_BYTES]
+        try:
+            shared = self._private.exchange(X25519PublicKey.from_public_bytes(sender))
+            aead = _reply_aead(shared, sender, _b64d(self.public))
+            plain = aead.decrypt(nonce, blob[_X25519_BYTES + _NONCE_BYTES :], context.encode())
+        except (InvalidTag, ValueError):
+            raise VaultError("the sealed reply is not for this key or this event") from None
+        return plain.decode()

@@ -196,3 +196,17 @@ def test_up_on_an_embedded_redis_serves_status_beside_it_and_stops_on_sigterm(
         ["pgrep", "-f", f"redis-server.*{data}"], capture_output=True, text=True, check=False
     )
     assert leftovers.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("command", ["serve", "up"])
+def test_listening_beyond_loopback_without_an_ops_token_is_refused(cli_env, command):
+    """/ops and /metrics would trust every client a proxy or forwarder on this machine passes
+    on: beyond loopback, the operators' token is required before anything starts."""
+    env = {**cli_env, "CONSENT_HTTP_HOST": "0.0.0.0"}  # noqa: S104
+    env.pop("CONSENT_OPS_TOKEN", None)
+    result = run(env, command, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("consent-flow: CONSENT_OPS_TOKEN: is required when ")
+    assert "CONSENT_HTTP_HOST (0.0.0.0) is not a loopback address" in result.stderr
+    assert "proxy" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SCHEMA_FILE = ROOT / "tests" / "data" / "compose-spec.json"
 
-SECRET_VARS = ("CONSENT_CLIENT_SECRET", "CONSENT_ENCRYPTION_KEYS")
+SECRET_VARS = ("CONSENT_CLIENT_SECRET", "CONSENT_ENCRYPTION_KEYS", "CONSENT_OPS_TOKEN")
 CONSENT_SERVICES = ("worker", "callback")
 # Every setting a consent-flow process needs to talk to the provider and to Redis.
 REQUIRED_SETTINGS = (
@@ -262,6 +262,25 @@ def test_callback_is_published_and_health_checked_on_its_port(compose: dict[str,
 
     test = " ".join(callback["healthcheck"]["test"])
     assert f":{port}/healthz" in test
+
+
+def test_the_callback_server_listening_beyond_loopback_has_an_ops_token(
+    compose: dict[str, Any],
+) -> None:
+    """`serve` refuses a non-loopback CONSENT_HTTP_HOST without CONSENT_OPS_TOKEN: the file
+    hands it the token, so the service starts (values filled in as Compose would)."""
+    from consent_flow import Settings, SettingsError, generate_key
+
+    filled = {"CONSENT_ENCRYPTION_KEYS": generate_key()}
+    env = {
+        key: filled.get(key, "x" * 32) if value.startswith("${") else value
+        for key, value in _env(compose["services"]["callback"]).items()
+    }
+    Settings.from_env(env, require_provider=True, require_keys=True).check_listen_address()
+    del env["CONSENT_OPS_TOKEN"]
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env, require_provider=True, require_keys=True).check_listen_address()
+    assert info.value.variable == "CONSENT_OPS_TOKEN"
 
 
 # -- the images --------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from conftest import CLIENT_SECRET, make_settings, provision, stored_tokens
@@ -44,6 +46,26 @@ async def test_a_duplicated_event_is_applied_once(stack):
     assert third.state == "revoked"
     history = await stack.client.history("alice")
     assert [h["event"] for h in history].count("revoke_requested") == 1
+
+
+async def test_a_redelivery_after_40_newer_events_changes_nothing(stack):
+    """2: the duplicate window is time-based, not the last few ids: a redelivery that comes after
+    40 newer events for the same user is still recognised."""
+    first = Envelope(Event.PROVISION_REQUESTED, "alice", "test")
+    assert (await stack.client.emit(first)).state == "pending"
+    for i in range(41):  # revoke, provision, ..., revoke: 41 newer events, ending revoked
+        event = Event.PROVISION_REQUESTED if i % 2 else Event.REVOKE_REQUESTED
+        await stack.client.emit(Envelope(event, "alice", "test"))
+    before = await stack.client.store.load("alice")
+    assert before.state is State.REVOKED
+    # The same event id delivered again, after its first outcome's reply is gone (it would
+    # answer at once otherwise): the worker's answer to the replay is what this waits for.
+    await stack.client.pool.delete(stack.client.store.keys.reply(first.event_id))
+    replay = await stack.client.emit(first)
+    assert replay.state == "revoked"
+    after = await stack.client.store.load("alice")
+    assert (after.state, after.version) == (State.REVOKED, before.version)
+    assert len(await stack.client.history("alice")) == 42
 
 
 async def test_tokens_of_a_step_that_loses_are_revoked_not_stored(stack):
@@ -152,6 +174,68 @@ async def test_no_secret_reaches_redis_in_clear_or_any_log_line(stack):
     assert logs
     for secret in secrets:
         assert secret not in text
+
+
+async def dump_redis(redis) -> bytes:
+    """Every key of the Redis, every type, values and members and fields alike."""
+    out: list[bytes] = []
+    async for key in redis.scan_iter(count=1000):
+        kind = (await redis.type(key)).decode()
+        out.append(key)
+        if kind == "string":
+            out.append(await redis.get(key) or b"")
+        elif kind == "hash":
+            for field, value in (await redis.hgetall(key)).items():
+                out += [field, value]
+        elif kind == "list":
+            out += await redis.lrange(key, 0, -1)
+        elif kind == "set":
+            out += list(await redis.smembers(key))
+        elif kind == "zset":
+            out += [member for member, _ in await redis.zrange(key, 0, -1, withscores=True)]
+        elif kind == "stream":
+            for entry_id, fields in await redis.xrange(key):
+                out.append(entry_id)
+                for field, value in fields.items():
+                    out += [field, value]
+        elif kind != "none":  # "none": gone since the scan saw it (a finished job)
+            raise AssertionError(f"{key!r} is a {kind}: dump it too")
+    return b"\n".join(out)
+
+
+def session_secrets(url: str) -> list[bytes]:
+    query = parse_qs(urlsplit(url).query)
+    [state], [nonce] = query["state"], query["nonce"]
+    assert len(state) >= 43 and len(nonce) >= 43
+    return [state.encode(), nonce.encode()]
+
+
+async def test_no_state_or_nonce_in_redis_at_any_moment(stack):
+    """8: the authorization URL carries the session's state and nonce. The caller's reply (which
+    waits in Redis for a minute), the job, the record: none holds them in clear, neither while
+    pending nor once provisioned; a duplicate waiter holding another key cannot open the URL."""
+    redis = stack.client.pool
+    status = await stack.client.request_provisioning("alice")
+    assert status.authorization_url
+    secrets = session_secrets(status.authorization_url)
+    # Bob's event is emitted twice by its caller (a retry) and once by someone else: the same
+    # event id, so all three read the one reply the worker pushed.
+    envelope = Envelope(Event.PROVISION_REQUESTED, "bob", "test").with_reply_key()
+    first = await stack.client.emit(envelope)
+    again = await stack.client.emit(envelope)
+    stranger = await stack.client.emit(replace(envelope, reply_to=None, reply_key=None))
+    assert first.authorization_url and again.authorization_url == first.authorization_url
+    assert stranger.state == "pending" and stranger.authorization_url is None
+    secrets += session_secrets(first.authorization_url)
+    assert await redis.exists(stack.client.store.keys.reply(envelope.event_id))
+    pending = await dump_redis(redis)
+    callback = await approve(status.authorization_url, "alice")
+    assert (await stack.callback(callback)).status_code == 200
+    assert (await stack.client.status("alice")).state is State.PROVISIONED
+    provisioned = await dump_redis(redis)
+    for secret in secrets:
+        assert secret not in pending
+        assert secret not in provisioned
 
 
 async def test_the_user_is_the_session_owner_not_a_parameter(stack):

@@ -294,7 +294,7 @@ def ops_app(client: ConsentClient) -> Starlette:
 
 def asgi(client: ConsentClient, host: str = "127.0.0.1") -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app=ops_app(client), client=(host, 50000))
-    return httpx.AsyncClient(transport=transport, base_url="http://ops.test")
+    return httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8080")
 
 
 @contextlib.asynccontextmanager
@@ -677,3 +677,69 @@ async def test_without_token_only_loopback_clients_are_served(settings):
             for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
                 response = await http.get("/ops", headers={header: "203.0.113.7"})
                 assert response.status_code == 403, header
+
+
+@contextlib.asynccontextmanager
+async def tcp_forwarder(target_port: int) -> AsyncIterator[int]:
+    """A plain TCP forwarder on this machine (what `socat`, `ssh -L`, Docker's userland proxy
+    or a stream proxy do): bytes in, bytes out, no header added. Yields its port."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(forward, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_same_host_forwarder_in_front_of_a_loopback_only_server(settings):
+    """What the loopback-only guard (no CONSENT_OPS_TOKEN) can tell and what it cannot.
+
+    Behind a forwarder on this machine every client is a loopback TCP peer, and a plain
+    forwarder adds no X-Forwarded-For. What is left is the name the client asked for: a client
+    that reached the forwarder by this machine's public name (or a DNS-rebinding page in an
+    operator's browser) says so in Host and is refused. A client that forges `Host: 127.0.0.1`
+    cannot be told from a local one: that is why `serve` and `up` refuse to listen beyond
+    loopback without CONSENT_OPS_TOKEN, and the README says to set it behind any proxy. With the
+    token set, the forwarder changes nothing: no token, no page."""
+    assert not settings.ops_token
+    async with (
+        ConsentClient(settings) as client,
+        serve(client) as base,
+        tcp_forwarder(int(base.rsplit(":", 1)[1])) as port,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http,
+    ):
+        for path in ("/ops", "/metrics"):
+            for public in (f"mcp.example.com:{port}", "mcp.example.com", "10.0.0.5"):
+                refused = await http.get(path, headers={"Host": public})
+                assert refused.status_code == 403, (path, public)
+            # The limit: a forged loopback Host through the forwarder looks local.
+            forged = await http.get(path, headers={"Host": f"127.0.0.1:{port}"})
+            assert forged.status_code == 200, path
+        assert (await http.get("/healthz")).status_code in (200, 503)  # public anyway
+    token = secrets.token_urlsafe(24)
+    async with (
+        ConsentClient(settings.with_changes(ops_token=Secret(token))) as client,
+        serve(client) as base,
+        tcp_forwarder(int(base.rsplit(":", 1)[1])) as port,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http,
+    ):
+        for path in ("/ops", "/metrics"):
+            response = await http.get(path, headers={"Host": f"127.0.0.1:{port}"})
+            assert response.status_code == 401, path
+            response = await http.get(path, headers={"Authorization": f"Bearer {token}"})
+            assert response.status_code == 200, path

@@ -102,3 +102,46 @@ def test_scopes_must_include_openid():
     with pytest.raises(SettingsError) as info:
         Settings.from_env({**BASE, "CONSENT_SCOPES": "offline_access"}, require_provider=True)
     assert info.value.variable == "CONSENT_SCOPES"
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LOCALHOST.", True),
+        ("ops.localhost", True),
+        ("::ffff:127.0.0.1", True),
+        ("0.0.0.0", False),  # noqa: S104 - every interface
+        ("::", False),
+        ("", False),
+        ("192.168.1.20", False),
+        ("mcp.example.com", False),
+        ("localhost.example.com", False),
+    ],
+)
+def test_loopback_hosts(host, loopback):
+    from consent_flow._settings import is_loopback_host
+
+    assert is_loopback_host(host) is loopback
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "mcp.example.com"])  # noqa: S104
+def test_listening_beyond_loopback_needs_the_ops_token(host):
+    settings = Settings.from_env({**BASE, "CONSENT_HTTP_HOST": host})
+    with pytest.raises(SettingsError) as info:
+        settings.check_listen_address()
+    assert info.value.variable == "CONSENT_OPS_TOKEN"
+    assert f"CONSENT_HTTP_HOST ({host}) is not a loopback address" in str(info.value)
+    Settings.from_env(
+        {**BASE, "CONSENT_HTTP_HOST": host, "CONSENT_OPS_TOKEN": "t" * 32}
+    ).check_listen_address()
+
+
+def test_loopback_listeners_need_no_ops_token():
+    for host in ("127.0.0.1", "::1", "localhost"):
+        Settings.from_env({**BASE, "CONSENT_HTTP_HOST": host}).check_listen_address()
+    Settings.from_env(BASE).check_listen_address()  # the default: 127.0.0.1

@@ -105,6 +105,66 @@ async def test_a_redelivered_event_changes_nothing(store):
     assert (await store.load("carol")).state is State.PENDING
 
 
+async def test_a_redelivery_after_40_newer_events_changes_nothing(store):
+    """Invariant 2 holds however many events came in between, within the redelivery window."""
+    rec = await store.load("erin")
+    event_id = uuid.uuid4().hex
+    assert (
+        await store.commit(change(rec, Event.PROVISION_REQUESTED, State.PENDING, event_id=event_id))
+    ).ok
+    for i in range(40):  # silent commits: each is a newer event id, none moves the state
+        rec = await store.load("erin")
+        newer = change(rec, Event.PROVISION_REQUESTED, State.PENDING, at=1001.0 + i)
+        assert (await store.commit(newer)).ok
+    rec = await store.load("erin")
+    replay = change(rec, Event.REVOKE_REQUESTED, State.REVOKED, event_id=event_id, at=1100.0)
+    assert (await store.commit(replay)).status == "duplicate"
+    after = await store.load("erin")
+    assert (after.state, after.version) == (State.PENDING, 41)
+
+
+async def test_event_ids_are_forgotten_by_age_after_the_redelivery_window(store):
+    """The window is time-based: ids older than it go at the next commit; newer ones stay."""
+    from consent_flow._jobs import EVENT_MAX_TRIES, JOB_TIMEOUT, REFRESH_MAX_TRIES
+    from consent_flow._settings import MAX_EVENT_TIMEOUT
+    from consent_flow._store import SEEN_MAX_EVENTS, SEEN_WINDOW
+
+    # At least as long as arq can redeliver a job: the event expiry plus every try's timeout.
+    assert MAX_EVENT_TIMEOUT + max(EVENT_MAX_TRIES, REFRESH_MAX_TRIES) * JOB_TIMEOUT <= SEEN_WINDOW
+    assert SEEN_MAX_EVENTS >= SEEN_WINDOW  # a refresh a second for the whole window fits
+    rec = await store.load("fred")
+    old_id, recent_id = uuid.uuid4().hex, uuid.uuid4().hex
+    assert (
+        await store.commit(change(rec, Event.PROVISION_REQUESTED, State.PENDING, event_id=old_id))
+    ).ok
+    rec = await store.load("fred")
+    at = 1000.0 + SEEN_WINDOW / 2
+    assert (
+        await store.commit(
+            change(rec, Event.PROVISION_REQUESTED, State.PENDING, event_id=recent_id, at=at)
+        )
+    ).ok
+    rec = await store.load("fred")
+    late = 1000.0 + SEEN_WINDOW + 1
+    assert (await store.commit(change(rec, Event.PROVISION_REQUESTED, State.PENDING, at=late))).ok
+    rec = await store.load("fred")
+    # The recent one is still a duplicate; the one older than the window applies like a new one.
+    again = change(rec, Event.REVOKE_REQUESTED, State.REVOKED, event_id=recent_id, at=late)
+    assert (await store.commit(again)).status == "duplicate"
+    old_again = change(rec, Event.REVOKE_REQUESTED, State.REVOKED, event_id=old_id, at=late)
+    assert (await store.commit(old_again)).ok
+
+
+async def test_the_seen_ids_key_expires_with_the_window(redis_store):
+    """A user that goes quiet does not keep its event ids beyond the window."""
+    from consent_flow._store import SEEN_WINDOW
+
+    rec = await redis_store.load("gina")
+    assert (await redis_store.commit(change(rec, Event.PROVISION_REQUESTED, State.PENDING))).ok
+    ttl = await redis_store.redis.ttl(redis_store.keys.seen("gina"))
+    assert SEEN_WINDOW - 5 <= ttl <= SEEN_WINDOW + 1
+
+
 async def test_no_history_for_silent_commits(store):
     rec = await store.load("dave")
     await store.commit(change(rec, Event.PROVISION_REQUESTED, State.PENDING))

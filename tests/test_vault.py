@@ -111,3 +111,32 @@ def test_tokens_are_deflated_and_the_old_text_layout_still_opens():
     assert ring.needs_rotation(legacy.encode()) is False
     with pytest.raises(VaultError):
         open_tokens(ring, "mallory", sealed)
+
+
+def test_a_reply_opens_only_with_its_key_and_for_its_event():
+    from consent_flow._vault import ReplyKey, seal_reply
+
+    key = ReplyKey()
+    url = "https://op.example/auth?state=s3cr3t&nonce=n0nce"
+    sealed = seal_reply(key.public, url, context="event-1")
+    assert "s3cr3t" not in sealed and key.public not in sealed
+    assert sealed != seal_reply(key.public, url, context="event-1")  # a fresh exchange each time
+    assert key.open(sealed, context="event-1") == url
+    for opener, context, blob in [
+        (key, "event-2", sealed),  # another event's reply
+        (ReplyKey(), "event-1", sealed),  # another caller
+        (key, "event-1", sealed[:-2] + ("A" if sealed[-2] != "A" else "B") + sealed[-1]),
+        (key, "event-1", "r1.short"),
+        (key, "event-1", "v1.x.y"),
+    ]:
+        with pytest.raises(VaultError):
+            opener.open(blob, context=context)
+    assert "s3cr3t" not in repr(key) and key.public in repr(key)
+
+
+def test_sealing_to_a_malformed_or_low_order_key_is_a_vault_error():
+    from consent_flow._vault import seal_reply
+
+    for public in ("not-base64!", "AAAA", "A" * 43):  # the last: the all-zero point
+        with pytest.raises(VaultError):
+            seal_reply(public, "x", context="e")

@@ -20,6 +20,7 @@ from arq import cron, func
 from consent_flow._engine import Engine
 from consent_flow._errors import UnknownKeyError
 from consent_flow._http import HttpClients
+from consent_flow._jobs import JOB_TIMEOUT, REFRESH_MAX_TRIES
 from consent_flow._metrics import HEARTBEAT_INTERVAL, MetricsRecorder
 from consent_flow._oauth import OAuthClient
 from consent_flow._queue import HANDLE_EVENT, JOB_SERIALIZERS, EventBus
@@ -40,10 +41,8 @@ log = structlog.get_logger("consent_flow.worker")
 
 POLL_DELAY = 0.005  # seconds between queue polls: events are waited on by people and callers
 HEALTH_CHECK_INTERVAL = 10  # seconds; arq's health key lives this long + 1: /healthz reads it
-JOB_TIMEOUT = 60  # seconds; longer than a provider round trip with its retries
 SWEEP_EVERY = 5  # seconds between schedule sweeps
 CLEANUP_EVERY = 30  # seconds between cleanup runs
-REFRESH_MAX_TRIES = 5  # arq re-runs a refresh whose worker died; failures reschedule themselves
 
 
 async def check_key_ring(store: RedisStore, ring: KeyRing) -> None:
@@ -88,6 +87,10 @@ def worker_settings(
     """
     if 60 % sweep_every or 60 % cleanup_every:
         raise ValueError("sweep_every and cleanup_every must divide 60")
+    if job_timeout > JOB_TIMEOUT:
+        # The store remembers event ids for a window derived from JOB_TIMEOUT: a longer job
+        # could be redelivered after its id was forgotten and apply twice.
+        raise ValueError(f"job_timeout must be at most {JOB_TIMEOUT} s")
 
     async def startup(ctx: dict[str, Any]) -> None:
         store = RedisStore(ctx["redis"], prefix=settings.redis_prefix)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from consent_flow._engine import Engine
 from consent_flow._http import HttpClients
+from consent_flow._jobs import EVENT_MAX_TRIES
 from consent_flow._oauth import OAuthClient
 from consent_flow._queue import EventBus
 from consent_flow._refresh import Refresher
@@ -14,7 +15,7 @@ from consent_flow._settings import Settings
 from consent_flow._store import RedisStore
 from consent_flow._vault import KeyRing
 
-EVENT_MAX_TRIES = 3
+__all__ = ["EVENT_MAX_TRIES", "Services"]
 
 
 @dataclass

@@ -51,7 +51,7 @@ async def handle_event(ctx: dict[str, Any], data: dict[str, Any]) -> None:
             if envelope.reply and ctx.get("job_try", 1) >= ctx.get("max_tries", EVENT_MAX_TRIES):
                 rec = await services.store.load(envelope.user)
                 await services.bus.reply(
-                    envelope.event_id,
+                    envelope,
                     Outcome(
                         user=rec.user,
                         state=rec.state.value,
@@ -64,7 +64,7 @@ async def handle_event(ctx: dict[str, Any], data: dict[str, Any]) -> None:
                 )
             raise
         if envelope.reply and not outcome.replied:
-            await services.bus.reply(envelope.event_id, outcome)
+            await services.bus.reply(envelope, outcome)
     finally:
         structlog.contextvars.clear_contextvars()
 
@@ -108,7 +108,7 @@ async def refresh_tokens(
             envelope=envelope,
         )
         if envelope.reply and not outcome.replied:
-            await services.bus.reply(envelope.event_id, outcome)
+            await services.bus.reply(envelope, outcome)
     finally:
         structlog.contextvars.clear_contextvars()
 

@@ -24,6 +24,7 @@ __all__ = [
     "REFRESH_OUTCOMES",
     "MetricsRecorder",
     "Snapshot",
+    "live_clock_offsets",
     "read_snapshot",
 ]
 
@@ -82,6 +83,20 @@ class MetricsRecorder:
             keys=[self.keys.workers, self.keys.worker_clocks],
             args=[worker_id, f"{clock_offset:.6f}", WORKER_FORGET_AFTER],
         )
+
+
+async def live_clock_offsets(redis: Any, keys: Keys, now: float) -> dict[str, float]:
+    """Each live worker's clock offset from Redis's time, as its last heartbeat reported it."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zrangebyscore(keys.workers, now - HEARTBEAT_STALE, "+inf")
+        pipe.hgetall(keys.worker_clocks)
+        live, clocks = await pipe.execute()
+    return _live_offsets(live, clocks)
+
+
+def _live_offsets(live: list[Any], clocks: dict[Any, Any]) -> dict[str, float]:
+    live_ids = {_text(w) for w in live}
+    return {_text(w): float(v) for w, v in clocks.items() if _text(w) in live_ids}
 
 
 def _text(value: Any) -> str:
@@ -158,8 +173,6 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
     rejections = sum(int(h.get(b"rejected", h.get("rejected", 0))) for h in hourly)
     queue_depth, deferred, alive, halt, transitions, outcomes, lead, live, clocks = rest[25:]
     lead_text = {_text(k): _text(v) for k, v in lead.items()}
-    offsets = {_text(k): float(v) for k, v in clocks.items()}
-    live_ids = {_text(w) for w in live}
     return Snapshot(
         states=states,
         refreshes_due_next_hour=due_next_hour,
@@ -176,5 +189,5 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
         refresh_outcomes={_text(k): int(v) for k, v in outcomes.items()},
         lead_buckets={k: int(v) for k, v in lead_text.items() if k != "sum"},
         lead_sum=float(lead_text.get("sum", 0.0)),
-        clock_offsets={w: offset for w, offset in offsets.items() if w in live_ids},
+        clock_offsets=_live_offsets(live, clocks),
     )

@@ -28,7 +28,7 @@ from ._client import ConsentClient
 from ._clock import skew_problem, worst_offset
 from ._errors import CallbackRejected, ConsentError, ProviderError, WorkerUnavailable
 from ._machine import Event
-from ._metrics import HEARTBEAT_STALE
+from ._metrics import live_clock_offsets
 from ._model import clip
 from ._queue import Envelope, Outcome, new_id
 from ._settings import Settings
@@ -242,15 +242,8 @@ async def _clock_skew(client: ConsentClient) -> str | None:
     """Why the clocks are red: this process's or a live worker's clock is further from Redis's
     than ``MAX_CLOCK_SKEW``; None when they are all within it."""
     offsets = {"this server": await client.clock.sync()}
-    keys = client.store.keys
-    async with client.pool.pipeline(transaction=False) as pipe:
-        pipe.zrangebyscore(keys.workers, client.clock() - HEARTBEAT_STALE, "+inf")
-        pipe.hgetall(keys.worker_clocks)
-        live, clocks = await pipe.execute()
-    live_ids = {w.decode() for w in live}
-    for worker, offset in clocks.items():
-        if worker.decode() in live_ids:
-            offsets[f"worker {worker.decode()}"] = float(offset)
+    workers = await live_clock_offsets(client.pool, client.store.keys, client.clock())
+    offsets.update((f"worker {worker}", offset) for worker, offset in workers.items())
     worst = worst_offset(offsets)
     return None if worst is None else skew_problem(*worst)
 

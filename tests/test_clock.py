@@ -129,6 +129,15 @@ def steady(redirect_uri) -> Iterator[LocalProvider]:
         yield op
 
 
+@pytest.fixture(scope="module")
+def twenty(redirect_uri) -> Iterator[LocalProvider]:
+    """Access tokens that live 20 s: a caller may ask for more life than one has left."""
+    with LocalProvider.start(
+        clients=provider_clients(redirect_uri), access_token_ttl=20, rotate_refresh_token=False
+    ) as op:
+        yield op
+
+
 # --- the clock and the scripts, against the real Redis ---------------------------------------
 
 
@@ -345,3 +354,31 @@ async def _tokens(stack: Any, user: str) -> dict[str, str]:
     from conftest import stored_tokens
 
     return await stored_tokens(stack, user)
+
+
+async def test_a_caller_behind_never_gets_a_token_shorter_than_it_asked_for(
+    make_stack, twenty, env, monkeypatch
+):
+    stack = await make_stack(op=twenty, refresh_margin=2, workers=0)
+    worker = start_worker(
+        {**os.environ, **env, "CONSENT_ISSUER": twenty.issuer, "CONSENT_REFRESH_MARGIN": "2"},
+        stack.settings.queue_name,
+    )
+    try:
+        await wait_for(lambda: live_workers(stack.client.pool, stack.client.store.keys), 20)
+        await provision(stack, "alice")
+        rec = await stack.client.store.load("alice")
+        assert rec.expires_at is not None
+        pool = stack.client.pool
+        # Wait until the stored token has less left than the caller will ask for.
+        await wait_for(lambda: _past(pool, rec.expires_at - 14), timeout=15)
+        shift_clock(monkeypatch, -SKEW)  # this caller's clock now runs two minutes behind
+        token = await stack.client.access_token("alice", min_ttl=15)
+        left = twenty.introspect(token)["exp"] - await redis_time(pool)
+        assert left >= 14, f"handed out a token with {left:.1f} s left, 15 s asked for"
+    finally:
+        stop(worker)
+
+
+async def _past(pool: Any, at: float) -> bool:
+    return await redis_time(pool) > at

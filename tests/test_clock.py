@@ -18,11 +18,14 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, tzinfo
 from typing import Any
 
 import arq.utils
+import arq.worker
 import httpx
 import pytest
+from arq import cron
 from arq.connections import create_pool
 from arq.constants import job_key_prefix
 from conftest import ROOT, provider_clients, provision
@@ -36,6 +39,7 @@ from consent_flow._queue import JOB_SERIALIZERS
 from consent_flow._redis import arq_redis_settings
 from consent_flow._schedule import Scheduler
 from consent_flow._store import Keys, RedisStore
+from workers import ConsentWorker
 
 pytestmark = pytest.mark.integration
 
@@ -98,10 +102,21 @@ async def live_workers(redis: Any, keys: Keys, n: int = 1) -> bool:
 
 
 def shift_clock(monkeypatch: pytest.MonkeyPatch, skew: float) -> None:
-    """This process's wall clock ``skew`` seconds off, arq's view of it included."""
+    """This process's wall clock ``skew`` seconds off, arq's views of it included (``time()``
+    and ``datetime.now()``)."""
     real = time.time
-    monkeypatch.setattr(time, "time", lambda: real() + skew)
-    monkeypatch.setattr(arq.utils, "time", lambda: real() + skew)
+
+    def shifted() -> float:
+        return real() + skew
+
+    class ShiftedDatetime(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> ShiftedDatetime:
+            return cls.fromtimestamp(shifted(), tz)
+
+    monkeypatch.setattr(time, "time", shifted)
+    monkeypatch.setattr(arq.utils, "time", shifted)
+    monkeypatch.setattr(arq.worker, "datetime", ShiftedDatetime)
 
 
 @pytest.fixture
@@ -149,6 +164,10 @@ async def test_the_clock_reads_redis_time_whatever_the_process_clock_says(pool, 
     assert clock.error is not None and clock.error < 0.5
     assert abs(clock() - await redis_time(pool)) < 0.5
     assert clock.age < 1.0
+    # Between two measurements it keeps Redis's time by the monotonic clock: a wall clock that
+    # steps meanwhile (an NTP correction, an operator) changes nothing.
+    shift_clock(monkeypatch, 3 * SKEW)
+    assert abs(clock() - await redis_time(pool)) < 0.5
 
 
 async def test_a_job_due_now_is_scored_with_redis_time(pool, monkeypatch):
@@ -210,6 +229,34 @@ async def test_heartbeat_script_scores_by_redis_time_and_keeps_offsets(pool, key
     assert (public["clock_skew"], public["clock_skew_worker"]) == (-SKEW, "w1")
     assert "w1's clock is 120.0 s ahead of Redis's time" in public["clock_skew_problem"]
     assert f"limit {MAX_CLOCK_SKEW:g} s" in public["clock_skew_problem"]
+
+
+async def test_cron_jobs_run_on_time_on_a_worker_ahead(redis_server, monkeypatch):
+    ran: list[float] = []
+
+    async def tick(ctx: dict[str, Any]) -> None:
+        ran.append(time.monotonic())
+
+    shift_clock(monkeypatch, SKEW)  # arq would queue each tick two minutes into the future
+    worker = ConsentWorker(
+        functions=[],
+        cron_jobs=[cron(tick, name="tick", second=set(range(60)), run_at_startup=True)],
+        queue_name="c" + uuid.uuid4().hex[:8] + ":queue",
+        redis_settings=arq_redis_settings(redis_server.url),
+        poll_delay=0.01,
+        keep_result=0,
+        handle_signals=False,
+        **JOB_SERIALIZERS,
+    )
+    task = asyncio.create_task(worker.async_run())
+    try:
+        await asyncio.sleep(3)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await worker.close()
+    assert len(ran) >= 2  # at start-up, then every second
+    assert abs(worker.clock.offset + SKEW) < 0.5
 
 
 # --- skewed processes: workers ---------------------------------------------------------------

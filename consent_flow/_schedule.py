@@ -7,6 +7,8 @@ replaces), a new grant's right after its commit. Its arguments are just the user
 time, positional (a million of them wait in Redis). A cron sweep reads the due part of the
 set (O(log n + due)) and queues again, in one round trip, whatever job is missing (lost between
 commit and enqueue, or by a Redis failover); a job that is still queued is recognised by its id.
+Due times are Redis's time: the engine computes them with a clock that tracks it, and the sweep
+asks Redis's own clock what is due.
 """
 
 from __future__ import annotations

@@ -303,6 +303,9 @@ async def test_a_worker_behind_applies_events_and_refreshes_on_time(make_stack, 
         assert health.json()["checks"]["worker"] == "ok"
         snapshot = await read_snapshot(stack.client.pool, keys, stack.settings.queue_name)
         assert snapshot.clock_skew is not None and abs(snapshot.clock_skew[1] - SKEW) < 5
+        stats = await asyncio.to_thread(cli, {**os.environ, **env}, "stats")
+        [line] = [x for x in stats.stdout.splitlines() if x.startswith("clock skew: ")]
+        assert f"worker {snapshot.clock_skew[0]}'s clock is" in line and "s behind" in line
     finally:
         stop(worker)
 

@@ -853,7 +853,7 @@ async def requeue_parts(
         drop_jobs()
         now_ms = due_ms(now)
         t0 = time.perf_counter()
-        _found, missing, _more = await scheduler._due(
+        _found, missing, _more, _now = await scheduler._due(
             keys=[keys.sched],
             args=[now_ms, SWEEP_LIMIT, job_key_prefix, SWEEP_SCAN_FACTOR * SWEEP_LIMIT],
         )

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,7 +70,11 @@ class TokenBroker:
     # --- public -------------------------------------------------------------------------------
 
     async def access_token(self, user: str, *, min_ttl: float = 30.0) -> str:
-        now = time.time()
+        # Expiry times are Redis's time: judged by this process's own clock, a clock that runs
+        # behind would hand out tokens that expired.
+        clock = self.client.clock
+        await clock.sync_if_stale()
+        now = clock()
         entry = self._cache.get(user)
         if (
             entry is not None
@@ -85,7 +88,7 @@ class TokenBroker:
         if token is not None:
             return token
         await self._refresh(user, min_ttl)
-        token = await self._from_store(user, time.time(), min_ttl, refreshed=True)
+        token = await self._from_store(user, clock(), min_ttl, refreshed=True)
         assert token is not None
         return token
 

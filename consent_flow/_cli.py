@@ -143,6 +143,9 @@ def _stats_text(data: dict[str, Any]) -> str:
         "revocations_abandoned",
     ):
         lines.append(f"{name.replace('_', ' ')}: {data[name] if data[name] is not None else '-'}")
+    if data["clock_skew"] is not None:
+        skew = f"{data['clock_skew']:+.3f} s (worker {data['clock_skew_worker']})"
+        lines.append(f"clock skew: {data['clock_skew_problem'] or skew}")
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ import httpx
 from arq.connections import ArqRedis, create_pool
 
 from ._broker import TokenBroker
+from ._clock import RedisClock
 from ._engine import session_url
 from ._errors import ConsentError, WorkerUnavailable
 from ._machine import Event, State
@@ -119,6 +120,7 @@ class ConsentClient:
         self._broker: TokenBroker | None = None
         self._store: RedisStore | None = None
         self._bus: EventBus | None = None
+        self._clock: RedisClock | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ConsentClient:
@@ -136,6 +138,8 @@ class ConsentClient:
                 **JOB_SERIALIZERS,
             )
             stack.push_async_callback(self._pool.aclose)
+            self._clock = RedisClock(self._pool)
+            await self._clock.sync()
             if self.settings.encryption_keys:
                 self._ring = KeyRing.from_strings(k.reveal() for k in self.settings.encryption_keys)
         except BaseException:
@@ -162,12 +166,20 @@ class ConsentClient:
         self._pool = None
         self._store = None
         self._bus = None
+        self._clock = None
 
     @property
     def pool(self) -> ArqRedis:
         if self._pool is None:
             raise ConsentError("ConsentClient is not open: use `async with ConsentClient(...)`")
         return self._pool
+
+    @property
+    def clock(self) -> RedisClock:
+        """Redis's time, as this client last measured it: the clock every process shares."""
+        if self._clock is None:
+            raise ConsentError("ConsentClient is not open: use `async with ConsentClient(...)`")
+        return self._clock
 
     @property
     def store(self) -> RedisStore:
@@ -183,6 +195,7 @@ class ConsentClient:
                 keys=self.store.keys,
                 queue_name=self.settings.queue_name,
                 timeout=self.settings.event_timeout,
+                clock=self.clock,
             )
         return self._bus
 
@@ -200,7 +213,7 @@ class ConsentClient:
             self._http = httpx.AsyncClient(
                 timeout=self.settings.http_timeout, follow_redirects=False
             )
-            self._oauth = OAuthClient(self.settings, self._http)
+            self._oauth = OAuthClient(self.settings, self._http, clock=self.clock)
         return self._oauth
 
     # --- events -----------------------------------------------------------------------------

@@ -183,6 +183,8 @@ class Engine:
         self.oauth = oauth
         self.ring = ring
         self.machine = machine or ConsentMachine()
+        # Redis's time in a worker (a RedisClock): other processes compare what the engine
+        # stamps (session expiry, due times, history), so it must not be this process's clock.
         self.clock = clock
         self.on_scheduled = on_scheduled
         self._handlers: dict[Event, Callable[[Envelope], Any]] = {

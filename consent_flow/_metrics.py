@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+from ._clock import redis_time, skew_problem, worst_offset
+from ._lua import lua
 from ._machine import State
 from ._model import ProviderRevocation
 from ._store import Keys, due_ms
@@ -22,6 +25,7 @@ __all__ = [
     "REFRESH_OUTCOMES",
     "MetricsRecorder",
     "Snapshot",
+    "live_clock_offsets",
     "read_snapshot",
 ]
 
@@ -31,6 +35,7 @@ REFRESH_OUTCOMES = ("success", "transient_failure", "rejected", "client_rejected
 HOURLY_TTL = 26 * 3600  # per-hour buckets outlive the 24-hour window they serve
 HEARTBEAT_INTERVAL = 5.0  # seconds between a worker's heartbeats
 HEARTBEAT_STALE = 3 * HEARTBEAT_INTERVAL  # a worker silent this long is not counted as live
+WORKER_FORGET_AFTER = 3600  # seconds after which a silent worker's entries are dropped
 
 
 def _bucket(lead: float) -> str:
@@ -41,9 +46,11 @@ def _bucket(lead: float) -> str:
 
 
 class MetricsRecorder:
-    def __init__(self, redis: Any, keys: Keys) -> None:
+    def __init__(self, redis: Any, keys: Keys, *, clock: Callable[[], float] = time.time) -> None:
         self.redis = redis
         self.keys = keys
+        self.clock = clock  # Redis's time: every process files a failure under the same hour
+        self._heartbeat = redis.register_script(lua("heartbeat"))
 
     def refresh_counters(
         self, outcome: str, *, lead: float | None = None
@@ -58,7 +65,7 @@ class MetricsRecorder:
         return tuple(counters)
 
     async def refresh(self, outcome: str, *, lead: float | None = None) -> None:
-        hour = int(time.time() // 3600)
+        hour = int(self.clock() // 3600)
         async with self.redis.pipeline(transaction=False) as pipe:
             for key, name, amount in self.refresh_counters(outcome, lead=lead):
                 if "." in amount:
@@ -70,12 +77,27 @@ class MetricsRecorder:
                 pipe.expire(self.keys.hourly(hour), HOURLY_TTL)
             await pipe.execute()
 
-    async def heartbeat(self, worker_id: str) -> None:
-        now = time.time()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.keys.workers, {worker_id: now})
-            pipe.zremrangebyscore(self.keys.workers, "-inf", now - 3600)
-            await pipe.execute()
+    async def heartbeat(self, worker_id: str, *, clock_offset: float = 0.0) -> None:
+        """The worker is live (by Redis's clock), and its own clock is ``clock_offset`` seconds
+        behind Redis's (negative: ahead)."""
+        await self._heartbeat(
+            keys=[self.keys.workers, self.keys.worker_clocks],
+            args=[worker_id, f"{clock_offset:.6f}", WORKER_FORGET_AFTER],
+        )
+
+
+async def live_clock_offsets(redis: Any, keys: Keys, now: float) -> dict[str, float]:
+    """Each live worker's clock offset from Redis's time, as its last heartbeat reported it."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zrangebyscore(keys.workers, now - HEARTBEAT_STALE, "+inf")
+        pipe.hgetall(keys.worker_clocks)
+        live, clocks = await pipe.execute()
+    return _live_offsets(live, clocks)
+
+
+def _live_offsets(live: list[Any], clocks: dict[Any, Any]) -> dict[str, float]:
+    live_ids = {_text(w) for w in live}
+    return {_text(w): float(v) for w, v in clocks.items() if _text(w) in live_ids}
 
 
 def _text(value: Any) -> str:
@@ -100,12 +122,21 @@ class Snapshot:
     lead_sum: float
     revocation_outcomes: dict[str, int]
 
+    clock_offsets: dict[str, float] = field(default_factory=dict)
+    """Live workers' clock offsets from Redis's time, in seconds (positive: behind)."""
+
+    @property
+    def clock_skew(self) -> tuple[str, float] | None:
+        """The live worker whose clock is furthest from Redis's, and its offset."""
+        return worst_offset(self.clock_offsets)
+
     @property
     def revocations_abandoned(self) -> int:
         """Provider revocations the outbox gave up after its bounded number of attempts."""
         return self.revocation_outcomes.get(ProviderRevocation.ABANDONED.value, 0)
 
     def public(self) -> dict[str, Any]:
+        skew = self.clock_skew
         return {
             "states": self.states,
             "refreshes_due_next_hour": self.refreshes_due_next_hour,
@@ -116,11 +147,16 @@ class Snapshot:
             "workers_alive": self.workers_alive,
             "refreshes_paused": self.refreshes_paused,
             "revocations_abandoned": self.revocations_abandoned,
+            "clock_skew": None if skew is None else round(skew[1], 3),
+            "clock_skew_worker": None if skew is None else skew[0],
+            "clock_skew_problem": None
+            if skew is None
+            else skew_problem(f"worker {skew[0]}", skew[1]),
         }
 
 
 async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
-    now = time.time()
+    now = await redis_time(redis)  # what is due, live or recent is by Redis's clock
     hour = int(now // 3600)
     async with redis.pipeline(transaction=False) as pipe:
         for state in State:
@@ -136,6 +172,8 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
         pipe.hgetall(keys.refresh_counts)
         pipe.hgetall(keys.refresh_lead)
         pipe.hgetall(keys.revocation_counts)
+        pipe.zrangebyscore(keys.workers, now - HEARTBEAT_STALE, "+inf")
+        pipe.hgetall(keys.worker_clocks)
         values = await pipe.execute()
     states = {state.value: int(values[i]) for i, state in enumerate(State)}
     rest = values[len(State) :]
@@ -143,7 +181,18 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
     hourly = rest[1:25]
     failures = sum(int(h.get(b"transient_failure", h.get("transient_failure", 0))) for h in hourly)
     rejections = sum(int(h.get(b"rejected", h.get("rejected", 0))) for h in hourly)
-    queue_depth, deferred, alive, halt, transitions, outcomes, lead, revocations = rest[25:]
+    (
+        queue_depth,
+        deferred,
+        alive,
+        halt,
+        transitions,
+        outcomes,
+        lead,
+        revocations,
+        live,
+        clocks,
+    ) = rest[25:]
     lead_text = {_text(k): _text(v) for k, v in lead.items()}
     return Snapshot(
         states=states,
@@ -162,4 +211,5 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
         lead_buckets={k: int(v) for k, v in lead_text.items() if k != "sum"},
         lead_sum=float(lead_text.get("sum", 0.0)),
         revocation_outcomes={_text(k): int(v) for k, v in revocations.items()},
+        clock_offsets=_live_offsets(live, clocks),
     )

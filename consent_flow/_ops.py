@@ -40,7 +40,6 @@ import html
 import ipaddress
 import math
 import re
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, cast
@@ -239,6 +238,12 @@ class SnapshotCollector(Collector):
         yield _gauge("queue_depth", "Jobs due in the queue, waiting for a worker.", s.queue_depth)
         yield _gauge("deferred_jobs", "Jobs queued to run later.", s.deferred_jobs)
         yield _gauge("workers_alive", "Workers with a recent heartbeat.", s.workers_alive)
+        skew = s.clock_skew
+        yield _gauge(
+            "clock_skew_seconds",
+            "Largest distance of a live worker's clock from Redis's time.",
+            0.0 if skew is None else abs(skew[1]),
+        )
         yield _gauge(
             "refreshes_paused",
             "1 while refreshes are halted for everyone (invalid_client).",
@@ -519,7 +524,7 @@ async def _overview(client: ConsentClient, request: Request) -> Response:
     snapshot = await _snapshot(client)
     users = await client.store.users(state, offset=offset, limit=limit)
     details = await _user_rows(client, users) if users else []
-    now = time.time()
+    now = client.clock()
     total = snapshot.states.get(state.value, 0)
     rows = []
     for (user, since), (actor, reason) in zip(users, details, strict=True):
@@ -576,7 +581,7 @@ async def _user_page(client: ConsentClient, request: Request) -> Response:
     entries = await client.store.history(user)
     if record.version == 0 and not entries:
         return _error(404, "Unknown user", f"No consent was ever recorded for {user}.", home=home)
-    now = time.time()
+    now = client.clock()
     public = record.public()
     status_items = "".join(
         f"<dt>{e(name.replace('_', ' '))}</dt>"

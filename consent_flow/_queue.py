@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,12 +211,20 @@ class Outcome:
 class EventBus:
     """Emits envelopes as arq jobs and waits for their outcome."""
 
-    def __init__(self, pool: ArqRedis, *, keys: Keys, queue_name: str, timeout: float) -> None:
+    def __init__(
+        self,
+        pool: ArqRedis,
+        *,
+        keys: Keys,
+        queue_name: str,
+        timeout: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.pool = pool
         self.keys = keys
         self.queue_name = queue_name
         self.timeout = timeout
-        self.jobs = JobQueue(pool)
+        self.jobs = JobQueue(pool, clock=clock)
 
     async def emit(self, envelope: Envelope, *, timeout: float | None = None) -> Outcome | None:
         """Queue the event; with ``envelope.reply`` wait for its outcome.

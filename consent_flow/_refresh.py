@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import time
 from dataclasses import dataclass
 
 import structlog
@@ -68,7 +67,7 @@ class Refresher:
         self.engine = engine
         self.scheduler = scheduler
         self.retry = retry or RetryPolicy()
-        self.metrics = MetricsRecorder(engine.store.redis, engine.store.keys)
+        self.metrics = MetricsRecorder(engine.store.redis, engine.store.keys, clock=engine.clock)
         settings = engine.settings
         self.fingerprint = hashlib.sha256(
             f"{settings.client_id}\x00{settings.client_secret.reveal()}".encode()
@@ -105,7 +104,7 @@ class Refresher:
                 "reason": "the provider rejected this deployment's client credentials "
                 f"({_client_error(exc)}): refreshes are paused for everyone; no consent was "
                 "revoked",
-                "since": repr(time.time()),
+                "since": repr(self.engine.clock()),
                 "fingerprint": self.fingerprint,
             },
         )
@@ -143,7 +142,7 @@ class Refresher:
             if halt is not None and not await self._may_probe():
                 if lock.token is not None and not on_demand and rec.state is State.PROVISIONED:
                     await self._reschedule(
-                        rec, envelope, time.time() + self.retry.halt_retry, error=None
+                        rec, envelope, self.engine.clock() + self.retry.halt_retry, error=None
                     )
                 return self.engine.outcome(
                     rec, envelope, "failed", error="invalid_client", reason=halt.get("reason")

@@ -7,17 +7,21 @@ replaces), a new grant's right after its commit. Its arguments are just the user
 time, positional (a million of them wait in Redis). A cron sweep reads the due part of the
 set (O(log n + due)) and queues again, in one round trip, whatever job is missing (lost between
 commit and enqueue, or by a Redis failover); a job that is still queued is recognised by its id.
+Due times are Redis's time: the engine computes them with a clock that tracks it, and the sweep
+asks Redis's own clock what is due.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 
+from ._clock import redis_time
 from ._jobs import JobQueue, JobRef, QueuedJob
 from ._store import Keys, due_ms
 
@@ -53,11 +57,16 @@ def refresh_payload(user: str, due: int, enqueued_ms: int) -> bytes:
 
 # The due entries of the schedule whose job is missing. Due entries whose job is still queued
 # (a backlog) are stepped over, page by page, up to ARGV[4] entries looked at, so lost jobs
-# behind a backlog are found too. ARGV: now (ms), how many missing to return at most, the arq
-# job key prefix, how many due entries to look at at most.
+# behind a backlog are found too. ARGV: now (ms; empty: Redis's time), how many missing to
+# return at most, the arq job key prefix, how many due entries to look at at most. Returns the
+# entries looked at, the missing ones (user, score, ...), whether more are due, and the now used.
 _DUE_WITHOUT_JOB = """
 local sched = KEYS[1]
 local now, want, prefix, scan_max = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+if now == '' then
+  local t = redis.call('TIME')
+  now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+end
 local missing, looked, offset, page = {}, 0, 0, 500
 while #missing < 2 * want and offset < scan_max do
   local entries = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'WITHSCORES', 'LIMIT', offset,
@@ -76,7 +85,7 @@ while #missing < 2 * want and offset < scan_max do
 end
 -- Is anything due beyond what was looked at? Only then is another batch worth it.
 local more = #redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', looked, 1)
-return {looked, missing, more}
+return {looked, missing, more, now}
 """
 
 # Queue jobs whose key is not there yet: SET NX then ZADD, per job, in one script.
@@ -95,11 +104,18 @@ return queued
 
 
 class Scheduler:
-    def __init__(self, pool: ArqRedis, *, keys: Keys, queue_name: str) -> None:
+    def __init__(
+        self,
+        pool: ArqRedis,
+        *,
+        keys: Keys,
+        queue_name: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.pool = pool
         self.keys = keys
         self.queue_name = queue_name
-        self.jobs = JobQueue(pool)
+        self.jobs = JobQueue(pool, clock=clock)
         self._due = pool.register_script(_DUE_WITHOUT_JOB)
         self._enqueue = pool.register_script(_ENQUEUE_MISSING)
 
@@ -121,15 +137,18 @@ class Scheduler:
     async def sweep(self, *, now: float | None = None, limit: int = SWEEP_LIMIT) -> dict[str, int]:
         """Queue every due refresh whose job is missing. Returns counts: due looked at, requeued.
 
-        One batch costs O(log n + due looked at); a tick runs batches while they come back full.
+        "Due" is by Redis's clock unless ``now`` is given. One batch costs O(log n + due looked
+        at); a tick runs batches while they come back full.
         """
-        now_ms = due_ms(time.time() if now is None else now)
+        now_arg = "" if now is None else str(due_ms(now))
         looked = requeued = 0
         for _ in range(SWEEP_BATCHES):
-            found, missing, more = await self._due(
+            found, missing, more, now_used = await self._due(
                 keys=[self.keys.sched],
-                args=[now_ms, limit, job_key_prefix, SWEEP_SCAN_FACTOR * limit],
+                args=[now_arg, limit, job_key_prefix, SWEEP_SCAN_FACTOR * limit],
             )
+            now_ms = int(now_used)
+            now_arg = str(now_ms)  # every batch of one tick looks at the same instant
             looked += int(found)
             if not missing:
                 break
@@ -150,6 +169,6 @@ class Scheduler:
         return int(await self._enqueue(keys=[self.queue_name], args=[JOB_EXPIRY_MS, *args]))
 
     async def due_count(self, within: float) -> int:
-        """Refreshes due between now and ``within`` seconds from now (for stats)."""
-        now = time.time()
+        """Refreshes due between now (Redis's time) and ``within`` seconds from now."""
+        now = await redis_time(self.pool)
         return int(await self.pool.zcount(self.keys.sched, due_ms(now), due_ms(now + within)))

@@ -19,12 +19,16 @@ Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``; every key of one user shares t
     cf:metrics:*        hash   counters for /metrics and stats (transitions, refresh outcomes,
                                refresh lead time buckets, per-hour failures and rejections,
                                provider revocations by outcome)
-    cf:workers          zset   worker ids by last heartbeat
+    cf:workers          zset   worker ids by last heartbeat (Redis's time)
+    cf:workers:clock    hash   worker id -> its clock's offset from Redis's time, in seconds
     cf:invalidate       pubsub user ids whose cached tokens must be dropped (published by commits)
     cf:halt             hash   refreshes paused for everyone: invalid_client (reason, since)
     cf:sess:<sha256>    string "user\\nsession id" for a live authorization session's state
     cf:kids             hash   ciphertext count per key id (start-up key check, rotation)
     cf:events           stream every transition, for `tail` and other consumers (bounded)
+
+Every time stored here is Redis's time (``TIME`` in scripts, a ``RedisClock`` in Python), never
+the writing process's own clock: processes whose clocks disagree still agree on what is due.
 
 A transition is one Lua script: the version check, the fields, the sealed tokens, the indexes,
 the schedule, the history entry and the stream entry commit together or not at all (design.md
@@ -41,12 +45,13 @@ import json
 import math
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
 from redis.asyncio import Redis
 
-from ._jobs import ENQUEUE_LUA, REDELIVERY_WINDOW
+from ._jobs import ENQUEUE_LUA, REDELIVERY_WINDOW, score_arg
 from ._lua import lua
 from ._machine import Event, State
 from ._model import (
@@ -158,6 +163,10 @@ class Keys:
     @property
     def workers(self) -> str:
         return f"{self.prefix}:workers"
+
+    @property
+    def worker_clocks(self) -> str:
+        return f"{self.prefix}:workers:clock"
 
     @property
     def outbox(self) -> str:
@@ -384,10 +393,12 @@ local state = redis.call('HGET', rec, 'state')
 if state ~= 'pending' then return 'not_pending' end
 if redis.call('HGET', rec, 'sid') ~= ARGV[1] then return 'unknown_session' end
 if redis.call('HGET', rec, 'claimed') then return 'already_used' end
+-- Session expiry is Redis's time, whoever wrote it and whichever clock this process keeps.
+local now = redis.call('TIME')
 local sexp = tonumber(redis.call('HGET', rec, 'sexp') or '0')
-if sexp <= tonumber(ARGV[4]) then return 'expired' end
+if sexp <= tonumber(now[1]) + tonumber(now[2]) / 1000000 then return 'expired' end
 redis.call('HSET', rec, 'claimed', ARGV[2])
-if ARGV[3] ~= '' then redis.call('SET', inbox, ARGV[3], 'EX', ARGV[5]) end
+if ARGV[3] ~= '' then redis.call('SET', inbox, ARGV[3], 'EX', ARGV[4]) end
 return 'ok'
 """
 
@@ -551,7 +562,7 @@ class RedisStore:
             extra_keys += job.keys
             job_payload.append(job.payload)
             # Scores and expiries travel as strings: cjson prints numbers with 14 digits.
-            op["job"] = [str(job.expires_ms), str(job.score_ms), job.job_id, 2 + len(blobs)]
+            op["job"] = [str(job.expires_ms), score_arg(job.score_ms), job.job_id, 2 + len(blobs)]
         if change.unlock is not None:
             extra_keys.append(k.lock(change.user))
             op["unlock"] = change.unlock
@@ -647,7 +658,7 @@ class RedisStore:
     ) -> str:
         result = await self._claim(
             keys=[self.keys.rec(user), self.keys.inbox(user, event_id)],
-            args=[session_id, event_id, sealed or "", repr(time.time()), INBOX_TTL],
+            args=[session_id, event_id, sealed or "", INBOX_TTL],
         )
         return _decode(result)
 
@@ -721,7 +732,8 @@ class RedisStore:
 class MemoryStore:
     """The same contract in a process's memory: for fast tests of the engine's logic."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
         self.records: dict[str, dict[str, str]] = {}
         self.sealed: dict[str, dict[str, bytes]] = {}  # the keys beside the record
         self.histories: dict[str, list[HistoryEntry]] = {}
@@ -815,7 +827,7 @@ class MemoryStore:
             return "unknown_session"
         if "claimed" in rec:
             return "already_used"
-        if float(rec.get("sexp", "0")) <= time.time():
+        if float(rec.get("sexp", "0")) <= self.clock():
             return "expired"
         rec["claimed"] = event_id
         if sealed:

@@ -25,8 +25,10 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ._client import ConsentClient
+from ._clock import skew_problem, worst_offset
 from ._errors import CallbackRejected, ConsentError, ProviderError, WorkerUnavailable
 from ._machine import Event
+from ._metrics import live_clock_offsets
 from ._model import clip
 from ._queue import Envelope, Outcome, new_id
 from ._settings import Settings
@@ -229,9 +231,21 @@ async def _healthz(client: ConsentClient, request: Request) -> Response:
         checks["worker"] = "ok" if beat is not None else "no recent heartbeat"
         halt = await client.store.redis.hget(client.store.keys.halt, "reason")
         checks["refresh"] = "ok" if halt is None else f"paused: {halt.decode()}"
-        healthy = beat is not None and halt is None
+        skew = await _clock_skew(client)
+        checks["clock"] = skew or "ok"
+        healthy = beat is not None and halt is None and skew is None
     body = {"status": "ok" if healthy else "fail", "checks": checks}
     return JSONResponse(body, status_code=200 if healthy else 503, headers=SECURITY_HEADERS)
+
+
+async def _clock_skew(client: ConsentClient) -> str | None:
+    """Why the clocks are red: this process's or a live worker's clock is further from Redis's
+    than ``MAX_CLOCK_SKEW``; None when they are all within it."""
+    offsets = {"this server": await client.clock.sync()}
+    workers = await live_clock_offsets(client.pool, client.store.keys, client.clock())
+    offsets.update((f"worker {worker}", offset) for worker, offset in workers.items())
+    worst = worst_offset(offsets)
+    return None if worst is None else skew_problem(*worst)
 
 
 def consent_routes(

@@ -15,7 +15,12 @@ async def test_serve_answers_health_metrics_and_ops_pages(stack):
     async with httpx.AsyncClient(base_url=base) as http:
         health = await http.get("/healthz")
         assert health.status_code == 200
-        assert health.json()["checks"] == {"redis": "ok", "worker": "ok", "refresh": "ok"}
+        assert health.json()["checks"] == {
+            "redis": "ok",
+            "worker": "ok",
+            "refresh": "ok",
+            "clock": "ok",
+        }
         metrics = await http.get("/metrics")
         assert metrics.status_code == 200
         assert 'consent_flow_consents{state="provisioned"} 1.0' in metrics.text

@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 from arq import cron, func
 
+from consent_flow._clock import MAX_CLOCK_SKEW, RedisClock
 from consent_flow._engine import Engine
 from consent_flow._errors import UnknownKeyError
 from consent_flow._http import HttpClients
@@ -59,15 +60,20 @@ async def check_key_ring(store: RedisStore, ring: KeyRing) -> None:
         )
 
 
-async def _heartbeat(store: RedisStore) -> None:
-    """Tell operators this worker is alive (stats: live workers)."""
+async def _heartbeat(store: RedisStore, clock: RedisClock) -> None:
+    """Tell operators this worker is alive (stats: live workers), and how far its own clock is
+    from Redis's (measured again at every beat; health turns red on a large offset)."""
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    metrics = MetricsRecorder(store.redis, store.keys)
+    metrics = MetricsRecorder(store.redis, store.keys, clock=clock)
     while True:
         try:
-            await metrics.heartbeat(worker_id)
+            await clock.sync()
+            await metrics.heartbeat(worker_id, clock_offset=clock.offset)
         except Exception as exc:  # noqa: BLE001 - a missed beat is not worth a crash
             log.warning("heartbeat_failed", error=type(exc).__name__)
+        else:
+            if abs(clock.offset) > MAX_CLOCK_SKEW:
+                log.warning("clock_skew", offset_s=round(clock.offset, 3), limit_s=MAX_CLOCK_SKEW)
         await asyncio.sleep(HEARTBEAT_INTERVAL)
 
 
@@ -96,21 +102,29 @@ def worker_settings(
         store = RedisStore(ctx["redis"], prefix=settings.redis_prefix)
         ring = KeyRing.from_strings(k.reveal() for k in settings.encryption_keys)
         await check_key_ring(store, ring)
+        # One clock for every decision this worker shares with other processes: Redis's.
+        clock = RedisClock(ctx["redis"])
+        await clock.sync()
+        ctx["clock"] = clock
         # Up to max_jobs provider calls at once: each gets an httpx client of its own.
         http = HttpClients(timeout=settings.http_timeout, follow_redirects=False)
-        oauth = OAuthClient(settings, http)
+        oauth = OAuthClient(settings, http, clock=clock)
         bus = EventBus(
             ctx["redis"],
             keys=store.keys,
             queue_name=settings.queue_name,
             timeout=settings.event_timeout,
+            clock=clock,
         )
-        scheduler = Scheduler(ctx["redis"], keys=store.keys, queue_name=settings.queue_name)
+        scheduler = Scheduler(
+            ctx["redis"], keys=store.keys, queue_name=settings.queue_name, clock=clock
+        )
         engine = Engine(
             settings=settings,
             store=store,
             oauth=oauth,
             ring=ring,
+            clock=clock,
             on_scheduled=scheduler.schedule,
         )
         ctx["services"] = Services(
@@ -123,9 +137,17 @@ def worker_settings(
             engine=engine,
             scheduler=scheduler,
             refresher=Refresher(engine, scheduler, retry=retry or RetryPolicy()),
+            clock=clock,
         )
-        ctx["heartbeat"] = asyncio.create_task(_heartbeat(store), name="consent-flow-heartbeat")
-        log.info("worker_started", queue=settings.queue_name, key_ids=list(ring.key_ids))
+        ctx["heartbeat"] = asyncio.create_task(
+            _heartbeat(store, clock), name="consent-flow-heartbeat"
+        )
+        log.info(
+            "worker_started",
+            queue=settings.queue_name,
+            key_ids=list(ring.key_ids),
+            clock_offset_s=round(clock.offset, 3),
+        )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         heartbeat: asyncio.Task[None] | None = ctx.get("heartbeat")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from consent_flow._clock import RedisClock
 from consent_flow._engine import Engine
 from consent_flow._http import HttpClients
 from consent_flow._jobs import EVENT_MAX_TRIES
@@ -29,3 +30,4 @@ class Services:
     engine: Engine
     scheduler: Scheduler
     refresher: Refresher
+    clock: RedisClock  # Redis's time: every time this worker shares with other processes

@@ -10,6 +10,10 @@ Nothing else about arq changes: the keys, the in-progress marker and its timeout
 the semaphore, the job counter, aborts and the health check are arq's own; burst mode counts
 the jobs a worker claimed (arq's count can stop a burst short).
 
+One clock: what is due is decided by Redis's clock (``TIME`` in the poll script), and cron jobs
+(the sweep, the cleanup) are timed and queued by it too, not by this process's clock: a worker
+whose clock is off by minutes still runs events and refreshes when they fall due.
+
 A worker built outside a running event loop (``consent-flow worker``, ``run()``) runs on uvloop's:
 the same asyncio, with the socket and callback machinery in C (about 6 % less CPU per refresh).
 """
@@ -17,11 +21,16 @@ the same asyncio, with the socket and callback machinery in C (about 6 % less CP
 from __future__ import annotations
 
 import asyncio
+import uuid
+from datetime import datetime, timedelta
 from typing import Any
 
 from arq.constants import in_progress_key_prefix
-from arq.utils import timestamp_ms
+from arq.utils import to_unix_ms
 from arq.worker import Worker
+
+from consent_flow._clock import CLOCK_RESYNC_INTERVAL, RedisClock
+from consent_flow._jobs import JobQueue
 
 try:
     import uvloop
@@ -30,13 +39,15 @@ except ImportError:  # pragma: no cover - no Windows build; asyncio's own loop t
 
 __all__ = ["ConsentWorker"]
 
-# KEYS: the queue. ARGV: now (ms), the in-progress key prefix, in-progress ttl (ms), how many
-# jobs to claim at most, how many due entries to look at at most. Returns job id, score, ... of
-# the jobs this worker now owns, oldest first. The in-progress keys are built here, like arq's
-# own (the project runs on one Redis, not a cluster).
+# KEYS: the queue. ARGV: the in-progress key prefix, in-progress ttl (ms), how many jobs to
+# claim at most, how many due entries to look at at most. Returns job id, score, ... of the jobs
+# this worker now owns, oldest first. Due means due by Redis's clock. The in-progress keys are
+# built here, like arq's own (the project runs on one Redis, not a cluster).
 _CLAIM_DUE = """
-local queue, now, prefix, ttl = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
-local want, look = tonumber(ARGV[4]), tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+local queue, prefix, ttl = KEYS[1], ARGV[1], ARGV[2]
+local want, look = tonumber(ARGV[3]), tonumber(ARGV[4])
 local due = redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'WITHSCORES', 'LIMIT', 0, look)
 local claimed = {}
 for i = 1, #due, 2 do
@@ -66,6 +77,16 @@ class ConsentWorker(Worker):
         super().__init__(*args, **kwargs)
         self._claim_due: Any = None
         self._claimed = 0
+        self._cron_jobs: JobQueue | None = None
+
+    @property
+    def clock(self) -> RedisClock:
+        """Redis's time for this worker: the one ``on_startup`` put in ``ctx["clock"]``, or
+        one of its own."""
+        clock = self.ctx.get("clock")
+        if not isinstance(clock, RedisClock):
+            clock = self.ctx["clock"] = RedisClock(self.pool)
+        return clock
 
     async def _poll_iteration(self) -> None:
         # arq's own loop step, with the poll and the claims as one script.
@@ -96,7 +117,6 @@ class ConsentWorker(Worker):
         claimed = await self._claim_due(
             keys=[self.queue_name],
             args=[
-                timestamp_ms(),
                 in_progress_key_prefix,
                 int(self.in_progress_timeout_s * 1000),
                 free,
@@ -112,3 +132,44 @@ class ConsentWorker(Worker):
             task = self.loop.create_task(self.run_job(job_id, int(float(claimed[i + 1]))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
+
+    async def heart_beat(self) -> None:
+        # arq's, with the cron jobs timed by Redis's clock rather than this process's.
+        clock = self.clock
+        await clock.sync_if_stale(CLOCK_RESYNC_INTERVAL)
+        await self.record_health()
+        now = datetime.fromtimestamp(clock(), tz=self.timezone)
+        await self.run_cron(now, max(self.poll_delay_s, 0.5))
+
+    async def run_cron(self, n: datetime, delay: float, num_windows: int = 2) -> None:
+        """arq's ``run_cron``, queueing through the one-script enqueue: a cron job that falls due
+        now is scored with Redis's clock, so every worker queues the same job (same id) for the
+        same instant, whatever its own clock says."""
+        if self._cron_jobs is None:
+            self._cron_jobs = JobQueue(self.pool, clock=self.clock)
+        jobs = self._cron_jobs
+        cutoff = n + timedelta(seconds=delay * num_windows)
+        queued = []
+        for cron_job in self.cron_jobs:
+            if cron_job.next_run is None:
+                if cron_job.run_at_startup:
+                    cron_job.next_run = n
+                else:
+                    cron_job.calculate_next(n)
+                    continue
+            if cron_job.next_run < cutoff:
+                run_at = to_unix_ms(cron_job.next_run)
+                job_id = cron_job.job_id or (
+                    f"{cron_job.name}:{run_at}" if cron_job.unique else uuid.uuid4().hex
+                )
+                job = jobs.job(
+                    cron_job.name,
+                    (),
+                    job_id=job_id,
+                    queue=self.queue_name,
+                    run_at_ms=run_at if cron_job.next_run > n else None,
+                )
+                queued.append(jobs.put(job))
+                cron_job.calculate_next(cron_job.next_run)
+        if queued:
+            await asyncio.gather(*queued)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import structlog
@@ -126,7 +125,7 @@ async def cleanup(ctx: dict[str, Any]) -> None:
     services: Services = ctx["services"]
     settings = services.settings
     store = services.store
-    now = time.time()
+    now = services.clock()
     expired = 0
     candidates = await store.users_before(State.PENDING, now - settings.session_ttl, limit=500)
     for user in candidates:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -123,3 +125,28 @@ def test_make_test_takes_the_chromium_the_variable_names(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""
 
+
+# --- the Node.js requirement -------------------------------------------------------------------
+
+# Node's LTS lines by codename, which is what oidc-provider's runtime check compares.
+LTS_CODENAMES = {"Hydrogen": 18, "Iron": 20, "Jod": 22, "Krypton": 24}
+
+
+def test_the_documented_node_requirement_is_oidc_providers():
+    provider = ROOT / "examples" / "provider"
+    check = (provider / "node_modules" / "oidc-provider" / "lib" / "index.js").read_text()
+    codename = re.search(r"const minimal = '(\w+)';", check)
+    assert codename, "oidc-provider no longer checks the runtime this way: look again"
+    supported = LTS_CODENAMES[codename.group(1)]
+    engines = json.loads((provider / "package.json").read_text())["engines"]["node"]
+    oldest = re.fullmatch(r">=(\d+\.\d+)", engines)
+    assert oldest, engines
+
+    readme = (ROOT / "README.md").read_text()
+    assert f"Node.js {supported} LTS or later and GNU make" in readme
+    assert f"**Node.js**: {oldest.group(1)}+ still runs the local provider" in readme
+    assert f"Use Node.js v{supported}.x LTS" in readme  # the warning it prints below that
+    assert (
+        f"Node.js {supported} LTS or later ({oldest.group(1)}+ still runs"
+        in (provider / "local_provider.py").read_text()
+    )

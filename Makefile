@@ -35,9 +35,12 @@ $(MCP1_STAMP): pyproject.toml
 	touch $@
 
 $(BIN)/python:
-	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
-	  echo "consent-flow needs Python 3.11 or later: run make PYTHON=python3.11 (or newer)" >&2; \
-	  exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(10 if sys.version_info < (3, 11) else 0)' 2>/dev/null; \
+	case $$? in \
+	  0) ;; \
+	  10) echo "consent-flow needs Python 3.11 or later, $(PYTHON) is older: make PYTHON=python3.12 (say)" >&2; exit 1;; \
+	  *) echo "cannot run $(PYTHON): install Python 3.11 or later, or name it: make PYTHON=/path/to/python3" >&2; exit 1;; \
+	esac
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 

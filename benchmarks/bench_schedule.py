@@ -1000,9 +1000,8 @@ def memory_report(
         "memory_stats_keyspace_overhead_per_user": round(tables / users, 1),
         "tok_bytes": len(r.get(keys.sealed(sample[0], "tok")) or b""),
         "rec_encoding": encodings["rec"],
-        "hash_max_listpack_value": int(
-            r.config_get("hash-max-listpack-value")["hash-max-listpack-value"]
-        ),
+        # Redis 7 calls it hash-max-listpack-value (ziplist is its alias); 6.2 only ziplist.
+        "hash_max_listpack_value": int(next(iter(r.config_get("hash-max-*-value").values()))),
         "ideas": memory_ideas(r, keys, ring, sample[0], min(SCRATCH_USERS, max(200, users // 10))),
         "aged": aged_users(r, keys, sample[0], per_user_total),
         "breakdown_seconds": round(t_breakdown, 1),

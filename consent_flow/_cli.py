@@ -25,7 +25,7 @@ from ._logging import configure_logging
 from ._machine import State, mermaid
 from ._metrics import read_snapshot
 from ._model import HistoryEntry, check_user, iso
-from ._redis import embedded_redis
+from ._redis import embedded_redis, embedded_redis_stopped
 from ._settings import Settings
 from ._vault import generate_key
 
@@ -193,13 +193,30 @@ async def _up(settings: Settings, redis_url: str) -> None:
     worker = ConsentWorker(**options)
     server = _uvicorn_server(settings, redis_url)
     worker_task = asyncio.create_task(worker.main())
+
+    async def stop_when_redis_stops() -> None:
+        # Nothing restarts an embedded Redis that died: exit and say so, rather than serve on
+        # with every request failing.
+        await embedded_redis_stopped(settings.data_dir)
+        server.should_exit = True
+
+    watch = None if settings.redis_url else asyncio.create_task(stop_when_redis_stops())
     try:
         await server.serve()
     finally:
-        worker_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await worker_task
-        await worker.close()
+        redis_lost = watch is not None and watch.done() and not watch.cancelled()
+        for task in (worker_task, watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if not redis_lost:
+            await worker.close()  # its last words go to Redis; a lost one would only retry
+    if redis_lost:
+        raise ConsentError(
+            f"the embedded Redis ({redis_url}) stopped while `up` was running "
+            f"(see {settings.data_dir / 'redis.log'}); `up` stops too: start it again"
+        )
 
 
 def _terminate_like_interrupt() -> None:

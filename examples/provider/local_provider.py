@@ -60,6 +60,9 @@ DEFAULT_CLIENT: dict[str, Any] = {
 }
 
 _NPM_CI_HINT = "run: npm ci --prefix examples/provider"
+# oidc-provider 9 supports the current LTS lines and warns "Unsupported runtime" on anything
+# older; Node 20.18 is the oldest it still runs on (package.json's engines).
+NODE_REQUIREMENT = "Node.js 22 LTS or later (20.18+ still runs, with oidc-provider's warning)"
 # Variables server.mjs reads: never inherit them from the caller's environment by accident.
 _SERVER_ENV = (
     "PORT",
@@ -102,7 +105,7 @@ def npm_ci(*, force: bool = False, timeout: float = 300.0) -> None:
         return
     npm = shutil.which("npm")
     if npm is None:
-        raise RuntimeError("npm not found on PATH: install Node.js >= 20.18 (with npm)")
+        raise RuntimeError(f"npm not found on PATH: install {NODE_REQUIREMENT}, with npm")
     command = [npm, "ci", "--prefix", str(PROVIDER_DIR), "--no-audit", "--no-fund"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     if result.returncode != 0:
@@ -185,7 +188,7 @@ class LocalProvider:
         node = shutil.which("node")
         if node is None:
             raise RuntimeError(
-                f"node not found on PATH: install Node.js >= 20.18, then {_NPM_CI_HINT}"
+                f"node not found on PATH: install {NODE_REQUIREMENT}, then {_NPM_CI_HINT}"
             )
         if not node_modules_ready():
             raise RuntimeError(

@@ -157,6 +157,11 @@ class Keys:
     def refresh_lead(self) -> str:
         return f"{self.prefix}:metrics:lead"
 
+    @property
+    def webhook_counts(self) -> str:
+        """Webhook deliveries by outcome (delivered, retried, dead)."""
+        return f"{self.prefix}:metrics:webhooks"
+
     def hourly(self, hour: int) -> str:
         return f"{self.prefix}:metrics:hour:{hour}"
 

@@ -107,18 +107,12 @@ class NoticeKind(enum.StrEnum):
         return f"connection.{self.value}"
 
 
-def notice_kind(
-    event: Event, source: State, dest: State, *, upgrade: bool = False
-) -> NoticeKind | None:
+def notice_kind(event: Event, source: State, dest: State) -> NoticeKind | None:
     """The notice a committed transition makes, or None for one an integrator need not hear of
-    (sessions opened or dropped, refreshes, no-ops). ``upgrade``: an authorization that added
-    scopes to a grant already provisioned."""
+    (sessions opened or dropped, refreshes, no-ops). An authorization completed on a grant
+    already provisioned is an upgrade: it added scopes."""
     if event is Event.AUTHORIZATION_COMPLETED and dest is State.PROVISIONED:
-        return (
-            NoticeKind.UPGRADED
-            if upgrade or source is State.PROVISIONED
-            else NoticeKind.PROVISIONED
-        )
+        return NoticeKind.UPGRADED if source is State.PROVISIONED else NoticeKind.PROVISIONED
     if source is dest:
         return None
     if event is Event.REFRESH_REJECTED and dest is State.REVOKED:

@@ -154,22 +154,22 @@ def test_backoff_doubles_with_jitter_and_honours_retry_after_within_the_cap():
 
 
 @pytest.mark.parametrize(
-    ("event", "source", "dest", "upgrade", "kind"),
+    ("event", "source", "dest", "kind"),
     [
-        (Event.AUTHORIZATION_COMPLETED, State.PENDING, State.PROVISIONED, False, "provisioned"),
-        (Event.AUTHORIZATION_COMPLETED, State.PROVISIONED, State.PROVISIONED, True, "upgraded"),
-        (Event.REVOKE_REQUESTED, State.PROVISIONED, State.REVOKED, False, "revoked"),
-        (Event.REVOKE_REQUESTED, State.PENDING, State.REVOKED, False, "revoked"),
-        (Event.REVOKE_REQUESTED, State.REVOKED, State.REVOKED, False, None),
-        (Event.REFRESH_REJECTED, State.PROVISIONED, State.REVOKED, False, "refresh_rejected"),
-        (Event.PROVISION_REQUESTED, State.UNPROVISIONED, State.PENDING, False, None),
-        (Event.AUTHORIZATION_FAILED, State.PENDING, State.UNPROVISIONED, False, None),
-        (Event.SESSION_EXPIRED, State.PENDING, State.UNPROVISIONED, False, None),
-        (Event.TOKEN_REFRESHED, State.PROVISIONED, State.PROVISIONED, False, None),
+        (Event.AUTHORIZATION_COMPLETED, State.PENDING, State.PROVISIONED, "provisioned"),
+        (Event.AUTHORIZATION_COMPLETED, State.PROVISIONED, State.PROVISIONED, "upgraded"),
+        (Event.REVOKE_REQUESTED, State.PROVISIONED, State.REVOKED, "revoked"),
+        (Event.REVOKE_REQUESTED, State.PENDING, State.REVOKED, "revoked"),
+        (Event.REVOKE_REQUESTED, State.REVOKED, State.REVOKED, None),
+        (Event.REFRESH_REJECTED, State.PROVISIONED, State.REVOKED, "refresh_rejected"),
+        (Event.PROVISION_REQUESTED, State.UNPROVISIONED, State.PENDING, None),
+        (Event.AUTHORIZATION_FAILED, State.PENDING, State.UNPROVISIONED, None),
+        (Event.SESSION_EXPIRED, State.PENDING, State.UNPROVISIONED, None),
+        (Event.TOKEN_REFRESHED, State.PROVISIONED, State.PROVISIONED, None),
     ],
 )
-def test_which_transitions_make_a_notice(event, source, dest, upgrade, kind):
-    found = notice_kind(event, source, dest, upgrade=upgrade)
+def test_which_transitions_make_a_notice(event, source, dest, kind):
+    found = notice_kind(event, source, dest)
     assert (found.value if found else None) == kind
 
 
@@ -481,3 +481,15 @@ async def test_queue_notice_without_a_webhook_url_queues_nothing(settings: Setti
     n = notice()
     assert not await queue_notice(JobQueue(stack.client.pool), stack.settings, n)
     assert not await stack.client.pool.exists(f"arq:job:wh:{stack.settings.redis_prefix}:{n.id}")
+
+
+def test_a_webhook_attempt_always_ends_before_arqs_job_timeout():
+    from workers import worker_settings
+
+    options = worker_settings(Settings(), "redis://127.0.0.1:1/0", job_timeout=5)
+    deliver = next(f for f in options["functions"] if f.name == "deliver_webhook")
+    assert deliver.max_tries == WebhookRetry().max_attempts + 1
+    with pytest.raises(ValueError, match="shorter than job_timeout"):
+        worker_settings(
+            Settings(), "redis://127.0.0.1:1/0", job_timeout=5, webhook_retry=WebhookRetry()
+        )

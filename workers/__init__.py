@@ -31,7 +31,13 @@ from consent_flow._schedule import REFRESH_JOB, Scheduler
 from consent_flow._settings import Settings
 from consent_flow._store import RedisStore
 from consent_flow._vault import KeyRing
-from consent_flow._webhooks import WEBHOOK_DEDUP_WINDOW, WEBHOOK_JOB, WebhookRetry, WebhookSender
+from consent_flow._webhooks import (
+    WEBHOOK_ATTEMPT_DEADLINE,
+    WEBHOOK_DEDUP_WINDOW,
+    WEBHOOK_JOB,
+    WebhookRetry,
+    WebhookSender,
+)
 
 from ._context import EVENT_MAX_TRIES, Services
 from ._worker import ConsentWorker
@@ -93,11 +99,14 @@ def worker_settings(
     ``sweep_every`` and ``cleanup_every`` are seconds and must divide 60 (arq's cron fields).
     A job whose worker died is run again ``job_timeout`` + 10 s later.
     """
-    webhook_retry = webhook_retry or WebhookRetry()
+    # A webhook attempt must end before arq's job timeout: arq would fail the job for good, and
+    # the notice would be lost uncounted.
+    webhook_retry = webhook_retry or WebhookRetry(
+        deadline=min(WEBHOOK_ATTEMPT_DEADLINE, job_timeout / 2)
+    )
     if 60 % sweep_every or 60 % cleanup_every:
         raise ValueError("sweep_every and cleanup_every must divide 60")
     if webhook_retry.deadline >= job_timeout:
-        # arq would cancel the attempt as a failed job, and the notice would be lost uncounted.
         raise ValueError("webhook_retry.deadline must be shorter than job_timeout")
     if job_timeout > JOB_TIMEOUT:
         # The store remembers event ids for a window derived from JOB_TIMEOUT: a longer job

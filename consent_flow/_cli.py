@@ -141,6 +141,7 @@ def _stats_text(data: dict[str, Any]) -> str:
         "workers_alive",
         "refreshes_paused",
         "revocations_abandoned",
+        "webhooks_dead",
     ):
         lines.append(f"{name.replace('_', ' ')}: {data[name] if data[name] is not None else '-'}")
     if data["clock_skew"] is not None:

@@ -125,6 +125,15 @@ class Snapshot:
     clock_offsets: dict[str, float] = field(default_factory=dict)
     """Live workers' clock offsets from Redis's time, in seconds (positive: behind)."""
 
+    webhook_outcomes: dict[str, int] = field(default_factory=dict)
+    """Webhook deliveries by outcome: delivered, retried (an attempt that failed and will be
+    tried again), dead (given up after the last attempt, or refused with 410 Gone)."""
+
+    @property
+    def webhooks_dead(self) -> int:
+        """Webhook notices given up: the dead-letter count."""
+        return self.webhook_outcomes.get("dead", 0)
+
     @property
     def clock_skew(self) -> tuple[str, float] | None:
         """The live worker whose clock is furthest from Redis's, and its offset."""
@@ -147,6 +156,7 @@ class Snapshot:
             "workers_alive": self.workers_alive,
             "refreshes_paused": self.refreshes_paused,
             "revocations_abandoned": self.revocations_abandoned,
+            "webhooks_dead": self.webhooks_dead,
             "clock_skew": None if skew is None else round(skew[1], 3),
             "clock_skew_worker": None if skew is None else skew[0],
             "clock_skew_problem": None
@@ -174,6 +184,7 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
         pipe.hgetall(keys.revocation_counts)
         pipe.zrangebyscore(keys.workers, now - HEARTBEAT_STALE, "+inf")
         pipe.hgetall(keys.worker_clocks)
+        pipe.hgetall(keys.webhook_counts)
         values = await pipe.execute()
     states = {state.value: int(values[i]) for i, state in enumerate(State)}
     rest = values[len(State) :]
@@ -192,6 +203,7 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
         revocations,
         live,
         clocks,
+        webhooks,
     ) = rest[25:]
     lead_text = {_text(k): _text(v) for k, v in lead.items()}
     return Snapshot(
@@ -212,4 +224,5 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
         lead_sum=float(lead_text.get("sum", 0.0)),
         revocation_outcomes={_text(k): int(v) for k, v in revocations.items()},
         clock_offsets=_live_offsets(live, clocks),
+        webhook_outcomes={_text(k): int(v) for k, v in webhooks.items()},
     )

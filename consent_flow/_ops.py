@@ -273,6 +273,18 @@ class SnapshotCollector(Collector):
             revocations.add_metric([outcome], n)
         yield revocations
 
+        webhooks = CounterMetricFamily(
+            "consent_flow_webhook_deliveries",
+            "Webhook delivery attempts by outcome: delivered, retried (failed, tried again "
+            "later), dead (a notice given up: the dead-letter count).",
+            labels=["outcome"],
+        )
+        webhook_counts = dict.fromkeys(("delivered", "retried", "dead"), 0)
+        webhook_counts.update(s.webhook_outcomes)
+        for outcome, n in webhook_counts.items():
+            webhooks.add_metric([outcome], n)
+        yield webhooks
+
         yield _gauge(
             "refresh_rejections_24h",
             "Refreshes the provider rejected (invalid_grant) in the last 24 hours.",
@@ -464,6 +476,7 @@ def _figures(snapshot: Snapshot) -> str:
             "Provider revocations given up",
             str(snapshot.revocations_abandoned),
         ),
+        ("webhooks-dead", "Webhook notices given up", str(snapshot.webhooks_dead)),
         ("queue-depth", "Queue depth", str(snapshot.queue_depth)),
         ("deferred-jobs", "Deferred jobs", str(snapshot.deferred_jobs)),
         (

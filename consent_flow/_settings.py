@@ -28,6 +28,10 @@ MAX_EVENT_TIMEOUT = 3600.0  # the longest an event may wait for a worker before 
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_HTTP_TIMEOUT = 10.0  # seconds for one call to the provider
 MAX_SCOPES_LENGTH = 2000
+# A refresh_failing webhook goes out at this many consecutive transient refresh failures (with
+# the default backoff, two to four minutes of failing), refresh_recovered after a run that long.
+DEFAULT_WEBHOOK_FAILING_AFTER = 8
+MAX_WEBHOOK_FAILING_AFTER = 1000
 
 AuthMethod = Literal["client_secret_basic", "client_secret_post"]
 LogFormat = Literal["json", "console"]
@@ -107,6 +111,9 @@ class Settings:
     data_dir: Path = field(default_factory=lambda: _default_data_dir(os.environ))
     redis_prefix: str = "cf"
     queue_name: str = "consent-flow:queue"
+    webhook_url: str | None = None
+    webhook_secret: Secret = field(default_factory=lambda: Secret(""))
+    webhook_failing_after: int = DEFAULT_WEBHOOK_FAILING_AFTER
 
     @classmethod
     def from_env(
@@ -130,7 +137,7 @@ class Settings:
             value = value.strip()
             return value or None
 
-        def integer(name: str, default: int, *, minimum: int = 0) -> int:
+        def integer(name: str, default: int, *, minimum: int = 0, unit: str = "seconds") -> int:
             raw = get(name)
             if raw is None:
                 return default
@@ -138,7 +145,7 @@ class Settings:
                 value = int(raw)
             except ValueError:
                 raise SettingsError(
-                    name, f"must be a whole number of seconds, not {raw!r}"
+                    name, f"must be a whole number of {unit}, not {raw!r}"
                 ) from None
             if value < minimum:
                 raise SettingsError(name, f"must be at least {minimum}")
@@ -249,6 +256,35 @@ class Settings:
             if not 0.1 <= http_timeout <= 120:
                 raise SettingsError("CONSENT_HTTP_TIMEOUT", "must be between 0.1 and 120 seconds")
 
+        webhook_url = get("CONSENT_WEBHOOK_URL")
+        if webhook_url is not None:
+            webhook_url = url("CONSENT_WEBHOOK_URL", webhook_url)
+        webhook_secret = get("CONSENT_WEBHOOK_SECRET")
+        if webhook_secret is not None:
+            from ._webhooks import parse_secret  # local: the webhooks module owns the format
+
+            try:
+                parse_secret(webhook_secret)
+            except ValueError as exc:
+                raise SettingsError("CONSENT_WEBHOOK_SECRET", str(exc)) from None
+        elif webhook_url is not None:
+            raise SettingsError(
+                "CONSENT_WEBHOOK_SECRET",
+                "is required when CONSENT_WEBHOOK_URL is set (whsec_ and 24 to 64 random bytes "
+                'in base64, e.g. from: python -c "import base64, os; '
+                "print('whsec_' + base64.b64encode(os.urandom(32)).decode())\")",
+            )
+        failing_after = integer(
+            "CONSENT_WEBHOOK_FAILING_AFTER",
+            DEFAULT_WEBHOOK_FAILING_AFTER,
+            minimum=1,
+            unit="failures",
+        )
+        if failing_after > MAX_WEBHOOK_FAILING_AFTER:
+            raise SettingsError(
+                "CONSENT_WEBHOOK_FAILING_AFTER", f"must be at most {MAX_WEBHOOK_FAILING_AFTER}"
+            )
+
         settings = cls(
             redis_url=redis_url,
             issuer=issuer,
@@ -276,6 +312,9 @@ class Settings:
             data_dir=Path(get("CONSENT_DATA_DIR") or _default_data_dir(env)),
             redis_prefix=get("CONSENT_REDIS_PREFIX") or "cf",
             queue_name=get("CONSENT_QUEUE_NAME") or "consent-flow:queue",
+            webhook_url=webhook_url,
+            webhook_secret=Secret(webhook_secret or ""),
+            webhook_failing_after=failing_after,
         )
         if require_provider:
             settings.check_provider()

@@ -18,7 +18,8 @@ Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``; every key of one user shares t
     cf:outbox           zset   users with tokens still to revoke at the provider, by next try
     cf:metrics:*        hash   counters for /metrics and stats (transitions, refresh outcomes,
                                refresh lead time buckets, per-hour failures and rejections,
-                               provider revocations by outcome)
+                               provider revocations by outcome, webhook deliveries by
+                               outcome: delivered, retried, dead)
     cf:workers          zset   worker ids by last heartbeat (Redis's time)
     cf:workers:clock    hash   worker id -> its clock's offset from Redis's time, in seconds
     cf:invalidate       pubsub user ids whose cached tokens must be dropped (published by commits)
@@ -156,6 +157,11 @@ class Keys:
     @property
     def refresh_lead(self) -> str:
         return f"{self.prefix}:metrics:lead"
+
+    @property
+    def webhook_counts(self) -> str:
+        """Webhook deliveries by outcome (delivered, retried, dead)."""
+        return f"{self.prefix}:metrics:webhooks"
 
     def hourly(self, hour: int) -> str:
         return f"{self.prefix}:metrics:hour:{hour}"

@@ -54,10 +54,21 @@ def test_diagram_is_the_engines_table():
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("CONSENT_ISSUER", ""), ("CONSENT_ENCRYPTION_KEYS", "nope"), ("CONSENT_HTTP_PORT", "x")],
+    [
+        ("CONSENT_ISSUER", ""),
+        ("CONSENT_ENCRYPTION_KEYS", "nope"),
+        ("CONSENT_HTTP_PORT", "x"),
+        ("CONSENT_WEBHOOK_URL", "http://hooks.example.com/consent"),  # clear text off loopback
+        ("CONSENT_WEBHOOK_SECRET", ""),  # missing while the URL is set
+        ("CONSENT_WEBHOOK_SECRET", "whsec_not-base64!"),
+    ],
 )
 def test_bad_settings_exit_2_naming_the_variable(env, variable, value):
-    broken = {**os.environ, **env, variable: value}
+    webhook = {
+        "CONSENT_WEBHOOK_URL": "https://hooks.example.com/consent",
+        "CONSENT_WEBHOOK_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    }
+    broken = {**os.environ, **env, **(webhook if "WEBHOOK" in variable else {}), variable: value}
     out = run(broken, "worker", timeout=20)
     assert out.returncode == 2
     assert variable in out.stderr

@@ -145,3 +145,58 @@ def test_loopback_listeners_need_no_ops_token():
     for host in ("127.0.0.1", "::1", "localhost"):
         Settings.from_env({**BASE, "CONSENT_HTTP_HOST": host}).check_listen_address()
     Settings.from_env(BASE).check_listen_address()  # the default: 127.0.0.1
+
+
+WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # the Standard Webhooks example
+
+
+@pytest.mark.parametrize(
+    ("changes", "variable"),
+    [
+        ({"CONSENT_WEBHOOK_URL": "http://hooks.example.com/consent"}, "CONSENT_WEBHOOK_URL"),
+        ({"CONSENT_WEBHOOK_URL": "ftp://hooks.example.com/"}, "CONSENT_WEBHOOK_URL"),
+        ({"CONSENT_WEBHOOK_URL": "https://hooks.example.com/"}, "CONSENT_WEBHOOK_SECRET"),
+        (
+            {
+                "CONSENT_WEBHOOK_URL": "https://hooks.example.com/",
+                "CONSENT_WEBHOOK_SECRET": "x" * 40,
+            },
+            "CONSENT_WEBHOOK_SECRET",
+        ),
+        ({"CONSENT_WEBHOOK_SECRET": "whsec_short"}, "CONSENT_WEBHOOK_SECRET"),
+        ({"CONSENT_WEBHOOK_FAILING_AFTER": "0"}, "CONSENT_WEBHOOK_FAILING_AFTER"),
+        ({"CONSENT_WEBHOOK_FAILING_AFTER": "many"}, "CONSENT_WEBHOOK_FAILING_AFTER"),
+        ({"CONSENT_WEBHOOK_FAILING_AFTER": "1001"}, "CONSENT_WEBHOOK_FAILING_AFTER"),
+    ],
+)
+def test_bad_webhook_settings_name_their_variable(changes, variable):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({**BASE, **changes})
+    assert info.value.variable == variable
+    secret = changes.get("CONSENT_WEBHOOK_SECRET")
+    if secret:
+        assert secret not in str(info.value)
+
+
+def test_webhook_settings():
+    s = Settings.from_env(BASE)
+    assert (s.webhook_url, s.webhook_secret.reveal(), s.webhook_failing_after) == (None, "", 8)
+    for url, extra in [
+        ("https://hooks.example.com/consent?via=cf", {}),
+        ("http://127.0.0.1:9000/hooks", {}),
+        ("http://hooks.localhost/hooks", {}),
+        ("http://hooks.test.internal/hooks", {"CONSENT_ALLOW_INSECURE_HTTP": "1"}),
+    ]:
+        s = Settings.from_env(
+            {
+                **BASE,
+                **extra,
+                "CONSENT_WEBHOOK_URL": url,
+                "CONSENT_WEBHOOK_SECRET": WEBHOOK_SECRET,
+                "CONSENT_WEBHOOK_FAILING_AFTER": "3",
+            }
+        )
+        assert s.webhook_url == url
+        assert s.webhook_secret.reveal() == WEBHOOK_SECRET
+        assert WEBHOOK_SECRET not in repr(s)
+        assert s.webhook_failing_after == 3

@@ -31,10 +31,17 @@ from consent_flow._schedule import REFRESH_JOB, Scheduler
 from consent_flow._settings import Settings
 from consent_flow._store import RedisStore
 from consent_flow._vault import KeyRing
+from consent_flow._webhooks import (
+    WEBHOOK_ATTEMPT_DEADLINE,
+    WEBHOOK_DEDUP_WINDOW,
+    WEBHOOK_JOB,
+    WebhookRetry,
+    WebhookSender,
+)
 
 from ._context import EVENT_MAX_TRIES, Services
 from ._worker import ConsentWorker
-from .jobs import cleanup, handle_event, refresh_tokens, sweep
+from .jobs import cleanup, deliver_webhook, handle_event, refresh_tokens, sweep
 
 __all__ = ["ConsentWorker", "check_key_ring", "worker_settings"]
 
@@ -85,14 +92,22 @@ def worker_settings(
     sweep_every: int = SWEEP_EVERY,
     cleanup_every: int = CLEANUP_EVERY,
     retry: RetryPolicy | None = None,
+    webhook_retry: WebhookRetry | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``arq.Worker``, wired to one ``Settings`` object.
 
     ``sweep_every`` and ``cleanup_every`` are seconds and must divide 60 (arq's cron fields).
     A job whose worker died is run again ``job_timeout`` + 10 s later.
     """
+    # A webhook attempt must end before arq's job timeout: arq would fail the job for good, and
+    # the notice would be lost uncounted.
+    webhook_retry = webhook_retry or WebhookRetry(
+        deadline=min(WEBHOOK_ATTEMPT_DEADLINE, job_timeout / 2)
+    )
     if 60 % sweep_every or 60 % cleanup_every:
         raise ValueError("sweep_every and cleanup_every must divide 60")
+    if webhook_retry.deadline >= job_timeout:
+        raise ValueError("webhook_retry.deadline must be shorter than job_timeout")
     if job_timeout > JOB_TIMEOUT:
         # The store remembers event ids for a window derived from JOB_TIMEOUT: a longer job
         # could be redelivered after its id was forgotten and apply twice.
@@ -138,6 +153,11 @@ def worker_settings(
             scheduler=scheduler,
             refresher=Refresher(engine, scheduler, retry=retry or RetryPolicy()),
             clock=clock,
+            webhooks=WebhookSender(
+                settings, ctx["redis"], store.keys, retry=webhook_retry, clock=clock
+            )
+            if settings.webhook_url
+            else None,
         )
         ctx["heartbeat"] = asyncio.create_task(
             _heartbeat(store, clock), name="consent-flow-heartbeat"
@@ -158,6 +178,8 @@ def worker_settings(
         services: Services | None = ctx.get("services")
         if services is not None:
             await services.http.aclose()
+            if services.webhooks is not None:
+                await services.webhooks.aclose()
 
     return {
         "functions": [
@@ -173,6 +195,15 @@ def worker_settings(
                 name=REFRESH_JOB,
                 keep_result=0,
                 max_tries=REFRESH_MAX_TRIES,
+                timeout=job_timeout,
+            ),
+            # One try more than attempts: a worker that died in the last attempt still counts
+            # the notice as a dead letter on the next.
+            func(
+                deliver_webhook,
+                name=WEBHOOK_JOB,
+                keep_result=WEBHOOK_DEDUP_WINDOW,
+                max_tries=webhook_retry.max_attempts + 1,
                 timeout=job_timeout,
             ),
         ],

@@ -15,6 +15,7 @@ from consent_flow._schedule import Scheduler
 from consent_flow._settings import Settings
 from consent_flow._store import RedisStore
 from consent_flow._vault import KeyRing
+from consent_flow._webhooks import WebhookSender
 
 __all__ = ["EVENT_MAX_TRIES", "Services"]
 
@@ -31,3 +32,4 @@ class Services:
     scheduler: Scheduler
     refresher: Refresher
     clock: RedisClock  # Redis's time: every time this worker shares with other processes
+    webhooks: WebhookSender | None = None  # None: CONSENT_WEBHOOK_URL is not set

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import structlog
+from arq import Retry
 
 from consent_flow._errors import ConsentError
 from consent_flow._machine import Event, State
 from consent_flow._model import ConsentRecord, ProviderRevocation, iso
 from consent_flow._queue import Envelope, Outcome, new_id
+from consent_flow._webhooks import Notice
 
 from ._context import EVENT_MAX_TRIES, Services
 
@@ -143,3 +146,28 @@ async def cleanup(ctx: dict[str, Any]) -> None:
         log.info(
             "cleanup", sessions_expired=expired, revocations_sent=revoked, history_trimmed=trimmed
         )
+
+
+async def deliver_webhook(ctx: dict[str, Any], data: dict[str, Any]) -> None:
+    """One attempt to deliver a webhook notice; a failed one is tried again later by arq, under
+    the same job id (the notice's), until the sender gives it up as a dead letter."""
+    services: Services = ctx["services"]
+    notice = Notice.from_job(data)
+    if services.webhooks is None:
+        log.warning("webhook_dropped", notice_id=notice.id, why="CONSENT_WEBHOOK_URL is not set")
+        return
+    structlog.contextvars.bind_contextvars(
+        user=notice.user, notice_id=notice.id, job_try=ctx.get("job_try")
+    )
+    attempt = int(ctx.get("job_try") or 1)
+    try:
+        delay = await services.webhooks.attempt(notice, attempt)
+    except Exception as exc:
+        # Redis away or a bug: tried again later like a failed attempt, never silently lost.
+        log.exception("webhook_failed", error=type(exc).__name__)
+        delay = services.webhooks.retry.delay(attempt)
+    finally:
+        structlog.contextvars.clear_contextvars()
+    if delay is not None:
+        # arq schedules the retry by this process's clock: the offset makes it Redis's.
+        raise Retry(defer=max(0.001, delay + services.clock() - time.time()))

@@ -19,6 +19,7 @@ __all__ = [
     "HEARTBEAT_INTERVAL",
     "LEAD_BUCKETS",
     "REFRESH_OUTCOMES",
+    "WORKER_EVENTS",
     "MetricsRecorder",
     "Snapshot",
     "read_snapshot",
@@ -27,6 +28,9 @@ __all__ = [
 # Upper bounds, in seconds, of the refresh lead-time histogram's buckets.
 LEAD_BUCKETS = (0.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, 86400.0, math.inf)
 REFRESH_OUTCOMES = ("success", "transient_failure", "rejected", "client_rejected")
+# What workers count about Redis itself: outages ridden out (and their seconds), refreshes whose
+# commit waited for Redis and landed, refreshes committed from the spool at a worker's start.
+WORKER_EVENTS = ("redis_outages", "redis_outage_seconds", "commits_deferred", "spool_replayed")
 HOURLY_TTL = 26 * 3600  # per-hour buckets outlive the 24-hour window they serve
 HEARTBEAT_INTERVAL = 5.0  # seconds between a worker's heartbeats
 HEARTBEAT_STALE = 3 * HEARTBEAT_INTERVAL  # a worker silent this long is not counted as live
@@ -69,6 +73,15 @@ class MetricsRecorder:
                 pipe.expire(self.keys.hourly(hour), HOURLY_TTL)
             await pipe.execute()
 
+    async def redis_outage(self, seconds: float) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(self.keys.worker_counts, "redis_outages", 1)
+            pipe.hincrbyfloat(self.keys.worker_counts, "redis_outage_seconds", seconds)
+            await pipe.execute()
+
+    async def worker_event(self, name: str) -> None:
+        await self.redis.hincrby(self.keys.worker_counts, name, 1)
+
     async def heartbeat(self, worker_id: str) -> None:
         now = time.time()
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -97,6 +110,7 @@ class Snapshot:
     refresh_outcomes: dict[str, int]
     lead_buckets: dict[str, int]
     lead_sum: float
+    worker_events: dict[str, float]
 
     def public(self) -> dict[str, Any]:
         return {
@@ -127,6 +141,7 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
         pipe.hgetall(keys.transition_counts)
         pipe.hgetall(keys.refresh_counts)
         pipe.hgetall(keys.refresh_lead)
+        pipe.hgetall(keys.worker_counts)
         values = await pipe.execute()
     states = {state.value: int(values[i]) for i, state in enumerate(State)}
     rest = values[len(State) :]
@@ -134,7 +149,7 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
     hourly = rest[1:25]
     failures = sum(int(h.get(b"transient_failure", h.get("transient_failure", 0))) for h in hourly)
     rejections = sum(int(h.get(b"rejected", h.get("rejected", 0))) for h in hourly)
-    queue_depth, deferred, alive, halt, transitions, outcomes, lead = rest[25:]
+    queue_depth, deferred, alive, halt, transitions, outcomes, lead, worker = rest[25:]
     lead_text = {_text(k): _text(v) for k, v in lead.items()}
     return Snapshot(
         states=states,
@@ -152,4 +167,8 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
         refresh_outcomes={_text(k): int(v) for k, v in outcomes.items()},
         lead_buckets={k: int(v) for k, v in lead_text.items() if k != "sum"},
         lead_sum=float(lead_text.get("sum", 0.0)),
+        worker_events={
+            **dict.fromkeys(WORKER_EVENTS, 0.0),
+            **{_text(k): float(v) for k, v in worker.items()},
+        },
     )

@@ -16,7 +16,8 @@ Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``; every key of one user shares t
     cf:histidx          zset   users by the time of their oldest history entry (retention)
     cf:outbox           zset   users with tokens still to revoke at the provider, by next try
     cf:metrics:*        hash   counters for /metrics and stats (transitions, refresh outcomes,
-                               refresh lead time buckets, per-hour failures and rejections)
+                               refresh lead time buckets, per-hour failures and rejections,
+                               Redis outages the workers rode out, deferred commits)
     cf:workers          zset   worker ids by last heartbeat
     cf:invalidate       pubsub user ids whose cached tokens must be dropped (published by commits)
     cf:halt             hash   refreshes paused for everyone: invalid_client (reason, since)
@@ -125,6 +126,10 @@ class Keys:
     @property
     def refresh_lead(self) -> str:
         return f"{self.prefix}:metrics:lead"
+
+    @property
+    def worker_counts(self) -> str:
+        return f"{self.prefix}:metrics:worker"
 
     def hourly(self, hour: int) -> str:
         return f"{self.prefix}:metrics:hour:{hour}"

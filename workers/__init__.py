@@ -44,6 +44,11 @@ JOB_TIMEOUT = 60  # seconds; longer than a provider round trip with its retries
 SWEEP_EVERY = 5  # seconds between schedule sweeps
 CLEANUP_EVERY = 30  # seconds between cleanup runs
 REFRESH_MAX_TRIES = 5  # arq re-runs a refresh whose worker died; failures reschedule themselves
+# After Redis comes back, refreshes wait this long, so that a worker holding tokens from before
+# the outage (retrying its commit at least every second) stores them before any worker presents
+# the refresh token they replaced.
+RESUME_GRACE = 5.0
+SHUTDOWN_COMMIT_WAIT = 1.0  # seconds a stopping worker gives commits that wait for Redis
 
 
 async def check_key_ring(store: RedisStore, ring: KeyRing) -> None:
@@ -64,12 +69,22 @@ async def _heartbeat(store: RedisStore) -> None:
     """Tell operators this worker is alive (stats: live workers)."""
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     metrics = MetricsRecorder(store.redis, store.keys)
+    failing = False
     while True:
         try:
             await metrics.heartbeat(worker_id)
+            failing = False
         except Exception as exc:  # noqa: BLE001 - a missed beat is not worth a crash
-            log.warning("heartbeat_failed", error=type(exc).__name__)
+            if not failing:  # once per outage: the poll loop logs the outage itself
+                log.warning("heartbeat_failed", error=type(exc).__name__)
+            failing = True
         await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+
+async def _on_redis_back(ctx: dict[str, Any], down: float) -> None:
+    services: Services = ctx["services"]
+    services.refresher.hold(RESUME_GRACE)
+    await services.refresher.metrics.redis_outage(down)
 
 
 def worker_settings(
@@ -110,6 +125,7 @@ def worker_settings(
             ring=ring,
             on_scheduled=scheduler.schedule,
         )
+        refresher = Refresher(engine, scheduler, retry=retry or RetryPolicy())
         ctx["services"] = Services(
             settings=settings,
             store=store,
@@ -119,10 +135,19 @@ def worker_settings(
             ring=ring,
             engine=engine,
             scheduler=scheduler,
-            refresher=Refresher(engine, scheduler, retry=retry or RetryPolicy()),
+            refresher=refresher,
         )
+        # Tokens a worker on this machine obtained and could not store before it died: stored
+        # now, before this worker takes a job that could present the refresh token they replaced.
+        replayed = await refresher.replay()
+        ctx["on_redis_back"] = _on_redis_back
         ctx["heartbeat"] = asyncio.create_task(_heartbeat(store), name="consent-flow-heartbeat")
-        log.info("worker_started", queue=settings.queue_name, key_ids=list(ring.key_ids))
+        log.info(
+            "worker_started",
+            queue=settings.queue_name,
+            key_ids=list(ring.key_ids),
+            spool_replayed=replayed,
+        )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         heartbeat: asyncio.Task[None] | None = ctx.get("heartbeat")
@@ -132,6 +157,7 @@ def worker_settings(
                 await heartbeat
         services: Services | None = ctx.get("services")
         if services is not None:
+            await services.refresher.abandon_pending(SHUTDOWN_COMMIT_WAIT)
             await services.http.aclose()
 
     return {

@@ -1,15 +1,15 @@
-"""A write-ahead spool for refreshed tokens that are not yet committed to Redis.
+"""A spool for refreshed tokens that are not yet committed to Redis.
 
 At a provider that rotates refresh tokens, the answer to a refresh is the only copy of the grant:
-the refresh token it replaced is spent. So before a refresh commits, its new tokens are written
-to a file in the worker's data folder (sealed with the key ring and bound to the user, like
-every token at rest; never in clear), and the file is removed once the commit applied or found
-the grant gone. A worker killed before its commit, or stopped during a Redis outage, finds the
-file when it starts again on the same machine and commits it then.
+the refresh token it replaced is spent. A refresh whose commit is slow (Redis failing over,
+paused, away) writes its new tokens to a file in the worker's data folder (sealed with the key
+ring and bound to the user, like every token at rest; never in clear), removed once the commit
+applied or found the grant gone. A worker killed while the commit waits, or stopped during a
+Redis outage, finds the file when it starts again on the same machine and commits it then.
 
-The write before every commit is not fsync'd: a killed process leaves it in the kernel's page
-cache, which survives. A file whose commit failed (Redis away) is fsync'd with its folder, since
-it may have to wait for minutes and should survive a machine crash too.
+A file written because the commit was slow is not fsync'd: a killed process leaves it in the
+kernel's page cache, which survives. One whose commit failed is fsync'd with its folder, since
+it may wait for minutes and should survive a machine crash too.
 """
 
 from __future__ import annotations
@@ -95,22 +95,24 @@ class TokenSpool:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._ready = False
 
     def path(self, pending: PendingTokens) -> Path:
         user = hashlib.sha256(pending.user.encode()).hexdigest()[:32]
         return self.directory / f"{user}-{pending.event_id}.json"
 
     def write(self, pending: PendingTokens) -> None:
-        """Write ``pending`` (atomically: a new file, then a rename), not yet fsync'd."""
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self.path(pending)
-        partial = path.with_suffix(".part")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        """Write ``pending``, not yet fsync'd. One write() of a small buffer: a process killed
+        around it leaves the whole file or none (only a power loss could tear it, and a torn
+        file is logged and left at replay)."""
+        if not self._ready:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._ready = True
+        fd = os.open(self.path(pending), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, pending.to_json().encode())
         finally:
             os.close(fd)
-        os.replace(partial, path)
 
     def make_durable(self, pending: PendingTokens) -> None:
         """fsync the file and its folder: it is about to wait for Redis."""

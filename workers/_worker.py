@@ -69,6 +69,11 @@ return claimed
 """
 
 
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class ConsentWorker(Worker):
     """``arq.worker.Worker`` whose poll claims due jobs in one round trip; built from
     ``worker_settings``."""
@@ -182,6 +187,9 @@ class ConsentWorker(Worker):
             job_id = claimed[i].decode()
             task = self.loop.create_task(self.run_job(job_id, int(float(claimed[i + 1]))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            # Seen here even if the poll never gets to it: a job claimed again after an
+            # outage replaces its dead task in ``tasks``.
+            task.add_done_callback(_retrieve)
             self.tasks[job_id] = task
 
     async def close(self) -> None:

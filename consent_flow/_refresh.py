@@ -558,10 +558,18 @@ class Refresher:
         return sorted(self._pending)
 
     async def replay(self) -> int:
-        """Commit every spooled refresh (a worker that died before its commit): at start-up,
-        before this worker takes any job. Returns how many were settled."""
+        """Commit every spooled refresh of a worker that died before its commit: at start-up,
+        before this worker takes any job, and from the cleanup job for entries that could not
+        be settled then. Returns how many were settled."""
         settled = 0
         for pending in self.spool.entries():
+            if pending.event_id in self._spooled:
+                continue  # this process's own, with its commit still under way
+            try:
+                open_tokens(self.engine.ring, pending.user, pending.sealed)
+            except VaultError as exc:
+                log.error("spool_entry_unusable", user=pending.user, error=exc.code)
+                continue
             envelope = Envelope(
                 Event.TOKEN_REFRESHED,
                 pending.user,
@@ -570,14 +578,18 @@ class Refresher:
                 reply=False,
             )
             try:
-                open_tokens(self.engine.ring, pending.user, pending.sealed)
-            except VaultError as exc:
-                log.error("spool_entry_unusable", user=pending.user, error=exc.code)
+                async with self.engine.user_lock(pending.user) as lock:
+                    self._spooled.add(pending.event_id)
+                    rec = await self.store.load(pending.user)
+                    outcome = await self._store(
+                        rec, pending, envelope, unlock=lock.token, lead=None
+                    )
+            except (ProviderUnavailable, CommitConflict):
+                # The user's lock stayed taken, or the record kept moving: the next cleanup.
+                log.warning("spool_entry_postponed", user=pending.user)
                 continue
-            self._spooled.add(pending.event_id)
-            async with self.engine.user_lock(pending.user) as lock:
-                rec = await self.store.load(pending.user)
-                outcome = await self._store(rec, pending, envelope, unlock=lock.token, lead=None)
+            finally:
+                self._spooled.discard(pending.event_id)
             log.warning("spool_replayed", user=pending.user, result=outcome.result)
             await self.metrics.worker_event("spool_replayed")
             settled += 1

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, RestartableRedis, provider_clients, provision
 from local_provider import LocalProvider
+from structlog.testing import capture_logs
 
 from consent_flow import ConsentClient, KeyRing, State, generate_key
 from consent_flow._settings import Secret
@@ -335,3 +336,62 @@ async def test_the_outage_log_names_redis_without_its_credentials(settings):
     ):
         options = worker_settings(settings, url)
         assert ConsentWorker(**{**options, "handle_signals": False}).redis_address == shown
+
+
+async def test_a_spooled_answer_whose_user_stays_locked_at_start_is_committed_by_cleanup(
+    make_stack, settings
+):
+    """A worker that died with an answer in its spool; when the next worker starts, the user's
+    lock is still taken (the dead worker's, say). The start does not wait forever or fail: the
+    cleanup job commits the answer once the lock is free."""
+    from consent_flow._http import HttpClients
+    from consent_flow._oauth import OAuthClient
+    from consent_flow._spool import PendingTokens, TokenSpool, token_digest
+    from consent_flow._vault import seal_tokens
+
+    stack = await make_stack(http_timeout=1.0, worker_options={"cleanup_every": 1})
+    await provision(stack, "alice")
+    await stack.stop_workers()
+    rec = await stack.client.store.load("alice")
+    spent = open_tokens(stack.client.ring, "alice", rec.tokens)
+    # The dead worker's refresh: the provider rotated, the answer reached only its spool.
+    http = HttpClients(timeout=5.0, follow_redirects=False)
+    try:
+        fresh = await OAuthClient(stack.settings, http).refresh(spent["refresh_token"])
+    finally:
+        await http.aclose()
+    now = time.time()
+    TokenSpool(stack.settings.data_dir / "spool" / stack.settings.redis_prefix).write(
+        PendingTokens(
+            user="alice",
+            event_id="dead-worker-refresh",
+            at=now,
+            since=rec.since,
+            base=token_digest(spent["refresh_token"]),
+            sealed=seal_tokens(
+                stack.client.ring,
+                "alice",
+                {"access_token": fresh.access_token, "refresh_token": fresh.refresh_token},
+            ),
+            expires_at=fresh.expires_at,
+            scopes=fresh.scopes,
+            due_at=now + 3000,
+        )
+    )
+    keys = stack.client.store.keys
+    await stack.client.store.redis.set(keys.lock("alice"), "dead-worker", px=12_000)
+
+    async def stored():
+        rec = await stack.client.store.load("alice")
+        tokens = open_tokens(stack.client.ring, "alice", rec.tokens)
+        return tokens["refresh_token"] == fresh.refresh_token
+
+    with capture_logs() as logs:
+        await stack.start_worker(cleanup_every=1)  # its start gives up on alice after 8 s
+        await wait_for(stored, timeout=30)
+    events = [e["event"] for e in logs]
+    assert events.index("spool_entry_postponed") < events.index("worker_started")
+    assert events.index("worker_started") < events.index("spool_replayed")
+    assert stack.provider.introspect(fresh.refresh_token)["active"] is True
+    assert not any((stack.settings.data_dir / "spool").rglob("*.json"))
+    assert await stack.client.access_token("alice", min_ttl=0) == fresh.access_token

@@ -122,7 +122,8 @@ async def sweep(ctx: dict[str, Any]) -> None:
 
 
 async def cleanup(ctx: dict[str, Any]) -> None:
-    """Expire stale authorization sessions, retry provider revocations, trim history."""
+    """Expire stale authorization sessions, retry provider revocations, trim history, commit
+    spooled refreshes left behind."""
     services: Services = ctx["services"]
     settings = services.settings
     store = services.store
@@ -140,7 +141,13 @@ async def cleanup(ctx: dict[str, Any]) -> None:
         if result == "done":
             revoked += 1
     trimmed = await store.trim_history(now - settings.history_retention)
-    if expired or revoked or trimmed:
+    # Spooled refreshes a start-up could not settle (their user's lock was taken then).
+    replayed = await services.refresher.replay()
+    if expired or revoked or trimmed or replayed:
         log.info(
-            "cleanup", sessions_expired=expired, revocations_sent=revoked, history_trimmed=trimmed
+            "cleanup",
+            sessions_expired=expired,
+            revocations_sent=revoked,
+            history_trimmed=trimmed,
+            spool_replayed=replayed,
         )

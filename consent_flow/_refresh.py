@@ -333,7 +333,10 @@ class Refresher:
                 log.warning("refresh_pause_lifted", why="a refresh succeeded")
         lead = None if rec.expires_at is None else rec.expires_at - now
         try:
-            return await self._store(rec, pending, envelope, unlock=lock.token, lead=lead)
+            outcome = await self._store(rec, pending, envelope, unlock=lock.token, lead=lead)
+            if outcome.result == "applied":
+                lock.token = None  # released by the commit
+            return outcome
         except _DEFERRABLE as exc:
             timer.cancel()
             # The provider answered and Redis is away: the commit is retried in the background,

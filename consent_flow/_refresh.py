@@ -21,7 +21,9 @@ import enum
 import hashlib
 import random
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -152,6 +154,10 @@ class Refresher:
         tokens from before the outage commits them first."""
         self._hold_until = max(self._hold_until, time.monotonic() + seconds)
 
+    def held_for(self) -> float:
+        """Seconds until refreshes may start again (0 when they may now); see ``hold``."""
+        return max(0.0, self._hold_until - time.monotonic())
+
     # --- the pause for everyone (invalid_client) ---------------------------------------------
 
     async def _pause_from(self, halt: dict[str, str]) -> dict[str, str] | None:
@@ -201,8 +207,6 @@ class Refresher:
             # This process holds the user's newest tokens, waiting for Redis: presenting the
             # refresh token they replaced would end the grant at a rotating provider.
             return await asyncio.shield(deferred)
-        if (wait := self._hold_until - time.monotonic()) > 0:
-            await asyncio.sleep(wait)
         lock = self.engine.user_lock(user)
 
         async def attempt() -> tuple[str | None, tuple[ConsentRecord, dict[str, str]]]:
@@ -271,8 +275,17 @@ class Refresher:
         # Marked before the call: if this process dies with the request in flight, the next
         # attempt knows an invalid_grant may be the provider punishing a rotated token's reuse.
         await self.store.redis.hset(self.store.keys.rec(user), "inflight", repr(now))
+        call = asyncio.ensure_future(
+            self.engine.oauth.refresh(tokens["refresh_token"], scopes=rec.scopes)
+        )
         try:
-            fresh = await self.engine.oauth.refresh(tokens["refresh_token"], scopes=rec.scopes)
+            fresh = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            # The job timed out or the worker is stopping while the request is at the provider:
+            # its answer may be the grant's only copy, so it is awaited and stored regardless.
+            unlock, lock.token = lock.token, None
+            self._track(rec.user, self._finish_later(call, rec, tokens, envelope, now, unlock))
+            raise
         except GrantRejected:
             # An earlier attempt's mark still there: it sent a refresh and never heard back. With
             # rotating refresh tokens the provider took that as the last use of this token.
@@ -307,20 +320,7 @@ class Refresher:
             )
             rec = await self.store.load(user)
             return self.engine.outcome(rec, envelope, "failed", error=exc.code)
-        refresh_token = fresh.refresh_token or tokens["refresh_token"]  # kept when not rotated
-        pending = PendingTokens(
-            user=user,
-            event_id=envelope.event_id,
-            at=now,
-            since=rec.since,
-            base=token_digest(tokens["refresh_token"]),
-            sealed=self.engine.seal_tokens(
-                user, {"access_token": fresh.access_token, "refresh_token": refresh_token}
-            ),
-            expires_at=fresh.expires_at,
-            scopes=tuple(fresh.scopes or rec.scopes),
-            due_at=self.engine.refresh_due(fresh.expires_at, now),
-        )
+        pending = self._answer(rec, tokens, fresh, envelope, now)
         # A commit that has not applied after SPOOL_AFTER is slow (Redis failing over, paused,
         # the loop overloaded): its answer goes to the spool then, and a worker killed while it
         # waits loses nothing. Commits that apply in time never touch the disk.
@@ -355,6 +355,67 @@ class Refresher:
             timer.cancel()
 
     # --- storing a refresh's answer -----------------------------------------------------------
+
+    def _answer(
+        self,
+        rec: ConsentRecord,
+        tokens: dict[str, str],
+        fresh: TokenSet,
+        envelope: Envelope,
+        now: float,
+    ) -> PendingTokens:
+        refresh_token = fresh.refresh_token or tokens["refresh_token"]  # kept when not rotated
+        return PendingTokens(
+            user=rec.user,
+            event_id=envelope.event_id,
+            at=now,
+            since=rec.since,
+            base=token_digest(tokens["refresh_token"]),
+            sealed=self.engine.seal_tokens(
+                rec.user, {"access_token": fresh.access_token, "refresh_token": refresh_token}
+            ),
+            expires_at=fresh.expires_at,
+            scopes=tuple(fresh.scopes or rec.scopes),
+            due_at=self.engine.refresh_due(fresh.expires_at, now),
+        )
+
+    async def _finish_later(
+        self,
+        call: asyncio.Future[TokenSet],
+        rec: ConsentRecord,
+        tokens: dict[str, str],
+        envelope: Envelope,
+        now: float,
+        unlock: str | None,
+    ) -> Outcome:
+        """The rest of a refresh whose job was cancelled with its request at the provider."""
+        try:
+            fresh = await call
+        except ProviderError as exc:
+            # No answer to keep; the record's in-flight mark tells the next attempt what happened.
+            log.warning("refresh_cancelled_unanswered", user=rec.user, error=exc.code)
+            if unlock is not None:
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await self.store.release_lock(rec.user, unlock)
+            return self.engine.outcome(rec, envelope, "failed", error=exc.code)
+        pending = self._answer(rec, tokens, fresh, envelope, now)
+        self._spool(pending)
+        lead = None if rec.expires_at is None else rec.expires_at - now
+        try:
+            return await self._store(rec, pending, envelope, unlock=unlock, lead=lead)
+        except _DEFERRABLE as exc:
+            log.warning("refresh_commit_deferred", user=rec.user, error=type(exc).__name__)
+            with contextlib.suppress(OSError):
+                self.spool.make_durable(pending)
+            return await self._retry_commit(pending, envelope, unlock=unlock, lead=lead)
+
+    def _track(self, user: str, work: Coroutine[Any, Any, Outcome]) -> asyncio.Task[Outcome]:
+        """Run ``work`` in the background as this process's pending work for ``user``: later
+        refreshes of the user here wait for it, and a stopping worker gives it a moment."""
+        task = asyncio.get_running_loop().create_task(work, name=f"consent-flow-commit-{user}")
+        self._pending[user] = task
+        task.add_done_callback(lambda _: self._forget(user, task))
+        return task
 
     def _spool(self, pending: PendingTokens) -> bool:
         if pending.event_id in self._spooled:
@@ -486,13 +547,9 @@ class Refresher:
             error=type(error).__name__ if error is not None else "cancelled",
             retry_limit_s=self.retry_limit,
         )
-        task = asyncio.get_running_loop().create_task(
-            self._retry_commit(pending, envelope, unlock=unlock, lead=lead),
-            name=f"consent-flow-commit-{pending.event_id}",
+        return self._track(
+            pending.user, self._retry_commit(pending, envelope, unlock=unlock, lead=lead)
         )
-        self._pending[pending.user] = task
-        task.add_done_callback(lambda _: self._forget(pending.user, task))
-        return task
 
     def _forget(self, user: str, task: asyncio.Task[Outcome]) -> None:
         if self._pending.get(user) is task:
@@ -614,8 +671,9 @@ class Refresher:
                     user=user,
                     spool=str(self.spool.directory),
                     lost="the grant's current tokens, unless a worker with the same data "
-                    "folder starts on this machine and commits the spool file; otherwise the "
-                    "next refresh presents the spent token and the grant ends",
+                    "folder starts on this machine and commits the spool file (there if the "
+                    "provider had answered); otherwise the next refresh presents the spent "
+                    "token and the grant ends",
                 )
         return unsaved
 

@@ -51,11 +51,11 @@ def rotating(redirect_uri):
 class WorkerProcess:
     """tests/worker_process.py with its log in a file (a pipe nobody reads would fill up)."""
 
-    def __init__(self, env: dict[str, str], log: Path, queue: str) -> None:
+    def __init__(self, env: dict[str, str], log: Path, queue: str, *args: str) -> None:
         self.log = log
         self._out = open(log, "ab")  # noqa: SIM115 - closed in stop()/kill()
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "worker_process.py"), "--queue", queue],
+            [sys.executable, str(ROOT / "tests" / "worker_process.py"), "--queue", queue, *args],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=self._out,
@@ -132,9 +132,9 @@ class Scene:
             "CONSENT_HTTP_TIMEOUT": HTTP_TIMEOUT,
         }
 
-    def start_worker(self, **env: str) -> WorkerProcess:
+    def start_worker(self, *args: str, **env: str) -> WorkerProcess:
         log = self.tmp_path / f"worker-{len(self.workers)}.log"
-        worker = WorkerProcess({**self.env, **env}, log, self.stack.settings.queue_name)
+        worker = WorkerProcess({**self.env, **env}, log, self.stack.settings.queue_name, *args)
         self.workers.append(worker)
         return worker
 
@@ -234,6 +234,20 @@ async def test_keys_rotate_during_a_refresh_keeps_the_rotated_token(scene, env):
         await check_key_ring(client.store, KeyRing.from_strings([new]))
     history = await scene.stack.client.history("alice")
     assert all(h["event"] != "refresh_rejected" for h in history)
+
+
+async def test_a_refresh_whose_job_times_out_at_the_provider_keeps_the_answer(scene):
+    """arq cancels a job at its timeout. A refresh cancelled with its request at the provider
+    (which rotates the token meanwhile) finishes in the background and stores the answer."""
+    worker = scene.start_worker("--job-timeout", "2")
+    before = await _provisioned(scene, worker)
+    scene.hold_next_token_response()  # 3 s: the job is cancelled 2 s in
+    caller = scene.start_refresh()
+    await wait_for(lambda: scene.refreshed_since(before), timeout=15)
+    with contextlib.suppress(Exception):
+        await caller  # its job failed; the refresh did not
+    assert any("TimeoutError" in e["event"] for e in worker.events() if "refresh" in e["event"])
+    await scene.assert_grant_intact()
 
 
 async def _outage_during_a_refresh(scene: Scene, outage: float) -> None:

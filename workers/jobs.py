@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import structlog
+from arq import Retry
 
 from consent_flow._errors import ConsentError
 from consent_flow._machine import Event, State
@@ -84,6 +85,9 @@ async def refresh_tokens(
     """Refresh one grant: scheduled (deferred job or sweep: user and due time) or on demand (the
     token broker: keyword arguments)."""
     services: Services = ctx["services"]
+    if (wait := services.refresher.held_for()) > 0:
+        # Redis just came back: later, by arq, so the wait does not eat this job's time.
+        raise Retry(defer=wait)
     user = str(user)
     envelope = Envelope(
         Event.TOKEN_REFRESHED,

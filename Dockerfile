@@ -29,6 +29,8 @@ RUN groupadd --system --gid 10001 consent \
         --shell /usr/sbin/nologin consent
 USER 10001:10001
 WORKDIR /home/consent
+# The data folder, made by the user: a named volume mounted here starts with its ownership.
+RUN mkdir -p /home/consent/.local/share/consent-flow
 
 # The callback server (`serve`, `up`) listens here when CONSENT_HTTP_PORT=8080.
 EXPOSE 8080

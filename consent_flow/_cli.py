@@ -326,7 +326,16 @@ async def _client_command(args: argparse.Namespace, client: ConsentClient) -> in
         from ._rotation import rotate_keys
 
         report = await rotate_keys(client)
-        _print(args, report, lambda r: f"re-encrypted {r['rewritten']} of {r['records']} records")
+        _print(
+            args,
+            report,
+            lambda r: (
+                f"re-encrypted {r['rewritten']} of {r['records']} records"
+                + (f"; {r['skipped']} busy, run it again" if r["skipped"] else "")
+            ),
+        )
+        # Records left under the old key: the operator must not drop it yet.
+        return 1 if report["skipped"] else 0
     return 0
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "HEARTBEAT_INTERVAL",
     "LEAD_BUCKETS",
     "REFRESH_OUTCOMES",
+    "WORKER_EVENTS",
     "MetricsRecorder",
     "Snapshot",
     "live_clock_offsets",
@@ -32,6 +33,9 @@ __all__ = [
 # Upper bounds, in seconds, of the refresh lead-time histogram's buckets.
 LEAD_BUCKETS = (0.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, 86400.0, math.inf)
 REFRESH_OUTCOMES = ("success", "transient_failure", "rejected", "client_rejected")
+# What workers count about Redis itself: outages ridden out (and their seconds), refreshes whose
+# commit waited for Redis and landed, refreshes committed from the spool at a worker's start.
+WORKER_EVENTS = ("redis_outages", "redis_outage_seconds", "commits_deferred", "spool_replayed")
 HOURLY_TTL = 26 * 3600  # per-hour buckets outlive the 24-hour window they serve
 HEARTBEAT_INTERVAL = 5.0  # seconds between a worker's heartbeats
 HEARTBEAT_STALE = 3 * HEARTBEAT_INTERVAL  # a worker silent this long is not counted as live
@@ -77,6 +81,15 @@ class MetricsRecorder:
                 pipe.expire(self.keys.hourly(hour), HOURLY_TTL)
             await pipe.execute()
 
+    async def redis_outage(self, seconds: float) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(self.keys.worker_counts, "redis_outages", 1)
+            pipe.hincrbyfloat(self.keys.worker_counts, "redis_outage_seconds", seconds)
+            await pipe.execute()
+
+    async def worker_event(self, name: str) -> None:
+        await self.redis.hincrby(self.keys.worker_counts, name, 1)
+
     async def heartbeat(self, worker_id: str, *, clock_offset: float = 0.0) -> None:
         """The worker is live (by Redis's clock), and its own clock is ``clock_offset`` seconds
         behind Redis's (negative: ahead)."""
@@ -121,6 +134,7 @@ class Snapshot:
     lead_buckets: dict[str, int]
     lead_sum: float
     revocation_outcomes: dict[str, int]
+    worker_events: dict[str, float]
 
     clock_offsets: dict[str, float] = field(default_factory=dict)
     """Live workers' clock offsets from Redis's time, in seconds (positive: behind)."""
@@ -185,6 +199,7 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
         pipe.zrangebyscore(keys.workers, now - HEARTBEAT_STALE, "+inf")
         pipe.hgetall(keys.worker_clocks)
         pipe.hgetall(keys.webhook_counts)
+        pipe.hgetall(keys.worker_counts)
         values = await pipe.execute()
     states = {state.value: int(values[i]) for i, state in enumerate(State)}
     rest = values[len(State) :]
@@ -204,6 +219,7 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
         live,
         clocks,
         webhooks,
+        worker,
     ) = rest[25:]
     lead_text = {_text(k): _text(v) for k, v in lead.items()}
     return Snapshot(
@@ -225,4 +241,8 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
         revocation_outcomes={_text(k): int(v) for k, v in revocations.items()},
         clock_offsets=_live_offsets(live, clocks),
         webhook_outcomes={_text(k): int(v) for k, v in webhooks.items()},
+        worker_events={
+            **dict.fromkeys(WORKER_EVENTS, 0.0),
+            **{_text(k): float(v) for k, v in worker.items()},
+        },
     )

@@ -221,6 +221,16 @@ class SnapshotCollector(Collector):
             refresh.add_metric([outcome], n)
         yield refresh
 
+        worker = CounterMetricFamily(
+            "consent_flow_worker_events",
+            "Redis outages workers rode out (and their seconds), refresh commits that waited for "
+            "Redis, refreshes committed from a worker's spool at start.",
+            labels=["event"],
+        )
+        for name, amount in sorted(s.worker_events.items()):
+            worker.add_metric([name], amount)
+        yield worker
+
         yield HistogramMetricFamily(
             "consent_flow_refresh_lead_seconds",
             "How long before the access token's expiry successful refreshes happened.",

@@ -114,6 +114,14 @@ def find_redis_server() -> str:
     )
 
 
+# Each command is retried this often, backing off up to the cap, to ride out a Redis restart. The
+# client applies the same retries to connecting, inside each command attempt: the two multiply,
+# so with Redis away a command gives up after about 5 x 1.5 s (8 retries capped at 2 s took 82 s,
+# longer than a worker should take to notice an outage).
+RETRIES = 4
+RETRY_BACKOFF_CAP = 1.0
+
+
 def arq_redis_settings(url: str, *, startup_retries: int = 20) -> RedisSettings:
     """arq's settings for a URL, with reconnects that ride out a Redis restart.
 
@@ -140,7 +148,7 @@ def arq_redis_settings(url: str, *, startup_retries: int = 20) -> RedisSettings:
     rs.conn_retries = startup_retries
     rs.conn_retry_delay = 1
     rs.retry_on_error = [RedisConnectionError, RedisTimeoutError, ConnectionError]
-    rs.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8)
+    rs.retry = Retry(ExponentialBackoff(cap=RETRY_BACKOFF_CAP, base=0.05), retries=RETRIES)
     return rs
 
 

@@ -27,6 +27,10 @@ DEFAULT_EVENT_TIMEOUT = 15.0  # how long a caller waits for the worker's outcome
 MAX_EVENT_TIMEOUT = 3600.0  # the longest an event may wait for a worker before it expires
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_HTTP_TIMEOUT = 10.0  # seconds for one call to the provider
+# Seconds a worker keeps retrying the commit of tokens a provider already issued (Redis away);
+# well above a Sentinel failover, and above the 5-minute outage a worker is built to ride out.
+DEFAULT_COMMIT_RETRY_LIMIT = 1800
+MIN_COMMIT_RETRY_LIMIT = 60
 MAX_SCOPES_LENGTH = 2000
 # A refresh_failing webhook goes out at this many consecutive transient refresh failures (with
 # the default backoff, two to four minutes of failing), refresh_recovered after a run that long.
@@ -107,6 +111,7 @@ class Settings:
     token_auth_method: AuthMethod = "client_secret_basic"
     event_timeout: float = DEFAULT_EVENT_TIMEOUT
     http_timeout: float = DEFAULT_HTTP_TIMEOUT
+    commit_retry_limit: int = DEFAULT_COMMIT_RETRY_LIMIT
     ops_token: Secret = field(default_factory=lambda: Secret(""))
     data_dir: Path = field(default_factory=lambda: _default_data_dir(os.environ))
     redis_prefix: str = "cf"
@@ -298,6 +303,11 @@ class Settings:
             session_ttl=integer("CONSENT_SESSION_TTL", DEFAULT_SESSION_TTL, minimum=2),
             refresh_margin=integer("CONSENT_REFRESH_MARGIN", DEFAULT_REFRESH_MARGIN, minimum=0),
             keepalive=integer("CONSENT_KEEPALIVE", DEFAULT_KEEPALIVE, minimum=2),
+            commit_retry_limit=integer(
+                "CONSENT_COMMIT_RETRY_LIMIT",
+                DEFAULT_COMMIT_RETRY_LIMIT,
+                minimum=MIN_COMMIT_RETRY_LIMIT,
+            ),
             history_retention=integer(
                 "CONSENT_HISTORY_RETENTION", DEFAULT_HISTORY_RETENTION, minimum=60
             ),

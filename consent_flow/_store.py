@@ -19,7 +19,8 @@ Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``; every key of one user shares t
     cf:metrics:*        hash   counters for /metrics and stats (transitions, refresh outcomes,
                                refresh lead time buckets, per-hour failures and rejections,
                                provider revocations by outcome, webhook deliveries by
-                               outcome: delivered, retried, dead)
+                               outcome: delivered, retried, dead; Redis outages the workers
+                               rode out, deferred commits)
     cf:workers          zset   worker ids by last heartbeat (Redis's time)
     cf:workers:clock    hash   worker id -> its clock's offset from Redis's time, in seconds
     cf:invalidate       pubsub user ids whose cached tokens must be dropped (published by commits)
@@ -162,6 +163,10 @@ class Keys:
     def webhook_counts(self) -> str:
         """Webhook deliveries by outcome (delivered, retried, dead)."""
         return f"{self.prefix}:metrics:webhooks"
+
+    @property
+    def worker_counts(self) -> str:
+        return f"{self.prefix}:metrics:worker"
 
     def hourly(self, hour: int) -> str:
         return f"{self.prefix}:metrics:hour:{hour}"

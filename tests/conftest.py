@@ -108,6 +108,44 @@ def stop_redis(server: RedisServer) -> None:
         server.process.wait()
 
 
+class RestartableRedis:
+    """A private redis-server with an append-only file that a test stops and starts again on
+    the same port and folder (an outage, a failover's gap)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.server: RedisServer | None = start_redis(directory, appendonly=True)
+        self.port = self.server.port
+        self.directory = directory
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, decode_responses=True)
+
+    def stop(self) -> None:
+        """SIGTERM: Redis writes its append-only file out and exits."""
+        assert self.server is not None, "already stopped"
+        stop_redis(self.server)
+        self.server = None
+
+    def start(self) -> None:
+        assert self.server is None, "already running"
+        self.server = start_redis(self.directory, port=self.port, appendonly=True)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.stop()
+
+
+@pytest.fixture
+def aof_redis(tmp_path: Path) -> Iterator[RestartableRedis]:
+    server = RestartableRedis(tmp_path / "aof-redis")
+    yield server
+    server.close()
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = start_redis(tmp_path_factory.mktemp("redis"))

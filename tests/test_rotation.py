@@ -83,3 +83,32 @@ async def test_rotation_moves_old_layout_tokens_even_under_the_same_key(settings
         assert "tok" not in rec.raw
         assert open_tokens(client.ring, "pete", rec.tokens) == TOKENS
         assert await client.store.key_ids_in_use() == {client.ring.primary_id: 1}
+
+
+async def test_rotation_waits_for_a_users_lock_and_reports_one_that_stays_taken(settings, env):
+    """Anything that rewrites a connection's tokens takes the user's lock: a refresh holding it
+    finishes first. A lock held past the wait is reported, never overridden."""
+    old = env["CONSENT_ENCRYPTION_KEYS"]
+    async with ConsentClient(settings) as client:
+        await old_layout_user(client, "quinn")
+        await old_layout_user(client, "rita")
+        keys = client.store.keys
+        # rita's lock is released half-way through the wait: her record is rotated after it.
+        await client.store.redis.set(keys.lock("rita"), "refresh-in-flight", px=1000)
+        await client.store.redis.set(keys.lock("quinn"), "stuck", px=60_000)
+    rotated = settings.with_changes(
+        http_timeout=0.1,  # a lock wait of 5.3 s
+        encryption_keys=make_settings(
+            {**env, "CONSENT_ENCRYPTION_KEYS": f"{generate_key()},{old}"}
+        ).encryption_keys,
+    )
+    async with ConsentClient(rotated) as client:
+        started = time.monotonic()
+        report = await rotate_keys(client)
+        assert time.monotonic() - started >= 1.0  # waited for rita's lock
+        assert (report["records"], report["rewritten"], report["skipped"]) == (2, 1, 1)
+        assert await client.store.redis.get(keys.lock("quinn")) == b"stuck"  # not taken over
+        assert KeyRing.key_id_of((await client.store.load("rita")).tokens) == client.ring.primary_id
+        assert (
+            KeyRing.key_id_of((await client.store.load("quinn")).tokens) != client.ring.primary_id
+        )

@@ -62,6 +62,8 @@ def test_discovery_override_for_nextcloud():
         ("CONSENT_SCOPES", 'openid "quoted"'),
         ("CONSENT_TOKEN_AUTH_METHOD", "private_key_jwt"),
         ("CONSENT_EVENT_TIMEOUT", "0"),
+        ("CONSENT_COMMIT_RETRY_LIMIT", "30"),
+        ("CONSENT_COMMIT_RETRY_LIMIT", "soon"),
     ],
 )
 def test_malformed_values_name_their_variable(variable, value):
@@ -200,3 +202,9 @@ def test_webhook_settings():
         assert s.webhook_secret.reveal() == WEBHOOK_SECRET
         assert WEBHOOK_SECRET not in repr(s)
         assert s.webhook_failing_after == 3
+
+
+def test_commit_retry_limit_defaults_well_above_five_minutes():
+    assert Settings.from_env(BASE).commit_retry_limit == 1800
+    env = {**BASE, "CONSENT_COMMIT_RETRY_LIMIT": "600"}
+    assert Settings.from_env(env).commit_retry_limit == 600

@@ -51,6 +51,11 @@ POLL_DELAY = 0.005  # seconds between queue polls: events are waited on by peopl
 HEALTH_CHECK_INTERVAL = 10  # seconds; arq's health key lives this long + 1: /healthz reads it
 SWEEP_EVERY = 5  # seconds between schedule sweeps
 CLEANUP_EVERY = 30  # seconds between cleanup runs
+# After Redis comes back, refreshes wait this long, so that a worker holding tokens from before
+# the outage (retrying its commit at least every second) stores them before any worker presents
+# the refresh token they replaced.
+RESUME_GRACE = 5.0
+SHUTDOWN_COMMIT_WAIT = 1.0  # seconds a stopping worker gives commits that wait for Redis
 
 
 async def check_key_ring(store: RedisStore, ring: KeyRing) -> None:
@@ -72,16 +77,26 @@ async def _heartbeat(store: RedisStore, clock: RedisClock) -> None:
     from Redis's (measured again at every beat; health turns red on a large offset)."""
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     metrics = MetricsRecorder(store.redis, store.keys, clock=clock)
+    failing = False
     while True:
         try:
             await clock.sync()
             await metrics.heartbeat(worker_id, clock_offset=clock.offset)
+            failing = False
         except Exception as exc:  # noqa: BLE001 - a missed beat is not worth a crash
-            log.warning("heartbeat_failed", error=type(exc).__name__)
+            if not failing:  # once per outage: the poll loop logs the outage itself
+                log.warning("heartbeat_failed", error=type(exc).__name__)
+            failing = True
         else:
             if abs(clock.offset) > MAX_CLOCK_SKEW:
                 log.warning("clock_skew", offset_s=round(clock.offset, 3), limit_s=MAX_CLOCK_SKEW)
         await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+
+async def _on_redis_back(ctx: dict[str, Any], down: float) -> None:
+    services: Services = ctx["services"]
+    services.refresher.hold(RESUME_GRACE)
+    await services.refresher.metrics.redis_outage(down)
 
 
 def worker_settings(
@@ -142,6 +157,7 @@ def worker_settings(
             clock=clock,
             on_scheduled=scheduler.schedule,
         )
+        refresher = Refresher(engine, scheduler, retry=retry or RetryPolicy())
         ctx["services"] = Services(
             settings=settings,
             store=store,
@@ -151,7 +167,7 @@ def worker_settings(
             ring=ring,
             engine=engine,
             scheduler=scheduler,
-            refresher=Refresher(engine, scheduler, retry=retry or RetryPolicy()),
+            refresher=refresher,
             clock=clock,
             webhooks=WebhookSender(
                 settings, ctx["redis"], store.keys, retry=webhook_retry, clock=clock
@@ -159,6 +175,10 @@ def worker_settings(
             if settings.webhook_url
             else None,
         )
+        # Tokens a worker on this machine obtained and could not store before it died: stored
+        # now, before this worker takes a job that could present the refresh token they replaced.
+        replayed = await refresher.replay()
+        ctx["on_redis_back"] = _on_redis_back
         ctx["heartbeat"] = asyncio.create_task(
             _heartbeat(store, clock), name="consent-flow-heartbeat"
         )
@@ -167,6 +187,7 @@ def worker_settings(
             queue=settings.queue_name,
             key_ids=list(ring.key_ids),
             clock_offset_s=round(clock.offset, 3),
+            spool_replayed=replayed,
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
@@ -177,6 +198,7 @@ def worker_settings(
                 await heartbeat
         services: Services | None = ctx.get("services")
         if services is not None:
+            await services.refresher.abandon_pending(SHUTDOWN_COMMIT_WAIT)
             await services.http.aclose()
             if services.webhooks is not None:
                 await services.webhooks.aclose()

@@ -14,6 +14,12 @@ One clock: what is due is decided by Redis's clock (``TIME`` in the poll script)
 (the sweep, the cleanup) are timed and queued by it too, not by this process's clock: a worker
 whose clock is off by minutes still runs events and refreshes when they fall due.
 
+It also rides out Redis outages: a poll, a heartbeat, a cron enqueue or a job's bookkeeping that
+finds Redis away no longer ends the worker (arq lets the error out of its loop). The outage is
+logged once, with the address but no credentials, and reported to ``ctx["on_redis_back"]`` when it
+ends; the worker then resumes by itself. Stopping it during an outage takes seconds, not the
+client's reconnect attempts for every clean-up call.
+
 A worker built outside a running event loop (``consent-flow worker``, ``run()``) runs on uvloop's:
 the same asyncio, with the socket and callback machinery in C (about 6 % less CPU per refresh).
 """
@@ -21,16 +27,21 @@ the same asyncio, with the socket and callback machinery in C (about 6 % less CP
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
+import time
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
+import structlog
 from arq.constants import in_progress_key_prefix
 from arq.utils import to_unix_ms
 from arq.worker import Worker
 
 from consent_flow._clock import CLOCK_RESYNC_INTERVAL, RedisClock
 from consent_flow._jobs import JobQueue
+from consent_flow._refresh import REDIS_ERRORS
 
 try:
     import uvloop
@@ -38,6 +49,11 @@ except ImportError:  # pragma: no cover - no Windows build; asyncio's own loop t
     uvloop = None  # type: ignore[assignment]
 
 __all__ = ["ConsentWorker"]
+
+log = structlog.get_logger("consent_flow.worker")
+
+OUTAGE_POLL_DELAY = 1.0  # seconds between polls while Redis is away (after the client's retries)
+CLOSE_REDIS_TIMEOUT = 1.0  # seconds each clean-up step with Redis may take when the worker stops
 
 # KEYS: the queue. ARGV: the in-progress key prefix, in-progress ttl (ms), how many jobs to
 # claim at most, how many due entries to look at at most. Returns job id, score, ... of the jobs
@@ -63,6 +79,11 @@ return claimed
 """
 
 
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class ConsentWorker(Worker):
     """``arq.worker.Worker`` whose poll claims due jobs in one round trip; built from
     ``worker_settings``."""
@@ -78,6 +99,8 @@ class ConsentWorker(Worker):
         self._claim_due: Any = None
         self._claimed = 0
         self._cron_jobs: JobQueue | None = None
+        self._down_since: float | None = None
+        self.redis_outages = 0
 
     @property
     def clock(self) -> RedisClock:
@@ -88,7 +111,53 @@ class ConsentWorker(Worker):
             clock = self.ctx["clock"] = RedisClock(self.pool)
         return clock
 
+    @property
+    def redis_address(self) -> str:
+        """Where this worker's Redis is, without credentials (for logs)."""
+        rs = self.redis_settings
+        if rs is None:
+            return "?"
+        if rs.unix_socket_path:
+            where = rs.unix_socket_path
+        elif isinstance(rs.host, str):
+            where = f"{rs.host}:{rs.port}"
+        else:  # Sentinel: its addresses
+            where = ",".join(f"{host}:{port}" for host, port in rs.host)
+        return f"{where}/{rs.database}"
+
     async def _poll_iteration(self) -> None:
+        try:
+            await self._poll_once()
+        except REDIS_ERRORS as exc:
+            self._redis_down(exc)
+            await asyncio.sleep(OUTAGE_POLL_DELAY)
+            return
+        if self._down_since is not None:
+            await self._redis_back()
+
+    def _redis_down(self, exc: BaseException) -> None:
+        if self._down_since is not None:
+            return  # logged once per outage, not per poll
+        self._down_since = time.monotonic()
+        self.redis_outages += 1
+        log.error(
+            "redis_unavailable",
+            redis=self.redis_address,
+            error=type(exc).__name__,
+            outages=self.redis_outages,
+        )
+
+    async def _redis_back(self) -> None:
+        assert self._down_since is not None
+        down = time.monotonic() - self._down_since
+        self._down_since = None
+        log.warning("redis_available", redis=self.redis_address, down_s=round(down, 1))
+        hook = self.ctx.get("on_redis_back")
+        if hook is not None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await hook(self.ctx, down)
+
+    async def _poll_once(self) -> None:
         # arq's own loop step, with the poll and the claims as one script.
         free = self.max_jobs - self.job_counter
         if self.burst and self.max_burst_jobs >= 0:
@@ -102,7 +171,13 @@ class ConsentWorker(Worker):
         for job_id, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[job_id]
-                task.result()  # errors in run_job propagate, as in arq
+                exc = None if task.cancelled() else task.exception()
+                if isinstance(exc, REDIS_ERRORS):
+                    # arq's bookkeeping for the job met the outage: the job runs again once its
+                    # in-progress mark lapses.
+                    self._redis_down(exc)
+                elif exc is not None:
+                    raise exc  # other errors in run_job propagate, as in arq
         await self.heart_beat()
 
     def _jobs_started(self) -> int:
@@ -131,6 +206,9 @@ class ConsentWorker(Worker):
             job_id = claimed[i].decode()
             task = self.loop.create_task(self.run_job(job_id, int(float(claimed[i + 1]))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            # Seen here even if the poll never gets to it: a job claimed again after an
+            # outage replaces its dead task in ``tasks``.
+            task.add_done_callback(_retrieve)
             self.tasks[job_id] = task
 
     async def heart_beat(self) -> None:
@@ -173,3 +251,25 @@ class ConsentWorker(Worker):
                 cron_job.calculate_next(cron_job.next_run)
         if queued:
             await asyncio.gather(*queued)
+
+    async def close(self) -> None:
+        # arq's close, with every call to Redis bounded: during an outage each would otherwise
+        # wait out the client's reconnect attempts, and SIGTERM must stop the worker in seconds.
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        if not self._pool:
+            return
+        if self.tasks:
+            # A cancelled job still records its end in Redis (arq shields that): bounded too.
+            _, late = await asyncio.wait(list(self.tasks.values()), timeout=CLOSE_REDIS_TIMEOUT)
+            for task in late:
+                task.cancel()
+        with contextlib.suppress(*REDIS_ERRORS):
+            await asyncio.wait_for(self.pool.delete(self.health_check_key), CLOSE_REDIS_TIMEOUT)
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        with contextlib.suppress(*REDIS_ERRORS):
+            await asyncio.wait_for(
+                self.pool.aclose(close_connection_pool=True), CLOSE_REDIS_TIMEOUT
+            )
+        self._pool = None

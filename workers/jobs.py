@@ -86,6 +86,9 @@ async def refresh_tokens(
     """Refresh one grant: scheduled (deferred job or sweep: user and due time) or on demand (the
     token broker: keyword arguments)."""
     services: Services = ctx["services"]
+    if (wait := services.refresher.held_for()) > 0:
+        # Redis just came back: later, by arq, so the wait does not eat this job's time.
+        raise Retry(defer=wait)
     user = str(user)
     envelope = Envelope(
         Event.TOKEN_REFRESHED,
@@ -124,7 +127,8 @@ async def sweep(ctx: dict[str, Any]) -> None:
 
 
 async def cleanup(ctx: dict[str, Any]) -> None:
-    """Expire stale authorization sessions, retry provider revocations, trim history."""
+    """Expire stale authorization sessions, retry provider revocations, trim history, commit
+    spooled refreshes left behind."""
     services: Services = ctx["services"]
     settings = services.settings
     store = services.store
@@ -142,9 +146,15 @@ async def cleanup(ctx: dict[str, Any]) -> None:
         if result is ProviderRevocation.DONE:
             revoked += 1
     trimmed = await store.trim_history(now - settings.history_retention)
-    if expired or revoked or trimmed:
+    # Spooled refreshes a start-up could not settle (their user's lock was taken then).
+    replayed = await services.refresher.replay()
+    if expired or revoked or trimmed or replayed:
         log.info(
-            "cleanup", sessions_expired=expired, revocations_sent=revoked, history_trimmed=trimmed
+            "cleanup",
+            sessions_expired=expired,
+            revocations_sent=revoked,
+            history_trimmed=trimmed,
+            spool_replayed=replayed,
         )
 
 

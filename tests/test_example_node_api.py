@@ -1,4 +1,4 @@
-"""examples/api_client.mjs, the HTTP API from Node.js, against real `serve` and `worker` processes."""
+"""examples/api_client.mjs: the HTTP API from Node.js, against real `serve` and `worker`."""
 
 from __future__ import annotations
 

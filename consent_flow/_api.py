@@ -49,7 +49,7 @@ from ._errors import (
 )
 from ._machine import State
 from ._model import MAX_REASON_LENGTH, MAX_USER_LENGTH, check_user
-from ._settings import Settings
+from ._settings import Secret, Settings
 
 __all__ = ["api_key_id", "api_routes", "openapi_document", "provider_names"]
 
@@ -232,7 +232,7 @@ class ApiGuard:
             )
 
     @staticmethod
-    def authenticate(headers: Headers, keys: tuple[Any, ...]) -> str | None:
+    def authenticate(headers: Headers, keys: tuple[Secret, ...]) -> str | None:
         scheme, _, presented = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
             return None

@@ -187,7 +187,8 @@ class ApiGuard:
 
     Modelled on the MCP SDK's bearer-auth middleware: the key is compared in constant time with
     every configured key (no early exit), and the caller becomes ``request.user`` by key id.
-    The log line names method, path, status and key id: never a body, a query or a header.
+    The log line names method, path, status, key id and client address: never a body, a query
+    or a header.
     """
 
     def __init__(self, app: ASGIApp, current: Callable[[], ConsentClient]) -> None:
@@ -228,6 +229,7 @@ class ApiGuard:
                 path=scope["path"],
                 status=status[0] if status else None,
                 key=key_id,
+                client=scope["client"][0] if scope.get("client") else None,
                 elapsed_ms=round((time.monotonic() - started) * 1000, 1),
             )
 

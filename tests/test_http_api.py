@@ -357,6 +357,7 @@ async def test_the_token_and_the_key_never_reach_a_log_line(api: ApiStack):
         ("GET", 401, None),
     ]
     assert requests[0]["path"] == "/v1/connections/default/gina/token"
+    assert requests[0]["client"] == "127.0.0.1"
     for line in lines:
         assert access_token not in line
         assert KEY not in line

@@ -219,9 +219,9 @@ class ApiGuard:
             if key_id is None:
                 await self.unauthorized(scope).response()(scope, receive, send_logged)
                 return
-            scope["auth"] = AuthCredentials(["consent:api"])
-            scope["user"] = SimpleUser(key_id)
-            await self.app(scope, receive, send_logged)
+            # A scope of its own: a host app that mounts these routes keeps its own user.
+            inner = {**scope, "auth": AuthCredentials(["consent:api"]), "user": SimpleUser(key_id)}
+            await self.app(inner, receive, send_logged)
         finally:
             log.info(
                 "api_request",
@@ -380,10 +380,19 @@ def _actor(request: Request) -> str:
 Handler = Callable[[ConsentClient, Request], Awaitable[Response]]
 
 
-def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+def _endpoint(
+    handler: Handler, *, query: tuple[str, ...] = ()
+) -> Callable[[Request], Awaitable[Response]]:
+    """The route's handler with its errors answered as problems; ``query`` names the query
+    parameters it takes (any other is refused, as unknown body members are)."""
+
     async def endpoint(request: Request) -> Response:
         client: ConsentClient = request.app.state.current()
         try:
+            unknown = sorted(set(request.query_params) - set(query))
+            if unknown:
+                names = ", ".join(repr(n[:40]) for n in unknown[:5])
+                raise Problem(422, INVALID_REQUEST, f"unknown query parameters: {names}")
             return await handler(client, request)
         except Problem as exc:
             return exc.response()
@@ -505,7 +514,7 @@ def api_routes(client: ConsentClient | Callable[[], ConsentClient]) -> list[Base
             Route("/providers", _endpoint(_providers), methods=["GET"]),
             Route(connection, _endpoint(_provision), methods=["POST"]),
             Route(connection, _endpoint(_status), methods=["GET"]),
-            Route(connection, _endpoint(_revoke), methods=["DELETE"]),
+            Route(connection, _endpoint(_revoke, query=("reason",)), methods=["DELETE"]),
             Route(connection + "/history", _endpoint(_history), methods=["GET"]),
             Route(connection + "/token", _endpoint(_token), methods=["POST"]),
         ],
@@ -518,7 +527,9 @@ def api_routes(client: ConsentClient | Callable[[], ConsentClient]) -> list[Base
         settings = current().settings
         if not settings.api_keys:
             return Problem(404, NOT_FOUND, "no such resource").response()
-        return JSONResponse(openapi_document(settings))
+        return JSONResponse(
+            openapi_document(settings, root_path=request.scope.get("root_path", ""))
+        )
 
     mount = Mount(API_PREFIX, app=api, name="consent_api")
     # Starlette's prefix pattern stops at a line break: a path carrying an encoded one must still
@@ -569,8 +580,9 @@ def _body_schema(properties: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def openapi_document(settings: Settings) -> dict[str, Any]:
-    """The OpenAPI 3.1 description of the routes as this deployment serves them."""
+def openapi_document(settings: Settings, *, root_path: str = "") -> dict[str, Any]:
+    """The OpenAPI 3.1 description of the routes as this deployment serves them, under
+    ``root_path`` where a host app mounted them."""
     ref = "#/components/schemas/"
     path_params = [
         {
@@ -696,6 +708,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "version": "1",
             "description": "Service-to-service API: the caller vouches for the user in the path.",
         },
+        "servers": [{"url": root_path or "/"}],
         "security": [{"apiKey": []}],
         "paths": {
             API_PREFIX + "/providers": {

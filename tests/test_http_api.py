@@ -295,6 +295,9 @@ async def test_without_api_keys_the_api_is_absent(make_stack):
         ),
         ("DELETE", "/v1/connections/default/dave", {"json": {"reason": 7}}, 422, "invalid_request"),
         ("DELETE", "/v1/connections/default/dave?reason=a&reason=b", {}, 422, "invalid_request"),
+        ("DELETE", "/v1/connections/default/dave?why=a", {}, 422, "invalid_request"),
+        ("POST", "/v1/connections/default/dave?scopes=openid", {}, 422, "invalid_request"),
+        ("GET", "/v1/connections/default/dave/history?limit=1", {}, 422, "invalid_request"),
         (
             "DELETE",
             "/v1/connections/default/dave?reason=a",
@@ -369,6 +372,7 @@ async def test_the_openapi_document_describes_the_served_routes(api: ApiStack):
     assert response.status_code == 200
     document = response.json()
     assert document["openapi"].startswith("3.1")
+    assert document["servers"] == [{"url": "/"}]
     assert set(document["paths"]) == {
         "/v1/providers",
         "/v1/connections/{provider}/{user}",
@@ -383,3 +387,30 @@ async def test_the_snapshot_sees_what_an_accepted_request_changes(api: ApiStack)
     before = await api.snapshot()
     assert (await api.http.post(api.url("hank"), headers=AUTH)).status_code == 200
     assert await api.snapshot() != before
+
+
+async def test_the_routes_mount_into_an_existing_starlette_app(api: ApiStack):
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    from consent_flow import api_routes
+
+    async def own(request):
+        return PlainTextResponse("the host's own route")
+
+    host = Starlette(
+        routes=[Route("/", own), Mount("/consent", routes=api_routes(api.stack.client))]
+    )
+    transport = httpx.ASGITransport(app=host)
+    async with httpx.AsyncClient(transport=transport, base_url="http://host") as http:
+        assert (await http.get("/")).text == "the host's own route"
+        created = await http.post("/consent/v1/connections/default/ivan", headers=AUTH)
+        assert created.status_code == 200
+        assert created.json()["state"] == "pending"
+        assert_problem(await http.get("/consent/v1/providers"), 401, "unauthorized")
+        assert_problem(await http.get("/consent/v1/nothing", headers=AUTH), 404, "not_found")
+        document = (await http.get("/consent/openapi.json")).json()
+        assert document["servers"] == [{"url": "/consent"}]
+    history = (await api.http.get(api.url("ivan", "/history"), headers=AUTH)).json()
+    assert history[0]["actor"] == f"api:{api_key_id(KEY)}"

@@ -5,6 +5,10 @@ few hundred generated requests, schema-valid and schema-invalid, with the right 
 or none. Every answer must be a non-5xx the document allows (status, media type, headers, body
 schema), schema-invalid input must be refused, and a refused request must leave every consent
 key in Redis as it was.
+
+The seed fixes the run for a given code base and test selection: hypothesis also draws constants
+from the project's modules that are loaded. A failure prints the falsifying case and a curl
+command that repeats it.
 """
 
 from __future__ import annotations

@@ -414,3 +414,22 @@ async def test_the_routes_mount_into_an_existing_starlette_app(api: ApiStack):
         assert document["servers"] == [{"url": "/consent"}]
     history = (await api.http.get(api.url("ivan", "/history"), headers=AUTH)).json()
     assert history[0]["actor"] == f"api:{api_key_id(KEY)}"
+
+
+async def test_redis_down_is_503_store_unavailable(make_stack, tmp_path):
+    from conftest import start_redis, stop_redis
+
+    own = start_redis(tmp_path / "redis")
+    try:
+        stack = await make_stack(
+            redis_url=own.url, api_keys=(Secret(KEY),), event_timeout=2, workers=0
+        )
+        base = f"http://127.0.0.1:{stack.settings.http_port}"
+        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+            assert (await http.get("/v1/connections/default/ken", headers=AUTH)).status_code == 200
+            stop_redis(own)
+            response = await http.get("/v1/connections/default/ken", headers=AUTH)
+        assert_problem(response, 503, "store_unavailable")
+    finally:
+        if own.process.poll() is None:
+            stop_redis(own)

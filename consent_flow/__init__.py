@@ -4,6 +4,7 @@ Each user's delegated, revocable offline access to a downstream API lives in an 
 machine (unprovisioned, pending, provisioned, revoked) driven by events through an arq queue.
 """
 
+from ._api import api_routes
 from ._client import ConsentClient, ConsentStatus
 from ._errors import (
     CallbackRejected,
@@ -56,6 +57,7 @@ __all__ = [
     "UnknownKeyError",
     "VaultError",
     "WorkerUnavailable",
+    "api_routes",
     "consent_routes",
     "create_app",
     "generate_key",

@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
     command("up", "embedded or configured Redis, worker and callback server in one", json_=False)
     command("worker", "run an arq worker that applies consent events", json_=False)
-    command("serve", "run the callback server (GET /oauth/callback, /healthz)", json_=False)
+    command("serve", "run the callback server (/oauth/callback, /healthz, /v1)", json_=False)
     p = command("provision", "ask for USER's consent; prints the authorization URL")
     p.add_argument("user")
     p = command("revoke", "revoke USER's consent at the provider and wipe local tokens")

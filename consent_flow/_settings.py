@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +37,9 @@ MAX_SCOPES_LENGTH = 2000
 # the default backoff, two to four minutes of failing), refresh_recovered after a run that long.
 DEFAULT_WEBHOOK_FAILING_AFTER = 8
 MAX_WEBHOOK_FAILING_AFTER = 1000
+MIN_API_KEY_LENGTH = 32  # characters: a guessable key would open every user's tokens
+# RFC 6750 2.1: what an Authorization: Bearer header can carry.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 AuthMethod = Literal["client_secret_basic", "client_secret_post"]
 LogFormat = Literal["json", "console"]
@@ -113,6 +117,7 @@ class Settings:
     http_timeout: float = DEFAULT_HTTP_TIMEOUT
     commit_retry_limit: int = DEFAULT_COMMIT_RETRY_LIMIT
     ops_token: Secret = field(default_factory=lambda: Secret(""))
+    api_keys: tuple[Secret, ...] = ()
     data_dir: Path = field(default_factory=lambda: _default_data_dir(os.environ))
     redis_prefix: str = "cf"
     queue_name: str = "consent-flow:queue"
@@ -289,6 +294,16 @@ class Settings:
             raise SettingsError(
                 "CONSENT_WEBHOOK_FAILING_AFTER", f"must be at most {MAX_WEBHOOK_FAILING_AFTER}"
             )
+        api_keys = tuple(
+            Secret(k.strip()) for k in (get("CONSENT_API_KEYS") or "").split(",") if k.strip()
+        )
+        for number, key in enumerate(api_keys, 1):
+            if len(key.reveal()) < MIN_API_KEY_LENGTH or not _B64TOKEN.fullmatch(key.reveal()):
+                raise SettingsError(
+                    "CONSENT_API_KEYS",
+                    f"key {number} must be at least {MIN_API_KEY_LENGTH} characters of "
+                    "A-Z a-z 0-9 - . _ ~ + / (make one with: openssl rand -hex 32)",
+                )
 
         settings = cls(
             redis_url=redis_url,
@@ -319,6 +334,7 @@ class Settings:
             event_timeout=event_timeout,
             http_timeout=http_timeout,
             ops_token=Secret(get("CONSENT_OPS_TOKEN") or ""),
+            api_keys=api_keys,
             data_dir=Path(get("CONSENT_DATA_DIR") or _default_data_dir(env)),
             redis_prefix=get("CONSENT_REDIS_PREFIX") or "cf",
             queue_name=get("CONSENT_QUEUE_NAME") or "consent-flow:queue",

@@ -22,8 +22,9 @@ import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
+from ._api import api_routes
 from ._client import ConsentClient
 from ._clock import skew_problem, worst_offset
 from ._errors import CallbackRejected, ConsentError, ProviderError, WorkerUnavailable
@@ -282,8 +283,8 @@ def _ops_routes(current: Callable[[], ConsentClient]) -> list[Route]:
 
 
 def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette:
-    """The ASGI app of ``consent-flow serve``: the callback, ``/healthz``, ``/metrics`` and the
-    operator pages, on a ``ConsentClient`` of its own."""
+    """The ASGI app of ``consent-flow serve``: the callback, ``/healthz``, ``/metrics``, the
+    operator pages and the HTTP API, on a ``ConsentClient`` of its own."""
     settings.check_provider()
     settings.check_keys()
     holder: dict[str, ConsentClient] = {}
@@ -303,5 +304,9 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette
         except KeyError:
             raise ConsentError("the callback server is not running") from None
 
-    routes = consent_routes(current, callback_path=settings.redirect_path) + _ops_routes(current)
+    routes: list[BaseRoute] = [
+        *consent_routes(current, callback_path=settings.redirect_path),
+        *_ops_routes(current),
+    ]
+    routes += api_routes(current)  # /v1 answers 404 until CONSENT_API_KEYS is set
     return Starlette(routes=routes, lifespan=lifespan)

@@ -30,6 +30,7 @@ PUBLIC = [
     "UnknownKeyError",
     "VaultError",
     "WorkerUnavailable",
+    "api_routes",
     "consent_routes",
     "create_app",
     "generate_key",

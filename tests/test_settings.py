@@ -208,3 +208,21 @@ def test_commit_retry_limit_defaults_well_above_five_minutes():
     assert Settings.from_env(BASE).commit_retry_limit == 1800
     env = {**BASE, "CONSENT_COMMIT_RETRY_LIMIT": "600"}
     assert Settings.from_env(env).commit_retry_limit == 600
+
+
+def test_api_keys_are_secrets_read_from_a_comma_separated_list():
+    first, second = "a" * 32, "B0-._~+/" * 5 + "=="
+    s = Settings.from_env({**BASE, "CONSENT_API_KEYS": f" {first} , {second},"})
+    assert [k.reveal() for k in s.api_keys] == [first, second]
+    assert first not in repr(s)
+    assert Settings.from_env(BASE).api_keys == ()
+
+
+@pytest.mark.parametrize("bad", ["a" * 31, "a" * 31 + " b", "a" * 40 + "\u00e9", "a" * 32 + ":x"])
+def test_a_short_or_unsendable_api_key_is_a_settings_error_that_hides_it(bad):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({**BASE, "CONSENT_API_KEYS": f"{'k' * 32},{bad}"})
+    assert info.value.variable == "CONSENT_API_KEYS"
+    assert "key 2" in str(info.value)
+    assert "at least 32 characters" in str(info.value)
+    assert bad not in str(info.value)

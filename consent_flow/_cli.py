@@ -26,13 +26,45 @@ from ._machine import State, mermaid
 from ._metrics import read_snapshot
 from ._model import HistoryEntry, check_user, iso
 from ._redis import embedded_redis, embedded_redis_stopped
-from ._settings import Settings
+from ._settings import REQUIRED_VARIABLES, Requirement, Settings
 from ._vault import generate_key
 
 __all__ = ["main"]
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+
+
+# Which settings each command needs: the one table behind both its --help and what it demands
+# at start (commands not listed need none).
+_NEEDS: dict[str, frozenset[Requirement]] = {
+    "up": frozenset(Requirement),
+    "worker": frozenset({Requirement.PROVIDER, Requirement.KEYS}),
+    "serve": frozenset(Requirement),
+    "token": frozenset({Requirement.KEYS}),
+    "keys rotate": frozenset({Requirement.KEYS}),
+}
+_OFFLINE = frozenset({"diagram", "keys generate"})  # read no settings and touch no Redis
+
+
+def _epilog(command: str) -> str:
+    """The settings section of ``consent-flow COMMAND --help``, from :data:`_NEEDS`."""
+    if command in _OFFLINE:
+        return "settings: this command reads none"
+    needs = _NEEDS.get(command, frozenset())
+    rows = [row for r in Requirement if r in needs for row in REQUIRED_VARIABLES[r]]
+    width = max((len(name) for name, _ in rows), default=0)
+    lines = ["settings this command needs:"] if rows else ["settings: none required"]
+    lines += [f"  {name.ljust(width)}  {what}" for name, what in rows]
+    lines.append(
+        "optional: CONSENT_REDIS_URL (unset: the embedded Redis under CONSENT_DATA_DIR);\n"
+        "every setting: the Configuration section of README.md"
+    )
+    return "\n".join(lines)
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    return f"keys {args.keys_command}" if args.command == "keys" else str(args.command)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,11 +75,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="consent-flow", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser = _Parser(
+        prog="consent-flow",
+        description=__doc__.split("\n")[0] if __doc__ else None,
+        epilog="consent-flow COMMAND --help lists the settings COMMAND needs.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter  # keeps the epilog's one variable per line
 
     def command(name: str, help_: str, *, json_: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(
+            name, help=help_, description=help_, epilog=_epilog(name), formatter_class=raw
+        )
         if json_:
             p.add_argument("--json", action="store_true", help="print JSON for scripts")
         return p
@@ -75,9 +114,17 @@ def _parser() -> argparse.ArgumentParser:
     command("diagram", "the state machine as Mermaid", json_=False)
     keys = sub.add_parser("keys", help="encryption keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
-    keys_sub.add_parser("generate", help="print a new key for CONSENT_ENCRYPTION_KEYS")
+    keys_sub.add_parser(
+        "generate",
+        help="print a new key for CONSENT_ENCRYPTION_KEYS",
+        epilog=_epilog("keys generate"),
+        formatter_class=raw,
+    )
     rotate = keys_sub.add_parser(
-        "rotate", help="re-encrypt every record under the first key of CONSENT_ENCRYPTION_KEYS"
+        "rotate",
+        help="re-encrypt every record under the first key of CONSENT_ENCRYPTION_KEYS",
+        epilog=_epilog("keys rotate"),
+        formatter_class=raw,
     )
     rotate.add_argument("--json", action="store_true")
     return parser
@@ -238,14 +285,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     server_side = args.command in ("up", "worker", "serve")
-    settings = Settings.from_env(
-        require_provider=server_side,
-        require_keys=server_side
-        or args.command == "token"
-        or (args.command == "keys" and args.keys_command == "rotate"),
-    )
-    if args.command in ("serve", "up"):
-        settings.check_listen_address()
+    settings = Settings.from_env(requires=_NEEDS.get(_command_name(args), frozenset()))
     configure_logging(settings.log_format, logging.INFO if server_side else logging.WARNING)
 
     if args.command == "worker":

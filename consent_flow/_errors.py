@@ -4,7 +4,7 @@ Every error the library raises on purpose derives from one base class, carries a
 ``code`` and the context it happened in (user, event), and never a secret::
 
     ConsentError
-    ├── SettingsError               a CONSENT_* variable is missing or malformed
+    ├── SettingsError               CONSENT_* variables are missing or malformed (all of them)
     ├── VaultError                  encryption key ring problems
     │   └── UnknownKeyError         a ciphertext names a key id the ring does not hold
     ├── StoreError                  the state store answered something it should not have
@@ -25,6 +25,9 @@ Retry control flow (arq's ``Retry``) deliberately stays outside this tree.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 __all__ = [
     "CallbackRejected",
     "ClientRejected",
@@ -37,6 +40,7 @@ __all__ = [
     "ProviderError",
     "ProviderResponseError",
     "ProviderUnavailable",
+    "SettingProblem",
     "SettingsError",
     "StoreError",
     "UnknownKeyError",
@@ -60,14 +64,38 @@ class ConsentError(Exception):
         return self.message
 
 
+@dataclass(frozen=True, slots=True)
+class SettingProblem:
+    """One missing or malformed setting: the variable, what is wrong and what it accepts."""
+
+    variable: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.variable}: {self.message}"
+
+
 class SettingsError(ConsentError):
-    """A setting is missing or malformed; ``variable`` names it."""
+    """Settings are missing or malformed: ``problems`` holds every one, ``variable`` names the
+    first. The message lists them one per line, so one run shows everything to fix."""
 
     code = "settings_invalid"
 
-    def __init__(self, variable: str, problem: str) -> None:
-        super().__init__(f"{variable}: {problem}")
+    def __init__(self, variable: str, problem: str, *more: SettingProblem) -> None:
+        self.problems: tuple[SettingProblem, ...] = (SettingProblem(variable, problem), *more)
         self.variable = variable
+        if more:
+            lines = "\n".join(f"  {p}" for p in self.problems)
+            message = f"{len(self.problems)} settings are missing or malformed:\n{lines}"
+        else:
+            message = str(self.problems[0])
+        super().__init__(message)
+
+    @classmethod
+    def of(cls, problems: Sequence[SettingProblem]) -> SettingsError:
+        """One error for every problem found (``problems`` must not be empty)."""
+        first, *more = problems
+        return cls(first.variable, first.message, *more)
 
 
 class VaultError(ConsentError):

@@ -6,18 +6,27 @@ the worker settings and ``ConsentClient.from_env`` and the object is passed down
 
 from __future__ import annotations
 
+import enum
 import ipaddress
+import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
-from ._errors import SettingsError
+from ._errors import SettingProblem, SettingsError
 
-__all__ = ["Secret", "Settings", "is_loopback_host"]
+__all__ = [
+    "REQUIRED_VARIABLES",
+    "Requirement",
+    "Secret",
+    "SettingProblem",
+    "Settings",
+    "is_loopback_host",
+]
 
 DEFAULT_SCOPES = ("openid", "offline_access")
 DEFAULT_SESSION_TTL = 600  # seconds a user has to approve at the provider
@@ -32,6 +41,8 @@ DEFAULT_HTTP_TIMEOUT = 10.0  # seconds for one call to the provider
 # well above a Sentinel failover, and above the 5-minute outage a worker is built to ride out.
 DEFAULT_COMMIT_RETRY_LIMIT = 1800
 MIN_COMMIT_RETRY_LIMIT = 60
+MIN_HTTP_TIMEOUT = 0.1
+MAX_HTTP_TIMEOUT = 120.0
 MAX_SCOPES_LENGTH = 2000
 # A refresh_failing webhook goes out at this many consecutive transient refresh failures (with
 # the default backoff, two to four minutes of failing), refresh_recovered after a run that long.
@@ -40,6 +51,42 @@ MAX_WEBHOOK_FAILING_AFTER = 1000
 MIN_API_KEY_LENGTH = 32  # characters: a guessable key would open every user's tokens
 # RFC 6750 2.1: what an Authorization: Bearer header can carry.
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+# The schemes consent_flow._redis connects with (redis-py's and arq's, and Sentinel's form).
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+REDIS_URL_ACCEPTED = (
+    "accepted: redis://[:password@]host:6379/0, rediss://host:6380/0 (TLS), "
+    "unix:///path/to/redis.sock (a socket) or redis+sentinel://host:26379,host2:26379/mymaster; "
+    "e.g. redis://localhost:6379/0"
+)
+WEBHOOK_SECRET_ACCEPTED = (
+    "expected whsec_ and 24 to 64 random bytes in base64, e.g. from: python -c "
+    "\"import base64, os; print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
+)
+MAX_SHOWN_VALUE = 40  # characters of a rejected value quoted back in a message
+
+
+class Requirement(enum.Enum):
+    """What a caller of :meth:`Settings.from_env` is about to do, and so which settings it needs."""
+
+    PROVIDER = "provider"  # talk to the OpenID provider as its confidential client
+    KEYS = "keys"  # read or write encrypted tokens
+    LISTENER = "listener"  # listen on CONSENT_HTTP_HOST, serving /ops and /metrics too
+
+
+# The one table of required variables: ``from_env`` demands them and ``--help`` lists them.
+REQUIRED_VARIABLES: Mapping[Requirement, tuple[tuple[str, str], ...]] = {
+    Requirement.PROVIDER: (
+        ("CONSENT_ISSUER", "the provider's issuer URL"),
+        ("CONSENT_CLIENT_ID", "the client id registered at the provider"),
+        ("CONSENT_CLIENT_SECRET", "that client's secret: a confidential client"),
+        ("CONSENT_REDIRECT_URI", "the redirect URI registered for that client"),
+    ),
+    Requirement.KEYS: (("CONSENT_ENCRYPTION_KEYS", "create one with: consent-flow keys generate"),),
+    Requirement.LISTENER: (
+        ("CONSENT_OPS_TOKEN", "only when CONSENT_HTTP_HOST is not a loopback address"),
+    ),
+}
 
 AuthMethod = Literal["client_secret_basic", "client_secret_post"]
 LogFormat = Literal["json", "console"]
@@ -84,6 +131,39 @@ def is_loopback_host(host: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped.is_loopback
     return address.is_loopback
+
+
+def _shown(raw: str) -> str:
+    """A rejected (non-secret) value as quoted back in a message, cut short if long."""
+    if len(raw) > MAX_SHOWN_VALUE:
+        return repr(raw[:MAX_SHOWN_VALUE] + "...")
+    return repr(raw)
+
+
+def _redis_url_problem(value: str) -> str | None:
+    """What is wrong with a Redis URL, without echoing it (it may hold a password)."""
+    parts = urlsplit(value)
+    if "://" not in value:
+        return "is not a URL"
+    if parts.scheme not in REDIS_URL_SCHEMES:
+        return f"{parts.scheme}:// is not a Redis scheme"
+    if parts.scheme == "unix":
+        return None if parts.path else "names no socket path"
+    bad_port = "has a port that is not a number from 1 to 65535"
+    if parts.scheme != "redis+sentinel":
+        try:
+            parts.port  # noqa: B018 - urllib checks the port when it is read
+        except ValueError:
+            return bad_port
+        return None
+    # The form consent_flow._redis parses: redis+sentinel://host:26379,host2:26379/mymaster?db=0
+    for host in parts.netloc.rsplit("@", 1)[-1].split(","):
+        port = host.partition(":")[2] or "26379"
+        if not (port.isdigit() and 0 < int(port) <= 65535):
+            return bad_port
+    if not all(db.isdigit() for db in parse_qs(parts.query).get("db", [])):
+        return "has a db= that is not a whole number"
+    return None
 
 
 def _default_data_dir(env: Mapping[str, str]) -> Path:
@@ -132,13 +212,25 @@ class Settings:
         *,
         require_provider: bool = False,
         require_keys: bool = False,
+        requires: Collection[Requirement] = (),
     ) -> Settings:
-        """Read ``CONSENT_*`` variables. Raises :class:`SettingsError` naming the variable.
+        """Read ``CONSENT_*`` variables. Raises one :class:`SettingsError` naming every missing
+        or malformed variable (``exc.problems``), so a single run shows all there is to fix.
 
-        ``require_provider`` demands the OpenID client settings (worker, server, token broker);
-        ``require_keys`` demands ``CONSENT_ENCRYPTION_KEYS``. Read-only commands need neither.
+        ``requires`` says what the caller is about to do (:data:`REQUIRED_VARIABLES`);
+        ``require_provider`` and ``require_keys`` are shorthands for ``Requirement.PROVIDER`` and
+        ``Requirement.KEYS``. Read-only commands need none.
         """
         env = dict(os.environ if environ is None else environ)
+        needs = set(requires)
+        if require_provider:
+            needs.add(Requirement.PROVIDER)
+        if require_keys:
+            needs.add(Requirement.KEYS)
+        problems: list[SettingProblem] = []
+
+        def problem(name: str, message: str) -> None:
+            problems.append(SettingProblem(name, message))
 
         def get(name: str) -> str | None:
             value = env.get(name)
@@ -147,75 +239,101 @@ class Settings:
             value = value.strip()
             return value or None
 
-        def integer(name: str, default: int, *, minimum: int = 0, unit: str = "seconds") -> int:
+        def integer(name: str, default: int, low: int, high: int | None, accepted: str) -> int:
             raw = get(name)
             if raw is None:
                 return default
             try:
                 value = int(raw)
             except ValueError:
-                raise SettingsError(
-                    name, f"must be a whole number of {unit}, not {raw!r}"
-                ) from None
-            if value < minimum:
-                raise SettingsError(name, f"must be at least {minimum}")
+                value = low - 1
+            if value < low or (high is not None and value > high):
+                problem(name, f"must be {accepted}, not {_shown(raw)}")
+                return default
             return value
 
-        def url(name: str, value: str, *, https_unless_local: bool = True) -> str:
+        def number(
+            name: str, default: float, low: float, high: float, accepted: str, *, open_low: bool
+        ) -> float:
+            """A float from ``low`` (excluded if ``open_low``) to ``high``; NaN never passes."""
+            raw = get(name)
+            if raw is None:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                value = math.nan
+            if not (low < value if open_low else low <= value) or not value <= high:
+                problem(name, f"must be {accepted}, not {_shown(raw)}")
+                return default
+            return value
+
+        def choice(name: str, default: str, options: tuple[str, ...], *, fold: bool) -> str:
+            raw = get(name)
+            if raw is None:
+                return default
+            value = raw.lower() if fold else raw
+            if value not in options:
+                listed = ", ".join(repr(o) for o in options)
+                problem(name, f"must be one of {listed}, not {_shown(raw)}")
+                return default
+            return value
+
+        insecure = choice("CONSENT_ALLOW_INSECURE_HTTP", "0", ("0", "1"), fold=False)
+
+        def url(name: str, example: str) -> str | None:
+            """An absolute http(s) URL; the value is not echoed: it may carry credentials."""
+            value = get(name)
+            if value is None:
+                return None
             parts = urlsplit(value)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise SettingsError(name, "must be an absolute http(s) URL")
+                problem(name, f"must be an absolute https:// URL, e.g. {example}")
+                return None
             if parts.fragment:
-                raise SettingsError(name, "must not contain a fragment")
-            local = parts.hostname in ("localhost", "127.0.0.1", "::1") or parts.hostname.endswith(
-                ".localhost"
-            )
+                problem(name, f"must not contain a #fragment, e.g. {example}")
+                return None
             # RFC 9700 section 2.6: no clear-text redirects or token traffic outside a developer's
             # own machine.
-            if https_unless_local and parts.scheme == "http" and not local:
-                allow = get("CONSENT_ALLOW_INSECURE_HTTP") == "1"
-                if not allow:
-                    raise SettingsError(
-                        name, "must use https (set CONSENT_ALLOW_INSECURE_HTTP=1 for test networks)"
-                    )
+            if parts.scheme == "http" and not is_loopback_host(parts.hostname) and insecure != "1":
+                problem(
+                    name,
+                    "must use https:// off loopback (set CONSENT_ALLOW_INSECURE_HTTP=1 for test "
+                    "networks)",
+                )
+                return None
             return value
 
         redis_url = get("CONSENT_REDIS_URL")
-        if redis_url is not None and urlsplit(redis_url).scheme not in (
-            "redis",
-            "rediss",
-            "unix",
-            "redis+sentinel",
-        ):
-            raise SettingsError("CONSENT_REDIS_URL", "must be a redis://, rediss:// or unix:// URL")
+        if redis_url is not None and (wrong := _redis_url_problem(redis_url)):
+            problem("CONSENT_REDIS_URL", f"{wrong}; {REDIS_URL_ACCEPTED}")
 
-        issuer = get("CONSENT_ISSUER") or ""
-        if issuer:
-            issuer = url("CONSENT_ISSUER", issuer)
-        discovery = get("CONSENT_DISCOVERY_URL") or ""
-        if discovery:
-            discovery = url("CONSENT_DISCOVERY_URL", discovery)
-        elif issuer:
-            discovery = issuer.rstrip("/") + "/.well-known/openid-configuration"
-        redirect_uri = get("CONSENT_REDIRECT_URI") or ""
-        if redirect_uri:
-            redirect_uri = url("CONSENT_REDIRECT_URI", redirect_uri)
-        resource = get("CONSENT_RESOURCE")
-        if resource is not None:
-            resource = url("CONSENT_RESOURCE", resource)
+        issuer = url("CONSENT_ISSUER", "https://id.example.com") or ""
+        discovery = url(
+            "CONSENT_DISCOVERY_URL", "https://id.example.com/.well-known/openid-configuration"
+        )
+        if discovery is None:
+            discovery = issuer and issuer.rstrip("/") + "/.well-known/openid-configuration"
+        redirect_uri = url("CONSENT_REDIRECT_URI", "https://mcp.example.com/oauth/callback") or ""
+        resource = url("CONSENT_RESOURCE", "https://mcp.example.com/")
 
         raw_scopes = get("CONSENT_SCOPES")
         scopes: tuple[str, ...] = DEFAULT_SCOPES
         if raw_scopes is not None:
-            if len(raw_scopes) > MAX_SCOPES_LENGTH:
-                raise SettingsError("CONSENT_SCOPES", "is too long")
             scopes = tuple(dict.fromkeys(raw_scopes.split()))
-            bad = [
-                s for s in scopes if not all(0x21 <= ord(c) <= 0x7E and c not in '"\\' for c in s)
-            ]
-            if bad:
-                # RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
-                raise SettingsError("CONSENT_SCOPES", "contains characters RFC 6749 3.3 forbids")
+            # RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+            if len(raw_scopes) > MAX_SCOPES_LENGTH:
+                problem(
+                    "CONSENT_SCOPES",
+                    f"is {len(raw_scopes)} characters long; at most {MAX_SCOPES_LENGTH} are "
+                    "accepted",
+                )
+            elif not all(0x21 <= ord(c) <= 0x7E and c not in '"\\' for c in "".join(scopes)):
+                problem(
+                    "CONSENT_SCOPES",
+                    "contains characters RFC 6749 3.3 forbids; expected space separated scopes "
+                    'of printable ASCII without " or \\, e.g. "openid offline_access"',
+                )
 
         raw_keys = get("CONSENT_ENCRYPTION_KEYS")
         keys: tuple[Secret, ...] = ()
@@ -225,85 +343,101 @@ class Settings:
             parts_ = [k.strip() for k in raw_keys.split(",") if k.strip()]
             try:
                 KeyRing.from_strings(parts_)
-            except ValueError as exc:
-                raise SettingsError("CONSENT_ENCRYPTION_KEYS", str(exc)) from None
-            keys = tuple(Secret(k) for k in parts_)
-
-        subject_match_raw = (get("CONSENT_SUBJECT_MATCH") or "on").lower()
-        if subject_match_raw not in ("on", "off"):
-            raise SettingsError("CONSENT_SUBJECT_MATCH", "must be 'on' or 'off'")
-        log_format = (get("CONSENT_LOG_FORMAT") or "console").lower()
-        if log_format not in ("json", "console"):
-            raise SettingsError("CONSENT_LOG_FORMAT", "must be 'json' or 'console'")
-        auth_method = get("CONSENT_TOKEN_AUTH_METHOD") or "client_secret_basic"
-        if auth_method not in ("client_secret_basic", "client_secret_post"):
-            raise SettingsError(
-                "CONSENT_TOKEN_AUTH_METHOD", "must be 'client_secret_basic' or 'client_secret_post'"
-            )
-        port = integer("CONSENT_HTTP_PORT", DEFAULT_HTTP_PORT, minimum=0)
-        if port > 65535:
-            raise SettingsError("CONSENT_HTTP_PORT", "must be a TCP port (0-65535)")
-        event_timeout_raw = get("CONSENT_EVENT_TIMEOUT")
-        event_timeout = DEFAULT_EVENT_TIMEOUT
-        if event_timeout_raw is not None:
-            try:
-                event_timeout = float(event_timeout_raw)
-            except ValueError:
-                raise SettingsError(
-                    "CONSENT_EVENT_TIMEOUT", "must be a number of seconds"
-                ) from None
-            if not 0 < event_timeout <= MAX_EVENT_TIMEOUT:
-                raise SettingsError(
-                    "CONSENT_EVENT_TIMEOUT", f"must be between 0 and {MAX_EVENT_TIMEOUT:g} seconds"
+            except ValueError as exc:  # the vault's messages never echo a key
+                problem(
+                    "CONSENT_ENCRYPTION_KEYS",
+                    f"{exc}; expected comma separated keys from: consent-flow keys generate",
                 )
+            else:
+                keys = tuple(Secret(k) for k in parts_)
 
-        http_timeout = DEFAULT_HTTP_TIMEOUT
-        if (raw_timeout := get("CONSENT_HTTP_TIMEOUT")) is not None:
-            try:
-                http_timeout = float(raw_timeout)
-            except ValueError:
-                raise SettingsError("CONSENT_HTTP_TIMEOUT", "must be a number of seconds") from None
-            if not 0.1 <= http_timeout <= 120:
-                raise SettingsError("CONSENT_HTTP_TIMEOUT", "must be between 0.1 and 120 seconds")
+        subject_match = choice("CONSENT_SUBJECT_MATCH", "on", ("on", "off"), fold=True)
+        log_format = choice("CONSENT_LOG_FORMAT", "console", ("json", "console"), fold=True)
+        auth_method = choice(
+            "CONSENT_TOKEN_AUTH_METHOD",
+            "client_secret_basic",
+            ("client_secret_basic", "client_secret_post"),
+            fold=False,
+        )
+        session_ttl = integer(
+            "CONSENT_SESSION_TTL", DEFAULT_SESSION_TTL, 2, None, "a whole number of seconds >= 2"
+        )
+        refresh_margin = integer(
+            "CONSENT_REFRESH_MARGIN",
+            DEFAULT_REFRESH_MARGIN,
+            0,
+            None,
+            "a whole number of seconds >= 0",
+        )
+        keepalive = integer(
+            "CONSENT_KEEPALIVE", DEFAULT_KEEPALIVE, 2, None, "a whole number of seconds >= 2"
+        )
+        history_retention = integer(
+            "CONSENT_HISTORY_RETENTION",
+            DEFAULT_HISTORY_RETENTION,
+            60,
+            None,
+            "a whole number of seconds >= 60",
+        )
+        http_host = get("CONSENT_HTTP_HOST") or "127.0.0.1"
+        port = integer(
+            "CONSENT_HTTP_PORT", DEFAULT_HTTP_PORT, 1, 65535, "a port number from 1 to 65535"
+        )
+        event_timeout = number(
+            "CONSENT_EVENT_TIMEOUT",
+            DEFAULT_EVENT_TIMEOUT,
+            0,
+            MAX_EVENT_TIMEOUT,
+            f"a number of seconds > 0 and <= {MAX_EVENT_TIMEOUT:g}",
+            open_low=True,
+        )
+        http_timeout = number(
+            "CONSENT_HTTP_TIMEOUT",
+            DEFAULT_HTTP_TIMEOUT,
+            MIN_HTTP_TIMEOUT,
+            MAX_HTTP_TIMEOUT,
+            f"a number of seconds from {MIN_HTTP_TIMEOUT:g} to {MAX_HTTP_TIMEOUT:g}",
+            open_low=False,
+        )
 
-        webhook_url = get("CONSENT_WEBHOOK_URL")
-        if webhook_url is not None:
-            webhook_url = url("CONSENT_WEBHOOK_URL", webhook_url)
+        webhook_url = url("CONSENT_WEBHOOK_URL", "https://hooks.example.com/consent")
         webhook_secret = get("CONSENT_WEBHOOK_SECRET")
         if webhook_secret is not None:
             from ._webhooks import parse_secret  # local: the webhooks module owns the format
 
             try:
                 parse_secret(webhook_secret)
-            except ValueError as exc:
-                raise SettingsError("CONSENT_WEBHOOK_SECRET", str(exc)) from None
-        elif webhook_url is not None:
-            raise SettingsError(
+            except ValueError as exc:  # its messages never echo the secret
+                problem("CONSENT_WEBHOOK_SECRET", f"{exc}; {WEBHOOK_SECRET_ACCEPTED}")
+        elif get("CONSENT_WEBHOOK_URL") is not None:
+            problem(
                 "CONSENT_WEBHOOK_SECRET",
-                "is required when CONSENT_WEBHOOK_URL is set (whsec_ and 24 to 64 random bytes "
-                'in base64, e.g. from: python -c "import base64, os; '
-                "print('whsec_' + base64.b64encode(os.urandom(32)).decode())\")",
+                f"is required when CONSENT_WEBHOOK_URL is set; {WEBHOOK_SECRET_ACCEPTED}",
             )
         failing_after = integer(
             "CONSENT_WEBHOOK_FAILING_AFTER",
             DEFAULT_WEBHOOK_FAILING_AFTER,
-            minimum=1,
-            unit="failures",
+            1,
+            MAX_WEBHOOK_FAILING_AFTER,
+            f"a whole number of consecutive failures from 1 to {MAX_WEBHOOK_FAILING_AFTER}",
         )
-        if failing_after > MAX_WEBHOOK_FAILING_AFTER:
-            raise SettingsError(
-                "CONSENT_WEBHOOK_FAILING_AFTER", f"must be at most {MAX_WEBHOOK_FAILING_AFTER}"
-            )
         api_keys = tuple(
             Secret(k.strip()) for k in (get("CONSENT_API_KEYS") or "").split(",") if k.strip()
         )
-        for number, key in enumerate(api_keys, 1):
+        for position, key in enumerate(api_keys, 1):
             if len(key.reveal()) < MIN_API_KEY_LENGTH or not _B64TOKEN.fullmatch(key.reveal()):
-                raise SettingsError(
+                problem(
                     "CONSENT_API_KEYS",
-                    f"key {number} must be at least {MIN_API_KEY_LENGTH} characters of "
+                    f"key {position} must be at least {MIN_API_KEY_LENGTH} characters of "
                     "A-Z a-z 0-9 - . _ ~ + / (make one with: openssl rand -hex 32)",
                 )
+        commit_retry_limit = integer(
+            "CONSENT_COMMIT_RETRY_LIMIT",
+            DEFAULT_COMMIT_RETRY_LIMIT,
+            MIN_COMMIT_RETRY_LIMIT,
+            None,
+            f"a whole number of seconds >= {MIN_COMMIT_RETRY_LIMIT}",
+        )
 
         settings = cls(
             redis_url=redis_url,
@@ -315,20 +449,14 @@ class Settings:
             scopes=scopes,
             resource=resource,
             encryption_keys=keys,
-            session_ttl=integer("CONSENT_SESSION_TTL", DEFAULT_SESSION_TTL, minimum=2),
-            refresh_margin=integer("CONSENT_REFRESH_MARGIN", DEFAULT_REFRESH_MARGIN, minimum=0),
-            keepalive=integer("CONSENT_KEEPALIVE", DEFAULT_KEEPALIVE, minimum=2),
-            commit_retry_limit=integer(
-                "CONSENT_COMMIT_RETRY_LIMIT",
-                DEFAULT_COMMIT_RETRY_LIMIT,
-                minimum=MIN_COMMIT_RETRY_LIMIT,
-            ),
-            history_retention=integer(
-                "CONSENT_HISTORY_RETENTION", DEFAULT_HISTORY_RETENTION, minimum=60
-            ),
-            http_host=get("CONSENT_HTTP_HOST") or "127.0.0.1",
+            session_ttl=session_ttl,
+            refresh_margin=refresh_margin,
+            keepalive=keepalive,
+            commit_retry_limit=commit_retry_limit,
+            history_retention=history_retention,
+            http_host=http_host,
             http_port=port,
-            subject_match=subject_match_raw == "on",
+            subject_match=subject_match == "on",
             log_format=log_format,  # type: ignore[arg-type]
             token_auth_method=auth_method,  # type: ignore[arg-type]
             event_timeout=event_timeout,
@@ -342,24 +470,65 @@ class Settings:
             webhook_secret=Secret(webhook_secret or ""),
             webhook_failing_after=failing_after,
         )
-        if require_provider:
-            settings.check_provider()
-        if require_keys:
-            settings.check_keys()
+        # A malformed variable already has its problem; "is required" on top would only repeat it.
+        reported = {p.variable for p in problems}
+        for requirement in Requirement:
+            if requirement in needs:
+                problems.extend(
+                    p for p in settings.missing(requirement) if p.variable not in reported
+                )
+        if problems:
+            raise SettingsError.of(problems)
         return settings
 
+    def missing(self, requirement: Requirement) -> list[SettingProblem]:
+        """What these settings lack for ``requirement``, one problem per variable."""
+        if requirement is Requirement.PROVIDER:
+            present = {
+                "CONSENT_ISSUER": bool(self.issuer),
+                "CONSENT_CLIENT_ID": bool(self.client_id),
+                "CONSENT_CLIENT_SECRET": bool(self.client_secret),
+                "CONSENT_REDIRECT_URI": bool(self.redirect_uri),
+            }
+            found = [
+                SettingProblem(name, f"is required ({what})")
+                for name, what in REQUIRED_VARIABLES[requirement]
+                if not present[name]
+            ]
+            if "openid" not in self.scopes:
+                found.append(
+                    SettingProblem(
+                        "CONSENT_SCOPES",
+                        "must include 'openid' (the ID token names the user), e.g. "
+                        '"openid offline_access"',
+                    )
+                )
+            return found
+        if requirement is Requirement.KEYS:
+            if self.encryption_keys:
+                return []
+            return [
+                SettingProblem(name, f"is required ({what})")
+                for name, what in REQUIRED_VARIABLES[requirement]
+            ]
+        if self.ops_token or is_loopback_host(self.http_host):
+            return []
+        return [
+            SettingProblem(
+                "CONSENT_OPS_TOKEN",
+                f"is required when CONSENT_HTTP_HOST ({self.http_host}) is not a loopback "
+                "address: without it /ops and /metrics trust any client that arrives from this "
+                "machine, which every client does through a proxy or a port forwarder",
+            )
+        ]
+
+    def _check(self, requirement: Requirement) -> None:
+        if problems := self.missing(requirement):
+            raise SettingsError.of(problems)
+
     def check_provider(self) -> None:
-        """Raise :class:`SettingsError` for the first missing OpenID client setting."""
-        if not self.issuer:
-            raise SettingsError("CONSENT_ISSUER", "is required (the provider's issuer URL)")
-        if not self.client_id:
-            raise SettingsError("CONSENT_CLIENT_ID", "is required")
-        if not self.client_secret:
-            raise SettingsError("CONSENT_CLIENT_SECRET", "is required (a confidential client)")
-        if not self.redirect_uri:
-            raise SettingsError("CONSENT_REDIRECT_URI", "is required")
-        if "openid" not in self.scopes:
-            raise SettingsError("CONSENT_SCOPES", "must include 'openid'")
+        """Raise :class:`SettingsError` naming every missing OpenID client setting."""
+        self._check(Requirement.PROVIDER)
 
     def check_listen_address(self) -> None:
         """``serve`` and ``up``: beyond loopback, /ops and /metrics need ``CONSENT_OPS_TOKEN``.
@@ -367,20 +536,10 @@ class Settings:
         Without the token they answer loopback clients only, and any client reaching a
         non-loopback listener through a proxy or forwarder on this machine arrives from loopback.
         """
-        if not self.ops_token and not is_loopback_host(self.http_host):
-            raise SettingsError(
-                "CONSENT_OPS_TOKEN",
-                f"is required when CONSENT_HTTP_HOST ({self.http_host}) is not a loopback "
-                "address: without it /ops and /metrics trust any client that arrives from this "
-                "machine, which every client does through a proxy or a port forwarder",
-            )
+        self._check(Requirement.LISTENER)
 
     def check_keys(self) -> None:
-        if not self.encryption_keys:
-            raise SettingsError(
-                "CONSENT_ENCRYPTION_KEYS",
-                "is required (create one with: consent-flow keys generate)",
-            )
+        self._check(Requirement.KEYS)
 
     @property
     def redirect_path(self) -> str:

@@ -221,3 +221,81 @@ def test_listening_beyond_loopback_without_an_ops_token_is_refused(cli_env, comm
     assert "CONSENT_HTTP_HOST (0.0.0.0) is not a loopback address" in result.stderr
     assert "proxy" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- settings errors: everything at once, and --help says what each command needs -----------------
+
+CONSENT_FLOW = Path(sys.executable).with_name("consent-flow")  # the installed console script
+
+
+def no_settings(tmp_path: Path) -> dict[str, str]:
+    """This environment without any CONSENT_* variable (and a private data folder)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_")}
+    return {**env, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data")}
+
+
+def consent_flow(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(CONSENT_FLOW), *args], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def test_three_bad_variables_are_named_in_one_message_exit_2(tmp_path):
+    env = {
+        **no_settings(tmp_path),
+        "CONSENT_ISSUER": "https://id.example.com",
+        "CONSENT_CLIENT_ID": "mcp",
+        "CONSENT_CLIENT_SECRET": "shh",
+        "CONSENT_REDIRECT_URI": "https://mcp.example.com/oauth/callback",
+        "CONSENT_REDIS_URL": "http://localhost:6379/0",
+        "CONSENT_ENCRYPTION_KEYS": "nope",
+        "CONSENT_HTTP_PORT": "abc",
+    }
+    out = consent_flow(env, "worker")
+    assert out.returncode == 2, out.stderr
+    assert out.stdout == ""
+    assert "Traceback" not in out.stderr
+    header, *lines = out.stderr.strip().splitlines()
+    assert header == "consent-flow: 3 settings are missing or malformed:"
+    assert [line.split(":", 1)[0].strip() for line in lines] == [
+        "CONSENT_REDIS_URL",
+        "CONSENT_ENCRYPTION_KEYS",
+        "CONSENT_HTTP_PORT",
+    ]
+    assert "  CONSENT_HTTP_PORT: must be a port number from 1 to 65535, not 'abc'" in lines
+
+
+def test_worker_help_names_the_variables_it_needs():
+    out = consent_flow(dict(os.environ), "worker", "--help")
+    assert out.returncode == 0, out.stderr
+    needs = out.stdout.split("settings this command needs:", 1)[1]
+    for variable in ("CONSENT_ISSUER", "CONSENT_CLIENT_ID", "CONSENT_ENCRYPTION_KEYS"):
+        assert f"\n  {variable} " in needs
+
+
+def _help_needs(env: dict[str, str], *command: str) -> list[str]:
+    """The variables ``consent-flow COMMAND --help`` lists as needed, in order."""
+    out = consent_flow(env, *command, "--help")
+    assert out.returncode == 0, out.stderr
+    if "settings this command needs:" not in out.stdout:
+        return []
+    section = out.stdout.split("settings this command needs:", 1)[1]
+    return [line.split()[0] for line in section.splitlines() if line.startswith("  CONSENT_")]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("up",), ("worker",), ("serve",), ("token", "alice"), ("keys", "rotate"), ("status", "alice")],
+)
+def test_help_lists_exactly_what_the_command_demands(tmp_path, command):
+    """One table drives both: with no settings at all (and a listener beyond loopback), a
+    command refuses to start naming every variable its --help lists, and no other."""
+    env = {**no_settings(tmp_path), "CONSENT_HTTP_HOST": "0.0.0.0"}  # noqa: S104
+    listed = _help_needs(env, *command[:2] if command[0] == "keys" else command[:1])
+    out = consent_flow(env, *command)
+    if not listed:  # needs nothing: it runs, on an embedded Redis it starts and stops
+        assert (out.returncode, out.stdout) == (0, "alice: unprovisioned\n"), out.stderr
+        return
+    assert out.returncode == 2, out.stderr
+    lines = [line.removeprefix("consent-flow:").strip() for line in out.stderr.splitlines()]
+    assert [line.split(":", 1)[0] for line in lines if line.startswith("CONSENT_")] == listed

@@ -226,3 +226,188 @@ def test_a_short_or_unsendable_api_key_is_a_settings_error_that_hides_it(bad):
     assert "key 2" in str(info.value)
     assert "at least 32 characters" in str(info.value)
     assert bad not in str(info.value)
+
+
+# -- every problem at once, each saying what is accepted ------------------------------------------
+
+
+def test_every_bad_or_missing_variable_is_named_in_one_error():
+    env = {k: v for k, v in BASE.items() if k != "CONSENT_CLIENT_ID"}
+    env.update(
+        CONSENT_HTTP_PORT="abc",
+        CONSENT_REDIS_URL="http://user:hunter2@cache.example.com:6379/0",
+        CONSENT_LOG_FORMAT="xml",
+    )
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env, require_provider=True, require_keys=True)
+    problems = info.value.problems
+    assert [p.variable for p in problems] == [
+        "CONSENT_REDIS_URL",
+        "CONSENT_LOG_FORMAT",
+        "CONSENT_HTTP_PORT",
+        "CONSENT_CLIENT_ID",
+    ]
+    assert info.value.variable == "CONSENT_REDIS_URL"
+    header, *lines = str(info.value).splitlines()
+    assert header == "4 settings are missing or malformed:"
+    assert lines == [f"  {p.variable}: {p.message}" for p in problems]
+    assert "hunter2" not in str(info.value)  # a Redis URL may carry a password
+
+
+def test_one_problem_is_one_line_starting_with_its_variable():
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({**BASE, "CONSENT_LOG_FORMAT": "xml"})
+    assert str(info.value) == "CONSENT_LOG_FORMAT: must be one of 'json', 'console', not 'xml'"
+    assert [(p.variable, p.message) for p in info.value.problems] == [
+        ("CONSENT_LOG_FORMAT", "must be one of 'json', 'console', not 'xml'")
+    ]
+
+
+def test_a_malformed_required_variable_is_named_once():
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({**BASE, "CONSENT_ISSUER": "id.example.com"}, require_provider=True)
+    assert [p.variable for p in info.value.problems] == ["CONSENT_ISSUER"]
+    assert "e.g. https://id.example.com" in str(info.value)
+
+
+def test_the_ops_token_rule_joins_the_other_problems():
+    from consent_flow._settings import Requirement
+
+    env = {**BASE, "CONSENT_HTTP_HOST": "0.0.0.0", "CONSENT_SESSION_TTL": "ten"}  # noqa: S104
+    del env["CONSENT_ENCRYPTION_KEYS"]
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env, requires=set(Requirement))
+    assert [p.variable for p in info.value.problems] == [
+        "CONSENT_SESSION_TTL",
+        "CONSENT_ENCRYPTION_KEYS",
+        "CONSENT_OPS_TOKEN",
+    ]
+
+
+def test_secrets_stay_out_of_a_many_problem_message():
+    key_like = "B" * 40 + "!!"
+    env = {
+        **BASE,
+        "CONSENT_ENCRYPTION_KEYS": key_like,
+        "CONSENT_WEBHOOK_URL": "https://hooks.example.com/",
+        "CONSENT_WEBHOOK_SECRET": "whsec_" + "!" * 40,
+        "CONSENT_ISSUER": "ftp://admin:s3cr3t-pass@id.example.com",
+    }
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env)
+    assert [p.variable for p in info.value.problems] == [
+        "CONSENT_ISSUER",
+        "CONSENT_ENCRYPTION_KEYS",
+        "CONSENT_WEBHOOK_SECRET",
+    ]
+    for secret in (key_like, "!" * 40, "s3cr3t-pass"):
+        assert secret not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "accepted"),
+    [
+        ("CONSENT_HTTP_PORT", "abc", "a port number from 1 to 65535"),
+        ("CONSENT_HTTP_PORT", "0", "a port number from 1 to 65535"),
+        ("CONSENT_HTTP_PORT", "65536", "a port number from 1 to 65535"),
+        ("CONSENT_SESSION_TTL", "ten", "a whole number of seconds >= 2"),
+        ("CONSENT_REFRESH_MARGIN", "-5", "a whole number of seconds >= 0"),
+        ("CONSENT_KEEPALIVE", "1.5", "a whole number of seconds >= 2"),
+        ("CONSENT_HISTORY_RETENTION", "59", "a whole number of seconds >= 60"),
+        ("CONSENT_EVENT_TIMEOUT", "0", "a number of seconds > 0 and <= 3600"),
+        ("CONSENT_EVENT_TIMEOUT", "nan", "a number of seconds > 0 and <= 3600"),
+        ("CONSENT_HTTP_TIMEOUT", "soon", "a number of seconds from 0.1 to 120"),
+        ("CONSENT_HTTP_TIMEOUT", "inf", "a number of seconds from 0.1 to 120"),
+        (
+            "CONSENT_WEBHOOK_FAILING_AFTER",
+            "many",
+            "a whole number of consecutive failures from 1 to 1000",
+        ),
+    ],
+)
+def test_each_number_states_its_own_unit_and_range(variable, value, accepted):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({**BASE, variable: value})
+    assert str(info.value) == f"{variable}: must be {accepted}, not {value!r}"
+
+
+def test_a_port_is_not_a_number_of_seconds():
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({**BASE, "CONSENT_HTTP_PORT": "abc"})
+    assert "seconds" not in str(info.value)
+    assert "port number from 1 to 65535" in str(info.value)
+
+
+def test_number_bounds_are_accepted():
+    s = Settings.from_env(
+        {
+            **BASE,
+            "CONSENT_HTTP_PORT": "65535",
+            "CONSENT_HTTP_TIMEOUT": "0.1",
+            "CONSENT_EVENT_TIMEOUT": "3600",
+            "CONSENT_WEBHOOK_FAILING_AFTER": "1000",
+            "CONSENT_SESSION_TTL": "2",
+        }
+    )
+    assert (s.http_port, s.http_timeout, s.event_timeout) == (65535, 0.1, 3600.0)
+    assert (s.webhook_failing_after, s.session_ttl) == (1000, 2)
+
+
+@pytest.mark.parametrize(
+    ("url", "wrong"),
+    [
+        ("http://localhost:6379", "http:// is not a Redis scheme"),
+        ("redis+tls://user:pw@cache:6379", "redis+tls:// is not a Redis scheme"),
+        ("localhost:6379", "is not a URL"),
+        ("redis://cache.example.com:63x79/0", "has a port that is not a number from 1 to 65535"),
+        ("redis+sentinel://s1:26379,s2:port/mymaster", "has a port that is not a number"),
+        ("unix://", "names no socket path"),
+    ],
+)
+def test_a_bad_redis_url_lists_every_accepted_scheme(url, wrong):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({**BASE, "CONSENT_REDIS_URL": url})
+    message = str(info.value)
+    assert message.startswith(f"CONSENT_REDIS_URL: {wrong}")
+    for scheme in ("redis://", "rediss://", "unix://", "redis+sentinel://"):
+        assert scheme in message.split("accepted:", 1)[1]
+    assert "e.g. redis://localhost:6379/0" in message
+    assert "pw@" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://localhost:6379/0",
+        "redis://:secret@cache.example.com/2",
+        "rediss://cache.example.com:6380/0",
+        "unix:///run/redis/redis.sock",
+        "redis+sentinel://s1:26379,s2:26380/mymaster?db=1",
+        "redis+sentinel://:pw@s1/mymaster",
+    ],
+)
+def test_every_accepted_redis_url_form_passes(url):
+    assert Settings.from_env({**BASE, "CONSENT_REDIS_URL": url}).redis_url == url
+
+
+def test_allow_insecure_http_takes_0_or_1():
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({**BASE, "CONSENT_ALLOW_INSECURE_HTTP": "true"})
+    assert str(info.value) == "CONSENT_ALLOW_INSECURE_HTTP: must be one of '0', '1', not 'true'"
+    plain = {**BASE, "CONSENT_ISSUER": "http://id.test.internal"}
+    assert Settings.from_env({**plain, "CONSENT_ALLOW_INSECURE_HTTP": "1"}).issuer
+    with pytest.raises(SettingsError, match="CONSENT_ISSUER: must use https://"):
+        Settings.from_env({**plain, "CONSENT_ALLOW_INSECURE_HTTP": "0"})
+
+
+def test_check_provider_names_every_missing_variable():
+    settings = Settings.from_env({"CONSENT_SCOPES": "profile"})
+    with pytest.raises(SettingsError) as info:
+        settings.check_provider()
+    assert [p.variable for p in info.value.problems] == [
+        "CONSENT_ISSUER",
+        "CONSENT_CLIENT_ID",
+        "CONSENT_CLIENT_SECRET",
+        "CONSENT_REDIRECT_URI",
+        "CONSENT_SCOPES",
+    ]

@@ -16,6 +16,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_pre
 from arq.jobs import Job, JobStatus, deserialize_job
 from arq.utils import timestamp_ms
 
+from consent_flow._clock import RedisClock
 from consent_flow._jobs import JobQueue
 from consent_flow._queue import JOB_SERIALIZERS, load_job
 from consent_flow._redis import arq_redis_settings
@@ -70,8 +71,12 @@ async def test_a_job_id_arq_still_holds_is_refused(pool, queue_name):
 
 
 async def test_deferred_jobs_are_scored_and_expire_like_arq(pool, queue_name):
-    jobs = JobQueue(pool)
-    later = timestamp_ms() + 3_600_000
+    clock = RedisClock(pool)
+    await clock.sync()
+    jobs = JobQueue(pool, clock=clock)
+    # The expiry is counted from the queue's clock at put(): taken from the same clock just
+    # before, it can only be shorter, never longer, than the hour asked for.
+    later = int(clock() * 1000) + 3_600_000
     assert await jobs.put(jobs.job("f", (), job_id="later", queue=queue_name, run_at_ms=later))
     assert await pool.zscore(queue_name, "later") == later
     ttl = await pool.pttl(job_key_prefix + "later")

@@ -125,19 +125,26 @@ async def test_tail_follows_transitions_live_as_json_lines(seeded, env, redis_se
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    client = Redis(port=redis_server.port)
     try:
-        await asyncio.sleep(1.5)  # tail starts at the stream's end: only new transitions
-        client = Redis(port=redis_server.port)
-        try:
-            store = RedisStore(client, prefix=env["CONSENT_REDIS_PREFIX"])
-            await seed(store, {State.PENDING: 2}, prefix="tail-")
-        finally:
-            await client.aclose()
+        # tail starts at the stream's end (only new transitions): seed once it is reading, which
+        # Redis shows as a client blocked in XREAD.
+        for _ in range(300):
+            clients = await client.client_list()
+            if any(c.get("cmd") == "xread" for c in clients):
+                break
+            assert process.returncode is None, await process.stderr.read()
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("tail never started reading the stream")
+        store = RedisStore(client, prefix=env["CONSENT_REDIS_PREFIX"])
+        await seed(store, {State.PENDING: 2}, prefix="tail-")
         lines = []
         while len(lines) < 2:
             line = await asyncio.wait_for(process.stdout.readline(), timeout=10)
             lines.append(json.loads(line))
     finally:
+        await client.aclose()
         process.terminate()
         await process.wait()
     assert {line["event"] for line in lines} == {"provision_requested"}

@@ -1,8 +1,11 @@
 """ID-token validation (OpenID Connect Core 1.0 3.1.3.7), as a certified relying party checks it.
 
 First the JWS: compact, signed with an asymmetric algorithm the provider advertises, by a key of
-its JWKS that fits the algorithm. Then the claims, ``at_hash`` and the expected subject. A
-provider that misbehaves, or a token that was tampered with, never gets a user provisioned.
+its JWKS that fits the algorithm. Then the claims: ``iss``, ``aud``, ``exp``, ``iat``, ``nbf``,
+``nonce`` and ``sub`` through joserfc's claims registry (:class:`IDTokenClaimsRegistry`), and
+what the registry has no rule for by hand: ``azp``, the maximum age, ``at_hash`` and the expected
+subject. A provider that misbehaves, or a token that was tampered with, never gets a user
+provisioned.
 
 Clock skew leeway :data:`CLOCK_SKEW_LEEWAY` (30 s); ID tokens older than :data:`ID_TOKEN_MAX_AGE`
 (5 min, plus the leeway) are refused.
@@ -22,7 +25,8 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from joserfc import jwk, jws
-from joserfc.errors import JoseError
+from joserfc.errors import ExpiredTokenError, InvalidClaimError, JoseError, MissingClaimError
+from joserfc.jwt import JWTClaimsRegistry
 
 from .._errors import IDTokenError
 from .authorize import b64url
@@ -35,6 +39,7 @@ __all__ = [
     "MAX_ID_TOKEN_CHARS",
     "MAX_SUBJECT_CHARS",
     "IDTokenClaims",
+    "IDTokenClaimsRegistry",
     "IDTokenSubjectMismatch",
     "IDTokenValidator",
 ]
@@ -75,6 +80,8 @@ _FOREIGN_JWT_TYPES: Final = frozenset(
 )
 # Claims lifted into IDTokenClaims' own fields.
 _LIFTED_CLAIMS: Final = frozenset({"sub", "iss", "aud", "exp", "iat", "nonce"})
+# The order a token with several faults is reported in: the first missing claim of these names.
+_ESSENTIAL_CLAIMS: Final = ("iss", "aud", "exp", "iat", "nonce", "sub")
 _B64URL_RE: Final = re.compile(r"[A-Za-z0-9_-]*")
 
 
@@ -103,6 +110,30 @@ class IDTokenSubjectMismatch(IDTokenError):
         super().__init__(message, user=expected_subject)
         self.expected_subject = expected_subject
         self.subject = subject
+
+
+class IDTokenClaimsRegistry(JWTClaimsRegistry):
+    """joserfc's JWT claims registry with the two rules OpenID Connect adds for its claims.
+
+    joserfc dispatches each claim to ``validate_<name>`` (the registry's extension point); without
+    these, a ``nonce`` that is a list holding the expected value would match, and ``sub`` would
+    only need to be a string.
+    """
+
+    def validate_nonce(self, value: object) -> None:
+        # OIDC Core 3.1.3.7 item 11: a string equal to the nonce sent; compared in constant time.
+        expected = self.options.get("nonce", {}).get("value")
+        if not isinstance(value, str) or not value or not isinstance(expected, str):
+            raise InvalidClaimError("nonce")
+        if not hmac.compare_digest(value.encode("utf-8"), expected.encode("utf-8")):
+            raise InvalidClaimError("nonce")
+
+    def validate_sub(self, value: object) -> None:
+        # OIDC Core 2: at most 255 ASCII characters; control characters have no place in it.
+        super().validate_sub(value)
+        printable = isinstance(value, str) and all(0x20 <= ord(c) <= 0x7E for c in value)
+        if not printable or len(str(value)) > MAX_SUBJECT_CHARS:
+            raise InvalidClaimError("sub")
 
 
 class IDTokenValidator:
@@ -198,55 +229,47 @@ def check_claims(
     if not isinstance(claims, dict):
         raise IDTokenError("ID token payload is not a JSON object")
 
-    if claims.get("iss") != issuer:
-        raise IDTokenError("ID token issuer does not match the provider")
+    registry = IDTokenClaimsRegistry(
+        # NumericDate compared in whole seconds (joserfc's unit); the leeway dwarfs the rounding.
+        now=math.floor(now),
+        leeway=int(CLOCK_SKEW_LEEWAY),
+        iss={"essential": True, "value": issuer},  # item 2: exactly the discovered issuer
+        aud={"essential": True, "value": client_id},  # item 3: this client among the audiences
+        exp={"essential": True},  # item 9
+        iat={"essential": True},  # item 10
+        nonce={"essential": True, "value": nonce},  # item 11
+        sub={"essential": True},
+    )
+    try:
+        registry.validate(claims)
+    except MissingClaimError as exc:
+        missing = set(exc.claim.split(","))
+        first = next(name for name in _ESSENTIAL_CLAIMS if name in missing)
+        raise IDTokenError(_MISSING[first]) from None
+    except ExpiredTokenError:
+        raise IDTokenError("ID token has expired") from None
+    except InvalidClaimError as exc:
+        raise IDTokenError(_invalid(exc.claim, claims.get(exc.claim))) from None
 
-    aud_claim = claims.get("aud")
-    if isinstance(aud_claim, str):
-        audience: tuple[str, ...] = (aud_claim,)
-    elif isinstance(aud_claim, list) and all(isinstance(a, str) for a in aud_claim):
-        audience = tuple(aud_claim)
-    else:
-        raise IDTokenError("ID token has no valid audience")
-    if client_id not in audience:
-        raise IDTokenError("ID token audience does not include this client")
+    aud = claims["aud"]
+    audience: tuple[str, ...] = (aud,) if isinstance(aud, str) else tuple(aud)
+    # Items 4-5: several audiences need an azp, and an azp must name this client.
     azp = claims.get("azp")
     if len(set(audience)) > 1 and azp is None:
         raise IDTokenError("ID token has several audiences but no azp")
     if azp is not None and azp != client_id:
         raise IDTokenError("ID token azp is not this client")
 
-    exp = _number(claims.get("exp"))
-    if exp is None:
-        raise IDTokenError("ID token has no valid exp")
-    if exp <= now - CLOCK_SKEW_LEEWAY:
-        raise IDTokenError("ID token has expired")
-    iat = _number(claims.get("iat"))
-    if iat is None:
-        raise IDTokenError("ID token has no valid iat")
-    if iat > now + CLOCK_SKEW_LEEWAY:
-        raise IDTokenError("ID token is issued in the future")
+    exp = _number(claims["exp"])
+    iat = _number(claims["iat"])
+    if exp is None or iat is None:
+        raise IDTokenError(f"ID token has no valid {'exp' if exp is None else 'iat'}")
+    # Item 10: iat "can be used to reject tokens that were issued too far away from the current
+    # time"; one fresh from the token endpoint is seconds old.
     if now - iat > ID_TOKEN_MAX_AGE + CLOCK_SKEW_LEEWAY:
         raise IDTokenError("ID token is too old")
-    if "nbf" in claims:
-        nbf = _number(claims.get("nbf"))
-        if nbf is None:
-            raise IDTokenError("ID token has an invalid nbf")
-        if nbf > now + CLOCK_SKEW_LEEWAY:
-            raise IDTokenError("ID token is not valid yet")
 
-    token_nonce = claims.get("nonce")
-    if not isinstance(token_nonce, str) or not token_nonce:
-        raise IDTokenError("ID token has no nonce")
-    if not hmac.compare_digest(token_nonce.encode("utf-8"), nonce.encode("utf-8")):
-        raise IDTokenError("ID token nonce does not match")
-
-    sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub:
-        raise IDTokenError("ID token has no subject")
-    if len(sub) > MAX_SUBJECT_CHARS or not all(0x20 <= ord(c) <= 0x7E for c in sub):
-        raise IDTokenError("ID token subject is not 1-255 printable ASCII characters")
-
+    sub: str = claims["sub"]
     at_hash = claims.get("at_hash")
     if at_hash is not None and access_token is not None:
         if not isinstance(at_hash, str):
@@ -269,9 +292,49 @@ def check_claims(
         audience=audience,
         expires_at=exp,
         issued_at=iat,
-        nonce=token_nonce,
+        nonce=claims["nonce"],
         claims=MappingProxyType(rest),
     )
+
+
+_MISSING: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "iss": "ID token issuer does not match the provider",
+        "aud": "ID token has no valid audience",
+        "exp": "ID token has no valid exp",
+        "iat": "ID token has no valid iat",
+        "nonce": "ID token has no nonce",
+        "sub": "ID token has no subject",
+    }
+)
+
+
+def _invalid(name: str, value: object) -> str:
+    """The message for a claim the registry refused; ``value`` tells a bad type from a bad value
+    (the registry raises the same error for both)."""
+    if name == "iss":
+        return "ID token issuer does not match the provider"
+    if name == "aud":
+        if isinstance(value, str) or (
+            isinstance(value, list) and all(isinstance(a, str) for a in value)
+        ):
+            return "ID token audience does not include this client"
+        return "ID token has no valid audience"
+    if name in ("exp", "iat", "nbf") and _number(value) is None:
+        return "ID token has an invalid nbf" if name == "nbf" else f"ID token has no valid {name}"
+    if name == "iat":
+        return "ID token is issued in the future"
+    if name == "nbf":
+        return "ID token is not valid yet"
+    if name == "nonce":
+        if not isinstance(value, str) or not value:
+            return "ID token has no nonce"
+        return "ID token nonce does not match"
+    if name == "sub":
+        if not isinstance(value, str) or not value:
+            return "ID token has no subject"
+        return "ID token subject is not 1-255 printable ASCII characters"
+    return f"ID token claim {clip(name, 20)!r} is invalid"
 
 
 def _b64url_decode(segment: str) -> bytes:
@@ -352,5 +415,8 @@ def _token_hash(value: str, alg: str, key: jwk.Key) -> str:
 def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any date; JSON allows it, a NumericDate does not
+        return None
     return number if math.isfinite(number) else None

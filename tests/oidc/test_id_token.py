@@ -155,6 +155,16 @@ async def test_alg_the_provider_does_not_advertise_is_refused(
         ({"sub": 42}, "has no subject"),
         ({"sub": "x" * 256}, "subject is not 1-255"),
         ({"sub": "usér"}, "subject is not 1-255"),
+        # Shapes the claims registry would take for another JWT use but an ID token must not have.
+        ({"iss": [ISSUER]}, "issuer does not match"),
+        ({"aud": 5}, "no valid audience"),
+        ({"nonce": [NONCE]}, "has no nonce"),
+        ({"sub": [SUBJECT]}, "has no subject"),
+        ({"exp": 10**400}, "no valid exp"),
+        ({"exp": True}, "no valid exp"),
+        ({"iat": 10**400}, "no valid iat"),
+        ({"nbf": "soon"}, "invalid nbf"),
+        ({"jti": 5}, "claim 'jti' is invalid"),  # RFC 7519 4.1.7: a string
     ],
 )
 async def test_claim_checks(client: OAuthClient, overrides: dict[str, Any], match: str) -> None:

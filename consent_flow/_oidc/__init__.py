@@ -23,7 +23,7 @@ from .id_token import (
     IDTokenSubjectMismatch,
 )
 from .tokens import CLIENT_ERRORS, TokenSet
-from .transport import HttpClients, retry_after
+from .transport import HttpClients
 
 __all__ = [
     "CLIENT_ERRORS",
@@ -39,5 +39,4 @@ __all__ = [
     "new_code_verifier",
     "new_nonce",
     "new_state",
-    "retry_after",
 ]

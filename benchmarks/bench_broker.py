@@ -124,7 +124,7 @@ class StubProvider:
         return self.grants[code][0]
 
     async def validate_id_token(self, id_token: str, *, nonce: str, **extra: Any) -> Any:
-        from consent_flow._oauth import IDTokenClaims
+        from consent_flow._oidc import IDTokenClaims
 
         code = next(c for c, (t, _) in self.grants.items() if t.id_token == id_token)
         user = self.grants.pop(code)[1]
@@ -145,7 +145,7 @@ async def provision(engine: Any, stub: StubProvider, user: str) -> str:
     ``provision_requested``, the callback claims the session (as ``_web`` does), the engine
     handles ``authorization_completed``. Returns the access token it stored."""
     from consent_flow._machine import Event, State
-    from consent_flow._oauth import TokenSet
+    from consent_flow._oidc import TokenSet
     from consent_flow._queue import Envelope, new_id
 
     store, ring = engine.store, engine.ring

@@ -148,8 +148,8 @@ def run_floor_worker() -> None:
     from arq import func
 
     from consent_flow import KeyRing
-    from consent_flow._http import HttpClients
     from consent_flow._logging import configure_logging
+    from consent_flow._oidc import HttpClients
     from consent_flow._queue import JOB_SERIALIZERS
     from consent_flow._redis import arq_redis_settings
     from workers import ConsentWorker, worker_settings

@@ -210,7 +210,7 @@ class StubProvider:
         self.grants: dict[str, tuple[Any, str]] = {}  # code -> (TokenSet, subject)
 
     def grant(self, code: str, user: str, expires_at: float) -> None:
-        from consent_flow._oauth import TokenSet
+        from consent_flow._oidc import TokenSet
 
         refresh = secrets.token_urlsafe(REFRESH_TOKEN_CHARS * 3 // 4)[:REFRESH_TOKEN_CHARS]
         self.grants[code] = (
@@ -239,7 +239,7 @@ class StubProvider:
         return self.grants[code][0]
 
     async def validate_id_token(self, id_token: str, *, nonce: str, **extra: Any) -> Any:
-        from consent_flow._oauth import IDTokenClaims
+        from consent_flow._oidc import IDTokenClaims
 
         code = next(c for c, (t, _) in self.grants.items() if t.id_token == id_token)
         user = self.grants.pop(code)[1]

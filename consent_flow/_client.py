@@ -18,7 +18,7 @@ from ._engine import session_url
 from ._errors import ConsentError, WorkerUnavailable
 from ._machine import Event, State
 from ._model import ConsentRecord, HistoryEntry, check_user, clip, iso
-from ._oauth import OAuthClient
+from ._oidc import OAuthClient
 from ._queue import JOB_SERIALIZERS, Envelope, EventBus, Outcome
 from ._redis import arq_redis_settings, embedded_redis
 from ._settings import Settings

@@ -30,7 +30,7 @@ from ._errors import (
 from ._jobs import JobRef
 from ._machine import ConsentMachine, Event, State, Transition
 from ._model import Change, ConsentRecord, ProviderRevocation, clip, iso, revocation_note
-from ._oauth import (
+from ._oidc import (
     OAuthClient,
     TokenSet,
     code_challenge_s256,

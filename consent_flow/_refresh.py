@@ -47,7 +47,7 @@ from ._jobs import JobRef, QueuedJob
 from ._machine import Event, State
 from ._metrics import MetricsRecorder
 from ._model import Change, ConsentRecord, clip, cooldown_reason, iso
-from ._oauth import TokenSet
+from ._oidc import TokenSet
 from ._queue import Envelope, Outcome
 from ._schedule import Scheduler
 from ._spool import PendingTokens, TokenSpool, token_digest

@@ -41,12 +41,12 @@ import httpx
 import structlog
 from standardwebhooks import Webhook
 
-from ._http import HttpClients
 from ._jobs import REDELIVERY_WINDOW, JobQueue, QueuedJob
 from ._logging import scrub
 from ._machine import Event, State
 from ._model import clip, iso
-from ._oauth import _retry_after
+from ._oidc import HttpClients
+from ._oidc.transport import retry_after as parse_retry_after
 from ._settings import Settings
 from ._store import Keys
 
@@ -338,7 +338,7 @@ async def post_notice(
     return Attempt(
         classify(response.status_code),
         status=response.status_code,
-        retry_after=_retry_after(response.headers.get("retry-after"), now),
+        retry_after=parse_retry_after(response.headers.get("retry-after"), now),
     )
 
 

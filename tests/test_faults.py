@@ -358,8 +358,7 @@ async def test_a_spooled_answer_whose_user_stays_locked_at_start_is_committed_by
     """A worker that died with an answer in its spool; when the next worker starts, the user's
     lock is still taken (the dead worker's, say). The start does not wait forever or fail: the
     cleanup job commits the answer once the lock is free."""
-    from consent_flow._http import HttpClients
-    from consent_flow._oauth import OAuthClient
+    from consent_flow._oidc import HttpClients, OAuthClient
     from consent_flow._spool import PendingTokens, TokenSpool, token_digest
     from consent_flow._vault import seal_tokens
 

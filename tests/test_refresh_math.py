@@ -12,7 +12,7 @@ from consent_flow._engine import (
     scheduling_lapse,
 )
 from consent_flow._model import ON_DEMAND_COOLDOWN, ConsentRecord
-from consent_flow._oauth import TokenSet
+from consent_flow._oidc import TokenSet
 from consent_flow._refresh import RetryPolicy
 
 NOW = 1_000_000.0

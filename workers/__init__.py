@@ -20,10 +20,9 @@ from arq import cron, func
 from consent_flow._clock import MAX_CLOCK_SKEW, RedisClock
 from consent_flow._engine import Engine
 from consent_flow._errors import UnknownKeyError
-from consent_flow._http import HttpClients
 from consent_flow._jobs import JOB_TIMEOUT, REFRESH_MAX_TRIES
 from consent_flow._metrics import HEARTBEAT_INTERVAL, MetricsRecorder
-from consent_flow._oauth import OAuthClient
+from consent_flow._oidc import HttpClients, OAuthClient
 from consent_flow._queue import HANDLE_EVENT, JOB_SERIALIZERS, EventBus
 from consent_flow._redis import arq_redis_settings
 from consent_flow._refresh import Refresher, RetryPolicy

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 
 from consent_flow._clock import RedisClock
 from consent_flow._engine import Engine
-from consent_flow._http import HttpClients
 from consent_flow._jobs import EVENT_MAX_TRIES
-from consent_flow._oauth import OAuthClient
+from consent_flow._oidc import HttpClients, OAuthClient
 from consent_flow._queue import EventBus
 from consent_flow._refresh import Refresher
 from consent_flow._schedule import Scheduler

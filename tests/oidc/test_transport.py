@@ -1,13 +1,61 @@
-"""HttpClients lends each request a client of its own and keeps idle ones for reuse."""
+"""The provider transport: default timeouts, bounded reads."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
-from consent_flow._http import HttpClients
+from consent_flow._errors import (
+    ProviderResponseError,
+)
+from consent_flow._oidc import (
+    HttpClients,
+    OAuthClient,
+)
+from consent_flow._oidc.transport import MAX_RESPONSE_BYTES
+
+from .fakes import (
+    CODE,
+    REFRESH,
+    SETTINGS,
+    VERIFIER,
+    Clock,
+    FakeProvider,
+    expect,
+)
+
+
+async def test_unbounded_client_timeouts_get_a_default(
+    provider: FakeProvider, clock: Clock
+) -> None:
+    unbounded = httpx.Timeout(None)
+    transport = httpx.MockTransport(provider)
+    async with httpx.AsyncClient(transport=transport, timeout=unbounded) as http:
+        await OAuthClient(SETTINGS, http, clock=clock).exchange_code(CODE, code_verifier=VERIFIER)
+    timeout = provider.requests["/token"][0].extensions["timeout"]
+    assert all(isinstance(v, float) and v > 0 for v in timeout.values())
+
+
+async def test_oversize_body_is_not_read_in_full(
+    client: OAuthClient, provider: FakeProvider
+) -> None:
+    consumed = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal consumed
+        for _ in range(1000):
+            consumed += 1
+            yield b"x" * 65536
+
+    provider.token = lambda r: httpx.Response(200, content=body())
+    await expect(ProviderResponseError, client.refresh(REFRESH), match="larger than")
+    assert consumed <= MAX_RESPONSE_BYTES // 65536 + 2
+
+
+# --- HttpClients ---------------------------------------------------------------------------------
 
 
 def echo(request: httpx.Request) -> httpx.Response:

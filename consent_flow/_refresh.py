@@ -512,8 +512,8 @@ class Refresher:
                 },
                 delete_fields=("referr", "failsince", "failat", "inflight"),
                 schedule_at=pending.due_at,
-                # Riding in the same commit: the next refresh's job, the counters, the release
-                # of the lock and the caller's answer. One round trip for all of it.
+                # Riding in the same commit: the next refresh's job (and a notice's, below), the
+                # counters, the release of the lock and the caller's answer. One round trip.
                 jobs=(job,),
                 drop_job=self._replaced(rec, job),
                 counters=self.metrics.refresh_counters("success", lead=lead),
@@ -836,7 +836,9 @@ class Refresher:
             unschedule=True,
             drop_job=self.engine.scheduled_job(rec),
         )
-        self.engine.add_notice(change, notice_kind(change.event, rec.state, change.to_state))
+        self.engine.add_notice(
+            change, notice_kind(change.event, change.expect_state, change.to_state)
+        )
         result = await self.store.commit(change)
         if not result.ok:
             return await self.engine.reread_after(rejected, result.status)

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import structlog
+from arq.connections import ArqRedis
 
 from ._errors import (
     ClientRejected,
@@ -27,7 +28,7 @@ from ._errors import (
     ProviderUnavailable,
     VaultError,
 )
-from ._jobs import JobRef
+from ._jobs import JobQueue, JobRef
 from ._machine import ConsentMachine, Event, State, Transition
 from ._model import Change, ConsentRecord, ProviderRevocation, clip, iso, revocation_note
 from ._oidc import (
@@ -43,6 +44,7 @@ from ._schedule import refresh_job_ref
 from ._settings import Settings
 from ._store import RedisStore, state_hash
 from ._vault import KeyRing, open_tokens, seal_tokens
+from ._webhooks import Notice, NoticeKind, notice_job, notice_kind
 
 _T = TypeVar("_T")
 
@@ -177,6 +179,7 @@ class Engine:
         machine: ConsentMachine | None = None,
         clock: Callable[[], float] = time.time,
         on_scheduled: Callable[[str, float], Any] | None = None,
+        jobs: JobQueue | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -187,6 +190,13 @@ class Engine:
         # stamps (session expiry, due times, history), so it must not be this process's clock.
         self.clock = clock
         self.on_scheduled = on_scheduled
+        if jobs is None and settings.webhook_url:
+            if not isinstance(store.redis, ArqRedis):
+                raise ValueError("webhook notices need a store on arq's pool, or a JobQueue")
+            # A worker's store runs on arq's pool: notices' jobs are serialized as arq's own.
+            jobs = JobQueue(store.redis, clock=clock)
+        # Serializes webhook notices' jobs; None without a webhook URL: no notice is built.
+        self.jobs = jobs if settings.webhook_url else None
         self._handlers: dict[Event, Callable[[Envelope], Any]] = {
             Event.PROVISION_REQUESTED: self._provision_requested,
             Event.AUTHORIZATION_COMPLETED: self._authorization_completed,
@@ -243,7 +253,7 @@ class Engine:
         reason: str | None,
         **kwargs: Any,
     ) -> Change:
-        return Change(
+        change = Change(
             user=rec.user,
             event=envelope.event,
             event_id=envelope.event_id,
@@ -256,6 +266,39 @@ class Engine:
             correlation_id=envelope.correlation_id,
             **kwargs,
         )
+        if self.jobs is not None:
+            self.add_notice(change, notice_kind(change.event, change.expect_state, change.to_state))
+        return change
+
+    def add_notice(
+        self,
+        change: Change,
+        kind: NoticeKind | None,
+        *,
+        reason: str | None = None,
+        failures: int | None = None,
+        failing_since: float | None = None,
+    ) -> None:
+        """Add to ``change`` the job delivering the webhook notice of ``kind`` about it, queued
+        by the commit only if it applies. The notice's id derives from the change's event id: a
+        redelivered event makes the same notice, which arq refuses to queue twice. Nothing
+        without a webhook URL or a ``kind``; ``reason`` defaults to the change's."""
+        if kind is None or self.jobs is None:
+            return
+        notice = Notice.of(
+            kind,
+            change.user,
+            at=change.at,
+            cause=change.event_id,
+            from_state=change.expect_state,
+            to_state=change.to_state,
+            reason=change.reason if reason is None else reason,
+            failures=failures,
+            failing_since=failing_since,
+        )
+        job = notice_job(self.jobs, self.settings, notice)
+        if job is not None:
+            change.jobs = (*change.jobs, job)
 
     def scheduled_job(self, rec: ConsentRecord) -> JobRef | None:
         """The deferred refresh job of ``rec``'s schedule, for a step that cancels or replaces

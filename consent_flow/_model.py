@@ -339,10 +339,11 @@ class Change:
     drop_session_lookup: str | None = None  # state hash to forget
     record_history: bool = True
     reply: tuple[str, str] | None = None  # (reply key, outcome JSON) pushed if the commit applies
-    # Also only if the commit applies: the next refresh's arq job, the job of the schedule it
-    # cancels or replaces, the release of the user's lock (its owner token), and
-    # counters added to hashes (key, field, amount as text).
-    job: QueuedJob | None = None
+    # Also only if the commit applies: arq jobs to queue (the next refresh, a webhook notice;
+    # each refused while arq still holds its id), the job of the schedule it cancels or
+    # replaces, the release of the user's lock (its owner token), and counters added to hashes
+    # (key, field, amount as text).
+    jobs: tuple[QueuedJob, ...] = ()
     drop_job: JobRef | None = None
     unlock: str | None = None
     counters: tuple[tuple[str, str, str], ...] = ()

@@ -53,6 +53,7 @@ from ._schedule import Scheduler
 from ._spool import PendingTokens, TokenSpool, token_digest
 from ._store import due_ms
 from ._vault import KeyRing, open_tokens
+from ._webhooks import notice_kind, refresh_notice_kind
 
 __all__ = ["REDIS_ERRORS", "Fit", "Refresher", "RetryPolicy", "fits"]
 
@@ -511,12 +512,21 @@ class Refresher:
                 },
                 delete_fields=("referr", "failsince", "failat", "inflight"),
                 schedule_at=pending.due_at,
-                # Riding in the same commit: the next refresh's job, the counters, the release
-                # of the lock and the caller's answer. One round trip for all of it.
-                job=job,
+                # Riding in the same commit: the next refresh's job (and a notice's, below), the
+                # counters, the release of the lock and the caller's answer. One round trip.
+                jobs=(job,),
                 drop_job=self._replaced(rec, job),
                 counters=self.metrics.refresh_counters("success", lead=lead),
                 unlock=unlock,
+            )
+            # The success that ends a long run of failures: the run's length and start go out.
+            self.engine.add_notice(
+                change,
+                refresh_notice_kind(
+                    rec.refresh_failures, 0, self.engine.settings.webhook_failing_after
+                ),
+                failures=rec.refresh_failures,
+                failing_since=rec.failing_since,
             )
             outcome = self.engine.outcome(
                 rec.after(change, rec.version + 1), envelope, "applied", detail={"lead": lead}
@@ -731,14 +741,18 @@ class Refresher:
         for _ in range(MAX_MERGE_ATTEMPTS):
             fields = {"next": repr(at)}
             job = self.scheduler.job_for(rec.user, at)
+            failures = rec.refresh_failures
+            failing_since = rec.failing_since
             if error is not None:
                 now = self.engine.clock()
+                failures += 1
+                # The first failure of a run: cleared by the next success.
+                failing_since = failing_since if failing_since is not None else now
                 fields.update(
                     referr=clip(error) or "",
-                    fails=str(rec.refresh_failures + 1),
+                    fails=str(failures),
                     failat=repr(now),
-                    # The first failure of a run: cleared by the next success.
-                    failsince=repr(rec.failing_since if rec.failing_since is not None else now),
+                    failsince=repr(failing_since),
                 )
             change = Change(
                 user=rec.user,
@@ -753,8 +767,18 @@ class Refresher:
                 delete_fields=() if keep_inflight else ("inflight",),
                 schedule_at=at,
                 record_history=False,
-                job=job,
+                jobs=(job,),
                 drop_job=self._replaced(rec, job),
+            )
+            # Once per run of failures: at the one that reaches the threshold.
+            self.engine.add_notice(
+                change,
+                refresh_notice_kind(
+                    rec.refresh_failures, failures, self.engine.settings.webhook_failing_after
+                ),
+                reason=clip(error),
+                failures=failures,
+                failing_since=failing_since,
             )
             result = await self.store.commit(change)
             if result.status != "conflict":
@@ -811,6 +835,9 @@ class Refresher:
             delete_fields=TOKEN_FIELDS,
             unschedule=True,
             drop_job=self.engine.scheduled_job(rec),
+        )
+        self.engine.add_notice(
+            change, notice_kind(change.event, change.expect_state, change.to_state)
         )
         result = await self.store.commit(change)
         if not result.ok:

@@ -34,9 +34,10 @@ the writing process's own clock: processes whose clocks disagree still agree on 
 
 A transition is one Lua script: the version check, the fields, the sealed tokens, the indexes,
 the schedule, the history entry and the stream entry commit together or not at all (design.md
-invariant 1); a refresh's commit also queues the next refresh's arq job, adds its counters,
-releases the user's lock and pushes the caller's answer, only if it applies. A record is read in
-one round trip too, hash and sealed keys alike (with the lock taken, for a refresh).
+invariant 1); a commit also queues the arq jobs it carries (the next refresh, a webhook notice),
+adds its counters, releases the user's lock and pushes the caller's answer, only if it applies.
+A record is read in one round trip too, hash and sealed keys alike (with the lock taken, for a
+refresh).
 The indexes are shard-wide keys: users are sharded across primaries, not across a Cluster.
 """
 
@@ -363,10 +364,10 @@ if op.reply then
   redis.call('RPUSH', KEYS[14], op.reply)
   redis.call('EXPIRE', KEYS[14], op.reply_ttl)
 end
--- What rides along only when the step applies: the next refresh's arq job (its payload is the
--- argument after the sealed values), the job of a cancelled or replaced schedule, the release of
--- the user's lock, and counters. Their keys follow the sealed keys, in the order: the dropped
--- job, the new job, the lock, the counters.
+-- What rides along only when the step applies: the job of a cancelled or replaced schedule, the
+-- arq jobs to queue (the next refresh, a webhook notice; their payloads are the arguments after
+-- the sealed values), the release of the user's lock, and counters. Their keys follow the sealed
+-- keys, in the order: the dropped job, the new jobs, the lock, the counters.
 local n = 14 + #slots
 if op.drop_job then
   -- The job of the schedule this step cancels or replaces: nothing stale stays queued.
@@ -374,10 +375,12 @@ if op.drop_job then
   redis.call('ZREM', KEYS[n + 2], op.drop_job)
   n = n + 2
 end
-if op.job then
-  enqueue(KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], ARGV[op.job[4]], op.job[1], op.job[2],
-    op.job[3])
-  n = n + 3
+if op.jobs then
+  -- Each job: expiry, score, id and the index of its payload in ARGV; three keys apiece.
+  for _, job in ipairs(op.jobs) do
+    enqueue(KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], ARGV[job[4]], job[1], job[2], job[3])
+    n = n + 3
+  end
 end
 if op.unlock then
   n = n + 1
@@ -564,16 +567,17 @@ class RedisStore:
             sess_drop = k.sess(change.drop_session_lookup)
             op["sess_drop"] = True
         extra_keys: list[str] = []
-        job_payload: list[bytes] = []
         if change.drop_job is not None:
             extra_keys += change.drop_job.keys
             op["drop_job"] = change.drop_job.job_id
-        if change.job is not None:
-            job = change.job
-            extra_keys += job.keys
-            job_payload.append(job.payload)
+        if change.jobs:
             # Scores and expiries travel as strings: cjson prints numbers with 14 digits.
-            op["job"] = [str(job.expires_ms), score_arg(job.score_ms), job.job_id, 2 + len(blobs)]
+            op["jobs"] = [
+                [str(job.expires_ms), score_arg(job.score_ms), job.job_id, 2 + len(blobs) + i]
+                for i, job in enumerate(change.jobs)
+            ]
+            for job in change.jobs:
+                extra_keys += job.keys
         if change.unlock is not None:
             extra_keys.append(k.lock(change.user))
             op["unlock"] = change.unlock
@@ -606,7 +610,7 @@ class RedisStore:
                     separators=(",", ":"),
                 ),
                 *blobs,
-                *job_payload,
+                *(job.payload for job in change.jobs),
             ],
         )
         status = _decode(result[0])
@@ -805,8 +809,8 @@ class MemoryStore:
         self.seen[user] = {eid: at for at, eid in kept}
         if change.drop_job is not None:
             self.jobs.pop(change.drop_job.job_id, None)
-        if change.job is not None:
-            self.jobs.setdefault(change.job.job_id, change.job.payload)
+        for job in change.jobs:
+            self.jobs.setdefault(job.job_id, job.payload)
         if change.unlock is not None and self.locks.get(user) == change.unlock:
             del self.locks[user]
         for key, name, amount in change.counters:

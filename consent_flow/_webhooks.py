@@ -143,7 +143,9 @@ def _stable_id(kind: NoticeKind, user: str, provider: str, cause: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Notice:
     """One change an integrator hears of. ``at`` is when it happened (seconds since the epoch);
-    ``id`` is the ``webhook-id`` every delivery of it carries."""
+    ``id`` is the ``webhook-id`` every delivery of it carries. ``failures`` and
+    ``failing_since`` describe a run of failed refreshes (``refresh_failing``,
+    ``refresh_recovered``); other notices leave them out."""
 
     kind: NoticeKind
     user: str
@@ -153,6 +155,8 @@ class Notice:
     from_state: State | None = None
     to_state: State | None = None
     reason: str | None = None
+    failures: int | None = None
+    failing_since: float | None = None
 
     @classmethod
     def of(
@@ -166,28 +170,42 @@ class Notice:
         from_state: State | None = None,
         to_state: State | None = None,
         reason: str | None = None,
+        failures: int | None = None,
+        failing_since: float | None = None,
     ) -> Notice:
         """A notice whose id derives from ``cause`` (the id of the event that made it): the
         same event, applied again or reported twice, makes the same notice, which the queue
         and the receiver both recognise. No cause: an id of its own."""
         notice_id = _stable_id(kind, user, provider, cause) if cause else f"msg_{uuid.uuid4().hex}"
-        return cls(kind, user, at, notice_id, provider, from_state, to_state, reason)
+        return cls(
+            kind,
+            user,
+            at,
+            notice_id,
+            provider,
+            from_state,
+            to_state,
+            reason,
+            failures,
+            failing_since,
+        )
 
     def payload(self) -> dict[str, Any]:
         """The envelope Standard Webhooks suggests: ``type``, ``timestamp`` (when it happened,
         RFC 3339 UTC) and ``data``."""
         reason = clip(scrub(self.reason), MAX_REASON_CHARS) if self.reason else None
-        return {
-            "type": self.kind.type,
-            "timestamp": iso(self.at),
-            "data": {
-                "user": self.user,
-                "provider": self.provider,
-                "from": None if self.from_state is None else self.from_state.value,
-                "to": None if self.to_state is None else self.to_state.value,
-                "reason": reason,
-            },
+        data: dict[str, Any] = {
+            "user": self.user,
+            "provider": self.provider,
+            "from": None if self.from_state is None else self.from_state.value,
+            "to": None if self.to_state is None else self.to_state.value,
+            "reason": reason,
         }
+        if self.failures is not None:
+            data["failures"] = self.failures
+        if self.failing_since is not None:
+            data["failing_since"] = iso(self.failing_since)
+        return {"type": self.kind.type, "timestamp": iso(self.at), "data": data}
 
     def body(self) -> bytes:
         """The POST body: the same bytes at every attempt (ASCII JSON, keys in a fixed order)."""
@@ -204,6 +222,8 @@ class Notice:
             "to": None if self.to_state is None else self.to_state.value,
             "reason": self.reason,
             "at": self.at,
+            "failures": self.failures,
+            "failing_since": self.failing_since,
         }
 
     @classmethod
@@ -217,6 +237,11 @@ class Notice:
             from_state=State(data["from"]) if data.get("from") else None,
             to_state=State(data["to"]) if data.get("to") else None,
             reason=str(data["reason"]) if data.get("reason") is not None else None,
+            # Absent from the jobs of an earlier version.
+            failures=int(data["failures"]) if data.get("failures") is not None else None,
+            failing_since=float(data["failing_since"])
+            if data.get("failing_since") is not None
+            else None,
         )
 
 

@@ -553,3 +553,17 @@ async def test_needs_consent_is_a_consent_result():
     needs = NeedsConsent(state="pending", authorization_url="https://op/authorize", message="m")
     assert isinstance(needs, ConsentResult)
     assert needs.model_dump()["needs_consent"] is True
+
+
+@pytest.mark.parametrize("microsecond", [0, 123456])
+def test_result_times_are_the_one_rfc3339_form_the_cli_prints(microsecond):
+    """A whole second must not drop the fraction: scripts parse one form everywhere."""
+    from datetime import UTC, datetime
+
+    from consent_flow import ConsentStatus
+    from consent_flow._model import iso
+
+    since = datetime(2026, 12, 1, 3, 27, 42, microsecond, tzinfo=UTC)
+    result = ConsentResult.from_status(ConsentStatus("alice", State.REVOKED, since))
+    assert result.since == iso(since.timestamp())
+    assert result.since == f"2026-12-01T03:27:42.{microsecond // 1000:03d}Z"

@@ -20,7 +20,8 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from redis.exceptions import RedisError
+from arq.connections import create_pool
+from redis.exceptions import AuthenticationError, RedisError
 
 from ._client import DEFAULT_MIN_TTL, MAX_MIN_TTL, ConsentClient, ConsentStatus
 from ._errors import ConsentError, SettingsError
@@ -28,7 +29,7 @@ from ._logging import configure_logging
 from ._machine import TRANSITIONS, State, mermaid
 from ._metrics import read_snapshot
 from ._model import HistoryEntry, check_user, iso
-from ._redis import embedded_redis, embedded_redis_stopped
+from ._redis import arq_redis_settings, embedded_redis, embedded_redis_stopped, masked_url
 from ._settings import REQUIRED_VARIABLES, Requirement, Settings
 from ._vault import KeyRing, generate_key
 
@@ -40,6 +41,7 @@ EXIT_INTERRUPTED = 130
 
 DEFAULT_PROVIDER = "default"  # one provider per deployment today; the field keeps room for more
 MAX_LIST_LIMIT = 10_000  # one `list` page: enough for a script, small enough for one reply
+REDIS_CHECK_TIMEOUT = 1.5  # seconds a command that answers a person waits for Redis to answer
 
 
 # Which settings each command needs: the one table behind both its --help and what it demands
@@ -293,9 +295,45 @@ def _consent_dict(status: ConsentStatus) -> dict[str, Any]:
     return {**out, **details}
 
 
+class RedisUnreachable(ConsentError):
+    """Redis did not answer a command that a person waits on: one line saying where and why."""
+
+    def __init__(self, url: str, exc: BaseException) -> None:
+        if isinstance(exc, AuthenticationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+            why, check = "it refused the credentials", "the user name and password in"
+        elif isinstance(exc, TimeoutError | asyncio.TimeoutError):
+            why, check = f"no answer within {REDIS_CHECK_TIMEOUT:g} s", "that it runs and"
+        else:
+            text = str(exc).strip().rstrip(".")
+            why = "connection refused" if "refused" in text.lower() or "111" in text else text
+            check = "that it runs and"
+        super().__init__(
+            f"Redis at {masked_url(url)} is not reachable ({why or type(exc).__name__}): "
+            f"check {check} CONSENT_REDIS_URL"
+        )
+
+
+async def _check_redis(url: str) -> None:
+    """Answer within seconds when Redis is not there, instead of riding out an outage as the
+    worker's connections do: one try, no reconnects, a bounded wait."""
+    options = arq_redis_settings(url, startup_retries=0)
+    options.retry, options.retry_on_error = None, None
+    try:
+        async with asyncio.timeout(REDIS_CHECK_TIMEOUT):
+            pool = await create_pool(options)
+            await pool.aclose()
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise RedisUnreachable(url, exc) from None
+
+
 async def _with_client(settings: Settings, run: Callable[[ConsentClient], Awaitable[int]]) -> int:
-    async with ConsentClient(settings) as client:
-        return await run(client)
+    if settings.redis_url:
+        await _check_redis(settings.redis_url)
+    try:
+        async with ConsentClient(settings) as client:
+            return await run(client)
+    except RedisError as exc:  # Redis went away after the check
+        raise RedisUnreachable(settings.redis_url or "the embedded Redis", exc) from None
 
 
 def _run_worker(settings: Settings, *, redis_url: str) -> None:
@@ -409,6 +447,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "up":
         _terminate_like_interrupt()
+        if settings.redis_url:
+            asyncio.run(_check_redis(settings.redis_url))
         with embedded_redis(settings) as url:
             callback = f"http://{settings.http_host}:{settings.http_port}{settings.redirect_path}"
             redis_at = url.split("@")[-1]
@@ -561,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except RedisError as exc:
+    except RedisError as exc:  # a server command's Redis: its URL is in the log lines before
         print(f"consent-flow: Redis is not reachable ({type(exc).__name__})", file=sys.stderr)
         return EXIT_FAILED
     except OSError as exc:

@@ -22,8 +22,9 @@ COPY workers ./workers
 RUN pip install . \
     && rm -rf /src/build /src/*.egg-info
 
-# An unprivileged user with a writable home (the embedded-Redis data folder lives there when
-# CONSENT_REDIS_URL is unset, e.g. for `docker run ... up`).
+# An unprivileged user with a writable home (the data folder: the worker's spool). The image has
+# no redis-server: every command, `up` included, needs CONSENT_REDIS_URL
+# (`docker run -e CONSENT_REDIS_URL=redis://... consent-flow up`).
 RUN groupadd --system --gid 10001 consent \
     && useradd --system --uid 10001 --gid consent --create-home --home-dir /home/consent \
         --shell /usr/sbin/nologin consent

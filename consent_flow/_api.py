@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._client import ConsentClient, ConsentStatus
+from ._client import DEFAULT_MIN_TTL, MAX_MIN_TTL, ConsentClient, ConsentStatus
 from ._errors import (
     ConsentError,
     GrantRejected,
@@ -61,8 +61,6 @@ DEFAULT_PROVIDER = "default"
 MAX_BODY_BYTES = 16 * 1024  # a request body beyond this is refused (413) unread
 MAX_REQUESTED_SCOPES = 50
 MAX_SCOPE_LENGTH = 128
-DEFAULT_MIN_TTL = 30.0  # seconds the token must stay valid when the caller does not say
-MAX_MIN_TTL = 3600.0  # no provider's access tokens are worth asking for longer
 PROBLEM_JSON = "application/problem+json"
 # RFC 9457 3.1.1: a type URI need not resolve; tag URIs (RFC 4151) name it without pretending to.
 PROBLEM_TYPE = "tag:consent-flow,2026:problem:"

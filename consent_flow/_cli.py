@@ -1,7 +1,8 @@
 """consent-flow: run the worker and the callback server, and drive and inspect consent.
 
-Exit codes: 0 done, 1 the command failed (message on stderr), 2 bad settings or usage.
-Results go to stdout (``--json`` for scripts); errors go to stderr, never as a traceback.
+Exit codes: 0 done, 1 the command failed (message on stderr), 2 bad settings or usage,
+130 interrupted. Results go to stdout (``--json`` for scripts, one JSON document per command and
+one line per entry for ``tail``); errors go to stderr, never as a traceback.
 """
 
 from __future__ import annotations
@@ -15,24 +16,32 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
-from redis.exceptions import RedisError
+from arq.connections import create_pool
+from redis.exceptions import AuthenticationError, RedisError
 
-from ._client import ConsentClient, ConsentStatus
+from ._client import DEFAULT_MIN_TTL, MAX_MIN_TTL, ConsentClient, ConsentStatus
 from ._errors import ConsentError, SettingsError
 from ._logging import configure_logging
-from ._machine import State, mermaid
+from ._machine import TRANSITIONS, State, mermaid
 from ._metrics import read_snapshot
 from ._model import HistoryEntry, check_user, iso
-from ._redis import embedded_redis, embedded_redis_stopped
+from ._redis import arq_redis_settings, embedded_redis, embedded_redis_stopped, masked_url
 from ._settings import REQUIRED_VARIABLES, Requirement, Settings
-from ._vault import generate_key
+from ._vault import KeyRing, generate_key
 
 __all__ = ["main"]
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+DEFAULT_PROVIDER = "default"  # one provider per deployment today; the field keeps room for more
+MAX_LIST_LIMIT = 10_000  # one `list` page: enough for a script, small enough for one reply
+REDIS_CHECK_TIMEOUT = 1.5  # seconds a command that answers a person waits for Redis to answer
 
 
 # Which settings each command needs: the one table behind both its --help and what it demands
@@ -74,59 +83,121 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def _version() -> str:
+    try:
+        return version("consent-flow")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree never installed
+        return "unknown"
+
+
+def _user(value: str) -> str:
+    """A USER argument: a malformed id is a usage error (exit 2), caught before any I/O."""
+    try:
+        return check_user(value)
+    except ConsentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, not {number}")
+    return number
+
+
+def _limit(value: str) -> int:
+    number = _count(value)
+    if not 1 <= number <= MAX_LIST_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_LIST_LIMIT}, not {number}")
+    return number
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, not {value!r}") from None
+    if not 0 <= number <= MAX_MIN_TTL:
+        raise argparse.ArgumentTypeError(f"expected 0 to {MAX_MIN_TTL:g} seconds, not {value}")
+    return number
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="consent-flow",
         description=__doc__.split("\n")[0] if __doc__ else None,
         epilog="consent-flow COMMAND --help lists the settings COMMAND needs.",
     )
+    parser.add_argument("--version", action="version", version=f"consent-flow {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter  # keeps the epilog's one variable per line
 
-    def command(name: str, help_: str, *, json_: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(
-            name, help=help_, description=help_, epilog=_epilog(name), formatter_class=raw
+    def command(
+        name: str, help_: str, *, json_help: str = "print JSON for scripts", parent: Any = sub
+    ) -> argparse.ArgumentParser:
+        full = name if parent is sub else f"keys {name}"
+        p: argparse.ArgumentParser = parent.add_parser(
+            name, help=help_, description=help_, epilog=_epilog(full), formatter_class=raw
         )
-        if json_:
-            p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        p.add_argument("--json", action="store_true", help=json_help)
         return p
 
-    command("up", "embedded or configured Redis, worker and callback server in one", json_=False)
-    command("worker", "run an arq worker that applies consent events", json_=False)
-    command("serve", "run the callback server (/oauth/callback, /healthz, /v1)", json_=False)
+    server_json = "log JSON lines (overrides CONSENT_LOG_FORMAT) and the start-up line as JSON"
+    command(
+        "up",
+        "embedded or configured Redis, worker and callback server in one",
+        json_help=server_json,
+    )
+    command("worker", "run an arq worker that applies consent events", json_help=server_json)
+    command(
+        "serve", "run the callback server (/oauth/callback, /healthz, /v1)", json_help=server_json
+    )
     p = command("provision", "ask for USER's consent; prints the authorization URL")
-    p.add_argument("user")
-    p = command("revoke", "revoke USER's consent at the provider and wipe local tokens")
-    p.add_argument("user")
+    p.add_argument("user", type=_user)
+    p = command(
+        "revoke",
+        "revoke USER's consent at the provider and wipe local tokens "
+        "(nothing to revoke is not an error: exit 0)",
+    )
+    p.add_argument("user", type=_user)
     p.add_argument("--reason", help="why (kept in the history)")
     p = command("status", "where USER's consent stands")
-    p.add_argument("user")
+    p.add_argument("user", type=_user)
     p = command("history", "every transition of USER, oldest first")
-    p.add_argument("user")
-    p = command("list", "users and their states")
+    p.add_argument("user", type=_user)
+    p = command("list", "users and their states, by state then by when they entered it")
     p.add_argument("--state", choices=[s.value for s in State])
-    p.add_argument("--offset", type=int, default=0)
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--offset", type=_count, default=0, help="rows to skip (default 0)")
+    p.add_argument(
+        "--limit",
+        type=_limit,
+        default=100,
+        help=f"rows at most, 1 to {MAX_LIST_LIMIT} (default 100)",
+    )
     command("stats", "counts per state")
-    command("tail", "follow transitions live, across all users")
-    p = command("token", "print a valid access token for USER", json_=False)
-    p.add_argument("user")
-    command("diagram", "the state machine as Mermaid", json_=False)
+    command("tail", "follow transitions live, across all users", json_help="one JSON line each")
+    p = command("token", "print a valid access token for USER")
+    p.add_argument("user", type=_user)
+    p.add_argument(
+        "--min-ttl",
+        type=_seconds,
+        default=DEFAULT_MIN_TTL,
+        metavar="SECONDS",
+        help="the token must stay valid this long; refreshed first if it would not "
+        f"(default {DEFAULT_MIN_TTL:g}; lower it for a provider whose tokens live shorter)",
+    )
+    command("diagram", "the state machine as Mermaid")
     keys = sub.add_parser("keys", help="encryption keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
-    keys_sub.add_parser(
-        "generate",
-        help="print a new key for CONSENT_ENCRYPTION_KEYS",
-        epilog=_epilog("keys generate"),
-        formatter_class=raw,
-    )
-    rotate = keys_sub.add_parser(
+    command("generate", "print a new key for CONSENT_ENCRYPTION_KEYS", parent=keys_sub)
+    command(
         "rotate",
-        help="re-encrypt every record under the first key of CONSENT_ENCRYPTION_KEYS",
-        epilog=_epilog("keys rotate"),
-        formatter_class=raw,
+        "re-encrypt every record under the first key of CONSENT_ENCRYPTION_KEYS",
+        parent=keys_sub,
     )
-    rotate.add_argument("--json", action="store_true")
     return parser
 
 
@@ -150,6 +221,8 @@ def _status_text(data: dict[str, Any]) -> str:
         line += f" since {data['since']}"
     if data.get("reason"):
         line += f" ({data['reason']})"
+    if data.get("note"):
+        line += f": {data['note']}"
     extra = []
     for name in (
         "scopes",
@@ -161,6 +234,8 @@ def _status_text(data: dict[str, Any]) -> str:
         "last_refresh_error",
         "provider_revocation",
         "provider_revocation_note",
+        "session_expires_at",
+        "requested_scopes",
         "authorization_url",
     ):
         if data.get(name) not in (None, [], 0, ""):
@@ -197,17 +272,68 @@ def _stats_text(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _status_dict(status: ConsentStatus) -> dict[str, Any]:
-    data = status.to_dict()
-    data.pop("result", None)
-    if data.get("error") is None:
-        data.pop("error", None)
-    return data
+def _consent_dict(status: ConsentStatus) -> dict[str, Any]:
+    """The one shape of ``provision``, ``status`` and ``revoke`` for scripts: the same keys first,
+    the session's while one is open, then what the record adds (token expiry, refresh state)."""
+    out: dict[str, Any] = {
+        "user": status.user,
+        "provider": DEFAULT_PROVIDER,
+        "state": status.state.value,
+        "since": status.to_dict()["since"],
+        "reason": status.reason,
+        "scopes": list(status.scopes),
+    }
+    if status.state is State.PENDING and status.authorization_url:
+        out["authorization_url"] = status.authorization_url
+        query = parse_qs(urlsplit(status.authorization_url).query)
+        out["requested_scopes"] = " ".join(query.get("scope", [])).split()
+    details = {
+        k: v
+        for k, v in status.details.items()
+        if k not in out and k not in ("result", "error", "already", "actor", "version")
+    }
+    return {**out, **details}
+
+
+class RedisUnreachable(ConsentError):
+    """Redis did not answer a command that a person waits on: one line saying where and why."""
+
+    def __init__(self, url: str, exc: BaseException) -> None:
+        if isinstance(exc, AuthenticationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+            why, check = "it refused the credentials", "the user name and password in"
+        elif isinstance(exc, TimeoutError | asyncio.TimeoutError):
+            why, check = f"no answer within {REDIS_CHECK_TIMEOUT:g} s", "that it runs and"
+        else:
+            text = str(exc).strip().rstrip(".")
+            why = "connection refused" if "refused" in text.lower() or "111" in text else text
+            check = "that it runs and"
+        super().__init__(
+            f"Redis at {masked_url(url)} is not reachable ({why or type(exc).__name__}): "
+            f"check {check} CONSENT_REDIS_URL"
+        )
+
+
+async def _check_redis(url: str) -> None:
+    """Answer within seconds when Redis is not there, instead of riding out an outage as the
+    worker's connections do: one try, no reconnects, a bounded wait."""
+    options = arq_redis_settings(url, startup_retries=0)
+    options.retry, options.retry_on_error = None, None
+    try:
+        async with asyncio.timeout(REDIS_CHECK_TIMEOUT):
+            pool = await create_pool(options)
+            await pool.aclose()
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise RedisUnreachable(url, exc) from None
 
 
 async def _with_client(settings: Settings, run: Callable[[ConsentClient], Awaitable[int]]) -> int:
-    async with ConsentClient(settings) as client:
-        return await run(client)
+    if settings.redis_url:
+        await _check_redis(settings.redis_url)
+    try:
+        async with ConsentClient(settings) as client:
+            return await run(client)
+    except RedisError as exc:  # Redis went away after the check
+        raise RedisUnreachable(settings.redis_url or "the embedded Redis", exc) from None
 
 
 def _run_worker(settings: Settings, *, redis_url: str) -> None:
@@ -276,17 +402,39 @@ def _terminate_like_interrupt() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
+def _key_text(data: dict[str, Any]) -> str:
+    return str(data["key"])
+
+
+def _diagram_dict() -> dict[str, Any]:
+    return {
+        "mermaid": mermaid(),
+        "transitions": [
+            {
+                "event": t.event.value,
+                "from": [state.value for state in t.sources],
+                "to": t.dest.value if t.dest else None,
+                "changes": t.changes,
+                "effect": t.effect,
+            }
+            for t in TRANSITIONS
+        ],
+    }
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "keys" and args.keys_command == "generate":
-        print(generate_key())
+        key = generate_key()
+        _print(args, {"key": key, "key_id": KeyRing.from_strings([key]).primary_id}, _key_text)
         return 0
     if args.command == "diagram":
-        print(mermaid(), end="")
+        _print(args, _diagram_dict(), lambda data: str(data["mermaid"]).rstrip("\n"))
         return 0
 
     server_side = args.command in ("up", "worker", "serve")
     settings = Settings.from_env(requires=_NEEDS.get(_command_name(args), frozenset()))
-    configure_logging(settings.log_format, logging.INFO if server_side else logging.WARNING)
+    log_format = "json" if server_side and args.json else settings.log_format
+    configure_logging(log_format, logging.INFO if server_side else logging.WARNING)
 
     if args.command == "worker":
         with embedded_redis(settings) as url:
@@ -299,12 +447,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "up":
         _terminate_like_interrupt()
+        if settings.redis_url:
+            asyncio.run(_check_redis(settings.redis_url))
         with embedded_redis(settings) as url:
-            print(
-                f"consent-flow up: callback on http://{settings.http_host}:{settings.http_port}"
-                f"{settings.redirect_path}, Redis at {url.split('@')[-1]}",
-                file=sys.stderr,
-            )
+            callback = f"http://{settings.http_host}:{settings.http_port}{settings.redirect_path}"
+            redis_at = url.split("@")[-1]
+            if args.json:
+                start = {"event": "up", "callback": callback, "redis": redis_at}
+                print(json.dumps(start, separators=(",", ":")), file=sys.stderr)
+            else:
+                print(
+                    f"consent-flow up: callback on {callback}, Redis at {redis_at}", file=sys.stderr
+                )
             with contextlib.suppress(KeyboardInterrupt):
                 asyncio.run(_up(settings, url))
         return 0
@@ -317,35 +471,25 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 async def _client_command(args: argparse.Namespace, client: ConsentClient) -> int:
     if args.command == "provision":
-        status = await client.request_provisioning(check_user(args.user), actor=_actor())
-        _print(args, _status_dict(status), _status_text)
+        status = await client.request_provisioning(args.user, actor=_actor())
+        _print(args, _consent_dict(status), _status_text)
     elif args.command == "revoke":
-        status = await client.revoke(check_user(args.user), actor=_actor(), reason=args.reason)
-        _print(args, _status_dict(status), _status_text)
+        status = await client.revoke(args.user, actor=_actor(), reason=args.reason)
+        data = _consent_dict(status)
+        if status.details.get("result") == "unchanged":  # the table's idempotent no-op
+            data["note"] = (
+                "nothing to revoke: already revoked"
+                if status.state is State.REVOKED
+                else "nothing to revoke: no consent was granted"
+            )
+        _print(args, data, _status_text)
     elif args.command == "status":
-        status = await client.status(check_user(args.user))
-        _print(args, _status_dict(status), _status_text)
+        _print(args, _consent_dict(await client.status(args.user)), _status_text)
     elif args.command == "history":
-        entries = await client.history(check_user(args.user))
-        for e in entries:  # refreshes in a row share one entry: say how many it stands for
-            if not args.json and e.get("count", 1) > 1:
-                e["event"] = f"{e['event']} x{e['count']} since {e['first_at']}"
-        _print(
-            args,
-            [{k: e[k] for k in ("event", "from", "to", "at", "actor", "reason")} for e in entries],
-            lambda rows: _table(
-                [(r["at"], r["event"], r["from"], r["to"], r["actor"], r["reason"]) for r in rows],
-                ("AT", "EVENT", "FROM", "TO", "ACTOR", "REASON"),
-            ),
-        )
+        rows = [_history_row(e) for e in await client.history(args.user)]
+        _print(args, rows, _history_text)
     elif args.command == "list":
-        states = [State(args.state)] if args.state else list(State)
-        rows: list[dict[str, Any]] = []
-        for state in states:
-            for user, since in await client.store.users(
-                state, offset=max(0, args.offset), limit=max(1, min(args.limit, 10_000))
-            ):
-                rows.append({"user": user, "state": state.value, "since": iso(since)})
+        rows = await _list_rows(args, client)
         _print(
             args,
             rows,
@@ -361,7 +505,8 @@ async def _client_command(args: argparse.Namespace, client: ConsentClient) -> in
     elif args.command == "tail":
         await _tail(args, client)
     elif args.command == "token":
-        print(await client.access_token(check_user(args.user)))
+        token = await client.access_token(args.user, min_ttl=args.min_ttl)
+        _print(args, {"user": args.user, "access_token": token}, lambda d: str(d["access_token"]))
     elif args.command == "keys":
         from ._rotation import rotate_keys
 
@@ -375,8 +520,49 @@ async def _client_command(args: argparse.Namespace, client: ConsentClient) -> in
             ),
         )
         # Records left under the old key: the operator must not drop it yet.
-        return 1 if report["skipped"] else 0
+        return EXIT_FAILED if report["skipped"] else 0
     return 0
+
+
+HISTORY_FIELDS = ("event", "from", "to", "at", "actor", "reason", "count", "first_at")
+
+
+def _history_row(entry: dict[str, Any]) -> dict[str, Any]:
+    """One history entry for scripts: refreshes in a row share one entry, so ``count`` says how
+    many it stands for and ``first_at`` when the first of them ran (``at``: the last)."""
+    row = {k: entry.get(k) for k in HISTORY_FIELDS}
+    row["count"] = entry.get("count", 1)
+    row["first_at"] = entry.get("first_at") or entry["at"]
+    return row
+
+
+def _history_text(rows: list[dict[str, Any]]) -> str:
+    def event(r: dict[str, Any]) -> str:
+        return f"{r['event']} x{r['count']} since {r['first_at']}" if r["count"] > 1 else r["event"]
+
+    return _table(
+        [(r["at"], event(r), r["from"], r["to"], r["actor"], r["reason"]) for r in rows],
+        ("AT", "EVENT", "FROM", "TO", "ACTOR", "REASON"),
+    )
+
+
+async def _list_rows(args: argparse.Namespace, client: ConsentClient) -> list[dict[str, Any]]:
+    """``--offset`` and ``--limit`` count rows across the states listed, in state order."""
+    states = [State(args.state)] if args.state else list(State)
+    counts = await client.store.counts() if len(states) > 1 else {}
+    skip, left = args.offset, args.limit
+    rows: list[dict[str, Any]] = []
+    for state in states:
+        if left <= 0:
+            break
+        if state in counts and skip >= counts[state]:
+            skip -= counts[state]
+            continue
+        page = await client.store.users(state, offset=skip, limit=left)
+        skip = 0
+        left -= len(page)
+        rows += [{"user": user, "state": state.value, "since": iso(since)} for user, since in page]
+    return rows
 
 
 async def _tail(args: argparse.Namespace, client: ConsentClient) -> None:
@@ -414,8 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"consent-flow: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
-    except RedisError as exc:
+        return EXIT_INTERRUPTED
+    except RedisError as exc:  # a server command's Redis: its URL is in the log lines before
         print(f"consent-flow: Redis is not reachable ({type(exc).__name__})", file=sys.stderr)
         return EXIT_FAILED
     except OSError as exc:

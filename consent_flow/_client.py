@@ -28,6 +28,8 @@ from ._vault import KeyRing
 __all__ = ["ConsentClient", "ConsentStatus"]
 
 STARTUP_RETRIES = 2  # a caller is told quickly that Redis is not there
+DEFAULT_MIN_TTL = 30.0  # seconds the token must stay valid when the caller does not say
+MAX_MIN_TTL = 3600.0  # no provider's access tokens are worth asking for longer
 
 
 def _dt(value: str | None) -> datetime | None:
@@ -263,7 +265,7 @@ class ConsentClient:
         entries: list[HistoryEntry] = await self.store.history(check_user(user), limit=limit)
         return [entry.public() for entry in entries]
 
-    async def access_token(self, user: str, *, min_ttl: float = 30.0) -> str:
+    async def access_token(self, user: str, *, min_ttl: float = DEFAULT_MIN_TTL) -> str:
         """An access token for ``user`` valid for at least ``min_ttl`` seconds.
 
         Raises :class:`NotProvisioned`, :class:`ConsentRevoked` (with the reason) or

@@ -399,11 +399,13 @@ class BadQuery(ValueError):
 
 
 def _age(at: float, now: float) -> str:
-    seconds = max(0.0, now - at)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+    """How far ``at`` is from ``now``, either way: "5 min ago", "in 4 min", "now"."""
+    seconds = abs(now - at)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
         if seconds >= size:
-            return f"{int(seconds // size)} {unit} ago"
-    return f"{int(seconds)} s ago"
+            amount = f"{int(seconds // size)} {unit}"
+            return f"in {amount}" if at > now else f"{amount} ago"
+    return "now"
 
 
 def _time(at: float | None, now: float) -> str:

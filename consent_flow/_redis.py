@@ -44,6 +44,7 @@ __all__ = [
     "embedded_redis",
     "embedded_redis_stopped",
     "find_redis_server",
+    "masked_url",
 ]
 
 START_TIMEOUT = 10.0  # seconds for a new embedded server to answer
@@ -120,6 +121,15 @@ def find_redis_server() -> str:
 # longer than a worker should take to notice an outage).
 RETRIES = 4
 RETRY_BACKOFF_CAP = 1.0
+
+
+_URL_PASSWORD = re.compile(r"(://[^/@]*?:)[^/@]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password (in the authority or a ``password=`` query) shown as ``***``."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", url, count=1))
 
 
 def arq_redis_settings(url: str, *, startup_retries: int = 20) -> RedisSettings:

@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ._client import ConsentClient, ConsentStatus
 from ._errors import ConsentError, NotProvisioned
 from ._machine import State
+from ._model import iso
 from ._web import consent_routes
 
 __all__ = [
@@ -93,7 +94,7 @@ class ConsentResult(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     state: StateName = Field(description="unprovisioned, pending, provisioned or revoked")
-    since: str | None = Field(None, description="when the state was entered (ISO 8601, UTC)")
+    since: str | None = Field(None, description="when the state was entered (RFC 3339, UTC)")
     authorization_url: str | None = Field(
         None,
         description="the page where the user signs in and approves, while pending (unless it "
@@ -145,7 +146,7 @@ class NeedsConsent(ConsentResult):
 
 
 def _iso(at: datetime | None) -> str | None:
-    return at.isoformat().replace("+00:00", "Z") if at else None
+    return iso(at.timestamp()) if at else None  # the one RFC 3339 form the CLI and /ops use
 
 
 def _message(state: State, with_url: bool, elicitation: ElicitationAction | None) -> str:

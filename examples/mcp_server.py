@@ -25,6 +25,8 @@ Run it (see examples/README.md)::
     CONSENT_REDIRECT_URI=http://127.0.0.1:8080/oauth/callback CONSENT_ENCRYPTION_KEYS=... \\
     python examples/mcp_server.py
 
+``MCP_LOG_LEVEL=DEBUG`` also logs the routine work (arq's lines per job, the HTTP requests).
+
 Works with mcp 2.x (``MCPServer``) and mcp 1.x (``FastMCP``).
 """
 
@@ -55,6 +57,25 @@ from consent_flow import ConsentClient, Settings, SettingsError
 from consent_flow.mcp import ConsentTools, NeedsConsent, register_consent_tools
 
 log = logging.getLogger("mcp_server_example")
+
+# Loggers that write a line per routine step at INFO (arq: two per job, the schedule sweep's
+# every few seconds; httpx: every request): they speak at DEBUG only, failures still show.
+ROUTINE_LOGGERS = ("arq.worker", "httpx", "httpcore")
+
+
+def setup_logging(level_name: str | None = None) -> None:
+    """INFO by default (MCP_LOG_LEVEL=DEBUG shows the routine work too)."""
+    level = logging.getLevelName((level_name or "INFO").upper())
+    if not isinstance(level, int):
+        raise SettingsError(
+            "MCP_LOG_LEVEL", f"must be DEBUG, INFO, WARNING or ERROR, not {level_name!r}"
+        )
+    logging.basicConfig(level=level, force=True)
+    for name in ROUTINE_LOGGERS:
+        logging.getLogger(name).setLevel(
+            logging.DEBUG if level <= logging.DEBUG else logging.WARNING
+        )
+
 
 INTROSPECTION_TIMEOUT = 10.0  # seconds
 DOWNSTREAM_TIMEOUT = 10.0  # seconds
@@ -218,8 +239,8 @@ async def _stop_worker(worker: Any, task: asyncio.Task[Any]) -> None:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO)
     try:
+        setup_logging(os.environ.get("MCP_LOG_LEVEL"))
         settings = Settings.from_env(require_provider=True, require_keys=True)
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve(settings))

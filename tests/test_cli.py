@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -76,12 +81,37 @@ def test_bad_settings_exit_2_naming_the_variable(env, variable, value):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-def test_unreachable_redis_is_a_clear_error(env):
-    broken = {**os.environ, **env, "CONSENT_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
-    out = run(broken, "status", "alice", timeout=60)
-    assert out.returncode == 1
-    assert "Redis" in out.stderr
+@pytest.fixture
+def silent_redis() -> Iterator[str]:
+    """A port that accepts connections and never answers: a Redis behind a dead proxy or a
+    firewall that drops, where waiting would otherwise hang."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield f"redis://:hunter2@127.0.0.1:{listener.getsockname()[1]}/0"
+
+
+@pytest.mark.parametrize("command", [("status", "alice"), ("list",), ("up",)])
+@pytest.mark.parametrize("redis", ["refused", "silent"])
+def test_unreachable_redis_answers_within_5_s_naming_the_url(env, silent_redis, command, redis):
+    url = silent_redis if redis == "silent" else f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    broken = {**os.environ, **env, "CONSENT_REDIS_URL": url, "CONSENT_HTTP_PORT": str(free_port())}
+    started = time.monotonic()
+    run(broken, "--version")
+    startup = time.monotonic() - started  # the interpreter and imports, slow on a loaded machine
+    started = time.monotonic()
+    out = run(broken, *command, timeout=60)
+    elapsed = time.monotonic() - started
+    assert out.returncode == 1, out.stderr
+    # Within 5 s on an idle machine (about 1 s of start-up); here, within 3 s of start-up.
+    assert elapsed - startup < 3, f"answered after {elapsed:.1f} s ({startup:.1f} s start-up)"
     assert "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(
+        f"consent-flow: Redis at {url.replace('hunter2', '***')} is not reachable"
+    )
+    assert "hunter2" not in out.stderr
+    assert "CONSENT_REDIS_URL" in line
 
 
 def test_usage_errors_exit_2():
@@ -121,7 +151,9 @@ async def test_json_shapes_of_every_reading_and_driving_command(stack, cli_env):
     assert (revoked["state"], revoked["reason"]) == ("revoked", "offboarding")
 
     history = json.loads((await arun(cli_env, "history", "alice", "--json")).stdout)
-    assert [list(h) for h in history] == [["event", "from", "to", "at", "actor", "reason"]] * 3
+    fields = ["event", "from", "to", "at", "actor", "reason", "count", "first_at"]
+    assert [list(h) for h in history] == [fields] * 3
+    assert all(h["count"] == 1 and h["first_at"] == h["at"] for h in history)
     assert [h["event"] for h in history] == [
         "provision_requested",
         "authorization_completed",
@@ -299,3 +331,251 @@ def test_help_lists_exactly_what_the_command_demands(tmp_path, command):
     assert out.returncode == 2, out.stderr
     lines = [line.removeprefix("consent-flow:").strip() for line in out.stderr.splitlines()]
     assert [line.split(":", 1)[0] for line in lines if line.startswith("CONSENT_")] == listed
+
+
+# -- one consistent command line: --json everywhere, exit codes, shapes, formats ------------------
+
+RFC3339_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+
+
+def _commands() -> list[tuple[str, ...]]:
+    """Every command the parser knows, ``keys`` as its subcommands."""
+    from consent_flow._cli import _parser
+
+    def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        return {}
+
+    found = []
+    for name, parser in subparsers(_parser()).items():
+        nested = subparsers(parser)
+        found += [(name, sub) for sub in nested] if nested else [(name,)]
+    return found
+
+
+@pytest.mark.parametrize("command", _commands(), ids=" ".join)
+def test_every_command_takes_json(command):
+    out = run(dict(os.environ), *command, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "--json" in out.stdout
+
+
+def test_version():
+    out = run(dict(os.environ), "--version")
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(r"consent-flow \d+\.\d+\.\d+\S*\n", out.stdout)
+
+
+@pytest.mark.parametrize("command", [("diagram",), ("keys", "generate")])
+def test_offline_commands_print_json(command):
+    out = run(dict(os.environ), *command, "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    if command == ("diagram",):
+        assert data["mermaid"] == mermaid()
+        assert {"event": "revoke_requested", "from": ["unprovisioned", "revoked"]}.items() <= (
+            next(t for t in data["transitions"] if not t["changes"] and "revoked" in t["from"])
+        ).items()
+    else:
+        assert KeyRing.from_strings([data["key"]]).primary_id == data["key_id"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("status", "a b"), ("token", "x" * 256), ("history", "tab\there"), ("revoke", "")],
+    ids=["space", "too-long", "control", "empty"],
+)
+def test_a_bad_user_id_is_a_usage_error(tmp_path, args):
+    out = run(no_settings(tmp_path), *args, timeout=20)
+    assert out.returncode == 2, out.stderr
+    assert "user id" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [("list", "--limit", "0"), ("list", "--offset", "-1"), ("token", "a", "--min-ttl", "x")]
+)
+def test_bad_numbers_are_usage_errors(tmp_path, args):
+    out = run(no_settings(tmp_path), *args, timeout=20)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+async def test_provision_and_status_share_one_shape(stack, cli_env):
+    provisioned = json.loads((await arun(cli_env, "provision", "bob", "--json")).stdout)
+    status = json.loads((await arun(cli_env, "status", "bob", "--json")).stdout)
+    assert (
+        list(provisioned)[:8]
+        == list(status)[:8]
+        == [
+            "user",
+            "provider",
+            "state",
+            "since",
+            "reason",
+            "scopes",
+            "authorization_url",
+            "requested_scopes",
+        ]
+    )
+    assert {k: v for k, v in provisioned.items() if k != "session_expires_at"} == {
+        k: v for k, v in status.items() if k != "session_expires_at"
+    }
+    assert status["provider"] == "default"
+    assert status["requested_scopes"] == list(stack.settings.scopes)
+    assert re.fullmatch(RFC3339_UTC, status["since"])
+
+    from local_provider import approve
+
+    await stack.callback(await approve(provisioned["authorization_url"], "bob"))
+    status = json.loads((await arun(cli_env, "status", "bob", "--json")).stdout)
+    assert list(status)[:6] == list(provisioned)[:6]
+    assert "authorization_url" not in status and "requested_scopes" not in status
+    assert status["scopes"]
+    for name in ("since", "access_token_expires_at", "next_refresh_at"):
+        assert re.fullmatch(RFC3339_UTC, status[name]), name
+
+
+async def test_list_limit_and_offset_count_rows_across_states(stack, cli_env):
+    from seed import seed
+
+    from consent_flow import State
+
+    await seed(stack.client.store, {State.PENDING: 2, State.PROVISIONED: 2, State.REVOKED: 2})
+    every = json.loads((await arun(cli_env, "list", "--json")).stdout)
+    assert len(every) == 6
+    first = json.loads((await arun(cli_env, "list", "--limit", "3", "--json")).stdout)
+    assert first == every[:3]
+    rest = json.loads(
+        (await arun(cli_env, "list", "--offset", "3", "--limit", "2", "--json")).stdout
+    )
+    assert rest == every[3:5]
+
+
+async def test_revoking_a_user_never_seen_says_nothing_to_revoke_and_exits_0(stack, cli_env):
+    out = await arun(cli_env, "revoke", "stranger")
+    assert out.returncode == 0, out.stderr
+    assert "nothing to revoke" in out.stdout
+    data = json.loads((await arun(cli_env, "revoke", "stranger", "--json")).stdout)
+    assert (data["state"], data["note"]) == (
+        "unprovisioned",
+        "nothing to revoke: no consent was granted",
+    )
+
+
+async def test_history_json_counts_the_refreshes_an_entry_stands_for(stack, cli_env):
+    from seed import seed
+
+    from consent_flow import Event, State
+    from consent_flow._model import Change
+
+    store = stack.client.store
+    (user,) = await seed(store, {State.PROVISIONED: 1})
+    start = time.time()
+    for n in range(3):
+        rec = await store.load(user)
+        change = Change(
+            user=user,
+            event=Event.TOKEN_REFRESHED,
+            event_id=uuid.uuid4().hex,
+            expect_state=rec.state,
+            expect_version=rec.version,
+            to_state=State.PROVISIONED,
+            actor="worker",
+            at=start + n,
+            correlation_id=uuid.uuid4().hex,
+        )
+        assert (await store.commit(change)).ok
+    history = json.loads((await arun(cli_env, "history", user, "--json")).stdout)
+    refreshed = history[-1]
+    assert refreshed["event"] == "token_refreshed"
+    assert refreshed["count"] == 3
+    assert refreshed["first_at"] < refreshed["at"]
+    assert re.fullmatch(RFC3339_UTC, refreshed["first_at"])
+    text = (await arun(cli_env, "history", user)).stdout
+    assert f"token_refreshed x3 since {refreshed['first_at']}" in text
+
+
+async def test_token_json_and_min_ttl_serve_a_provider_with_short_lived_tokens(
+    make_stack, cli_env, redirect_uri
+):
+    """Tokens living 20 s: the default asks for 30 s and cannot be served; --min-ttl 5 can."""
+    from conftest import provider_clients
+    from local_provider import LocalProvider
+
+    with LocalProvider.start(
+        clients=provider_clients(redirect_uri), access_token_ttl=20, rotate_refresh_token=False
+    ) as short:
+        stack = await make_stack(op=short)
+        env = {**cli_env, "CONSENT_ISSUER": short.issuer}
+        await provision(stack, "alice")
+        default = await arun(env, "token", "alice")
+        assert default.returncode == 1
+        assert "less than the 30 s asked for" in default.stderr
+        out = await arun(env, "token", "alice", "--min-ttl", "5", "--json")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {
+            "user": "alice",
+            "access_token": await stack.client.access_token("alice", min_ttl=5),
+        }
+        await stack.stop()
+
+
+def _documented_exit_codes() -> list[int]:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("| exit code | meaning |", 1)[1].split("\n\n", 1)[0]
+    return [int(m) for m in re.findall(r"^\| (\d+) \|", table, re.MULTILINE)]
+
+
+def test_the_readme_documents_every_exit_code_the_cli_has():
+    from consent_flow import _cli
+
+    codes = {v for k, v in vars(_cli).items() if k.startswith("EXIT_")} | {0}
+    assert sorted(codes) == _documented_exit_codes()
+
+
+@pytest.mark.parametrize("code", _documented_exit_codes())
+def test_each_documented_exit_code(tmp_path, code):
+    """Each code of the README's table, from a real run of the command line."""
+    env = no_settings(tmp_path)
+    if code == 130:
+        process = subprocess.Popen(
+            [*CLI, "tail"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        time.sleep(3)  # started, on an embedded Redis, and waiting for transitions
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=20)
+        assert process.returncode == code, stderr
+        assert "Traceback" not in stderr
+        return
+    args = {
+        0: ("status", "stranger"),  # on an embedded Redis it starts and stops
+        1: ("token", "stranger"),  # no consent, no token
+        2: ("status", "not a user id"),
+    }[code]
+    if code == 1:
+        env["CONSENT_ENCRYPTION_KEYS"] = run(env, "keys", "generate").stdout.strip()
+    out = run(env, *args, timeout=60)
+    assert out.returncode == code, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@db:6379/0", "redis://:***@db:6379/0"),
+        ("rediss://app:s3cret@db:6380/1", "rediss://app:***@db:6380/1"),
+        ("redis://db:6379/0", "redis://db:6379/0"),
+        ("unix:///run/redis.sock?db=2&password=s3cret", "unix:///run/redis.sock?db=2&password=***"),
+        (
+            "redis+sentinel://:s3cret@s1:26379,s2:26379/main",
+            "redis+sentinel://:***@s1:26379,s2:26379/main",
+        ),
+    ],
+)
+def test_redis_urls_are_shown_without_their_password(url, shown):
+    from consent_flow._redis import masked_url
+
+    assert masked_url(url) == shown

@@ -317,3 +317,17 @@ def test_provider_image_installs_locked_production_dependencies() -> None:
     commands = [rest for kw, rest in instructions if kw == "CMD"]
     assert commands
     assert json.loads(commands[-1]) == ["node", "server.mjs"]
+
+
+def test_the_application_image_and_its_comments_agree_about_redis() -> None:
+    """No redis-server in the image: nothing may suggest running it on an embedded Redis."""
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    installs_redis = any(
+        kw == "RUN" and "redis-server" in rest for kw, rest in _instructions(ROOT / "Dockerfile")
+    )
+    if not installs_redis:
+        comments = " ".join(
+            line.lstrip("# ") for line in dockerfile.splitlines() if line.startswith("#")
+        )
+        assert "CONSENT_REDIS_URL is unset" not in comments
+        assert "CONSENT_REDIS_URL=redis://" in comments

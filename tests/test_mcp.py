@@ -553,3 +553,45 @@ async def test_needs_consent_is_a_consent_result():
     needs = NeedsConsent(state="pending", authorization_url="https://op/authorize", message="m")
     assert isinstance(needs, ConsentResult)
     assert needs.model_dump()["needs_consent"] is True
+
+
+@pytest.mark.parametrize("microsecond", [0, 123456])
+def test_result_times_are_the_one_rfc3339_form_the_cli_prints(microsecond):
+    """A whole second must not drop the fraction: scripts parse one form everywhere."""
+    from datetime import UTC, datetime
+
+    from consent_flow import ConsentStatus
+    from consent_flow._model import iso
+
+    since = datetime(2026, 12, 1, 3, 27, 42, microsecond, tzinfo=UTC)
+    result = ConsentResult.from_status(ConsentStatus("alice", State.REVOKED, since))
+    assert result.since == iso(since.timestamp())
+    assert result.since == f"2026-12-01T03:27:42.{microsecond // 1000:03d}Z"
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    import logging
+
+    root = logging.getLogger()
+    saved = (root.level, root.handlers[:])
+    levels = {name: logging.getLogger(name).level for name in example.ROUTINE_LOGGERS}
+    yield
+    root.setLevel(saved[0])
+    root.handlers[:] = saved[1]
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+@pytest.mark.usefixtures("restored_logging")
+def test_the_examples_routine_work_logs_at_debug_only():
+    """arq's two lines per job (the sweep's every few seconds) stay out of INFO."""
+    import logging
+
+    example.setup_logging(None)
+    arq = logging.getLogger("arq.worker")
+    assert logging.getLogger("mcp_server_example").isEnabledFor(logging.INFO)
+    assert not arq.isEnabledFor(logging.INFO)
+    assert arq.isEnabledFor(logging.WARNING)
+    example.setup_logging("debug")
+    assert arq.isEnabledFor(logging.DEBUG)

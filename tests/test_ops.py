@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import math
+import re
 import secrets
 import time
 from collections import Counter
@@ -748,3 +749,14 @@ async def test_a_same_host_forwarder_in_front_of_a_loopback_only_server(settings
             assert response.status_code == 401, path
             response = await http.get(path, headers={"Authorization": f"Bearer {token}"})
             assert response.status_code == 200, path
+
+
+async def test_future_times_read_in_so_long_not_0_s_ago(stack):
+    """A token's expiry and the next refresh lie ahead: "in 59 min", never "0 s ago"."""
+    await provision(stack, "alice")
+    async with asgi(stack.client) as http:
+        page = (await http.get("/ops/users/alice")).text
+    ahead = re.findall(r'<span class="age">in (\d+) (min|h)</span>', page)
+    assert len(ahead) >= 2, page  # access_token_expires_at, next_refresh_at (tokens live 1 h)
+    assert ("59", "min") in ahead
+    assert "0 s ago" not in page

@@ -12,15 +12,19 @@ import contextlib
 import getpass
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from cryptography.fernet import Fernet
 from redis.exceptions import RedisError
 
 from ._client import ConsentClient, ConsentStatus
 from ._errors import ConsentError, SettingsError
+from ._import import ImportKeyError, load_fernet_key
+from ._importer import PROVIDERS, ProgressBar, run_import
 from ._logging import configure_logging
 from ._machine import State, mermaid
 from ._metrics import read_snapshot
@@ -43,6 +47,7 @@ _NEEDS: dict[str, frozenset[Requirement]] = {
     "serve": frozenset(Requirement),
     "token": frozenset({Requirement.KEYS}),
     "keys rotate": frozenset({Requirement.KEYS}),
+    "import": frozenset({Requirement.KEYS}),
 }
 _OFFLINE = frozenset({"diagram", "keys generate"})  # read no settings and touch no Redis
 
@@ -112,6 +117,25 @@ def _parser() -> argparse.ArgumentParser:
     p = command("token", "print a valid access token for USER", json_=False)
     p.add_argument("user")
     command("diagram", "the state machine as Mermaid", json_=False)
+    p = command("import", "import grants from nextcloud-mcp-server's token store")
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="URL",
+        help="sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB (its DATABASE_URL works)",
+    )
+    p.add_argument(
+        "--fernet-key-env",
+        required=True,
+        metavar="VAR",
+        help="the environment variable holding the store's Fernet key (its TOKEN_ENCRYPTION_KEY)",
+    )
+    p.add_argument("--provider", default="default", choices=PROVIDERS, help="default: default")
+    p.add_argument("--dry-run", action="store_true", help="read and classify, write nothing")
+    p.add_argument(
+        "--restart", action="store_true", help="start from the first row, not where a run stopped"
+    )
     keys = sub.add_parser("keys", help="encryption keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
     keys_sub.add_parser(
@@ -284,6 +308,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(mermaid(), end="")
         return 0
 
+    fernet = None
+    if args.command == "import":
+        try:
+            fernet = load_fernet_key(os.environ, args.fernet_key_env)
+        except ImportKeyError as exc:
+            print(f"consent-flow: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
     server_side = args.command in ("up", "worker", "serve")
     settings = Settings.from_env(requires=_NEEDS.get(_command_name(args), frozenset()))
     configure_logging(settings.log_format, logging.INFO if server_side else logging.WARNING)
@@ -310,6 +342,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     async def run(client: ConsentClient) -> int:
+        if fernet is not None:
+            return await _import(args, client, fernet)
         return await _client_command(args, client)
 
     return asyncio.run(_with_client(settings, run))
@@ -376,6 +410,26 @@ async def _client_command(args: argparse.Namespace, client: ConsentClient) -> in
         )
         # Records left under the old key: the operator must not drop it yet.
         return 1 if report["skipped"] else 0
+    return 0
+
+
+async def _import(args: argparse.Namespace, client: ConsentClient, fernet: Fernet) -> int:
+    try:
+        report = await run_import(
+            client,
+            args.source,
+            fernet,
+            dry_run=args.dry_run,
+            restart=args.restart,
+            progress=ProgressBar(sys.stderr),
+        )
+    except asyncio.CancelledError:
+        print(
+            "consent-flow: import interrupted; run the same command again to continue",
+            file=sys.stderr,
+        )
+        raise
+    _print(args, report.as_dict(), lambda _: str(report))
     return 0
 
 

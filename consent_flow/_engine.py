@@ -71,6 +71,9 @@ LAPSE_MOVE_SLACK = 2.0
 # What an import hears back for a user it leaves alone, in the outcome's ``skipped`` detail.
 IMPORT_SKIPPED_PROVISIONED = "already_provisioned"
 IMPORT_SKIPPED_PENDING = "pending"
+# A record field no revocation clears: when the user's grant was last imported. An import run
+# leaves a revoked user alone when it is set, so a grant that ended is not brought back.
+IMPORTED_AT_FIELD = "impat"
 OUTBOX_RETRY_BASE = 30.0  # seconds before a provider revocation that failed is tried again
 OUTBOX_RETRY_CAP = 3600.0
 # Tries of one provider revocation before the outbox gives up on it (about a day of backoff).
@@ -596,6 +599,7 @@ class Engine:
                     "scopes": " ".join(scopes),
                     "next": repr(now),
                     "fails": "0",
+                    IMPORTED_AT_FIELD: repr(now),
                 },
                 delete_fields=(
                     *SESSION_FIELDS,

@@ -131,7 +131,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="VAR",
         help="the environment variable holding the store's Fernet key (its TOKEN_ENCRYPTION_KEY)",
     )
-    p.add_argument("--provider", default="default", choices=PROVIDERS, help="the provider the grants are for (one today: default)")
+    p.add_argument(
+        "--provider",
+        default="default",
+        choices=PROVIDERS,
+        help="the provider the grants are for (one today: default)",
+    )
     p.add_argument("--dry-run", action="store_true", help="read and classify, write nothing")
     p.add_argument(
         "--restart", action="store_true", help="start from the first row, not where a run stopped"

@@ -13,6 +13,7 @@ import contextlib
 import getpass
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,10 +22,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from arq.connections import create_pool
+from cryptography.fernet import Fernet
 from redis.exceptions import AuthenticationError, RedisError
 
 from ._client import DEFAULT_MIN_TTL, MAX_MIN_TTL, ConsentClient, ConsentStatus
 from ._errors import ConsentError, SettingsError
+from ._import import ImportKeyError, load_fernet_key
+from ._importer import PROVIDERS, ProgressBar, run_import
 from ._logging import configure_logging
 from ._machine import TRANSITIONS, State, mermaid
 from ._metrics import read_snapshot
@@ -52,6 +56,7 @@ _NEEDS: dict[str, frozenset[Requirement]] = {
     "serve": frozenset(Requirement),
     "token": frozenset({Requirement.KEYS}),
     "keys rotate": frozenset({Requirement.KEYS}),
+    "import": frozenset({Requirement.KEYS}),
 }
 _OFFLINE = frozenset({"diagram", "keys generate"})  # read no settings and touch no Redis
 
@@ -190,6 +195,30 @@ def _parser() -> argparse.ArgumentParser:
         f"(default {DEFAULT_MIN_TTL:g}; lower it for a provider whose tokens live shorter)",
     )
     command("diagram", "the state machine as Mermaid")
+    p = command("import", "import grants from nextcloud-mcp-server's token store")
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="URL",
+        help="sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB (its DATABASE_URL works)",
+    )
+    p.add_argument(
+        "--fernet-key-env",
+        required=True,
+        metavar="VAR",
+        help="the environment variable holding the store's Fernet key (its TOKEN_ENCRYPTION_KEY)",
+    )
+    p.add_argument(
+        "--provider",
+        default="default",
+        choices=PROVIDERS,
+        help="the provider the grants are for (one today: default)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="read and classify, write nothing")
+    p.add_argument(
+        "--restart", action="store_true", help="start from the first row, not where a run stopped"
+    )
     keys = sub.add_parser("keys", help="encryption keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
     command("generate", "print a new key for CONSENT_ENCRYPTION_KEYS", parent=keys_sub)
@@ -431,6 +460,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         _print(args, _diagram_dict(), lambda data: str(data["mermaid"]).rstrip("\n"))
         return 0
 
+    fernet = None
+    if args.command == "import":
+        try:
+            fernet = load_fernet_key(os.environ, args.fernet_key_env)
+        except ImportKeyError as exc:
+            print(f"consent-flow: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
     server_side = args.command in ("up", "worker", "serve")
     settings = Settings.from_env(requires=_NEEDS.get(_command_name(args), frozenset()))
     log_format = "json" if server_side and args.json else settings.log_format
@@ -464,6 +501,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     async def run(client: ConsentClient) -> int:
+        if fernet is not None:
+            return await _import(args, client, fernet)
         return await _client_command(args, client)
 
     return asyncio.run(_with_client(settings, run))
@@ -563,6 +602,26 @@ async def _list_rows(args: argparse.Namespace, client: ConsentClient) -> list[di
         left -= len(page)
         rows += [{"user": user, "state": state.value, "since": iso(since)} for user, since in page]
     return rows
+
+
+async def _import(args: argparse.Namespace, client: ConsentClient, fernet: Fernet) -> int:
+    try:
+        report = await run_import(
+            client,
+            args.source,
+            fernet,
+            dry_run=args.dry_run,
+            restart=args.restart,
+            progress=ProgressBar(sys.stderr),
+        )
+    except asyncio.CancelledError:
+        print(
+            "consent-flow: import interrupted; run the same command again to continue",
+            file=sys.stderr,
+        )
+        raise
+    _print(args, report.as_dict(), lambda _: str(report))
+    return 0
 
 
 async def _tail(args: argparse.Namespace, client: ConsentClient) -> None:

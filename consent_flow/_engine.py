@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -42,7 +43,7 @@ from ._oidc import (
 from ._queue import Envelope, Outcome, new_id
 from ._schedule import refresh_job_ref
 from ._settings import Settings
-from ._store import RedisStore, state_hash
+from ._store import INBOX_TTL, RedisStore, state_hash
 from ._vault import KeyRing, open_tokens, seal_tokens
 from ._webhooks import Notice, NoticeKind, notice_job, notice_kind
 
@@ -69,6 +70,12 @@ MAX_REFRESH_JITTER = 300.0
 # A refresh token's lapse that a refresh moved by less than this did not move (the provider counts
 # in whole seconds from its own clock): it is a fixed end that refreshing earlier cannot push back.
 LAPSE_MOVE_SLACK = 2.0
+# What an import hears back for a user it leaves alone, in the outcome's ``skipped`` detail.
+IMPORT_SKIPPED_PROVISIONED = "already_provisioned"
+IMPORT_SKIPPED_PENDING = "pending"
+# A record field no revocation clears: when the user's grant was last imported. An import run
+# leaves a revoked user alone when it is set, so a grant that ended is not brought back.
+IMPORTED_AT_FIELD = "impat"
 OUTBOX_RETRY_BASE = 30.0  # seconds before a provider revocation that failed is tried again
 OUTBOX_RETRY_CAP = 3600.0
 # Tries of one provider revocation before the outbox gives up on it (about a day of backoff).
@@ -203,6 +210,7 @@ class Engine:
             Event.AUTHORIZATION_FAILED: self._authorization_failed,
             Event.SESSION_EXPIRED: self._session_expired,
             Event.REVOKE_REQUESTED: self._revoke_requested,
+            Event.GRANT_IMPORTED: self._grant_imported,
         }
 
     # --- entry point ------------------------------------------------------------------------
@@ -578,6 +586,90 @@ class Engine:
         rec = rec.after(change, result.version)
         return self.outcome(rec, envelope, "applied")
 
+    # --- grant_imported (consent-flow import) -------------------------------------------------
+
+    async def _grant_imported(self, envelope: Envelope) -> Outcome:
+        if await self._seen(envelope):
+            return await self.reread_after(envelope, "duplicate")
+        try:
+            scopes = parse_imported_scopes(envelope.payload.get("scopes", ""))
+            lapse = parse_imported_lapse(envelope.payload.get("refresh_expires_at", ""))
+        except ValueError as exc:
+            rec = await self.store.load(envelope.user)
+            return self.outcome(rec, envelope, "failed", error="bad_import", reason=str(exc))
+        # Taken once, before any decision: a redelivery finds nothing and changes nothing.
+        sealed = await self.store.take_inbox(envelope.user, envelope.event_id)
+        for _ in range(MAX_CONFLICT_RETRIES):
+            rec = await self.store.load(envelope.user)
+            row = self._decide(rec, envelope.event)
+            if not row.changes:
+                # The user holds a grant of ours, or is granting one right now: it wins over
+                # the imported one, which is dropped (not revoked: it is the source's).
+                skipped = (
+                    IMPORT_SKIPPED_PENDING
+                    if rec.state is State.PENDING
+                    else IMPORT_SKIPPED_PROVISIONED
+                )
+                return self.outcome(rec, envelope, "unchanged", detail={"skipped": skipped})
+            if sealed is None:
+                return self.outcome(
+                    rec,
+                    envelope,
+                    "failed",
+                    error="interrupted",
+                    reason="the imported token was not found (it waits "
+                    f"{INBOX_TTL} s for a worker); run the import again",
+                )
+            refresh_token = self.ring.decrypt(
+                sealed, user=rec.user, purpose=f"import:{envelope.event_id}"
+            ).decode()
+            now = self.clock()
+            change = self._change(
+                envelope,
+                rec,
+                row,
+                reason=None,
+                # No access token yet: stored as expired, so a caller asking for one gets it
+                # refreshed, and the first refresh is due at once so a dead grant shows now.
+                sealed={
+                    "tok": self.seal_tokens(
+                        rec.user, {"access_token": "", "refresh_token": refresh_token}
+                    )
+                },
+                set_fields={
+                    "exp": repr(now),
+                    "rexp": _time_field(lapse),
+                    "scopes": " ".join(scopes),
+                    "next": repr(now),
+                    "fails": "0",
+                    IMPORTED_AT_FIELD: repr(now),
+                },
+                delete_fields=(
+                    *SESSION_FIELDS,
+                    "sub",
+                    "lastref",
+                    "referr",
+                    "failsince",
+                    "failat",
+                    "inflight",
+                    "reason",
+                    "provrev",
+                ),
+                drop_session_lookup=rec.session_digest,
+                schedule_at=now,
+            )
+            result = await self.store.commit(change)
+            if result.status == "conflict":
+                continue
+            if not result.ok:
+                return await self.reread_after(envelope, result.status)
+            if self.on_scheduled is not None:
+                await self.on_scheduled(rec.user, now)
+            rec = rec.after(change, result.version)
+            log.info("grant_imported", user=rec.user, scopes=list(rec.scopes))
+            return self.outcome(rec, envelope, "applied", detail={"scopes": list(rec.scopes)})
+        return await self.reread_after(envelope, "conflict")
+
     # --- revoke_requested -------------------------------------------------------------------
 
     async def _revoke_requested(self, envelope: Envelope) -> Outcome:
@@ -750,6 +842,25 @@ class UserLock:
     async def __aexit__(self, *exc: object) -> None:
         if self.token is not None:
             await self.store.release_lock(self.user, self.token)
+
+
+def parse_imported_scopes(text: str) -> tuple[str, ...]:
+    """The scopes a ``grant_imported`` event carries, space separated (RFC 6749 3.3)."""
+    scopes = tuple(dict.fromkeys(text.split()))
+    for scope in scopes:
+        if not all(0x21 <= ord(ch) <= 0x7E and ch not in ('"', "\\") for ch in scope):
+            raise ValueError("an imported scope is not an RFC 6749 scope token")
+    return scopes
+
+
+def parse_imported_lapse(text: str) -> float | None:
+    """The imported refresh token's own expiry (seconds since the epoch), empty for none."""
+    if not text:
+        return None
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("an imported expiry is not a finite number")
+    return value
 
 
 def _time_field(at: float | None) -> str:

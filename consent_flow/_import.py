@@ -178,6 +178,8 @@ class Outcome(StrEnum):
 
     IMPORTED = "imported"
     SKIPPED_ALREADY_PROVISIONED = "skipped_already_provisioned"
+    SKIPPED_PENDING = "skipped_pending"
+    SKIPPED_ENDED_AFTER_IMPORT = "skipped_ended_after_import"
     UNDECRYPTABLE = "undecryptable"
     INVALID = "invalid"
 
@@ -318,6 +320,8 @@ class Summary:
 
     imported: int = 0
     skipped_already_provisioned: int = 0
+    skipped_pending: int = 0
+    skipped_ended_after_import: int = 0
     undecryptable: int = 0
     invalid: int = 0
     invalid_by_reason: Counter[InvalidReason] = field(default_factory=Counter)
@@ -329,6 +333,10 @@ class Summary:
             self.imported += 1
         elif outcome is Outcome.SKIPPED_ALREADY_PROVISIONED:
             self.skipped_already_provisioned += 1
+        elif outcome is Outcome.SKIPPED_PENDING:
+            self.skipped_pending += 1
+        elif outcome is Outcome.SKIPPED_ENDED_AFTER_IMPORT:
+            self.skipped_ended_after_import += 1
         elif outcome is Outcome.UNDECRYPTABLE:
             self.undecryptable += 1
         else:
@@ -347,12 +355,21 @@ class Summary:
 
     @property
     def total(self) -> int:
-        return self.imported + self.skipped_already_provisioned + self.undecryptable + self.invalid
+        return (
+            self.imported
+            + self.skipped_already_provisioned
+            + self.skipped_pending
+            + self.skipped_ended_after_import
+            + self.undecryptable
+            + self.invalid
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "imported": self.imported,
             "skipped_already_provisioned": self.skipped_already_provisioned,
+            "skipped_pending": self.skipped_pending,
+            "skipped_ended_after_import": self.skipped_ended_after_import,
             "undecryptable": self.undecryptable,
             "invalid": self.invalid,
             "invalid_by_reason": {
@@ -360,12 +377,41 @@ class Summary:
             },
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Summary:
+        """Read back what :meth:`as_dict` wrote (a resumed import carries its counts on)."""
+        try:
+            counts = {
+                name: int(data.get(name, 0))
+                for name in (
+                    "imported",
+                    "skipped_already_provisioned",
+                    "skipped_pending",
+                    "skipped_ended_after_import",
+                    "undecryptable",
+                    "invalid",
+                )
+            }
+            reasons = Counter(
+                {
+                    InvalidReason(k): int(v)
+                    for k, v in dict(data.get("invalid_by_reason", {})).items()
+                }
+            )
+        except (TypeError, ValueError):
+            raise ImportSourceError("not an import summary") from None
+        return cls(**counts, invalid_by_reason=reasons)
+
     def __str__(self) -> str:
         text = (
             f"imported {self.imported}, skipped (already provisioned) "
-            f"{self.skipped_already_provisioned}, undecryptable {self.undecryptable}, "
-            f"invalid {self.invalid}"
+            f"{self.skipped_already_provisioned}, "
         )
+        if self.skipped_pending:
+            text += f"skipped (authorization under way) {self.skipped_pending}, "
+        if self.skipped_ended_after_import:
+            text += f"skipped (imported before, since revoked) {self.skipped_ended_after_import}, "
+        text += f"undecryptable {self.undecryptable}, invalid {self.invalid}"
         if self.invalid_by_reason:
             reasons = ", ".join(
                 f"{reason.value} {count}"

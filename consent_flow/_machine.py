@@ -33,6 +33,7 @@ class Event(enum.StrEnum):
     TOKEN_REFRESHED = "token_refreshed"
     REFRESH_REJECTED = "refresh_rejected"
     REVOKE_REQUESTED = "revoke_requested"
+    GRANT_IMPORTED = "grant_imported"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,9 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(Event.REFRESH_REJECTED, (V,), R, "invalid_grant: the grant is dead"),
     Transition(Event.REVOKE_REQUESTED, (P, V), R, "revoked at the provider, tokens wiped"),
     Transition(Event.REVOKE_REQUESTED, (U, R), None, "nothing to revoke", changes=False),
+    Transition(Event.GRANT_IMPORTED, (U, R), V, "imported refresh token stored, refreshed at once"),
+    Transition(Event.GRANT_IMPORTED, (P,), None, "authorization under way", changes=False),
+    Transition(Event.GRANT_IMPORTED, (V,), None, "already provisioned", changes=False),
 )
 
 

@@ -133,6 +133,10 @@ class Keys:
     def lock(self, user: str) -> str:
         return f"{self.prefix}:{{{user}}}:lock"
 
+    def import_cursor(self, source_digest: str) -> str:
+        """Where ``consent-flow import`` keeps its place in one source between runs."""
+        return f"{self.prefix}:import:{source_digest}"
+
     def idx(self, state: State | str) -> str:
         return f"{self.prefix}:idx:{State(state).value}"
 
@@ -229,6 +233,8 @@ class Store(Protocol):
     async def claim_session(
         self, user: str, session_id: str, event_id: str, sealed: str | None
     ) -> str: ...
+
+    async def put_inbox(self, user: str, event_id: str, sealed: str) -> None: ...
 
     async def take_inbox(self, user: str, event_id: str) -> str | None: ...
 
@@ -677,6 +683,10 @@ class RedisStore:
         )
         return _decode(result)
 
+    async def put_inbox(self, user: str, event_id: str, sealed: str) -> None:
+        """Leave a sealed secret for the worker that applies event ``event_id``."""
+        await self.redis.set(self.keys.inbox(user, event_id), sealed, ex=INBOX_TTL)
+
     async def take_inbox(self, user: str, event_id: str) -> str | None:
         raw = await self.redis.getdel(self.keys.inbox(user, event_id))
         return None if raw is None else _decode(raw)
@@ -848,6 +858,9 @@ class MemoryStore:
         if sealed:
             self.inboxes[(user, event_id)] = sealed
         return "ok"
+
+    async def put_inbox(self, user: str, event_id: str, sealed: str) -> None:
+        self.inboxes[(user, event_id)] = sealed
 
     async def take_inbox(self, user: str, event_id: str) -> str | None:
         return self.inboxes.pop((user, event_id), None)

@@ -115,6 +115,8 @@ def notice_kind(event: Event, source: State, dest: State) -> NoticeKind | None:
         return NoticeKind.UPGRADED if source is State.PROVISIONED else NoticeKind.PROVISIONED
     if source is dest:
         return None
+    if event is Event.GRANT_IMPORTED and dest is State.PROVISIONED:
+        return NoticeKind.PROVISIONED
     if event is Event.REFRESH_REJECTED and dest is State.REVOKED:
         return NoticeKind.REFRESH_REJECTED
     if event is Event.REVOKE_REQUESTED and dest is State.REVOKED:

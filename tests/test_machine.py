@@ -24,6 +24,10 @@ DESIGN_TABLE = {
     (Event.REVOKE_REQUESTED, V): R,
     (Event.REVOKE_REQUESTED, U): U,
     (Event.REVOKE_REQUESTED, R): R,
+    (Event.GRANT_IMPORTED, U): V,
+    (Event.GRANT_IMPORTED, R): V,
+    (Event.GRANT_IMPORTED, P): P,
+    (Event.GRANT_IMPORTED, V): V,
 }
 
 
@@ -50,6 +54,9 @@ def test_idempotent_rows_change_nothing(machine):
     assert not machine.decide(V, Event.PROVISION_REQUESTED).changes
     assert not machine.decide(U, Event.REVOKE_REQUESTED).changes
     assert not machine.decide(R, Event.REVOKE_REQUESTED).changes
+    assert not machine.decide(P, Event.GRANT_IMPORTED).changes
+    assert not machine.decide(V, Event.GRANT_IMPORTED).changes
+    assert machine.decide(R, Event.GRANT_IMPORTED).changes
     assert machine.decide(V, Event.TOKEN_REFRESHED).changes
 
 

@@ -166,6 +166,9 @@ def test_backoff_doubles_with_jitter_and_honours_retry_after_within_the_cap():
         (Event.AUTHORIZATION_FAILED, State.PENDING, State.UNPROVISIONED, None),
         (Event.SESSION_EXPIRED, State.PENDING, State.UNPROVISIONED, None),
         (Event.TOKEN_REFRESHED, State.PROVISIONED, State.PROVISIONED, None),
+        (Event.GRANT_IMPORTED, State.UNPROVISIONED, State.PROVISIONED, "provisioned"),
+        (Event.GRANT_IMPORTED, State.REVOKED, State.PROVISIONED, "provisioned"),
+        (Event.GRANT_IMPORTED, State.PROVISIONED, State.PROVISIONED, None),
     ],
 )
 def test_which_transitions_make_a_notice(event, source, dest, kind):

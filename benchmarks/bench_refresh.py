@@ -619,7 +619,7 @@ async def measure(n_users: int, seconds: float, warmup: float, workdir: Path) ->
     if stats.get("refresh_reuse_detected"):
         raise BenchError(
             f"the provider saw {stats['refresh_reuse_detected']} reused refresh "
-            "tokens during the project phase (invariant 4)"
+            "tokens during the project phase (single flight broken)"
         )
     if stats.get("refresh_errors"):
         raise BenchError(f"the provider counted {stats['refresh_errors']} refresh errors")

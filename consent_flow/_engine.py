@@ -3,7 +3,7 @@
 Each handler reads the record, asks the machine which row the event takes, does its I/O (provider
 calls, sealing tokens), then commits the change with the version it read. A step that loses the
 race (the record moved meanwhile) commits nothing; tokens it obtained are revoked at the provider
-at once and never stored (design.md invariants 1 and 3).
+at once and never stored (one writer wins; tokens of a losing step do not live on).
 """
 
 from __future__ import annotations
@@ -806,7 +806,7 @@ class Engine:
 
 
 class UserLock:
-    """One provider conversation per user at a time, across every worker (invariant 4)."""
+    """One provider conversation per user at a time, across every worker (single flight)."""
 
     def __init__(self, store: RedisStore, user: str, *, ttl: float, wait: float) -> None:
         self.store = store

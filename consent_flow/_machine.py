@@ -38,7 +38,7 @@ class Event(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Transition:
-    """One row of design.md's table. ``dest`` None: the event leaves the state as it is."""
+    """One row of the transition table. ``dest`` None: the event leaves the state as it is."""
 
     event: Event
     sources: tuple[State, ...]

@@ -315,7 +315,7 @@ class Change:
     """One committed step: the state change, fields, schedule and history entry, all or nothing.
 
     ``expect_state`` and ``expect_version`` are what the step read; the store applies the change
-    only if the record is still exactly there (design.md invariant 1).
+    only if the record is still exactly there (one writer wins).
     """
 
     user: str

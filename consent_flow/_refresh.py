@@ -1,11 +1,12 @@
 """Keeping grants alive: single-flight refresh, failures that never lose a grant.
 
-A refresh runs under the user's lock (owner token, compare-and-delete; invariant 4) and re-reads
+A refresh runs under the user's lock (owner token, compare-and-delete: single flight) and re-reads
 the record under it, so two workers never present one refresh token twice. Only ``invalid_grant``
 ends a grant. 5xx, 429, timeouts and other unexpected answers are retried with exponential
 backoff and jitter, honouring ``Retry-After``; the failure is recorded on the record and the user
-stays provisioned (invariant 5). ``invalid_client`` means the deployment's own credentials are
-wrong: refreshes pause for everyone, health turns red, and nobody is revoked.
+stays provisioned (a provider's trouble never revokes anyone). ``invalid_client`` means the
+deployment's own credentials are wrong: refreshes pause for everyone, health turns red, and
+nobody is revoked.
 
 Once the provider answered, its tokens are stored whatever happens to Redis meanwhile: a commit
 that conflicts with a change that left the grant alive (a key rotation, a reschedule) re-reads

@@ -33,8 +33,8 @@ Every time stored here is Redis's time (``TIME`` in scripts, a ``RedisClock`` in
 the writing process's own clock: processes whose clocks disagree still agree on what is due.
 
 A transition is one Lua script: the version check, the fields, the sealed tokens, the indexes,
-the schedule, the history entry and the stream entry commit together or not at all (design.md
-invariant 1); a commit also queues the arq jobs it carries (the next refresh, a webhook notice),
+the schedule, the history entry and the stream entry commit together or not at all (one
+writer wins); a commit also queues the arq jobs it carries (the next refresh, a webhook notice),
 adds its counters, releases the user's lock and pushes the caller's answer, only if it applies.
 A record is read in one round trip too, hash and sealed keys alike (with the lock taken, for a
 refresh).

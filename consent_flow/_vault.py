@@ -16,8 +16,8 @@ Two layouts, both read by :meth:`KeyRing.decrypt`:
       0x02 || key id (6 bytes) || nonce (12 bytes) || ciphertext || tag (16 bytes)
 
 The associated data binds a ciphertext to its purpose and its user: a blob copied into another
-user's record does not decrypt (design.md invariant 6). A v2 blob's header (version and key id)
-is authenticated too.
+user's record does not decrypt (sealed at rest, bound to the user). A v2 blob's header (version
+and key id) is authenticated too.
 
 A caller's reply (the authorization URL carries the session's ``state`` and nonce) is sealed to
 that caller alone: it makes a one-time X25519 key pair (:class:`ReplyKey`), sends the public half

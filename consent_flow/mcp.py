@@ -16,7 +16,7 @@ One call registers ``provision_access``, ``check_access`` and ``revoke_access`` 
             return token.model_dump()      # the authorization URL, for the user to open
         ...                                 # call the downstream API with the user's token
 
-No tool takes a user id (design invariant 8). The user is whoever the MCP request authenticated:
+No tool takes a user id (the caller is the user). The user is whoever the MCP request authenticated:
 by default the ``sub`` of the bearer token the SDK's token verifier accepted (its auth context,
 ``get_access_token()``). A request without one is refused; there is no default user. Pass
 ``resolve_user=`` to map the verified token to your own user ids.
@@ -375,7 +375,7 @@ class ConsentTools:
 
 
 def _tool_error(exc: ConsentError) -> Exception:
-    # ConsentError messages carry no secrets (invariant 7): safe to show to the client.
+    # ConsentError messages carry no secrets (no secret in the clear): safe to show to the client.
     return _SDK.tool_error(f"{exc.code}: {exc}")
 
 

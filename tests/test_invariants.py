@@ -1,4 +1,6 @@
-"""design.md's invariants that the round trip touches: 1, 2, 3, 6, 7, 8 and 10."""
+"""The invariants the round trip touches (docs/design.md): one writer wins, exactly-once effect,
+tokens of a losing step do not live on, sealed at rest, no secret in the clear, the caller is the
+user, revoked means gone."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The pure core: every row of design.md's table, and nothing else, is allowed."""
+"""The pure core: every row of the transition table, and nothing else, is allowed."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from consent_flow._machine import ConsentMachine
 
 U, P, V, R = State.UNPROVISIONED, State.PENDING, State.PROVISIONED, State.REVOKED
 
-# design.md "States and events", one line per row: (event, from, to); to None = unchanged.
+# docs/design.md "States and the table", one line per row: (event, from, to); to None = unchanged.
 DESIGN_TABLE = {
     (Event.PROVISION_REQUESTED, U): P,
     (Event.PROVISION_REQUESTED, R): P,

@@ -286,7 +286,7 @@ async def test_tool_schemas_take_no_user_and_say_what_they_do(settings):
     assert set(tools) == set(CONSENT_TOOLS)
     for name in CONSENT_TOOLS:
         schema = tools[name]["inputSchema"]
-        # Pinned: no parameter at all, so no user id can be passed (invariant 8).
+        # Pinned: no parameter at all, so no user id can be passed (the caller is the user).
         assert schema["type"] == "object"
         assert schema.get("properties") == {}
         assert not schema.get("required")

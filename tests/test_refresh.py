@@ -315,7 +315,7 @@ async def _history_len(stack, user, n):
 async def test_invalid_client_pauses_refreshes_revokes_no_one_and_resumes(
     make_stack, steady, env, settings
 ):
-    """A mistyped client secret must not wipe anyone's consent (invariant 5)."""
+    """A mistyped client secret wipes no one's consent: a provider's trouble never revokes."""
     stack = await make_stack(op=steady, refresh_margin=2, workers=0)
     good = stack.settings
     from conftest import Stack

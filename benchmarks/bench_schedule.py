@@ -84,7 +84,7 @@ REFRESH_TOKEN_CHARS = 64
 TOKEN_TTL = 3600.0  # access tokens live an hour: next refreshes spread over the coming hour
 TEMPLATE_USERS = 5
 BATCH = 1000  # users per loader script call
-SWEEP_WINDOW = 1000  # = consent_flow._schedule.SWEEP_LIMIT, checked at start
+SWEEP_WINDOW = 1000  # = consent_flow.queue.scheduler.SWEEP_LIMIT, checked at start
 SAMPLE = 200  # users sampled for MEMORY USAGE and for the read-back check
 SCRATCH_USERS = 5_000  # users of each memory idea's scratch data (fewer with --users below it)
 AGED_USERS = 300  # users of each aged profile
@@ -114,7 +114,7 @@ def user_name(i: int) -> str:
 
 
 def new_id() -> str:
-    return os.urandom(16).hex()  # what consent_flow._queue.new_id makes: 32 hex characters
+    return os.urandom(16).hex()  # what consent_flow.queue.bus.new_id makes: 32 hex characters
 
 
 def _b64url(data: bytes) -> str:
@@ -179,7 +179,7 @@ def user_tokens(user: str) -> dict[str, str]:
 
 def seal_tokens(ring: Any, user: str) -> bytes:
     """The user's tokens as ``Engine.seal_tokens`` seals them (the project's own function)."""
-    from consent_flow._vault import seal_tokens as seal
+    from consent_flow.store.vault import seal_tokens as seal
 
     return bytes(seal(ring, user, user_tokens(user)))
 
@@ -210,7 +210,7 @@ class StubProvider:
         self.grants: dict[str, tuple[Any, str]] = {}  # code -> (TokenSet, subject)
 
     def grant(self, code: str, user: str, expires_at: float) -> None:
-        from consent_flow._oidc import TokenSet
+        from consent_flow.oidc import TokenSet
 
         refresh = secrets.token_urlsafe(REFRESH_TOKEN_CHARS * 3 // 4)[:REFRESH_TOKEN_CHARS]
         self.grants[code] = (
@@ -239,7 +239,7 @@ class StubProvider:
         return self.grants[code][0]
 
     async def validate_id_token(self, id_token: str, *, nonce: str, **extra: Any) -> Any:
-        from consent_flow._oidc import IDTokenClaims
+        from consent_flow.oidc import IDTokenClaims
 
         code = next(c for c, (t, _) in self.grants.items() if t.id_token == id_token)
         user = self.grants.pop(code)[1]
@@ -259,8 +259,8 @@ async def provision_for_real(engine: Any, stub: StubProvider, user: str, expires
     """What a user who asks and approves goes through, with the provider stubbed: the engine
     handles ``provision_requested``, the callback's session claim (as ``_web`` makes it), then
     the engine handles ``authorization_completed`` (commit, then ``Scheduler.schedule``)."""
-    from consent_flow._machine import Event, State
-    from consent_flow._queue import Envelope
+    from consent_flow.core.table import Event, State
+    from consent_flow.queue.bus import Envelope
 
     store, ring = engine.store, engine.ring
     outcome = await engine.handle(Envelope(Event.PROVISION_REQUESTED, user, "user"))
@@ -378,7 +378,7 @@ class Loader:
 def history_templates(entries: list[Any]) -> list[tuple[Any, str]]:
     """``HistoryEntry.to_json`` of a template user's entries, with %(at)s, %(c)s and %(e)s for
     what differs per user (checked against ``to_json`` itself once per batch)."""
-    from consent_flow._model import HistoryEntry
+    from consent_flow.core.records import HistoryEntry
 
     out = []
     for e in entries:
@@ -408,10 +408,10 @@ def bulk_users(
 ) -> tuple[list[bytes], list[tuple[str, Times]]]:
     from arq.jobs import serialize_job
 
-    from consent_flow._model import HistoryEntry
-    from consent_flow._queue import dump_job
-    from consent_flow._schedule import REFRESH_JOB, refresh_job_id
-    from consent_flow._store import due_ms
+    from consent_flow.core.records import HistoryEntry
+    from consent_flow.queue.bus import dump_job
+    from consent_flow.queue.scheduler import REFRESH_JOB, refresh_job_id
+    from consent_flow.store.redis_store import due_ms
 
     out: list[bytes] = []
     made: list[tuple[str, Times]] = []
@@ -478,7 +478,7 @@ def same_roles(
     """The keys ``user`` should hold in each of a template user's roles."""
     from arq.constants import job_key_prefix
 
-    from consent_flow._schedule import refresh_job_id
+    from consent_flow.queue.scheduler import refresh_job_id
 
     out = {role: f"{prefix}:{{{user}}}:{role}" for role in roles if role != "job"}
     if "job" in roles:
@@ -557,13 +557,13 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
     from arq.constants import job_key_prefix
 
     from consent_flow import KeyRing, Settings, generate_key
-    from consent_flow._engine import Engine
-    from consent_flow._machine import State
-    from consent_flow._queue import JOB_SERIALIZERS, load_job
-    from consent_flow._redis import arq_redis_settings
-    from consent_flow._schedule import REFRESH_JOB, SWEEP_LIMIT, Scheduler, refresh_job_id
-    from consent_flow._store import STREAM_MAX_ENTRIES, Keys, RedisStore, due_ms
-    from consent_flow._vault import open_tokens
+    from consent_flow.core.table import State
+    from consent_flow.engine.engine import Engine
+    from consent_flow.queue.bus import JOB_SERIALIZERS, load_job
+    from consent_flow.queue.scheduler import REFRESH_JOB, SWEEP_LIMIT, Scheduler, refresh_job_id
+    from consent_flow.store.connection import arq_redis_settings
+    from consent_flow.store.redis_store import STREAM_MAX_ENTRIES, Keys, RedisStore, due_ms
+    from consent_flow.store.vault import open_tokens
 
     if SWEEP_LIMIT != SWEEP_WINDOW:
         raise BenchError(
@@ -652,7 +652,7 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
             raise BenchError(f"the deferred job now holds {job}: mirror it")
 
         # -- the bulk load
-        from consent_flow._store import SEEN_WINDOW
+        from consent_flow.store.redis_store import SEEN_WINDOW
 
         # The commit script gives the seen-ids their window as a time to live.
         sha = _s(r.script_load(_LOAD.replace("SEEN_TTL", str(math.ceil(SEEN_WINDOW)))))
@@ -834,14 +834,14 @@ async def requeue_parts(
     (its own registered scripts, its own payload building)."""
     from arq.constants import job_key_prefix
 
-    from consent_flow._schedule import (
+    from consent_flow.queue.scheduler import (
         JOB_EXPIRY_MS,
         SWEEP_LIMIT,
         SWEEP_SCAN_FACTOR,
         refresh_job_id,
         refresh_payload,
     )
-    from consent_flow._store import due_ms
+    from consent_flow.store.redis_store import due_ms
 
     steps: dict[str, list[float]] = {
         "due script (ZRANGEBYSCORE + EXISTS per entry)": [],
@@ -876,7 +876,7 @@ async def backlog_probe(r: redis.Redis, scheduler: Any, keys: Any, queue: str) -
     their jobs lost. Does one tick find the lost ones?"""
     from arq.constants import job_key_prefix
 
-    from consent_flow._schedule import refresh_job_id
+    from consent_flow.queue.scheduler import refresh_job_id
 
     scores = r.zrange(keys.sched, 0, 2 * SWEEP_WINDOW - 1, withscores=True)
     if len(scores) < 2 * SWEEP_WINDOW:
@@ -927,7 +927,7 @@ def memory_report(
 ) -> dict[str, Any]:
     from arq.constants import job_key_prefix
 
-    from consent_flow._machine import State
+    from consent_flow.core.table import State
 
     t0 = time.perf_counter()
     per_user_total = (loaded - base) / users
@@ -1042,8 +1042,8 @@ def memory_ideas(r: redis.Redis, keys: Any, ring: Any, sample_user: str, n: int)
     as written next to arq's default (scratch keys, removed after)."""
     from arq.jobs import serialize_job
 
-    from consent_flow._queue import dump_job
-    from consent_flow._vault import open_tokens
+    from consent_flow.queue.bus import dump_job
+    from consent_flow.store.vault import open_tokens
 
     rec = {_s(k): v for k, v in r.hgetall(keys.rec(sample_user)).items()}
     tok = r.get(keys.sealed(sample_user, "tok")) or b""
@@ -1104,8 +1104,8 @@ def aged_users(r: redis.Redis, keys: Any, sample_user: str, fresh: float) -> dic
     leaves them: refreshes in a row share one history entry that counts them, and the event ids
     of the last SEEN_WINDOW seconds are kept (at most SEEN_MAX_EVENTS). The entry is built with
     the project's HistoryEntry."""
-    from consent_flow._model import HistoryEntry
-    from consent_flow._store import HISTORY_MAX_ENTRIES, SEEN_MAX_EVENTS, SEEN_WINDOW
+    from consent_flow.core.records import HistoryEntry
+    from consent_flow.store.redis_store import HISTORY_MAX_ENTRIES, SEEN_MAX_EVENTS, SEEN_WINDOW
 
     hist = [_s(h) for h in r.lrange(keys.hist(sample_user), 0, -1)]
     seen = r.zrange(keys.seen(sample_user), 0, -1, withscores=True)

@@ -2,11 +2,16 @@
 
 Each user's delegated, revocable offline access to a downstream API lives in an explicit state
 machine (unprovisioned, pending, provisioned, revoked) driven by events through an arq queue.
+
+The stable API is what this module exports (``__all__``) and ``consent_flow.mcp``. The folders
+(``core``, ``oidc``, ``store``, ``queue``, ``engine``, ``web``) are the layers of the design and
+internal: their modules may change between releases.
 """
 
-from ._api import api_routes
-from ._client import ConsentClient, ConsentStatus
-from ._errors import (
+from consent_flow.client import ConsentClient, ConsentStatus
+from consent_flow.core.records import ProviderRevocation
+from consent_flow.core.table import TRANSITIONS, Event, State, Transition, mermaid
+from consent_flow.errors import (
     CallbackRejected,
     ClientRejected,
     ConsentError,
@@ -24,12 +29,11 @@ from ._errors import (
     VaultError,
     WorkerUnavailable,
 )
-from ._machine import TRANSITIONS, Event, State, Transition, mermaid
-from ._model import ProviderRevocation
-from ._ops import ops_routes
-from ._settings import Settings
-from ._vault import KeyRing, generate_key
-from ._web import consent_routes, create_app
+from consent_flow.settings import Settings
+from consent_flow.store.vault import KeyRing, generate_key
+from consent_flow.web.api import api_routes
+from consent_flow.web.callback import consent_routes, create_app
+from consent_flow.web.ops import ops_routes
 
 __all__ = [
     "TRANSITIONS",

@@ -1,5 +1,5 @@
 """``python -m consent_flow``: the ``consent-flow`` command line."""
 
-from ._cli import main
+from consent_flow.cli import main
 
 raise SystemExit(main())

@@ -45,11 +45,11 @@ import anyio
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._client import ConsentClient, ConsentStatus
-from ._errors import ConsentError, NotProvisioned
-from ._machine import State
-from ._model import iso
-from ._web import consent_routes
+from consent_flow.client import ConsentClient, ConsentStatus
+from consent_flow.core.records import iso
+from consent_flow.core.table import State
+from consent_flow.errors import ConsentError, NotProvisioned
+from consent_flow.web.callback import consent_routes
 
 __all__ = [
     "ConsentResult",

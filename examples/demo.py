@@ -49,7 +49,7 @@ try:
     from local_provider import LocalProvider, approve, node_modules_ready, npm_ci
 
     from consent_flow import ConsentError
-    from consent_flow._redis import find_redis_server
+    from consent_flow.store.connection import find_redis_server
 except ImportError as exc:  # pragma: no cover - a machine without the virtualenv
     sys.exit(
         f"demo: {exc.name} is not installed. Run `make demo` (it creates .venv), "

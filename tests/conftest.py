@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "examples" / "provider"))
 from local_provider import LocalProvider  # noqa: E402
 
 from consent_flow import ConsentClient, ConsentError, Settings, generate_key  # noqa: E402
-from consent_flow._redis import find_redis_server  # noqa: E402
+from consent_flow.store.connection import find_redis_server  # noqa: E402
 
 CLIENT_ID = "consent-flow-test"
 # A secret with the characters RFC 6749 2.3.1 form-encoding exists for.
@@ -345,7 +345,7 @@ async def stack(make_stack: Callable[..., Awaitable[Stack]]) -> Stack:
 
 async def stored_tokens(stack: Stack, user: str) -> dict[str, str]:
     """The user's tokens as the vault holds them (tests only: they hold the key)."""
-    from consent_flow._vault import open_tokens
+    from consent_flow.store.vault import open_tokens
 
     rec = await stack.client.store.load(user)
     assert rec.tokens, f"{user} has no stored tokens"

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping
 
 from consent_flow import ConsentError
-from consent_flow._redis import find_redis_server
+from consent_flow.store.connection import find_redis_server
 
 CHROMIUM_VARIABLE = "CONSENT_TEST_CHROMIUM"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

@@ -6,8 +6,8 @@ import time
 import uuid
 
 from consent_flow import Event, State
-from consent_flow._model import Change
-from consent_flow._store import RedisStore
+from consent_flow.core.records import Change
+from consent_flow.store.redis_store import RedisStore
 
 PATHS: dict[State, list[tuple[Event, State]]] = {
     State.PENDING: [(Event.PROVISION_REQUESTED, State.PENDING)],

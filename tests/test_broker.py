@@ -11,8 +11,8 @@ import redis as sync_redis
 from conftest import provision
 
 from consent_flow import ConsentClient, ConsentRevoked
-from consent_flow._broker import TokenBroker
-from consent_flow._model import ConsentRecord
+from consent_flow.core.records import ConsentRecord
+from consent_flow.engine.broker import TokenBroker
 
 pytestmark = pytest.mark.integration
 
@@ -150,7 +150,7 @@ async def test_a_fill_across_a_lost_subscription_does_not_cache(stack):
 async def test_a_silent_subscription_is_probed_and_the_cache_dropped(stack, monkeypatch):
     """A connection that stops delivering without an error (no reset) is found by a PING that
     gets no answer; until then nothing is cached beyond CACHE_MAX_AGE."""
-    import consent_flow._broker as broker_module
+    import consent_flow.engine.broker as broker_module
 
     monkeypatch.setattr(broker_module, "PUBSUB_PING_EVERY", 0.2, raising=False)
     await provision(stack, "alice")

@@ -340,7 +340,7 @@ RFC3339_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
 def _commands() -> list[tuple[str, ...]]:
     """Every command the parser knows, ``keys`` as its subcommands."""
-    from consent_flow._cli import _parser
+    from consent_flow.cli import _parser
 
     def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
         for action in parser._actions:
@@ -469,7 +469,7 @@ async def test_history_json_counts_the_refreshes_an_entry_stands_for(stack, cli_
     from seed import seed
 
     from consent_flow import Event, State
-    from consent_flow._model import Change
+    from consent_flow.core.records import Change
 
     store = stack.client.store
     (user,) = await seed(store, {State.PROVISIONED: 1})
@@ -530,7 +530,7 @@ def _documented_exit_codes() -> list[int]:
 
 
 def test_the_readme_documents_every_exit_code_the_cli_has():
-    from consent_flow import _cli
+    import consent_flow.cli as _cli
 
     codes = {v for k, v in vars(_cli).items() if k.startswith("EXIT_")} | {0}
     assert sorted(codes) == _documented_exit_codes()
@@ -576,6 +576,6 @@ def test_each_documented_exit_code(tmp_path, code):
     ],
 )
 def test_redis_urls_are_shown_without_their_password(url, shown):
-    from consent_flow._redis import masked_url
+    from consent_flow.store.connection import masked_url
 
     assert masked_url(url) == shown

@@ -32,13 +32,13 @@ from conftest import ROOT, provider_clients, provision
 from local_provider import LocalProvider, approve
 
 from consent_flow import State
-from consent_flow._clock import MAX_CLOCK_SKEW, RedisClock, redis_time
-from consent_flow._jobs import JobQueue
-from consent_flow._metrics import MetricsRecorder, read_snapshot
-from consent_flow._queue import JOB_SERIALIZERS
-from consent_flow._redis import arq_redis_settings
-from consent_flow._schedule import Scheduler
-from consent_flow._store import Keys, RedisStore
+from consent_flow.queue.bus import JOB_SERIALIZERS
+from consent_flow.queue.jobs import JobQueue
+from consent_flow.queue.scheduler import Scheduler
+from consent_flow.store.clock import MAX_CLOCK_SKEW, RedisClock, redis_time
+from consent_flow.store.connection import arq_redis_settings
+from consent_flow.store.metrics import MetricsRecorder, read_snapshot
+from consent_flow.store.redis_store import Keys, RedisStore
 from workers import ConsentWorker
 
 pytestmark = pytest.mark.integration

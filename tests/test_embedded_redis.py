@@ -20,7 +20,7 @@ import redis
 from conftest import free_port
 
 from consent_flow import ConsentError
-from consent_flow._redis import EmbeddedRedis, find_redis_server
+from consent_flow.store.connection import EmbeddedRedis, find_redis_server
 
 CLI = [sys.executable, "-m", "consent_flow"]
 
@@ -159,7 +159,7 @@ def test_a_user_that_died_without_releasing_does_not_keep_the_server_alive(tmp_p
             "-c",
             "import sys, time\n"
             "from pathlib import Path\n"
-            "from consent_flow._redis import EmbeddedRedis\n"
+            "from consent_flow.store.connection import EmbeddedRedis\n"
             "EmbeddedRedis(Path(sys.argv[1])).acquire()\n"
             "print('ready', flush=True)\n"
             "time.sleep(600)\n",

@@ -13,7 +13,7 @@ from conftest import ROOT
 from local_provider import approve_sync
 from served import serving
 
-from consent_flow._api import api_key_id
+from consent_flow.web.api import api_key_id
 
 pytestmark = pytest.mark.integration
 

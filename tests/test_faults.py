@@ -24,8 +24,8 @@ from local_provider import LocalProvider
 from structlog.testing import capture_logs
 
 from consent_flow import ConsentClient, KeyRing, State, generate_key
-from consent_flow._settings import Secret
-from consent_flow._vault import open_tokens
+from consent_flow.settings import Secret
+from consent_flow.store.vault import open_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -221,7 +221,7 @@ async def test_keys_rotate_during_a_refresh_keeps_the_rotated_token(scene, env):
         refresh = scene.start_refresh(client)
         await scene.provider_holds_it()
         await asyncio.sleep(1.0)
-        from consent_flow._rotation import rotate_keys
+        from consent_flow.engine.rotation import rotate_keys
         from workers import check_key_ring
 
         report = await rotate_keys(client)
@@ -358,9 +358,9 @@ async def test_a_spooled_answer_whose_user_stays_locked_at_start_is_committed_by
     """A worker that died with an answer in its spool; when the next worker starts, the user's
     lock is still taken (the dead worker's, say). The start does not wait forever or fail: the
     cleanup job commits the answer once the lock is free."""
-    from consent_flow._oidc import HttpClients, OAuthClient
-    from consent_flow._spool import PendingTokens, TokenSpool, token_digest
-    from consent_flow._vault import seal_tokens
+    from consent_flow.oidc import HttpClients, OAuthClient
+    from consent_flow.store.spool import PendingTokens, TokenSpool, token_digest
+    from consent_flow.store.vault import seal_tokens
 
     stack = await make_stack(http_timeout=1.0, worker_options={"cleanup_every": 1})
     await provision(stack, "alice")

@@ -13,8 +13,8 @@ import structlog
 from conftest import Stack, stored_tokens
 from local_provider import approve
 
-from consent_flow._api import MAX_BODY_BYTES, PROBLEM_JSON, api_key_id
-from consent_flow._settings import Secret
+from consent_flow.settings import Secret
+from consent_flow.web.api import MAX_BODY_BYTES, PROBLEM_JSON, api_key_id
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,9 @@ from cryptography.fernet import Fernet
 from import_stores import PG_PASSWORD, Store, postgres_store, sqlite_store
 from structlog.testing import capture_logs
 
-from consent_flow._errors import ConsentError
-from consent_flow._import import (
+from consent_flow.core.records import check_user
+from consent_flow.errors import ConsentError
+from consent_flow.store.import_source import (
     START,
     ImportCursor,
     ImportKeyError,
@@ -37,7 +38,6 @@ from consent_flow._import import (
     load_fernet_key,
     open_source,
 )
-from consent_flow._model import check_user
 
 NOW = 1_800_000_000.0
 
@@ -478,7 +478,7 @@ def test_cursors_survive_a_round_trip_and_reject_garbage() -> None:
 
 
 def test_source_urls_hide_only_the_password() -> None:
-    from consent_flow._redis import masked_url as redact_url
+    from consent_flow.store.connection import masked_url as redact_url
 
     assert redact_url("postgresql://u:p%40ss@db.example:5433/x?sslmode=require") == (
         "postgresql://u:***@db.example:5433/x?sslmode=require"

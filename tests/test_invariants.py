@@ -22,7 +22,7 @@ from consent_flow import (
     WorkerUnavailable,
     generate_key,
 )
-from consent_flow._queue import Envelope
+from consent_flow.queue.bus import Envelope
 
 pytestmark = pytest.mark.integration
 

@@ -16,10 +16,10 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_pre
 from arq.jobs import Job, JobStatus, deserialize_job
 from arq.utils import timestamp_ms
 
-from consent_flow._clock import RedisClock
-from consent_flow._jobs import JobQueue
-from consent_flow._queue import JOB_SERIALIZERS, load_job
-from consent_flow._redis import arq_redis_settings
+from consent_flow.queue.bus import JOB_SERIALIZERS, load_job
+from consent_flow.queue.jobs import JobQueue
+from consent_flow.store.clock import RedisClock
+from consent_flow.store.connection import arq_redis_settings
 from workers import ConsentWorker
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ import logging
 import pytest
 import structlog
 
-from consent_flow._logging import REDACTED, configure_logging, scrub
+from consent_flow.logging import REDACTED, configure_logging, scrub
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLWJ5dGVz"
 SECRETS = [JWT, "opaque-refresh-token-value", "the-client-secret", "authcode123", "verif1er"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from consent_flow import TRANSITIONS, Event, InvalidTransition, State, mermaid
-from consent_flow._machine import ConsentMachine
+from consent_flow.core.table import ConsentMachine
 
 U, P, V, R = State.UNPROVISIONED, State.PENDING, State.PROVISIONED, State.REVOKED
 

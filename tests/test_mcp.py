@@ -561,7 +561,7 @@ def test_result_times_are_the_one_rfc3339_form_the_cli_prints(microsecond):
     from datetime import UTC, datetime
 
     from consent_flow import ConsentStatus
-    from consent_flow._model import iso
+    from consent_flow.core.records import iso
 
     since = datetime(2026, 12, 1, 3, 27, 42, microsecond, tzinfo=UTC)
     result = ConsentResult.from_status(ConsentStatus("alice", State.REVOKED, since))

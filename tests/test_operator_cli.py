@@ -12,7 +12,7 @@ import pytest
 from seed import seed
 
 from consent_flow import State
-from consent_flow._store import RedisStore
+from consent_flow.store.redis_store import RedisStore
 
 pytestmark = pytest.mark.integration
 

@@ -33,15 +33,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
 from consent_flow import ConsentClient, Event, State, consent_routes
-from consent_flow._engine import SESSION_FIELDS, TOKEN_FIELDS
-from consent_flow._machine import TRANSITIONS, ConsentMachine
-from consent_flow._metrics import LEAD_BUCKETS, MetricsRecorder
-from consent_flow._model import Change, iso
-from consent_flow._ops import ops_routes
-from consent_flow._queue import new_id
-from consent_flow._settings import Secret
-from consent_flow._store import state_hash
-from consent_flow._vault import seal_tokens
+from consent_flow.core.records import Change, iso
+from consent_flow.core.table import TRANSITIONS, ConsentMachine
+from consent_flow.engine.engine import SESSION_FIELDS, TOKEN_FIELDS
+from consent_flow.queue.bus import new_id
+from consent_flow.settings import Secret
+from consent_flow.store.metrics import LEAD_BUCKETS, MetricsRecorder
+from consent_flow.store.redis_store import state_hash
+from consent_flow.store.vault import seal_tokens
+from consent_flow.web.ops import ops_routes
 
 pytestmark = pytest.mark.integration
 

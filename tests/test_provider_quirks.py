@@ -18,9 +18,9 @@ from local_provider import LocalProvider
 from structlog.testing import capture_logs
 
 from consent_flow import ProviderUnavailable, State
-from consent_flow._metrics import read_snapshot
-from consent_flow._refresh import RetryPolicy
+from consent_flow.engine.refresh import RetryPolicy
 from consent_flow.mcp import ConsentResult
+from consent_flow.store.metrics import read_snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -152,7 +152,7 @@ async def test_a_provider_without_revocation_endpoint_revokes_locally_and_says_s
 async def test_the_outbox_gives_up_after_a_bounded_number_of_attempts(
     make_stack, redirect_uri, monkeypatch
 ):
-    import consent_flow._engine as engine_module
+    import consent_flow.engine.engine as engine_module
 
     monkeypatch.setattr(engine_module, "OUTBOX_MAX_ATTEMPTS", 3, raising=False)
     monkeypatch.setattr(engine_module, "OUTBOX_RETRY_BASE", 0.2)

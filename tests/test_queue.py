@@ -13,10 +13,10 @@ from arq.constants import job_key_prefix
 from arq.jobs import SerializationError, deserialize_job_raw, serialize_job, serialize_result
 
 from consent_flow import Settings
-from consent_flow._queue import JOB_SERIALIZERS, dump_job, load_job
-from consent_flow._redis import arq_redis_settings
-from consent_flow._schedule import REFRESH_JOB, Scheduler, refresh_job_id, refresh_payload
-from consent_flow._store import Keys, due_ms
+from consent_flow.queue.bus import JOB_SERIALIZERS, dump_job, load_job
+from consent_flow.queue.scheduler import REFRESH_JOB, Scheduler, refresh_job_id, refresh_payload
+from consent_flow.store.connection import arq_redis_settings
+from consent_flow.store.redis_store import Keys, due_ms
 from workers import worker_settings
 
 

@@ -16,7 +16,7 @@ from local_provider import LocalProvider
 from structlog.testing import capture_logs
 
 from consent_flow import ConsentClient, ConsentRevoked, NotProvisioned, ProviderUnavailable, State
-from consent_flow._refresh import RetryPolicy
+from consent_flow.engine.refresh import RetryPolicy
 
 pytestmark = pytest.mark.integration
 
@@ -387,8 +387,8 @@ async def test_a_refresh_commits_its_next_job_counters_and_lock_release_at_once(
     """What rides in a refresh's commit: the next deferred job, the counters, the lock."""
     from arq.constants import job_key_prefix
 
-    from consent_flow._schedule import refresh_job_id
-    from consent_flow._store import due_ms
+    from consent_flow.queue.scheduler import refresh_job_id
+    from consent_flow.store.redis_store import due_ms
 
     stack = await make_stack(op=steady, refresh_margin=1, worker_options=FAST)
     await provision(stack, "alice")
@@ -439,8 +439,8 @@ async def test_a_revocation_removes_the_queued_refresh_job(make_stack, steady):
     job of a revoked grant waits in the queue to run as a no-op."""
     from arq.constants import job_key_prefix
 
-    from consent_flow._schedule import refresh_job_id
-    from consent_flow._store import due_ms
+    from consent_flow.queue.scheduler import refresh_job_id
+    from consent_flow.store.redis_store import due_ms
 
     stack = await make_stack(op=steady, refresh_margin=1, worker_options=FAST)
     await provision(stack, "alice")
@@ -528,7 +528,7 @@ async def test_tokens_never_in_clear_after_refreshes(make_stack, steady):
 
 async def test_keys_rotate_while_workers_run(make_stack, steady, env):
     from consent_flow import KeyRing, generate_key
-    from consent_flow._rotation import rotate_keys
+    from consent_flow.engine.rotation import rotate_keys
     from workers import check_key_ring
 
     stack = await make_stack(op=steady, refresh_margin=2, worker_options=FAST)

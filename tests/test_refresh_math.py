@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from consent_flow._engine import (
+from consent_flow.core.records import ON_DEMAND_COOLDOWN, ConsentRecord
+from consent_flow.engine.engine import (
     MIN_REFRESH_DELAY,
     REFRESH_JITTER,
     next_refresh_at,
     refresh_expiry_after,
     scheduling_lapse,
 )
-from consent_flow._model import ON_DEMAND_COOLDOWN, ConsentRecord
-from consent_flow._oidc import TokenSet
-from consent_flow._refresh import RetryPolicy
+from consent_flow.engine.refresh import RetryPolicy
+from consent_flow.oidc import TokenSet
 
 NOW = 1_000_000.0
 

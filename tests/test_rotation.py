@@ -10,10 +10,10 @@ import pytest
 from conftest import make_settings
 
 from consent_flow import ConsentClient, Event, KeyRing, State, generate_key
-from consent_flow._model import Change
-from consent_flow._queue import new_id
-from consent_flow._rotation import rotate_keys
-from consent_flow._vault import open_tokens
+from consent_flow.core.records import Change
+from consent_flow.engine.rotation import rotate_keys
+from consent_flow.queue.bus import new_id
+from consent_flow.store.vault import open_tokens
 from workers import check_key_ring
 
 pytestmark = pytest.mark.integration

@@ -9,10 +9,10 @@ import pytest
 from arq.connections import create_pool
 from arq.constants import job_key_prefix
 
-from consent_flow._queue import JOB_SERIALIZERS
-from consent_flow._redis import arq_redis_settings
-from consent_flow._schedule import Scheduler, refresh_job_id
-from consent_flow._store import Keys, due_ms
+from consent_flow.queue.bus import JOB_SERIALIZERS
+from consent_flow.queue.scheduler import Scheduler, refresh_job_id
+from consent_flow.store.connection import arq_redis_settings
+from consent_flow.store.redis_store import Keys, due_ms
 
 pytestmark = pytest.mark.integration
 

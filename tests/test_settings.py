@@ -126,7 +126,7 @@ def test_scopes_must_include_openid():
     ],
 )
 def test_loopback_hosts(host, loopback):
-    from consent_flow._settings import is_loopback_host
+    from consent_flow.settings import is_loopback_host
 
     assert is_loopback_host(host) is loopback
 
@@ -271,7 +271,7 @@ def test_a_malformed_required_variable_is_named_once():
 
 
 def test_the_ops_token_rule_joins_the_other_problems():
-    from consent_flow._settings import Requirement
+    from consent_flow.settings import Requirement
 
     env = {**BASE, "CONSENT_HTTP_HOST": "0.0.0.0", "CONSENT_SESSION_TTL": "ten"}  # noqa: S104
     del env["CONSENT_ENCRYPTION_KEYS"]

@@ -8,10 +8,10 @@ import stat
 from structlog.testing import capture_logs
 
 from consent_flow import KeyRing, State, generate_key
-from consent_flow._model import ConsentRecord
-from consent_flow._refresh import Fit, fits
-from consent_flow._spool import PendingTokens, TokenSpool, token_digest
-from consent_flow._vault import open_tokens, seal_tokens
+from consent_flow.core.records import ConsentRecord
+from consent_flow.engine.refresh import Fit, fits
+from consent_flow.store.spool import PendingTokens, TokenSpool, token_digest
+from consent_flow.store.vault import open_tokens, seal_tokens
 
 ACCESS = "access-token-value-0123456789"
 FRESH = "rotated-refresh-token-0123456789"

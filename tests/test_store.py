@@ -10,10 +10,10 @@ import pytest
 from redis.asyncio import Redis
 
 from consent_flow import Event, KeyRing, State, generate_key
-from consent_flow._engine import SESSION_FIELDS, TOKEN_FIELDS
-from consent_flow._model import Change, ConsentRecord, HistoryEntry, ProviderRevocation
-from consent_flow._store import MemoryStore, RedisStore
-from consent_flow._vault import open_tokens, seal_tokens
+from consent_flow.core.records import Change, ConsentRecord, HistoryEntry, ProviderRevocation
+from consent_flow.engine.engine import SESSION_FIELDS, TOKEN_FIELDS
+from consent_flow.store.redis_store import MemoryStore, RedisStore
+from consent_flow.store.vault import open_tokens, seal_tokens
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -126,9 +126,9 @@ async def test_a_redelivery_after_40_newer_events_changes_nothing(store):
 
 async def test_event_ids_are_forgotten_by_age_after_the_redelivery_window(store):
     """The window is time-based: ids older than it go at the next commit; newer ones stay."""
-    from consent_flow._jobs import EVENT_MAX_TRIES, JOB_TIMEOUT, REFRESH_MAX_TRIES
-    from consent_flow._settings import MAX_EVENT_TIMEOUT
-    from consent_flow._store import SEEN_MAX_EVENTS, SEEN_WINDOW
+    from consent_flow.queue.jobs import EVENT_MAX_TRIES, JOB_TIMEOUT, REFRESH_MAX_TRIES
+    from consent_flow.settings import MAX_EVENT_TIMEOUT
+    from consent_flow.store.redis_store import SEEN_MAX_EVENTS, SEEN_WINDOW
 
     # At least as long as arq can redeliver a job: the event expiry plus every try's timeout.
     assert MAX_EVENT_TIMEOUT + max(EVENT_MAX_TRIES, REFRESH_MAX_TRIES) * JOB_TIMEOUT <= SEEN_WINDOW
@@ -158,7 +158,7 @@ async def test_event_ids_are_forgotten_by_age_after_the_redelivery_window(store)
 
 async def test_the_seen_ids_key_expires_with_the_window(redis_store):
     """A user that goes quiet does not keep its event ids beyond the window."""
-    from consent_flow._store import SEEN_WINDOW
+    from consent_flow.store.redis_store import SEEN_WINDOW
 
     rec = await redis_store.load("gina")
     assert (await redis_store.commit(change(rec, Event.PROVISION_REQUESTED, State.PENDING))).ok

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from consent_flow import KeyRing, UnknownKeyError, VaultError, generate_key
-from consent_flow._vault import open_tokens, seal_tokens
+from consent_flow.store.vault import open_tokens, seal_tokens
 
 
 def test_round_trip_and_format():
@@ -114,7 +114,7 @@ def test_tokens_are_deflated_and_the_old_text_layout_still_opens():
 
 
 def test_a_reply_opens_only_with_its_key_and_for_its_event():
-    from consent_flow._vault import ReplyKey, seal_reply
+    from consent_flow.store.vault import ReplyKey, seal_reply
 
     key = ReplyKey()
     url = "https://op.example/auth?state=s3cr3t&nonce=n0nce"
@@ -135,7 +135,7 @@ def test_a_reply_opens_only_with_its_key_and_for_its_event():
 
 
 def test_sealing_to_a_malformed_or_low_order_key_is_a_vault_error():
-    from consent_flow._vault import seal_reply
+    from consent_flow.store.vault import seal_reply
 
     for public in ("not-base64!", "AAAA", "A" * 43):  # the last: the all-zero point
         with pytest.raises(VaultError):

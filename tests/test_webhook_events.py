@@ -20,13 +20,13 @@ from structlog.testing import capture_logs
 from test_webhooks import SECRET, Receiver, answering, fast
 
 from consent_flow import ConsentError, Event, ProviderUnavailable, State
-from consent_flow._jobs import JobQueue, QueuedJob
-from consent_flow._model import Change
-from consent_flow._queue import Envelope
-from consent_flow._refresh import RetryPolicy
-from consent_flow._settings import Secret
-from consent_flow._store import MemoryStore, RedisStore
-from consent_flow._webhooks import Notice
+from consent_flow.core.records import Change
+from consent_flow.engine.refresh import RetryPolicy
+from consent_flow.engine.webhooks import Notice
+from consent_flow.queue.bus import Envelope
+from consent_flow.queue.jobs import JobQueue, QueuedJob
+from consent_flow.settings import Secret
+from consent_flow.store.redis_store import MemoryStore, RedisStore
 
 pytestmark = pytest.mark.integration
 

@@ -21,10 +21,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from structlog.testing import capture_logs
 
 from consent_flow import Event, Settings, State
-from consent_flow._jobs import JobQueue
-from consent_flow._metrics import read_snapshot
-from consent_flow._settings import Secret
-from consent_flow._webhooks import (
+from consent_flow.engine.webhooks import (
     Attempt,
     Delivery,
     Notice,
@@ -38,6 +35,9 @@ from consent_flow._webhooks import (
     refresh_notice_kind,
     sign,
 )
+from consent_flow.queue.jobs import JobQueue
+from consent_flow.settings import Secret
+from consent_flow.store.metrics import read_snapshot
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 KEY = parse_secret(SECRET)

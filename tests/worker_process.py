@@ -13,8 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from consent_flow import Settings
-from consent_flow._logging import configure_logging
-from consent_flow._refresh import RetryPolicy
+from consent_flow.engine.refresh import RetryPolicy
+from consent_flow.logging import configure_logging
 from workers import ConsentWorker, worker_settings
 
 

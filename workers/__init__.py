@@ -17,26 +17,26 @@ from typing import Any
 import structlog
 from arq import cron, func
 
-from consent_flow._clock import MAX_CLOCK_SKEW, RedisClock
-from consent_flow._engine import Engine
-from consent_flow._errors import UnknownKeyError
-from consent_flow._jobs import JOB_TIMEOUT, REFRESH_MAX_TRIES
-from consent_flow._metrics import HEARTBEAT_INTERVAL, MetricsRecorder
-from consent_flow._oidc import HttpClients, OAuthClient
-from consent_flow._queue import HANDLE_EVENT, JOB_SERIALIZERS, EventBus
-from consent_flow._redis import arq_redis_settings
-from consent_flow._refresh import Refresher, RetryPolicy
-from consent_flow._schedule import REFRESH_JOB, Scheduler
-from consent_flow._settings import Settings
-from consent_flow._store import RedisStore
-from consent_flow._vault import KeyRing
-from consent_flow._webhooks import (
+from consent_flow.engine.engine import Engine
+from consent_flow.engine.refresh import Refresher, RetryPolicy
+from consent_flow.engine.webhooks import (
     WEBHOOK_ATTEMPT_DEADLINE,
     WEBHOOK_DEDUP_WINDOW,
     WEBHOOK_JOB,
     WebhookRetry,
     WebhookSender,
 )
+from consent_flow.errors import UnknownKeyError
+from consent_flow.oidc import HttpClients, OAuthClient
+from consent_flow.queue.bus import HANDLE_EVENT, JOB_SERIALIZERS, EventBus
+from consent_flow.queue.jobs import JOB_TIMEOUT, REFRESH_MAX_TRIES
+from consent_flow.queue.scheduler import REFRESH_JOB, Scheduler
+from consent_flow.settings import Settings
+from consent_flow.store.clock import MAX_CLOCK_SKEW, RedisClock
+from consent_flow.store.connection import arq_redis_settings
+from consent_flow.store.metrics import HEARTBEAT_INTERVAL, MetricsRecorder
+from consent_flow.store.redis_store import RedisStore
+from consent_flow.store.vault import KeyRing
 
 from ._context import EVENT_MAX_TRIES, Services
 from ._worker import ConsentWorker
@@ -263,7 +263,7 @@ def worker_settings(
 def _from_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     settings = Settings.from_env(environ, require_provider=True, require_keys=True)
     if not settings.redis_url:
-        from consent_flow._errors import SettingsError
+        from consent_flow.errors import SettingsError
 
         raise SettingsError("CONSENT_REDIS_URL", "is required for `arq workers.WorkerSettings`")
     return worker_settings(settings, settings.redis_url)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from consent_flow._clock import RedisClock
-from consent_flow._engine import Engine
-from consent_flow._jobs import EVENT_MAX_TRIES
-from consent_flow._oidc import HttpClients, OAuthClient
-from consent_flow._queue import EventBus
-from consent_flow._refresh import Refresher
-from consent_flow._schedule import Scheduler
-from consent_flow._settings import Settings
-from consent_flow._store import RedisStore
-from consent_flow._vault import KeyRing
-from consent_flow._webhooks import WebhookSender
+from consent_flow.engine.engine import Engine
+from consent_flow.engine.refresh import Refresher
+from consent_flow.engine.webhooks import WebhookSender
+from consent_flow.oidc import HttpClients, OAuthClient
+from consent_flow.queue.bus import EventBus
+from consent_flow.queue.jobs import EVENT_MAX_TRIES
+from consent_flow.queue.scheduler import Scheduler
+from consent_flow.settings import Settings
+from consent_flow.store.clock import RedisClock
+from consent_flow.store.redis_store import RedisStore
+from consent_flow.store.vault import KeyRing
 
 __all__ = ["EVENT_MAX_TRIES", "Services"]
 

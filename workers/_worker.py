@@ -39,9 +39,9 @@ from arq.constants import in_progress_key_prefix
 from arq.utils import to_unix_ms
 from arq.worker import Worker
 
-from consent_flow._clock import CLOCK_RESYNC_INTERVAL, RedisClock
-from consent_flow._jobs import JobQueue
-from consent_flow._refresh import REDIS_ERRORS
+from consent_flow.engine.refresh import REDIS_ERRORS
+from consent_flow.queue.jobs import JobQueue
+from consent_flow.store.clock import CLOCK_RESYNC_INTERVAL, RedisClock
 
 try:
     import uvloop

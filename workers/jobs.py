@@ -8,11 +8,11 @@ from typing import Any
 import structlog
 from arq import Retry
 
-from consent_flow._errors import ConsentError
-from consent_flow._machine import Event, State
-from consent_flow._model import ConsentRecord, ProviderRevocation, iso
-from consent_flow._queue import Envelope, Outcome, new_id
-from consent_flow._webhooks import Notice
+from consent_flow.core.records import ConsentRecord, ProviderRevocation, iso
+from consent_flow.core.table import Event, State
+from consent_flow.engine.webhooks import Notice
+from consent_flow.errors import ConsentError
+from consent_flow.queue.bus import Envelope, Outcome, new_id
 
 from ._context import EVENT_MAX_TRIES, Services
 

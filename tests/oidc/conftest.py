@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from consent_flow._oidc import HttpClients, OAuthClient
+from consent_flow.oidc import HttpClients, OAuthClient
 
 from .fakes import NOW, SETTINGS, Clock, FakeProvider
 

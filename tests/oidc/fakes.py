@@ -19,13 +19,13 @@ import pytest
 from joserfc import jws
 from joserfc.jwk import ECKey, Key, RSAKey
 
-from consent_flow._oidc import (
+from consent_flow.oidc import (
     IDTokenClaims,
     OAuthClient,
     new_code_verifier,
     new_nonce,
 )
-from consent_flow._settings import Secret, Settings
+from consent_flow.settings import Secret, Settings
 
 NOW = 1_700_000_000.0
 ISSUER = "https://op.example.com"

@@ -9,10 +9,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from consent_flow._errors import (
+from consent_flow.errors import (
     CallbackRejected,
 )
-from consent_flow._oidc import (
+from consent_flow.oidc import (
     OAuthClient,
     ProviderMetadata,
     code_challenge_s256,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import httpx
 
-from consent_flow._errors import (
+from consent_flow.errors import (
     IDTokenError,
     ProviderError,
     ProviderResponseError,
     ProviderUnavailable,
 )
-from consent_flow._oidc import (
+from consent_flow.oidc import (
     OAuthClient,
     TokenSet,
 )

@@ -10,17 +10,17 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from consent_flow._errors import (
+from consent_flow.errors import (
     IDTokenError,
     ProviderResponseError,
     ProviderUnavailable,
 )
-from consent_flow._oidc import (
+from consent_flow.oidc import (
     HttpClients,
     OAuthClient,
     ProviderMetadata,
 )
-from consent_flow._oidc.discovery import JWKS_MIN_REFETCH_INTERVAL, METADATA_TTL
+from consent_flow.oidc.discovery import JWKS_MIN_REFETCH_INTERVAL, METADATA_TTL
 
 from .fakes import (
     ATTACKER_KEY,

@@ -13,10 +13,10 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from consent_flow._errors import (
+from consent_flow.errors import (
     IDTokenError,
 )
-from consent_flow._oidc import (
+from consent_flow.oidc import (
     CLOCK_SKEW_LEEWAY,
     ID_TOKEN_MAX_AGE,
     IDTokenSubjectMismatch,

@@ -7,18 +7,18 @@ import ast
 from pathlib import Path
 
 import consent_flow
-import consent_flow._oidc
+import consent_flow.oidc
 
-OIDC = Path(consent_flow._oidc.__file__).parent
+OIDC = Path(consent_flow.oidc.__file__).parent
 # The exception tree and the settings: the only parts of consent_flow the OpenID client needs.
-ALLOWED_FROM_CONSENT_FLOW = {"consent_flow._errors", "consent_flow._settings"}
+ALLOWED_FROM_CONSENT_FLOW = {"consent_flow.errors", "consent_flow.settings"}
 
 
 def runtime_imports(path: Path, *, module_level: bool) -> set[str]:
     """Absolute names of the consent_flow modules ``path`` imports when it runs: imports under
     ``if TYPE_CHECKING:`` are for the type checker only; with ``module_level``, only those that
     run when the module is imported (the ones that can make a cycle)."""
-    package = "consent_flow._oidc"
+    package = "consent_flow.oidc"
     found: set[str] = set()
 
     def visit(nodes: list[ast.stmt]) -> None:
@@ -45,15 +45,15 @@ def runtime_imports(path: Path, *, module_level: bool) -> set[str]:
 
 
 def oidc_modules() -> dict[str, Path]:
-    return {f"consent_flow._oidc.{p.stem}": p for p in OIDC.glob("*.py") if p.stem != "__init__"}
+    return {f"consent_flow.oidc.{p.stem}": p for p in OIDC.glob("*.py") if p.stem != "__init__"}
 
 
 def test_the_oidc_package_imports_only_the_errors_and_settings_of_consent_flow() -> None:
-    for name, path in {**oidc_modules(), "consent_flow._oidc": OIDC / "__init__.py"}.items():
+    for name, path in {**oidc_modules(), "consent_flow.oidc": OIDC / "__init__.py"}.items():
         outside = {
             m
             for m in runtime_imports(path, module_level=False)
-            if not m.startswith("consent_flow._oidc")
+            if not m.startswith("consent_flow.oidc")
         }
         assert outside <= ALLOWED_FROM_CONSENT_FLOW, f"{name} imports {outside}"
 
@@ -76,4 +76,4 @@ def test_the_oidc_modules_import_each_other_without_a_cycle() -> None:
 
     for name in graph:
         walk(name, ())
-    assert graph["consent_flow._oidc.transport"] == set()  # the bottom layer
+    assert graph["consent_flow.oidc.transport"] == set()  # the bottom layer

@@ -14,17 +14,17 @@ from urllib.parse import quote_plus, unquote_plus
 import httpx
 import pytest
 
-from consent_flow._errors import (
+from consent_flow.errors import (
     ClientRejected,
     GrantRejected,
     ProviderError,
     ProviderResponseError,
     ProviderUnavailable,
 )
-from consent_flow._oidc import (
+from consent_flow.oidc import (
     OAuthClient,
 )
-from consent_flow._oidc.transport import MAX_RESPONSE_BYTES
+from consent_flow.oidc.transport import MAX_RESPONSE_BYTES
 
 from .fakes import (
     ACCESS,

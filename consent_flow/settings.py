@@ -42,6 +42,10 @@ DEFAULT_HTTP_TIMEOUT = 10.0  # seconds for one call to the provider
 DEFAULT_COMMIT_RETRY_LIMIT = 1800
 MIN_COMMIT_RETRY_LIMIT = 60
 MIN_HTTP_TIMEOUT = 0.1
+DEFAULT_REFRESH_BATCH = 64  # scheduled refreshes one worker takes at once
+MAX_REFRESH_BATCH = 1000
+MAX_PROVIDER_RATE = 1_000_000.0  # refreshes per second: a sanity bound, not a default
+MAX_PROVIDER_CONCURRENCY = 100_000
 MAX_HTTP_TIMEOUT = 120.0
 MAX_SCOPES_LENGTH = 2000
 # A refresh_failing webhook goes out at this many consecutive transient refresh failures (with
@@ -204,6 +208,11 @@ class Settings:
     webhook_url: str | None = None
     webhook_secret: Secret = field(default_factory=lambda: Secret(""))
     webhook_failing_after: int = DEFAULT_WEBHOOK_FAILING_AFTER
+    # Scheduled refreshes: connections per batch, and the provider's limits (fleet-wide; None:
+    # unlimited). v1 settings of the single provider, ProviderConfig's fields once it lands.
+    refresh_batch: int = DEFAULT_REFRESH_BATCH
+    max_refresh_rate: float | None = None
+    max_concurrency: int | None = None
 
     @classmethod
     def from_env(
@@ -435,6 +444,36 @@ class Settings:
                     f"key {position} must be at least {MIN_API_KEY_LENGTH} characters of "
                     "A-Z a-z 0-9 - . _ ~ + / (make one with: openssl rand -hex 32)",
                 )
+        refresh_batch = integer(
+            "CONSENT_REFRESH_BATCH",
+            DEFAULT_REFRESH_BATCH,
+            1,
+            MAX_REFRESH_BATCH,
+            f"a whole number of connections from 1 to {MAX_REFRESH_BATCH}",
+        )
+        max_refresh_rate = (
+            number(
+                "CONSENT_MAX_REFRESH_RATE",
+                0,
+                0,
+                MAX_PROVIDER_RATE,
+                f"refreshes per second, a number > 0 and <= {MAX_PROVIDER_RATE:g}",
+                open_low=True,
+            )
+            if get("CONSENT_MAX_REFRESH_RATE") is not None
+            else None
+        )
+        max_concurrency = (
+            integer(
+                "CONSENT_MAX_CONCURRENCY",
+                0,
+                1,
+                MAX_PROVIDER_CONCURRENCY,
+                f"a whole number of provider calls at once from 1 to {MAX_PROVIDER_CONCURRENCY}",
+            )
+            if get("CONSENT_MAX_CONCURRENCY") is not None
+            else None
+        )
         commit_retry_limit = integer(
             "CONSENT_COMMIT_RETRY_LIMIT",
             DEFAULT_COMMIT_RETRY_LIMIT,
@@ -457,6 +496,9 @@ class Settings:
             refresh_margin=refresh_margin,
             keepalive=keepalive,
             commit_retry_limit=commit_retry_limit,
+            refresh_batch=refresh_batch,
+            max_refresh_rate=max_refresh_rate,
+            max_concurrency=max_concurrency,
             history_retention=history_retention,
             http_host=http_host,
             http_port=port,

@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 from arq import cron, func
 
+from consent_flow.engine.batch import BatchRefresher
 from consent_flow.engine.engine import Engine
 from consent_flow.engine.refresh import Refresher, RetryPolicy
 from consent_flow.engine.webhooks import (
@@ -30,6 +31,7 @@ from consent_flow.errors import UnknownKeyError
 from consent_flow.oidc import HttpClients, OAuthClient
 from consent_flow.queue.bus import HANDLE_EVENT, JOB_SERIALIZERS, EventBus
 from consent_flow.queue.jobs import JOB_TIMEOUT, REFRESH_MAX_TRIES
+from consent_flow.queue.limits import Limits, ProviderLimiter
 from consent_flow.queue.scheduler import REFRESH_JOB, Scheduler
 from consent_flow.settings import Settings
 from consent_flow.store.clock import MAX_CLOCK_SKEW, RedisClock
@@ -54,6 +56,9 @@ CLEANUP_EVERY = 30  # seconds between cleanup runs
 # the outage (retrying its commit at least every second) stores them before any worker presents
 # the refresh token they replaced.
 RESUME_GRACE = 5.0
+# The v1 settings configure one provider; its limits are kept under this name, as the
+# per-provider settings will name theirs.
+PROVIDER = "default"
 SHUTDOWN_COMMIT_WAIT = 1.0  # seconds a stopping worker gives commits that wait for Redis
 
 
@@ -107,8 +112,13 @@ def worker_settings(
     cleanup_every: int = CLEANUP_EVERY,
     retry: RetryPolicy | None = None,
     webhook_retry: WebhookRetry | None = None,
+    batched: bool = True,
 ) -> dict[str, Any]:
     """Keyword arguments for ``arq.Worker``, wired to one ``Settings`` object.
+
+    Scheduled refreshes run in batches taken from the schedule by the worker's own lanes
+    (``batched``); without, each is a deferred arq job of its own, with a sweep requeueing lost
+    ones (the earlier path, kept for tests of the jobs themselves).
 
     ``sweep_every`` and ``cleanup_every`` are seconds and must divide 60 (arq's cron fields).
     A job whose worker died is run again ``job_timeout`` + 10 s later.
@@ -146,7 +156,11 @@ def worker_settings(
             clock=clock,
         )
         scheduler = Scheduler(
-            ctx["redis"], keys=store.keys, queue_name=settings.queue_name, clock=clock
+            ctx["redis"],
+            keys=store.keys,
+            queue_name=settings.queue_name,
+            clock=clock,
+            batched=batched,
         )
         engine = Engine(
             settings=settings,
@@ -157,6 +171,15 @@ def worker_settings(
             on_scheduled=scheduler.schedule,
         )
         refresher = Refresher(engine, scheduler, retry=retry or RetryPolicy())
+        # The provider's limits hold for the whole fleet; a 429 on any path slows everyone.
+        limiter = ProviderLimiter(
+            ctx["redis"],
+            prefix=settings.redis_prefix,
+            provider=PROVIDER,
+            limits=Limits(settings.max_refresh_rate, settings.max_concurrency),
+            lease=engine.lock_ttl,
+        )
+        batches = BatchRefresher(refresher, limiter, size=settings.refresh_batch)
         ctx["services"] = Services(
             settings=settings,
             store=store,
@@ -181,6 +204,8 @@ def worker_settings(
         ctx["heartbeat"] = asyncio.create_task(
             _heartbeat(store, clock), name="consent-flow-heartbeat"
         )
+        if batched:
+            ctx["batches"] = asyncio.create_task(batches.run(), name="consent-flow-batches")
         log.info(
             "worker_started",
             queue=settings.queue_name,
@@ -190,11 +215,14 @@ def worker_settings(
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
-        heartbeat: asyncio.Task[None] | None = ctx.get("heartbeat")
-        if heartbeat is not None:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+        # The batches first: a member whose answer is in flight goes on in the background,
+        # and is given its moment below with the other deferred commits.
+        for name in ("batches", "heartbeat"):
+            task: asyncio.Task[None] | None = ctx.get(name)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         services: Services | None = ctx.get("services")
         if services is not None:
             await services.refresher.abandon_pending(SHUTDOWN_COMMIT_WAIT)
@@ -229,13 +257,20 @@ def worker_settings(
             ),
         ],
         "cron_jobs": [
-            cron(
-                sweep,
-                name="sweep",
-                second=set(range(0, 60, sweep_every)),
-                keep_result=0,
-                run_at_startup=True,
-                timeout=job_timeout,
+            # Batched, the schedule itself is the queue: nothing can go missing from it.
+            *(
+                []
+                if batched
+                else [
+                    cron(
+                        sweep,
+                        name="sweep",
+                        second=set(range(0, 60, sweep_every)),
+                        keep_result=0,
+                        run_at_startup=True,
+                        timeout=job_timeout,
+                    )
+                ]
             ),
             cron(
                 cleanup,

@@ -22,7 +22,8 @@ import enum
 import hashlib
 import random
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,14 @@ import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from consent_flow.core.records import Change, ConsentRecord, clip, cooldown_reason, iso
+from consent_flow.core.records import (
+    Change,
+    CommitResult,
+    ConsentRecord,
+    clip,
+    cooldown_reason,
+    iso,
+)
 from consent_flow.core.table import Event, State
 from consent_flow.engine.engine import (
     TOKEN_FIELDS,
@@ -76,6 +84,13 @@ MAX_MERGE_ATTEMPTS = 5  # re-reads of a record that keeps changing under a refre
 # well under a millisecond; writing every answer would cost each refresh a file created and
 # removed (about 0.1 ms of CPU, some 5 % of a refresh's).
 SPOOL_AFTER = 0.01
+
+
+# Where a refresh's commit goes: the store's own, or (for a member of a batch) the batch's group,
+# which sends the commits of the batch together (engine/batch.py).
+commit_group: ContextVar[Callable[[Change], Awaitable[CommitResult]] | None] = ContextVar(
+    "commit_group", default=None
+)
 
 
 class CommitConflict(Exception):
@@ -149,6 +164,9 @@ class Refresher:
         self._hold_until = 0.0
         self._spooled: set[str] = set()  # event ids of the answers in the spool
         self.metrics = MetricsRecorder(engine.store.redis, engine.store.keys, clock=engine.clock)
+        # Told of a provider's 429 or Retry-After: slows every worker's calls to it (the fleet's
+        # limiter), not just this grant's.
+        self.throttle: Callable[[float | None], Awaitable[None]] | None = None
         self.fingerprint = hashlib.sha256(
             f"{settings.client_id}\x00{settings.client_secret.reveal()}".encode()
         ).hexdigest()[:16]
@@ -265,8 +283,10 @@ class Refresher:
         min_ttl: float,
         envelope: Envelope,
         probing: bool,
+        marked: bool = False,
     ) -> Outcome:
-        """The refresh itself, under the lock; ``rec`` was read under it."""
+        """The refresh itself, under the lock; ``rec`` was read under it (and marked in flight
+        by the read, when ``marked``)."""
         user = rec.user
         now = self.engine.clock()
         if rec.state is not State.PROVISIONED or rec.tokens is None:
@@ -295,7 +315,8 @@ class Refresher:
         tokens = self.engine.open_tokens(user, rec.tokens)
         # Marked before the call: if this process dies with the request in flight, the next
         # attempt knows an invalid_grant may be the provider punishing a rotated token's reuse.
-        await self.store.redis.hset(self.store.keys.rec(user), "inflight", repr(now))
+        if not marked:
+            await self.store.redis.hset(self.store.keys.rec(user), "inflight", repr(now))
         call = asyncio.ensure_future(
             self.engine.oauth.refresh(tokens["refresh_token"], scopes=rec.scopes)
         )
@@ -332,6 +353,12 @@ class Refresher:
             # a grant. Back off and try again.
             await self.metrics.refresh("transient_failure")
             retry_after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
+            throttled = isinstance(exc, ProviderUnavailable) and (
+                exc.status == 429 or retry_after is not None
+            )
+            if throttled and self.throttle is not None:
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await self.throttle(retry_after)
             failures = rec.refresh_failures + 1
             delay = self.retry.delay(failures, retry_after)
             answered = isinstance(exc, ProviderUnavailable) and exc.status is not None
@@ -489,6 +516,7 @@ class Refresher:
             if fit is not Fit.STORE:
                 return await self._settle(rec, pending, envelope, fit)
             job = self.scheduler.job_for(user, pending.due_at)
+            commit = commit_group.get() or self.store.commit
             change = Change(
                 user=user,
                 event=Event.TOKEN_REFRESHED,
@@ -515,7 +543,7 @@ class Refresher:
                 schedule_at=pending.due_at,
                 # Riding in the same commit: the next refresh's job (and a notice's, below), the
                 # counters, the release of the lock and the caller's answer. One round trip.
-                jobs=(job,),
+                jobs=() if job is None else (job,),
                 drop_job=self._replaced(rec, job),
                 counters=self.metrics.refresh_counters("success", lead=lead),
                 unlock=unlock,
@@ -537,7 +565,7 @@ class Refresher:
                     self.store.keys.reply(envelope.event_id),
                     outcome.reply_json(envelope),
                 )
-            result = await self.store.commit(change)
+            result = await commit(change)
             if result.ok:
                 self._unspool(pending)
                 log.debug(  # the transition line already says it at INFO
@@ -768,7 +796,7 @@ class Refresher:
                 delete_fields=() if keep_inflight else ("inflight",),
                 schedule_at=at,
                 record_history=False,
-                jobs=(job,),
+                jobs=() if job is None else (job,),
                 drop_job=self._replaced(rec, job),
             )
             # Once per run of failures: at the one that reaches the threshold.
@@ -789,11 +817,13 @@ class Refresher:
             if rec.state is not State.PROVISIONED or rec.since != since:
                 return
 
-    def _replaced(self, rec: ConsentRecord, job: QueuedJob) -> JobRef | None:
+    def _replaced(self, rec: ConsentRecord, job: QueuedJob | None) -> JobRef | None:
         """The job of the schedule ``job`` replaces, for the commit to remove, unless it is the
         same job. Removing it is harmless when it is the one running (arq's own clean-up finds
         nothing left) and spares the queue a stale job when it is a later one (an on-demand
         refresh came first)."""
+        if job is None:
+            return None  # batched: the schedule alone, no job per refresh
         old = self.engine.scheduled_job(rec)
         return None if old is None or old.job_id == job.job_id else old
 

@@ -13,7 +13,13 @@ Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``; every key of one user shares t
     cf:{alice}:in:<id>  string sealed authorization code waiting for its event (short TTL)
     cf:{alice}:lock     string single-flight lock for provider calls, value = owner token
     cf:idx:<state>      zset   users in that state, scored by since (list, stats: no KEYS scans)
-    cf:sched            zset   users by next refresh due time, in epoch milliseconds
+    cf:sched            zset   users by next refresh due time, in epoch milliseconds (a
+                               refresh a batch took: its lease, due again if its worker dies)
+    cf:ready            zset   due refreshes waiting for a batch, by when the grant lapses (ms)
+    cf:ready:due        zset   the same, by when each fell due (ms): the backlog's age
+    cf:<provider>:limit:log     zset  grants of provider calls in the rate's sliding window
+    cf:<provider>:limit:leases  zset  provider calls under way, by when their lease expires
+    cf:<provider>:limit:pause   string no provider call starts before this time (429, ms)
     cf:histidx          zset   users by the time of their oldest history entry (retention)
     cf:outbox           zset   users with tokens still to revoke at the provider, by next try
     cf:metrics:*        hash   counters for /metrics and stats (transitions, refresh outcomes,
@@ -143,6 +149,16 @@ class Keys:
     @property
     def sched(self) -> str:
         return f"{self.prefix}:sched"
+
+    @property
+    def ready(self) -> str:
+        """Due scheduled refreshes waiting for a batch, by when each grant lapses."""
+        return f"{self.prefix}:ready"
+
+    @property
+    def ready_due(self) -> str:
+        """The same refreshes by when each fell due: how long the backlog has waited."""
+        return f"{self.prefix}:ready:due"
 
     @property
     def histidx(self) -> str:
@@ -527,6 +543,27 @@ class RedisStore:
         return _record(user, flat, tok, rvk)
 
     async def commit(self, change: Change) -> CommitResult:
+        keys, args = self.commit_call(change)
+        return self.commit_result(change, await self._commit(keys=keys, args=args))
+
+    async def commit_many(self, changes: list[Change]) -> list[CommitResult | BaseException]:
+        """Commit changes of different users in one round trip: each is its own script, atomic
+        for its user alone, and applies or fails on its own (an error is returned in its place).
+        """
+        if not changes:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for change in changes:
+                keys, args = self.commit_call(change)
+                await self._commit(keys=keys, args=args, client=pipe)
+            raw = await pipe.execute(raise_on_error=False)
+        return [
+            item if isinstance(item, BaseException) else self.commit_result(change, item)
+            for change, item in zip(changes, raw, strict=True)
+        ]
+
+    def commit_call(self, change: Change) -> tuple[list[str], list[Any]]:
+        """The commit script's keys and arguments for ``change``."""
         k = self.keys
         set_fields, delete_fields = change.writes()
         blobs = list(change.sealed.values())
@@ -590,8 +627,8 @@ class RedisStore:
         if change.counters:
             extra_keys += [key for key, _, _ in change.counters]
             op["counters"] = [[name, amount] for _, name, amount in change.counters]
-        result = await self._commit(
-            keys=[
+        return (
+            [
                 k.rec(change.user),
                 k.hist(change.user),
                 k.seen(change.user),
@@ -610,7 +647,7 @@ class RedisStore:
                 *extra_keys,
             ],
             # cjson turns null into a truthy userdata: absent keys are the only safe "no".
-            args=[
+            [
                 json.dumps(
                     {k: v for k, v in op.items() if v is not None and v is not False},
                     separators=(",", ":"),
@@ -619,6 +656,9 @@ class RedisStore:
                 *(job.payload for job in change.jobs),
             ],
         )
+
+    def commit_result(self, change: Change, result: Any) -> CommitResult:
+        """What the commit script answered for ``change`` (and its transition's log line)."""
         status = _decode(result[0])
         version = int(result[1])
         if status == "ok" and change.record_history:

@@ -1,0 +1,130 @@
+"""Taking a batch of due scheduled refreshes in one round trip (``lua/claim_batch.lua``).
+
+The schedule (``cf:sched``, by due time) feeds a ready set (``cf:ready``, by when each grant
+lapses), from which a worker takes the soonest-lapsing, each under its user's lock, with the
+records read under the locks. See the script for the lease that keeps a taken member scheduled.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from consent_flow.core.records import ConsentRecord
+from consent_flow.core.table import State
+from consent_flow.store.redis_store import RedisStore, _pairs, _record
+from consent_flow.store.scripts import lua
+
+__all__ = ["DRAIN_SLOT", "BatchClaimer", "Claim", "Claimed", "drain_key", "drain_rate"]
+
+DRAIN_SLOT = 10  # seconds per drain-rate bucket
+DRAIN_TTL = 180  # seconds a drain bucket is kept
+PROMOTE_MAX = 1000  # due entries one claim moves into the ready set at most
+# The record's fields the claim reads or marks, by what they hold (the store alone names them).
+_LAPSE_FIELDS = ("rexp", "exp")  # the refresh token's lapse, the access token's
+_STATE_FIELD = "state"
+_INFLIGHT_FIELD = "inflight"  # a refresh request was sent at this time and not answered
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A member of a batch: locked (``token``) with its record read under the lock, or not."""
+
+    user: str
+    token: str | None
+    record: ConsentRecord | None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    now: float  # Redis's time of the claim
+    halt: dict[str, str]  # the pause for everyone, as read
+    members: list[Claimed] = field(default_factory=list)
+
+    @property
+    def locked(self) -> list[Claimed]:
+        return [m for m in self.members if m.token is not None]
+
+
+def _affixes(key: str) -> tuple[str, str]:
+    """A per-user key's text before and after the user."""
+    head, _, tail = key.partition("\x00")
+    return head, tail
+
+
+class BatchClaimer:
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self._claim = store.redis.register_script(lua("claim_batch"))
+        k = store.keys
+        marker = "\x00"
+        self._affix_args: list[str] = []
+        for key in (
+            k.rec(marker),
+            k.sealed(marker, "tok"),
+            k.sealed(marker, "rvk"),
+            k.lock(marker),
+        ):
+            self._affix_args += _affixes(key)
+
+    async def claim(self, want: int, *, lock_ttl: float, lease: float) -> Claim:
+        k = self.store.keys
+        now_ms, halt, taken = await self._claim(
+            keys=[k.sched, k.ready, k.halt, k.ready_due],
+            args=[
+                want,
+                PROMOTE_MAX,
+                int(lock_ttl * 1000),
+                int(lease * 1000),
+                secrets.token_hex(12),
+                *self._affix_args,
+                *_LAPSE_FIELDS,
+                _STATE_FIELD,
+                _INFLIGHT_FIELD,
+                State.PROVISIONED.value,
+            ],
+        )
+        members = []
+        for item in taken:
+            user = _text(item[0])
+            if len(item) < 2 or not item[1]:
+                members.append(Claimed(user, None, None))
+                continue
+            flat: list[Any] = item[2]
+            tok = item[3] if len(item) > 3 else None
+            rvk = item[4] if len(item) > 4 else None
+            members.append(Claimed(user, _text(item[1]), _record(user, flat, tok, rvk)))
+        return Claim(int(now_ms) / 1000, _pairs(halt), members)
+
+    async def backlog(self, now: float) -> tuple[int, float | None]:
+        """Due refreshes not yet taken (ready, and due in the schedule), and the oldest due
+        time among them (seconds; None when none is due)."""
+        k = self.store.keys
+        async with self.store.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(k.ready)
+            pipe.zcount(k.sched, "-inf", int(now * 1000))
+            pipe.zrange(k.sched, 0, 0, withscores=True)
+            pipe.zrange(k.ready_due, 0, 0, withscores=True)
+            ready, due, first, first_ready = await pipe.execute()
+        times = [float(s) / 1000 for _, s in (*first, *first_ready)]
+        oldest = min((t for t in times if t <= now), default=None)
+        return int(ready) + int(due), oldest
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def drain_key(prefix: str, slot: int) -> str:
+    """Scheduled refreshes applied in one ``DRAIN_SLOT``-second slot."""
+    return f"{prefix}:metrics:drain:{slot}"
+
+
+async def drain_rate(redis: Any, prefix: str, now: float, *, window: int = 60) -> float:
+    """Scheduled refreshes applied per second over the last ``window`` seconds (whole slots
+    before the current one)."""
+    current = int(now // DRAIN_SLOT)
+    slots = [current - 1 - i for i in range(max(1, window // DRAIN_SLOT))]
+    values = await redis.mget([drain_key(prefix, s) for s in slots])
+    return sum(int(v) for v in values if v is not None) / (len(slots) * DRAIN_SLOT)

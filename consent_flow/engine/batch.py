@@ -147,9 +147,11 @@ class BatchRefresher:
             except Exception:  # a bug must not stop scheduled refreshes for good
                 log.exception("batch_failed")
                 wait = 1.0
-            if wait > 0:
-                # Jittered, so the lanes of a fleet do not ask in step.
+            if wait >= self.idle_poll:
+                # Jittered, so the lanes of a fleet do not poll in step.
                 await asyncio.sleep(wait * (0.75 + random.random() / 2))
+            elif wait > 0:
+                await asyncio.sleep(wait)  # the limiter's own time: its next permit
 
     async def run_once(self) -> float:
         """One batch. Returns how long to wait before the next (0: at once)."""
@@ -180,8 +182,8 @@ class BatchRefresher:
                 callers.append((member, ids.pop()))
             else:
                 skipped.append(member)
-        # Permits of members that make no call give their place back.
-        await self.limiter.release([], ids)
+        # Permits of members that make no call give their place back, while the calls start.
+        refund = asyncio.ensure_future(self.limiter.release([], ids))
         halt = await self.refresher._pause_from(claim.halt)
         group = CommitGroup(self.store, len(callers))
         ended: list[str] = []
@@ -203,6 +205,8 @@ class BatchRefresher:
 
         started = time.monotonic()
         results = await asyncio.gather(*(one(m, p) for m, p in callers))
+        with contextlib.suppress(*REDIS_ERRORS):
+            await refund
         for member in skipped:
             await self._let_go(member)
         applied = sum(1 for r in results if r == "applied")

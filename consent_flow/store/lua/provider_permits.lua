@@ -1,7 +1,7 @@
 -- Permits for provider calls, fleet-wide: up to ARGV[1] calls may start now within the
 -- provider's rate (a log of grants over a sliding window, so no window of that length ever
--- holds more than the rate allows, and at most a tenth and a half of it in any tenth of it, so
--- grants spread over the window instead of arriving all at its start), its concurrency (leases
+-- holds more than the rate allows, and an eighth of it at most in any tenth of it, so grants spread
+-- over the window instead of arriving all at its start), its concurrency (leases
 -- released when a call ends, expiring if their worker dies), and its pause (a 429 or
 -- Retry-After anywhere slows everyone).
 -- KEYS: the grant log (zset), the leases (zset), the pause (string: until, ms).
@@ -21,22 +21,23 @@ local n, wait = want, 0
 if most then
   redis.call('ZREMRANGEBYSCORE', leases, '-inf', string.format('%.3f', now))
   local free = most - redis.call('ZCARD', leases)
-  if free < n then n, wait = free, 5 end
+  if free < n then n = free end
+  if n <= 0 then wait = 5 end
 end
 if cap then
   redis.call('ZREMRANGEBYSCORE', log, '-inf', string.format('%.3f', now - window))
   local used = redis.call('ZCARD', log)
-  if cap - used < n then
-    n = cap - used
+  if cap - used < n then n = cap - used end
+  if n <= 0 then
     -- The grant whose ageing out frees the next permit.
     local oldest = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
     if oldest[2] then wait = math.max(wait, tonumber(oldest[2]) + window - now) end
   end
   local slice = window / 10
-  local burst = math.max(1, math.ceil(cap * 0.15))
+  local burst = math.max(1, math.ceil(cap / 8))
   local recent = redis.call('ZCOUNT', log, string.format('%.3f', now - slice), '+inf')
-  if burst - recent < n then
-    n = burst - recent
+  if burst - recent < n then n = burst - recent end
+  if n <= 0 and burst - recent <= 0 then
     local first = redis.call('ZRANGEBYSCORE', log, string.format('%.3f', now - slice), '+inf',
       'WITHSCORES', 'LIMIT', 0, 1)
     if first[2] then wait = math.max(wait, tonumber(first[2]) + slice - now) end

@@ -303,6 +303,19 @@ def _stats_text(data: dict[str, Any]) -> str:
     if data["clock_skew"] is not None:
         skew = f"{data['clock_skew']:+.3f} s (worker {data['clock_skew_worker']})"
         lines.append(f"clock skew: {data['clock_skew_problem'] or skew}")
+    backlog = [
+        (
+            name,
+            b["due"],
+            "-" if b["oldest_due_age_s"] is None else f"{b['oldest_due_age_s']:g} s",
+            f"{b['drain_per_s']:g}/s",
+            b["lapsing_before_turn"],
+        )
+        for name, b in data.get("backlog", {}).items()
+    ]
+    if backlog:
+        header = ("PROVIDER", "DUE", "OLDEST DUE", "DRAIN", "LAPSING BEFORE TURN")
+        lines += ["", _table(backlog, header)]
     return "\n".join(lines)
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -12,6 +16,7 @@ from typing import Any
 import pytest
 from conftest import Stack, provider_clients, provision, stored_tokens
 from local_provider import LocalProvider
+from test_ops import asgi, by_label, samples
 
 from consent_flow import State
 from consent_flow.core.table import Event
@@ -22,8 +27,9 @@ from consent_flow.oidc import HttpClients, OAuthClient
 from consent_flow.queue.bus import Envelope
 from consent_flow.queue.limits import Limits, ProviderLimiter
 from consent_flow.queue.scheduler import Scheduler
-from consent_flow.store.batch import BatchClaimer
+from consent_flow.store.batch import DRAIN_SLOT, BatchClaimer, drain_key
 from consent_flow.store.clock import RedisClock
+from consent_flow.store.metrics import read_snapshot
 from consent_flow.store.redis_store import RedisStore
 
 pytestmark = pytest.mark.integration
@@ -354,3 +360,55 @@ async def test_a_429_slows_every_worker(build, rotating):
     assert later, "every other refresh started before the 429 came back"
     # Nobody, on either worker, called the provider during the pause it asked for.
     assert min(later) >= limited.last_failure_at + 1.9
+
+
+async def test_the_backlog_shows_in_stats_metrics_and_ops(build, env):
+    """Three due grants, one of which lapses before its turn at the drain rate of the last
+    minute (one refresh: turns a minute apart)."""
+    stack, _ = build
+    users = ["b0", "b1", "b2"]
+    await provisioned(stack, users)
+    store = stack.client.store
+    now = time.time()
+    for user, lapse in (("b0", 45), ("b1", 3600), ("b2", 30)):
+        await store.redis.hset(store.keys.rec(user), "rexp", repr(now + lapse))
+    await make_due(stack, users, ago=30)
+    slot = int(now // DRAIN_SLOT) - 1
+    await store.redis.set(drain_key(store.keys.prefix, slot), 1)
+
+    snapshot = await read_snapshot(store.redis, store.keys, stack.settings.queue_name)
+    backlog = snapshot.backlogs["default"]
+    assert (backlog.due, backlog.lapsing, backlog.drain_per_s) == (3, 1, 1 / 60)
+    assert backlog.oldest_due_age is not None and 29 <= backlog.oldest_due_age < 40
+
+    async with asgi(stack.client) as http:
+        got = samples((await http.get("/metrics")).text)
+        page = (await http.get("/ops")).text
+    assert by_label(
+        got["consent_flow_refresh_backlog"], "consent_flow_refresh_backlog", "provider"
+    ) == {"default": 3}
+    lapsing = "consent_flow_refresh_lapsing_before_turn"
+    assert by_label(got[lapsing], lapsing, "provider") == {"default": 1}
+    assert '<dd id="fig-backlog-default">3</dd>' in page
+    assert 'id="fig-lapsing-default"><span class="warn">1</span>' in page
+
+    cli_env = {**os.environ, **env, "CONSENT_REDIS_PREFIX": stack.settings.redis_prefix}
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "consent_flow", "stats", "--json"],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    data = json.loads(out.stdout)["backlog"]["default"]
+    assert (data["due"], data["drain_per_s"], data["lapsing_before_turn"]) == (3, 0.02, 1)
+    text = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "consent_flow", "stats"],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert text.stdout.split("LAPSING BEFORE TURN")[1].split()[:2] == ["default", "3"]

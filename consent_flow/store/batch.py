@@ -13,10 +13,19 @@ from typing import Any
 
 from consent_flow.core.records import ConsentRecord
 from consent_flow.core.table import State
-from consent_flow.store.redis_store import RedisStore, _pairs, _record
+from consent_flow.store.redis_store import Keys, RedisStore, _pairs, _record
 from consent_flow.store.scripts import lua
 
-__all__ = ["DRAIN_SLOT", "BatchClaimer", "Claim", "Claimed", "drain_key", "drain_rate"]
+__all__ = [
+    "DRAIN_SLOT",
+    "Backlog",
+    "BatchClaimer",
+    "Claim",
+    "Claimed",
+    "drain_key",
+    "drain_rate",
+    "read_backlog",
+]
 
 DRAIN_SLOT = 10  # seconds per drain-rate bucket
 DRAIN_TTL = 180  # seconds a drain bucket is kept
@@ -25,6 +34,55 @@ PROMOTE_MAX = 1000  # due entries one claim moves into the ready set at most
 _LAPSE_FIELDS = ("rexp", "exp")  # the refresh token's lapse, the access token's
 _STATE_FIELD = "state"
 _INFLIGHT_FIELD = "inflight"  # a refresh request was sent at this time and not answered
+
+
+BACKLOG_LOOK = 50_000  # due connections the backlog's lapse count looks at, at most
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """Due scheduled refreshes not yet taken, as ``stats``, ``/metrics`` and ``/ops`` show them."""
+
+    due: int
+    oldest_due_age: float | None  # seconds since the oldest of them fell due
+    drain_per_s: float  # scheduled refreshes applied per second, over the last minute
+    lapsing: int  # grants that lapse before their turn at that rate (of the first ``looked``)
+    looked: int
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "due": self.due,
+            "oldest_due_age_s": None
+            if self.oldest_due_age is None
+            else round(self.oldest_due_age, 1),
+            "drain_per_s": round(self.drain_per_s, 2),
+            "lapsing_before_turn": self.lapsing,
+        }
+
+
+async def read_backlog(redis: Any, keys: Keys, now: float) -> Backlog:
+    """The backlog of ``keys``' provider; ``now`` is Redis's time."""
+    rate = await drain_rate(redis, keys.prefix, now)
+    head, tail = _affixes(keys.rec("\x00"))
+    due, oldest, lapsing, looked = await redis.eval(
+        lua("backlog"),
+        3,
+        keys.sched,
+        keys.ready,
+        keys.ready_due,
+        repr(rate),
+        head,
+        tail,
+        BACKLOG_LOOK,
+        *_LAPSE_FIELDS,
+    )
+    return Backlog(
+        due=int(due),
+        oldest_due_age=None if not oldest else max(0.0, now - int(oldest) / 1000),
+        drain_per_s=rate,
+        lapsing=int(lapsing),
+        looked=int(looked),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,20 +154,6 @@ class BatchClaimer:
             rvk = item[4] if len(item) > 4 else None
             members.append(Claimed(user, _text(item[1]), _record(user, flat, tok, rvk)))
         return Claim(int(now_ms) / 1000, _pairs(halt), members)
-
-    async def backlog(self, now: float) -> tuple[int, float | None]:
-        """Due refreshes not yet taken (ready, and due in the schedule), and the oldest due
-        time among them (seconds; None when none is due)."""
-        k = self.store.keys
-        async with self.store.redis.pipeline(transaction=False) as pipe:
-            pipe.zcard(k.ready)
-            pipe.zcount(k.sched, "-inf", int(now * 1000))
-            pipe.zrange(k.sched, 0, 0, withscores=True)
-            pipe.zrange(k.ready_due, 0, 0, withscores=True)
-            ready, due, first, first_ready = await pipe.execute()
-        times = [float(s) / 1000 for _, s in (*first, *first_ready)]
-        oldest = min((t for t in times if t <= now), default=None)
-        return int(ready) + int(due), oldest
 
 
 def _text(value: Any) -> str:

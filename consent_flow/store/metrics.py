@@ -15,6 +15,7 @@ from typing import Any
 
 from consent_flow.core.records import ProviderRevocation
 from consent_flow.core.table import State
+from consent_flow.store.batch import Backlog, read_backlog
 from consent_flow.store.clock import redis_time, skew_problem, worst_offset
 from consent_flow.store.redis_store import Keys, due_ms
 from consent_flow.store.scripts import lua
@@ -139,6 +140,10 @@ class Snapshot:
     clock_offsets: dict[str, float] = field(default_factory=dict)
     """Live workers' clock offsets from Redis's time, in seconds (positive: behind)."""
 
+    backlogs: dict[str, Backlog] = field(default_factory=dict)
+    """Due scheduled refreshes not yet taken, by provider: how many, how long the oldest has
+    waited, the drain rate, and how many grants lapse before their turn at that rate."""
+
     webhook_outcomes: dict[str, int] = field(default_factory=dict)
     """Webhook deliveries by outcome: delivered, retried (an attempt that failed and will be
     tried again), dead (given up after the last attempt, or refused with 410 Gone)."""
@@ -167,6 +172,7 @@ class Snapshot:
             "refresh_rejections_24h": self.refresh_rejections_24h,
             "queue_depth": self.queue_depth,
             "deferred_jobs": self.deferred_jobs,
+            "backlog": {name: b.public() for name, b in self.backlogs.items()},
             "workers_alive": self.workers_alive,
             "refreshes_paused": self.refreshes_paused,
             "revocations_abandoned": self.revocations_abandoned,
@@ -177,6 +183,10 @@ class Snapshot:
             if skew is None
             else skew_problem(f"worker {skew[0]}", skew[1]),
         }
+
+
+# The v1 settings' single provider, as the per-provider settings will name it.
+PROVIDER = "default"
 
 
 async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
@@ -222,6 +232,7 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
         worker,
     ) = rest[25:]
     lead_text = {_text(k): _text(v) for k, v in lead.items()}
+    backlog = await read_backlog(redis, keys, now)
     return Snapshot(
         states=states,
         refreshes_due_next_hour=due_next_hour,
@@ -241,6 +252,7 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
         revocation_outcomes={_text(k): int(v) for k, v in revocations.items()},
         clock_offsets=_live_offsets(live, clocks),
         webhook_outcomes={_text(k): int(v) for k, v in webhooks.items()},
+        backlogs={PROVIDER: backlog},
         worker_events={
             **dict.fromkeys(WORKER_EVENTS, 0.0),
             **{_text(k): float(v) for k, v in worker.items()},

@@ -61,6 +61,7 @@ from consent_flow.core.records import ProviderRevocation, check_user, iso
 from consent_flow.core.table import TRANSITIONS, State
 from consent_flow.errors import ConsentError
 from consent_flow.settings import is_loopback_host
+from consent_flow.store.batch import Backlog
 from consent_flow.store.metrics import LEAD_BUCKETS, REFRESH_OUTCOMES, Snapshot, read_snapshot
 from consent_flow.web.callback import SECURITY_HEADERS
 
@@ -264,6 +265,29 @@ class SnapshotCollector(Collector):
             "Grants whose refresh falls due within the next hour.",
             s.refreshes_due_next_hour,
         )
+        backlog: dict[str, tuple[str, Callable[[Backlog], float]]] = {
+            "refresh_backlog": (
+                "Due scheduled refreshes not yet taken by a worker.",
+                lambda b: b.due,
+            ),
+            "refresh_backlog_oldest_due_seconds": (
+                "How long the oldest due scheduled refresh has waited.",
+                lambda b: b.oldest_due_age or 0.0,
+            ),
+            "refresh_drain_per_second": (
+                "Scheduled refreshes applied per second over the last minute.",
+                lambda b: b.drain_per_s,
+            ),
+            "refresh_lapsing_before_turn": (
+                "Due grants whose refresh token lapses before their turn at the drain rate.",
+                lambda b: b.lapsing,
+            ),
+        }
+        for name, (doc, value) in backlog.items():
+            family = GaugeMetricFamily(f"consent_flow_{name}", doc, labels=["provider"])
+            for provider, figures in s.backlogs.items():
+                family.add_metric([provider], value(figures))
+            yield family
         yield _gauge(
             "refresh_failures_24h",
             "Transient refresh failures in the last 24 hours.",
@@ -474,6 +498,21 @@ def _states_table(snapshot: Snapshot, current: State, limit: int) -> str:
     )
 
 
+def _backlog_figures(snapshot: Snapshot) -> list[tuple[str, str, str]]:
+    """The due backlog per provider: its size, its age, the drain rate, what lapses first."""
+    figures = []
+    for provider, b in snapshot.backlogs.items():
+        lapsing = str(b.lapsing) if not b.lapsing else f'<span class="warn">{b.lapsing}</span>'
+        age = "-" if b.oldest_due_age is None else f"{b.oldest_due_age:.0f} s"
+        figures += [
+            (f"backlog-{provider}", f"Due refreshes waiting ({e(provider)})", str(b.due)),
+            (f"backlog-age-{provider}", f"Oldest due ({e(provider)})", age),
+            (f"drain-{provider}", f"Drain rate ({e(provider)})", f"{b.drain_per_s:.1f}/s"),
+            (f"lapsing-{provider}", f"Lapsing before their turn ({e(provider)})", lapsing),
+        ]
+    return figures
+
+
 def _figures(snapshot: Snapshot) -> str:
     paused = snapshot.refreshes_paused
     paused_html = f'<span class="warn">yes: {e(paused)}</span>' if paused is not None else "no"
@@ -489,6 +528,7 @@ def _figures(snapshot: Snapshot) -> str:
             str(snapshot.revocations_abandoned),
         ),
         ("webhooks-dead", "Webhook notices given up", str(snapshot.webhooks_dead)),
+        *_backlog_figures(snapshot),
         ("queue-depth", "Queue depth", str(snapshot.queue_depth)),
         ("deferred-jobs", "Deferred jobs", str(snapshot.deferred_jobs)),
         (

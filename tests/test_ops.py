@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -33,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
 from consent_flow import ConsentClient, Event, State, consent_routes
-from consent_flow.core.records import Change, iso
+from consent_flow.core.records import MAX_REASON_LENGTH, MAX_USER_LENGTH, Change, iso
 from consent_flow.core.table import TRANSITIONS, ConsentMachine
 from consent_flow.engine.engine import SESSION_FIELDS, TOKEN_FIELDS
 from consent_flow.queue.bus import new_id
@@ -760,3 +761,59 @@ async def test_future_times_read_in_so_long_not_0_s_ago(stack):
     assert len(ahead) >= 2, page  # access_token_expires_at, next_refresh_at (tokens live 1 h)
     assert ("59", "min") in ahead
     assert "0 s ago" not in page
+
+
+# --- layout ---------------------------------------------------------------------------------
+
+# A reason as long as a reason may be (MAX_REASON_LENGTH), with words and with a provider's
+# error_description that is one unbroken token (a URL, a base64 blob).
+LONG_REASON = (
+    "refresh token rejected by provider: invalid_grant: "
+    + "https://id.example/errors/"
+    + "a1b2c3d4" * 30
+    + "; "
+    + ", ".join(["and then some words that wrap normally"] * 6)
+)[:MAX_REASON_LENGTH].strip()
+LONG_ACTOR = "operator:" + "dana.the.operator.with.a.very.long.name" * 2
+WINDOW = {"width": 1280, "height": 800}
+
+
+async def document_width(page: Any) -> tuple[int, int]:
+    """The document's scroll width and the viewport's width, in CSS pixels."""
+    scroll, client = await page.evaluate(
+        "() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+    )
+    return int(scroll), int(client)
+
+
+@pytest.mark.browser
+async def test_long_histories_fit_a_1280_px_window(settings):
+    """A user with many entries, reasons as long as they get, a long actor and correlation id:
+    neither /ops nor the user's page grows wider than a 1280 px window."""
+    user = "long-" + "u" * (MAX_USER_LENGTH - 5)
+    start = time.time() - 3600
+    steps: list[tuple[Any, ...]] = []
+    for i in range(60):
+        at = start + i * 20
+        steps.append((Event.PROVISION_REQUESTED, at, "user", None))
+        steps.append((Event.AUTHORIZATION_FAILED, at + 5, LONG_ACTOR, LONG_REASON))
+    async with ConsentClient(settings) as client:
+        await Seeder(client, Seeded()).path(user, steps)
+        async with serve(client) as base, chromium(viewport=WINDOW) as page:
+            await page.goto(f"{base}/ops/users/{quote(user, safe='')}")
+            assert await page.locator("#timeline tr.entry").count() == 120
+            reasons = await texts(page, "#timeline tr.entry td.reason")
+            assert reasons[1] == LONG_REASON  # wrapped, not cut
+            scroll, window = await document_width(page)
+            assert window == WINDOW["width"]
+            assert scroll <= window, f"the user page is {scroll} px wide"
+            # The stylesheet applied: the CSP lets it through.
+            header = await page.evaluate(
+                "() => getComputedStyle(document.querySelector('header')).backgroundColor"
+            )
+            assert header == "rgb(29, 29, 31)"
+
+            await page.goto(f"{base}/ops?state=unprovisioned")
+            assert await texts(page, "table#users tr.user-row td.user") == [user]
+            scroll, window = await document_width(page)
+            assert scroll <= window, f"/ops is {scroll} px wide"

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -817,3 +817,33 @@ async def test_long_histories_fit_a_1280_px_window(settings):
             assert await texts(page, "table#users tr.user-row td.user") == [user]
             scroll, window = await document_width(page)
             assert scroll <= window, f"/ops is {scroll} px wide"
+
+
+# --- escaping -------------------------------------------------------------------------------
+
+SCRIPT = "<script>alert(document.cookie)</script>"
+
+
+async def test_a_reason_with_a_script_is_text_on_every_page(stack):
+    """A provider's error_description is whatever the redirect carried: the engine keeps it in
+    the reason, and the callback page, /ops and the user's page show it as text."""
+    status = await stack.client.request_provisioning("mallory")
+    denied = urlsplit(await approve(status.authorization_url, "mallory", deny=True))
+    params = dict(parse_qsl(denied.query))
+    params["error_description"] = f'{SCRIPT} "quoted" & <img src=x onerror=alert(1)>'
+    response = await stack.callback(urlunsplit(denied._replace(query=urlencode(params))))
+    assert response.status_code == 403
+    record = await stack.client.store.load("mallory")
+    assert record.reason is not None
+    assert SCRIPT in record.reason  # kept as it came, clipped only
+    async with asgi(stack.client) as http:
+        pages = {
+            "callback": response.text,
+            "ops": (await http.get("/ops?state=unprovisioned")).text,
+            "user": (await http.get("/ops/users/mallory")).text,
+        }
+    for name, text in pages.items():
+        assert "<script" not in text.lower(), name
+        assert "<img" not in text, name
+        assert "&lt;script&gt;alert(document.cookie)&lt;/script&gt;" in text, name
+        assert "&lt;img src=x onerror=alert(1)&gt;" in text, name

@@ -847,3 +847,21 @@ async def test_a_reason_with_a_script_is_text_on_every_page(stack):
         assert "<img" not in text, name
         assert "&lt;script&gt;alert(document.cookie)&lt;/script&gt;" in text, name
         assert "&lt;img src=x onerror=alert(1)&gt;" in text, name
+
+
+async def test_refreshes_in_a_row_show_their_count_on_the_timeline(settings):
+    """The store keeps refreshes in a row as one entry that counts them: the timeline says how
+    many and since when, instead of showing one refresh where there were five."""
+    now = time.time()
+    due = now + 3000
+    steps: list[tuple[Any, ...]] = [
+        (Event.PROVISION_REQUESTED, now - 600, "user", None),
+        (Event.AUTHORIZATION_COMPLETED, now - 590, "browser", None, due),
+    ]
+    steps += [(Event.TOKEN_REFRESHED, now - 500 + 60 * i, "worker", None, due) for i in range(5)]
+    async with ConsentClient(settings) as client:
+        await Seeder(client, Seeded()).path("refreshed", steps)
+        async with asgi(client) as http:
+            page = (await http.get("/ops/users/refreshed")).text
+    assert page.count('<tr class="entry">') == 3
+    assert f'title="5 in a row, the first at {iso(now - 500)}">\u00d75</span>' in page

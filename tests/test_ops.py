@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import math
 import re
@@ -32,6 +33,8 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.routing import Mount
 
 from consent_flow import ConsentClient, Event, State, consent_routes
 from consent_flow.core.records import MAX_REASON_LENGTH, MAX_USER_LENGTH, Change, iso
@@ -42,6 +45,8 @@ from consent_flow.settings import Secret
 from consent_flow.store.metrics import LEAD_BUCKETS, MetricsRecorder
 from consent_flow.store.redis_store import state_hash
 from consent_flow.store.vault import seal_tokens
+from consent_flow.web.callback import PageKind
+from consent_flow.web.callback import page as result_page
 from consent_flow.web.ops import ops_routes
 
 pytestmark = pytest.mark.integration
@@ -865,3 +870,47 @@ async def test_refreshes_in_a_row_show_their_count_on_the_timeline(settings):
             page = (await http.get("/ops/users/refreshed")).text
     assert page.count('<tr class="entry">') == 3
     assert f'title="5 in a row, the first at {iso(now - 500)}">\u00d75</span>' in page
+
+
+def inline_styles(text: str) -> list[str]:
+    return re.findall(r"<style>(.*?)</style>", text, flags=re.DOTALL)
+
+
+def csp_admits(csp: str, style: str) -> bool:
+    digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+    return f"'sha256-{digest}'" in csp.split("style-src", 1)[1].split(";", 1)[0]
+
+
+async def test_pages_mounted_under_a_prefix_of_another_app_keep_their_style(settings):
+    """ops_routes mounted at /admin of someone else's app: the pages need no route of their
+    own for the stylesheet, and the policy admits exactly the inline one each page carries."""
+    async with ConsentClient(settings) as client:
+        await Seeder(client, Seeded()).path(
+            "mounted", [(Event.PROVISION_REQUESTED, time.time(), "user", None)]
+        )
+        app = Starlette(routes=[Mount("/admin", routes=ops_routes(client))])
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+            overview = await http.get("/admin/ops?state=pending")
+            user = await http.get("/admin/ops/users/mounted")
+            missing = await http.get("/admin/ops/users/nobody")
+        denied = result_page(
+            Request({"type": "http", "method": "GET", "path": "/", "headers": []}),
+            PageKind.DENIED,
+            "Access was denied",
+            "Nothing was shared.",
+            reason="access_denied",
+            status=403,
+        )
+    assert (overview.status_code, user.status_code, missing.status_code) == (200, 200, 404)
+    assert 'href="ops/users/mounted"' in overview.text  # relative: resolves under /admin
+    assert 'href="../../ops?state=pending"' in user.text
+    served = [(r.headers, r.text) for r in (overview, user, missing)]
+    served.append((denied.headers, bytes(denied.body).decode()))
+    for headers, text in served:
+        csp = headers["content-security-policy"]
+        assert "unsafe-inline" not in csp
+        assert "script-src" not in csp
+        (style,) = inline_styles(text)
+        assert csp_admits(csp, style)
+        assert 'style="' not in text  # an inline style attribute would be refused

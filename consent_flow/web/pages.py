@@ -11,19 +11,20 @@ SHA-256 hash, so no other inline style (and no script at all) runs.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
-from markupsafe import Markup
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
-from starlette.templating import Jinja2Templates
 
 from consent_flow.core.records import iso
+
+if TYPE_CHECKING:
+    from starlette.templating import Jinja2Templates
 
 __all__ = ["SECURITY_HEADERS", "Moment", "age", "moment", "render"]
 
@@ -84,7 +85,14 @@ def dash(value: Any) -> Any:
     return "—" if value is None or value == "" else value
 
 
-def _environment() -> jinja2.Environment:
+@functools.cache
+def _templates() -> Jinja2Templates:
+    # Built at the first page, not at import: the CLI and MCP servers import this package for
+    # much else and need no template engine for it.
+    import jinja2
+    from markupsafe import Markup
+    from starlette.templating import Jinja2Templates
+
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("consent_flow.web", "templates"),
         autoescape=True,  # every value is text unless a template says otherwise
@@ -97,10 +105,7 @@ def _environment() -> jinja2.Environment:
     # The stylesheets are this package's own files, never user data: inlined as they are, so
     # the text the browser hashes is the text the policy names.
     env.globals["stylesheet"] = {name: Markup(text) for name, text in _STYLES.items()}  # noqa: S704
-    return env
-
-
-templates = Jinja2Templates(env=_environment())
+    return Jinja2Templates(env=env)
 
 
 def render(
@@ -112,7 +117,7 @@ def render(
     headers: Mapping[str, str] | None = None,
 ) -> HTMLResponse:
     """Template ``name`` as an HTML response with the security headers."""
-    return templates.TemplateResponse(
+    return _templates().TemplateResponse(
         request,
         name,
         dict(context),

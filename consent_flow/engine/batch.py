@@ -157,16 +157,18 @@ class BatchRefresher:
         """One batch. Returns how long to wait before the next (0: at once)."""
         if (held := self.refresher.held_for()) > 0:
             return held
-        permits = await self.limiter.acquire(self.size)
+        # The permits and the claim in one round trip, back to back in Redis: the claim takes
+        # no more members than permits were granted, and no time passes between the two.
+        lease = self.engine.lock_ttl
+        note = self.limiter.note_key()
+        async with self.store.redis.pipeline(transaction=False) as pipe:
+            stem = await self.limiter.acquire_into(pipe, self.size, note=note)
+            await self.claimer.claim_into(pipe, self.size, lock_ttl=lease, lease=lease, note=note)
+            raw_permits, raw_claim = await pipe.execute()
+        permits = self.limiter.permits_result(raw_permits, stem)
+        claim = self.claimer.claim_result(raw_claim)
         if not permits:
             return min(max(permits.wait, 0.001), self.idle_poll)
-        lease = self.engine.lock_ttl
-        try:
-            claim = await self.claimer.claim(len(permits), lock_ttl=lease, lease=lease)
-        except BaseException:
-            with contextlib.suppress(*REDIS_ERRORS):
-                await self.limiter.release([], list(permits.ids))
-            raise
         if not claim.members:
             await self.limiter.release([], list(permits.ids))
             return self.idle_poll

@@ -89,22 +89,39 @@ class ProviderLimiter:
 
     async def acquire(self, want: int) -> Permits:
         """Up to ``want`` permits to call the provider now (maybe fewer, maybe none)."""
+        keys, args, stem = self.permits_call(want)
+        return self.permits_result(await self._permits(keys=keys, args=args), stem)
+
+    async def acquire_into(self, pipe: Any, want: int, *, note: str) -> str:
+        """Queue the ask on ``pipe``, the number granted also noted in the key ``note`` for a
+        script that follows it in the pipeline; returns the stem for ``permits_result``."""
+        keys, args, stem = self.permits_call(want)
+        await self._permits(keys=[*keys, note], args=args, client=pipe)
+        return stem
+
+    def permits_call(self, want: int) -> tuple[list[str], list[Any], str]:
         limits = self.limits
         cap = limits.per_window
         stem = secrets.token_hex(8)
-        granted, wait = await self._permits(
-            keys=[self.log_key, self.leases_key, self.pause_key],
-            args=[
-                want,
-                "" if cap is None else cap,
-                limits.window_ms,
-                "" if limits.max_concurrency is None else limits.max_concurrency,
-                self.lease_ms,
-                stem,
-            ],
-        )
+        args = [
+            want,
+            "" if cap is None else cap,
+            limits.window_ms,
+            "" if limits.max_concurrency is None else limits.max_concurrency,
+            self.lease_ms,
+            stem,
+        ]
+        return [self.log_key, self.leases_key, self.pause_key], args, stem
+
+    @staticmethod
+    def permits_result(raw: Any, stem: str) -> Permits:
+        granted, wait = raw
         n = int(granted)
         return Permits(tuple(f"{stem}:{i}" for i in range(1, n + 1)), int(wait) / 1000)
+
+    def note_key(self) -> str:
+        """A key of one ask's own, where the number granted waits for the batch's claim."""
+        return f"{self.log_key}:note:{secrets.token_hex(8)}"
 
     def release_into(self, pipe: Any, ended: list[str], unused: list[str]) -> None:
         """Queue on ``pipe``: the leases of calls that ended, and the grants not used (they

@@ -127,22 +127,37 @@ class BatchClaimer:
             self._affix_args += _affixes(key)
 
     async def claim(self, want: int, *, lock_ttl: float, lease: float) -> Claim:
+        keys, args = self.claim_call(want, lock_ttl=lock_ttl, lease=lease)
+        return self.claim_result(await self._claim(keys=keys, args=args))
+
+    async def claim_into(
+        self, pipe: Any, want: int, *, lock_ttl: float, lease: float, note: str
+    ) -> None:
+        """Queue the claim on ``pipe``, taking no more than the permits noted in ``note``."""
+        keys, args = self.claim_call(want, lock_ttl=lock_ttl, lease=lease)
+        await self._claim(keys=[*keys, note], args=args, client=pipe)
+
+    def claim_call(
+        self, want: int, *, lock_ttl: float, lease: float
+    ) -> tuple[list[str], list[Any]]:
         k = self.store.keys
-        now_ms, halt, taken = await self._claim(
-            keys=[k.sched, k.ready, k.halt, k.ready_due],
-            args=[
-                want,
-                PROMOTE_MAX,
-                int(lock_ttl * 1000),
-                int(lease * 1000),
-                secrets.token_hex(12),
-                *self._affix_args,
-                *_LAPSE_FIELDS,
-                _STATE_FIELD,
-                _INFLIGHT_FIELD,
-                State.PROVISIONED.value,
-            ],
-        )
+        args = [
+            want,
+            PROMOTE_MAX,
+            int(lock_ttl * 1000),
+            int(lease * 1000),
+            secrets.token_hex(12),
+            *self._affix_args,
+            *_LAPSE_FIELDS,
+            _STATE_FIELD,
+            _INFLIGHT_FIELD,
+            State.PROVISIONED.value,
+        ]
+        return [k.sched, k.ready, k.halt, k.ready_due], args
+
+    @staticmethod
+    def claim_result(raw: Any) -> Claim:
+        now_ms, halt, taken = raw
         members = []
         for item in taken:
             user = _text(item[0])

@@ -8,7 +8,8 @@
 -- may have rescheduled it already); one rescheduled by a commit meanwhile is no longer due.
 --
 -- KEYS: the schedule (zset), the ready set (zset), the pause for everyone (hash), the ready
--- set's due times (zset: how long the backlog has waited).
+-- set's due times (zset: how long the backlog has waited), and optionally the note of the
+-- provider permits granted just before in the same pipeline (at most that many are taken).
 -- ARGV: how many to take, how many due entries to move into the ready set at most, the lock's
 -- time to live (ms), the lease (ms), the lock owner token's stem, then the affixes of the
 -- per-user keys (record, sealed tokens, tokens to revoke, lock: prefix and suffix of each),
@@ -18,6 +19,10 @@
 -- false, then (when locked) the record's fields, sealed tokens, sealed tokens to revoke}.
 local sched, ready, halt, ready_due = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local want, promote = tonumber(ARGV[1]), tonumber(ARGV[2])
+if KEYS[5] then
+  want = math.min(want, tonumber(redis.call('GET', KEYS[5]) or '0'))
+  redis.call('DEL', KEYS[5])
+end
 local lock_px, lease_ms, stem = ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local function key(n, user) return ARGV[4 + 2 * n] .. user .. ARGV[5 + 2 * n] end
 local f_rexp, f_exp, f_state, f_inflight, provisioned = ARGV[14], ARGV[15], ARGV[16], ARGV[17],
@@ -41,7 +46,7 @@ for i = 1, #due, 2 do
 end
 
 local taken = {}
-local popped = redis.call('ZPOPMIN', ready, want)
+local popped = want > 0 and redis.call('ZPOPMIN', ready, want) or {}
 for i = 1, #popped, 2 do
   local user = popped[i]
   redis.call('ZREM', ready_due, user)

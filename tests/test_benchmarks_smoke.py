@@ -91,7 +91,7 @@ def test_bench_refresh_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPat
     assert figures["ratio"] > 0 and figures["baseline_per_s"] > 0
     assert figures["floor_ratio"] > 0 and figures["project_share_of_floor"] > 0
     assert figures["workers"] == 3 and figures["callers"] == figures["users"] == 4
-    assert figures["target_ratio"] == 0.7
+    assert "target_ratio" not in figures  # the on-demand target is retired
     assert figures["provider_refresh_reuse_detected"] == 0
     assert figures["redis_commands_per_refresh"] > 0
     text = _load_script(monkeypatch, script).report(figures)  # type: ignore[attr-defined]
@@ -101,7 +101,7 @@ def test_bench_refresh_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPat
         "(c) floor",
         "ratio (b) / mean(a)",
         "floor (c) / mean(a)",
-        "target",
+        "target is retired",
     ):
         assert needle in text
 

@@ -27,9 +27,9 @@ from consent_flow.core.records import Change, CommitResult
 from consent_flow.core.table import Event, State
 from consent_flow.engine.refresh import REDIS_ERRORS, Refresher, commit_group
 from consent_flow.queue.bus import Envelope
-from consent_flow.queue.limits import Permits, ProviderLimiter
+from consent_flow.queue.limits import LATE_AFTER, Permits, ProviderLimiter
 from consent_flow.store.batch import DRAIN_SLOT, DRAIN_TTL, BatchClaimer, Claim, Claimed, drain_key
-from consent_flow.store.redis_store import RedisStore
+from consent_flow.store.redis_store import RedisStore, due_ms
 
 __all__ = ["BatchRefresher", "CommitGroup"]
 
@@ -193,6 +193,12 @@ class BatchRefresher:
         async def one(member: Claimed, permit: str) -> str | None:
             token = commit_group.set(group.commit)
             try:
+                if paced and self.engine.clock() - claim.now > LATE_AFTER:
+                    # A busy loop left this member past its grant: calling now could put more
+                    # calls in a second than the rate allows. It goes back, due at once.
+                    late.append(permit)
+                    await self._put_back(member)
+                    return None
                 return await self._member(member, halt)
             except asyncio.CancelledError:
                 raise
@@ -205,8 +211,13 @@ class BatchRefresher:
                 group.member_done()
                 ended.append(permit)
 
+        paced = self.limiter.limits.max_refresh_rate is not None
+        late: list[str] = []
         started = time.monotonic()
         results = await asyncio.gather(*(one(m, p) for m, p in callers))
+        if late:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self.limiter.release([], late)
         with contextlib.suppress(*REDIS_ERRORS):
             await refund
         for member in skipped:
@@ -265,6 +276,13 @@ class BatchRefresher:
             if lock.token is not None:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await lock.__aexit__(None, None, None)
+
+    async def _put_back(self, member: Claimed) -> None:
+        """A member not refreshed after all: its lock released, due again at once."""
+        assert member.token is not None
+        now = due_ms(self.engine.clock())
+        await self.store.redis.zadd(self.store.keys.sched, {member.user: now}, xx=True)
+        await self.store.release_lock(member.user, member.token)
 
     async def _let_go(self, member: Claimed) -> None:
         """A member that makes no call: its lock released; a grant that ended leaves the

@@ -22,12 +22,13 @@ from typing import Any
 
 from consent_flow.store.scripts import lua
 
-__all__ = ["DEFAULT_PAUSE", "Limits", "Permits", "ProviderLimiter"]
+__all__ = ["DEFAULT_PAUSE", "LATE_AFTER", "Limits", "Permits", "ProviderLimiter"]
 
-# A window a little longer than a second: a call leaves its worker a few milliseconds after
-# its grant, and those few milliseconds vary; measured at the provider, a second still holds no
-# more than the rate.
-WINDOW_MS = 1030.0
+# A window a little longer than a second: a call leaves its worker a little after its grant,
+# and no later than LATE_AFTER (a later one is not made: see engine/batch.py); measured at the
+# provider, a second then still holds no more than the rate.
+WINDOW_MS = 1040.0
+LATE_AFTER = (WINDOW_MS - 1000.0) / 1000.0  # seconds
 DEFAULT_PAUSE = 1.0  # seconds everyone waits after a 429 without Retry-After
 MAX_PAUSE = 300.0
 

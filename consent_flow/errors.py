@@ -10,6 +10,7 @@ Every error the library raises on purpose derives from one base class, carries a
     ├── StoreError                  the state store answered something it should not have
     ├── WorkerUnavailable           no worker answered an event within the timeout
     ├── InvalidTransition           the event is not allowed from the user's state
+    ├── InvalidScope                a scope asked for is not an RFC 6749 scope token, or too many
     ├── CallbackRejected            a bad, forged or replayed authorization callback
     ├── NotProvisioned              the user has granted no delegated access (yet)
     │   └── ConsentRevoked          the user's grant was revoked (reason attached)
@@ -35,6 +36,7 @@ __all__ = [
     "ConsentRevoked",
     "GrantRejected",
     "IDTokenError",
+    "InvalidScope",
     "InvalidTransition",
     "NotProvisioned",
     "ProviderError",
@@ -124,6 +126,13 @@ class WorkerUnavailable(ConsentError):
 
 class InvalidTransition(ConsentError):
     code = "invalid_transition"
+
+
+class InvalidScope(ConsentError):
+    """Scopes asked for that no provider could be asked for: not RFC 6749 scope tokens (spaces,
+    control characters, quotes), too long, or too many. Refused before anything is queued."""
+
+    code = "invalid_scope"
 
 
 class CallbackRejected(ConsentError):

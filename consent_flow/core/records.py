@@ -402,6 +402,9 @@ class Change:
     unschedule: bool = False
     session_lookup: tuple[str, int] | None = None  # (state hash, ttl) to register
     drop_session_lookup: str | None = None  # state hash to forget
+    # An upgrade session opened (its expiry, for the cleanup job to find it), or ended.
+    upgrade_until: float | None = None
+    drop_upgrade: bool = False
     record_history: bool = True
     reply: tuple[str, str] | None = None  # (reply key, outcome JSON) pushed if the commit applies
     # Also only if the commit applies: arq jobs to queue (the next refresh, a webhook notice;

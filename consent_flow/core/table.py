@@ -299,7 +299,7 @@ class ConsentMachine:
         found = []
         for made in self._machine.get_transitions(event.value, state.value):
             row = self._rows[id(made)]
-            holds = all(facts.holds(Guard(c.func)) is c.target for c in made.conditions)
+            holds = all(facts.holds(Guard(str(c.func))) is c.target for c in made.conditions)
             if holds:
                 found.append(row)
         return found

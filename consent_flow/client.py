@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -12,7 +12,14 @@ from typing import Any
 import httpx
 from arq.connections import ArqRedis, create_pool
 
-from consent_flow.core.records import ConsentRecord, HistoryEntry, check_user, clip, iso
+from consent_flow.core.records import (
+    ConsentRecord,
+    HistoryEntry,
+    check_scopes,
+    check_user,
+    clip,
+    iso,
+)
 from consent_flow.core.table import Event, State
 from consent_flow.engine.broker import TokenBroker
 from consent_flow.engine.engine import session_url
@@ -40,7 +47,14 @@ def _dt(value: str | None) -> datetime | None:
 
 @dataclass(frozen=True, slots=True)
 class ConsentStatus:
-    """Where one user's consent stands."""
+    """Where one user's consent stands.
+
+    ``scopes`` is what the provider granted; ``requested_scopes`` what the open session (a
+    first authorization, or an upgrade beside the grant) asks for, empty when none is open;
+    ``scopes_missing`` what the last authorization asked for and the provider did not grant.
+    ``upgrade`` is True while an upgrade session is open: the grant keeps working meanwhile,
+    and ``authorization_url`` is the upgrade's.
+    """
 
     user: str
     state: State
@@ -49,6 +63,9 @@ class ConsentStatus:
     authorization_url: str | None = None
     scopes: tuple[str, ...] = ()
     details: Mapping[str, Any] = field(default_factory=dict)
+    requested_scopes: tuple[str, ...] = ()
+    scopes_missing: tuple[str, ...] = ()
+    upgrade: bool = False
 
     @property
     def provisioned(self) -> bool:
@@ -66,6 +83,12 @@ class ConsentStatus:
             out["authorization_url"] = self.authorization_url
         if self.scopes:
             out["scopes"] = list(self.scopes)
+        if self.requested_scopes:
+            out["requested_scopes"] = list(self.requested_scopes)
+        if self.scopes_missing:
+            out["scopes_missing"] = list(self.scopes_missing)
+        if self.upgrade:
+            out["upgrade"] = True
         return out
 
     @classmethod
@@ -79,6 +102,9 @@ class ConsentStatus:
             reason=outcome.reason,
             authorization_url=outcome.authorization_url,
             scopes=scopes,
+            requested_scopes=tuple(detail.pop("requested_scopes", ()) or ()),
+            scopes_missing=tuple(detail.pop("scopes_missing", ()) or ()),
+            upgrade=bool(detail.pop("upgrade", False)),
             details={"result": outcome.result, "error": outcome.error, **detail},
         )
 
@@ -87,8 +113,9 @@ class ConsentStatus:
         cls, rec: ConsentRecord, *, authorization_url: str | None = None
     ) -> ConsentStatus:
         public = rec.public()
-        for name in ("user", "state", "since", "reason", "scopes"):
+        for name in ("user", "state", "since", "reason", "scopes", "requested_scopes"):
             public.pop(name, None)
+        public.pop("scopes_missing", None)
         return cls(
             user=rec.user,
             state=rec.state,
@@ -97,6 +124,9 @@ class ConsentStatus:
             authorization_url=authorization_url,
             scopes=rec.scopes,
             details=public,
+            requested_scopes=rec.requested_scopes if rec.session_id else (),
+            scopes_missing=rec.scopes_missing if rec.state is State.PROVISIONED else (),
+            upgrade=rec.upgrading,
         )
 
 
@@ -226,9 +256,19 @@ class ConsentClient:
             raise WorkerUnavailable("no outcome", user=envelope.user, event=envelope.event.value)
         return outcome
 
-    async def request_provisioning(self, user: str, *, actor: str = "user") -> ConsentStatus:
-        """Emit ``provision_requested``; the result carries the authorization URL while pending."""
-        envelope = Envelope(Event.PROVISION_REQUESTED, check_user(user), actor)
+    async def request_provisioning(
+        self, user: str, *, scopes: Sequence[str] = (), actor: str = "user"
+    ) -> ConsentStatus:
+        """Emit ``provision_requested`` for the provider's base scopes plus ``scopes``.
+
+        The result carries the authorization URL while a session is open: the first one, or an
+        upgrade when the user is provisioned without every scope asked (the grant keeps working
+        meanwhile). Scopes already granted: nothing to do. Raises :class:`InvalidScope`, before
+        anything is queued, for a scope that is not an RFC 6749 scope token or too many.
+        """
+        asked = check_scopes(list(scopes) if not isinstance(scopes, str) else scopes)
+        payload = {"scopes": " ".join(asked)} if asked else {}
+        envelope = Envelope(Event.PROVISION_REQUESTED, check_user(user), actor, payload=payload)
         return self._raise_for(await self.emit(envelope))
 
     async def revoke(
@@ -257,7 +297,7 @@ class ConsentClient:
     async def status(self, user: str) -> ConsentStatus:
         rec = await self.store.load(check_user(user))
         url = None
-        if rec.state is State.PENDING and rec.session and self._ring is not None:
+        if rec.session and self._ring is not None:
             url = session_url(self._ring, rec)
         return ConsentStatus.from_record(rec, authorization_url=url)
 

@@ -127,8 +127,8 @@ async def sweep(ctx: dict[str, Any]) -> None:
 
 
 async def cleanup(ctx: dict[str, Any]) -> None:
-    """Expire stale authorization sessions, retry provider revocations, trim history, commit
-    spooled refreshes left behind."""
+    """Expire stale authorization sessions (upgrades too), retry provider revocations, trim
+    history, commit spooled refreshes left behind."""
     services: Services = ctx["services"]
     settings = services.settings
     store = services.store
@@ -140,6 +140,10 @@ async def cleanup(ctx: dict[str, Any]) -> None:
         if rec.state is State.PENDING and (rec.session_expires_at or 0) <= now:
             await services.bus.emit(Envelope(Event.SESSION_EXPIRED, user, "worker", reply=False))
             expired += 1
+    # Upgrade sessions beside a grant: the grant's own index does not say which are open.
+    for user in await store.upgrades_due(now, limit=500):
+        await services.bus.emit(Envelope(Event.SESSION_EXPIRED, user, "worker", reply=False))
+        expired += 1
     revoked = 0
     for user in await store.outbox_due(now, limit=100):
         result = await services.engine.revoke_pending(user)

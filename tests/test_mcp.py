@@ -45,7 +45,8 @@ SDK_MAJOR = int(importlib.metadata.version("mcp").split(".")[0])
 MCP_CLIENT_ID = "mcp-test-client"
 MCP_CLIENT_SECRET = "mcp-client-secret"
 MCP_CLIENT_REDIRECT = "http://127.0.0.1:9/mcp-client/callback"  # never requested
-CONSENT_TOOLS = ("provision_access", "check_access", "revoke_access")
+CONSENT_TOOLS = ("provision_access", "check_access", "revoke_access", "list_connections")
+STEP_UP_SCOPE = "email"  # not among the test provider's base scopes; userinfo shows it when granted
 
 if SDK_MAJOR >= 2:
     from mcp import Client
@@ -178,8 +179,8 @@ class Session:
         text = " ".join(getattr(block, "text", "") for block in result.content)
         return Answer(bool(is_error), data or {}, text)
 
-    async def ok(self, name: str) -> dict[str, Any]:
-        answer = await self.call(name)
+    async def ok(self, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+        answer = await self.call(name, arguments)
         assert not answer.is_error, answer.text
         return answer.data
 
@@ -268,6 +269,7 @@ def query(url: str) -> dict[str, str]:
 
 def test_public_surface_is_pinned():
     assert consent_flow.mcp.__all__ == [
+        "ConnectionList",
         "ConsentResult",
         "ConsentTools",
         "NeedsConsent",
@@ -286,22 +288,99 @@ async def test_tool_schemas_take_no_user_and_say_what_they_do(settings):
     assert set(tools) == set(CONSENT_TOOLS)
     for name in CONSENT_TOOLS:
         schema = tools[name]["inputSchema"]
-        # Pinned: no parameter at all, so no user id can be passed (the caller is the user).
+        # Pinned: one provider configured, so no provider argument; and no user id anywhere
+        # (the caller is the user). Only provision_access takes an argument: the scopes.
         assert schema["type"] == "object"
-        assert schema.get("properties") == {}
+        expected = {"scopes"} if name == "provision_access" else set()
+        assert set(schema.get("properties") or {}) == expected
         assert not schema.get("required")
         assert "user" not in json.dumps(schema).lower()
+    for name in ("provision_access", "check_access", "revoke_access"):
         output = tools[name]["outputSchema"]
-        assert {"state", "since", "authorization_url", "scopes", "reason", "message"} <= set(
-            output["properties"]
-        )
+        assert {
+            "provider",
+            "state",
+            "since",
+            "authorization_url",
+            "scopes",
+            "requested_scopes",
+            "upgrade",
+            "reason",
+            "message",
+        } <= set(output["properties"])
+    assert "connections" in tools["list_connections"]["outputSchema"]["properties"]
+    scopes = tools["provision_access"]["inputSchema"]["properties"]["scopes"]
+    assert scopes["type"] == "array"
+    assert scopes["maxItems"] == 32
+    assert scopes["items"]["maxLength"] == 128
     hints = {name: tools[name]["annotations"] for name in CONSENT_TOOLS}
     assert hints["check_access"]["readOnlyHint"] is True
+    assert hints["list_connections"]["readOnlyHint"] is True
     assert hints["provision_access"]["readOnlyHint"] is False
     assert hints["provision_access"]["destructiveHint"] is False
     assert hints["revoke_access"]["readOnlyHint"] is False
     assert hints["revoke_access"]["destructiveHint"] is True
     assert hints["revoke_access"]["idempotentHint"] is True
+
+
+def two_provider_settings(settings: Any, *names: str) -> Any:
+    """``settings`` with a provider table of ``names``, all at the settings' own provider."""
+    from consent_flow.settings import ProviderConfig
+
+    table = tuple(
+        ProviderConfig(
+            name=name,
+            issuer=settings.issuer,
+            discovery_url=settings.discovery_url,
+            client_id=settings.client_id,
+            client_secret=settings.client_secret,
+            scopes=settings.scopes,
+        )
+        for name in names
+    )
+    return settings.with_changes(provider_table=table)
+
+
+async def test_with_two_providers_the_tools_take_one_of_their_names(settings):
+    server = SdkServer("two")
+    consent = ConsentClient(two_provider_settings(settings, "nextcloud", "github"))
+    tools_ = register_consent_tools(server, consent)
+    assert tools_.providers == ("nextcloud", "github")
+
+    @server.tool()
+    @tools_.requires("github", scopes=[STEP_UP_SCOPE])
+    async def starred(limit: int, token: str) -> dict[str, Any]:
+        return {}
+
+    async with in_memory(server) as session:
+        tools = await session.tools()
+    for name in ("provision_access", "check_access", "revoke_access"):
+        schema = tools[name]["inputSchema"]
+        provider = schema["properties"]["provider"]
+        assert provider["type"] == "string"
+        assert provider["enum"] == ["nextcloud", "github"]  # configuration order
+        assert schema["required"] == ["provider"]
+        assert "user" not in json.dumps(schema).lower()
+    assert tools["list_connections"]["inputSchema"].get("properties") == {}
+    # A tool that declares its connection takes neither the provider nor the token.
+    assert set(tools["starred"]["inputSchema"]["properties"]) == {"limit"}
+
+
+def test_a_tool_cannot_require_an_unknown_provider_or_a_bad_scope(settings):
+    from consent_flow.errors import InvalidScope, UnknownProvider
+
+    server = SdkServer("bad")
+    tools = register_consent_tools(
+        server, ConsentClient(two_provider_settings(settings, "nextcloud", "github"))
+    )
+    with pytest.raises(UnknownProvider, match="nextcloud, github"):
+        tools.requires("gitlab")
+    with pytest.raises(UnknownProvider, match="name one of nextcloud, github"):
+        tools.requires()  # several configured: the tool must say which
+    with pytest.raises(InvalidScope):
+        tools.requires("github", scopes=["files write"])
+    with pytest.raises(TypeError, match="no parameter 'token'"):
+        tools.requires("github")(lambda path: path)
 
 
 def test_only_the_sdk_server_is_accepted(settings):

@@ -26,7 +26,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from conftest import CLIENT_ID, CLIENT_SECRET, free_port, provider_clients, stored_tokens
+from conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    free_port,
+    provider_clients,
+    provision,
+    stored_tokens,
+)
 from local_provider import LocalProvider, approve, callback_params, pkce_pair
 from mcp.server.auth.middleware.auth_context import auth_context_var
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
@@ -674,3 +681,142 @@ def test_the_examples_routine_work_logs_at_debug_only():
     assert arq.isEnabledFor(logging.WARNING)
     example.setup_logging("debug")
     assert arq.isEnabledFor(logging.DEBUG)
+
+
+# --- a tool that declares the connection and scopes it needs -------------------------------------
+
+
+def alice_token() -> AccessToken:
+    """What the SDK's verifier hands over for alice (the subject is all the tools read)."""
+    return AccessToken(token="t", client_id=MCP_CLIENT_ID, scopes=[], subject="alice")
+
+
+def step_up_server(stack: Any, op: LocalProvider, provider: str | None = None) -> Any:
+    """A server whose ``my_email`` tool needs ``provider`` with the step-up scope: it reads the
+    user's e-mail address at the provider's userinfo endpoint, which shows it only then."""
+    server = SdkServer("step-up")
+    tools = register_consent_tools(server, stack.client)
+    userinfo = op.metadata["userinfo_endpoint"]
+
+    @server.tool()
+    @tools.requires(provider, scopes=[STEP_UP_SCOPE])
+    async def my_email(token: str) -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.get(userinfo, headers={"Authorization": f"Bearer {token}"})
+        response.raise_for_status()
+        claims = response.json()
+        return {"sub": claims["sub"], "email": claims.get("email")}
+
+    return server
+
+
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+async def test_a_step_up_tool_asks_by_elicitation_and_runs_once_approved(mode, stack, op):
+    server = step_up_server(stack, op)
+    offered: list[Any] = []
+
+    async def run() -> Answer:
+        async with in_memory(server, mode=mode, elicit=browser(stack, "alice", offered)) as s:
+            return await s.call("my_email")
+
+    answer = await as_user(alice_token(), run)
+    # One tool call: the user was offered the page, approved there, and the tool ran.
+    assert [p.mode for p in offered] == ["url"]
+    assert STEP_UP_SCOPE in query(offered[0].url)["scope"].split()
+    assert not answer.is_error, answer.text
+    assert answer.data == {"sub": "alice", "email": "alice@example.test"}
+    status = await stack.client.status("alice")
+    assert status.provisioned
+    assert STEP_UP_SCOPE in status.scopes
+
+
+async def test_a_step_up_tool_without_elicitation_answers_the_url_then_runs(stack, op):
+    server = step_up_server(stack, op)
+
+    async def call() -> Answer:
+        async with in_memory(server) as s:
+            return await s.call("my_email")
+
+    prompt = await as_user(alice_token(), call)
+    # Not the tool's output: flagged, so a client does not check it against the output schema.
+    assert prompt.is_error
+    assert prompt.data["needs_consent"] is True
+    assert prompt.data["state"] == "pending"
+    url = prompt.data["authorization_url"]
+    assert url in prompt.text
+    assert "call this tool again" in prompt.text
+    assert STEP_UP_SCOPE in query(url)["scope"].split()
+    # Asking again before the user approved offers the same session.
+    again = await as_user(alice_token(), call)
+    assert again.data["authorization_url"] == url
+
+    response = await stack.callback(await approve(url, "alice"))
+    assert response.status_code == 200, response.text
+    answer = await as_user(alice_token(), call)
+    assert not answer.is_error, answer.text
+    assert answer.data == {"sub": "alice", "email": "alice@example.test"}
+
+
+@pytest.mark.parametrize("elicits", [False, True], ids=["url-in-result", "elicitation"])
+async def test_a_grant_without_the_scope_is_upgraded_and_keeps_working(elicits, stack, op):
+    """Provisioned with the base scopes only: the tool asks for an upgrade; the grant keeps
+    working until the user approves, then the tool runs with the new one."""
+    response = await provision(stack, "alice")
+    assert response.status_code == 200, response.text
+    before = await stored_tokens(stack, "alice")
+    server = step_up_server(stack, op)
+    offered: list[Any] = []
+
+    async def call() -> Answer:
+        elicit = browser(stack, "alice", offered) if elicits else None
+        async with in_memory(server, mode="legacy", elicit=elicit) as s:
+            return await s.call("my_email")
+
+    answer = await as_user(alice_token(), call)
+    if elicits:
+        assert len(offered) == 1
+        url = offered[0].url
+    else:
+        assert answer.is_error
+        assert answer.data["needs_consent"] is True
+        assert answer.data["state"] == "provisioned"
+        assert answer.data["upgrade"] is True
+        assert STEP_UP_SCOPE not in answer.data["scopes"]
+        assert STEP_UP_SCOPE in answer.data["requested_scopes"]
+        assert "current grant keeps working" in answer.text
+        url = answer.data["authorization_url"]
+        # Meanwhile the old grant serves other tools.
+        assert await stack.client.access_token("alice") == before["access_token"]
+        response = await stack.callback(await approve(url, "alice"))
+        assert response.status_code == 200, response.text
+        answer = await as_user(alice_token(), call)
+    assert STEP_UP_SCOPE in query(url)["scope"].split()
+    assert not answer.is_error, answer.text
+    assert answer.data == {"sub": "alice", "email": "alice@example.test"}
+    status = await stack.client.status("alice")
+    assert status.provisioned and not status.upgrade
+    assert STEP_UP_SCOPE in status.scopes
+    assert (await stored_tokens(stack, "alice"))["access_token"] != before["access_token"]
+
+
+async def test_provision_access_asks_for_more_scopes(stack, op):
+    """The model can ask for scopes itself: an upgrade beside the grant; bad scopes change
+    nothing."""
+    await provision(stack, "alice")
+    server = SdkServer("scopes")
+    register_consent_tools(server, stack.client)
+
+    async def calls() -> tuple[Answer, Answer, dict[str, Any]]:
+        async with in_memory(server) as s:
+            bad = await s.call("provision_access", {"scopes": ["files write"]})
+            many = await s.call("provision_access", {"scopes": [f"s{i}" for i in range(33)]})
+            assert (await s.ok("check_access"))["upgrade"] is False
+            return bad, many, await s.ok("provision_access", {"scopes": [STEP_UP_SCOPE]})
+
+    bad, many, upgrade = await as_user(alice_token(), calls)
+    for answer in (bad, many):
+        assert answer.is_error
+        assert "invalid_scope" in answer.text
+    assert upgrade["state"] == "provisioned"
+    assert upgrade["upgrade"] is True
+    assert STEP_UP_SCOPE in query(upgrade["authorization_url"])["scope"].split()

@@ -468,7 +468,10 @@ def _diagram_dict() -> dict[str, Any]:
                 "from": [state.value for state in t.sources],
                 "to": t.dest.value if t.dest else None,
                 "changes": t.changes,
-                "effect": t.effect,
+                "effect": t.effect.value,
+                "when": [g.value for g in t.when],
+                "unless": [g.value for g in t.unless],
+                "note": t.note,
             }
             for t in TRANSITIONS
         ],

@@ -276,7 +276,8 @@ class Refresher:
         """The refresh itself, under the lock; ``rec`` was read under it."""
         user = rec.user
         now = self.engine.clock()
-        if rec.state is not State.PROVISIONED or rec.tokens is None:
+        if not self.engine.machine.allowed(rec.state, Event.TOKEN_REFRESHED) or rec.tokens is None:
+            # The table has no refresh from this state: nothing to refresh, nothing to schedule.
             await self.store.redis.zrem(self.store.keys.sched, user)
             return self.engine.outcome(rec, envelope, "unchanged")
         if on_demand:

@@ -157,7 +157,7 @@ class ConsentResult(BaseModel):
             # The user must hear it when the provider keeps the grant (no revocation endpoint).
             message += f" At the provider: {note}."
         return cls(
-            provider=getattr(status, "provider", None),  # until the client names it
+            provider=status.provider,
             state=status.state.value,
             since=_iso(status.since),
             authorization_url=url,
@@ -512,7 +512,7 @@ class ConsentTools:
             if token is not None:
                 return token
             answer = _input_response(ctx) if _uses_input_required(ctx) else None
-            status = await client.request_provisioning(user, **_at(provider), scopes=needed)
+            status = await client.request_provisioning(user, provider=provider, scopes=needed)
             if status.provisioned and not status.upgrade:  # approved between the two calls
                 token = await _ready_token(client, user, provider, needed, min_ttl)
                 if token is not None:
@@ -529,7 +529,7 @@ class ConsentTools:
                         token = await _ready_token(client, user, provider, needed, min_ttl)
                         if token is not None:
                             return token
-                        status = await client.status(user, **_at(provider))
+                        status = await client.status(user, provider=provider)
         except ConsentError as exc:
             raise _tool_error(exc) from exc
         return _needs_consent(status, needed, elicitation)
@@ -557,9 +557,9 @@ class ConsentTools:
             if _uses_input_required(ctx):
                 answer = _input_response(ctx)
                 if answer is not None:  # the client's retry, with the user's answer
-                    status = await client.status(user, **_at(provider))
+                    status = await client.status(user, provider=provider)
                     return ConsentResult.from_status(status, elicitation=answer, with_url=False)
-            status = await client.request_provisioning(user, **_at(provider), scopes=asked)
+            status = await client.request_provisioning(user, provider=provider, scopes=asked)
             url = status.authorization_url
             if not _session_open(status) or not url:
                 return ConsentResult.from_status(status)
@@ -571,7 +571,7 @@ class ConsentTools:
             if action is None:  # the transport could not carry it
                 return ConsentResult.from_status(status)
             # The user may have approved while the elicitation was open.
-            status = await client.status(user, **_at(provider))
+            status = await client.status(user, provider=provider)
             return ConsentResult.from_status(status, elicitation=action, with_url=False)
         except ConsentError as exc:
             raise _tool_error(exc) from exc
@@ -580,7 +580,7 @@ class ConsentTools:
         user = await self.user(ctx)
         try:
             provider = self.check_provider(provider)
-            return ConsentResult.from_status(await self.client.status(user, **_at(provider)))
+            return ConsentResult.from_status(await self.client.status(user, provider=provider))
         except ConsentError as exc:
             raise _tool_error(exc) from exc
 
@@ -588,18 +588,14 @@ class ConsentTools:
         user = await self.user(ctx)
         try:
             provider = self.check_provider(provider)
-            return ConsentResult.from_status(await self.client.revoke(user, **_at(provider)))
+            return ConsentResult.from_status(await self.client.revoke(user, provider=provider))
         except ConsentError as exc:
             raise _tool_error(exc) from exc
 
     async def _list_connections(self, ctx: Any) -> ConnectionList:
         user = await self.user(ctx)
         try:
-            client = self.client
-            if hasattr(client, "connections"):
-                connections = await client.connections(user)
-            else:  # until the client lists a user's connections itself
-                connections = [await client.status(user)]
+            connections = await self.client.connections(user)
         except ConsentError as exc:
             raise _tool_error(exc) from exc
         return ConnectionList(connections=[ConsentResult.from_status(s) for s in connections])
@@ -610,11 +606,6 @@ class _InputRequired:
     """An ``InputRequiredResult`` for the decorated tool to return as it is."""
 
     result: Any
-
-
-def _at(provider: str | None) -> dict[str, str]:
-    """The ``provider=`` keyword for the client's calls: none when the only provider is meant."""
-    return {"provider": provider} if provider is not None else {}
 
 
 def _session_open(status: ConsentStatus) -> bool:
@@ -631,11 +622,11 @@ async def _ready_token(
     """The user's token when the connection is provisioned with every scope in ``scopes``;
     None when it is not (yet), or was revoked."""
     if scopes:
-        status = await client.status(user, **_at(provider))
+        status = await client.status(user, provider=provider)
         if not status.provisioned or not set(scopes) <= set(status.scopes):
             return None
     try:
-        return await client.access_token(user, **_at(provider), min_ttl=min_ttl)
+        return await client.access_token(user, provider=provider, min_ttl=min_ttl)
     except NotProvisioned:  # also ConsentRevoked
         return None
 

@@ -820,3 +820,127 @@ async def test_provision_access_asks_for_more_scopes(stack, op):
     assert upgrade["state"] == "provisioned"
     assert upgrade["upgrade"] is True
     assert STEP_UP_SCOPE in query(upgrade["authorization_url"])["scope"].split()
+
+
+# --- two providers -------------------------------------------------------------------------------
+
+SECOND_CLIENT_ID = "second-client"
+SECOND_CLIENT_SECRET = "second-secret"
+
+
+@pytest.fixture(scope="module")
+def op2(redirect_uri: str) -> Iterator[LocalProvider]:
+    """A second provider (its own issuer and client), for the ``files`` connection."""
+    client = {
+        "client_id": SECOND_CLIENT_ID,
+        "client_secret": SECOND_CLIENT_SECRET,
+        "redirect_uris": [redirect_uri],
+    }
+    with LocalProvider.start(clients=[client]) as p:
+        yield p
+
+
+@pytest.fixture
+async def two_stack(make_stack, settings, op, op2) -> Any:
+    """One deployment, two providers: ``notes`` (this module's provider) and ``files``."""
+    from consent_flow.settings import ProviderConfig, Secret
+
+    table = (
+        ProviderConfig(
+            name="notes",
+            issuer=op.issuer,
+            discovery_url=op.discovery_url,
+            client_id=CLIENT_ID,
+            client_secret=Secret(CLIENT_SECRET),
+            scopes=settings.scopes,
+        ),
+        ProviderConfig(
+            name="files",
+            issuer=op2.issuer,
+            discovery_url=op2.discovery_url,
+            client_id=SECOND_CLIENT_ID,
+            client_secret=Secret(SECOND_CLIENT_SECRET),
+            scopes=("openid", "offline_access", "profile"),
+        ),
+    )
+    return await make_stack(op=op, provider_table=table)
+
+
+def as_(login: str) -> AccessToken:
+    return AccessToken(token="t", client_id=MCP_CLIENT_ID, scopes=[], subject=login)
+
+
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+async def test_two_providers_connections_step_up_at_one_and_bad_names(mode, two_stack, op, op2):
+    stack = two_stack
+    server = step_up_server(stack, op2, provider="files")
+    offered: list[Any] = []
+
+    async def session(login: str, work: Callable[[Session], Awaitable[Any]], **kw: Any) -> Any:
+        async def run() -> Any:
+            async with in_memory(server, mode=mode, **kw) as s:
+                return await work(s)
+
+        return await as_user(as_(login), run)
+
+    listed = await session("alice", lambda s: s.ok("list_connections"))
+    assert [(c["provider"], c["state"]) for c in listed["connections"]] == [
+        ("notes", "unprovisioned"),
+        ("files", "unprovisioned"),
+    ]
+
+    # Bob has no grant anywhere: the tool that needs `files` with the extra scope asks him (by
+    # elicitation, the page at the second provider) and runs once he approved.
+    answer = await session(
+        "bob", lambda s: s.call("my_email"), elicit=browser(stack, "bob", offered)
+    )
+    assert [urlsplit(p.url).netloc for p in offered] == [urlsplit(op2.issuer).netloc]
+    assert not answer.is_error, answer.text
+    assert answer.data == {"sub": "bob", "email": "bob@example.test"}
+    assert (await stack.client.status("bob", "notes")).state is State.UNPROVISIONED
+
+    # Alice grants both with their base scopes, through provision_access.
+    for name, provider in (("notes", op), ("files", op2)):
+        result = await session("alice", lambda s, n=name: s.ok("provision_access", {"provider": n}))
+        assert result["provider"] == name
+        assert result["state"] == "pending"
+        assert urlsplit(result["authorization_url"]).netloc == urlsplit(provider.issuer).netloc
+        response = await stack.callback(await approve(result["authorization_url"], "alice"))
+        assert response.status_code == 200, response.text
+    notes_token = await stack.client.access_token("alice", "notes")
+
+    # The tool needs more than alice granted at `files`: an upgrade there, approved, then it runs.
+    prompt = await session("alice", lambda s: s.call("my_email"))
+    assert prompt.is_error
+    assert prompt.data["provider"] == "files"
+    assert prompt.data["state"] == "provisioned"
+    assert prompt.data["upgrade"] is True
+    assert STEP_UP_SCOPE in query(prompt.data["authorization_url"])["scope"].split()
+    response = await stack.callback(await approve(prompt.data["authorization_url"], "alice"))
+    assert response.status_code == 200, response.text
+    answer = await session("alice", lambda s: s.call("my_email"))
+    assert not answer.is_error, answer.text
+    assert answer.data == {"sub": "alice", "email": "alice@example.test"}
+
+    listed = await session("alice", lambda s: s.ok("list_connections"))
+    by_name = {c["provider"]: c for c in listed["connections"]}
+    assert by_name["notes"]["state"] == by_name["files"]["state"] == "provisioned"
+    assert STEP_UP_SCOPE in by_name["files"]["scopes"]
+    assert STEP_UP_SCOPE not in by_name["notes"]["scopes"]
+
+    # A name that is not configured: an error naming the configured ones; nothing changes.
+    history = {n: await stack.client.history("alice", n) for n in ("notes", "files")}
+    for tool in ("provision_access", "check_access", "revoke_access"):
+        bad = await session("alice", lambda s, t=tool: s.call(t, {"provider": "gitlab"}))
+        assert bad.is_error
+        assert "unknown_provider" in bad.text
+        assert "notes, files" in bad.text
+    assert {n: await stack.client.history("alice", n) for n in ("notes", "files")} == history
+
+    # Revoking one connection leaves the other alone.
+    revoked = await session("alice", lambda s: s.ok("revoke_access", {"provider": "files"}))
+    assert (revoked["provider"], revoked["state"]) == ("files", "revoked")
+    assert (await session("alice", lambda s: s.ok("check_access", {"provider": "notes"})))[
+        "state"
+    ] == "provisioned"
+    assert await stack.client.access_token("alice", "notes") == notes_token

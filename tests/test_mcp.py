@@ -4,7 +4,8 @@ The same module runs on mcp 2.x (``MCPServer``, the main virtualenv) and on mcp 
 ``.venv-mcp1``). The server under test is examples/mcp_server.py: its bearer tokens come from
 the local provider (authorization code + PKCE, ``resource=<the MCP endpoint>``) and are checked
 by introspection; its ``get_my_profile`` tool calls the provider's userinfo endpoint with the
-user's delegated token.
+user's delegated token, and ``get_my_email`` does so with one scope more (step-up). Two-provider
+tests add a second real provider with a client of its own.
 
 In memory, the SDK's in-process transport carries no HTTP, so a test puts the verified token
 where the SDK's bearer middleware would (its auth context) for the length of one session.
@@ -610,6 +611,13 @@ async def test_two_users_over_streamable_http(mode, http_stack, op, endpoint, ve
             assert result["authorization_url"] is None
             assert result["state"] == "provisioned"
             assert (await bob.ok("get_my_profile"))["profile"]["sub"] == "bob"
+            # Step-up: the e-mail tool needs one scope more; bob is offered the upgrade, approves,
+            # and the tool runs with the new grant.
+            assert len(offered) == 1
+            assert (await bob.ok("get_my_email")) == {"email": "bob@example.test"}
+            assert len(offered) == 2
+            assert "email" in query(offered[1].url)["scope"].split()
+            assert "email" in (await bob.ok("check_access"))["scopes"]
 
         async with over_http(endpoint.url, tokens["alice"], mode=mode) as alice:
             assert (await alice.ok("revoke_access"))["state"] == "revoked"

@@ -508,13 +508,17 @@ class ConsentTools:
         try:
             provider = self.check_provider(provider)
             needed = check_scopes(list(scopes))
-            token = await _ready_token(client, user, provider, needed, min_ttl)
+            earlier_reason: str | None = None
+            try:
+                token = await _ready_token(client, user, provider, needed, min_ttl)
+            except NotProvisioned as exc:  # also ConsentRevoked, with why the grant ended
+                token, earlier_reason = None, exc.reason
             if token is not None:
                 return token
             answer = _input_response(ctx) if _uses_input_required(ctx) else None
             status = await client.request_provisioning(user, provider=provider, scopes=needed)
             if status.provisioned and not status.upgrade:  # approved between the two calls
-                token = await _ready_token(client, user, provider, needed, min_ttl)
+                token = await _ready_token(client, user, provider, needed, min_ttl, quiet=True)
                 if token is not None:
                     return token
             url = status.authorization_url
@@ -526,13 +530,15 @@ class ConsentTools:
                 else:
                     elicitation = await _elicit_url(ctx, url)
                     if elicitation == "accept":  # the user may have approved meanwhile
-                        token = await _ready_token(client, user, provider, needed, min_ttl)
+                        token = await _ready_token(
+                            client, user, provider, needed, min_ttl, quiet=True
+                        )
                         if token is not None:
                             return token
                         status = await client.status(user, provider=provider)
         except ConsentError as exc:
             raise _tool_error(exc) from exc
-        return _needs_consent(status, needed, elicitation)
+        return _needs_consent(status, needed, elicitation, earlier_reason)
 
     def mount_callback(self, *, path: str | None = None) -> None:
         """Serve the authorization callback (and ``/healthz``) from the MCP server's own
@@ -618,23 +624,33 @@ async def _ready_token(
     provider: str | None,
     scopes: tuple[str, ...],
     min_ttl: float,
+    *,
+    quiet: bool = False,
 ) -> str | None:
     """The user's token when the connection is provisioned with every scope in ``scopes``;
-    None when it is not (yet), or was revoked."""
+    None when it lacks some. When it is not provisioned (yet, or any more): None if ``quiet``,
+    else :class:`NotProvisioned` (:class:`ConsentRevoked` with the reason)."""
     if scopes:
         status = await client.status(user, provider=provider)
-        if not status.provisioned or not set(scopes) <= set(status.scopes):
+        if status.provisioned and not set(scopes) <= set(status.scopes):
             return None
     try:
         return await client.access_token(user, provider=provider, min_ttl=min_ttl)
-    except NotProvisioned:  # also ConsentRevoked
-        return None
+    except NotProvisioned:
+        if quiet:
+            return None
+        raise
 
 
 def _needs_consent(
-    status: ConsentStatus, needed: tuple[str, ...], elicitation: ElicitationAction | None
+    status: ConsentStatus,
+    needed: tuple[str, ...],
+    elicitation: ElicitationAction | None,
+    earlier_reason: str | None = None,
 ) -> NeedsConsent:
     result = ConsentResult.from_status(status, elicitation=elicitation)
+    if result.reason is None and earlier_reason:  # why the grant ended, say
+        result = result.model_copy(update={"reason": earlier_reason})
     missing = [s for s in needed if s not in status.scopes]
     if not _session_open(status):
         # Nothing could be asked: the provider withheld the scopes even though the user

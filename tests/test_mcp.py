@@ -59,6 +59,7 @@ STEP_UP_SCOPE = "email"  # not among the test provider's base scopes; userinfo s
 if SDK_MAJOR >= 2:
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client
+    from mcp.server.mcpserver import Context as SdkContext
     from mcp.server.mcpserver import MCPServer as SdkServer
     from mcp.types import ElicitResult
 
@@ -71,6 +72,7 @@ if SDK_MAJOR >= 2:
 else:
     from mcp import ClientSession
     from mcp.client.streamable_http import streamable_http_client
+    from mcp.server.fastmcp import Context as SdkContext
     from mcp.server.fastmcp import FastMCP as SdkServer
     from mcp.shared.memory import create_connected_server_and_client_session
     from mcp.types import ElicitResult
@@ -715,6 +717,12 @@ def step_up_server(stack: Any, op: LocalProvider, provider: str | None = None) -
         claims = response.json()
         return {"sub": claims["sub"], "email": claims.get("email")}
 
+    # A plain function that takes the SDK's Context itself: it gets both.
+    @server.tool()
+    @tools.requires(provider)
+    def has_token(ctx: SdkContext, token: str) -> dict[str, bool]:
+        return {"token": bool(token), "context": isinstance(ctx, SdkContext)}
+
     return server
 
 
@@ -763,6 +771,14 @@ async def test_a_step_up_tool_without_elicitation_answers_the_url_then_runs(stac
     answer = await as_user(alice_token(), call)
     assert not answer.is_error, answer.text
     assert answer.data == {"sub": "alice", "email": "alice@example.test"}
+
+    async def other() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with in_memory(server) as s:
+            return (await s.tools())["has_token"]["inputSchema"], await s.ok("has_token")
+
+    schema, result = await as_user(alice_token(), other)
+    assert not schema.get("properties")  # neither the Context nor the token is an argument
+    assert result == {"token": True, "context": True}
 
 
 @pytest.mark.parametrize("elicits", [False, True], ids=["url-in-result", "elicitation"])

@@ -717,6 +717,12 @@ def step_up_server(stack: Any, op: LocalProvider, provider: str | None = None) -
         claims = response.json()
         return {"sub": claims["sub"], "email": claims.get("email")}
 
+    # The same as a function, with the scope chosen at run time.
+    @server.tool()
+    async def token_for(ctx: SdkContext, scope: str) -> dict[str, Any]:
+        token = await tools.downstream_token(ctx, provider=provider, scopes=[scope])
+        return {"token": True} if isinstance(token, str) else token.model_dump()
+
     # A plain function that takes the SDK's Context itself: it gets both.
     @server.tool()
     @tools.requires(provider)
@@ -933,8 +939,17 @@ async def test_two_providers_connections_step_up_at_one_and_bad_names(mode, two_
         assert response.status_code == 200, response.text
     notes_token = await stack.client.access_token("alice", "notes")
 
+    # What she granted serves at once; one scope more opens an upgrade (the function form).
+    assert await session("alice", lambda s: s.ok("token_for", {"scope": "profile"})) == {
+        "token": True
+    }
+    needs = await session("alice", lambda s: s.ok("token_for", {"scope": STEP_UP_SCOPE}))
+    assert needs["needs_consent"] is True
+    assert (needs["provider"], needs["state"], needs["upgrade"]) == ("files", "provisioned", True)
+
     # The tool needs more than alice granted at `files`: an upgrade there, approved, then it runs.
     prompt = await session("alice", lambda s: s.call("my_email"))
+    assert prompt.data["authorization_url"] == needs["authorization_url"]  # the same session
     assert prompt.is_error
     assert prompt.data["provider"] == "files"
     assert prompt.data["state"] == "provisioned"

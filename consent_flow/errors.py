@@ -10,6 +10,8 @@ Every error the library raises on purpose derives from one base class, carries a
     ├── StoreError                  the state store answered something it should not have
     ├── WorkerUnavailable           no worker answered an event within the timeout
     ├── InvalidTransition           the event is not allowed from the user's state
+    ├── UnknownProvider             no configured provider has that name (or none was named
+    │                               where several are configured)
     ├── InvalidScope                a scope asked for is not an RFC 6749 scope token, or too many
     ├── CallbackRejected            a bad, forged or replayed authorization callback
     ├── NotProvisioned              the user has granted no delegated access (yet)
@@ -46,6 +48,7 @@ __all__ = [
     "SettingsError",
     "StoreError",
     "UnknownKeyError",
+    "UnknownProvider",
     "VaultError",
     "WorkerUnavailable",
 ]
@@ -126,6 +129,27 @@ class WorkerUnavailable(ConsentError):
 
 class InvalidTransition(ConsentError):
     code = "invalid_transition"
+
+
+class UnknownProvider(ConsentError):
+    """No configured provider has the name asked for, or a call named none while several are
+    configured. ``provider`` is the name asked for (None: none was named); ``names`` lists the
+    configured ones, and so does the message."""
+
+    code = "unknown_provider"
+
+    def __init__(
+        self, provider: str | None, names: Sequence[str], *, user: str | None = None
+    ) -> None:
+        listed = ", ".join(names) or "none"
+        if provider is None:
+            message = f"several providers are configured: name one of {listed}"
+        else:
+            shown = provider if len(provider) <= 40 else provider[:40] + "..."
+            message = f"no provider is configured as {shown!r}; configured: {listed}"
+        super().__init__(message, user=user)
+        self.provider = provider
+        self.names = tuple(names)
 
 
 class InvalidScope(ConsentError):

@@ -87,7 +87,7 @@ async def test_an_approved_upgrade_replaces_the_grant_and_revokes_the_old_one(st
     assert (await upgrade(stack)).authorization_url == opened.authorization_url
     # ... and refreshed: an on-demand refresh leaves the upgrade open.
     services = stack._workers[0].ctx["services"]
-    outcome = await services.refresher.refresh("alice", on_demand=True, min_ttl=3600)
+    outcome = await services.stack(None).refresher.refresh("alice", on_demand=True, min_ttl=3600)
     assert outcome.result == "applied", outcome
     refreshed = await stack.client.access_token("alice")
     assert refreshed != before["access_token"]

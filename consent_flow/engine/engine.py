@@ -187,7 +187,8 @@ def scheduling_lapse(new: float | None, previous: float | None) -> float | None:
 
 
 class Engine:
-    """Applies events. One per worker process, built in ``on_startup``."""
+    """Applies events to one provider's connections. One per provider in each worker process,
+    built in ``on_startup`` on that provider's settings, store and ring."""
 
     def __init__(
         self,
@@ -225,6 +226,12 @@ class Engine:
             Event.REVOKE_REQUESTED: self._revoke_requested,
             Event.GRANT_IMPORTED: self._grant_imported,
         }
+
+    @property
+    def provider(self) -> str:
+        """The provider whose connections this engine applies events to (one engine each)."""
+        provider: str = self.store.keys.provider
+        return provider
 
     # --- entry point ------------------------------------------------------------------------
 
@@ -311,6 +318,7 @@ class Engine:
             change.user,
             at=change.at,
             cause=change.event_id,
+            provider=self.provider,
             from_state=change.expect_state,
             to_state=change.to_state,
             reason=change.reason if reason is None else reason,
@@ -326,7 +334,9 @@ class Engine:
         it."""
         if rec.next_refresh_at is None:
             return None
-        return refresh_job_ref(rec.user, rec.next_refresh_at, self.settings.queue_name)
+        return refresh_job_ref(
+            self.store.keys, rec.user, rec.next_refresh_at, self.settings.queue_name
+        )
 
     def seal_tokens(self, user: str, tokens: dict[str, str | None]) -> bytes:
         return seal_tokens(self.ring, user, tokens)
@@ -671,6 +681,7 @@ class Engine:
             actor=envelope.actor,
             event_id=envelope.event_id,
             correlation_id=envelope.correlation_id,
+            provider=envelope.provider,
         )
         facts = guard_facts(rec, now=self.clock(), session_id=rec.session_id)
         row = self._decide(rec, Event.AUTHORIZATION_FAILED, facts)

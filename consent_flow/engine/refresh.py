@@ -142,7 +142,11 @@ class Refresher:
         self.scheduler = scheduler
         self.retry = retry or RetryPolicy()
         settings = engine.settings
-        self.spool = spool or TokenSpool(settings.data_dir / "spool" / settings.redis_prefix)
+        # A folder per provider: a spool file holds one connection's answer, and replaying it
+        # needs that provider's engine.
+        self.spool = spool or TokenSpool(
+            settings.data_dir / "spool" / settings.redis_prefix / engine.provider
+        )
         self.retry_limit = settings.commit_retry_limit
         # Deferred commits of this process by user, and when refreshes may start again after
         # Redis came back (``hold``).
@@ -211,7 +215,9 @@ class Refresher:
         min_ttl: float = 0.0,
         envelope: Envelope | None = None,
     ) -> Outcome:
-        envelope = envelope or Envelope(Event.TOKEN_REFRESHED, user, "worker", reply=False)
+        envelope = envelope or Envelope(
+            Event.TOKEN_REFRESHED, user, "worker", reply=False, provider=self.engine.provider
+        )
         deferred = self._pending.get(user)
         if deferred is not None:
             # This process holds the user's newest tokens, waiting for Redis: presenting the
@@ -691,6 +697,7 @@ class Refresher:
                 "worker",
                 event_id=pending.event_id,
                 reply=False,
+                provider=self.engine.provider,
             )
             try:
                 async with self.engine.user_lock(pending.user) as lock:
@@ -823,6 +830,7 @@ class Refresher:
             envelope.actor,
             event_id=envelope.event_id,
             correlation_id=envelope.correlation_id,
+            provider=envelope.provider,
         )
         row = self.engine.machine.decide(rec.state, Event.REFRESH_REJECTED, user=rec.user)
         change = Change(

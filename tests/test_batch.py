@@ -374,7 +374,7 @@ async def test_the_backlog_shows_in_stats_metrics_and_ops(build, env):
         await store.redis.hset(store.keys.rec(user), "rexp", repr(now + lapse))
     await make_due(stack, users, ago=30)
     slot = int(now // DRAIN_SLOT) - 1
-    await store.redis.set(drain_key(store.keys.prefix, slot), 1)
+    await store.redis.set(drain_key(store.keys, slot), 1)
 
     snapshot = await read_snapshot(store.redis, store.keys, stack.settings.queue_name)
     backlog = snapshot.backlogs["default"]

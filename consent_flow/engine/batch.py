@@ -297,7 +297,7 @@ class BatchRefresher:
 
     async def _count(self, applied: int, ended: list[str]) -> None:
         slot = int(self.engine.clock() // DRAIN_SLOT)
-        key = drain_key(self.store.keys.prefix, slot)
+        key = drain_key(self.store.keys, slot)
         async with self.store.redis.pipeline(transaction=False) as pipe:
             if applied:
                 pipe.incrby(key, applied)

@@ -62,7 +62,7 @@ class Backlog:
 
 async def read_backlog(redis: Any, keys: Keys, now: float) -> Backlog:
     """The backlog of ``keys``' provider; ``now`` is Redis's time."""
-    rate = await drain_rate(redis, keys.prefix, now)
+    rate = await drain_rate(redis, keys, now)
     head, tail = _affixes(keys.rec("\x00"))
     due, oldest, lapsing, looked = await redis.eval(
         lua("backlog"),
@@ -175,15 +175,15 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def drain_key(prefix: str, slot: int) -> str:
-    """Scheduled refreshes applied in one ``DRAIN_SLOT``-second slot."""
-    return f"{prefix}:metrics:drain:{slot}"
+def drain_key(keys: Keys, slot: int) -> str:
+    """Scheduled refreshes of ``keys``' provider applied in one ``DRAIN_SLOT``-second slot."""
+    return f"{keys.prefix}:metrics:{keys.provider}:drain:{slot}"
 
 
-async def drain_rate(redis: Any, prefix: str, now: float, *, window: int = 60) -> float:
+async def drain_rate(redis: Any, keys: Keys, now: float, *, window: int = 60) -> float:
     """Scheduled refreshes applied per second over the last ``window`` seconds (whole slots
     before the current one)."""
     current = int(now // DRAIN_SLOT)
     slots = [current - 1 - i for i in range(max(1, window // DRAIN_SLOT))]
-    values = await redis.mget([drain_key(prefix, s) for s in slots])
+    values = await redis.mget([drain_key(keys, s) for s in slots])
     return sum(int(v) for v in values if v is not None) / (len(slots) * DRAIN_SLOT)

@@ -185,10 +185,6 @@ class Snapshot:
         }
 
 
-# The v1 settings' single provider, as the per-provider settings will name it.
-PROVIDER = "default"
-
-
 async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
     now = await redis_time(redis)  # what is due, live or recent is by Redis's clock
     hour = int(now // 3600)
@@ -252,7 +248,7 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
         revocation_outcomes={_text(k): int(v) for k, v in revocations.items()},
         clock_offsets=_live_offsets(live, clocks),
         webhook_outcomes={_text(k): int(v) for k, v in webhooks.items()},
-        backlogs={PROVIDER: backlog},
+        backlogs={keys.provider: backlog},
         worker_events={
             **dict.fromkeys(WORKER_EVENTS, 0.0),
             **{_text(k): float(v) for k, v in worker.items()},

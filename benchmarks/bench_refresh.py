@@ -403,6 +403,7 @@ async def bench_project(
 
     broker = TokenBroker(client)
     store, ring = client.store, client.ring
+    provider = client.provider_name(None)  # the one provider the run configures
 
     async def current(user: str) -> str:
         rec = await store.load(user)
@@ -414,7 +415,7 @@ async def bench_project(
 
     async def call(n: int, i: int) -> None:
         user = users[n]
-        await broker._refresh(user, FORCE_MIN_TTL)
+        await broker._refresh((provider, user), FORCE_MIN_TTL)
         token = await current(user)
         if token == last[user]:
             raise BenchError(f"an on-demand refresh of {user} left the same access token")

@@ -1,8 +1,9 @@
 """Taking a batch of due scheduled refreshes in one round trip (``lua/claim_batch.lua``).
 
-The schedule (``cf:sched``, by due time) feeds a ready set (``cf:ready``, by when each grant
-lapses), from which a worker takes the soonest-lapsing, each under its user's lock, with the
-records read under the locks. See the script for the lease that keeps a taken member scheduled.
+A provider's schedule (``cf:<provider>:sched``, by due time) feeds its ready set
+(``cf:<provider>:ready``, by when each grant lapses), from which a worker takes the
+soonest-lapsing, each under its user's lock, with the records read under the locks. See the
+script for the lease that keeps a taken member scheduled.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 from arq.connections import create_pool
 from cryptography.fernet import Fernet
 from redis.exceptions import AuthenticationError, RedisError
@@ -31,6 +32,8 @@ from consent_flow.core.table import TRANSITIONS, State, mermaid
 from consent_flow.engine.importer import PROVIDERS, ProgressBar, run_import
 from consent_flow.errors import ConsentError, SettingsError
 from consent_flow.logging import configure_logging
+from consent_flow.oidc import OAuthClient
+from consent_flow.oidc.check import DiscoveryCheck, Reach, check_discovery
 from consent_flow.settings import REQUIRED_VARIABLES, Requirement, Settings
 from consent_flow.store.connection import (
     arq_redis_settings,
@@ -370,19 +373,50 @@ async def _with_client(settings: Settings, run: Callable[[ConsentClient], Awaita
         raise RedisUnreachable(settings.redis_url or "the embedded Redis", exc) from None
 
 
+async def _discover(settings: Settings) -> DiscoveryCheck:
+    async with httpx.AsyncClient(timeout=settings.http_timeout, follow_redirects=False) as http:
+        return await check_discovery(OAuthClient(settings, http))
+
+
+def _check_provider(settings: Settings, *, as_json: bool) -> None:
+    """``up``, ``worker``, ``serve``: the provider's discovery document, once, before starting.
+
+    Settings it can never work with are a settings error (exit 2) naming the URL; a provider
+    that is merely down is said in one line, and the process starts and keeps trying."""
+    check = asyncio.run(_discover(settings))
+    if check.reach is Reach.MISCONFIGURED:
+        derived = settings.issuer.rstrip("/") + "/.well-known/openid-configuration"
+        explicit = settings.discovery_url not in ("", derived)
+        problem = check.problem or ""
+        variable = (
+            "CONSENT_DISCOVERY_URL" if explicit and "issuer" not in problem else "CONSENT_ISSUER"
+        )
+        raise SettingsError(variable, f"{check}; these settings can never work with it")
+    if check.reach is Reach.DOWN:
+        if as_json:
+            line = {"event": "provider_unreachable", "url": check.url, "problem": check.problem}
+            print(json.dumps({**line, "retrying": True}, separators=(",", ":")), file=sys.stderr)
+        else:
+            print(
+                f"consent-flow: {check}; starting anyway and trying again in the background "
+                "(/healthz is red until it answers)",
+                file=sys.stderr,
+            )
+
+
 def _run_worker(settings: Settings, *, redis_url: str) -> None:
     from workers import ConsentWorker, worker_settings
 
     ConsentWorker(**worker_settings(settings, redis_url)).run()
 
 
-def _uvicorn_server(settings: Settings, redis_url: str) -> Any:
+def _uvicorn_server(settings: Settings, redis_url: str, *, watch_provider: bool = True) -> Any:
     import uvicorn
 
     from consent_flow.web.callback import create_app
 
     config = uvicorn.Config(
-        create_app(settings, redis_url=redis_url),
+        create_app(settings, redis_url=redis_url, watch_provider=watch_provider),
         host=settings.http_host,
         port=settings.http_port,
         access_log=False,
@@ -399,7 +433,7 @@ async def _up(settings: Settings, redis_url: str) -> None:
     options = worker_settings(settings, redis_url)
     options["handle_signals"] = False  # uvicorn owns SIGINT/SIGTERM; the worker stops with it
     worker = ConsentWorker(**options)
-    server = _uvicorn_server(settings, redis_url)
+    server = _uvicorn_server(settings, redis_url, watch_provider=False)  # the worker watches
     worker_task = asyncio.create_task(worker.main())
 
     async def stop_when_redis_stops() -> None:
@@ -477,6 +511,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     settings = Settings.from_env(requires=_NEEDS.get(_command_name(args), frozenset()))
     log_format = "json" if server_side and args.json else settings.log_format
     configure_logging(log_format, logging.INFO if server_side else logging.WARNING)
+    if server_side:
+        _check_provider(settings, as_json=args.json)
 
     if args.command == "worker":
         with embedded_redis(settings) as url:

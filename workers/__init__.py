@@ -18,6 +18,7 @@ import structlog
 from arq import cron, func
 
 from consent_flow.engine.engine import Engine
+from consent_flow.engine.provider_watch import ProviderWatch
 from consent_flow.engine.refresh import Refresher, RetryPolicy
 from consent_flow.engine.webhooks import (
     WEBHOOK_ATTEMPT_DEADLINE,
@@ -181,6 +182,9 @@ def worker_settings(
         ctx["heartbeat"] = asyncio.create_task(
             _heartbeat(store, clock), name="consent-flow-heartbeat"
         )
+        # The provider may be down at start: retried in the background, health red meanwhile.
+        watch = ProviderWatch(oauth, ctx["redis"], store.keys, refresher=refresher, clock=clock)
+        ctx["provider_watch"] = asyncio.create_task(watch.run(), name="consent-flow-provider")
         log.info(
             "worker_started",
             queue=settings.queue_name,
@@ -190,11 +194,12 @@ def worker_settings(
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
-        heartbeat: asyncio.Task[None] | None = ctx.get("heartbeat")
-        if heartbeat is not None:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+        for name in ("heartbeat", "provider_watch"):
+            task: asyncio.Task[None] | None = ctx.get(name)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         services: Services | None = ctx.get("services")
         if services is not None:
             await services.refresher.abandon_pending(SHUTDOWN_COMMIT_WAIT)

@@ -25,6 +25,10 @@ Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``; every key of one user shares t
     cf:workers:clock    hash   worker id -> its clock's offset from Redis's time, in seconds
     cf:invalidate       pubsub user ids whose cached tokens must be dropped (published by commits)
     cf:halt             hash   refreshes paused for everyone: invalid_client (reason, since)
+    cf:provider:<name>:check
+                        hash   why a provider's discovery document cannot be used now (url,
+                               problem, reach, since); kept while a process retries
+                               it, gone once it answers or shortly after that process ends
     cf:sess:<sha256>    string "user\\nsession id" for a live authorization session's state
     cf:kids             hash   ciphertext count per key id (start-up key check, rotation)
     cf:events           stream every transition, for `tail` and other consumers (bounded)
@@ -195,6 +199,10 @@ class Keys:
     @property
     def halt(self) -> str:
         return f"{self.prefix}:halt"
+
+    def provider_check(self, provider: str) -> str:
+        """Why ``provider``'s discovery document cannot be used now (absent: it can)."""
+        return f"{self.prefix}:provider:{provider}:check"
 
     @property
     def kids(self) -> str:

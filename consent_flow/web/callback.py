@@ -11,6 +11,7 @@ the state, and every response forbids caching and referrers (the URL holds a cod
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import html
 import re
@@ -27,6 +28,7 @@ from starlette.routing import BaseRoute, Route
 from consent_flow.client import ConsentClient
 from consent_flow.core.records import clip
 from consent_flow.core.table import Event
+from consent_flow.engine.provider_watch import ProviderWatch, read_provider_check
 from consent_flow.errors import CallbackRejected, ConsentError, ProviderError, WorkerUnavailable
 from consent_flow.queue.bus import Envelope, Outcome, new_id
 from consent_flow.settings import Settings
@@ -232,9 +234,11 @@ async def _healthz(client: ConsentClient, request: Request) -> Response:
         checks["worker"] = "ok" if beat is not None else "no recent heartbeat"
         halt = await client.store.redis.hget(client.store.keys.halt, "reason")
         checks["refresh"] = "ok" if halt is None else f"paused: {halt.decode()}"
+        provider = await read_provider_check(client.store.redis, client.store.keys, "default")
+        checks["provider"] = provider or "ok"
         skew = await _clock_skew(client)
         checks["clock"] = skew or "ok"
-        healthy = beat is not None and halt is None and skew is None
+        healthy = beat is not None and halt is None and provider is None and skew is None
     body = {"status": "ok" if healthy else "fail", "checks": checks}
     return JSONResponse(body, status_code=200 if healthy else 503, headers=SECURITY_HEADERS)
 
@@ -284,9 +288,14 @@ def _ops_routes(current: Callable[[], ConsentClient]) -> list[Route]:
     return ops_routes(current)
 
 
-def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette:
+def create_app(
+    settings: Settings, *, redis_url: str | None = None, watch_provider: bool = True
+) -> Starlette:
     """The ASGI app of ``consent-flow serve``: the callback, ``/healthz``, ``/metrics``, the
-    operator pages and the HTTP API, on a ``ConsentClient`` of its own."""
+    operator pages and the HTTP API, on a ``ConsentClient`` of its own.
+
+    ``watch_provider``: retry an unusable discovery document in the background, the reason on
+    ``/healthz`` (``up`` leaves that to its worker)."""
     settings.check_provider()
     settings.check_keys()
     holder: dict[str, ConsentClient] = {}
@@ -295,10 +304,20 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with ConsentClient(settings, redis_url=redis_url) as client:
             holder["client"] = client
+            watch = None
+            if watch_provider:
+                watcher = ProviderWatch(
+                    client.oauth, client.store.redis, client.store.keys, clock=client.clock
+                )
+                watch = asyncio.create_task(watcher.until_discovered(), name="consent-provider")
             try:
                 yield
             finally:
                 holder.clear()
+                if watch is not None:
+                    watch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watch
 
     def current() -> ConsentClient:
         try:

@@ -364,3 +364,27 @@ async def test_discovery_failures_are_sorted_into_down_and_misconfigured(
     assert check.url == https.discovery_url
     if mentions:
         assert mentions in str(check)
+
+
+async def test_a_pause_that_outlived_its_cause_is_lifted_by_the_periodic_probe(make_stack):
+    """The provider accepts the same credentials again (the client was re-enabled there): while
+    the pause holds, a running worker probes every halt_probe seconds and lifts it."""
+    import hashlib
+
+    from consent_flow.engine.refresh import RetryPolicy
+
+    stack = await make_stack(worker_options={"retry": RetryPolicy(halt_probe=0.5)})
+    await provision(stack, "alice")
+    before = await stack.client.history("alice")
+    s = stack.settings
+    fingerprint = hashlib.sha256(
+        f"{s.client_id}\x00{s.client_secret.reveal()}".encode()
+    ).hexdigest()[:16]
+    await stack.client.store.redis.hset(
+        stack.client.store.keys.halt,
+        mapping={"reason": "invalid_client, earlier", "since": "0", "fingerprint": fingerprint},
+    )
+    assert (await _healthz(stack)).status_code == 503
+    await _until(lambda: _not_paused(stack), 20)
+    await _until(lambda: _green(stack), 20)
+    assert await stack.client.history("alice") == before  # lifted by the probe, not a refresh

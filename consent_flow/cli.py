@@ -19,7 +19,6 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from arq.connections import create_pool
@@ -27,10 +26,10 @@ from cryptography.fernet import Fernet
 from redis.exceptions import AuthenticationError, RedisError
 
 from consent_flow.client import DEFAULT_MIN_TTL, MAX_MIN_TTL, ConsentClient, ConsentStatus
-from consent_flow.core.records import HistoryEntry, check_user, iso
+from consent_flow.core.records import HistoryEntry, check_scopes, check_user, iso
 from consent_flow.core.table import TRANSITIONS, State, mermaid
 from consent_flow.engine.importer import PROVIDERS, ProgressBar, run_import
-from consent_flow.errors import ConsentError, SettingsError
+from consent_flow.errors import ConsentError, InvalidScope, SettingProblem, SettingsError
 from consent_flow.logging import configure_logging
 from consent_flow.oidc import OAuthClient
 from consent_flow.oidc.check import DiscoveryCheck, Reach, check_discovery
@@ -111,6 +110,14 @@ def _user(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _scope(value: str) -> str:
+    """A --scope argument: not an RFC 6749 scope token is a usage error (exit 2)."""
+    try:
+        return check_scopes((value,))[0]
+    except ConsentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _count(value: str) -> int:
     try:
         number = int(value)
@@ -170,6 +177,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p = command("provision", "ask for USER's consent; prints the authorization URL")
     p.add_argument("user", type=_user)
+    p.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        type=_scope,
+        help="a scope to ask for beyond the provider's base scopes (repeatable); while USER is "
+        "provisioned without it, an upgrade session asks for it and the grant keeps working",
+    )
     p = command(
         "revoke",
         "revoke USER's consent at the provider and wipe local tokens "
@@ -320,10 +335,14 @@ def _consent_dict(status: ConsentStatus) -> dict[str, Any]:
         "reason": status.reason,
         "scopes": list(status.scopes),
     }
-    if status.state is State.PENDING and status.authorization_url:
+    if status.authorization_url:
+        # A session is open: the first authorization, or an upgrade beside the grant.
         out["authorization_url"] = status.authorization_url
-        query = parse_qs(urlsplit(status.authorization_url).query)
-        out["requested_scopes"] = " ".join(query.get("scope", [])).split()
+        out["requested_scopes"] = list(status.requested_scopes)
+        if status.upgrade:
+            out["upgrade"] = True
+    if status.scopes_missing:
+        out["scopes_missing"] = list(status.scopes_missing)
     details = {
         k: v
         for k, v in status.details.items()
@@ -373,35 +392,57 @@ async def _with_client(settings: Settings, run: Callable[[ConsentClient], Awaita
         raise RedisUnreachable(settings.redis_url or "the embedded Redis", exc) from None
 
 
-async def _discover(settings: Settings) -> DiscoveryCheck:
+async def _discover(settings: Settings) -> list[tuple[str, DiscoveryCheck]]:
     async with httpx.AsyncClient(timeout=settings.http_timeout, follow_redirects=False) as http:
-        return await check_discovery(OAuthClient(settings, http))
-
-
-def _check_provider(settings: Settings, *, as_json: bool) -> None:
-    """``up``, ``worker``, ``serve``: the provider's discovery document, once, before starting.
-
-    Settings it can never work with are a settings error (exit 2) naming the URL; a provider
-    that is merely down is said in one line, and the process starts and keeps trying."""
-    check = asyncio.run(_discover(settings))
-    if check.reach is Reach.MISCONFIGURED:
-        derived = settings.issuer.rstrip("/") + "/.well-known/openid-configuration"
-        explicit = settings.discovery_url not in ("", derived)
-        problem = check.problem or ""
-        variable = (
-            "CONSENT_DISCOVERY_URL" if explicit and "issuer" not in problem else "CONSENT_ISSUER"
+        names = settings.provider_names
+        checks = await asyncio.gather(
+            *(check_discovery(OAuthClient(settings.for_provider(n), http)) for n in names)
         )
-        raise SettingsError(variable, f"{check}; these settings can never work with it")
-    if check.reach is Reach.DOWN:
+    return list(zip(names, checks, strict=True))
+
+
+def _check_providers(settings: Settings, *, as_json: bool) -> None:
+    """``up``, ``worker``, ``serve``: each provider's discovery document, once, before starting.
+
+    Settings one can never work with are a settings error (exit 2) naming the URL; a provider
+    that is merely down is said in one line, and the process starts and keeps trying."""
+    found = asyncio.run(_discover(settings))
+    several = len(found) > 1
+    problems = []
+    for name, check in found:
+        if check.reach is Reach.MISCONFIGURED:
+            problems.append(
+                SettingProblem(
+                    _variable_to_fix(settings, name, check),
+                    f"{check}; these settings can never work with it",
+                )
+            )
+    if problems:
+        raise SettingsError.of(problems)
+    for name, check in found:
+        if check.reach is not Reach.DOWN:
+            continue
         if as_json:
-            line = {"event": "provider_unreachable", "url": check.url, "problem": check.problem}
-            print(json.dumps({**line, "retrying": True}, separators=(",", ":")), file=sys.stderr)
+            line: dict[str, Any] = {"event": "provider_unreachable", "provider": name}
+            line.update(url=check.url, problem=check.problem, retrying=True)
+            print(json.dumps(line, separators=(",", ":")), file=sys.stderr)
         else:
             print(
-                f"consent-flow: {check}; starting anyway and trying again in the background "
-                "(/healthz is red until it answers)",
+                f"consent-flow: {f'provider {name}: ' if several else ''}{check}; starting "
+                "anyway and trying again in the background (/healthz is red until it answers)",
                 file=sys.stderr,
             )
+
+
+def _variable_to_fix(settings: Settings, name: str, check: DiscoveryCheck) -> str:
+    """The variable (or providers file entry) an operator changes for an unusable document."""
+    if settings.provider_table:
+        return f"CONSENT_PROVIDERS_FILE [providers.{name}]"
+    derived = settings.issuer.rstrip("/") + "/.well-known/openid-configuration"
+    explicit = settings.discovery_url not in ("", derived)
+    if explicit and "issuer" not in (check.problem or ""):
+        return "CONSENT_DISCOVERY_URL"
+    return "CONSENT_ISSUER"
 
 
 def _run_worker(settings: Settings, *, redis_url: str) -> None:
@@ -483,7 +524,10 @@ def _diagram_dict() -> dict[str, Any]:
                 "from": [state.value for state in t.sources],
                 "to": t.dest.value if t.dest else None,
                 "changes": t.changes,
-                "effect": t.effect,
+                "effect": t.effect.value,
+                "when": [g.value for g in t.when],
+                "unless": [g.value for g in t.unless],
+                "note": t.note,
             }
             for t in TRANSITIONS
         ],
@@ -512,7 +556,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     log_format = "json" if server_side and args.json else settings.log_format
     configure_logging(log_format, logging.INFO if server_side else logging.WARNING)
     if server_side:
-        _check_provider(settings, as_json=args.json)
+        _check_providers(settings, as_json=args.json)
 
     if args.command == "worker":
         with embedded_redis(settings) as url:
@@ -551,7 +595,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 async def _client_command(args: argparse.Namespace, client: ConsentClient) -> int:
     if args.command == "provision":
-        status = await client.request_provisioning(args.user, actor=_actor())
+        status = await client.request_provisioning(args.user, scopes=args.scope, actor=_actor())
         _print(args, _consent_dict(status), _status_text)
     elif args.command == "revoke":
         status = await client.revoke(args.user, actor=_actor(), reason=args.reason)
@@ -693,7 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except SettingsError as exc:
+    except (SettingsError, InvalidScope) as exc:
         print(f"consent-flow: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ConsentError as exc:

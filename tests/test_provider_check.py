@@ -198,7 +198,7 @@ async def test_the_watch_keeps_the_reason_in_redis_until_the_provider_answers(
 
     port = free_port()
     down = settings.with_changes(issuer=f"http://127.0.0.1:{port}", discovery_url=_discovery(port))
-    keys = Keys(settings.redis_prefix)
+    keys = Keys(settings.redis_prefix, "default")
     async with httpx.AsyncClient() as http, Redis.from_url(redis_server.url) as redis:
         watch = ProviderWatch(
             OAuthClient(down, http), redis, keys, clock=time.time, retry_first=0.2, retry_cap=0.5
@@ -206,15 +206,15 @@ async def test_the_watch_keeps_the_reason_in_redis_until_the_provider_answers(
         task = asyncio.create_task(watch.until_discovered())
         try:
             deadline = time.monotonic() + 10
-            while (reason := await read_provider_check(redis, keys, "default")) is None:
+            while (reason := await read_provider_check(redis, keys)) is None:
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.05)
             assert _discovery(port) in reason and "unreachable" in reason
-            assert 0 < await redis.ttl(keys.provider_check("default")) <= 90
+            assert 0 < await redis.ttl(keys.provider_check) <= 90
             with LocalProvider.start(port=port, clients=provider_clients(redirect_uri)):
                 check = await asyncio.wait_for(task, 20)
                 assert check.reach is Reach.OK
-                assert await read_provider_check(redis, keys, "default") is None
+                assert await read_provider_check(redis, keys) is None
         finally:
             task.cancel()
 

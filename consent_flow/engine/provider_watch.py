@@ -56,7 +56,8 @@ CHECK_TTL = 3 * DISCOVERY_RETRY_CAP
 class ProviderWatch:
     """The background watch of one provider in one process (see the module docstring).
 
-    ``refresher`` is the worker's: without one (``serve``) only discovery is watched.
+    ``oauth`` and ``keys`` are that provider's; ``refresher`` is the worker's for it: without
+    one (``serve``) only discovery is watched. A deployment of several providers runs one each.
     """
 
     def __init__(
@@ -65,7 +66,6 @@ class ProviderWatch:
         redis: Redis,
         keys: Keys,
         *,
-        provider: str = "default",
         refresher: Refresher | None = None,
         clock: Callable[[], float],
         retry_first: float = DISCOVERY_RETRY_FIRST,
@@ -73,8 +73,8 @@ class ProviderWatch:
     ) -> None:
         self.oauth = oauth
         self.redis: Any = redis
-        self.key = keys.provider_check(provider)
-        self.provider = provider
+        self.key = keys.provider_check
+        self.provider = keys.provider
         self.refresher = refresher
         self.clock = clock
         self.retry_first = retry_first
@@ -170,9 +170,10 @@ class ProviderWatch:
         return check
 
 
-async def read_provider_check(redis: Any, keys: Keys, provider: str) -> str | None:
-    """Why ``provider``'s discovery document cannot be used now, for ``/healthz``; None: it can."""
-    raw = await redis.hgetall(keys.provider_check(provider))
+async def read_provider_check(redis: Any, keys: Keys) -> str | None:
+    """Why the discovery document of ``keys``' provider cannot be used now, for ``/healthz``;
+    None: it can."""
+    raw = await redis.hgetall(keys.provider_check)
     if not raw:
         return None
     fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}

@@ -103,14 +103,15 @@ async def _callback(client: ConsentClient, request: Request) -> Response:
             raise CallbackRejected("the callback carries no state", reason_code="missing_state")
         if len(state) > MAX_STATE_LENGTH:
             raise CallbackRejected("the state is too long", reason_code="too_large")
-        owner = await client.store.session_owner(state_hash(state))
-        if owner is None:
+        found = await _session_owner(client, state_hash(state))
+        if found is None:
             raise CallbackRejected(
                 "unknown or expired authorization session", reason_code="unknown_state"
             )
-        user, session_id = owner
-        meta = await client.oauth.metadata()
-        client.oauth.check_authorization_response_issuer(meta, params.get("iss"))
+        provider, user, session_id = found
+        oauth = client.oauth_for(provider)
+        meta = await oauth.metadata()
+        oauth.check_authorization_response_issuer(meta, params.get("iss"))
         event_id = new_id()
         error = params.get("error")
         if error is not None:
@@ -120,22 +121,29 @@ async def _callback(client: ConsentClient, request: Request) -> Response:
             description = params.get("error_description")
             if description:
                 payload["error_description"] = clip(description, MAX_DESCRIPTION_LENGTH) or ""
-            await _claim(client, user, session_id, event_id, None)
+            await _claim(client, provider, user, session_id, event_id, None)
             envelope = Envelope(
-                Event.AUTHORIZATION_FAILED, user, "browser", event_id=event_id, payload=payload
+                Event.AUTHORIZATION_FAILED,
+                user,
+                "browser",
+                event_id=event_id,
+                payload=payload,
+                provider=provider,
             )
         else:
             code = params.get("code")
             if not code:
                 raise CallbackRejected("the callback carries no code", reason_code="missing_code")
-            sealed = client.ring.encrypt(code.encode(), user=user, purpose=f"code:{event_id}")
-            await _claim(client, user, session_id, event_id, sealed)
+            ring = client.ring_for(provider)
+            sealed = ring.encrypt(code.encode(), user=user, purpose=f"code:{event_id}")
+            await _claim(client, provider, user, session_id, event_id, sealed)
             envelope = Envelope(
                 Event.AUTHORIZATION_COMPLETED,
                 user,
                 "browser",
                 event_id=event_id,
                 payload={"session_id": session_id},
+                provider=provider,
             )
         outcome = await client.emit(envelope)
     except CallbackRejected as exc:
@@ -179,10 +187,25 @@ async def _callback(client: ConsentClient, request: Request) -> Response:
     return _outcome_page(request, outcome)
 
 
+async def _session_owner(client: ConsentClient, digest: str) -> tuple[str, str, str] | None:
+    """The provider, user and session id of the live session whose ``state`` hashes to
+    ``digest``: each provider keeps its own sessions, and one redirect URI serves them all."""
+    for provider in client.providers:
+        owner = await client.store_for(provider).session_owner(digest)
+        if owner is not None:
+            return provider, *owner
+    return None
+
+
 async def _claim(
-    client: ConsentClient, user: str, session_id: str, event_id: str, sealed: str | None
+    client: ConsentClient,
+    provider: str,
+    user: str,
+    session_id: str,
+    event_id: str,
+    sealed: str | None,
 ) -> None:
-    result = await client.store.claim_session(user, session_id, event_id, sealed)
+    result = await client.store_for(provider).claim_session(user, session_id, event_id, sealed)
     if result == "ok":
         return
     messages = {
@@ -232,13 +255,27 @@ async def _healthz(client: ConsentClient, request: Request) -> Response:
     if healthy:
         beat = await client.pool.get(client.settings.queue_name + ":health-check")
         checks["worker"] = "ok" if beat is not None else "no recent heartbeat"
-        halt = await client.store.redis.hget(client.store.keys.halt, "reason")
-        checks["refresh"] = "ok" if halt is None else f"paused: {halt.decode()}"
-        provider = await read_provider_check(client.store.redis, client.store.keys, "default")
-        checks["provider"] = provider or "ok"
+        paused = []
+        for provider in client.providers:
+            store = client.store_for(provider)
+            halt = await store.redis.hget(store.keys.halt, "reason")
+            if halt is not None:
+                one = len(client.providers) == 1
+                paused.append(halt.decode() if one else f"{provider}: {halt.decode()}")
+        halt = "; ".join(paused) or None
+        checks["refresh"] = "ok" if halt is None else f"paused: {halt}"
+        unusable = []
+        for provider in client.providers:
+            store = client.store_for(provider)
+            problem = await read_provider_check(store.redis, store.keys)
+            if problem is not None:
+                one = len(client.providers) == 1
+                unusable.append(problem if one else f"{provider}: {problem}")
+        provider_problem = "; ".join(unusable) or None
+        checks["provider"] = provider_problem or "ok"
         skew = await _clock_skew(client)
         checks["clock"] = skew or "ok"
-        healthy = beat is not None and halt is None and provider is None and skew is None
+        healthy = beat is not None and halt is None and provider_problem is None and skew is None
     body = {"status": "ok" if healthy else "fail", "checks": checks}
     return JSONResponse(body, status_code=200 if healthy else 503, headers=SECURITY_HEADERS)
 
@@ -247,7 +284,7 @@ async def _clock_skew(client: ConsentClient) -> str | None:
     """Why the clocks are red: this process's or a live worker's clock is further from Redis's
     than ``MAX_CLOCK_SKEW``; None when they are all within it."""
     offsets = {"this server": await client.clock.sync()}
-    workers = await live_clock_offsets(client.pool, client.store.keys, client.clock())
+    workers = await live_clock_offsets(client.pool, client.bus.keys, client.clock())
     offsets.update((f"worker {worker}", offset) for worker, offset in workers.items())
     worst = worst_offset(offsets)
     return None if worst is None else skew_problem(*worst)
@@ -304,17 +341,18 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with ConsentClient(settings, redis_url=redis_url) as client:
             holder["client"] = client
-            watch = None
-            if watch_provider:
+            watches = []
+            for provider in client.providers if watch_provider else ():
+                store = client.store_for(provider)
                 watcher = ProviderWatch(
-                    client.oauth, client.store.redis, client.store.keys, clock=client.clock
+                    client.oauth_for(provider), store.redis, store.keys, clock=client.clock
                 )
-                watch = asyncio.create_task(watcher.until_discovered(), name="consent-provider")
+                watches.append(asyncio.create_task(watcher.until_discovered()))
             try:
                 yield
             finally:
                 holder.clear()
-                if watch is not None:
+                for watch in watches:
                     watch.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await watch

@@ -29,7 +29,7 @@ from consent_flow.oidc.check import (
     check_discovery,
     probe_client_authentication,
 )
-from consent_flow.settings import Secret
+from consent_flow.settings import PROVIDER_VARIABLES, Secret
 
 pytestmark = pytest.mark.integration
 
@@ -388,3 +388,51 @@ async def test_a_pause_that_outlived_its_cause_is_lifted_by_the_periodic_probe(m
     await _until(lambda: _not_paused(stack), 20)
     await _until(lambda: _green(stack), 20)
     assert await stack.client.history("alice") == before  # lifted by the probe, not a refresh
+
+
+# -- several providers: the same check, per provider -------------------------------------------
+
+
+def _providers_file(tmp_path, entries: dict[str, tuple[str, str]]) -> str:
+    text = ""
+    for name, (issuer, discovery) in entries.items():
+        text += (
+            f'[providers.{name}]\nissuer = "{issuer}"\ndiscovery_url = "{discovery}"\n'
+            f'client_id = "consent-flow-test"\nclient_secret_env = "TEST_SECRET"\n\n'
+        )
+    path = tmp_path / "providers.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_each_configured_provider_is_checked_and_named(env, provider, tmp_path, spawned):
+    down = free_port()
+    wrong = f"http://localhost:{provider.port}"
+    entries = {
+        "good": (provider.issuer, provider.discovery_url),
+        "renamed": (wrong, provider.discovery_url),
+    }
+    base = {k: v for k, v in env.items() if k not in PROVIDER_VARIABLES}
+    cli_env = _cli_env(
+        base,
+        CONSENT_PROVIDERS_FILE=_providers_file(tmp_path, entries),
+        TEST_SECRET=CLIENT_SECRET,
+    )
+    out = subprocess.run(
+        [*CLI, "worker"], env=cli_env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 2, out.stderr
+    assert "CONSENT_PROVIDERS_FILE [providers.renamed]: " in out.stderr
+    assert wrong in out.stderr and provider.discovery_url in out.stderr
+    assert "[providers.good]" not in out.stderr
+
+    entries["renamed"] = (f"http://127.0.0.1:{down}", _discovery(down))
+    cli_env["CONSENT_PROVIDERS_FILE"] = _providers_file(tmp_path, entries)
+    process = subprocess.Popen(
+        [*CLI, "worker"], env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    spawned.append(process)
+    assert process.stderr is not None
+    line = process.stderr.readline()
+    assert line.startswith("consent-flow: provider renamed: the provider's discovery document")
+    assert _discovery(down) in line and "trying again in the background" in line

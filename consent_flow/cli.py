@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import httpx
 from arq.connections import create_pool
 from cryptography.fernet import Fernet
 from redis.exceptions import AuthenticationError, RedisError
@@ -28,8 +29,10 @@ from consent_flow.client import DEFAULT_MIN_TTL, MAX_MIN_TTL, ConsentClient, Con
 from consent_flow.core.records import HistoryEntry, check_scopes, check_user, iso
 from consent_flow.core.table import TRANSITIONS, State, mermaid
 from consent_flow.engine.importer import PROVIDERS, ProgressBar, run_import
-from consent_flow.errors import ConsentError, InvalidScope, SettingsError
+from consent_flow.errors import ConsentError, InvalidScope, SettingProblem, SettingsError
 from consent_flow.logging import configure_logging
+from consent_flow.oidc import OAuthClient
+from consent_flow.oidc.check import DiscoveryCheck, Reach, check_discovery
 from consent_flow.settings import REQUIRED_VARIABLES, Requirement, Settings
 from consent_flow.store.connection import (
     arq_redis_settings,
@@ -389,19 +392,72 @@ async def _with_client(settings: Settings, run: Callable[[ConsentClient], Awaita
         raise RedisUnreachable(settings.redis_url or "the embedded Redis", exc) from None
 
 
+async def _discover(settings: Settings) -> list[tuple[str, DiscoveryCheck]]:
+    async with httpx.AsyncClient(timeout=settings.http_timeout, follow_redirects=False) as http:
+        names = settings.provider_names
+        checks = await asyncio.gather(
+            *(check_discovery(OAuthClient(settings.for_provider(n), http)) for n in names)
+        )
+    return list(zip(names, checks, strict=True))
+
+
+def _check_providers(settings: Settings, *, as_json: bool) -> None:
+    """``up``, ``worker``, ``serve``: each provider's discovery document, once, before starting.
+
+    Settings one can never work with are a settings error (exit 2) naming the URL; a provider
+    that is merely down is said in one line, and the process starts and keeps trying."""
+    found = asyncio.run(_discover(settings))
+    several = len(found) > 1
+    problems = []
+    for name, check in found:
+        if check.reach is Reach.MISCONFIGURED:
+            problems.append(
+                SettingProblem(
+                    _variable_to_fix(settings, name, check),
+                    f"{check}; these settings can never work with it",
+                )
+            )
+    if problems:
+        raise SettingsError.of(problems)
+    for name, check in found:
+        if check.reach is not Reach.DOWN:
+            continue
+        if as_json:
+            line: dict[str, Any] = {"event": "provider_unreachable", "provider": name}
+            line.update(url=check.url, problem=check.problem, retrying=True)
+            print(json.dumps(line, separators=(",", ":")), file=sys.stderr)
+        else:
+            print(
+                f"consent-flow: {f'provider {name}: ' if several else ''}{check}; starting "
+                "anyway and trying again in the background (/healthz is red until it answers)",
+                file=sys.stderr,
+            )
+
+
+def _variable_to_fix(settings: Settings, name: str, check: DiscoveryCheck) -> str:
+    """The variable (or providers file entry) an operator changes for an unusable document."""
+    if settings.provider_table:
+        return f"CONSENT_PROVIDERS_FILE [providers.{name}]"
+    derived = settings.issuer.rstrip("/") + "/.well-known/openid-configuration"
+    explicit = settings.discovery_url not in ("", derived)
+    if explicit and "issuer" not in (check.problem or ""):
+        return "CONSENT_DISCOVERY_URL"
+    return "CONSENT_ISSUER"
+
+
 def _run_worker(settings: Settings, *, redis_url: str) -> None:
     from workers import ConsentWorker, worker_settings
 
     ConsentWorker(**worker_settings(settings, redis_url)).run()
 
 
-def _uvicorn_server(settings: Settings, redis_url: str) -> Any:
+def _uvicorn_server(settings: Settings, redis_url: str, *, watch_provider: bool = True) -> Any:
     import uvicorn
 
     from consent_flow.web.callback import create_app
 
     config = uvicorn.Config(
-        create_app(settings, redis_url=redis_url),
+        create_app(settings, redis_url=redis_url, watch_provider=watch_provider),
         host=settings.http_host,
         port=settings.http_port,
         access_log=False,
@@ -418,7 +474,7 @@ async def _up(settings: Settings, redis_url: str) -> None:
     options = worker_settings(settings, redis_url)
     options["handle_signals"] = False  # uvicorn owns SIGINT/SIGTERM; the worker stops with it
     worker = ConsentWorker(**options)
-    server = _uvicorn_server(settings, redis_url)
+    server = _uvicorn_server(settings, redis_url, watch_provider=False)  # the worker watches
     worker_task = asyncio.create_task(worker.main())
 
     async def stop_when_redis_stops() -> None:
@@ -501,6 +557,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     settings = Settings.from_env(requires=_NEEDS.get(_command_name(args), frozenset()))
     log_format = "json" if server_side and args.json else settings.log_format
     configure_logging(log_format, logging.INFO if server_side else logging.WARNING)
+    if server_side:
+        _check_providers(settings, as_json=args.json)
 
     if args.command == "worker":
         with embedded_redis(settings) as url:

@@ -18,6 +18,7 @@ import structlog
 from arq import cron, func
 
 from consent_flow.engine.engine import Engine
+from consent_flow.engine.provider_watch import ProviderWatch
 from consent_flow.engine.refresh import Refresher, RetryPolicy
 from consent_flow.engine.webhooks import (
     WEBHOOK_ATTEMPT_DEADLINE,
@@ -208,6 +209,20 @@ def worker_settings(
         ctx["heartbeat"] = asyncio.create_task(
             _heartbeat(shared, clock), name="consent-flow-heartbeat"
         )
+        # A provider may be down at start: retried in the background, health red meanwhile.
+        ctx["provider_watches"] = [
+            asyncio.create_task(
+                ProviderWatch(
+                    stack.oauth,
+                    ctx["redis"],
+                    stack.store.keys,
+                    refresher=stack.refresher,
+                    clock=clock,
+                ).run(),
+                name=f"consent-flow-provider-{name}",
+            )
+            for name, stack in services.stacks.items()
+        ]
         log.info(
             "worker_started",
             queue=settings.queue_name,
@@ -218,11 +233,11 @@ def worker_settings(
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
-        heartbeat: asyncio.Task[None] | None = ctx.get("heartbeat")
-        if heartbeat is not None:
-            heartbeat.cancel()
+        tasks: list[asyncio.Task[None]] = [ctx["heartbeat"]] if "heartbeat" in ctx else []
+        for task in [*tasks, *ctx.get("provider_watches", ())]:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+                await task
         services: Services | None = ctx.get("services")
         if services is not None:
             await asyncio.gather(

@@ -185,13 +185,26 @@ class Refresher:
             return None
         return halt
 
-    async def _may_probe(self) -> bool:
+    async def may_probe(self) -> bool:
+        """Whether this process may try the provider while refreshes are paused: one try per
+        ``halt_probe`` seconds across every worker (a refresh or a client check)."""
         key = self.store.keys.halt + ":probe"
         return bool(
             await self.store.redis.set(key, "1", nx=True, px=int(self.retry.halt_probe * 1000))
         )
 
-    async def _halt(self, exc: ClientRejected) -> None:
+    async def paused(self) -> bool:
+        return bool(await self.store.redis.exists(self.store.keys.halt))
+
+    async def lift_pause(self, why: str) -> bool:
+        """End the pause for everyone; whether there was one."""
+        lifted = bool(await self.store.redis.delete(self.store.keys.halt))
+        if lifted:
+            log.warning("refresh_pause_lifted", why=why)
+        return lifted
+
+    async def pause(self, exc: ClientRejected) -> None:
+        """Pause refreshes for everyone: the provider refused this deployment's client."""
         await self.store.redis.hset(
             self.store.keys.halt,
             mapping={
@@ -240,7 +253,7 @@ class Refresher:
             lock.token, (rec, raw_halt) = await attempt()
         try:
             halt = await self._pause_from(raw_halt)
-            if halt is not None and not await self._may_probe():
+            if halt is not None and not await self.may_probe():
                 if lock.token is not None and not on_demand and rec.state is State.PROVISIONED:
                     await self._reschedule(
                         rec, envelope, self.engine.clock() + self.retry.halt_retry, error=None
@@ -327,7 +340,7 @@ class Refresher:
             )
         except ClientRejected as exc:
             await self.metrics.refresh("client_rejected")
-            await self._halt(exc)
+            await self.pause(exc)
             await self._reschedule(
                 rec,
                 envelope,

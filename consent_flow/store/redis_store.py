@@ -21,6 +21,9 @@ per-user commands stay within one slot, whichever provider they are about)::
     cf:gh:upgrades         zset   users with an upgrade session open at gh, by its expiry
     cf:gh:halt             hash   refreshes at gh paused for everyone: invalid_client (reason,
                                   since)
+    cf:gh:check            hash   why gh's discovery document cannot be used now (url, problem,
+                                  reach, since): kept while a process retries it, gone once it
+                                  answers or shortly after that process ends
     cf:gh:sess:<sha256>    string "user\nsession id" for a live authorization session's state
     cf:metrics:gh:*        hash   gh's counters for /metrics and stats (transitions, refresh
                                   outcomes, refresh lead time buckets, per-hour failures and
@@ -239,6 +242,11 @@ class Keys:
     @property
     def halt(self) -> str:
         return f"{self.prefix}:{self.provider}:halt"
+
+    @property
+    def provider_check(self) -> str:
+        """Why the provider's discovery document cannot be used now (absent: it can)."""
+        return f"{self.prefix}:{self.provider}:check"
 
     @property
     def kids(self) -> str:

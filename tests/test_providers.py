@@ -3,6 +3,11 @@ providers (two issuers, two clients) and a real Redis."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +39,14 @@ async def provision_at(stack: Stack, provider: str, user: str = "alice") -> None
 
 
 async def snapshot(stack: Stack) -> dict[str, Any]:
-    """Every key of the deployment with its value (a change anywhere shows)."""
+    """Every key of the deployment with its value (a change anywhere shows), but the queue and
+    the workers' heartbeats: the worker's cron jobs and beats come and go on their own."""
     redis = stack.client.pool
     out: dict[str, Any] = {}
-    async for key in redis.scan_iter(match=f"{stack.settings.redis_prefix}:*"):
+    prefix = stack.settings.redis_prefix
+    async for key in redis.scan_iter(match=f"{prefix}:*"):
+        if key.decode().startswith((stack.settings.queue_name, f"{prefix}:workers")):
+            continue
         kind = (await redis.type(key)).decode()
         if kind == "string":
             out[key] = await redis.get(key)
@@ -134,3 +143,115 @@ async def test_an_unknown_provider_or_none_among_two_changes_nothing(two: Stack)
         with pytest.raises(UnknownProvider, match="name one of nextcloud, github"):
             await call(None)
     assert await snapshot(two) == before
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "consent_flow", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def acli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(cli, env, *args)
+
+
+@pytest.fixture
+def two_env(
+    two: Stack, env: dict[str, str], two_providers: dict[str, LocalProvider], tmp_path: Path
+) -> dict[str, str]:
+    """The two-provider stack's environment for the command line (same queue and prefix)."""
+    return {
+        **os.environ,
+        **providers_env(env, two_providers, tmp_path),
+        "CONSENT_QUEUE_NAME": two.settings.queue_name,
+    }
+
+
+async def test_the_command_line_per_provider(two: Stack, two_env: dict[str, str]) -> None:
+    await provision_at(two, "nextcloud")
+    await provision_at(two, "github")
+    await provision_at(two, "github", "bob")
+    out = await acli(two_env, "revoke", "bob", "--provider", "github", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["provider"] == "github"
+
+    status = json.loads(
+        (await acli(two_env, "status", "alice", "--provider", "github", "--json")).stdout
+    )
+    assert (status["provider"], status["state"]) == ("github", "provisioned")
+    rows = json.loads((await acli(two_env, "list", "--json")).stdout)
+    assert [(r["user"], r["provider"], r["state"]) for r in rows] == [
+        ("alice", "nextcloud", "provisioned"),
+        ("alice", "github", "provisioned"),
+        ("bob", "github", "revoked"),
+    ]
+    only = json.loads((await acli(two_env, "list", "--provider", "github", "--json")).stdout)
+    assert {r["provider"] for r in only} == {"github"} and len(only) == 2
+    stats = json.loads((await acli(two_env, "stats", "--json")).stdout)
+    assert stats["states"] == {"unprovisioned": 0, "pending": 0, "provisioned": 2, "revoked": 1}
+    assert stats["providers"]["nextcloud"]["states"]["provisioned"] == 1
+    assert stats["providers"]["github"]["states"] == {
+        "unprovisioned": 0,
+        "pending": 0,
+        "provisioned": 1,
+        "revoked": 1,
+    }
+    described = json.loads((await acli(two_env, "providers", "--json")).stdout)
+    assert [p["name"] for p in described] == ["nextcloud", "github"]
+    for entry in described:
+        assert entry["can_revoke"] is True
+        assert entry["endpoints"]["token"].startswith(entry["issuer"])
+        assert "secret" not in json.dumps(entry).lower().replace("client_secret_basic", "")
+    token = json.loads(
+        (await acli(two_env, "token", "alice", "--provider", "nextcloud", "--json")).stdout
+    )
+    assert token["access_token"] == await two.client.access_token("alice", "nextcloud")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("status", "alice", "--provider", "gitlab"), "no provider is configured as 'gitlab'"),
+        (("revoke", "alice", "--provider", "gitlab"), "configured: nextcloud, github"),
+        (("provision", "alice", "--provider", "gitlab"), "configured: nextcloud, github"),
+        (("revoke", "alice"), "name one of nextcloud, github"),
+        (("token", "alice"), "name one of nextcloud, github"),
+        (("list", "--provider", "gitlab"), "configured: nextcloud, github"),
+        (("status", "alice", "--provider", "Not:A:Name"), "a provider name matches"),
+        (("provision", "alice", "--provider", "github", "--scope", "a b"), "a scope is"),
+    ],
+)
+async def test_a_bad_provider_on_the_command_line_is_a_usage_error_that_changes_nothing(
+    two: Stack, two_env: dict[str, str], args: tuple[str, ...], message: str
+) -> None:
+    await provision_at(two, "nextcloud")
+    before = await snapshot(two)
+    out = await acli(two_env, *args)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert await snapshot(two) == before
+
+
+async def test_a_bad_providers_file_is_exit_2_naming_every_problem(
+    two_env: dict[str, str], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[providers.github]\nissuer = "https://gh.example.com"\nclient_id = "x"\n'
+        'client_secret_env = "UNSET_FOR_THIS_TEST"\n[providers.x\n'
+    )
+    out = await acli({**two_env, "CONSENT_PROVIDERS_FILE": str(bad)}, "status", "alice")
+    assert out.returncode == 2
+    assert "CONSENT_PROVIDERS_FILE: is not valid TOML" in out.stderr
+    bad.write_text(
+        '[providers.github]\nissuer = "https://gh.example.com"\nclient_id = "x"\n'
+        'client_secret_env = "UNSET_FOR_THIS_TEST"\n'
+    )
+    out = await acli({**two_env, "CONSENT_PROVIDERS_FILE": str(bad)}, "status", "alice")
+    assert out.returncode == 2
+    assert "client_secret_env names UNSET_FOR_THIS_TEST, which is not set" in out.stderr

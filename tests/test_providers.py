@@ -11,14 +11,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import Stack, make_settings, providers_env
 from local_provider import LocalProvider, approve
 
 from consent_flow import ConsentRevoked, State, UnknownProvider, VaultError
+from consent_flow.settings import Secret
 from consent_flow.store.vault import open_tokens
 
 pytestmark = pytest.mark.integration
+
+API_KEY = "p" * 8 + "0123456789abcdef0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture
@@ -27,7 +32,7 @@ async def two(
 ) -> Stack:
     """A worker and callback server serving nextcloud and github from one providers file."""
     settings = make_settings(providers_env(env, two_providers, tmp_path))
-    stack: Stack = await make_stack(base=settings)
+    stack: Stack = await make_stack(base=settings, api_keys=(Secret(API_KEY),))
     return stack
 
 
@@ -255,3 +260,31 @@ async def test_a_bad_providers_file_is_exit_2_naming_every_problem(
     out = await acli({**two_env, "CONSENT_PROVIDERS_FILE": str(bad)}, "status", "alice")
     assert out.returncode == 2
     assert "client_secret_env names UNSET_FOR_THIS_TEST, which is not set" in out.stderr
+
+
+async def test_the_http_api_per_provider(
+    two: Stack, two_providers: dict[str, LocalProvider]
+) -> None:
+    await provision_at(two, "nextcloud")
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{two.settings.http_port}", timeout=30
+    ) as http:
+        listed = (await http.get("/v1/providers", headers=AUTH)).json()
+        assert [(p["name"], p["issuer"], p["can_revoke"]) for p in listed] == [
+            (name, op.issuer, True) for name, op in two_providers.items()
+        ]
+        created = await http.post("/v1/connections/github/alice", json={}, headers=AUTH)
+        assert created.status_code == 200, created.text
+        assert (created.json()["provider"], created.json()["state"]) == ("github", "pending")
+        here = (await http.get("/v1/connections/nextcloud/alice", headers=AUTH)).json()
+        assert (here["provider"], here["state"]) == ("nextcloud", "provisioned")
+        token = await http.post("/v1/connections/nextcloud/alice/token", json={}, headers=AUTH)
+        assert token.json()["access_token"] == await two.client.access_token("alice", "nextcloud")
+        before = await snapshot(two)
+        for method in ("GET", "POST", "DELETE"):
+            missing = await http.request(
+                method, "/v1/connections/gitlab/alice", json={}, headers=AUTH
+            )
+            assert missing.status_code == 404
+            assert missing.json()["code"] == "unknown_provider"
+        assert await snapshot(two) == before

@@ -288,3 +288,21 @@ async def test_the_http_api_per_provider(
             assert missing.status_code == 404
             assert missing.json()["code"] == "unknown_provider"
         assert await snapshot(two) == before
+
+
+async def test_ops_and_metrics_per_provider(two: Stack, two_env: dict[str, str]) -> None:
+    await provision_at(two, "nextcloud")
+    await provision_at(two, "github", "bob")
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{two.settings.http_port}", timeout=30
+    ) as http:
+        metrics = (await http.get("/metrics")).text
+        assert 'consent_flow_connections{provider="nextcloud",state="provisioned"} 1.0' in metrics
+        assert 'consent_flow_connections{provider="github",state="provisioned"} 1.0' in metrics
+        assert 'consent_flow_consents{state="provisioned"} 2.0' in metrics
+        page = await http.get("/ops", params={"provider": "github", "state": "provisioned"})
+        assert page.status_code == 200 and 'data-user="bob"' in page.text
+        assert 'data-user="alice"' not in page.text
+        user = await http.get("/ops/users/bob", params={"provider": "github"})
+        assert user.status_code == 200
+        assert (await http.get("/ops", params={"provider": "gitlab"})).status_code == 404

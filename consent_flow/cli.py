@@ -604,11 +604,7 @@ async def _client_command(args: argparse.Namespace, client: ConsentClient) -> in
         await _tail(args, client)
     elif args.command == "token":
         token = await client.access_token(args.user, provider, min_ttl=args.min_ttl)
-        _print(
-            args,
-            {"user": args.user, "provider": provider, "access_token": token},
-            lambda d: str(d["access_token"]),
-        )
+        _print(args, {"user": args.user, "access_token": token}, lambda d: str(d["access_token"]))
     elif args.command == "keys":
         from consent_flow.engine.rotation import rotate_keys
 

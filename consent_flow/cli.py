@@ -19,7 +19,6 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from arq.connections import create_pool
 from cryptography.fernet import Fernet
@@ -27,10 +26,10 @@ from redis.exceptions import AuthenticationError, RedisError
 
 from consent_flow.client import DEFAULT_MIN_TTL, MAX_MIN_TTL, ConsentClient, ConsentStatus
 from consent_flow.core.connections import PROVIDER_NAME, is_provider_name
-from consent_flow.core.records import HistoryEntry, check_user, iso
+from consent_flow.core.records import HistoryEntry, check_scopes, check_user, iso
 from consent_flow.core.table import TRANSITIONS, State, mermaid
 from consent_flow.engine.importer import ProgressBar, run_import
-from consent_flow.errors import ConsentError, SettingsError, UnknownProvider
+from consent_flow.errors import ConsentError, InvalidScope, SettingsError, UnknownProvider
 from consent_flow.logging import configure_logging
 from consent_flow.settings import REQUIRED_VARIABLES, Requirement, Settings
 from consent_flow.store.connection import (
@@ -119,12 +118,11 @@ def _provider(value: str) -> str:
 
 
 def _scope(value: str) -> str:
-    """One --scope: a single RFC 6749 scope-token (the client checks the rest)."""
-    if not value or any(not 0x21 <= ord(c) <= 0x7E or c in '"\\' for c in value):
-        raise argparse.ArgumentTypeError(
-            f"a scope is printable ASCII without spaces, quotes or backslashes, not {value[:40]!r}"
-        )
-    return value
+    """A --scope argument: not an RFC 6749 scope token is a usage error (exit 2)."""
+    try:
+        return check_scopes((value,))[0]
+    except ConsentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _count(value: str) -> int:
@@ -197,12 +195,11 @@ def _parser() -> argparse.ArgumentParser:
     provider_option(p, "the provider to ask at")
     p.add_argument(
         "--scope",
-        dest="scopes",
         action="append",
-        type=_scope,
         default=[],
-        metavar="S",
-        help="a scope to ask for beyond the provider's base scopes (repeat for more)",
+        type=_scope,
+        help="a scope to ask for beyond the provider's base scopes (repeatable); while USER is "
+        "provisioned without it, an upgrade session asks for it and the grant keeps working",
     )
     p = command(
         "revoke",
@@ -358,10 +355,14 @@ def _consent_dict(status: ConsentStatus) -> dict[str, Any]:
         "reason": status.reason,
         "scopes": list(status.scopes),
     }
-    if status.state is State.PENDING and status.authorization_url:
+    if status.authorization_url:
+        # A session is open: the first authorization, or an upgrade beside the grant.
         out["authorization_url"] = status.authorization_url
-        query = parse_qs(urlsplit(status.authorization_url).query)
-        out["requested_scopes"] = " ".join(query.get("scope", [])).split()
+        out["requested_scopes"] = list(status.requested_scopes)
+        if status.upgrade:
+            out["upgrade"] = True
+    if status.scopes_missing:
+        out["scopes_missing"] = list(status.scopes_missing)
     details = {
         k: v
         for k, v in status.details.items()
@@ -490,7 +491,10 @@ def _diagram_dict() -> dict[str, Any]:
                 "from": [state.value for state in t.sources],
                 "to": t.dest.value if t.dest else None,
                 "changes": t.changes,
-                "effect": t.effect,
+                "effect": t.effect.value,
+                "when": [g.value for g in t.when],
+                "unless": [g.value for g in t.unless],
+                "note": t.note,
             }
             for t in TRANSITIONS
         ],
@@ -564,7 +568,9 @@ async def _client_command(args: argparse.Namespace, client: ConsentClient) -> in
         # An unknown name, or none where several are configured: a usage error, before any I/O.
         provider = client.provider_name(provider)
     if args.command == "provision":
-        status = await client.request_provisioning(args.user, provider, args.scopes, actor=_actor())
+        status = await client.request_provisioning(
+            args.user, provider, scopes=args.scope, actor=_actor()
+        )
         _print(args, _consent_dict(status), _status_text)
     elif args.command == "revoke":
         status = await client.revoke(args.user, provider, actor=_actor(), reason=args.reason)
@@ -770,7 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (SettingsError, UnknownProvider) as exc:
+    except (SettingsError, UnknownProvider, InvalidScope) as exc:
         print(f"consent-flow: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ConsentError as exc:

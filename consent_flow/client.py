@@ -13,7 +13,14 @@ import httpx
 from arq.connections import ArqRedis, create_pool
 
 from consent_flow.core.connections import DEFAULT_PROVIDER
-from consent_flow.core.records import ConsentRecord, HistoryEntry, check_user, clip, iso
+from consent_flow.core.records import (
+    ConsentRecord,
+    HistoryEntry,
+    check_scopes,
+    check_user,
+    clip,
+    iso,
+)
 from consent_flow.core.table import Event, State
 from consent_flow.engine.broker import TokenBroker
 from consent_flow.engine.engine import session_url
@@ -41,7 +48,14 @@ def _dt(value: str | None) -> datetime | None:
 
 @dataclass(frozen=True, slots=True)
 class ConsentStatus:
-    """Where one connection's consent stands: one user's grant at one provider."""
+    """Where one connection's consent stands: one user's grant at one provider.
+
+    ``scopes`` is what the provider granted; ``requested_scopes`` what the open session (a
+    first authorization, or an upgrade beside the grant) asks for, empty when none is open;
+    ``scopes_missing`` what the last authorization asked for and the provider did not grant.
+    ``upgrade`` is True while an upgrade session is open: the grant keeps working meanwhile,
+    and ``authorization_url`` is the upgrade's.
+    """
 
     user: str
     state: State
@@ -50,6 +64,9 @@ class ConsentStatus:
     authorization_url: str | None = None
     scopes: tuple[str, ...] = ()
     details: Mapping[str, Any] = field(default_factory=dict)
+    requested_scopes: tuple[str, ...] = ()
+    scopes_missing: tuple[str, ...] = ()
+    upgrade: bool = False
     provider: str = DEFAULT_PROVIDER
 
     @property
@@ -69,6 +86,12 @@ class ConsentStatus:
             out["authorization_url"] = self.authorization_url
         if self.scopes:
             out["scopes"] = list(self.scopes)
+        if self.requested_scopes:
+            out["requested_scopes"] = list(self.requested_scopes)
+        if self.scopes_missing:
+            out["scopes_missing"] = list(self.scopes_missing)
+        if self.upgrade:
+            out["upgrade"] = True
         return out
 
     @classmethod
@@ -83,6 +106,9 @@ class ConsentStatus:
             reason=outcome.reason,
             authorization_url=outcome.authorization_url,
             scopes=scopes,
+            requested_scopes=tuple(detail.pop("requested_scopes", ()) or ()),
+            scopes_missing=tuple(detail.pop("scopes_missing", ()) or ()),
+            upgrade=bool(detail.pop("upgrade", False)),
             details={"result": outcome.result, "error": outcome.error, **detail},
         )
 
@@ -95,8 +121,9 @@ class ConsentStatus:
         provider: str = DEFAULT_PROVIDER,
     ) -> ConsentStatus:
         public = rec.public()
-        for name in ("user", "provider", "state", "since", "reason", "scopes"):
+        for name in ("user", "provider", "state", "since", "reason", "scopes", "requested_scopes"):
             public.pop(name, None)
+        public.pop("scopes_missing", None)
         return cls(
             provider=provider,
             user=rec.user,
@@ -106,6 +133,9 @@ class ConsentStatus:
             authorization_url=authorization_url,
             scopes=rec.scopes,
             details=public,
+            requested_scopes=rec.requested_scopes if rec.session_id else (),
+            scopes_missing=rec.scopes_missing if rec.state is State.PROVISIONED else (),
+            upgrade=rec.upgrading,
         )
 
 
@@ -279,11 +309,18 @@ class ConsentClient:
         actor: str = "user",
     ) -> ConsentStatus:
         """Emit ``provision_requested`` for the connection (user, provider): a session for the
-        provider's base scopes plus ``scopes``; the result carries the authorization URL while
-        pending. ``provider`` may be left out when one is configured."""
+        provider's base scopes plus ``scopes``. ``provider`` may be left out when one is
+        configured.
+
+        The result carries the authorization URL while a session is open: the first one, or an
+        upgrade when the user is provisioned without every scope asked (the grant keeps working
+        meanwhile). Scopes already granted: nothing to do. Raises :class:`InvalidScope`, before
+        anything is queued, for a scope that is not an RFC 6749 scope token or too many.
+        """
         user = check_user(user)
+        asked = check_scopes(list(scopes) if not isinstance(scopes, str) else scopes)
         name = self.provider_name(provider)
-        payload = {"scopes": " ".join(scopes)} if scopes else {}
+        payload = {"scopes": " ".join(asked)} if asked else {}
         envelope = Envelope(Event.PROVISION_REQUESTED, user, actor, payload=payload, provider=name)
         return self._raise_for(await self.emit(envelope), name)
 
@@ -349,7 +386,7 @@ class ConsentClient:
         name = self.provider_name(provider)
         rec = await self.store_for(name).load(user)
         url = None
-        if rec.state is State.PENDING and rec.session and self._ring is not None:
+        if rec.session and self._ring is not None:
             url = session_url(self._ring.for_provider(name), rec)
         return ConsentStatus.from_record(rec, authorization_url=url, provider=name)
 

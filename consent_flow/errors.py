@@ -12,6 +12,7 @@ Every error the library raises on purpose derives from one base class, carries a
     ├── InvalidTransition           the event is not allowed from the user's state
     ├── UnknownProvider             no configured provider has that name (or none was named
     │                               where several are configured)
+    ├── InvalidScope                a scope asked for is not an RFC 6749 scope token, or too many
     ├── CallbackRejected            a bad, forged or replayed authorization callback
     ├── NotProvisioned              the user has granted no delegated access (yet)
     │   └── ConsentRevoked          the user's grant was revoked (reason attached)
@@ -37,6 +38,7 @@ __all__ = [
     "ConsentRevoked",
     "GrantRejected",
     "IDTokenError",
+    "InvalidScope",
     "InvalidTransition",
     "NotProvisioned",
     "ProviderError",
@@ -148,6 +150,13 @@ class UnknownProvider(ConsentError):
         super().__init__(message, user=user)
         self.provider = provider
         self.names = tuple(names)
+
+
+class InvalidScope(ConsentError):
+    """Scopes asked for that no provider could be asked for: not RFC 6749 scope tokens (spaces,
+    control characters, quotes), too long, or too many. Refused before anything is queued."""
+
+    code = "invalid_scope"
 
 
 class CallbackRejected(ConsentError):

@@ -17,6 +17,7 @@ PUBLIC = [
     "Event",
     "GrantRejected",
     "IDTokenError",
+    "InvalidScope",
     "InvalidTransition",
     "KeyRing",
     "NotProvisioned",

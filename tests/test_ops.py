@@ -38,7 +38,7 @@ from starlette.routing import Mount
 
 from consent_flow import ConsentClient, Event, State, consent_routes
 from consent_flow.core.records import MAX_REASON_LENGTH, MAX_USER_LENGTH, Change, iso
-from consent_flow.core.table import TRANSITIONS, ConsentMachine
+from consent_flow.core.table import TRANSITIONS, ConsentMachine, Facts
 from consent_flow.engine.engine import SESSION_FIELDS, TOKEN_FIELDS
 from consent_flow.queue.bus import new_id
 from consent_flow.settings import Secret
@@ -119,7 +119,9 @@ class Seeder:
         state, version, session_state = U, 0, None
         history = self.seeded.histories.setdefault(user, [])
         for event, at, actor, reason, *rest in steps:
-            row = MACHINE.decide(state, event)  # only paths the machine allows
+            # Only paths the machine allows; each callback names the open session, each
+            # expiry comes after the session's.
+            row = MACHINE.decide(state, event, Facts(session_matches=True, session_lapsed=True))
             to = row.dest or state
             extra: dict[str, Any] = {}
             if event is Event.PROVISION_REQUESTED:

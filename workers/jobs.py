@@ -156,8 +156,8 @@ async def sweep(ctx: dict[str, Any]) -> None:
 
 
 async def cleanup(ctx: dict[str, Any]) -> None:
-    """Expire stale authorization sessions, retry provider revocations, trim history, commit
-    spooled refreshes left behind."""
+    """Expire stale authorization sessions (upgrades too), retry provider revocations, trim
+    history, commit spooled refreshes left behind."""
     services: Services = ctx["services"]
     for stack in services.stacks.values():
         await _cleanup(services, stack)
@@ -179,6 +179,10 @@ async def _cleanup(services: Services, stack: ProviderStack) -> None:
                 )
             )
             expired += 1
+    # Upgrade sessions beside a grant: the grant's own index does not say which are open.
+    for user in await store.upgrades_due(now, limit=500):
+        await services.bus.emit(Envelope(Event.SESSION_EXPIRED, user, "worker", reply=False))
+        expired += 1
     revoked = 0
     for user in await store.outbox_due(now, limit=100):
         result = await stack.engine.revoke_pending(user)

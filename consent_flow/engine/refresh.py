@@ -33,6 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from consent_flow.core.records import Change, ConsentRecord, clip, cooldown_reason, iso
 from consent_flow.core.table import Event, State
 from consent_flow.engine.engine import (
+    SESSION_FIELDS,
     TOKEN_FIELDS,
     Engine,
     UserLock,
@@ -275,7 +276,8 @@ class Refresher:
         """The refresh itself, under the lock; ``rec`` was read under it."""
         user = rec.user
         now = self.engine.clock()
-        if rec.state is not State.PROVISIONED or rec.tokens is None:
+        if not self.engine.machine.allowed(rec.state, Event.TOKEN_REFRESHED) or rec.tokens is None:
+            # The table has no refresh from this state: nothing to refresh, nothing to schedule.
             await self.store.redis.zrem(self.store.keys.sched, user)
             return self.engine.outcome(rec, envelope, "unchanged")
         if on_demand:
@@ -495,13 +497,14 @@ class Refresher:
             if fit is not Fit.STORE:
                 return await self._settle(rec, pending, envelope, fit)
             job = self.scheduler.job_for(user, pending.due_at)
+            row = self.engine.machine.decide(rec.state, Event.TOKEN_REFRESHED, user=user)
             change = Change(
                 user=user,
                 event=Event.TOKEN_REFRESHED,
                 event_id=pending.event_id,
                 expect_state=rec.state,
                 expect_version=rec.version,
-                to_state=State.PROVISIONED,
+                to_state=row.dest or rec.state,
                 actor=envelope.actor,
                 at=pending.at,
                 reason=None,
@@ -841,7 +844,10 @@ class Refresher:
             at=self.engine.clock(),
             reason=reason,
             correlation_id=envelope.correlation_id,
-            delete_fields=TOKEN_FIELDS,
+            # An upgrade session open beside the dead grant ends with it.
+            delete_fields=(*TOKEN_FIELDS, *SESSION_FIELDS),
+            drop_session_lookup=rec.session_digest,
+            drop_upgrade=rec.upgrading,
             unschedule=True,
             drop_job=self.engine.scheduled_job(rec),
         )

@@ -18,6 +18,7 @@ per-user commands stay within one slot, whichever provider they are about)::
     cf:gh:sched            zset   users by next refresh due time at gh, in epoch milliseconds
     cf:gh:histidx          zset   users by the time of their oldest history entry (retention)
     cf:gh:outbox           zset   users with tokens still to revoke at gh, by next try
+    cf:gh:upgrades         zset   users with an upgrade session open at gh, by its expiry
     cf:gh:halt             hash   refreshes at gh paused for everyone: invalid_client (reason,
                                   since)
     cf:gh:sess:<sha256>    string "user\nsession id" for a live authorization session's state
@@ -224,6 +225,10 @@ class Keys:
         return f"{self.prefix}:{self.provider}:outbox"
 
     @property
+    def upgrades(self) -> str:
+        return f"{self.prefix}:{self.provider}:upgrades"
+
+    @property
     def invalidate(self) -> str:
         return f"{self.prefix}:invalidate"
 
@@ -413,7 +418,7 @@ end
 -- What rides along only when the step applies: the job of a cancelled or replaced schedule, the
 -- arq jobs to queue (the next refresh, a webhook notice; their payloads are the arguments after
 -- the sealed values), the release of the user's lock, and counters. Their keys follow the sealed
--- keys, in the order: the dropped job, the new jobs, the lock, the counters.
+-- keys, in the order: the dropped job, the new jobs, the lock, the upgrade index, the counters.
 local n = 14 + #slots
 if op.drop_job then
   -- The job of the schedule this step cancels or replaces: nothing stale stays queued.
@@ -431,6 +436,15 @@ end
 if op.unlock then
   n = n + 1
   if redis.call('GET', KEYS[n]) == op.unlock then redis.call('DEL', KEYS[n]) end
+end
+if op.upgrade_until or op.upgrade_drop then
+  -- Upgrade sessions by expiry, for the cleanup job: a grant's index does not say which is open.
+  n = n + 1
+  if op.upgrade_until then
+    redis.call('ZADD', KEYS[n], op.upgrade_until, op.user)
+  else
+    redis.call('ZREM', KEYS[n], op.user)
+  end
 end
 if op.counters then
   for _, c in ipairs(op.counters) do
@@ -450,7 +464,8 @@ return {'ok', v}
 _CLAIM = """
 local rec, inbox = KEYS[1], KEYS[2]
 local state = redis.call('HGET', rec, 'state')
-if state ~= 'pending' then return 'not_pending' end
+-- A session is open while pending, or beside a grant (an upgrade) while provisioned.
+if state ~= 'pending' and state ~= 'provisioned' then return 'not_pending' end
 if redis.call('HGET', rec, 'sid') ~= ARGV[1] then return 'unknown_session' end
 if redis.call('HGET', rec, 'claimed') then return 'already_used' end
 -- Session expiry is Redis's time, whoever wrote it and whichever clock this process keeps.
@@ -631,6 +646,12 @@ class RedisStore:
         if change.unlock is not None:
             extra_keys.append(k.lock(change.user))
             op["unlock"] = change.unlock
+        if change.upgrade_until is not None or change.drop_upgrade:
+            extra_keys.append(k.upgrades)
+            if change.upgrade_until is not None:
+                op["upgrade_until"] = repr(change.upgrade_until)
+            else:
+                op["upgrade_drop"] = True
         if change.counters:
             extra_keys += [key for key, _, _ in change.counters]
             op["counters"] = [[name, amount] for _, name, amount in change.counters]
@@ -701,6 +722,13 @@ class RedisStore:
     async def outbox_due(self, now: float, *, limit: int = 100) -> list[str]:
         rows = await self.redis.zrangebyscore(
             self.keys.outbox, "-inf", repr(now), start=0, num=limit
+        )
+        return [_decode(user) for user in rows]
+
+    async def upgrades_due(self, now: float, *, limit: int = 500) -> list[str]:
+        """Users whose upgrade session expired by ``now``: O(log n + found)."""
+        rows = await self.redis.zrangebyscore(
+            self.keys.upgrades, "-inf", repr(now), start=0, num=limit
         )
         return [_decode(user) for user in rows]
 
@@ -815,6 +843,7 @@ class MemoryStore:
         self.locks: dict[str, str] = {}
         self.jobs: dict[str, bytes] = {}  # queued arq jobs by id (payloads)
         self.counters: dict[tuple[str, str], float] = {}
+        self.upgrades: dict[str, float] = {}  # upgrade sessions open, by expiry
 
     async def load(self, user: str) -> ConsentRecord:
         return ConsentRecord.from_hash(
@@ -851,6 +880,10 @@ class MemoryStore:
             self.sessions[change.session_lookup[0]] = (user, change.set_fields["sid"])
         if change.drop_session_lookup is not None:
             self.sessions.pop(change.drop_session_lookup, None)
+        if change.upgrade_until is not None:
+            self.upgrades[user] = change.upgrade_until
+        elif change.drop_upgrade:
+            self.upgrades.pop(user, None)
         if change.record_history:
             entries = self.histories.setdefault(user, [])
             entries.append(change.history_entry())
@@ -887,11 +920,15 @@ class MemoryStore:
     async def session_owner(self, digest: str) -> tuple[str, str] | None:
         return self.sessions.get(digest)
 
+    async def upgrades_due(self, now: float, *, limit: int = 500) -> list[str]:
+        due = sorted((at, user) for user, at in self.upgrades.items() if at <= now)
+        return [user for _, user in due[:limit]]
+
     async def claim_session(
         self, user: str, session_id: str, event_id: str, sealed: str | None
     ) -> str:
         rec = self.records.get(user, {})
-        if rec.get("state") != State.PENDING.value:
+        if rec.get("state") not in (State.PENDING.value, State.PROVISIONED.value):
             return "not_pending"
         if rec.get("sid") != session_id:
             return "unknown_session"

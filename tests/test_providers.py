@@ -228,7 +228,7 @@ async def test_the_command_line_per_provider(two: Stack, two_env: dict[str, str]
         (("token", "alice"), "name one of nextcloud, github"),
         (("list", "--provider", "gitlab"), "configured: nextcloud, github"),
         (("status", "alice", "--provider", "Not:A:Name"), "a provider name matches"),
-        (("provision", "alice", "--provider", "github", "--scope", "a b"), "a scope is"),
+        (("provision", "alice", "--provider", "github", "--scope", "a b"), "not an RFC 6749 scope"),
     ],
 )
 async def test_a_bad_provider_on_the_command_line_is_a_usage_error_that_changes_nothing(

@@ -24,7 +24,7 @@ from consent_flow.core.records import (
 from consent_flow.core.table import Event, State
 from consent_flow.engine.broker import TokenBroker
 from consent_flow.engine.engine import session_url
-from consent_flow.errors import ConsentError, WorkerUnavailable
+from consent_flow.errors import ConsentError, ProviderError, WorkerUnavailable
 from consent_flow.oidc import OAuthClient
 from consent_flow.queue.bus import JOB_SERIALIZERS, Envelope, EventBus, Outcome
 from consent_flow.settings import Settings
@@ -355,6 +355,30 @@ class ConsentClient:
         return ConsentStatus.from_outcome(outcome, provider=provider)
 
     # --- reads ------------------------------------------------------------------------------
+
+    async def describe_providers(self) -> list[dict[str, Any]]:
+        """Each configured provider: its settings (no secret), the endpoints its discovery
+        document names, and whether it can revoke (None while discovery does not answer: not
+        known, rather than "no")."""
+        described = []
+        for config in self.settings.providers:
+            out: dict[str, Any] = config.public()
+            try:
+                meta = await self.oauth_for(config.name).metadata()
+            except ProviderError as exc:
+                out.update(endpoints=None, can_revoke=None, discovery_error=str(exc))
+            else:
+                out.update(
+                    endpoints={
+                        "authorization": meta.authorization_endpoint,
+                        "token": meta.token_endpoint,
+                        "revocation": meta.revocation_endpoint,
+                        "jwks": meta.jwks_uri,
+                    },
+                    can_revoke=bool(meta.revocation_endpoint),
+                )
+            described.append(out)
+        return described
 
     async def status(self, user: str, provider: str | None = None) -> ConsentStatus:
         """Where the connection (user, provider) stands."""

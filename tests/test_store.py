@@ -430,3 +430,30 @@ async def test_ciphertexts_are_counted_per_key_id_wherever_they_live(redis_store
     assert (await store.commit(reject)).ok
     assert await store.redis.exists(keys.sealed("mona", "tok")) == 0
     assert await store.key_ids_in_use() == {}
+
+
+def test_keys_are_per_connection_with_per_provider_indexes_and_shared_rest():
+    from consent_flow.core.table import State
+    from consent_flow.store.redis_store import Keys
+
+    gh = Keys("cf", "gh")
+    assert gh.rec("alice") == "cf:{alice}:gh:rec"
+    assert gh.sealed("alice", "tok") == "cf:{alice}:gh:tok"
+    assert gh.lock("alice") == "cf:{alice}:gh:lock"
+    assert gh.inbox("alice", "e1") == "cf:{alice}:gh:in:e1"
+    assert gh.idx(State.PENDING) == "cf:gh:idx:pending"
+    assert (gh.sched, gh.outbox, gh.halt, gh.histidx) == (
+        "cf:gh:sched",
+        "cf:gh:outbox",
+        "cf:gh:halt",
+        "cf:gh:histidx",
+    )
+    assert gh.refresh_job_id("alice", 17) == "refresh:cf:gh:alice:17"
+    head, tail = gh.hist_around_user()
+    assert head + "alice" + tail == gh.hist("alice")
+    assert gh.invalidation("alice") == "gh\nalice"
+    default = Keys("cf")
+    assert default.rec("alice") == "cf:{alice}:default:rec"
+    for shared in ("kids", "stream", "invalidate", "workers", "webhook_counts", "worker_counts"):
+        assert getattr(gh, shared) == getattr(default, shared)
+    assert gh.transition_counts != default.transition_counts

@@ -337,3 +337,21 @@ async def test_a_commit_queues_every_job_it_carries_only_when_it_applies(stores)
         f"{queue}:notice",
         f"{queue}:next",
     }
+
+
+async def test_a_notice_names_the_provider_of_its_connection(
+    make_stack, hook, env, two_providers, tmp_path
+):
+    from conftest import make_settings, providers_env
+
+    base = make_settings(providers_env(env, two_providers, tmp_path))
+    stack = await hooked(make_stack, hook.url, base=base)
+    status = await stack.client.request_provisioning("alice", "github")
+    assert status.authorization_url
+    response = await stack.callback(await approve(status.authorization_url, "alice"))
+    assert response.status_code == 200
+    await hook.wait_for(lambda: got(hook, "connection.provisioned"))
+    await stack.client.revoke("alice", "github")
+    await hook.wait_for(lambda: got(hook, "connection.revoked"))
+    for notice in notices(hook):
+        assert (notice["data"]["user"], notice["data"]["provider"]) == ("alice", "github")

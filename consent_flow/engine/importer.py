@@ -46,7 +46,6 @@ from consent_flow.store.import_source import (
 __all__ = [
     "IMPORT_ACTOR",
     "IMPORT_CURSOR_TTL",
-    "PROVIDERS",
     "ImportFailed",
     "ImportReport",
     "ProgressBar",
@@ -57,8 +56,6 @@ __all__ = [
 log = structlog.get_logger("consent_flow.import")
 
 IMPORT_ACTOR = "import"
-# The providers an import can target; one deployment serves one today.
-PROVIDERS = ("default",)
 # How long a half-done import can be resumed; after that a run starts over (and skips the users
 # it already provisioned).
 IMPORT_CURSOR_TTL = 30 * 24 * 3600

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from consent_flow.core.records import ProviderRevocation
@@ -27,6 +27,7 @@ __all__ = [
     "MetricsRecorder",
     "Snapshot",
     "live_clock_offsets",
+    "merged_snapshot",
     "read_snapshot",
 ]
 
@@ -139,6 +140,9 @@ class Snapshot:
     clock_offsets: dict[str, float] = field(default_factory=dict)
     """Live workers' clock offsets from Redis's time, in seconds (positive: behind)."""
 
+    provider_states: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Connections in each state by provider, in a snapshot merged over providers."""
+
     webhook_outcomes: dict[str, int] = field(default_factory=dict)
     """Webhook deliveries by outcome: delivered, retried (an attempt that failed and will be
     tried again), dead (given up after the last attempt, or refused with 410 Gone)."""
@@ -246,3 +250,36 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
             **{_text(k): float(v) for k, v in worker.items()},
         },
     )
+
+
+def _add(a: dict[Any, Any], b: dict[Any, Any]) -> dict[Any, Any]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
+
+
+async def merged_snapshot(redis: Any, keys: Keys, providers: Any, queue_name: str) -> Snapshot:
+    """One snapshot of the whole deployment: each provider's figures summed over
+    ``providers`` (names), the shared ones (queue, workers, webhooks) once, and the states of
+    each provider's connections in ``provider_states``."""
+    merged: Snapshot | None = None
+    by_provider: dict[str, dict[str, int]] = {}
+    for name in providers:
+        one = await read_snapshot(redis, keys.for_provider(name), queue_name)
+        by_provider[name] = one.states
+        if merged is None:
+            merged = one
+            continue
+        merged = replace(
+            merged,
+            states=_add(merged.states, one.states),
+            refreshes_due_next_hour=merged.refreshes_due_next_hour + one.refreshes_due_next_hour,
+            refresh_failures_24h=merged.refresh_failures_24h + one.refresh_failures_24h,
+            refresh_rejections_24h=merged.refresh_rejections_24h + one.refresh_rejections_24h,
+            refreshes_paused=merged.refreshes_paused or one.refreshes_paused,
+            transitions=_add(merged.transitions, one.transitions),
+            refresh_outcomes=_add(merged.refresh_outcomes, one.refresh_outcomes),
+            lead_buckets=_add(merged.lead_buckets, one.lead_buckets),
+            lead_sum=merged.lead_sum + one.lead_sum,
+            revocation_outcomes=_add(merged.revocation_outcomes, one.revocation_outcomes),
+        )
+    assert merged is not None, "a deployment has at least one provider"
+    return replace(merged, provider_states=by_provider)

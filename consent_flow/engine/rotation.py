@@ -2,9 +2,7 @@
 
 Each record is rewritten through the same versioned commit as any transition (no history entry),
 under the user's lock like anything else that rewrites a connection's tokens: a refresh in flight
-finishes first, and the rotation then re-seals what it stored. Nothing is ever half-written. Tokens
-still in an earlier version's layout (v1 text in the record hash) move into their own keys in
-the v2 layout on the way, whatever key sealed them.
+finishes first, and the rotation then re-seals what it stored. Nothing is ever half-written.
 """
 
 from __future__ import annotations
@@ -68,7 +66,7 @@ async def _rotate_one(store: RedisStore, ring: KeyRing, user: str) -> int:
             plain = ring.decrypt(rec.session, user=user, purpose="session")
             set_fields["sess"] = ring.encrypt(plain, user=user, purpose="session")
         for name, value in (("tok", rec.tokens), ("rvk", rec.revocation_pending)):
-            if value is not None and (ring.needs_rotation(value) or not KeyRing.is_binary(value)):
+            if value is not None and ring.needs_rotation(value):
                 sealed[name] = seal_tokens(ring, user, open_tokens(ring, user, value))
         if not set_fields and not sealed:
             return 0

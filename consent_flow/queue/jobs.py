@@ -23,9 +23,9 @@ from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 
 from consent_flow.settings import MAX_EVENT_TIMEOUT
+from consent_flow.store.scripts import lua
 
 __all__ = [
-    "ENQUEUE_LUA",
     "EVENT_MAX_TRIES",
     "JOB_TIMEOUT",
     "REDELIVERY_WINDOW",
@@ -49,27 +49,8 @@ REDELIVERY_WINDOW = MAX_EVENT_TIMEOUT + max(EVENT_MAX_TRIES, REFRESH_MAX_TRIES) 
     JOB_TIMEOUT + ARQ_IN_PROGRESS_GRACE
 )
 
-# KEYS: job key, result key, queue. ARGV: payload, expiry (ms), score (ms; empty: Redis's time
-# now), job id.
-ENQUEUE_LUA = """
-local function enqueue(job_key, result_key, queue, payload, px, score, id)
-  if redis.call('EXISTS', job_key, result_key) > 0 then return 0 end
-  if score == '' then
-    local t = redis.call('TIME')
-    score = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-  end
-  redis.call('SET', job_key, payload, 'PX', px)
-  redis.call('ZADD', queue, score, id)
-  return 1
-end
-"""
-
-_ENQUEUE = (
-    ENQUEUE_LUA
-    + """
-return enqueue(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
-"""
-)
+# The enqueue() function (enqueue_function.lua) and the script that calls it once.
+_ENQUEUE = lua("enqueue_function") + lua("enqueue")
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,7 +64,7 @@ from consent_flow.core.records import (
     ProviderRevocation,
 )
 from consent_flow.core.table import Event, State
-from consent_flow.queue.jobs import ENQUEUE_LUA, REDELIVERY_WINDOW, score_arg
+from consent_flow.queue.jobs import REDELIVERY_WINDOW, score_arg
 from consent_flow.store.scripts import lua
 from consent_flow.store.vault import KeyRing
 
@@ -91,7 +91,6 @@ STREAM_MAX_ENTRIES = 100_000  # approximate cap of the transition stream
 INBOX_TTL = 120  # seconds a sealed code waits for its worker
 REPLY_TTL = 60  # seconds a reply waits for a caller that stopped listening
 
-assert SEALED_KEYS == ("tok", "rvk"), "the commit script knows them by position"
 # Redis's defaults for a hash's compact (listpack) encoding: hash-max-listpack-entries and
 # hash-max-listpack-value. A record within them takes about half the memory.
 COMPACT_HASH_ENTRIES = 128
@@ -243,246 +242,26 @@ class Store(Protocol):
     async def release_lock(self, user: str, token: str) -> bool: ...
 
 
-# --- Lua ------------------------------------------------------------------------------------------
+# The commit script's names for the sealed keys.
+_SEALED_ROLE = {"tok": "tokens", "rvk": "revoke"}
 
-_COMMIT = (
-    ENQUEUE_LUA
-    + """
-local rec, hist, seen, idx_from, idx_to, sched, kids, stream, sess_set, sess_del, histidx,
-  outbox, counters = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8],
-  KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13]
-local op = cjson.decode(ARGV[1])
-if redis.call('ZSCORE', seen, op.event_id) then
-  return {'duplicate', tonumber(redis.call('HGET', rec, 'v') or '0')}
-end
-local cur_state = redis.call('HGET', rec, 'state') or 'unprovisioned'
-local cur_v = tonumber(redis.call('HGET', rec, 'v') or '0')
-if cur_state ~= op.expect_state or cur_v ~= op.expect_v then
-  return {'conflict', cur_v, cur_state}
-end
-local cipher, slots = op.cipher, op.slots
--- The key id of a ciphertext: v2 binary (byte 2, then 6 bytes of key id) or v1 text.
-local function kid_of(v)
-  if not v then return nil end
-  if string.byte(v, 1) == 2 then
-    if #v < 7 then return nil end
-    return string.format('%02x%02x%02x%02x%02x%02x', string.byte(v, 2, 7))
-  end
-  return string.match(v, '^v1%.([^%.]+)%.')
-end
--- Every ciphertext of the user: the hash's cipher fields, then the sealed keys (KEYS[15], ...),
--- each where it is (a record of an earlier version holds it in the hash, as v1 text).
-local function ciphertexts()
-  local out = redis.call('HMGET', rec, unpack(cipher))
-  for i, name in ipairs(slots) do
-    out[#cipher + i] = redis.call('GET', KEYS[14 + i]) or redis.call('HGET', rec, name)
-  end
-  return out
-end
-local before = ciphertexts()
-if #op.del > 0 then redis.call('HDEL', rec, unpack(op.del)) end
-local flat = {}
-for k, v in pairs(op.set) do flat[#flat + 1] = k; flat[#flat + 1] = v end
-local v = cur_v + 1
-flat[#flat + 1] = 'v'; flat[#flat + 1] = tostring(v)
-redis.call('HSET', rec, unpack(flat))
-for i, name in ipairs(slots) do
-  local arg = op.seal[name]
-  if arg then
-    redis.call('SET', KEYS[14 + i], ARGV[arg])
-    redis.call('HDEL', rec, name)
-  elseif op.wipe[name] then
-    redis.call('DEL', KEYS[14 + i])
-  end
-end
--- A hash that once held a long value (a sealed session, a long reason) keeps Redis's large
--- encoding after the value is gone; written anew, it takes the compact one again if it fits.
-if redis.call('OBJECT', 'ENCODING', rec) == 'hashtable' then
-  local all = redis.call('HGETALL', rec)
-  local fits = #all <= 2 * op.compact_entries
-  for i = 1, #all do
-    if #all[i] > op.compact_value then fits = false; break end
-  end
-  if fits then
-    redis.call('DEL', rec)
-    redis.call('HSET', rec, unpack(all))
-  end
-end
-local after = ciphertexts()
-for i = 1, #after do
-  local a, b = kid_of(before[i]), kid_of(after[i])
-  if a ~= b then
-    if a then redis.call('HINCRBY', kids, a, -1) end
-    if b then redis.call('HINCRBY', kids, b, 1) end
-  end
-end
-local tok, rvk = #cipher + 1, #cipher + 2
-if op.moved then
-  redis.call('ZREM', idx_from, op.user)
-  redis.call('ZADD', idx_to, op.since, op.user)
-end
-if op.schedule then
-  redis.call('ZADD', sched, op.schedule, op.user)
-elseif op.unschedule then
-  redis.call('ZREM', sched, op.user)
-end
-if op.sess_value then redis.call('SET', sess_set, op.sess_value, 'EX', op.sess_ttl) end
-if op.sess_drop then redis.call('DEL', sess_del) end
-if after[rvk] and after[rvk] ~= before[rvk] then
-  -- Tokens moved to the revocation outbox: the cleanup job retries what the provider missed.
-  redis.call('ZADD', outbox, op.at, op.user)
-end
-if before[tok] and before[tok] ~= after[tok] then
-  -- The tokens a process may have cached are gone or replaced: tell every process now.
-  redis.call('PUBLISH', op.channel, op.user)
-end
-if op.hist then
-  local appended = true
-  if op.collapse then
-    -- Refreshes in a row share one history entry that counts them: a grant refreshed hourly
-    -- for a year keeps a short timeline. The stream still carries every one.
-    local last = redis.call('LINDEX', hist, -1)
-    if last then
-      local prev = cjson.decode(last)
-      if prev.event == op.event_name then
-        local entry = cjson.decode(op.hist)
-        entry.count = (prev.count or 1) + 1
-        entry.first_at = prev.first_at or prev.at
-        redis.call('LSET', hist, -1, cjson.encode(entry))
-        appended = false
-      end
-    end
-  end
-  if appended then
-    redis.call('RPUSH', hist, op.hist)
-    redis.call('LTRIM', hist, -tonumber(op.hist_max), -1)
-    redis.call('ZADD', histidx, 'NX', op.at, op.user)
-  end
-  redis.call('XADD', stream, 'MAXLEN', '~', op.stream_max, '*', 'entry', op.hist, 'user', op.user)
-  redis.call('HINCRBY', counters, op.metric, 1)
-end
-redis.call('ZADD', seen, op.at, op.event_id)
-redis.call('ZREMRANGEBYSCORE', seen, '-inf', '(' .. op.seen_after)
-redis.call('ZREMRANGEBYRANK', seen, 0, -tonumber(op.seen_max) - 1)
--- A user that goes quiet drops the whole set once its newest id is out of the window.
-redis.call('EXPIRE', seen, op.seen_ttl)
-if op.reply then
-  redis.call('RPUSH', KEYS[14], op.reply)
-  redis.call('EXPIRE', KEYS[14], op.reply_ttl)
-end
--- What rides along only when the step applies: the job of a cancelled or replaced schedule, the
--- arq jobs to queue (the next refresh, a webhook notice; their payloads are the arguments after
--- the sealed values), the release of the user's lock, and counters. Their keys follow the sealed
--- keys, in the order: the dropped job, the new jobs, the lock, the counters.
-local n = 14 + #slots
-if op.drop_job then
-  -- The job of the schedule this step cancels or replaces: nothing stale stays queued.
-  redis.call('DEL', KEYS[n + 1])
-  redis.call('ZREM', KEYS[n + 2], op.drop_job)
-  n = n + 2
-end
-if op.jobs then
-  -- Each job: expiry, score, id and the index of its payload in ARGV; three keys apiece.
-  for _, job in ipairs(op.jobs) do
-    enqueue(KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], ARGV[job[4]], job[1], job[2], job[3])
-    n = n + 3
-  end
-end
-if op.unlock then
-  n = n + 1
-  if redis.call('GET', KEYS[n]) == op.unlock then redis.call('DEL', KEYS[n]) end
-end
-if op.counters then
-  for _, c in ipairs(op.counters) do
-    n = n + 1
-    if string.find(c[2], '.', 1, true) then
-      redis.call('HINCRBYFLOAT', KEYS[n], c[1], c[2])
-    else
-      redis.call('HINCRBY', KEYS[n], c[1], c[2])
-    end
-  end
-end
-return {'ok', v}
-"""
-)
 
-# Claim an authorization session for one callback: single use, checked against the record.
-_CLAIM = """
-local rec, inbox = KEYS[1], KEYS[2]
-local state = redis.call('HGET', rec, 'state')
-if state ~= 'pending' then return 'not_pending' end
-if redis.call('HGET', rec, 'sid') ~= ARGV[1] then return 'unknown_session' end
-if redis.call('HGET', rec, 'claimed') then return 'already_used' end
--- Session expiry is Redis's time, whoever wrote it and whichever clock this process keeps.
-local now = redis.call('TIME')
-local sexp = tonumber(redis.call('HGET', rec, 'sexp') or '0')
-if sexp <= tonumber(now[1]) + tonumber(now[2]) / 1000000 then return 'expired' end
-redis.call('HSET', rec, 'claimed', ARGV[2])
-if ARGV[3] ~= '' then redis.call('SET', inbox, ARGV[3], 'EX', ARGV[4]) end
-return 'ok'
-"""
+class _Layout:
+    """The keys and binary arguments of one script call, each added once and known to the
+    script by the position this returns (the step names them), never by arithmetic."""
 
-# Keys of the visited users are derived in the script: one primary holds a shard's users.
-_TRIM = """
-local histidx = KEYS[1]
-local prefix, cutoff, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local users = redis.call('ZRANGEBYSCORE', histidx, '-inf', '(' .. ARGV[2], 'LIMIT', 0, limit)
-local dropped = 0
-for _, user in ipairs(users) do
-  local hist = prefix .. ':{' .. user .. '}:hist'
-  local oldest = nil
-  while true do
-    local head = redis.call('LINDEX', hist, 0)
-    if not head then break end
-    local at = tonumber(cjson.decode(head)['at'])
-    if at >= cutoff then oldest = at; break end
-    redis.call('LPOP', hist)
-    dropped = dropped + 1
-  end
-  if oldest then
-    redis.call('ZADD', histidx, string.format('%.3f', oldest), user)
-  else
-    redis.call('ZREM', histidx, user)
-  end
-end
-return dropped
-"""
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.args: list[bytes] = []
+        self.named: dict[str, int] = {}
 
-# Forget tokens revoked at the provider (or given up on), unless a later revocation replaced them
-# meanwhile; a still revoked record notes what became of them, and the outcome is counted.
-# ARGV: sealed tokens, their key id, user, outcome.
-_DROP_REVOKED = """
-local rec, rvk, kids, outbox, counts = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local sealed, kid, user, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-if redis.call('GET', rvk) == sealed then
-  redis.call('DEL', rvk)
-elseif redis.call('HGET', rec, 'rvk') == sealed then
-  redis.call('HDEL', rec, 'rvk')
-else
-  return 0
-end
-redis.call('HDEL', rec, 'rvktries')
-if redis.call('HGET', rec, 'state') == 'revoked' then
-  redis.call('HSET', rec, 'provrev', outcome)
-end
-redis.call('HINCRBY', kids, kid, -1)
-redis.call('ZREM', outbox, user)
-redis.call('HINCRBY', counts, outcome, 1)
-return 1
-"""
+    def key(self, key: str) -> int:
+        self.keys.append(key)
+        return len(self.keys)
 
-# Take the user's lock when it is free, and read the record (hash and sealed keys) and another
-# hash (the refresh pause) in the same round trip. ARGV: owner token, ttl (ms).
-_LOCK_AND_LOAD = """
-local got = redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX')
-return {got and 1 or 0, redis.call('HGETALL', KEYS[2]), redis.call('GET', KEYS[3]),
-  redis.call('GET', KEYS[4]), redis.call('HGETALL', KEYS[5])}
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+    def arg(self, value: bytes) -> int:
+        self.args.append(value)
+        return len(self.args) + 1  # ARGV[1] is the step itself
 
 
 def _decode(value: Any) -> str:
@@ -512,12 +291,12 @@ class RedisStore:
         self.redis: Any = redis
         self.keys = Keys(prefix)
         self._load = redis.register_script(lua("load_record"))
-        self._drop_revoked = redis.register_script(_DROP_REVOKED)
-        self._commit = redis.register_script(_COMMIT)
-        self._claim = redis.register_script(_CLAIM)
-        self._release = redis.register_script(_RELEASE)
-        self._lock_and_load = redis.register_script(_LOCK_AND_LOAD)
-        self._trim = redis.register_script(_TRIM)
+        self._drop_revoked = redis.register_script(lua("drop_revoked"))
+        self._commit = redis.register_script(lua("enqueue_function") + lua("commit"))
+        self._claim = redis.register_script(lua("claim_session"))
+        self._release = redis.register_script(lua("release_lock"))
+        self._lock_and_load = redis.register_script(lua("lock_and_load"))
+        self._trim = redis.register_script(lua("trim_history"))
 
     async def load(self, user: str) -> ConsentRecord:
         k = self.keys
@@ -529,8 +308,26 @@ class RedisStore:
     async def commit(self, change: Change) -> CommitResult:
         k = self.keys
         set_fields, delete_fields = change.writes()
-        blobs = list(change.sealed.values())
+        layout = _Layout()
+        keys = layout.named
+        for name, key in (
+            ("rec", k.rec(change.user)),
+            ("hist", k.hist(change.user)),
+            ("seen", k.seen(change.user)),
+            ("idx_from", k.idx(change.expect_state)),
+            ("idx_to", k.idx(change.to_state)),
+            ("sched", k.sched),
+            ("kids", k.kids),
+            ("stream", k.stream),
+            ("histidx", k.histidx),
+            ("outbox", k.outbox),
+            ("transitions", k.transition_counts),
+            ("tokens", k.sealed(change.user, "tok")),
+            ("revoke", k.sealed(change.user, "rvk")),
+        ):
+            keys[name] = layout.key(key)
         op: dict[str, Any] = {
+            "keys": keys,
             "user": change.user,
             "event_id": change.event_id,
             "expect_state": change.expect_state.value,
@@ -538,12 +335,13 @@ class RedisStore:
             "set": set_fields,
             "del": list(delete_fields),
             "cipher": list(CIPHER_FIELDS),
-            "slots": list(SEALED_KEYS),
             "compact_entries": COMPACT_HASH_ENTRIES,
             "compact_value": COMPACT_HASH_VALUE,
-            # Sealed values travel as arguments of their own (binary): ARGV[2], ARGV[3], ...
-            "seal": {name: 2 + i for i, name in enumerate(change.sealed)},
-            "wipe": {name: True for name in SEALED_KEYS if name in delete_fields},
+            # Sealed values travel as arguments of their own (binary).
+            "seal": {
+                _SEALED_ROLE[name]: layout.arg(value) for name, value in change.sealed.items()
+            },
+            "wipe": {_SEALED_ROLE[name]: True for name in SEALED_KEYS if name in delete_fields},
             "channel": k.invalidate,
             "moved": change.moves,
             # Scores travel as strings: Lua numbers are doubles, which Redis refuses as arguments.
@@ -555,69 +353,56 @@ class RedisStore:
             "metric": f"{change.event.value}|{change.expect_state.value}|{change.to_state.value}",
             "event_name": change.event.value,
             "collapse": change.event is Event.TOKEN_REFRESHED,
-            "reply": change.reply[1] if change.reply else None,
-            "reply_ttl": str(REPLY_TTL),
             "hist_max": str(HISTORY_MAX_ENTRIES),
             "stream_max": str(STREAM_MAX_ENTRIES),
             "seen_max": str(SEEN_MAX_EVENTS),
             "seen_after": repr(change.at - SEEN_WINDOW),
             "seen_ttl": str(math.ceil(SEEN_WINDOW)),
         }
-        sess_set = sess_drop = k.sess("-")
         if change.session_lookup is not None:
             digest, ttl = change.session_lookup
-            sess_set = k.sess(digest)
+            keys["sess_set"] = layout.key(k.sess(digest))
             op["sess_value"] = f"{change.user}\n{change.set_fields['sid']}"
             op["sess_ttl"] = str(max(1, ttl))
         if change.drop_session_lookup is not None:
-            sess_drop = k.sess(change.drop_session_lookup)
-            op["sess_drop"] = True
-        extra_keys: list[str] = []
+            keys["sess_drop"] = layout.key(k.sess(change.drop_session_lookup))
+        if change.reply is not None:
+            keys["reply"] = layout.key(change.reply[0])
+            op["reply"] = change.reply[1]
+            op["reply_ttl"] = str(REPLY_TTL)
         if change.drop_job is not None:
-            extra_keys += change.drop_job.keys
-            op["drop_job"] = change.drop_job.job_id
+            job_key, queue = change.drop_job.keys
+            op["drop_job"] = {
+                "id": change.drop_job.job_id,
+                "job_key": layout.key(job_key),
+                "queue": layout.key(queue),
+            }
         if change.jobs:
             # Scores and expiries travel as strings: cjson prints numbers with 14 digits.
             op["jobs"] = [
-                [str(job.expires_ms), score_arg(job.score_ms), job.job_id, 2 + len(blobs) + i]
-                for i, job in enumerate(change.jobs)
+                {
+                    "job_key": layout.key(job.keys[0]),
+                    "result_key": layout.key(job.keys[1]),
+                    "queue": layout.key(job.keys[2]),
+                    "payload": layout.arg(job.payload),
+                    "px": str(job.expires_ms),
+                    "score": score_arg(job.score_ms),
+                    "id": job.job_id,
+                }
+                for job in change.jobs
             ]
-            for job in change.jobs:
-                extra_keys += job.keys
         if change.unlock is not None:
-            extra_keys.append(k.lock(change.user))
+            keys["lock"] = layout.key(k.lock(change.user))
             op["unlock"] = change.unlock
         if change.counters:
-            extra_keys += [key for key, _, _ in change.counters]
-            op["counters"] = [[name, amount] for _, name, amount in change.counters]
+            op["counters"] = [
+                {"key": layout.key(key), "field": name, "amount": amount}
+                for key, name, amount in change.counters
+            ]
+        # cjson turns null into a truthy userdata: absent keys are the only safe "no".
+        step = {k: v for k, v in op.items() if v is not None and v is not False}
         result = await self._commit(
-            keys=[
-                k.rec(change.user),
-                k.hist(change.user),
-                k.seen(change.user),
-                k.idx(change.expect_state),
-                k.idx(change.to_state),
-                k.sched,
-                k.kids,
-                k.stream,
-                sess_set,
-                sess_drop,
-                k.histidx,
-                k.outbox,
-                k.transition_counts,
-                change.reply[0] if change.reply else k.reply("-"),
-                *(k.sealed(change.user, name) for name in SEALED_KEYS),
-                *extra_keys,
-            ],
-            # cjson turns null into a truthy userdata: absent keys are the only safe "no".
-            args=[
-                json.dumps(
-                    {k: v for k, v in op.items() if v is not None and v is not False},
-                    separators=(",", ":"),
-                ),
-                *blobs,
-                *(job.payload for job in change.jobs),
-            ],
+            keys=layout.keys, args=[json.dumps(step, separators=(",", ":")), *layout.args]
         )
         status = _decode(result[0])
         version = int(result[1])

@@ -37,9 +37,10 @@ async def provisioned_user(client: ConsentClient, user: str) -> bytes:
             to_state=to,
             actor="test",
             at=time.time(),
-            set_fields={"exp": repr(time.time() + 3600), "lastref": repr(time.time())},
-            sealed={"tok": sealed} if to is State.PROVISIONED else {},
+            fields={"expires_at": time.time() + 3600, "last_refresh_at": time.time()},
         )
+        if to is State.PROVISIONED:
+            change.fields["tokens"] = sealed
         assert (await store.commit(change)).ok
     return sealed
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from consent_flow.core.table import Event, State
 from consent_flow.errors import ConsentError
@@ -17,14 +16,13 @@ if TYPE_CHECKING:
     from consent_flow.queue.jobs import JobRef, QueuedJob
 
 __all__ = [
-    "CIPHER_FIELDS",
     "ON_DEMAND_COOLDOWN",
-    "SEALED_KEYS",
     "Change",
     "CommitResult",
     "ConsentRecord",
     "HistoryEntry",
     "ProviderRevocation",
+    "RecordFields",
     "check_user",
     "cooldown_reason",
     "iso",
@@ -67,16 +65,6 @@ def revocation_note(value: ProviderRevocation) -> str:
     )
 
 
-# Record hash fields that hold ciphertext (v1 text): the authorization session.
-CIPHER_FIELDS = ("sess",)
-# Ciphertext kept beside the record, each in a key of its own (v2 binary): the tokens, and the
-# tokens still to revoke at the provider. Apart, they leave the record hash small enough for
-# Redis's compact encoding. Records written by earlier versions hold them as hash fields of the
-# same names (v1 text): still read, and moved into the keys by the next write or `keys rotate`.
-# The store counts ciphertexts per key id over both (start-up key check, rotation).
-SEALED_KEYS = ("tok", "rvk")
-
-
 def check_user(user: object) -> str:
     """A user id: 1-255 printable characters, no whitespace. Raises :class:`ConsentError`."""
     if not isinstance(user, str) or not 1 <= len(user) <= MAX_USER_LENGTH:
@@ -106,23 +94,9 @@ def cooldown_reason(rec: ConsentRecord, retry_at: float) -> str:
     return f"{last}; the provider is tried again at {iso(retry_at)}"
 
 
-def _float(value: str | None) -> float | None:
-    if value is None or value == "":
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
-def _revocation(value: str | None) -> ProviderRevocation | None:
-    try:
-        return ProviderRevocation(value) if value else None
-    except ValueError:
-        return None  # written by a later version: shown as unknown, never fails a read
-
-
 @dataclass(frozen=True, slots=True)
 class ConsentRecord:
-    """What the store holds for one user. Ciphertext fields stay sealed here."""
+    """What the store holds for one user. Ciphertext stays sealed here."""
 
     user: str
     state: State = State.UNPROVISIONED
@@ -139,6 +113,7 @@ class ConsentRecord:
     session_id: str | None = None
     session_digest: str | None = None  # SHA-256 of the session's state: its lookup key
     session_expires_at: float | None = None
+    session_claim: str | None = None  # the event id of the callback that claimed the session
     next_refresh_at: float | None = None
     last_refresh_at: float | None = None
     refresh_failures: int = 0
@@ -147,65 +122,20 @@ class ConsentRecord:
     last_failure_at: float | None = None
     revocation_pending: bytes | None = None  # ciphertext: tokens still to revoke at the provider
     provider_revocation: ProviderRevocation | None = None  # set by a revocation
+    revocation_attempts: int = 0  # failed tries to revoke ``revocation_pending`` at the provider
     inflight: float | None = None  # a refresh request was sent at this time and not answered
-    raw: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def from_hash(
-        cls, user: str, data: dict[str, str], sealed: Mapping[str, bytes] | None = None
-    ) -> ConsentRecord:
-        """The record from its hash and its sealed keys (``SEALED_KEYS`` by name)."""
-        if not data:
-            return cls(user=user)
-
-        def _sealed(name: str) -> bytes | None:
-            value = (sealed or {}).get(name)
-            if value:
-                return value
-            legacy = data.get(name)  # an earlier version's layout: v1 text in the hash
-            return legacy.encode() if legacy else None
-
-        return cls(
-            user=user,
-            state=State(data.get("state", State.UNPROVISIONED.value)),
-            version=int(data.get("v", "0")),
-            since=_float(data.get("since")),
-            reason=data.get("reason") or None,
-            actor=data.get("actor") or None,
-            subject=data.get("sub") or None,
-            scopes=tuple(data.get("scopes", "").split()),
-            tokens=_sealed("tok"),
-            expires_at=_float(data.get("exp")),
-            refresh_expires_at=_float(data.get("rexp")),
-            session=data.get("sess") or None,
-            session_id=data.get("sid") or None,
-            session_digest=data.get("shash") or None,
-            session_expires_at=_float(data.get("sexp")),
-            next_refresh_at=_float(data.get("next")),
-            last_refresh_at=_float(data.get("lastref")),
-            refresh_failures=int(data.get("fails", "0") or 0),
-            last_refresh_error=data.get("referr") or None,
-            failing_since=_float(data.get("failsince")),
-            last_failure_at=_float(data.get("failat")),
-            revocation_pending=_sealed("rvk"),
-            provider_revocation=_revocation(data.get("provrev")),
-            inflight=_float(data.get("inflight")),
-            raw=data,
-        )
+    imported_at: float | None = None  # when the grant was last imported; no revocation clears it
 
     def after(self, change: Change, version: int) -> ConsentRecord:
         """This record as the store holds it once ``change`` committed on top of it."""
-        writes, deletes = change.writes()
-        data = {k: v for k, v in self.raw.items() if k not in deletes and k not in change.sealed}
-        data.update(writes)
-        data["v"] = str(version)
-        sealed = {
-            name: value
-            for name, value in (("tok", self.tokens), ("rvk", self.revocation_pending))
-            if value is not None and name not in deletes
-        }
-        sealed.update(change.sealed)
-        return ConsentRecord.from_hash(self.user, data, sealed)
+        values: dict[str, Any] = {name: _DEFAULTS[name] for name in change.clear}
+        values.update(change.fields)
+        values.update(state=change.to_state, version=version)
+        if change.moves:
+            values["since"] = change.at
+        if change.record_history:
+            values.update(actor=change.actor, reason=change.reason or None)
+        return dataclasses.replace(self, **values)
 
     def on_demand_retry_at(self) -> float | None:
         """While refreshes fail, when an on-demand refresh may call the provider again: the
@@ -249,6 +179,40 @@ class ConsentRecord:
         if self.state is State.PENDING:
             out["session_expires_at"] = iso(self.session_expires_at)
         return out
+
+
+class RecordFields(TypedDict, total=False):
+    """What a change may set on a record, by attribute (see :class:`ConsentRecord`)."""
+
+    subject: str | None
+    scopes: tuple[str, ...]
+    tokens: bytes | None
+    expires_at: float | None
+    refresh_expires_at: float | None
+    session: str | None
+    session_id: str | None
+    session_digest: str | None
+    session_expires_at: float | None
+    session_claim: str | None
+    next_refresh_at: float | None
+    last_refresh_at: float | None
+    refresh_failures: int
+    last_refresh_error: str | None
+    failing_since: float | None
+    last_failure_at: float | None
+    revocation_pending: bytes | None
+    provider_revocation: ProviderRevocation | None
+    revocation_attempts: int
+    inflight: float | None
+    imported_at: float | None
+
+
+# What clearing an attribute leaves: its default (the state and version are the store's).
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default
+    for f in dataclasses.fields(ConsentRecord)
+    if f.name not in ("user", "state", "version")
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,11 +292,9 @@ class Change:
     at: float
     reason: str | None = None
     correlation_id: str | None = None
-    set_fields: dict[str, str] = field(default_factory=dict)
-    # Ciphertext for the keys beside the record (``SEALED_KEYS``); naming one of those in
-    # ``delete_fields`` wipes it, wherever it is kept.
-    sealed: dict[str, bytes] = field(default_factory=dict)
-    delete_fields: tuple[str, ...] = ()
+    # Record attributes the step sets (None clears one), and those it resets to their default.
+    fields: RecordFields = field(default_factory=lambda: RecordFields())
+    clear: tuple[str, ...] = ()
     schedule_at: float | None = None  # refresh due time; None leaves the schedule alone
     unschedule: bool = False
     session_lookup: tuple[str, int] | None = None  # (state hash, ttl) to register
@@ -352,20 +314,6 @@ class Change:
     def moves(self) -> bool:
         """Whether the user enters a state (a new ``since``, the state indexes updated)."""
         return self.to_state is not self.expect_state or self.expect_version == 0
-
-    def writes(self) -> tuple[dict[str, str], tuple[str, ...]]:
-        """Every record field this change sets, and the ones it deletes (the version aside)."""
-        misplaced = set(SEALED_KEYS) & set(self.set_fields) or set(self.sealed) - set(SEALED_KEYS)
-        if misplaced:
-            raise ValueError(f"sealed values go in Change.sealed, by SEALED_KEYS: {misplaced}")
-        fields = dict(self.set_fields)
-        fields["state"] = self.to_state.value
-        if self.moves:
-            fields["since"] = repr(self.at)
-        if self.record_history:
-            fields["actor"] = self.actor
-            fields["reason"] = self.reason or ""
-        return fields, self.delete_fields
 
     def history_entry(self) -> HistoryEntry:
         return HistoryEntry(

@@ -23,6 +23,7 @@ from consent_flow.core.records import (
     Change,
     ConsentRecord,
     ProviderRevocation,
+    RecordFields,
     clip,
     iso,
     revocation_note,
@@ -80,27 +81,26 @@ LAPSE_MOVE_SLACK = 2.0
 # What an import hears back for a user it leaves alone, in the outcome's ``skipped`` detail.
 IMPORT_SKIPPED_PROVISIONED = "already_provisioned"
 IMPORT_SKIPPED_PENDING = "pending"
-# A record field no revocation clears: when the user's grant was last imported. An import run
-# leaves a revoked user alone when it is set, so a grant that ended is not brought back.
-IMPORTED_AT_FIELD = "impat"
 OUTBOX_RETRY_BASE = 30.0  # seconds before a provider revocation that failed is tried again
 OUTBOX_RETRY_CAP = 3600.0
 # Tries of one provider revocation before the outbox gives up on it (about a day of backoff).
 OUTBOX_MAX_ATTEMPTS = 30
 
-SESSION_FIELDS = ("sess", "sid", "sexp", "shash", "claimed")
+# The record attributes of an authorization session, and of a grant. A grant's import time is
+# not one of them: no revocation clears it, so an import run leaves a grant that ended alone.
+SESSION_FIELDS = ("session", "session_id", "session_expires_at", "session_digest", "session_claim")
 TOKEN_FIELDS = (
-    "tok",
-    "exp",
-    "rexp",
-    "sub",
+    "tokens",
+    "expires_at",
+    "refresh_expires_at",
+    "subject",
     "scopes",
-    "next",
-    "lastref",
-    "fails",
-    "referr",
-    "failsince",
-    "failat",
+    "next_refresh_at",
+    "last_refresh_at",
+    "refresh_failures",
+    "last_refresh_error",
+    "failing_since",
+    "last_failure_at",
     "inflight",
 )
 
@@ -397,13 +397,13 @@ class Engine:
                 rec,
                 row,
                 reason="authorization session renewed" if rec.state is State.PENDING else None,
-                set_fields={
-                    "sess": sealed,
-                    "sid": session_id,
-                    "sexp": repr(expires),
-                    "shash": state_hash(state),
+                fields={
+                    "session": sealed,
+                    "session_id": session_id,
+                    "session_expires_at": expires,
+                    "session_digest": state_hash(state),
                 },
-                delete_fields=("claimed", "reason", "provrev", *TOKEN_FIELDS),
+                clear=("session_claim", "reason", "provider_revocation", *TOKEN_FIELDS),
                 session_lookup=(state_hash(state), self.settings.session_ttl),
                 unschedule=True,
                 drop_job=self.scheduled_job(rec),
@@ -486,25 +486,23 @@ class Engine:
             rec,
             row,
             reason=None,
-            sealed={
-                "tok": self.seal_tokens(
+            fields={
+                "tokens": self.seal_tokens(
                     rec.user,
                     {
                         "access_token": tokens.access_token,
                         "refresh_token": tokens.refresh_token,
                     },
                 ),
+                "expires_at": tokens.expires_at,
+                "refresh_expires_at": tokens.refresh_expires_at,
+                "subject": claims.subject,
+                "scopes": tokens.scopes,
+                "next_refresh_at": due,
+                "last_refresh_at": now,
+                "refresh_failures": 0,
             },
-            set_fields={
-                "exp": repr(tokens.expires_at) if tokens.expires_at is not None else "",
-                "rexp": _time_field(tokens.refresh_expires_at),
-                "sub": claims.subject,
-                "scopes": " ".join(tokens.scopes),
-                "next": repr(due),
-                "lastref": repr(now),
-                "fails": "0",
-            },
-            delete_fields=(*SESSION_FIELDS, "referr", "reason"),
+            clear=(*SESSION_FIELDS, "last_refresh_error", "reason"),
             drop_session_lookup=rec.session_digest,
             schedule_at=due,
         )
@@ -543,7 +541,7 @@ class Engine:
             rec,
             row,
             reason=reason,
-            delete_fields=SESSION_FIELDS,
+            clear=SESSION_FIELDS,
             drop_session_lookup=rec.session_digest,
         )
         result = await self.store.commit(change)
@@ -584,7 +582,7 @@ class Engine:
             rec,
             row,
             reason="authorization session expired",
-            delete_fields=SESSION_FIELDS,
+            clear=SESSION_FIELDS,
             drop_session_lookup=rec.session_digest,
         )
         result = await self.store.commit(change)
@@ -638,29 +636,27 @@ class Engine:
                 reason=None,
                 # No access token yet: stored as expired, so a caller asking for one gets it
                 # refreshed, and the first refresh is due at once so a dead grant shows now.
-                sealed={
-                    "tok": self.seal_tokens(
+                fields={
+                    "tokens": self.seal_tokens(
                         rec.user, {"access_token": "", "refresh_token": refresh_token}
-                    )
+                    ),
+                    "expires_at": now,
+                    "refresh_expires_at": lapse,
+                    "scopes": scopes,
+                    "next_refresh_at": now,
+                    "refresh_failures": 0,
+                    "imported_at": now,
                 },
-                set_fields={
-                    "exp": repr(now),
-                    "rexp": _time_field(lapse),
-                    "scopes": " ".join(scopes),
-                    "next": repr(now),
-                    "fails": "0",
-                    IMPORTED_AT_FIELD: repr(now),
-                },
-                delete_fields=(
+                clear=(
                     *SESSION_FIELDS,
-                    "sub",
-                    "lastref",
-                    "referr",
-                    "failsince",
-                    "failat",
+                    "subject",
+                    "last_refresh_at",
+                    "last_refresh_error",
+                    "failing_since",
+                    "last_failure_at",
                     "inflight",
                     "reason",
-                    "provrev",
+                    "provider_revocation",
                 ),
                 drop_session_lookup=rec.session_digest,
                 schedule_at=now,
@@ -693,18 +689,19 @@ class Engine:
                 # Otherwise the sealed tokens move to the revocation outbox in the same step
                 # that wipes them, so no process hands them out again and a provider that is
                 # down now does not make us forget to revoke them later.
-                provrev = {}
+                fields: RecordFields = {}
                 if rec.tokens is not None:
                     pending = ProviderRevocation.UNSUPPORTED if unsupported else None
-                    provrev["provrev"] = (pending or ProviderRevocation.DEFERRED).value
+                    fields["provider_revocation"] = pending or ProviderRevocation.DEFERRED
+                    if not unsupported:
+                        fields["revocation_pending"] = rec.tokens
                 change = self._change(
                     envelope,
                     rec,
                     row,
                     reason=reason,
-                    sealed={"rvk": rec.tokens} if rec.tokens and not unsupported else {},
-                    set_fields=provrev,
-                    delete_fields=(*SESSION_FIELDS, *TOKEN_FIELDS),
+                    fields=fields,
+                    clear=(*SESSION_FIELDS, *TOKEN_FIELDS),
                     drop_session_lookup=rec.session_digest,
                     unschedule=True,
                     drop_job=self.scheduled_job(rec),
@@ -763,7 +760,7 @@ class Engine:
         try:
             await self._revoke_tokens(self.open_tokens(user, rec.revocation_pending))
         except (ProviderError, VaultError) as exc:
-            attempts = int(await redis.hincrby(keys.rec(user), "rvktries", 1))
+            attempts = await self.store.count_revocation_attempt(user)
             if attempts >= OUTBOX_MAX_ATTEMPTS:
                 await self.store.drop_revoked(
                     user, rec.revocation_pending, outcome=ProviderRevocation.ABANDONED
@@ -868,11 +865,6 @@ def parse_imported_lapse(text: str) -> float | None:
     if not math.isfinite(value):
         raise ValueError("an imported expiry is not a finite number")
     return value
-
-
-def _time_field(at: float | None) -> str:
-    """A record time field: empty for "none"."""
-    return "" if at is None else repr(at)
 
 
 def _describe(exc: ConsentError) -> str:

@@ -30,7 +30,14 @@ import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from consent_flow.core.records import Change, ConsentRecord, clip, cooldown_reason, iso
+from consent_flow.core.records import (
+    Change,
+    ConsentRecord,
+    RecordFields,
+    clip,
+    cooldown_reason,
+    iso,
+)
 from consent_flow.core.table import Event, State
 from consent_flow.engine.engine import (
     TOKEN_FIELDS,
@@ -295,7 +302,7 @@ class Refresher:
         tokens = self.engine.open_tokens(user, rec.tokens)
         # Marked before the call: if this process dies with the request in flight, the next
         # attempt knows an invalid_grant may be the provider punishing a rotated token's reuse.
-        await self.store.redis.hset(self.store.keys.rec(user), "inflight", repr(now))
+        await self.store.mark_inflight(user, now)
         call = asyncio.ensure_future(
             self.engine.oauth.refresh(tokens["refresh_token"], scopes=rec.scopes)
         )
@@ -500,18 +507,16 @@ class Refresher:
                 at=pending.at,
                 reason=None,
                 correlation_id=envelope.correlation_id,
-                sealed={"tok": pending.sealed},
-                set_fields={
-                    "exp": repr(pending.expires_at) if pending.expires_at is not None else "",
-                    "rexp": ""
-                    if pending.refresh_expires_at is None
-                    else repr(pending.refresh_expires_at),
-                    "scopes": " ".join(pending.scopes),
-                    "next": repr(pending.due_at),
-                    "lastref": repr(pending.at),
-                    "fails": "0",
+                fields={
+                    "tokens": pending.sealed,
+                    "expires_at": pending.expires_at,
+                    "refresh_expires_at": pending.refresh_expires_at,
+                    "scopes": pending.scopes,
+                    "next_refresh_at": pending.due_at,
+                    "last_refresh_at": pending.at,
+                    "refresh_failures": 0,
                 },
-                delete_fields=("referr", "failsince", "failat", "inflight"),
+                clear=("last_refresh_error", "failing_since", "last_failure_at", "inflight"),
                 schedule_at=pending.due_at,
                 # Riding in the same commit: the next refresh's job (and a notice's, below), the
                 # counters, the release of the lock and the caller's answer. One round trip.
@@ -740,7 +745,7 @@ class Refresher:
     ) -> None:
         since = rec.since
         for _ in range(MAX_MERGE_ATTEMPTS):
-            fields = {"next": repr(at)}
+            fields: RecordFields = {"next_refresh_at": at}
             job = self.scheduler.job_for(rec.user, at)
             failures = rec.refresh_failures
             failing_since = rec.failing_since
@@ -750,10 +755,12 @@ class Refresher:
                 # The first failure of a run: cleared by the next success.
                 failing_since = failing_since if failing_since is not None else now
                 fields.update(
-                    referr=clip(error) or "",
-                    fails=str(failures),
-                    failat=repr(now),
-                    failsince=repr(failing_since),
+                    {
+                        "last_refresh_error": clip(error),
+                        "refresh_failures": failures,
+                        "last_failure_at": now,
+                        "failing_since": failing_since,
+                    }
                 )
             change = Change(
                 user=rec.user,
@@ -764,8 +771,8 @@ class Refresher:
                 to_state=rec.state,
                 actor=envelope.actor,
                 at=self.engine.clock(),
-                set_fields=fields,
-                delete_fields=() if keep_inflight else ("inflight",),
+                fields=fields,
+                clear=() if keep_inflight else ("inflight",),
                 schedule_at=at,
                 record_history=False,
                 jobs=(job,),
@@ -833,7 +840,7 @@ class Refresher:
             at=self.engine.clock(),
             reason=reason,
             correlation_id=envelope.correlation_id,
-            delete_fields=TOKEN_FIELDS,
+            clear=TOKEN_FIELDS,
             unschedule=True,
             drop_job=self.engine.scheduled_job(rec),
         )

@@ -43,6 +43,7 @@ The indexes are shard-wide keys: users are sharded across primaries, not across 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -55,8 +56,6 @@ import structlog
 from redis.asyncio import Redis
 
 from consent_flow.core.records import (
-    CIPHER_FIELDS,
-    SEALED_KEYS,
     Change,
     CommitResult,
     ConsentRecord,
@@ -65,6 +64,7 @@ from consent_flow.core.records import (
 )
 from consent_flow.core.table import Event, State
 from consent_flow.queue.jobs import REDELIVERY_WINDOW, score_arg
+from consent_flow.store import codec
 from consent_flow.store.scripts import lua
 from consent_flow.store.vault import KeyRing
 
@@ -117,7 +117,7 @@ class Keys:
         return f"{self.prefix}:{{{user}}}:rec"
 
     def sealed(self, user: str, name: str) -> str:
-        """The key of one of ``SEALED_KEYS`` (``tok``, ``rvk``)."""
+        """The key of a sealed value beside the record (``codec.SEALED_KEYS``: ``tok``, ``rvk``)."""
         return f"{self.prefix}:{{{user}}}:{name}"
 
     def hist(self, user: str) -> str:
@@ -243,7 +243,10 @@ class Store(Protocol):
 
 
 # The commit script's names for the sealed keys.
-_SEALED_ROLE = {"tok": "tokens", "rvk": "revoke"}
+_SEALED_ROLE = {
+    codec.SEALED_KEYS["tokens"]: "tokens",
+    codec.SEALED_KEYS["revocation_pending"]: "revoke",
+}
 
 
 class _Layout:
@@ -275,8 +278,8 @@ def _pairs(flat: list[Any]) -> dict[str, str]:
 
 def _record(user: str, flat: list[Any], tok: bytes | None, rvk: bytes | None) -> ConsentRecord:
     """A record from its hash (HGETALL, flat) and its sealed keys."""
-    sealed = {name: value for name, value in (("tok", tok), ("rvk", rvk)) if value}
-    return ConsentRecord.from_hash(user, _pairs(flat), sealed)
+    sealed = dict(zip(codec.SEALED_KEYS.values(), (tok, rvk), strict=True))
+    return codec.record_from_hash(user, _pairs(flat), sealed)
 
 
 class RedisStore:
@@ -298,16 +301,18 @@ class RedisStore:
         self._lock_and_load = redis.register_script(lua("lock_and_load"))
         self._trim = redis.register_script(lua("trim_history"))
 
+    def _sealed_keys(self, user: str) -> list[str]:
+        """The keys of the sealed tokens and of the tokens to revoke, in that order."""
+        return [self.keys.sealed(user, suffix) for suffix in codec.SEALED_KEYS.values()]
+
     async def load(self, user: str) -> ConsentRecord:
         k = self.keys
-        flat, tok, rvk = await self._load(
-            keys=[k.rec(user), k.sealed(user, "tok"), k.sealed(user, "rvk")]
-        )
+        flat, tok, rvk = await self._load(keys=[k.rec(user), *self._sealed_keys(user)])
         return _record(user, flat, tok, rvk)
 
     async def commit(self, change: Change) -> CommitResult:
         k = self.keys
-        set_fields, delete_fields = change.writes()
+        writes = codec.hash_writes(change)
         layout = _Layout()
         keys = layout.named
         for name, key in (
@@ -322,8 +327,8 @@ class RedisStore:
             ("histidx", k.histidx),
             ("outbox", k.outbox),
             ("transitions", k.transition_counts),
-            ("tokens", k.sealed(change.user, "tok")),
-            ("revoke", k.sealed(change.user, "rvk")),
+            ("tokens", k.sealed(change.user, codec.SEALED_KEYS["tokens"])),
+            ("revoke", k.sealed(change.user, codec.SEALED_KEYS["revocation_pending"])),
         ):
             keys[name] = layout.key(key)
         op: dict[str, Any] = {
@@ -332,16 +337,14 @@ class RedisStore:
             "event_id": change.event_id,
             "expect_state": change.expect_state.value,
             "expect_v": change.expect_version,
-            "set": set_fields,
-            "del": list(delete_fields),
-            "cipher": list(CIPHER_FIELDS),
+            "set": writes.set,
+            "del": list(writes.delete),
+            "cipher": list(codec.CIPHER_FIELDS),
             "compact_entries": COMPACT_HASH_ENTRIES,
             "compact_value": COMPACT_HASH_VALUE,
             # Sealed values travel as arguments of their own (binary).
-            "seal": {
-                _SEALED_ROLE[name]: layout.arg(value) for name, value in change.sealed.items()
-            },
-            "wipe": {_SEALED_ROLE[name]: True for name in SEALED_KEYS if name in delete_fields},
+            "seal": {_SEALED_ROLE[name]: layout.arg(value) for name, value in writes.seal.items()},
+            "wipe": {_SEALED_ROLE[name]: True for name in writes.wipe},
             "channel": k.invalidate,
             "moved": change.moves,
             # Scores travel as strings: Lua numbers are doubles, which Redis refuses as arguments.
@@ -362,7 +365,7 @@ class RedisStore:
         if change.session_lookup is not None:
             digest, ttl = change.session_lookup
             keys["sess_set"] = layout.key(k.sess(digest))
-            op["sess_value"] = f"{change.user}\n{change.set_fields['sid']}"
+            op["sess_value"] = f"{change.user}\n{change.fields.get('session_id')}"
             op["sess_ttl"] = str(max(1, ttl))
         if change.drop_session_lookup is not None:
             keys["sess_drop"] = layout.key(k.sess(change.drop_session_lookup))
@@ -495,10 +498,35 @@ class RedisStore:
         k = self.keys
         token = secrets.token_hex(16)
         got, flat, tok, rvk, other = await self._lock_and_load(
-            keys=[k.lock(user), k.rec(user), k.sealed(user, "tok"), k.sealed(user, "rvk"), also],
+            keys=[k.lock(user), k.rec(user), *self._sealed_keys(user), also],
             args=[token, int(ttl * 1000)],
         )
         return (token if int(got) else None), _record(user, flat, tok, rvk), _pairs(other)
+
+    async def actors_and_reasons(self, users: list[str]) -> list[tuple[str | None, str | None]]:
+        """Who made each user's last transition and why, in one round trip (for listings)."""
+        names = codec.field_name("actor"), codec.field_name("reason")
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user in users:
+                pipe.hmget(self.keys.rec(user), *names)
+            rows = await pipe.execute()
+        return [
+            (
+                None if actor is None else _decode(actor),
+                None if reason is None else _decode(reason),
+            )
+            for actor, reason in rows
+        ]
+
+    async def mark_inflight(self, user: str, at: float) -> None:
+        """Note that a refresh request went out at ``at`` and is not answered yet (outside any
+        commit: it must be there before the request leaves)."""
+        await self.redis.hset(self.keys.rec(user), codec.field_name("inflight"), repr(at))
+
+    async def count_revocation_attempt(self, user: str) -> int:
+        """Count one more failed try to revoke the user's outbox tokens; returns the count."""
+        key, name = self.keys.rec(user), codec.field_name("revocation_attempts")
+        return int(await self.redis.hincrby(key, name, 1))
 
     async def drop_revoked(
         self,
@@ -513,7 +541,13 @@ class RedisStore:
         k = self.keys
         return bool(
             await self._drop_revoked(
-                keys=[k.rec(user), k.sealed(user, "rvk"), k.kids, k.outbox, k.revocation_counts],
+                keys=[
+                    k.rec(user),
+                    k.sealed(user, codec.SEALED_KEYS["revocation_pending"]),
+                    k.kids,
+                    k.outbox,
+                    k.revocation_counts,
+                ],
                 args=[sealed, KeyRing.key_id_of(sealed), user, outcome.value],
             )
         )
@@ -544,8 +578,7 @@ class MemoryStore:
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-        self.records: dict[str, dict[str, str]] = {}
-        self.sealed: dict[str, dict[str, bytes]] = {}  # the keys beside the record
+        self.records: dict[str, ConsentRecord] = {}
         self.histories: dict[str, list[HistoryEntry]] = {}
         self.seen: dict[str, dict[str, float]] = {}  # event id: when it applied
         self.indexes: dict[State, dict[str, float]] = {state: {} for state in State}
@@ -557,29 +590,17 @@ class MemoryStore:
         self.counters: dict[tuple[str, str], float] = {}
 
     async def load(self, user: str) -> ConsentRecord:
-        return ConsentRecord.from_hash(
-            user, dict(self.records.get(user, {})), dict(self.sealed.get(user, {}))
-        )
+        return self.records.get(user) or ConsentRecord(user=user)
 
     async def commit(self, change: Change) -> CommitResult:
         user = change.user
-        rec = self.records.setdefault(user, {})
+        rec = await self.load(user)
         if change.event_id in self.seen.get(user, []):
-            return CommitResult("duplicate", int(rec.get("v", "0")))
-        current = State(rec.get("state", State.UNPROVISIONED.value))
-        version = int(rec.get("v", "0"))
-        if current is not change.expect_state or version != change.expect_version:
-            return CommitResult("conflict", version, current)
-        writes, deletes = change.writes()
-        sealed = self.sealed.setdefault(user, {})
-        for name in deletes:
-            rec.pop(name, None)
-            sealed.pop(name, None)
-        rec.update(writes)
-        rec["v"] = str(version + 1)
-        for name, value in change.sealed.items():
-            sealed[name] = value
-            rec.pop(name, None)  # an earlier version's layout kept it in the record
+            return CommitResult("duplicate", rec.version)
+        if rec.state is not change.expect_state or rec.version != change.expect_version:
+            return CommitResult("conflict", rec.version, rec.state)
+        codec.hash_writes(change)  # refuses what Redis would not store
+        self.records[user] = rec.after(change, rec.version + 1)
         if change.moves:
             self.indexes[change.expect_state].pop(user, None)
             self.indexes[change.to_state][user] = change.at
@@ -588,7 +609,7 @@ class MemoryStore:
         elif change.unschedule:
             self.schedule.pop(user, None)
         if change.session_lookup is not None:
-            self.sessions[change.session_lookup[0]] = (user, change.set_fields["sid"])
+            self.sessions[change.session_lookup[0]] = (user, change.fields.get("session_id") or "")
         if change.drop_session_lookup is not None:
             self.sessions.pop(change.drop_session_lookup, None)
         if change.record_history:
@@ -610,7 +631,7 @@ class MemoryStore:
             del self.locks[user]
         for key, name, amount in change.counters:
             self.counters[key, name] = self.counters.get((key, name), 0.0) + float(amount)
-        return CommitResult("ok", version + 1)
+        return CommitResult("ok", rec.version + 1)
 
     async def history(self, user: str, *, limit: int = HISTORY_MAX_ENTRIES) -> list[HistoryEntry]:
         return list(self.histories.get(user, [])[-limit:])
@@ -630,16 +651,16 @@ class MemoryStore:
     async def claim_session(
         self, user: str, session_id: str, event_id: str, sealed: str | None
     ) -> str:
-        rec = self.records.get(user, {})
-        if rec.get("state") != State.PENDING.value:
+        rec = await self.load(user)
+        if rec.state is not State.PENDING:
             return "not_pending"
-        if rec.get("sid") != session_id:
+        if rec.session_id != session_id:
             return "unknown_session"
-        if "claimed" in rec:
+        if rec.session_claim is not None:
             return "already_used"
-        if float(rec.get("sexp", "0")) <= self.clock():
+        if (rec.session_expires_at or 0.0) <= self.clock():
             return "expired"
-        rec["claimed"] = event_id
+        self.records[user] = dataclasses.replace(rec, session_claim=event_id)
         if sealed:
             self.inboxes[(user, event_id)] = sealed
         return "ok"
@@ -675,14 +696,13 @@ class MemoryStore:
         *,
         outcome: ProviderRevocation = ProviderRevocation.DONE,
     ) -> bool:
-        held = self.sealed.get(user, {})
-        if held.get("rvk") == sealed:
-            del held["rvk"]
-        elif self.records.get(user, {}).get("rvk", "").encode() == sealed:
-            del self.records[user]["rvk"]
-        else:
+        rec = await self.load(user)
+        if rec.revocation_pending is None or rec.revocation_pending != sealed:
             return False
-        self.records[user].pop("rvktries", None)
-        if self.records[user].get("state") == State.REVOKED.value:
-            self.records[user]["provrev"] = outcome.value
+        self.records[user] = dataclasses.replace(
+            rec,
+            revocation_pending=None,
+            revocation_attempts=0,
+            provider_revocation=outcome if rec.state is State.REVOKED else rec.provider_revocation,
+        )
         return True

@@ -7,13 +7,10 @@ import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any, TypedDict
 
 from consent_flow.core.table import Event, State
 from consent_flow.errors import ConsentError
-
-if TYPE_CHECKING:
-    from consent_flow.queue.jobs import JobRef, QueuedJob
 
 __all__ = [
     "ON_DEMAND_COOLDOWN",
@@ -21,8 +18,12 @@ __all__ = [
     "CommitResult",
     "ConsentRecord",
     "HistoryEntry",
+    "Job",
+    "NoticeJob",
     "ProviderRevocation",
     "RecordFields",
+    "RefreshCount",
+    "RefreshJob",
     "check_user",
     "cooldown_reason",
     "iso",
@@ -181,6 +182,34 @@ class ConsentRecord:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class RefreshJob:
+    """The refresh due at ``at`` (one job per user and due time)."""
+
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeJob:
+    """A webhook notice to deliver: its id, its job form (JSON, nothing secret), and how long
+    the queue must remember its id so the same notice is never delivered twice (seconds)."""
+
+    id: str
+    notice: dict[str, Any]
+    keep_for: float
+
+
+Job = RefreshJob | NoticeJob
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshCount:
+    """A refresh for the figures: its outcome, and how long before expiry it happened."""
+
+    outcome: str
+    lead: float | None = None
+
+
 class RecordFields(TypedDict, total=False):
     """What a change may set on a record, by attribute (see :class:`ConsentRecord`)."""
 
@@ -301,14 +330,14 @@ class Change:
     drop_session_lookup: str | None = None  # state hash to forget
     record_history: bool = True
     reply: tuple[str, str] | None = None  # (reply key, outcome JSON) pushed if the commit applies
-    # Also only if the commit applies: arq jobs to queue (the next refresh, a webhook notice;
-    # each refused while arq still holds its id), the job of the schedule it cancels or
-    # replaces, the release of the user's lock (its owner token), and counters added to hashes
-    # (key, field, amount as text).
-    jobs: tuple[QueuedJob, ...] = ()
-    drop_job: JobRef | None = None
+    # Also only if the commit applies: jobs to queue (the next refresh, a webhook notice; each
+    # refused while the queue still holds its id), the queued refresh of the schedule it
+    # cancels or replaces (by its due time), the release of the user's lock (its owner token),
+    # and the refresh it counts.
+    jobs: tuple[Job, ...] = ()
+    drop_refresh_at: float | None = None
     unlock: str | None = None
-    counters: tuple[tuple[str, str, str], ...] = ()
+    refresh_count: RefreshCount | None = None
 
     @property
     def moves(self) -> bool:

@@ -29,7 +29,7 @@ from consent_flow.core.records import (
     revocation_note,
 )
 from consent_flow.core.table import ConsentMachine, Event, State, Transition
-from consent_flow.engine.webhooks import Notice, NoticeKind, notice_job, notice_kind
+from consent_flow.engine.webhooks import Notice, NoticeKind, commit_notice, notice_kind
 from consent_flow.errors import (
     ClientRejected,
     ConsentError,
@@ -49,8 +49,7 @@ from consent_flow.oidc import (
     new_state,
 )
 from consent_flow.queue.bus import Envelope, Outcome, new_id
-from consent_flow.queue.jobs import JobQueue, JobRef
-from consent_flow.queue.scheduler import refresh_job_ref
+from consent_flow.queue.jobs import JobQueue
 from consent_flow.settings import Settings
 from consent_flow.store.redis_store import INBOX_TTL, RedisStore, state_hash
 from consent_flow.store.vault import KeyRing, open_tokens, seal_tokens
@@ -311,16 +310,7 @@ class Engine:
             failures=failures,
             failing_since=failing_since,
         )
-        job = notice_job(self.jobs, self.settings, notice)
-        if job is not None:
-            change.jobs = (*change.jobs, job)
-
-    def scheduled_job(self, rec: ConsentRecord) -> JobRef | None:
-        """The deferred refresh job of ``rec``'s schedule, for a step that cancels or replaces
-        it."""
-        if rec.next_refresh_at is None:
-            return None
-        return refresh_job_ref(rec.user, rec.next_refresh_at, self.settings.queue_name)
+        change.jobs = (*change.jobs, commit_notice(notice))
 
     def seal_tokens(self, user: str, tokens: dict[str, str | None]) -> bytes:
         return seal_tokens(self.ring, user, tokens)
@@ -406,7 +396,7 @@ class Engine:
                 clear=("session_claim", "reason", "provider_revocation", *TOKEN_FIELDS),
                 session_lookup=(state_hash(state), self.settings.session_ttl),
                 unschedule=True,
-                drop_job=self.scheduled_job(rec),
+                drop_refresh_at=rec.next_refresh_at,
             )
             # The caller's answer rides in the commit itself: one round trip less per event.
             outcome = self.outcome(rec.after(change, rec.version + 1), envelope, "applied", url=url)
@@ -704,7 +694,7 @@ class Engine:
                     clear=(*SESSION_FIELDS, *TOKEN_FIELDS),
                     drop_session_lookup=rec.session_digest,
                     unschedule=True,
-                    drop_job=self.scheduled_job(rec),
+                    drop_refresh_at=rec.next_refresh_at,
                 )
                 result = await self.store.commit(change)
                 if result.status == "conflict":

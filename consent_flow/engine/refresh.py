@@ -34,6 +34,8 @@ from consent_flow.core.records import (
     Change,
     ConsentRecord,
     RecordFields,
+    RefreshCount,
+    RefreshJob,
     clip,
     cooldown_reason,
     iso,
@@ -56,7 +58,6 @@ from consent_flow.errors import (
 )
 from consent_flow.oidc import TokenSet
 from consent_flow.queue.bus import Envelope, Outcome
-from consent_flow.queue.jobs import JobRef, QueuedJob
 from consent_flow.queue.scheduler import Scheduler
 from consent_flow.store.metrics import MetricsRecorder
 from consent_flow.store.redis_store import due_ms
@@ -495,7 +496,6 @@ class Refresher:
             fit = fits(pending, rec, self.engine.ring)
             if fit is not Fit.STORE:
                 return await self._settle(rec, pending, envelope, fit)
-            job = self.scheduler.job_for(user, pending.due_at)
             change = Change(
                 user=user,
                 event=Event.TOKEN_REFRESHED,
@@ -520,9 +520,9 @@ class Refresher:
                 schedule_at=pending.due_at,
                 # Riding in the same commit: the next refresh's job (and a notice's, below), the
                 # counters, the release of the lock and the caller's answer. One round trip.
-                jobs=(job,),
-                drop_job=self._replaced(rec, job),
-                counters=self.metrics.refresh_counters("success", lead=lead),
+                jobs=(RefreshJob(pending.due_at),),
+                drop_refresh_at=self._replaced(rec, pending.due_at),
+                refresh_count=RefreshCount("success", lead),
                 unlock=unlock,
             )
             # The success that ends a long run of failures: the run's length and start go out.
@@ -746,7 +746,6 @@ class Refresher:
         since = rec.since
         for _ in range(MAX_MERGE_ATTEMPTS):
             fields: RecordFields = {"next_refresh_at": at}
-            job = self.scheduler.job_for(rec.user, at)
             failures = rec.refresh_failures
             failing_since = rec.failing_since
             if error is not None:
@@ -775,8 +774,8 @@ class Refresher:
                 clear=() if keep_inflight else ("inflight",),
                 schedule_at=at,
                 record_history=False,
-                jobs=(job,),
-                drop_job=self._replaced(rec, job),
+                jobs=(RefreshJob(at),),
+                drop_refresh_at=self._replaced(rec, at),
             )
             # Once per run of failures: at the one that reaches the threshold.
             self.engine.add_notice(
@@ -796,13 +795,13 @@ class Refresher:
             if rec.state is not State.PROVISIONED or rec.since != since:
                 return
 
-    def _replaced(self, rec: ConsentRecord, job: QueuedJob) -> JobRef | None:
-        """The job of the schedule ``job`` replaces, for the commit to remove, unless it is the
-        same job. Removing it is harmless when it is the one running (arq's own clean-up finds
-        nothing left) and spares the queue a stale job when it is a later one (an on-demand
-        refresh came first)."""
-        old = self.engine.scheduled_job(rec)
-        return None if old is None or old.job_id == job.job_id else old
+    def _replaced(self, rec: ConsentRecord, due: float) -> float | None:
+        """The due time of the schedule a refresh due at ``due`` replaces, for the commit to
+        remove its job, unless it is the same job. Removing it is harmless when it is the one
+        running (arq's own clean-up finds nothing left) and spares the queue a stale job when it
+        is a later one (an on-demand refresh came first)."""
+        old = rec.next_refresh_at
+        return None if old is None or due_ms(old) == due_ms(due) else old
 
     async def _reject(
         self,
@@ -842,7 +841,7 @@ class Refresher:
             correlation_id=envelope.correlation_id,
             clear=TOKEN_FIELDS,
             unschedule=True,
-            drop_job=self.engine.scheduled_job(rec),
+            drop_refresh_at=rec.next_refresh_at,
         )
         self.engine.add_notice(
             change, notice_kind(change.event, change.expect_state, change.to_state)

@@ -28,6 +28,7 @@ from consent_flow.store.scripts import lua
 __all__ = [
     "EVENT_MAX_TRIES",
     "JOB_TIMEOUT",
+    "NOTICE_JOB",
     "REDELIVERY_WINDOW",
     "REFRESH_MAX_TRIES",
     "JobQueue",
@@ -41,6 +42,7 @@ __all__ = [
 JOB_TIMEOUT = 60  # seconds; longer than a provider round trip with its retries
 EVENT_MAX_TRIES = 3
 REFRESH_MAX_TRIES = 5  # arq re-runs a refresh whose worker died; failures reschedule themselves
+NOTICE_JOB = "deliver_webhook"  # the arq function that delivers one webhook notice
 ARQ_IN_PROGRESS_GRACE = 10  # arq holds a running job's claim this long past the job's timeout
 # How long after an event was queued arq can still run it: its job key lives at most the event's
 # expiry, and a try that starts just before that may run and be retried for every try it has left.

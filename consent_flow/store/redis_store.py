@@ -50,7 +50,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from redis.asyncio import Redis
@@ -60,7 +60,10 @@ from consent_flow.core.records import (
     CommitResult,
     ConsentRecord,
     HistoryEntry,
+    Job,
     ProviderRevocation,
+    RefreshCount,
+    RefreshJob,
 )
 from consent_flow.core.table import Event, State
 from consent_flow.queue.jobs import REDELIVERY_WINDOW, score_arg
@@ -79,6 +82,9 @@ __all__ = [
     "state_hash",
 ]
 
+if TYPE_CHECKING:
+    from consent_flow.queue.commit_jobs import CommitJobs
+
 log = structlog.get_logger("consent_flow.transitions")
 
 HISTORY_MAX_ENTRIES = 1000  # a hard cap on top of the time-based retention
@@ -95,6 +101,28 @@ REPLY_TTL = 60  # seconds a reply waits for a caller that stopped listening
 # hash-max-listpack-value. A record within them takes about half the memory.
 COMPACT_HASH_ENTRIES = 128
 COMPACT_HASH_VALUE = 64
+
+
+# Upper bounds, in seconds, of the refresh lead-time histogram's buckets.
+LEAD_BUCKETS = (0.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, 86400.0, math.inf)
+
+
+def lead_bucket(lead: float) -> str:
+    for bound in LEAD_BUCKETS:
+        if lead <= bound:
+            return "+Inf" if math.isinf(bound) else repr(bound)
+    return "+Inf"
+
+
+def refresh_counters(keys: Keys, count: RefreshCount) -> tuple[tuple[str, str, str], ...]:
+    """What one refresh adds to the counters: (hash key, field, amount as text). A successful
+    refresh's commit carries these, so they count exactly the refreshes that applied."""
+    counters = [(keys.refresh_counts, count.outcome, "1")]
+    if count.lead is not None:
+        lead = max(0.0, count.lead)
+        counters.append((keys.refresh_lead, lead_bucket(lead), "1"))
+        counters.append((keys.refresh_lead, "sum", f"{lead:.6f}"))
+    return tuple(counters)
 
 
 def due_ms(at: float) -> int:
@@ -293,6 +321,8 @@ class RedisStore:
         # store treats it as untyped rather than scatter ignores over every call.
         self.redis: Any = redis
         self.keys = Keys(prefix)
+        # Turns the jobs commits carry into arq's; set where a scheduler runs (a worker).
+        self.commit_jobs: CommitJobs | None = None
         self._load = redis.register_script(lua("load_record"))
         self._drop_revoked = redis.register_script(lua("drop_revoked"))
         self._commit = redis.register_script(lua("enqueue_function") + lua("commit"))
@@ -300,6 +330,11 @@ class RedisStore:
         self._release = redis.register_script(lua("release_lock"))
         self._lock_and_load = redis.register_script(lua("lock_and_load"))
         self._trim = redis.register_script(lua("trim_history"))
+
+    def _commit_jobs(self) -> CommitJobs:
+        if self.commit_jobs is None:
+            raise RuntimeError("this store queues no jobs: set its commit_jobs")
+        return self.commit_jobs
 
     def _sealed_keys(self, user: str) -> list[str]:
         """The keys of the sealed tokens and of the tokens to revoke, in that order."""
@@ -373,14 +408,16 @@ class RedisStore:
             keys["reply"] = layout.key(change.reply[0])
             op["reply"] = change.reply[1]
             op["reply_ttl"] = str(REPLY_TTL)
-        if change.drop_job is not None:
-            job_key, queue = change.drop_job.keys
+        if change.drop_refresh_at is not None:
+            dropped = self._commit_jobs().dropped(change.user, change.drop_refresh_at)
+            job_key, queue = dropped.keys
             op["drop_job"] = {
-                "id": change.drop_job.job_id,
+                "id": dropped.job_id,
                 "job_key": layout.key(job_key),
                 "queue": layout.key(queue),
             }
         if change.jobs:
+            queued = [self._commit_jobs().queued(change.user, job) for job in change.jobs]
             # Scores and expiries travel as strings: cjson prints numbers with 14 digits.
             op["jobs"] = [
                 {
@@ -392,15 +429,15 @@ class RedisStore:
                     "score": score_arg(job.score_ms),
                     "id": job.job_id,
                 }
-                for job in change.jobs
+                for job in queued
             ]
         if change.unlock is not None:
             keys["lock"] = layout.key(k.lock(change.user))
             op["unlock"] = change.unlock
-        if change.counters:
+        if change.refresh_count is not None:
             op["counters"] = [
                 {"key": layout.key(key), "field": name, "amount": amount}
-                for key, name, amount in change.counters
+                for key, name, amount in refresh_counters(k, change.refresh_count)
             ]
         # cjson turns null into a truthy userdata: absent keys are the only safe "no".
         step = {k: v for k, v in op.items() if v is not None and v is not False}
@@ -573,6 +610,14 @@ class RedisStore:
         )
 
 
+def _job_id(user: str, job: Job) -> str:
+    """A job's identity, as arq's job ids make it: a refresh per user and due time, a notice
+    per notice."""
+    if isinstance(job, RefreshJob):
+        return f"refresh:{user}:{due_ms(job.at)}"
+    return f"notice:{job.id}"
+
+
 class MemoryStore:
     """The same contract in a process's memory: for fast tests of the engine's logic."""
 
@@ -586,8 +631,8 @@ class MemoryStore:
         self.sessions: dict[str, tuple[str, str]] = {}
         self.inboxes: dict[tuple[str, str], str] = {}
         self.locks: dict[str, str] = {}
-        self.jobs: dict[str, bytes] = {}  # queued arq jobs by id (payloads)
-        self.counters: dict[tuple[str, str], float] = {}
+        self.jobs: dict[str, Job] = {}  # queued jobs, by an id of the same kind as arq's
+        self.refresh_counts: list[RefreshCount] = []
 
     async def load(self, user: str) -> ConsentRecord:
         return self.records.get(user) or ConsentRecord(user=user)
@@ -623,14 +668,14 @@ class MemoryStore:
             reverse=True,
         )[:SEEN_MAX_EVENTS]
         self.seen[user] = {eid: at for at, eid in kept}
-        if change.drop_job is not None:
-            self.jobs.pop(change.drop_job.job_id, None)
+        if change.drop_refresh_at is not None:
+            self.jobs.pop(_job_id(user, RefreshJob(change.drop_refresh_at)), None)
         for job in change.jobs:
-            self.jobs.setdefault(job.job_id, job.payload)
+            self.jobs.setdefault(_job_id(user, job), job)
         if change.unlock is not None and self.locks.get(user) == change.unlock:
             del self.locks[user]
-        for key, name, amount in change.counters:
-            self.counters[key, name] = self.counters.get((key, name), 0.0) + float(amount)
+        if change.refresh_count is not None:
+            self.refresh_counts.append(change.refresh_count)
         return CommitResult("ok", rec.version + 1)
 
     async def history(self, user: str, *, limit: int = HISTORY_MAX_ENTRIES) -> list[HistoryEntry]:

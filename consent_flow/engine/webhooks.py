@@ -240,7 +240,6 @@ class Notice:
             from_state=State(data["from"]) if data.get("from") else None,
             to_state=State(data["to"]) if data.get("to") else None,
             reason=str(data["reason"]) if data.get("reason") is not None else None,
-            # Absent from the jobs of an earlier version.
             failures=int(data["failures"]) if data.get("failures") is not None else None,
             failing_since=float(data["failing_since"])
             if data.get("failing_since") is not None

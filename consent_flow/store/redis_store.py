@@ -32,10 +32,14 @@ Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``; every key of one user shares t
 Every time stored here is Redis's time (``TIME`` in scripts, a ``RedisClock`` in Python), never
 the writing process's own clock: processes whose clocks disagree still agree on what is due.
 
-A transition is one Lua script: the version check, the fields, the sealed tokens, the indexes,
-the schedule, the history entry and the stream entry commit together or not at all (one
-writer wins); a commit also queues the arq jobs it carries (the next refresh, a webhook notice),
-adds its counters, releases the user's lock and pushes the caller's answer, only if it applies.
+The record hash's fields are the codec's (``codec.py``): the store passes what it writes and
+reads through it, and nothing outside the store names a field.
+
+A transition is one Lua script (``lua/commit.lua``): the version check, the fields, the sealed
+tokens, the indexes, the schedule, the history entry and the stream entry commit together or not
+at all (one writer wins); a commit also queues the arq jobs it carries (the next refresh, a
+webhook notice; ``queue/commit_jobs.py`` makes them from the change's domain values), counts,
+releases the user's lock and pushes the caller's answer, only if it applies.
 A record is read in one round trip too, hash and sealed keys alike (with the lock taken, for a
 refresh).
 The indexes are shard-wide keys: users are sharded across primaries, not across a Cluster.

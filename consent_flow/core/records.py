@@ -329,7 +329,8 @@ class Change:
     session_lookup: tuple[str, int] | None = None  # (state hash, ttl) to register
     drop_session_lookup: str | None = None  # state hash to forget
     record_history: bool = True
-    reply: tuple[str, str] | None = None  # (reply key, outcome JSON) pushed if the commit applies
+    # (the event id its caller waits on, the outcome JSON): pushed if the commit applies
+    reply: tuple[str, str] | None = None
     # Also only if the commit applies: jobs to queue (the next refresh, a webhook notice; each
     # refused while the queue still holds its id), the queued refresh of the schedule it
     # cancels or replaces (by its due time), the release of the user's lock (its owner token),

@@ -402,7 +402,7 @@ class Engine:
             outcome = self.outcome(rec.after(change, rec.version + 1), envelope, "applied", url=url)
             if envelope.reply:
                 reply = outcome.reply_json(envelope)
-                change.reply = (self.store.keys.reply(envelope.event_id), reply)
+                change.reply = (envelope.event_id, reply)
             result = await self.store.commit(change)
             if result.ok:
                 return outcome.sent() if envelope.reply else outcome

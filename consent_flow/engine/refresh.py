@@ -538,10 +538,7 @@ class Refresher:
                 rec.after(change, rec.version + 1), envelope, "applied", detail={"lead": lead}
             )
             if envelope.reply:
-                change.reply = (
-                    self.store.keys.reply(envelope.event_id),
-                    outcome.reply_json(envelope),
-                )
+                change.reply = (envelope.event_id, outcome.reply_json(envelope))
             result = await self.store.commit(change)
             if result.ok:
                 self._unspool(pending)

@@ -409,7 +409,7 @@ class RedisStore:
         if change.drop_session_lookup is not None:
             keys["sess_drop"] = layout.key(k.sess(change.drop_session_lookup))
         if change.reply is not None:
-            keys["reply"] = layout.key(change.reply[0])
+            keys["reply"] = layout.key(k.reply(change.reply[0]))
             op["reply"] = change.reply[1]
             op["reply_ttl"] = str(REPLY_TTL)
         if change.drop_refresh_at is not None:

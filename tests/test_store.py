@@ -464,3 +464,20 @@ async def test_ciphertexts_are_counted_per_key_id(redis_store):
     assert (await store.commit(reject)).ok
     assert await store.redis.exists(keys.sealed("mona", "tok")) == 0
     assert await store.key_ids_in_use() == {}
+
+
+async def test_a_commit_releases_the_lock_only_for_its_owner_and_only_when_it_applies(store):
+    token = await store.acquire_lock("owen", 5)
+    rec = await store.load("owen")
+    stale = change(rec, Event.PROVISION_REQUESTED, State.PENDING)
+    stale.expect_version = 7
+    assert (await store.commit(stale, unlock=token)).status == "conflict"
+    assert await store.acquire_lock("owen", 5) is None  # still held
+    step = change(rec, Event.PROVISION_REQUESTED, State.PENDING)
+    assert (await store.commit(step, unlock="not-the-owner")).ok
+    assert await store.acquire_lock("owen", 5) is None
+    rec = await store.load("owen")
+    assert (
+        await store.commit(change(rec, Event.SESSION_EXPIRED, State.UNPROVISIONED), unlock=token)
+    ).ok
+    assert await store.acquire_lock("owen", 5) is not None

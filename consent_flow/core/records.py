@@ -333,11 +333,9 @@ class Change:
     reply: tuple[str, str] | None = None
     # Also only if the commit applies: jobs to queue (the next refresh, a webhook notice; each
     # refused while the queue still holds its id), the queued refresh of the schedule it
-    # cancels or replaces (by its due time), the release of the user's lock (its owner token),
-    # and the refresh it counts.
+    # cancels or replaces (by its due time), and the refresh it counts.
     jobs: tuple[Job, ...] = ()
     drop_refresh_at: float | None = None
-    unlock: str | None = None
     refresh_count: RefreshCount | None = None
 
     @property

@@ -523,7 +523,6 @@ class Refresher:
                 jobs=(RefreshJob(pending.due_at),),
                 drop_refresh_at=self._replaced(rec, pending.due_at),
                 refresh_count=RefreshCount("success", lead),
-                unlock=unlock,
             )
             # The success that ends a long run of failures: the run's length and start go out.
             self.engine.add_notice(
@@ -539,7 +538,7 @@ class Refresher:
             )
             if envelope.reply:
                 change.reply = (envelope.event_id, outcome.reply_json(envelope))
-            result = await self.store.commit(change)
+            result = await self.store.commit(change, unlock=unlock)
             if result.ok:
                 self._unspool(pending)
                 log.debug(  # the transition line already says it at INFO

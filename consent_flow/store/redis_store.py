@@ -247,7 +247,7 @@ class Store(Protocol):
 
     async def load(self, user: str) -> ConsentRecord: ...
 
-    async def commit(self, change: Change) -> CommitResult: ...
+    async def commit(self, change: Change, *, unlock: str | None = None) -> CommitResult: ...
 
     async def history(
         self, user: str, *, limit: int = HISTORY_MAX_ENTRIES
@@ -349,7 +349,9 @@ class RedisStore:
         flat, tok, rvk = await self._load(keys=[k.rec(user), *self._sealed_keys(user)])
         return _record(user, flat, tok, rvk)
 
-    async def commit(self, change: Change) -> CommitResult:
+    async def commit(self, change: Change, *, unlock: str | None = None) -> CommitResult:
+        """Apply ``change`` if the record is still as it read it; then (only then) release the
+        user's lock if ``unlock`` is its owner token."""
         k = self.keys
         writes = codec.hash_writes(change)
         layout = _Layout()
@@ -435,9 +437,9 @@ class RedisStore:
                 }
                 for job in queued
             ]
-        if change.unlock is not None:
+        if unlock is not None:
             keys["lock"] = layout.key(k.lock(change.user))
-            op["unlock"] = change.unlock
+            op["unlock"] = unlock
         if change.refresh_count is not None:
             op["counters"] = [
                 {"key": layout.key(key), "field": name, "amount": amount}
@@ -641,7 +643,9 @@ class MemoryStore:
     async def load(self, user: str) -> ConsentRecord:
         return self.records.get(user) or ConsentRecord(user=user)
 
-    async def commit(self, change: Change) -> CommitResult:
+    async def commit(self, change: Change, *, unlock: str | None = None) -> CommitResult:
+        """Apply ``change`` if the record is still as it read it; then (only then) release the
+        user's lock if ``unlock`` is its owner token."""
         user = change.user
         rec = await self.load(user)
         if change.event_id in self.seen.get(user, []):
@@ -676,7 +680,7 @@ class MemoryStore:
             self.jobs.pop(_job_id(user, RefreshJob(change.drop_refresh_at)), None)
         for job in change.jobs:
             self.jobs.setdefault(_job_id(user, job), job)
-        if change.unlock is not None and self.locks.get(user) == change.unlock:
+        if unlock is not None and self.locks.get(user) == unlock:
             del self.locks[user]
         if change.refresh_count is not None:
             self.refresh_counts.append(change.refresh_count)

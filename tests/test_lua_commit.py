@@ -47,6 +47,8 @@ class Step:
             "compact_entries": 128,
             "compact_value": 64,
             "channel": f"{prefix}:invalidate",
+            "invalidation": "gh\nalice",
+            "provider": "gh",
             "since": "1000.0",
             "at": "1000.0",
             "hist_max": "100",
@@ -233,7 +235,7 @@ async def test_tokens_moved_to_the_outbox_are_counted_published_and_queued_for_r
     async with pubsub:
         while (message := await pubsub.get_message(timeout=1.0)) is not None:
             messages.append(message)
-    assert any(m["type"] == "message" and m["data"] == b"alice" for m in messages)
+    assert any(m["type"] == "message" and m["data"] == b"gh\nalice" for m in messages)
     # Re-sealed under another key: the counts follow the key ids.
     rotate = Step(p, expect_state="revoked", expect_v=2, set={"state": "revoked"})
     rotate.op["seal"] = {"revoke": rotate.arg(OTHER)}

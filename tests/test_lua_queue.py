@@ -53,12 +53,13 @@ async def test_due_without_job_finds_lost_jobs_behind_a_backlog(redis, p):
     await redis.zadd(sched, {f"u{i}": 1000 + i for i in range(6)} | {"later": 9000})
     for i in (0, 1, 2, 4):  # still queued
         await redis.set(f"{prefix}refresh:u{i}:{1000 + i}", "x")
+    head = prefix + "refresh:"
     looked, missing, more, now = await run(
-        redis, lua("due_without_job"), [sched], ["5000", 1, prefix, 100]
+        redis, lua("due_without_job"), [sched], ["5000", 1, head, 100]
     )
     assert (looked, missing, more, now) == (4, [b"u3", b"1003"], 1, b"5000")
     looked, missing, more, _ = await run(
-        redis, lua("due_without_job"), [sched], ["5000", 10, prefix, 100]
+        redis, lua("due_without_job"), [sched], ["5000", 10, head, 100]
     )
     assert (looked, missing, more) == (6, [b"u3", b"1003", b"u5", b"1005"], 0)
 

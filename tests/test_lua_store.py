@@ -127,7 +127,7 @@ async def test_trim_history_drops_old_entries_and_keeps_the_index_true(redis, p)
         hist = f"{p}:{{{user}}}:hist"
         await redis.rpush(hist, *(json.dumps({"event": "x", "at": at}) for at in times))
         await redis.zadd(histidx, {user: times[0]})
-    assert await run(redis, "trim_history", [histidx], [p, "30", 10]) == 3
+    assert await run(redis, "trim_history", [histidx], [f"{p}:{{", "30", 10, "}:hist"]) == 3
     assert await redis.exists(f"{p}:{{old}}:hist") == 0
     assert await redis.llen(f"{p}:{{mixed}}:hist") == 1
     assert await redis.zrange(histidx, 0, -1, withscores=True) == [(b"mixed", 50.0), (b"new", 60.0)]

@@ -14,6 +14,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import structlog
@@ -24,17 +25,21 @@ from consent_flow.core.records import (
     ConsentRecord,
     ProviderRevocation,
     RecordFields,
+    check_scopes,
     clip,
+    guard_facts,
     iso,
+    join_scopes,
     revocation_note,
 )
-from consent_flow.core.table import ConsentMachine, Event, State, Transition
+from consent_flow.core.table import ConsentMachine, Effect, Event, Facts, State, Transition
 from consent_flow.engine.webhooks import Notice, NoticeKind, commit_notice, notice_kind
 from consent_flow.errors import (
     ClientRejected,
     ConsentError,
     GrantRejected,
     IDTokenError,
+    InvalidScope,
     InvalidTransition,
     ProviderError,
     ProviderUnavailable,
@@ -49,7 +54,9 @@ from consent_flow.oidc import (
     new_state,
 )
 from consent_flow.queue.bus import Envelope, Outcome, new_id
+from consent_flow.queue.commit_jobs import CommitJobs
 from consent_flow.queue.jobs import JobQueue
+from consent_flow.queue.scheduler import Scheduler
 from consent_flow.settings import Settings
 from consent_flow.store.redis_store import INBOX_TTL, RedisStore, state_hash
 from consent_flow.store.vault import KeyRing, open_tokens, seal_tokens
@@ -87,13 +94,21 @@ OUTBOX_MAX_ATTEMPTS = 30
 
 # The record attributes of an authorization session, and of a grant. A grant's import time is
 # not one of them: no revocation clears it, so an import run leaves a grant that ended alone.
-SESSION_FIELDS = ("session", "session_id", "session_expires_at", "session_digest", "session_claim")
+SESSION_FIELDS = (
+    "session",
+    "session_id",
+    "session_expires_at",
+    "session_digest",
+    "session_claim",
+    "requested_scopes",
+)
 TOKEN_FIELDS = (
     "tokens",
     "expires_at",
     "refresh_expires_at",
     "subject",
     "scopes",
+    "scopes_missing",
     "next_refresh_at",
     "last_refresh_at",
     "refresh_failures",
@@ -105,8 +120,8 @@ TOKEN_FIELDS = (
 
 
 def session_url(ring: KeyRing, rec: ConsentRecord) -> str | None:
-    """The authorization URL of the user's live session, or None."""
-    if rec.state is not State.PENDING or rec.session is None:
+    """The authorization URL of the user's open session (pending, or an upgrade), or None."""
+    if rec.state not in (State.PENDING, State.PROVISIONED) or rec.session is None:
         return None
     try:
         data = json.loads(ring.decrypt(rec.session, user=rec.user, purpose="session"))
@@ -180,7 +195,8 @@ def scheduling_lapse(new: float | None, previous: float | None) -> float | None:
 
 
 class Engine:
-    """Applies events. One per worker process, built in ``on_startup``."""
+    """Applies events to one provider's connections. One per provider in each worker process,
+    built in ``on_startup`` on that provider's settings, store and ring."""
 
     def __init__(
         self,
@@ -203,6 +219,12 @@ class Engine:
         # stamps (session expiry, due times, history), so it must not be this process's clock.
         self.clock = clock
         self.on_scheduled = on_scheduled
+        if store.commit_jobs is None:
+            # The jobs this engine's commits carry go to the deployment's queue.
+            scheduler = Scheduler(
+                store.redis, keys=store.keys, queue_name=settings.queue_name, clock=clock
+            )
+            store.commit_jobs = CommitJobs(scheduler, prefix=settings.redis_prefix)
         if jobs is None and settings.webhook_url:
             if not isinstance(store.redis, ArqRedis):
                 raise ValueError("webhook notices need a store on arq's pool, or a JobQueue")
@@ -218,6 +240,12 @@ class Engine:
             Event.REVOKE_REQUESTED: self._revoke_requested,
             Event.GRANT_IMPORTED: self._grant_imported,
         }
+
+    @property
+    def provider(self) -> str:
+        """The provider whose connections this engine applies events to (one engine each)."""
+        provider: str = self.store.keys.provider
+        return provider
 
     # --- entry point ------------------------------------------------------------------------
 
@@ -304,6 +332,7 @@ class Engine:
             change.user,
             at=change.at,
             cause=change.event_id,
+            provider=self.provider,
             from_state=change.expect_state,
             to_state=change.to_state,
             reason=change.reason if reason is None else reason,
@@ -318,8 +347,18 @@ class Engine:
     def open_tokens(self, user: str, sealed: bytes) -> dict[str, str]:
         return open_tokens(self.ring, user, sealed)
 
-    def _decide(self, rec: ConsentRecord, event: Event) -> Transition:
-        return self.machine.decide(rec.state, event, user=rec.user)
+    def _decide(self, rec: ConsentRecord, event: Event, facts: Facts | None = None) -> Transition:
+        """The table's row for ``event`` on ``rec``: every decision the engine makes is one."""
+        return self.machine.decide(rec.state, event, facts, user=rec.user)
+
+    def _decide_or_none(
+        self, rec: ConsentRecord, event: Event, facts: Facts | None = None
+    ) -> Transition | None:
+        """The table's row, or None where it has none (a stale or duplicate event)."""
+        try:
+            return self._decide(rec, event, facts)
+        except InvalidTransition:
+            return None
 
     async def reread_after(self, envelope: Envelope, status: str) -> Outcome:
         rec = await self.store.load(envelope.user)
@@ -345,64 +384,33 @@ class Engine:
     # --- provision_requested ----------------------------------------------------------------
 
     async def _provision_requested(self, envelope: Envelope) -> Outcome:
+        try:
+            asked = check_scopes(envelope.payload.get("scopes", "").split())
+        except InvalidScope as exc:
+            rec = await self.store.load(envelope.user)
+            return self.outcome(rec, envelope, "rejected", error=exc.code, reason=str(exc))
         for _ in range(MAX_CONFLICT_RETRIES):
             rec = await self.store.load(envelope.user)
-            row = self._decide(rec, envelope.event)
             now = self.clock()
-            if rec.state is State.PROVISIONED:
+            facts = guard_facts(rec, now=now, asked=asked)
+            row = self._decide(rec, envelope.event, facts)
+            if row.effect is Effect.SESSION_URL:
+                url = self._live_url(rec)
+                if url is not None:
+                    return self.outcome(
+                        rec, envelope, "unchanged", url=url, detail=self._session_detail(rec)
+                    )
+                # Sealed under a key this process lacks: the session cannot be shown again, so
+                # the table is asked as for a session that does not hold the scopes.
+                row = self._decide(rec, envelope.event, replace(facts, asked_in_session=False))
+            if row.effect is Effect.NOTHING:
                 return self.outcome(
                     rec,
                     envelope,
                     "unchanged",
                     detail={"already": True, "scopes": list(rec.scopes)},
                 )
-            if (
-                rec.state is State.PENDING
-                and rec.session_expires_at is not None
-                and rec.session_expires_at > now
-                and (url := self._live_url(rec)) is not None
-            ):
-                return self.outcome(rec, envelope, "unchanged", url=url)
-            # A new session: from unprovisioned or revoked, or to replace a pending session
-            # that lapsed before the cleanup job got to it.
-            state, verifier, nonce = new_state(), new_code_verifier(), new_nonce()
-            url = await self.oauth.authorization_url(
-                state=state, nonce=nonce, code_challenge=code_challenge_s256(verifier)
-            )
-            session_id = new_id()
-            expires = now + self.settings.session_ttl
-            sealed = self.ring.encrypt(
-                json.dumps(
-                    {"state": state, "verifier": verifier, "nonce": nonce, "url": url}
-                ).encode(),
-                user=rec.user,
-                purpose="session",
-            )
-            if rec.state is State.PENDING:
-                row = Transition(
-                    Event.PROVISION_REQUESTED, (State.PENDING,), State.PENDING, "session renewed"
-                )
-            change = self._change(
-                envelope,
-                rec,
-                row,
-                reason="authorization session renewed" if rec.state is State.PENDING else None,
-                fields={
-                    "session": sealed,
-                    "session_id": session_id,
-                    "session_expires_at": expires,
-                    "session_digest": state_hash(state),
-                },
-                clear=("session_claim", "reason", "provider_revocation", *TOKEN_FIELDS),
-                session_lookup=(state_hash(state), self.settings.session_ttl),
-                unschedule=True,
-                drop_refresh_at=rec.next_refresh_at,
-            )
-            # The caller's answer rides in the commit itself: one round trip less per event.
-            outcome = self.outcome(rec.after(change, rec.version + 1), envelope, "applied", url=url)
-            if envelope.reply:
-                reply = outcome.reply_json(envelope)
-                change.reply = (envelope.event_id, reply)
+            change, outcome = await self._open_session(envelope, rec, row, asked, now)
             result = await self.store.commit(change)
             if result.ok:
                 return outcome.sent() if envelope.reply else outcome
@@ -410,16 +418,107 @@ class Engine:
                 return await self.reread_after(envelope, "duplicate")
         return await self.reread_after(envelope, "conflict")
 
+    async def _open_session(
+        self,
+        envelope: Envelope,
+        rec: ConsentRecord,
+        row: Transition,
+        asked: tuple[str, ...],
+        now: float,
+    ) -> tuple[Change, Outcome]:
+        """The change opening a session for the effect of ``row`` (``OPEN_SESSION`` or
+        ``OPEN_UPGRADE``), and the caller's answer riding in it. A session asks for the
+        provider's base scopes, what an open session (or the grant, for an upgrade) holds, and
+        what is asked now."""
+        upgrade = row.effect is Effect.OPEN_UPGRADE
+        if row.effect not in (Effect.OPEN_SESSION, Effect.OPEN_UPGRADE):
+            raise AssertionError(f"no session for {row.effect}")
+        granted = rec.scopes if upgrade else ()
+        scopes = join_scopes(self.settings.scopes, granted, rec.requested_scopes, asked)
+        state, verifier, nonce = new_state(), new_code_verifier(), new_nonce()
+        url = await self.oauth.authorization_url(
+            state=state, nonce=nonce, code_challenge=code_challenge_s256(verifier), scopes=scopes
+        )
+        expires = now + self.settings.session_ttl
+        sealed = self.ring.encrypt(
+            json.dumps({"state": state, "verifier": verifier, "nonce": nonce, "url": url}).encode(),
+            user=rec.user,
+            purpose="session",
+        )
+        session: RecordFields = {
+            "session": sealed,
+            "session_id": new_id(),
+            "session_expires_at": expires,
+            "session_digest": state_hash(state),
+            "requested_scopes": scopes,
+        }
+        common: dict[str, Any] = {
+            "session_lookup": (state_hash(state), self.settings.session_ttl),
+            "drop_session_lookup": rec.session_digest,
+        }
+        if upgrade:
+            # The grant stays as it is, tokens and schedule alike, until the upgrade completes.
+            change = self._change(
+                envelope,
+                rec,
+                row,
+                reason=None,
+                fields=session,
+                clear=("session_claim",),
+                upgrade_until=expires,
+                **common,
+            )
+        else:
+            renewed = rec.state is State.PENDING
+            change = self._change(
+                envelope,
+                rec,
+                row,
+                reason="authorization session renewed" if renewed else None,
+                fields=session,
+                clear=("session_claim", "reason", "provider_revocation", *TOKEN_FIELDS),
+                unschedule=True,
+                drop_refresh_at=rec.next_refresh_at,
+                **common,
+            )
+        # The caller's answer rides in the commit itself: one round trip less per event.
+        after = rec.after(change, rec.version + 1)
+        outcome = self.outcome(
+            after, envelope, "applied", url=url, detail=self._session_detail(after)
+        )
+        if envelope.reply:
+            change.reply = (envelope.event_id, outcome.reply_json(envelope))
+        return change, outcome
+
+    @staticmethod
+    def _session_detail(rec: ConsentRecord) -> dict[str, Any]:
+        """What a caller hears about an open session: the scopes it asks for, the scopes
+        granted, and whether it is an upgrade beside the grant."""
+        detail: dict[str, Any] = {
+            "requested_scopes": list(rec.requested_scopes),
+            "scopes": list(rec.scopes) if rec.state is State.PROVISIONED else [],
+        }
+        if rec.upgrading:
+            detail["upgrade"] = True
+        return detail
+
     # --- authorization_completed ------------------------------------------------------------
 
     async def _authorization_completed(self, envelope: Envelope) -> Outcome:
+        # Under the user's lock: an upgrade replaces the tokens a refresh may be rewriting.
+        async with self.user_lock(envelope.user):
+            return await self._complete_authorization(envelope)
+
+    async def _complete_authorization(self, envelope: Envelope) -> Outcome:
         rec = await self.store.load(envelope.user)
-        session_id = envelope.payload.get("session_id", "")
-        if rec.state is not State.PENDING or rec.session_id != session_id or rec.session is None:
+        facts = guard_facts(
+            rec, now=self.clock(), session_id=envelope.payload.get("session_id", "")
+        )
+        row = self._decide_or_none(rec, envelope.event, facts)
+        if row is None or rec.session is None:
             # A duplicate of an event already applied, or a session that ended meanwhile.
             status = "duplicate" if await self._seen(envelope) else "conflict"
             return await self.reread_after(envelope, status)
-        row = self._decide(rec, envelope.event)
         sealed_code = await self.store.take_inbox(rec.user, envelope.event_id)
         if sealed_code is None:
             # The code was taken by an earlier delivery of this event that did not finish: it
@@ -434,15 +533,21 @@ class Engine:
         code = self.ring.decrypt(
             sealed_code, user=rec.user, purpose=f"code:{envelope.event_id}"
         ).decode()
+        # An upgrade must come from the subject who holds the grant, whatever subject match says.
+        expected = rec.user if self.settings.subject_match else None
+        if row.effect is Effect.REPLACE_GRANT and rec.subject:
+            expected = rec.subject
         tokens: TokenSet | None = None
         try:
-            tokens = await self.oauth.exchange_code(code, code_verifier=session["verifier"])
+            tokens = await self.oauth.exchange_code(
+                code, code_verifier=session["verifier"], scopes=rec.requested_scopes or None
+            )
             if tokens.id_token is None:
                 raise IDTokenError("the token response carries no ID token")
             claims = await self.oauth.validate_id_token(
                 tokens.id_token,
                 nonce=session["nonce"],
-                expected_subject=rec.user if self.settings.subject_match else None,
+                expected_subject=expected,
                 access_token=tokens.access_token,
             )
         except ProviderUnavailable as exc:
@@ -471,30 +576,44 @@ class Engine:
             )
         now = self.clock()
         due = self.refresh_due(tokens.expires_at, now, tokens.refresh_expires_at)
+        missing = [s for s in rec.requested_scopes if s not in tokens.scopes]
+        old = self._replaced_tokens(rec, tokens) if row.effect is Effect.REPLACE_GRANT else None
+        fields: RecordFields = {
+            "tokens": self.seal_tokens(
+                rec.user,
+                {"access_token": tokens.access_token, "refresh_token": tokens.refresh_token},
+            ),
+            "expires_at": tokens.expires_at,
+            "refresh_expires_at": tokens.refresh_expires_at,
+            "subject": claims.subject,
+            "scopes": tokens.scopes,
+            "scopes_missing": tuple(missing),
+            "next_refresh_at": due,
+            "last_refresh_at": now,
+            "refresh_failures": 0,
+        }
+        if old is not None and rec.revocation_pending is None:
+            # The replaced grant goes to the revocation outbox in the step that replaces it:
+            # a provider that is down now does not make us forget to revoke it.
+            fields["revocation_pending"] = rec.tokens
         change = self._change(
             envelope,
             rec,
             row,
             reason=None,
-            fields={
-                "tokens": self.seal_tokens(
-                    rec.user,
-                    {
-                        "access_token": tokens.access_token,
-                        "refresh_token": tokens.refresh_token,
-                    },
-                ),
-                "expires_at": tokens.expires_at,
-                "refresh_expires_at": tokens.refresh_expires_at,
-                "subject": claims.subject,
-                "scopes": tokens.scopes,
-                "next_refresh_at": due,
-                "last_refresh_at": now,
-                "refresh_failures": 0,
-            },
-            clear=(*SESSION_FIELDS, "last_refresh_error", "reason"),
+            fields=fields,
+            clear=(
+                *SESSION_FIELDS,
+                "last_refresh_error",
+                "reason",
+                "failing_since",
+                "last_failure_at",
+                "inflight",
+            ),
             drop_session_lookup=rec.session_digest,
             schedule_at=due,
+            drop_refresh_at=rec.next_refresh_at,
+            drop_upgrade=rec.upgrading,
         )
         result = await self.store.commit(change)
         if not result.ok:
@@ -503,9 +622,44 @@ class Engine:
             return await self.reread_after(envelope, result.status)
         if self.on_scheduled is not None:
             await self.on_scheduled(rec.user, due)
-        rec = rec.after(change, result.version)
-        log.info("consent_granted", user=rec.user, scopes=list(rec.scopes))
-        return self.outcome(rec, envelope, "applied", detail={"scopes": list(rec.scopes)})
+        after = rec.after(change, result.version)
+        detail: dict[str, Any] = {"scopes": list(after.scopes)}
+        if old is not None:
+            if "revocation_pending" in fields:
+                outcome = await self.revoke_pending(rec.user)
+            else:
+                await self.revoke_obtained(rec.user, old, why="upgrade replaced it")
+                outcome = ProviderRevocation.DONE
+            detail["replaced_grant_revocation"] = outcome.value
+        if missing:
+            detail["scopes_missing"] = missing
+        log.info(
+            "consent_upgraded" if row.effect is Effect.REPLACE_GRANT else "consent_granted",
+            user=rec.user,
+            scopes=list(after.scopes),
+            scopes_missing=missing,
+        )
+        return self.outcome(after, envelope, "applied", detail=detail)
+
+    def _replaced_tokens(self, rec: ConsentRecord, new: TokenSet) -> TokenSet | None:
+        """The grant an upgrade replaces, to revoke at the provider, when the new grant is a
+        different one (another refresh token); None when it is the same or cannot be read."""
+        if rec.tokens is None:
+            return None
+        try:
+            held = self.open_tokens(rec.user, rec.tokens)
+        except VaultError:
+            return None
+        if not held.get("refresh_token") or held["refresh_token"] == new.refresh_token:
+            return None
+        return TokenSet(
+            access_token=held.get("access_token", ""),
+            refresh_token=held["refresh_token"],
+            id_token=None,
+            token_type="Bearer",
+            expires_at=None,
+            scopes=rec.scopes,
+        )
 
     async def _fail_authorization(
         self,
@@ -524,22 +678,36 @@ class Engine:
             actor=envelope.actor,
             event_id=envelope.event_id,
             correlation_id=envelope.correlation_id,
+            provider=envelope.provider,
         )
-        row = self._decide(rec, Event.AUTHORIZATION_FAILED)
-        change = self._change(
-            failed,
+        facts = guard_facts(rec, now=self.clock(), session_id=rec.session_id)
+        row = self._decide(rec, Event.AUTHORIZATION_FAILED, facts)
+        change = self._drop_session(failed, rec, row, reason)
+        result = await self.store.commit(change)
+        if not result.ok:
+            return await self.reread_after(envelope, result.status)
+        log.info("consent_not_granted", user=rec.user, error=error, upgrade=rec.upgrading)
+        rec = rec.after(change, result.version)
+        return self.outcome(rec, failed, "failed", error=error)
+
+    def _drop_session(
+        self, envelope: Envelope, rec: ConsentRecord, row: Transition, reason: str
+    ) -> Change:
+        """The change ending the open session for ``row`` (``DROP_SESSION``: no grant;
+        ``DROP_UPGRADE``: the grant stays untouched and the reason says the upgrade ended)."""
+        if row.effect is Effect.DROP_UPGRADE:
+            reason = f"upgrade dropped: {reason}"
+        elif row.effect is not Effect.DROP_SESSION:
+            raise AssertionError(f"no session to drop for {row.effect}")
+        return self._change(
+            envelope,
             rec,
             row,
             reason=reason,
             clear=SESSION_FIELDS,
             drop_session_lookup=rec.session_digest,
+            drop_upgrade=rec.upgrading,
         )
-        result = await self.store.commit(change)
-        if not result.ok:
-            return await self.reread_after(envelope, result.status)
-        log.info("consent_not_granted", user=rec.user, error=error)
-        rec = rec.after(change, result.version)
-        return self.outcome(rec, failed, "failed", error=error)
 
     async def _seen(self, envelope: Envelope) -> bool:
         score = await self.store.redis.zscore(
@@ -551,7 +719,8 @@ class Engine:
 
     async def _authorization_failed(self, envelope: Envelope) -> Outcome:
         rec = await self.store.load(envelope.user)
-        if rec.state is not State.PENDING or rec.session_id != envelope.payload.get("session_id"):
+        facts = guard_facts(rec, now=self.clock(), session_id=envelope.payload.get("session_id"))
+        if self._decide_or_none(rec, envelope.event, facts) is None:
             status = "duplicate" if await self._seen(envelope) else "conflict"
             return await self.reread_after(envelope, status)
         error = envelope.payload.get("error", "unknown_error")
@@ -563,18 +732,10 @@ class Engine:
 
     async def _session_expired(self, envelope: Envelope) -> Outcome:
         rec = await self.store.load(envelope.user)
-        now = self.clock()
-        if rec.state is not State.PENDING or (rec.session_expires_at or 0) > now:
+        row = self._decide_or_none(rec, envelope.event, guard_facts(rec, now=self.clock()))
+        if row is None:
             return await self.reread_after(envelope, "conflict")
-        row = self._decide(rec, envelope.event)
-        change = self._change(
-            envelope,
-            rec,
-            row,
-            reason="authorization session expired",
-            clear=SESSION_FIELDS,
-            drop_session_lookup=rec.session_digest,
-        )
+        change = self._drop_session(envelope, rec, row, "authorization session expired")
         result = await self.store.commit(change)
         if not result.ok:
             return await self.reread_after(envelope, result.status)
@@ -597,7 +758,7 @@ class Engine:
         for _ in range(MAX_CONFLICT_RETRIES):
             rec = await self.store.load(envelope.user)
             row = self._decide(rec, envelope.event)
-            if not row.changes:
+            if row.effect is Effect.SKIP_IMPORT:
                 # The user holds a grant of ours, or is granting one right now: it wins over
                 # the imported one, which is dropped (not revoked: it is the source's).
                 skipped = (
@@ -670,7 +831,7 @@ class Engine:
             for _ in range(MAX_CONFLICT_RETRIES):
                 rec = await self.store.load(envelope.user)
                 row = self._decide(rec, envelope.event)
-                if not row.changes:
+                if row.effect is Effect.NOTHING:
                     return self.outcome(rec, envelope, "unchanged")
                 reason = envelope.payload.get("reason") or "revoked by " + envelope.actor
                 # A provider without a revocation endpoint cannot take the tokens back: they are
@@ -693,6 +854,7 @@ class Engine:
                     fields=fields,
                     clear=(*SESSION_FIELDS, *TOKEN_FIELDS),
                     drop_session_lookup=rec.session_digest,
+                    drop_upgrade=rec.upgrading,
                     unschedule=True,
                     drop_refresh_at=rec.next_refresh_at,
                 )

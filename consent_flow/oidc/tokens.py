@@ -123,7 +123,14 @@ class TokenEndpoint:
         self._transport = transport
         self._clock = clock
 
-    async def exchange_code(self, endpoint: str, code: str, *, code_verifier: str) -> TokenSet:
+    async def exchange_code(
+        self,
+        endpoint: str,
+        code: str,
+        *,
+        code_verifier: str,
+        scopes: Sequence[str] | None = None,
+    ) -> TokenSet:
         """Redeem an authorization code (RFC 6749 4.1.3, RFC 7636 4.5)."""
         data = {
             "grant_type": "authorization_code",
@@ -134,7 +141,10 @@ class TokenEndpoint:
         if self._settings.resource:
             data["resource"] = self._settings.resource  # RFC 8707 2.2
         return await self._token_request(
-            endpoint, data, secrets_=(code, code_verifier), requested=self._settings.scopes
+            endpoint,
+            data,
+            secrets_=(code, code_verifier),
+            requested=tuple(scopes) if scopes is not None else self._settings.scopes,
         )
 
     async def refresh(

@@ -39,4 +39,4 @@ class CommitJobs:
 
     def dropped(self, user: str, at: float) -> JobRef:
         """The queued job of the refresh due at ``at``."""
-        return refresh_job_ref(user, at, self.scheduler.queue_name)
+        return refresh_job_ref(self.scheduler.keys, user, at, self.scheduler.queue_name)

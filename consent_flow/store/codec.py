@@ -44,6 +44,7 @@ FIELDS: dict[str, str] = {
     "actor": ACTOR,
     "subject": "sub",
     "scopes": "scopes",
+    "scopes_missing": "smiss",
     "expires_at": "exp",
     "refresh_expires_at": "rexp",
     "session": "sess",
@@ -51,6 +52,7 @@ FIELDS: dict[str, str] = {
     "session_digest": "shash",
     "session_expires_at": "sexp",
     "session_claim": "claimed",
+    "requested_scopes": "rscopes",
     "next_refresh_at": "next",
     "last_refresh_at": "lastref",
     "refresh_failures": "fails",
@@ -82,6 +84,7 @@ _TIMES = frozenset(
     }
 )
 _COUNTS = frozenset({"refresh_failures", "revocation_attempts"})
+_SCOPES = frozenset({"scopes", "scopes_missing", "requested_scopes"})  # space separated
 
 
 def field_name(attribute: str) -> str:
@@ -97,7 +100,7 @@ def _text(attribute: str, value: Any) -> str:
         return repr(float(value))
     if attribute in _COUNTS:
         return str(int(value))
-    if attribute == "scopes":
+    if attribute in _SCOPES:
         return " ".join(value)
     if isinstance(value, ProviderRevocation):
         return value.value
@@ -138,7 +141,7 @@ def hash_writes(change: Change) -> HashWrites:
                 seal[SEALED_KEYS[attribute]] = value
             else:
                 raise ValueError(f"{attribute} is sealed bytes, not {type(value).__name__}")
-        elif value is None or (attribute == "scopes" and not value):
+        elif value is None or (attribute in _SCOPES and not value):
             deletes.append(field_name(attribute))
         else:
             name = field_name(attribute)
@@ -174,7 +177,7 @@ def record_from_hash(
             values[attribute] = _float(raw)
         elif attribute in _COUNTS:
             values[attribute] = int(raw or 0)
-        elif attribute == "scopes":
+        elif attribute in _SCOPES:
             values[attribute] = tuple((raw or "").split())
         elif attribute == "provider_revocation":
             values[attribute] = _revocation(raw)

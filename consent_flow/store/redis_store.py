@@ -1,33 +1,43 @@
 """The state store: a ``Protocol`` with a Redis implementation and an in-memory one for fast tests.
 
-Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``; every key of one user shares the hash tag
-``{user}`` so per-user commands stay within one slot)::
+Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``, ``gh`` a provider's name; a connection is one
+user's grant at one provider, and every key of one user shares the hash tag ``{user}`` so
+per-user commands stay within one slot, whichever provider they are about)::
 
-    cf:{alice}:rec      hash   the record (state, version, since, sealed session, schedule)
-    cf:{alice}:tok      string the sealed tokens (binary; apart, so the record hash stays in
-                               Redis's compact encoding)
-    cf:{alice}:rvk      string sealed tokens still to revoke at the provider (binary)
-    cf:{alice}:hist     list   history entries, oldest first (JSON)
-    cf:{alice}:seen     zset   event ids already applied (exactly-once effect), scored by time,
-                               kept for the queue's redelivery window (SEEN_WINDOW)
-    cf:{alice}:in:<id>  string sealed authorization code waiting for its event (short TTL)
-    cf:{alice}:lock     string single-flight lock for provider calls, value = owner token
-    cf:idx:<state>      zset   users in that state, scored by since (list, stats: no KEYS scans)
-    cf:sched            zset   users by next refresh due time, in epoch milliseconds
-    cf:histidx          zset   users by the time of their oldest history entry (retention)
-    cf:outbox           zset   users with tokens still to revoke at the provider, by next try
-    cf:metrics:*        hash   counters for /metrics and stats (transitions, refresh outcomes,
-                               refresh lead time buckets, per-hour failures and rejections,
-                               provider revocations by outcome, webhook deliveries by
-                               outcome: delivered, retried, dead; Redis outages the workers
-                               rode out, deferred commits)
-    cf:workers          zset   worker ids by last heartbeat (Redis's time)
-    cf:workers:clock    hash   worker id -> its clock's offset from Redis's time, in seconds
-    cf:invalidate       pubsub user ids whose cached tokens must be dropped (published by commits)
-    cf:halt             hash   refreshes paused for everyone: invalid_client (reason, since)
-    cf:sess:<sha256>    string "user\\nsession id" for a live authorization session's state
-    cf:kids             hash   ciphertext count per key id (start-up key check, rotation)
-    cf:events           stream every transition, for `tail` and other consumers (bounded)
+    cf:{alice}:gh:rec      hash   the record (state, version, since, sealed session, schedule)
+    cf:{alice}:gh:tok      string the sealed tokens (binary; apart, so the record hash stays in
+                                  Redis's compact encoding)
+    cf:{alice}:gh:rvk      string sealed tokens still to revoke at the provider (binary)
+    cf:{alice}:gh:hist     list   history entries, oldest first (JSON)
+    cf:{alice}:gh:seen     zset   event ids already applied (exactly-once effect), scored by
+                                  time, kept for the queue's redelivery window (SEEN_WINDOW)
+    cf:{alice}:gh:in:<id>  string sealed authorization code waiting for its event (short TTL)
+    cf:{alice}:gh:lock     string single-flight lock for provider calls, value = owner token
+    cf:gh:idx:<state>      zset   users in that state at gh, scored by since (list, stats: no
+                                  KEYS scans)
+    cf:gh:sched            zset   users by next refresh due time at gh, in epoch milliseconds
+    cf:gh:histidx          zset   users by the time of their oldest history entry (retention)
+    cf:gh:outbox           zset   users with tokens still to revoke at gh, by next try
+    cf:gh:upgrades         zset   users with an upgrade session open at gh, by its expiry
+    cf:gh:halt             hash   refreshes at gh paused for everyone: invalid_client (reason,
+                                  since)
+    cf:gh:sess:<sha256>    string "user\nsession id" for a live authorization session's state
+    cf:metrics:gh:*        hash   gh's counters for /metrics and stats (transitions, refresh
+                                  outcomes, refresh lead time buckets, per-hour failures and
+                                  rejections, provider revocations by outcome)
+    cf:metrics:webhooks    hash   webhook deliveries by outcome: delivered, retried, dead
+    cf:metrics:worker      hash   Redis outages the workers rode out, deferred commits
+    cf:workers             zset   worker ids by last heartbeat (Redis's time)
+    cf:workers:clock       hash   worker id -> its clock's offset from Redis's time, in seconds
+    cf:invalidate          pubsub "provider\nuser" of connections whose cached tokens must be
+                                  dropped (published by commits)
+    cf:kids                hash   ciphertext count per key id, every provider's (start-up key
+                                  check, rotation)
+    cf:events              stream every transition of every provider, for `tail` and other
+                                  consumers (bounded; entries carry the provider)
+
+Refresh jobs' ids carry the prefix and the provider too (``refresh:cf:gh:alice:<due ms>``): two
+deployments or two providers on one queue never share one.
 
 Every time stored here is Redis's time (``TIME`` in scripts, a ``RedisClock`` in Python), never
 the writing process's own clock: processes whose clocks disagree still agree on what is due.
@@ -59,6 +69,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 from redis.asyncio import Redis
 
+from consent_flow.core.connections import DEFAULT_PROVIDER
 from consent_flow.core.records import (
     Change,
     CommitResult,
@@ -140,64 +151,89 @@ def state_hash(state: str) -> str:
 
 
 class Keys:
-    __slots__ = ("prefix",)
+    """The names of every Redis key (and refresh job id) of one provider's connections, and the
+    shared ones every provider's stack names alike. The only place the layout is spelled out."""
 
-    def __init__(self, prefix: str = "cf") -> None:
+    __slots__ = ("prefix", "provider")
+
+    def __init__(self, prefix: str = "cf", provider: str = DEFAULT_PROVIDER) -> None:
         self.prefix = prefix
+        self.provider = provider
+
+    def for_provider(self, provider: str) -> Keys:
+        return Keys(self.prefix, provider)
+
+    def _conn(self, user: str) -> str:
+        """The head every key of the connection (user, this provider) starts with."""
+        return f"{self.prefix}:{{{user}}}:{self.provider}"
 
     def rec(self, user: str) -> str:
-        return f"{self.prefix}:{{{user}}}:rec"
+        return f"{self._conn(user)}:rec"
 
     def sealed(self, user: str, name: str) -> str:
         """The key of a sealed value beside the record (``codec.SEALED_KEYS``: ``tok``, ``rvk``)."""
-        return f"{self.prefix}:{{{user}}}:{name}"
+        return f"{self._conn(user)}:{name}"
 
     def hist(self, user: str) -> str:
-        return f"{self.prefix}:{{{user}}}:hist"
+        return f"{self._conn(user)}:hist"
+
+    def hist_around_user(self) -> tuple[str, str]:
+        """What comes before and after the user in :meth:`hist`: a script that visits users
+        builds their keys from these."""
+        return f"{self.prefix}:{{", f"}}:{self.provider}:hist"
 
     def seen(self, user: str) -> str:
-        return f"{self.prefix}:{{{user}}}:seen"
+        return f"{self._conn(user)}:seen"
 
     def inbox(self, user: str, event_id: str) -> str:
-        return f"{self.prefix}:{{{user}}}:in:{event_id}"
+        return f"{self._conn(user)}:in:{event_id}"
 
     def lock(self, user: str) -> str:
-        return f"{self.prefix}:{{{user}}}:lock"
+        return f"{self._conn(user)}:lock"
 
     def import_cursor(self, source_digest: str) -> str:
         """Where ``consent-flow import`` keeps its place in one source between runs."""
-        return f"{self.prefix}:import:{source_digest}"
+        return f"{self.prefix}:{self.provider}:import:{source_digest}"
 
     def idx(self, state: State | str) -> str:
-        return f"{self.prefix}:idx:{State(state).value}"
+        return f"{self.prefix}:{self.provider}:idx:{State(state).value}"
 
     @property
     def sched(self) -> str:
-        return f"{self.prefix}:sched"
+        return f"{self.prefix}:{self.provider}:sched"
 
     @property
     def histidx(self) -> str:
-        return f"{self.prefix}:histidx"
+        return f"{self.prefix}:{self.provider}:histidx"
+
+    def refresh_job_id(self, user: str, due_ms: int) -> str:
+        """The id of the deferred refresh job of the connection's schedule due at ``due_ms``."""
+        return f"{self.refresh_job_head}{user}:{due_ms}"
+
+    @property
+    def refresh_job_head(self) -> str:
+        """What every refresh job id of this provider starts with, before the user."""
+        return f"refresh:{self.prefix}:{self.provider}:"
 
     @property
     def transition_counts(self) -> str:
-        return f"{self.prefix}:metrics:transitions"
+        return f"{self.prefix}:metrics:{self.provider}:transitions"
 
     @property
     def refresh_counts(self) -> str:
-        return f"{self.prefix}:metrics:refresh"
+        return f"{self.prefix}:metrics:{self.provider}:refresh"
 
     @property
     def revocation_counts(self) -> str:
-        return f"{self.prefix}:metrics:revocation"
+        return f"{self.prefix}:metrics:{self.provider}:revocation"
 
     @property
     def refresh_lead(self) -> str:
-        return f"{self.prefix}:metrics:lead"
+        return f"{self.prefix}:metrics:{self.provider}:lead"
 
     @property
     def webhook_counts(self) -> str:
-        """Webhook deliveries by outcome (delivered, retried, dead)."""
+        """Webhook deliveries by outcome (delivered, retried, dead), every provider's."""
         return f"{self.prefix}:metrics:webhooks"
 
     @property
@@ -205,7 +241,7 @@ class Keys:
         return f"{self.prefix}:metrics:worker"
 
     def hourly(self, hour: int) -> str:
-        return f"{self.prefix}:metrics:hour:{hour}"
+        return f"{self.prefix}:metrics:{self.provider}:hour:{hour}"
 
     @property
     def workers(self) -> str:
@@ -217,15 +253,23 @@ class Keys:
 
     @property
     def outbox(self) -> str:
-        return f"{self.prefix}:outbox"
+        return f"{self.prefix}:{self.provider}:outbox"
+
+    @property
+    def upgrades(self) -> str:
+        return f"{self.prefix}:{self.provider}:upgrades"
 
     @property
     def invalidate(self) -> str:
         return f"{self.prefix}:invalidate"
 
+    def invalidation(self, user: str) -> str:
+        """The message on :attr:`invalidate` that drops the connection's cached tokens."""
+        return f"{self.provider}\n{user}"
+
     @property
     def halt(self) -> str:
-        return f"{self.prefix}:halt"
+        return f"{self.prefix}:{self.provider}:halt"
 
     @property
     def kids(self) -> str:
@@ -236,7 +280,7 @@ class Keys:
         return f"{self.prefix}:events"
 
     def sess(self, digest: str) -> str:
-        return f"{self.prefix}:sess:{digest}"
+        return f"{self.prefix}:{self.provider}:sess:{digest}"
 
     def reply(self, event_id: str) -> str:
         return f"{self.prefix}:reply:{event_id}"
@@ -318,13 +362,15 @@ class RedisStore:
     """The production store, on a ``redis.asyncio.Redis`` that answers bytes (as arq's pool does:
     the sealed tokens are binary)."""
 
-    def __init__(self, redis: Redis, *, prefix: str = "cf") -> None:
+    def __init__(
+        self, redis: Redis, *, prefix: str = "cf", provider: str = DEFAULT_PROVIDER
+    ) -> None:
         if redis.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("RedisStore needs a client without decode_responses")
         # redis-py types its asyncio client with sync|async unions that mypy cannot await: the
         # store treats it as untyped rather than scatter ignores over every call.
         self.redis: Any = redis
-        self.keys = Keys(prefix)
+        self.keys = Keys(prefix, provider)
         # Turns the jobs commits carry into arq's; set where a scheduler runs (a worker).
         self.commit_jobs: CommitJobs | None = None
         self._load = redis.register_script(lua("load_record"))
@@ -387,6 +433,8 @@ class RedisStore:
             "seal": {_SEALED_ROLE[name]: layout.arg(value) for name, value in writes.seal.items()},
             "wipe": {_SEALED_ROLE[name]: True for name in writes.wipe},
             "channel": k.invalidate,
+            "invalidation": k.invalidation(change.user),
+            "provider": k.provider,
             "moved": change.moves,
             # Scores travel as strings: Lua numbers are doubles, which Redis refuses as arguments.
             "since": repr(change.at),
@@ -440,6 +488,12 @@ class RedisStore:
         if unlock is not None:
             keys["lock"] = layout.key(k.lock(change.user))
             op["unlock"] = unlock
+        if change.upgrade_until is not None or change.drop_upgrade:
+            keys["upgrades"] = layout.key(k.upgrades)
+            if change.upgrade_until is not None:
+                op["upgrade_until"] = repr(change.upgrade_until)
+            else:
+                op["upgrade_drop"] = True
         if change.refresh_count is not None:
             op["counters"] = [
                 {"key": layout.key(key), "field": name, "amount": amount}
@@ -488,6 +542,13 @@ class RedisStore:
     async def outbox_due(self, now: float, *, limit: int = 100) -> list[str]:
         rows = await self.redis.zrangebyscore(
             self.keys.outbox, "-inf", repr(now), start=0, num=limit
+        )
+        return [_decode(user) for user in rows]
+
+    async def upgrades_due(self, now: float, *, limit: int = 500) -> list[str]:
+        """Users whose upgrade session expired by ``now``: O(log n + found)."""
+        rows = await self.redis.zrangebyscore(
+            self.keys.upgrades, "-inf", repr(now), start=0, num=limit
         )
         return [_decode(user) for user in rows]
 
@@ -608,9 +669,10 @@ class RedisStore:
             await self._trim(
                 keys=[self.keys.histidx],
                 args=[
-                    self.keys.prefix,
+                    self.keys.hist_around_user()[0],
                     repr(older_than),
                     limit,
+                    self.keys.hist_around_user()[1],
                 ],
             )
         )
@@ -639,6 +701,7 @@ class MemoryStore:
         self.locks: dict[str, str] = {}
         self.jobs: dict[str, Job] = {}  # queued jobs, by an id of the same kind as arq's
         self.refresh_counts: list[RefreshCount] = []
+        self.upgrades: dict[str, float] = {}  # upgrade sessions open, by expiry
 
     async def load(self, user: str) -> ConsentRecord:
         return self.records.get(user) or ConsentRecord(user=user)
@@ -665,6 +728,10 @@ class MemoryStore:
             self.sessions[change.session_lookup[0]] = (user, change.fields.get("session_id") or "")
         if change.drop_session_lookup is not None:
             self.sessions.pop(change.drop_session_lookup, None)
+        if change.upgrade_until is not None:
+            self.upgrades[user] = change.upgrade_until
+        elif change.drop_upgrade:
+            self.upgrades.pop(user, None)
         if change.record_history:
             entries = self.histories.setdefault(user, [])
             entries.append(change.history_entry())
@@ -701,11 +768,15 @@ class MemoryStore:
     async def session_owner(self, digest: str) -> tuple[str, str] | None:
         return self.sessions.get(digest)
 
+    async def upgrades_due(self, now: float, *, limit: int = 500) -> list[str]:
+        due = sorted((at, user) for user, at in self.upgrades.items() if at <= now)
+        return [user for _, user in due[:limit]]
+
     async def claim_session(
         self, user: str, session_id: str, event_id: str, sealed: str | None
     ) -> str:
         rec = await self.load(user)
-        if rec.state is not State.PENDING:
+        if rec.state not in (State.PENDING, State.PROVISIONED):
             return "not_pending"
         if rec.session_id != session_id:
             return "unknown_session"

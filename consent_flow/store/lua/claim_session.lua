@@ -5,7 +5,9 @@
 -- for none), 4 the inbox's ttl (seconds).
 -- Returns 'ok', or why not: 'not_pending', 'unknown_session', 'already_used', 'expired'.
 local rec, inbox = KEYS[1], KEYS[2]
-if redis.call('HGET', rec, 'state') ~= 'pending' then return 'not_pending' end
+-- A session is open while pending, or beside a grant (an upgrade) while provisioned.
+local state = redis.call('HGET', rec, 'state')
+if state ~= 'pending' and state ~= 'provisioned' then return 'not_pending' end
 if redis.call('HGET', rec, 'sid') ~= ARGV[1] then return 'unknown_session' end
 if redis.call('HGET', rec, 'claimed') then return 'already_used' end
 -- Session expiry is Redis's time, whoever wrote it and whichever clock this process keeps.

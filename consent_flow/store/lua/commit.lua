@@ -13,11 +13,12 @@
 --   (transition stream), histidx (users by oldest history entry), outbox (tokens to revoke),
 --   transitions (transition counters), tokens / revoke (the sealed keys);
 --   when the step has them: sess_set / sess_drop (session lookups to write / drop), reply (the
---   caller's reply list), lock (the user's lock).
+--   caller's reply list), lock (the user's lock), upgrades (open upgrade sessions by expiry).
 -- op also names: user, event_id, expect_state, expect_v (what the step read); set / del (hash
 -- fields); cipher (hash fields holding ciphertext); seal (sealed key name -> ARGV position) and
 -- wipe (sealed key name -> true); compact_entries / compact_value; channel (invalidation);
--- moved, since, at, schedule, unschedule; hist, collapse, event_name, metric, hist_max,
+-- invalidation (the message); provider; moved, since, at, schedule, unschedule; upgrade_until
+-- or upgrade_drop; hist, collapse, event_name, metric, hist_max,
 -- stream_max; seen_after, seen_max, seen_ttl; sess_value, sess_ttl; reply, reply_ttl; drop_job
 -- {id, job_key, queue}; jobs [{job_key, result_key, queue, payload, px, score, id}]; unlock;
 -- counters [{key, field, amount}]. Absent means no.
@@ -97,6 +98,12 @@ local function update_indexes(before, after)
     redis.call('ZREM', key('sched'), op.user)
   end
   if op.sess_value then redis.call('SET', key('sess_set'), op.sess_value, 'EX', op.sess_ttl) end
+  -- Upgrade sessions by expiry, for the cleanup job: a grant's index does not say which is open.
+  if op.upgrade_until then
+    redis.call('ZADD', key('upgrades'), op.upgrade_until, op.user)
+  elseif op.upgrade_drop then
+    redis.call('ZREM', key('upgrades'), op.user)
+  end
   if op.keys.sess_drop then redis.call('DEL', key('sess_drop')) end
   if after.revoke and after.revoke ~= before.revoke then
     -- Tokens moved to the revocation outbox: the cleanup job retries what the provider missed.
@@ -104,7 +111,7 @@ local function update_indexes(before, after)
   end
   if before.tokens and before.tokens ~= after.tokens then
     -- The tokens a process may have cached are gone or replaced: tell every process now.
-    redis.call('PUBLISH', op.channel, op.user)
+    redis.call('PUBLISH', op.channel, op.invalidation)
   end
 end
 
@@ -132,7 +139,7 @@ local function record_history()
     redis.call('ZADD', key('histidx'), 'NX', op.at, op.user)
   end
   redis.call('XADD', key('stream'), 'MAXLEN', '~', op.stream_max, '*', 'entry', op.hist,
-    'user', op.user)
+    'user', op.user, 'provider', op.provider)
   redis.call('HINCRBY', key('transitions'), op.metric, 1)
 end
 

@@ -3,7 +3,8 @@
 -- over, page by page, so lost jobs behind a backlog are found too.
 -- KEYS: 1 the schedule (zset: user by due time, ms).
 -- ARGV: 1 now (ms; '' for Redis's time), 2 how many missing entries to return at most, 3 arq's
--- job key prefix, 4 how many due entries to look at at most.
+-- job key prefix with the refresh job id's head (everything before the user), 4 how many due
+-- entries to look at at most.
 -- Returns {entries looked at, {user, due, user, due, ...} of the missing, whether more are due
 -- beyond those looked at (0/1), the now used (ms)}.
 local sched = KEYS[1]
@@ -20,8 +21,8 @@ while #missing < 2 * want and offset < scan_max do
   for i = 1, #entries, 2 do
     local user, score = entries[i], entries[i + 1]
     looked = looked + 1
-    -- The job id is the scheduler's: refresh:<user>:<due ms>.
-    if redis.call('EXISTS', prefix .. 'refresh:' .. user .. ':' .. score) == 0 then
+    -- The job id is the scheduler's: <head><user>:<due ms>.
+    if redis.call('EXISTS', prefix .. user .. ':' .. score) == 0 then
       missing[#missing + 1] = user
       missing[#missing + 1] = score
       if #missing >= 2 * want then break end

@@ -98,17 +98,15 @@ def test_the_binary_header_is_authenticated():
         ring.decrypt(relabelled, user="alice", purpose="tokens")
 
 
-def test_tokens_are_deflated_and_the_old_text_layout_still_opens():
+def test_tokens_are_deflated_and_only_the_binary_layout_opens():
     ring = KeyRing.from_strings([generate_key()])
     tokens = {"access_token": "eyJ" + "a1b2" * 256, "refresh_token": "r" * 64}
     sealed = seal_tokens(ring, "alice", tokens)
     assert KeyRing.is_binary(sealed) and len(sealed) < len(tokens["access_token"])
     assert open_tokens(ring, "alice", sealed) == tokens
-    # What earlier versions stored: plain JSON in the v1 text layout, as text or as bytes.
-    legacy = ring.encrypt(json.dumps(tokens).encode(), user="alice", purpose="tokens")
-    assert open_tokens(ring, "alice", legacy) == tokens
-    assert open_tokens(ring, "alice", legacy.encode()) == tokens
-    assert ring.needs_rotation(legacy.encode()) is False
+    text = ring.encrypt(json.dumps(tokens).encode(), user="alice", purpose="tokens")
+    with pytest.raises(VaultError):
+        open_tokens(ring, "alice", text)
     with pytest.raises(VaultError):
         open_tokens(ring, "mallory", sealed)
 

@@ -30,6 +30,7 @@ from consent_flow.engine.webhooks import (
 from consent_flow.errors import UnknownKeyError
 from consent_flow.oidc import HttpClients, OAuthClient
 from consent_flow.queue.bus import HANDLE_EVENT, JOB_SERIALIZERS, EventBus
+from consent_flow.queue.commit_jobs import CommitJobs
 from consent_flow.queue.jobs import JOB_TIMEOUT, REFRESH_MAX_TRIES
 from consent_flow.queue.scheduler import REFRESH_JOB, Scheduler
 from consent_flow.settings import ProviderConfig, Settings
@@ -116,6 +117,7 @@ def _provider_stack(
     bound = ring.for_provider(config.name)
     oauth = OAuthClient(seen, http, clock=clock)
     scheduler = Scheduler(redis, keys=store.keys, queue_name=settings.queue_name, clock=clock)
+    store.commit_jobs = CommitJobs(scheduler, prefix=settings.redis_prefix)
     engine = Engine(
         settings=seen,
         store=store,

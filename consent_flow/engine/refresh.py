@@ -30,7 +30,16 @@ import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from consent_flow.core.records import Change, ConsentRecord, clip, cooldown_reason, iso
+from consent_flow.core.records import (
+    Change,
+    ConsentRecord,
+    RecordFields,
+    RefreshCount,
+    RefreshJob,
+    clip,
+    cooldown_reason,
+    iso,
+)
 from consent_flow.core.table import Event, State
 from consent_flow.engine.engine import (
     SESSION_FIELDS,
@@ -50,7 +59,6 @@ from consent_flow.errors import (
 )
 from consent_flow.oidc import TokenSet
 from consent_flow.queue.bus import Envelope, Outcome
-from consent_flow.queue.jobs import JobRef, QueuedJob
 from consent_flow.queue.scheduler import Scheduler
 from consent_flow.store.metrics import MetricsRecorder
 from consent_flow.store.redis_store import due_ms
@@ -316,7 +324,7 @@ class Refresher:
         tokens = self.engine.open_tokens(user, rec.tokens)
         # Marked before the call: if this process dies with the request in flight, the next
         # attempt knows an invalid_grant may be the provider punishing a rotated token's reuse.
-        await self.store.redis.hset(self.store.keys.rec(user), "inflight", repr(now))
+        await self.store.mark_inflight(user, now)
         call = asyncio.ensure_future(
             self.engine.oauth.refresh(tokens["refresh_token"], scopes=rec.scopes)
         )
@@ -509,7 +517,6 @@ class Refresher:
             fit = fits(pending, rec, self.engine.ring)
             if fit is not Fit.STORE:
                 return await self._settle(rec, pending, envelope, fit)
-            job = self.scheduler.job_for(user, pending.due_at)
             row = self.engine.machine.decide(rec.state, Event.TOKEN_REFRESHED, user=user)
             change = Change(
                 user=user,
@@ -522,25 +529,22 @@ class Refresher:
                 at=pending.at,
                 reason=None,
                 correlation_id=envelope.correlation_id,
-                sealed={"tok": pending.sealed},
-                set_fields={
-                    "exp": repr(pending.expires_at) if pending.expires_at is not None else "",
-                    "rexp": ""
-                    if pending.refresh_expires_at is None
-                    else repr(pending.refresh_expires_at),
-                    "scopes": " ".join(pending.scopes),
-                    "next": repr(pending.due_at),
-                    "lastref": repr(pending.at),
-                    "fails": "0",
+                fields={
+                    "tokens": pending.sealed,
+                    "expires_at": pending.expires_at,
+                    "refresh_expires_at": pending.refresh_expires_at,
+                    "scopes": pending.scopes,
+                    "next_refresh_at": pending.due_at,
+                    "last_refresh_at": pending.at,
+                    "refresh_failures": 0,
                 },
-                delete_fields=("referr", "failsince", "failat", "inflight"),
+                clear=("last_refresh_error", "failing_since", "last_failure_at", "inflight"),
                 schedule_at=pending.due_at,
                 # Riding in the same commit: the next refresh's job (and a notice's, below), the
                 # counters, the release of the lock and the caller's answer. One round trip.
-                jobs=(job,),
-                drop_job=self._replaced(rec, job),
-                counters=self.metrics.refresh_counters("success", lead=lead),
-                unlock=unlock,
+                jobs=(RefreshJob(pending.due_at),),
+                drop_refresh_at=self._replaced(rec, pending.due_at),
+                refresh_count=RefreshCount("success", lead),
             )
             # The success that ends a long run of failures: the run's length and start go out.
             self.engine.add_notice(
@@ -555,11 +559,8 @@ class Refresher:
                 rec.after(change, rec.version + 1), envelope, "applied", detail={"lead": lead}
             )
             if envelope.reply:
-                change.reply = (
-                    self.store.keys.reply(envelope.event_id),
-                    outcome.reply_json(envelope),
-                )
-            result = await self.store.commit(change)
+                change.reply = (envelope.event_id, outcome.reply_json(envelope))
+            result = await self.store.commit(change, unlock=unlock)
             if result.ok:
                 self._unspool(pending)
                 log.debug(  # the transition line already says it at INFO
@@ -763,8 +764,7 @@ class Refresher:
     ) -> None:
         since = rec.since
         for _ in range(MAX_MERGE_ATTEMPTS):
-            fields = {"next": repr(at)}
-            job = self.scheduler.job_for(rec.user, at)
+            fields: RecordFields = {"next_refresh_at": at}
             failures = rec.refresh_failures
             failing_since = rec.failing_since
             if error is not None:
@@ -773,10 +773,12 @@ class Refresher:
                 # The first failure of a run: cleared by the next success.
                 failing_since = failing_since if failing_since is not None else now
                 fields.update(
-                    referr=clip(error) or "",
-                    fails=str(failures),
-                    failat=repr(now),
-                    failsince=repr(failing_since),
+                    {
+                        "last_refresh_error": clip(error),
+                        "refresh_failures": failures,
+                        "last_failure_at": now,
+                        "failing_since": failing_since,
+                    }
                 )
             change = Change(
                 user=rec.user,
@@ -787,12 +789,12 @@ class Refresher:
                 to_state=rec.state,
                 actor=envelope.actor,
                 at=self.engine.clock(),
-                set_fields=fields,
-                delete_fields=() if keep_inflight else ("inflight",),
+                fields=fields,
+                clear=() if keep_inflight else ("inflight",),
                 schedule_at=at,
                 record_history=False,
-                jobs=(job,),
-                drop_job=self._replaced(rec, job),
+                jobs=(RefreshJob(at),),
+                drop_refresh_at=self._replaced(rec, at),
             )
             # Once per run of failures: at the one that reaches the threshold.
             self.engine.add_notice(
@@ -812,13 +814,13 @@ class Refresher:
             if rec.state is not State.PROVISIONED or rec.since != since:
                 return
 
-    def _replaced(self, rec: ConsentRecord, job: QueuedJob) -> JobRef | None:
-        """The job of the schedule ``job`` replaces, for the commit to remove, unless it is the
-        same job. Removing it is harmless when it is the one running (arq's own clean-up finds
-        nothing left) and spares the queue a stale job when it is a later one (an on-demand
-        refresh came first)."""
-        old = self.engine.scheduled_job(rec)
-        return None if old is None or old.job_id == job.job_id else old
+    def _replaced(self, rec: ConsentRecord, due: float) -> float | None:
+        """The due time of the schedule a refresh due at ``due`` replaces, for the commit to
+        remove its job, unless it is the same job. Removing it is harmless when it is the one
+        running (arq's own clean-up finds nothing left) and spares the queue a stale job when it
+        is a later one (an on-demand refresh came first)."""
+        old = rec.next_refresh_at
+        return None if old is None or due_ms(old) == due_ms(due) else old
 
     async def _reject(
         self,
@@ -858,11 +860,11 @@ class Refresher:
             reason=reason,
             correlation_id=envelope.correlation_id,
             # An upgrade session open beside the dead grant ends with it.
-            delete_fields=(*TOKEN_FIELDS, *SESSION_FIELDS),
+            clear=(*TOKEN_FIELDS, *SESSION_FIELDS),
             drop_session_lookup=rec.session_digest,
             drop_upgrade=rec.upgrading,
             unschedule=True,
-            drop_job=self.engine.scheduled_job(rec),
+            drop_refresh_at=rec.next_refresh_at,
         )
         self.engine.add_notice(
             change, notice_kind(change.event, change.expect_state, change.to_state)

@@ -517,15 +517,8 @@ def _pager(state: State, offset: int, limit: int, total: int, shown: int) -> Pag
 async def _user_rows(
     client: ConsentClient, provider: str, users: list[tuple[str, float]]
 ) -> list[list[Any]]:
-    store = client.store_for(provider)
-    async with store.redis.pipeline(transaction=False) as pipe:
-        for user, _since in users:
-            pipe.hmget(store.keys.rec(user), "actor", "reason")
-        values = await pipe.execute()
-    return [
-        [None if v is None else (v.decode() if isinstance(v, bytes) else str(v)) for v in row]
-        for row in values
-    ]
+    rows = await client.store_for(provider).actors_and_reasons([user for user, _since in users])
+    return [list(row) for row in rows]
 
 
 async def _overview(client: ConsentClient, request: Request) -> Response:

@@ -10,7 +10,7 @@ from types import TracebackType
 from typing import Any
 
 import httpx
-from arq.connections import ArqRedis, create_pool
+from arq.connections import ArqRedis
 
 from consent_flow.core.records import ConsentRecord, HistoryEntry, check_user, clip, iso
 from consent_flow.core.table import Event, State
@@ -21,7 +21,7 @@ from consent_flow.oidc import OAuthClient
 from consent_flow.queue.bus import JOB_SERIALIZERS, Envelope, EventBus, Outcome
 from consent_flow.settings import Settings
 from consent_flow.store.clock import RedisClock
-from consent_flow.store.connection import arq_redis_settings, embedded_redis
+from consent_flow.store.connection import connect, embedded_redis
 from consent_flow.store.redis_store import RedisStore
 from consent_flow.store.vault import KeyRing
 
@@ -134,8 +134,9 @@ class ConsentClient:
         stack = contextlib.AsyncExitStack()
         try:
             url = self._redis_url or stack.enter_context(embedded_redis(self.settings))
-            self._pool = await create_pool(
-                arq_redis_settings(url, startup_retries=STARTUP_RETRIES),
+            self._pool = await connect(
+                url,
+                startup_retries=STARTUP_RETRIES,
                 default_queue_name=self.settings.queue_name,
                 **JOB_SERIALIZERS,
             )
@@ -186,7 +187,11 @@ class ConsentClient:
     @property
     def store(self) -> RedisStore:
         if self._store is None:  # built once per open client: it registers its Lua scripts
-            self._store = RedisStore(self.pool, prefix=self.settings.redis_prefix)
+            self._store = RedisStore(
+                self.pool,
+                prefix=self.settings.redis_prefix,
+                wait_replicas=self.settings.wait_replicas,
+            )
         return self._store
 
     @property

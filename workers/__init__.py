@@ -128,7 +128,9 @@ def worker_settings(
         raise ValueError(f"job_timeout must be at most {JOB_TIMEOUT} s")
 
     async def startup(ctx: dict[str, Any]) -> None:
-        store = RedisStore(ctx["redis"], prefix=settings.redis_prefix)
+        store = RedisStore(
+            ctx["redis"], prefix=settings.redis_prefix, wait_replicas=settings.wait_replicas
+        )
         ring = KeyRing.from_strings(k.reveal() for k in settings.encryption_keys)
         await check_key_ring(store, ring)
         # One clock for every decision this worker shares with other processes: Redis's.

@@ -53,6 +53,7 @@ from typing import Any, Protocol
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from consent_flow.core.records import (
     CIPHER_FIELDS,
@@ -89,6 +90,10 @@ SEEN_WINDOW = REDELIVERY_WINDOW
 SEEN_MAX_EVENTS = 10_000
 STREAM_MAX_ENTRIES = 100_000  # approximate cap of the transition stream
 INBOX_TTL = 120  # seconds a sealed code waits for its worker
+# Milliseconds a commit that stores tokens waits for its replicas (CONSENT_REDIS_WAIT_REPLICAS):
+# they answer within a round trip when they are there; when they are not, the commit is kept
+# in the worker's spool until a later read shows it on the primary that remains.
+REPLICA_WAIT_MS = 100
 REPLY_TTL = 60  # seconds a reply waits for a caller that stopped listening
 
 assert SEALED_KEYS == ("tok", "rvk"), "the commit script knows them by position"
@@ -504,13 +509,16 @@ class RedisStore:
     """The production store, on a ``redis.asyncio.Redis`` that answers bytes (as arq's pool does:
     the sealed tokens are binary)."""
 
-    def __init__(self, redis: Redis, *, prefix: str = "cf") -> None:
+    def __init__(self, redis: Redis, *, prefix: str = "cf", wait_replicas: int = 0) -> None:
+        """``wait_replicas``: a commit that stores tokens returns once that many replicas hold
+        it, or after ``REPLICA_WAIT_MS`` with ``replicated=False`` (see ``commit``)."""
         if redis.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("RedisStore needs a client without decode_responses")
         # redis-py types its asyncio client with sync|async unions that mypy cannot await: the
         # store treats it as untyped rather than scatter ignores over every call.
         self.redis: Any = redis
         self.keys = Keys(prefix)
+        self.wait_replicas = wait_replicas
         self._load = redis.register_script(lua("load_record"))
         self._drop_revoked = redis.register_script(_DROP_REVOKED)
         self._commit = redis.register_script(_COMMIT)
@@ -590,35 +598,39 @@ class RedisStore:
         if change.counters:
             extra_keys += [key for key, _, _ in change.counters]
             op["counters"] = [[name, amount] for _, name, amount in change.counters]
-        result = await self._commit(
-            keys=[
-                k.rec(change.user),
-                k.hist(change.user),
-                k.seen(change.user),
-                k.idx(change.expect_state),
-                k.idx(change.to_state),
-                k.sched,
-                k.kids,
-                k.stream,
-                sess_set,
-                sess_drop,
-                k.histidx,
-                k.outbox,
-                k.transition_counts,
-                change.reply[0] if change.reply else k.reply("-"),
-                *(k.sealed(change.user, name) for name in SEALED_KEYS),
-                *extra_keys,
-            ],
-            # cjson turns null into a truthy userdata: absent keys are the only safe "no".
-            args=[
-                json.dumps(
-                    {k: v for k, v in op.items() if v is not None and v is not False},
-                    separators=(",", ":"),
-                ),
-                *blobs,
-                *(job.payload for job in change.jobs),
-            ],
-        )
+        commit_keys = [
+            k.rec(change.user),
+            k.hist(change.user),
+            k.seen(change.user),
+            k.idx(change.expect_state),
+            k.idx(change.to_state),
+            k.sched,
+            k.kids,
+            k.stream,
+            sess_set,
+            sess_drop,
+            k.histidx,
+            k.outbox,
+            k.transition_counts,
+            change.reply[0] if change.reply else k.reply("-"),
+            *(k.sealed(change.user, name) for name in SEALED_KEYS),
+            *extra_keys,
+        ]
+        # cjson turns null into a truthy userdata: absent keys are the only safe "no".
+        commit_args: list[Any] = [
+            json.dumps(
+                {k: v for k, v in op.items() if v is not None and v is not False},
+                separators=(",", ":"),
+            ),
+            *blobs,
+            *(job.payload for job in change.jobs),
+        ]
+        replicated = True
+        wait = await self.replicas_to_wait() if "tok" in change.sealed else 0
+        if wait:
+            result, replicated = await self._commit_and_wait(commit_keys, commit_args, wait)
+        else:
+            result = await self._commit(keys=commit_keys, args=commit_args)
         status = _decode(result[0])
         version = int(result[1])
         if status == "ok" and change.record_history:
@@ -633,7 +645,70 @@ class RedisStore:
                 correlation_id=change.correlation_id,
             )
         state = State(_decode(result[2])) if len(result) > 2 else None
-        return CommitResult(status=status, version=version, state=state)
+        return CommitResult(status=status, version=version, state=state, replicated=replicated)
+
+    async def replicas_to_wait(self) -> int:
+        """``wait_replicas``, or fewer when Sentinel sees fewer replicas up: waiting for one that
+        is down would hold every refresh, and a failover could not promote it anyway."""
+        if not self.wait_replicas:
+            return 0
+        healthy = getattr(self.redis, "healthy_replicas", None)
+        if healthy is None:
+            return self.wait_replicas
+        return min(self.wait_replicas, int(await healthy()))
+
+    async def mark_inflight(self, user: str, at: float) -> bool:
+        """Note on the record that a refresh is at the provider. True once as many replicas as
+        a commit waits for hold the mark, and with it the lock and the record it was read with:
+        a failover from now on keeps them, so no other worker presents the refresh token this
+        refresh is about to spend."""
+        wait = await self.replicas_to_wait()
+        if not wait:
+            await self.redis.hset(self.keys.rec(user), "inflight", repr(at))
+            return True
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.rec(user), "inflight", repr(at))
+        pipe.execute_command("WAIT", wait, REPLICA_WAIT_MS)
+        _, acks = await pipe.execute()
+        return int(acks) >= wait
+
+    async def confirm_replicated(self) -> bool:
+        """Whether the primary this store reaches now has every write it took so far on as
+        many replicas as a commit waits for."""
+        wait = await self.replicas_to_wait()
+        if not wait:
+            return True
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incr(self.keys.prefix + ":replicated")
+        pipe.execute_command("WAIT", wait, REPLICA_WAIT_MS)
+        _, acks = await pipe.execute()
+        return int(acks) >= wait
+
+    async def _commit_and_wait(
+        self, keys: list[str], args: list[Any], wait: int
+    ) -> tuple[Any, bool]:
+        """The commit, then WAIT for ``wait_replicas`` replicas, on one connection.
+
+        WAIT counts the replicas that hold this connection's last write. A write of its own
+        goes between the two: when the pipeline is sent again on a new connection (a failover)
+        and the commit finds itself applied already (a duplicate writes nothing), WAIT still
+        covers everything up to that write, the commit included.
+        """
+        for attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            await self._commit(keys=keys, args=args, client=pipe)
+            pipe.incr(self.keys.prefix + ":replicated")
+            pipe.execute_command("WAIT", wait, REPLICA_WAIT_MS)
+            try:
+                result, _, acks = await pipe.execute()
+            except NoScriptError:
+                # Sent again on a new primary that does not have the script yet: nothing ran.
+                if attempt:
+                    raise
+                await self.redis.script_load(self._commit.script)
+                continue
+            return result, int(acks) >= wait
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def history(self, user: str, *, limit: int = HISTORY_MAX_ENTRIES) -> list[HistoryEntry]:
         raw = await self.redis.lrange(self.keys.hist(user), -limit, -1)

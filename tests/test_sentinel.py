@@ -15,10 +15,12 @@ import asyncio
 import contextlib
 import itertools
 import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -288,3 +290,73 @@ async def test_a_killed_primary_under_load_loses_nothing(
     make_stack, rotating, env, sentinel_topology, tmp_path
 ):
     await _failover_under_load("kill", make_stack, rotating, env, sentinel_topology, tmp_path)
+
+
+async def test_a_refresh_its_replica_did_not_confirm_is_settled_on_the_new_primary(
+    make_stack, redirect_uri, env, sentinel_topology, tmp_path
+):
+    """The replica stops (SIGSTOP) while the provider answers a refresh: the primary applies
+    the commit but no replica confirms it, so the worker keeps the answer in its spool. The
+    primary is killed and the replica promoted: the worker settles the answer there (read back
+    if the replica got it after all, committed again if not) and the grant goes on.
+
+    (Whether the promoted replica holds the commit is up to the kernel: bytes the primary sent
+    before it died reach a stopped replica's socket and are applied when it resumes.)"""
+    topology = sentinel_topology
+    with LocalProvider.start(
+        clients=provider_clients(redirect_uri), access_token_ttl=60, rotate_refresh_token=True
+    ) as op:
+        stack = await make_stack(op=op, redis_url=topology.url, workers=0)
+        worker_env = {**os.environ, **env, "CONSENT_REDIS_URL": topology.url}
+        worker_env.update(CONSENT_ISSUER=op.issuer)
+        worker = WorkerProcess(worker_env, tmp_path / "worker.log", stack.settings.queue_name)
+        try:
+            status = await stack.client.request_provisioning("alice")
+            response = await stack.callback(await approve(status.authorization_url or "", "alice"))
+            assert response.status_code == 200, worker.log.read_text()[-3000:]
+            before = (await stack.client.store.load("alice")).last_refresh_at or 0.0
+            op.reset_stats()
+            op.fault(token_delay_ms=1500, count=1)
+            await asyncio.sleep(2.5)  # the stored token has less than 58 s left now
+            caller = asyncio.create_task(stack.client.access_token("alice", min_ttl=58))
+
+            async def held() -> bool:
+                return op.stats().get("delays_injected", 0) >= 1
+
+            await wait_for(held, timeout=15)  # the refresh's start is on the replica already
+            replica = next(s for s in topology.data if s.port != topology.primary_port())
+            replica.process.send_signal(signal.SIGSTOP)
+            try:
+
+                async def answered() -> bool:
+                    return op.stats().get("refresh_success", 0) >= 1
+
+                await wait_for(answered, timeout=15)
+                await asyncio.sleep(0.3)  # committed on the primary, unconfirmed
+                topology.kill_primary()
+            finally:
+                replica.process.send_signal(signal.SIGCONT)
+            with contextlib.suppress(Exception):
+                await caller
+
+            async def stored_again() -> bool:
+                rec = await stack.client.store.load("alice")
+                return (rec.last_refresh_at or 0.0) > before
+
+            await wait_for(stored_again, timeout=30)
+            await _grant_alive(stack, op, "alice")
+            token = await stack.client.access_token("alice", min_ttl=1)
+            assert op.introspect(token)["active"] is True
+            stats = op.stats()
+            assert stats.get("refresh_reuse_detected", 0) == 0, stats
+            assert stats.get("grants_revoked", 0) == 0, stats
+            deferred = worker.named("refresh_commit_deferred")
+            assert deferred and deferred[0]["error"] == "NotReplicated", worker.events()[-20:]
+
+            async def settled() -> bool:
+                return bool(worker.named("refresh_commit_recovered"))
+
+            await wait_for(settled, timeout=30)
+            assert not list((Path(env["CONSENT_DATA_DIR"]) / "spool").rglob("*.json"))
+        finally:
+            worker.terminate()

@@ -18,6 +18,7 @@ from consent_flow.errors import (
     ConsentRevoked,
     GrantRejected,
     IDTokenError,
+    InvalidScope,
     InvalidTransition,
     NotProvisioned,
     ProviderError,
@@ -26,10 +27,11 @@ from consent_flow.errors import (
     SettingsError,
     StoreError,
     UnknownKeyError,
+    UnknownProvider,
     VaultError,
     WorkerUnavailable,
 )
-from consent_flow.settings import Settings
+from consent_flow.settings import ProviderConfig, Settings
 from consent_flow.store.vault import KeyRing, generate_key
 from consent_flow.web.api import api_routes
 from consent_flow.web.callback import consent_routes, create_app
@@ -46,9 +48,11 @@ __all__ = [
     "Event",
     "GrantRejected",
     "IDTokenError",
+    "InvalidScope",
     "InvalidTransition",
     "KeyRing",
     "NotProvisioned",
+    "ProviderConfig",
     "ProviderError",
     "ProviderResponseError",
     "ProviderRevocation",
@@ -59,6 +63,7 @@ __all__ = [
     "StoreError",
     "Transition",
     "UnknownKeyError",
+    "UnknownProvider",
     "VaultError",
     "WorkerUnavailable",
     "api_routes",

@@ -19,16 +19,15 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from cryptography.fernet import Fernet
 from redis.exceptions import AuthenticationError, RedisError
 
 from consent_flow.client import DEFAULT_MIN_TTL, MAX_MIN_TTL, ConsentClient, ConsentStatus
-from consent_flow.core.records import HistoryEntry, check_user, iso
+from consent_flow.core.records import HistoryEntry, check_scopes, check_user, iso
 from consent_flow.core.table import TRANSITIONS, State, mermaid
 from consent_flow.engine.importer import PROVIDERS, ProgressBar, run_import
-from consent_flow.errors import ConsentError, SettingsError
+from consent_flow.errors import ConsentError, InvalidScope, SettingsError
 from consent_flow.logging import configure_logging
 from consent_flow.settings import REQUIRED_VARIABLES, Requirement, Settings
 from consent_flow.store.connection import (
@@ -108,6 +107,14 @@ def _user(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _scope(value: str) -> str:
+    """A --scope argument: not an RFC 6749 scope token is a usage error (exit 2)."""
+    try:
+        return check_scopes((value,))[0]
+    except ConsentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _count(value: str) -> int:
     try:
         number = int(value)
@@ -167,6 +174,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p = command("provision", "ask for USER's consent; prints the authorization URL")
     p.add_argument("user", type=_user)
+    p.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        type=_scope,
+        help="a scope to ask for beyond the provider's base scopes (repeatable); while USER is "
+        "provisioned without it, an upgrade session asks for it and the grant keeps working",
+    )
     p = command(
         "revoke",
         "revoke USER's consent at the provider and wipe local tokens "
@@ -317,10 +332,14 @@ def _consent_dict(status: ConsentStatus) -> dict[str, Any]:
         "reason": status.reason,
         "scopes": list(status.scopes),
     }
-    if status.state is State.PENDING and status.authorization_url:
+    if status.authorization_url:
+        # A session is open: the first authorization, or an upgrade beside the grant.
         out["authorization_url"] = status.authorization_url
-        query = parse_qs(urlsplit(status.authorization_url).query)
-        out["requested_scopes"] = " ".join(query.get("scope", [])).split()
+        out["requested_scopes"] = list(status.requested_scopes)
+        if status.upgrade:
+            out["upgrade"] = True
+    if status.scopes_missing:
+        out["scopes_missing"] = list(status.scopes_missing)
     details = {
         k: v
         for k, v in status.details.items()
@@ -449,7 +468,10 @@ def _diagram_dict() -> dict[str, Any]:
                 "from": [state.value for state in t.sources],
                 "to": t.dest.value if t.dest else None,
                 "changes": t.changes,
-                "effect": t.effect,
+                "effect": t.effect.value,
+                "when": [g.value for g in t.when],
+                "unless": [g.value for g in t.unless],
+                "note": t.note,
             }
             for t in TRANSITIONS
         ],
@@ -515,7 +537,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 async def _client_command(args: argparse.Namespace, client: ConsentClient) -> int:
     if args.command == "provision":
-        status = await client.request_provisioning(args.user, actor=_actor())
+        status = await client.request_provisioning(args.user, scopes=args.scope, actor=_actor())
         _print(args, _consent_dict(status), _status_text)
     elif args.command == "revoke":
         status = await client.revoke(args.user, actor=_actor(), reason=args.reason)
@@ -657,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except SettingsError as exc:
+    except (SettingsError, InvalidScope) as exc:
         print(f"consent-flow: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ConsentError as exc:

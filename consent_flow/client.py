@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -12,7 +12,15 @@ from typing import Any
 import httpx
 from arq.connections import ArqRedis
 
-from consent_flow.core.records import ConsentRecord, HistoryEntry, check_user, clip, iso
+from consent_flow.core.connections import DEFAULT_PROVIDER
+from consent_flow.core.records import (
+    ConsentRecord,
+    HistoryEntry,
+    check_scopes,
+    check_user,
+    clip,
+    iso,
+)
 from consent_flow.core.table import Event, State
 from consent_flow.engine.broker import TokenBroker
 from consent_flow.engine.engine import session_url
@@ -22,7 +30,7 @@ from consent_flow.queue.bus import JOB_SERIALIZERS, Envelope, EventBus, Outcome
 from consent_flow.settings import Settings
 from consent_flow.store.clock import RedisClock
 from consent_flow.store.connection import connect, embedded_redis
-from consent_flow.store.redis_store import RedisStore
+from consent_flow.store.redis_store import Keys, RedisStore
 from consent_flow.store.vault import KeyRing
 
 __all__ = ["ConsentClient", "ConsentStatus"]
@@ -40,7 +48,14 @@ def _dt(value: str | None) -> datetime | None:
 
 @dataclass(frozen=True, slots=True)
 class ConsentStatus:
-    """Where one user's consent stands."""
+    """Where one connection's consent stands: one user's grant at one provider.
+
+    ``scopes`` is what the provider granted; ``requested_scopes`` what the open session (a
+    first authorization, or an upgrade beside the grant) asks for, empty when none is open;
+    ``scopes_missing`` what the last authorization asked for and the provider did not grant.
+    ``upgrade`` is True while an upgrade session is open: the grant keeps working meanwhile,
+    and ``authorization_url`` is the upgrade's.
+    """
 
     user: str
     state: State
@@ -49,6 +64,10 @@ class ConsentStatus:
     authorization_url: str | None = None
     scopes: tuple[str, ...] = ()
     details: Mapping[str, Any] = field(default_factory=dict)
+    requested_scopes: tuple[str, ...] = ()
+    scopes_missing: tuple[str, ...] = ()
+    upgrade: bool = False
+    provider: str = DEFAULT_PROVIDER
 
     @property
     def provisioned(self) -> bool:
@@ -58,6 +77,7 @@ class ConsentStatus:
         out: dict[str, Any] = dict(self.details)
         out.update(
             user=self.user,
+            provider=self.provider,
             state=self.state.value,
             since=iso(self.since.timestamp()) if self.since else None,
             reason=self.reason,
@@ -66,30 +86,46 @@ class ConsentStatus:
             out["authorization_url"] = self.authorization_url
         if self.scopes:
             out["scopes"] = list(self.scopes)
+        if self.requested_scopes:
+            out["requested_scopes"] = list(self.requested_scopes)
+        if self.scopes_missing:
+            out["scopes_missing"] = list(self.scopes_missing)
+        if self.upgrade:
+            out["upgrade"] = True
         return out
 
     @classmethod
-    def from_outcome(cls, outcome: Outcome) -> ConsentStatus:
+    def from_outcome(cls, outcome: Outcome, *, provider: str = DEFAULT_PROVIDER) -> ConsentStatus:
         detail = dict(outcome.detail)
         scopes = tuple(detail.pop("scopes", ()) or ())
         return cls(
+            provider=provider,
             user=outcome.user,
             state=State(outcome.state),
             since=_dt(outcome.since),
             reason=outcome.reason,
             authorization_url=outcome.authorization_url,
             scopes=scopes,
+            requested_scopes=tuple(detail.pop("requested_scopes", ()) or ()),
+            scopes_missing=tuple(detail.pop("scopes_missing", ()) or ()),
+            upgrade=bool(detail.pop("upgrade", False)),
             details={"result": outcome.result, "error": outcome.error, **detail},
         )
 
     @classmethod
     def from_record(
-        cls, rec: ConsentRecord, *, authorization_url: str | None = None
+        cls,
+        rec: ConsentRecord,
+        *,
+        authorization_url: str | None = None,
+        provider: str = DEFAULT_PROVIDER,
     ) -> ConsentStatus:
         public = rec.public()
-        for name in ("user", "state", "since", "reason", "scopes"):
+        for name in ("user", "provider", "state", "since", "reason", "scopes", "requested_scopes"):
             public.pop(name, None)
+        public.pop("scopes_missing", None)
         return cls(
+            provider=provider,
             user=rec.user,
             state=rec.state,
             since=datetime.fromtimestamp(rec.since, UTC) if rec.since else None,
@@ -97,6 +133,9 @@ class ConsentStatus:
             authorization_url=authorization_url,
             scopes=rec.scopes,
             details=public,
+            requested_scopes=rec.requested_scopes if rec.session_id else (),
+            scopes_missing=rec.scopes_missing if rec.state is State.PROVISIONED else (),
+            upgrade=rec.upgrading,
         )
 
 
@@ -117,11 +156,12 @@ class ConsentClient:
         self._stack: contextlib.AsyncExitStack | None = None
         self._pool: ArqRedis | None = None
         self._ring: KeyRing | None = None
-        self._oauth: OAuthClient | None = None
         self._http: httpx.AsyncClient | None = None
         self._broker: TokenBroker | None = None
-        self._store: RedisStore | None = None
         self._bus: EventBus | None = None
+        # Per provider, built on first use: a store registers its Lua scripts.
+        self._stores: dict[str, RedisStore] = {}
+        self._oauths: dict[str, OAuthClient] = {}
         self._clock: RedisClock | None = None
 
     @classmethod
@@ -167,7 +207,8 @@ class ConsentClient:
             await self._stack.aclose()
             self._stack = None
         self._pool = None
-        self._store = None
+        self._stores.clear()
+        self._oauths.clear()
         self._bus = None
         self._clock = None
 
@@ -185,21 +226,62 @@ class ConsentClient:
         return self._clock
 
     @property
-    def store(self) -> RedisStore:
-        if self._store is None:  # built once per open client: it registers its Lua scripts
-            self._store = RedisStore(
+    def providers(self) -> tuple[str, ...]:
+        """The configured providers' names, in configuration order."""
+        return self.settings.provider_names
+
+    def provider_name(self, provider: str | None = None) -> str:
+        """``provider``'s name if it is configured; None: the only provider's. Raises
+        :class:`UnknownProvider` (which lists the configured names) otherwise."""
+        return self.settings.provider(provider).name
+
+    def store_for(self, provider: str | None = None) -> RedisStore:
+        """The store of ``provider``'s connections (None: the only provider's)."""
+        name = self.provider_name(provider)
+        store = self._stores.get(name)
+        if store is None:
+            store = RedisStore(
                 self.pool,
                 prefix=self.settings.redis_prefix,
+                provider=name,
                 wait_replicas=self.settings.wait_replicas,
             )
-        return self._store
+            self._stores[name] = store
+        return store
+
+    def ring_for(self, provider: str | None = None) -> KeyRing:
+        """The key ring bound to ``provider``'s connections (None: the only provider's)."""
+        name = self.provider_name(provider)
+        if self._ring is None:
+            self.settings.check_keys()
+            raise AssertionError("unreachable")  # pragma: no cover
+        return self._ring.for_provider(name)
+
+    def oauth_for(self, provider: str | None = None) -> OAuthClient:
+        """The OpenID client of ``provider`` (None: the only provider)."""
+        name = self.provider_name(provider)
+        oauth = self._oauths.get(name)
+        if oauth is None:
+            self.settings.check_provider()
+            if self._http is None:
+                self._http = httpx.AsyncClient(
+                    timeout=self.settings.http_timeout, follow_redirects=False
+                )
+            oauth = OAuthClient(self.settings.for_provider(name), self._http, clock=self.clock)
+            self._oauths[name] = oauth
+        return oauth
+
+    @property
+    def store(self) -> RedisStore:
+        """The only provider's store; with several, name one: :meth:`store_for`."""
+        return self.store_for(None)
 
     @property
     def bus(self) -> EventBus:
         if self._bus is None:
             self._bus = EventBus(
                 self.pool,
-                keys=self.store.keys,
+                keys=Keys(self.settings.redis_prefix),
                 queue_name=self.settings.queue_name,
                 timeout=self.settings.event_timeout,
                 clock=self.clock,
@@ -208,20 +290,13 @@ class ConsentClient:
 
     @property
     def ring(self) -> KeyRing:
-        if self._ring is None:
-            self.settings.check_keys()
-            raise AssertionError("unreachable")  # pragma: no cover
-        return self._ring
+        """The only provider's key ring; with several, name one: :meth:`ring_for`."""
+        return self.ring_for(None)
 
     @property
     def oauth(self) -> OAuthClient:
-        if self._oauth is None:
-            self.settings.check_provider()
-            self._http = httpx.AsyncClient(
-                timeout=self.settings.http_timeout, follow_redirects=False
-            )
-            self._oauth = OAuthClient(self.settings, self._http, clock=self.clock)
-        return self._oauth
+        """The only provider's OpenID client; with several, name one: :meth:`oauth_for`."""
+        return self.oauth_for(None)
 
     # --- events -----------------------------------------------------------------------------
 
@@ -231,51 +306,97 @@ class ConsentClient:
             raise WorkerUnavailable("no outcome", user=envelope.user, event=envelope.event.value)
         return outcome
 
-    async def request_provisioning(self, user: str, *, actor: str = "user") -> ConsentStatus:
-        """Emit ``provision_requested``; the result carries the authorization URL while pending."""
-        envelope = Envelope(Event.PROVISION_REQUESTED, check_user(user), actor)
-        return self._raise_for(await self.emit(envelope))
+    async def request_provisioning(
+        self,
+        user: str,
+        provider: str | None = None,
+        scopes: Sequence[str] = (),
+        *,
+        actor: str = "user",
+    ) -> ConsentStatus:
+        """Emit ``provision_requested`` for the connection (user, provider): a session for the
+        provider's base scopes plus ``scopes``. ``provider`` may be left out when one is
+        configured.
+
+        The result carries the authorization URL while a session is open: the first one, or an
+        upgrade when the user is provisioned without every scope asked (the grant keeps working
+        meanwhile). Scopes already granted: nothing to do. Raises :class:`InvalidScope`, before
+        anything is queued, for a scope that is not an RFC 6749 scope token or too many.
+        """
+        user = check_user(user)
+        asked = check_scopes(list(scopes) if not isinstance(scopes, str) else scopes)
+        name = self.provider_name(provider)
+        payload = {"scopes": " ".join(asked)} if asked else {}
+        envelope = Envelope(Event.PROVISION_REQUESTED, user, actor, payload=payload, provider=name)
+        return self._raise_for(await self.emit(envelope), name)
 
     async def revoke(
-        self, user: str, *, actor: str = "user", reason: str | None = None
+        self,
+        user: str,
+        provider: str | None = None,
+        *,
+        actor: str = "user",
+        reason: str | None = None,
     ) -> ConsentStatus:
-        """Emit ``revoke_requested``: revoked at the provider, local tokens wiped."""
+        """Emit ``revoke_requested``: revoked at the provider, local tokens wiped. The user's
+        connections at other providers are left as they are."""
+        user = check_user(user)
+        name = self.provider_name(provider)
         payload = {"reason": clip(reason) or ""} if reason else {}
-        envelope = Envelope(Event.REVOKE_REQUESTED, check_user(user), actor, payload=payload)
+        envelope = Envelope(Event.REVOKE_REQUESTED, user, actor, payload=payload, provider=name)
         outcome = await self.emit(envelope)
         if self._broker is not None:
-            self._broker.forget(user)  # this process, at once; others hear it on cf:invalidate
-        return self._raise_for(outcome)
+            # This process, at once; others hear it on cf:invalidate.
+            self._broker.forget(user, name)
+        return self._raise_for(outcome, name)
 
     @staticmethod
-    def _raise_for(outcome: Outcome) -> ConsentStatus:
+    def _raise_for(outcome: Outcome, provider: str) -> ConsentStatus:
         if outcome.result == "rejected" and outcome.error not in (None, "conflict"):
             raise ConsentError(
                 outcome.reason or outcome.error or "rejected",
                 user=outcome.user,
                 event=outcome.event,
             )
-        return ConsentStatus.from_outcome(outcome)
+        return ConsentStatus.from_outcome(outcome, provider=provider)
 
     # --- reads ------------------------------------------------------------------------------
 
-    async def status(self, user: str) -> ConsentStatus:
-        rec = await self.store.load(check_user(user))
+    async def status(self, user: str, provider: str | None = None) -> ConsentStatus:
+        """Where the connection (user, provider) stands."""
+        user = check_user(user)
+        name = self.provider_name(provider)
+        rec = await self.store_for(name).load(user)
         url = None
-        if rec.state is State.PENDING and rec.session and self._ring is not None:
-            url = session_url(self._ring, rec)
-        return ConsentStatus.from_record(rec, authorization_url=url)
+        if rec.session and self._ring is not None:
+            url = session_url(self._ring.for_provider(name), rec)
+        return ConsentStatus.from_record(rec, authorization_url=url, provider=name)
 
-    async def history(self, user: str, *, limit: int = 1000) -> list[dict[str, Any]]:
-        entries: list[HistoryEntry] = await self.store.history(check_user(user), limit=limit)
+    async def connections(self, user: str) -> list[ConsentStatus]:
+        """The user's connection at every configured provider, in configuration order (a
+        provider never asked reads ``unprovisioned``)."""
+        user = check_user(user)
+        return [await self.status(user, name) for name in self.providers]
+
+    async def history(
+        self, user: str, provider: str | None = None, *, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        user = check_user(user)
+        store = self.store_for(provider)
+        entries: list[HistoryEntry] = await store.history(user, limit=limit)
         return [entry.public() for entry in entries]
 
-    async def access_token(self, user: str, *, min_ttl: float = DEFAULT_MIN_TTL) -> str:
-        """An access token for ``user`` valid for at least ``min_ttl`` seconds.
+    async def access_token(
+        self, user: str, provider: str | None = None, *, min_ttl: float = DEFAULT_MIN_TTL
+    ) -> str:
+        """An access token for the connection (user, provider) valid for at least ``min_ttl``
+        seconds.
 
-        Raises :class:`NotProvisioned`, :class:`ConsentRevoked` (with the reason) or
-        :class:`ProviderUnavailable`.
+        Raises :class:`NotProvisioned`, :class:`ConsentRevoked` (with the reason),
+        :class:`ProviderUnavailable` or :class:`UnknownProvider`.
         """
+        user = check_user(user)
+        name = self.provider_name(provider)
         if self._broker is None:
             self._broker = TokenBroker(self)
-        return await self._broker.access_token(check_user(user), min_ttl=min_ttl)
+        return await self._broker.access_token(user, name, min_ttl=min_ttl)

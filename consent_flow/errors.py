@@ -10,6 +10,9 @@ Every error the library raises on purpose derives from one base class, carries a
     ├── StoreError                  the state store answered something it should not have
     ├── WorkerUnavailable           no worker answered an event within the timeout
     ├── InvalidTransition           the event is not allowed from the user's state
+    ├── UnknownProvider             no configured provider has that name (or none was named
+    │                               where several are configured)
+    ├── InvalidScope                a scope asked for is not an RFC 6749 scope token, or too many
     ├── CallbackRejected            a bad, forged or replayed authorization callback
     ├── NotProvisioned              the user has granted no delegated access (yet)
     │   └── ConsentRevoked          the user's grant was revoked (reason attached)
@@ -35,6 +38,7 @@ __all__ = [
     "ConsentRevoked",
     "GrantRejected",
     "IDTokenError",
+    "InvalidScope",
     "InvalidTransition",
     "NotProvisioned",
     "ProviderError",
@@ -44,6 +48,7 @@ __all__ = [
     "SettingsError",
     "StoreError",
     "UnknownKeyError",
+    "UnknownProvider",
     "VaultError",
     "WorkerUnavailable",
 ]
@@ -124,6 +129,34 @@ class WorkerUnavailable(ConsentError):
 
 class InvalidTransition(ConsentError):
     code = "invalid_transition"
+
+
+class UnknownProvider(ConsentError):
+    """No configured provider has the name asked for, or a call named none while several are
+    configured. ``provider`` is the name asked for (None: none was named); ``names`` lists the
+    configured ones, and so does the message."""
+
+    code = "unknown_provider"
+
+    def __init__(
+        self, provider: str | None, names: Sequence[str], *, user: str | None = None
+    ) -> None:
+        listed = ", ".join(names) or "none"
+        if provider is None:
+            message = f"several providers are configured: name one of {listed}"
+        else:
+            shown = provider if len(provider) <= 40 else provider[:40] + "..."
+            message = f"no provider is configured as {shown!r}; configured: {listed}"
+        super().__init__(message, user=user)
+        self.provider = provider
+        self.names = tuple(names)
+
+
+class InvalidScope(ConsentError):
+    """Scopes asked for that no provider could be asked for: not RFC 6749 scope tokens (spaces,
+    control characters, quotes), too long, or too many. Refused before anything is queued."""
+
+    code = "invalid_scope"
 
 
 class CallbackRejected(ConsentError):

@@ -11,16 +11,22 @@ import ipaddress
 import math
 import os
 import re
+import tomllib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
-from consent_flow.errors import SettingProblem, SettingsError
+from consent_flow.core.connections import DEFAULT_PROVIDER, PROVIDER_NAME, is_provider_name
+from consent_flow.errors import SettingProblem, SettingsError, UnknownProvider
 
 __all__ = [
+    "DEFAULT_PROVIDER",
+    "PROVIDER_FILE_KEYS",
+    "PROVIDER_VARIABLES",
     "REQUIRED_VARIABLES",
+    "ProviderConfig",
     "Requirement",
     "Secret",
     "SettingProblem",
@@ -65,6 +71,37 @@ WEBHOOK_SECRET_ACCEPTED = (
     "\"import base64, os; print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
 )
 MAX_SHOWN_VALUE = 40  # characters of a rejected value quoted back in a message
+MAX_PROVIDERS = 64  # providers one deployment serves; each has its own engine stack per worker
+MAX_REFRESH_RATE = 1_000_000.0  # refreshes per second to one provider: beyond it, a typo
+MAX_CONCURRENCY = 100_000
+
+# The v1 variables that describe the one provider; with CONSENT_PROVIDERS_FILE they must be unset
+# (the file is then the only source of providers, and a stray variable would be silently ignored).
+PROVIDER_VARIABLES = (
+    "CONSENT_ISSUER",
+    "CONSENT_DISCOVERY_URL",
+    "CONSENT_CLIENT_ID",
+    "CONSENT_CLIENT_SECRET",
+    "CONSENT_SCOPES",
+    "CONSENT_RESOURCE",
+    "CONSENT_SUBJECT_MATCH",
+    "CONSENT_TOKEN_AUTH_METHOD",
+)
+# What a [providers.NAME] table of CONSENT_PROVIDERS_FILE may hold; issuer, client_id and
+# client_secret_env are required.
+PROVIDER_FILE_KEYS = (
+    "issuer",
+    "discovery_url",
+    "client_id",
+    "client_secret_env",
+    "scopes",
+    "resource",
+    "subject_match",
+    "token_auth_method",
+    "max_refresh_rate",
+    "max_concurrency",
+)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
 class Requirement(enum.Enum):
@@ -167,6 +204,223 @@ def _redis_url_problem(value: str) -> str | None:
     return None
 
 
+def _scope_problem(scopes: tuple[str, ...], raw_length: int) -> str | None:
+    """What is wrong with a list of base scopes, or None."""
+    if raw_length > MAX_SCOPES_LENGTH:
+        return f"is {raw_length} characters long; at most {MAX_SCOPES_LENGTH} are accepted"
+    # RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+    if not all(0x21 <= ord(c) <= 0x7E and c not in '"\\' for c in "".join(scopes)):
+        return (
+            "contains characters RFC 6749 3.3 forbids; expected space separated scopes "
+            'of printable ASCII without " or \\, e.g. "openid offline_access"'
+        )
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """One configured OpenID provider: its issuer, this deployment's client there, the base
+    scopes every session asks for, and the limits refreshes to it keep."""
+
+    name: str
+    issuer: str
+    discovery_url: str
+    client_id: str
+    client_secret: Secret
+    scopes: tuple[str, ...] = DEFAULT_SCOPES
+    resource: str | None = None
+    subject_match: bool = True
+    token_auth_method: AuthMethod = "client_secret_basic"
+    max_refresh_rate: float | None = None  # refreshes per second, fleet-wide; None: no limit
+    max_concurrency: int | None = None  # refreshes in flight at once, fleet-wide; None: no limit
+
+    def public(self) -> dict[str, object]:
+        """What an operator may see (no secret, not even the variable holding it)."""
+        return {
+            "name": self.name,
+            "issuer": self.issuer,
+            "discovery_url": self.discovery_url,
+            "client_id": self.client_id,
+            "scopes": list(self.scopes),
+            "resource": self.resource,
+            "subject_match": self.subject_match,
+            "token_auth_method": self.token_auth_method,
+            "max_refresh_rate": self.max_refresh_rate,
+            "max_concurrency": self.max_concurrency,
+        }
+
+
+def _read_providers(
+    path_text: str, env: Mapping[str, str], insecure: bool
+) -> tuple[tuple[ProviderConfig, ...], list[SettingProblem]]:
+    """The providers of a ``CONSENT_PROVIDERS_FILE``, and every problem found in it (all of
+    them, so one run shows everything to fix). Secrets come from the variables the file names."""
+    problems: list[SettingProblem] = []
+
+    def problem(where: str, message: str) -> None:
+        problems.append(SettingProblem("CONSENT_PROVIDERS_FILE", f"{where}{message}"))
+
+    try:
+        with open(path_text, "rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as exc:
+        problem("", f"cannot be read ({exc.strerror or type(exc).__name__}): {_shown(path_text)}")
+        return (), problems
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        problem("", f"is not valid TOML: {exc}")
+        return (), problems
+    for key in document:
+        if key != "providers":
+            problem("", f"has an unknown top-level key {_shown(key)}; expected [providers.NAME]")
+    tables = document.get("providers")
+    if not isinstance(tables, dict) or not tables:
+        problem("", "defines no provider; expected one [providers.NAME] table per provider")
+        return (), problems
+    if len(tables) > MAX_PROVIDERS:
+        problem("", f"defines {len(tables)} providers; at most {MAX_PROVIDERS} are accepted")
+    found: list[ProviderConfig] = []
+    for name, table in tables.items():
+        config, wrong = _provider_from_table(str(name), table, env, insecure)
+        problems.extend(wrong)
+        if config is not None:
+            found.append(config)
+    return tuple(found), problems
+
+
+def _provider_from_table(
+    name: str, table: object, env: Mapping[str, str], insecure: bool
+) -> tuple[ProviderConfig | None, list[SettingProblem]]:
+    """One ``[providers.NAME]`` table as a provider, or None and every problem it has."""
+    problems: list[SettingProblem] = []
+
+    def problem(where: str, message: str) -> None:
+        problems.append(SettingProblem("CONSENT_PROVIDERS_FILE", f"{where}{message}"))
+
+    where = f"[providers.{name if len(name) <= MAX_SHOWN_VALUE else name[:40] + '...'}] "
+    if not is_provider_name(name):
+        problem(where, f"the name must match {PROVIDER_NAME.pattern}")
+    if not isinstance(table, dict):
+        problem(where, "must be a table of settings")
+        return None, problems
+    for key in table:
+        if key not in PROVIDER_FILE_KEYS:
+            problem(where, f"unknown key {_shown(key)}; known: {', '.join(PROVIDER_FILE_KEYS)}")
+
+    def text(key: str, *, required: bool = False) -> str | None:
+        value = table.get(key)
+        if value is None:
+            if required:
+                problem(where, f"{key} is required")
+            return None
+        if not isinstance(value, str) or not value.strip():
+            problem(where, f"{key} must be a non-empty string")
+            return None
+        return value.strip()
+
+    def url(key: str, example: str, *, required: bool = False) -> str | None:
+        value = text(key, required=required)
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+            problem(where, f"{key} must be an absolute https:// URL without #, e.g. {example}")
+            return None
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname) and not insecure:
+            problem(
+                where,
+                f"{key} must use https:// off loopback (set CONSENT_ALLOW_INSECURE_HTTP=1 "
+                "for test networks)",
+            )
+            return None
+        return value
+
+    issuer = url("issuer", "https://id.example.com", required=True)
+    discovery = url("discovery_url", "https://id.example.com/.well-known/openid-configuration") or (
+        issuer and issuer.rstrip("/") + "/.well-known/openid-configuration"
+    )
+    client_id = text("client_id", required=True)
+    secret = Secret("")
+    secret_env = text("client_secret_env", required=True)
+    if secret_env is not None:
+        if not _ENV_NAME.fullmatch(secret_env):
+            problem(where, "client_secret_env must name an environment variable, e.g. GH_SECRET")
+        elif not (env.get(secret_env) or "").strip():
+            problem(
+                where,
+                f"client_secret_env names {secret_env}, which is not set: put the client's "
+                "secret there (secrets never sit in the file)",
+            )
+        else:
+            secret = Secret(env[secret_env].strip())
+    scopes = DEFAULT_SCOPES
+    raw_scopes = table.get("scopes")
+    if raw_scopes is not None:
+        if isinstance(raw_scopes, str):
+            raw_scopes = raw_scopes.split()
+        if not isinstance(raw_scopes, list) or not all(
+            isinstance(x, str) and x for x in raw_scopes
+        ):
+            problem(where, 'scopes must be a list of strings, e.g. ["openid", "offline_access"]')
+        else:
+            scopes = tuple(dict.fromkeys(raw_scopes))
+            if wrong := _scope_problem(scopes, len(" ".join(scopes))):
+                problem(where, f"scopes {wrong}")
+            elif "openid" not in scopes:
+                problem(where, "scopes must include 'openid' (the ID token names the user)")
+    resource = url("resource", "https://api.example.com/")
+    subject_match = table.get("subject_match", True)
+    if not isinstance(subject_match, bool):
+        problem(where, "subject_match must be true or false")
+    auth_method = table.get("token_auth_method", "client_secret_basic")
+    if auth_method not in ("client_secret_basic", "client_secret_post"):
+        problem(
+            where,
+            "token_auth_method must be 'client_secret_basic' or 'client_secret_post', "
+            f"not {_shown(str(auth_method))}",
+        )
+    rate = table.get("max_refresh_rate")
+    if rate is not None and (
+        isinstance(rate, bool)
+        or not isinstance(rate, int | float)
+        or not 0 < rate <= MAX_REFRESH_RATE
+    ):
+        problem(
+            where,
+            f"max_refresh_rate must be a number of refreshes per second > 0 and <= "
+            f"{MAX_REFRESH_RATE:g}, not {_shown(str(rate))}",
+        )
+    concurrency = table.get("max_concurrency")
+    if concurrency is not None and (
+        isinstance(concurrency, bool)
+        or not isinstance(concurrency, int)
+        or not 1 <= concurrency <= MAX_CONCURRENCY
+    ):
+        problem(
+            where,
+            f"max_concurrency must be a whole number from 1 to {MAX_CONCURRENCY}, "
+            f"not {_shown(str(concurrency))}",
+        )
+    if problems:
+        return None, problems
+    assert issuer is not None and client_id is not None
+    return (
+        ProviderConfig(
+            name=name,
+            issuer=issuer,
+            discovery_url=discovery or "",
+            client_id=client_id,
+            client_secret=secret,
+            scopes=scopes,
+            resource=resource,
+            subject_match=bool(subject_match),
+            token_auth_method=auth_method,
+            max_refresh_rate=None if rate is None else float(rate),
+            max_concurrency=concurrency,
+        ),
+        problems,
+    )
+
+
 def _default_data_dir(env: Mapping[str, str]) -> Path:
     base = env.get("XDG_DATA_HOME") or str(Path(env.get("HOME", ".")) / ".local" / "share")
     return Path(base) / "consent-flow"
@@ -208,6 +462,10 @@ class Settings:
     webhook_url: str | None = None
     webhook_secret: Secret = field(default_factory=lambda: Secret(""))
     webhook_failing_after: int = DEFAULT_WEBHOOK_FAILING_AFTER
+    providers_file: Path | None = None
+    provider_table: tuple[ProviderConfig, ...] = ()
+    """The providers of ``CONSENT_PROVIDERS_FILE``, in file order; empty without one (then the
+    v1 fields above define the one provider, ``default``). Read :attr:`providers`."""
 
     @classmethod
     def from_env(
@@ -325,19 +583,8 @@ class Settings:
         scopes: tuple[str, ...] = DEFAULT_SCOPES
         if raw_scopes is not None:
             scopes = tuple(dict.fromkeys(raw_scopes.split()))
-            # RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
-            if len(raw_scopes) > MAX_SCOPES_LENGTH:
-                problem(
-                    "CONSENT_SCOPES",
-                    f"is {len(raw_scopes)} characters long; at most {MAX_SCOPES_LENGTH} are "
-                    "accepted",
-                )
-            elif not all(0x21 <= ord(c) <= 0x7E and c not in '"\\' for c in "".join(scopes)):
-                problem(
-                    "CONSENT_SCOPES",
-                    "contains characters RFC 6749 3.3 forbids; expected space separated scopes "
-                    'of printable ASCII without " or \\, e.g. "openid offline_access"',
-                )
+            if wrong := _scope_problem(scopes, len(raw_scopes)):
+                problem("CONSENT_SCOPES", wrong)
 
         raw_keys = get("CONSENT_ENCRYPTION_KEYS")
         keys: tuple[Secret, ...] = ()
@@ -456,6 +703,19 @@ class Settings:
             )
         )
 
+        providers_file = get("CONSENT_PROVIDERS_FILE")
+        provider_table: tuple[ProviderConfig, ...] = ()
+        if providers_file is not None:
+            stray = [name for name in PROVIDER_VARIABLES if get(name) is not None]
+            for name in stray:
+                problem(
+                    name,
+                    "must not be set together with CONSENT_PROVIDERS_FILE: the file alone "
+                    "defines the providers (move it into a [providers.NAME] table)",
+                )
+            provider_table, found = _read_providers(providers_file, env, insecure == "1")
+            problems.extend(found)
+
         settings = cls(
             redis_url=redis_url,
             issuer=issuer,
@@ -487,6 +747,8 @@ class Settings:
             webhook_url=webhook_url,
             webhook_secret=Secret(webhook_secret or ""),
             webhook_failing_after=failing_after,
+            providers_file=Path(providers_file) if providers_file else None,
+            provider_table=provider_table,
         )
         # A malformed variable already has its problem; "is required" on top would only repeat it.
         reported = {p.variable for p in problems}
@@ -501,6 +763,12 @@ class Settings:
 
     def missing(self, requirement: Requirement) -> list[SettingProblem]:
         """What these settings lack for ``requirement``, one problem per variable."""
+        if requirement is Requirement.PROVIDER and self.providers_file is not None:
+            # The file's providers were checked when it was read: only the redirect is left.
+            if self.redirect_uri:
+                return []
+            name, what = REQUIRED_VARIABLES[requirement][-1]
+            return [SettingProblem(name, f"is required ({what})")]
         if requirement is Requirement.PROVIDER:
             present = {
                 "CONSENT_ISSUER": bool(self.issuer),
@@ -558,6 +826,62 @@ class Settings:
 
     def check_keys(self) -> None:
         self._check(Requirement.KEYS)
+
+    @property
+    def providers(self) -> tuple[ProviderConfig, ...]:
+        """Every configured provider, in file order; without a providers file, the one the v1
+        variables define, named ``default``."""
+        if self.provider_table or self.providers_file is not None:
+            return self.provider_table
+        return (
+            ProviderConfig(
+                name=DEFAULT_PROVIDER,
+                issuer=self.issuer,
+                discovery_url=self.discovery_url,
+                client_id=self.client_id,
+                client_secret=self.client_secret,
+                scopes=self.scopes,
+                resource=self.resource,
+                subject_match=self.subject_match,
+                token_auth_method=self.token_auth_method,
+            ),
+        )
+
+    @property
+    def provider_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.providers)
+
+    def provider(self, name: str | None = None) -> ProviderConfig:
+        """The provider called ``name``; None means the only one. Raises
+        :class:`UnknownProvider` for a name not configured, or None while several are."""
+        providers = self.providers
+        if name is None:
+            if len(providers) == 1:
+                return providers[0]
+        else:
+            for config in providers:
+                if config.name == name:
+                    return config
+        raise UnknownProvider(name, [p.name for p in providers])
+
+    def for_provider(self, name: str | None = None) -> Settings:
+        """These settings as one provider's engine stack sees them: the provider fields
+        (issuer, client, base scopes, resource, subject match, client authentication) are that
+        provider's. Without a providers file, ``default``'s are the v1 fields already."""
+        config = self.provider(name)
+        if not self.provider_table:
+            return self
+        return replace(
+            self,
+            issuer=config.issuer,
+            discovery_url=config.discovery_url,
+            client_id=config.client_id,
+            client_secret=config.client_secret,
+            scopes=config.scopes,
+            resource=config.resource,
+            subject_match=config.subject_match,
+            token_auth_method=config.token_auth_method,
+        )
 
     @property
     def redirect_path(self) -> str:

@@ -3,10 +3,17 @@
 One process serves the MCP endpoint (streamable HTTP, ``/mcp``), consent-flow's authorization
 callback (``/oauth/callback``) and an in-process consent-flow worker. Its tools:
 
-- ``provision_access``, ``check_access``, ``revoke_access``, from ``consent_flow.mcp``;
+- ``provision_access``, ``check_access``, ``revoke_access``, ``list_connections``, from
+  ``consent_flow.mcp`` (with several providers configured they take a ``provider`` argument);
 - ``get_my_profile``: calls the downstream API, here the provider's OpenID Connect userinfo
   endpoint, with the signed-in user's *delegated* access token. Before the user has granted
-  access it answers with the authorization URL instead (progressive consent).
+  access it answers with the authorization URL instead (progressive consent);
+- ``get_my_email``: needs one scope more than the base ones (``email``), declared with
+  ``@consent_tools.requires``: a user who granted only the base scopes is asked to approve an
+  upgrade (step-up), by URL elicitation where the client supports it, and the tool runs once they
+  have. With a providers file (``CONSENT_PROVIDERS_FILE``) it reads the e-mail address at the
+  provider named by ``MCP_EMAIL_PROVIDER`` (default: the last one configured), so one server acts
+  at two services.
 
 Who the user is comes from the bearer token of the MCP request (the MCP client signed the user in
 at the same provider, with ``resource=<this server's /mcp URL>``). The token is checked by
@@ -25,6 +32,10 @@ Run it (see examples/README.md)::
     CONSENT_REDIRECT_URI=http://127.0.0.1:8080/oauth/callback CONSENT_ENCRYPTION_KEYS=... \\
     python examples/mcp_server.py
 
+With a providers file, users sign in to this server at the provider named by
+``MCP_SIGN_IN_PROVIDER`` (default: the first one configured); ``get_my_profile`` reads their profile
+there.
+
 ``MCP_LOG_LEVEL=DEBUG`` also logs the routine work (arq's lines per job, the HTTP requests).
 
 Works with mcp 2.x (``MCPServer``) and mcp 1.x (``FastMCP``).
@@ -38,6 +49,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote_plus
@@ -78,6 +90,7 @@ def setup_logging(level_name: str | None = None) -> None:
 
 
 INTROSPECTION_TIMEOUT = 10.0  # seconds
+STEP_UP_SCOPE = "email"  # what get_my_email needs beyond the provider's base scopes
 DOWNSTREAM_TIMEOUT = 10.0  # seconds
 
 
@@ -155,13 +168,22 @@ class IntrospectionVerifier:
 
 
 def build_server(
-    consent: ConsentClient, verifier: IntrospectionVerifier
+    consent: ConsentClient,
+    verifier: IntrospectionVerifier,
+    *,
+    sign_in_provider: str | None = None,
+    email_provider: str | None = None,
+    userinfo: Mapping[str, str] | None = None,
 ) -> tuple[Any, ConsentTools]:
-    """The MCP server: consent tools, the downstream tool and the callback route.
+    """The MCP server: consent tools, the downstream tools and the callback route.
 
     Its bearer tokens must be issued for ``verifier.resource``, this server's MCP endpoint URL.
+    ``sign_in_provider`` is the configured provider users sign in at (None: the only one);
+    ``email_provider`` the one ``get_my_email`` reads at (None: the only one); ``userinfo``
+    maps provider names to their userinfo endpoints (by default, the sign-in provider's).
     """
     provider = verifier.provider
+    endpoints = dict(userinfo or {})
     server = Server(
         "consent-flow example",
         instructions="Reads the signed-in user's profile at the provider, with their consent.",
@@ -183,19 +205,35 @@ def build_server(
         "access. If they have not granted it yet, answers with the page where they can.",
     )
     async def get_my_profile(ctx: Context) -> dict[str, Any]:
-        token = await tools.downstream_token(ctx)
+        token = await tools.downstream_token(ctx, provider=sign_in_provider)
         if isinstance(token, NeedsConsent):
             return token.model_dump()
-        async with httpx.AsyncClient(timeout=DOWNSTREAM_TIMEOUT) as http:
-            response = await http.get(
-                provider.userinfo_endpoint, headers={"Authorization": f"Bearer {token}"}
-            )
-        if response.status_code != 200:
-            # For instance a grant the provider ended a moment ago: the next refresh notices.
-            return {"error": "downstream_refused", "status": response.status_code}
-        return {"profile": response.json()}
+        return await _userinfo(provider.userinfo_endpoint, token)
+
+    email_userinfo = endpoints.get(email_provider or "", provider.userinfo_endpoint)
+
+    @server.tool(
+        title="My e-mail address",
+        description="The signed-in user's e-mail address at the provider. Needs the `email` "
+        "scope: a user who has not granted it is asked to, and the tool runs once they have.",
+    )
+    @tools.requires(email_provider, scopes=[STEP_UP_SCOPE])
+    async def get_my_email(token: str) -> dict[str, Any]:
+        answer = await _userinfo(email_userinfo, token)
+        if "profile" not in answer:
+            return answer  # the downstream refused
+        return {"email": answer["profile"].get("email")}
 
     return server, tools
+
+
+async def _userinfo(endpoint: str, token: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=DOWNSTREAM_TIMEOUT) as http:
+        response = await http.get(endpoint, headers={"Authorization": f"Bearer {token}"})
+    if response.status_code != 200:
+        # For instance a grant the provider ended a moment ago: the next refresh notices.
+        return {"error": "downstream_refused", "status": response.status_code}
+    return {"profile": response.json()}
 
 
 async def serve(settings: Settings) -> None:
@@ -209,11 +247,19 @@ async def serve(settings: Settings) -> None:
     resource = os.environ.get("MCP_RESOURCE_URL") or (
         f"http://{settings.http_host}:{settings.http_port}/mcp"
     )
-    provider = await Provider.discover(settings)
+    names = settings.provider_names
+    several = len(names) > 1
+    sign_in = os.environ.get("MCP_SIGN_IN_PROVIDER") or names[0]
+    email = os.environ.get("MCP_EMAIL_PROVIDER") or names[-1]
+    for variable, name in (("MCP_SIGN_IN_PROVIDER", sign_in), ("MCP_EMAIL_PROVIDER", email)):
+        if name not in names:
+            raise SettingsError(variable, f"must name a configured provider: {', '.join(names)}")
+    discovered = {name: await Provider.discover(settings.for_provider(name)) for name in names}
+    sign_in_settings = settings.for_provider(sign_in)
     verifier = IntrospectionVerifier(
-        provider,
-        client_id=settings.client_id,
-        client_secret=settings.client_secret.reveal(),
+        discovered[sign_in],
+        client_id=sign_in_settings.client_id,
+        client_secret=sign_in_settings.client_secret.reveal(),
         resource=resource,
     )
     options = worker_settings(settings, settings.redis_url)
@@ -221,7 +267,13 @@ async def serve(settings: Settings) -> None:
     worker = ConsentWorker(**options)
     async with ConsentClient(settings) as consent, contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(verifier.aclose)
-        server, _ = build_server(consent, verifier)
+        server, _ = build_server(
+            consent,
+            verifier,
+            sign_in_provider=sign_in if several else None,
+            email_provider=email if several else None,
+            userinfo={name: p.userinfo_endpoint for name, p in discovered.items()},
+        )
         task = asyncio.create_task(worker.main())
         stack.push_async_callback(_stop_worker, worker, task)
         config = uvicorn.Config(

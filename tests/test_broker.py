@@ -28,16 +28,16 @@ class HeldBroker(TokenBroker):
         self.release = asyncio.Event()
         self.invalidated = asyncio.Event()
 
-    async def read_record(self, user: str) -> ConsentRecord:
-        rec = await super().read_record(user)
+    async def read_record(self, user: str, provider: str = "default") -> ConsentRecord:
+        rec = await super().read_record(user, provider)
         if self.hold_next:
             self.hold_next = False
             self.read.set()
             await self.release.wait()
         return rec
 
-    def forget(self, user: str) -> None:
-        super().forget(user)
+    def forget(self, user: str, provider: str = "default") -> None:
+        super().forget(user, provider)
         self.invalidated.set()
 
 

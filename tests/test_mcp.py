@@ -4,7 +4,8 @@ The same module runs on mcp 2.x (``MCPServer``, the main virtualenv) and on mcp 
 ``.venv-mcp1``). The server under test is examples/mcp_server.py: its bearer tokens come from
 the local provider (authorization code + PKCE, ``resource=<the MCP endpoint>``) and are checked
 by introspection; its ``get_my_profile`` tool calls the provider's userinfo endpoint with the
-user's delegated token.
+user's delegated token, and ``get_my_email`` does so with one scope more (step-up). Two-provider
+tests add a second real provider with a client of its own.
 
 In memory, the SDK's in-process transport carries no HTTP, so a test puts the verified token
 where the SDK's bearer middleware would (its auth context) for the length of one session.
@@ -26,7 +27,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from conftest import CLIENT_ID, CLIENT_SECRET, free_port, provider_clients, stored_tokens
+from conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    free_port,
+    provider_clients,
+    provision,
+    stored_tokens,
+)
 from local_provider import LocalProvider, approve, callback_params, pkce_pair
 from mcp.server.auth.middleware.auth_context import auth_context_var
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
@@ -45,11 +53,13 @@ SDK_MAJOR = int(importlib.metadata.version("mcp").split(".")[0])
 MCP_CLIENT_ID = "mcp-test-client"
 MCP_CLIENT_SECRET = "mcp-client-secret"
 MCP_CLIENT_REDIRECT = "http://127.0.0.1:9/mcp-client/callback"  # never requested
-CONSENT_TOOLS = ("provision_access", "check_access", "revoke_access")
+CONSENT_TOOLS = ("provision_access", "check_access", "revoke_access", "list_connections")
+STEP_UP_SCOPE = "email"  # not among the test provider's base scopes; userinfo shows it when granted
 
 if SDK_MAJOR >= 2:
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client
+    from mcp.server.mcpserver import Context as SdkContext
     from mcp.server.mcpserver import MCPServer as SdkServer
     from mcp.types import ElicitResult
 
@@ -62,6 +72,7 @@ if SDK_MAJOR >= 2:
 else:
     from mcp import ClientSession
     from mcp.client.streamable_http import streamable_http_client
+    from mcp.server.fastmcp import Context as SdkContext
     from mcp.server.fastmcp import FastMCP as SdkServer
     from mcp.shared.memory import create_connected_server_and_client_session
     from mcp.types import ElicitResult
@@ -178,8 +189,8 @@ class Session:
         text = " ".join(getattr(block, "text", "") for block in result.content)
         return Answer(bool(is_error), data or {}, text)
 
-    async def ok(self, name: str) -> dict[str, Any]:
-        answer = await self.call(name)
+    async def ok(self, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+        answer = await self.call(name, arguments)
         assert not answer.is_error, answer.text
         return answer.data
 
@@ -268,6 +279,7 @@ def query(url: str) -> dict[str, str]:
 
 def test_public_surface_is_pinned():
     assert consent_flow.mcp.__all__ == [
+        "ConnectionList",
         "ConsentResult",
         "ConsentTools",
         "NeedsConsent",
@@ -286,22 +298,99 @@ async def test_tool_schemas_take_no_user_and_say_what_they_do(settings):
     assert set(tools) == set(CONSENT_TOOLS)
     for name in CONSENT_TOOLS:
         schema = tools[name]["inputSchema"]
-        # Pinned: no parameter at all, so no user id can be passed (the caller is the user).
+        # Pinned: one provider configured, so no provider argument; and no user id anywhere
+        # (the caller is the user). Only provision_access takes an argument: the scopes.
         assert schema["type"] == "object"
-        assert schema.get("properties") == {}
+        expected = {"scopes"} if name == "provision_access" else set()
+        assert set(schema.get("properties") or {}) == expected
         assert not schema.get("required")
         assert "user" not in json.dumps(schema).lower()
+    for name in ("provision_access", "check_access", "revoke_access"):
         output = tools[name]["outputSchema"]
-        assert {"state", "since", "authorization_url", "scopes", "reason", "message"} <= set(
-            output["properties"]
-        )
+        assert {
+            "provider",
+            "state",
+            "since",
+            "authorization_url",
+            "scopes",
+            "requested_scopes",
+            "upgrade",
+            "reason",
+            "message",
+        } <= set(output["properties"])
+    assert "connections" in tools["list_connections"]["outputSchema"]["properties"]
+    scopes = tools["provision_access"]["inputSchema"]["properties"]["scopes"]
+    assert scopes["type"] == "array"
+    assert scopes["maxItems"] == 32
+    assert scopes["items"]["maxLength"] == 128
     hints = {name: tools[name]["annotations"] for name in CONSENT_TOOLS}
     assert hints["check_access"]["readOnlyHint"] is True
+    assert hints["list_connections"]["readOnlyHint"] is True
     assert hints["provision_access"]["readOnlyHint"] is False
     assert hints["provision_access"]["destructiveHint"] is False
     assert hints["revoke_access"]["readOnlyHint"] is False
     assert hints["revoke_access"]["destructiveHint"] is True
     assert hints["revoke_access"]["idempotentHint"] is True
+
+
+def two_provider_settings(settings: Any, *names: str) -> Any:
+    """``settings`` with a provider table of ``names``, all at the settings' own provider."""
+    from consent_flow.settings import ProviderConfig
+
+    table = tuple(
+        ProviderConfig(
+            name=name,
+            issuer=settings.issuer,
+            discovery_url=settings.discovery_url,
+            client_id=settings.client_id,
+            client_secret=settings.client_secret,
+            scopes=settings.scopes,
+        )
+        for name in names
+    )
+    return settings.with_changes(provider_table=table)
+
+
+async def test_with_two_providers_the_tools_take_one_of_their_names(settings):
+    server = SdkServer("two")
+    consent = ConsentClient(two_provider_settings(settings, "nextcloud", "github"))
+    tools_ = register_consent_tools(server, consent)
+    assert tools_.providers == ("nextcloud", "github")
+
+    @server.tool()
+    @tools_.requires("github", scopes=[STEP_UP_SCOPE])
+    async def starred(limit: int, token: str) -> dict[str, Any]:
+        return {}
+
+    async with in_memory(server) as session:
+        tools = await session.tools()
+    for name in ("provision_access", "check_access", "revoke_access"):
+        schema = tools[name]["inputSchema"]
+        provider = schema["properties"]["provider"]
+        assert provider["type"] == "string"
+        assert provider["enum"] == ["nextcloud", "github"]  # configuration order
+        assert schema["required"] == ["provider"]
+        assert "user" not in json.dumps(schema).lower()
+    assert tools["list_connections"]["inputSchema"].get("properties") == {}
+    # A tool that declares its connection takes neither the provider nor the token.
+    assert set(tools["starred"]["inputSchema"]["properties"]) == {"limit"}
+
+
+def test_a_tool_cannot_require_an_unknown_provider_or_a_bad_scope(settings):
+    from consent_flow.errors import InvalidScope, UnknownProvider
+
+    server = SdkServer("bad")
+    tools = register_consent_tools(
+        server, ConsentClient(two_provider_settings(settings, "nextcloud", "github"))
+    )
+    with pytest.raises(UnknownProvider, match="nextcloud, github"):
+        tools.requires("gitlab")
+    with pytest.raises(UnknownProvider, match="name one of nextcloud, github"):
+        tools.requires()  # several configured: the tool must say which
+    with pytest.raises(InvalidScope):
+        tools.requires("github", scopes=["files write"])
+    with pytest.raises(TypeError, match="no parameter 'token'"):
+        tools.requires("github")(lambda path: path)
 
 
 def test_only_the_sdk_server_is_accepted(settings):
@@ -524,6 +613,13 @@ async def test_two_users_over_streamable_http(mode, http_stack, op, endpoint, ve
             assert result["authorization_url"] is None
             assert result["state"] == "provisioned"
             assert (await bob.ok("get_my_profile"))["profile"]["sub"] == "bob"
+            # Step-up: the e-mail tool needs one scope more; bob is offered the upgrade, approves,
+            # and the tool runs with the new grant.
+            assert len(offered) == 1
+            assert (await bob.ok("get_my_email")) == {"email": "bob@example.test"}
+            assert len(offered) == 2
+            assert "email" in query(offered[1].url)["scope"].split()
+            assert "email" in (await bob.ok("check_access"))["scopes"]
 
         async with over_http(endpoint.url, tokens["alice"], mode=mode) as alice:
             assert (await alice.ok("revoke_access"))["state"] == "revoked"
@@ -595,3 +691,295 @@ def test_the_examples_routine_work_logs_at_debug_only():
     assert arq.isEnabledFor(logging.WARNING)
     example.setup_logging("debug")
     assert arq.isEnabledFor(logging.DEBUG)
+
+
+# --- a tool that declares the connection and scopes it needs -------------------------------------
+
+
+def alice_token() -> AccessToken:
+    """What the SDK's verifier hands over for alice (the subject is all the tools read)."""
+    return AccessToken(token="t", client_id=MCP_CLIENT_ID, scopes=[], subject="alice")
+
+
+def step_up_server(stack: Any, op: LocalProvider, provider: str | None = None) -> Any:
+    """A server whose ``my_email`` tool needs ``provider`` with the step-up scope: it reads the
+    user's e-mail address at the provider's userinfo endpoint, which shows it only then."""
+    server = SdkServer("step-up")
+    tools = register_consent_tools(server, stack.client)
+    userinfo = op.metadata["userinfo_endpoint"]
+
+    @server.tool()
+    @tools.requires(provider, scopes=[STEP_UP_SCOPE])
+    async def my_email(token: str) -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.get(userinfo, headers={"Authorization": f"Bearer {token}"})
+        response.raise_for_status()
+        claims = response.json()
+        return {"sub": claims["sub"], "email": claims.get("email")}
+
+    # The same as a function, with the scope chosen at run time.
+    @server.tool()
+    async def token_for(ctx: SdkContext, scope: str) -> dict[str, Any]:
+        token = await tools.downstream_token(ctx, provider=provider, scopes=[scope])
+        return {"token": True} if isinstance(token, str) else token.model_dump()
+
+    # A plain function that takes the SDK's Context itself: it gets both.
+    @server.tool()
+    @tools.requires(provider)
+    def has_token(ctx: SdkContext, token: str) -> dict[str, bool]:
+        return {"token": bool(token), "context": isinstance(ctx, SdkContext)}
+
+    return server
+
+
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+async def test_a_step_up_tool_asks_by_elicitation_and_runs_once_approved(mode, stack, op):
+    server = step_up_server(stack, op)
+    offered: list[Any] = []
+
+    async def run() -> Answer:
+        async with in_memory(server, mode=mode, elicit=browser(stack, "alice", offered)) as s:
+            return await s.call("my_email")
+
+    answer = await as_user(alice_token(), run)
+    # One tool call: the user was offered the page, approved there, and the tool ran.
+    assert [p.mode for p in offered] == ["url"]
+    assert STEP_UP_SCOPE in query(offered[0].url)["scope"].split()
+    assert not answer.is_error, answer.text
+    assert answer.data == {"sub": "alice", "email": "alice@example.test"}
+    status = await stack.client.status("alice")
+    assert status.provisioned
+    assert STEP_UP_SCOPE in status.scopes
+
+
+async def test_a_step_up_tool_without_elicitation_answers_the_url_then_runs(stack, op):
+    server = step_up_server(stack, op)
+
+    async def call() -> Answer:
+        async with in_memory(server) as s:
+            return await s.call("my_email")
+
+    prompt = await as_user(alice_token(), call)
+    # Not the tool's output: flagged, so a client does not check it against the output schema.
+    assert prompt.is_error
+    assert prompt.data["needs_consent"] is True
+    assert prompt.data["state"] == "pending"
+    url = prompt.data["authorization_url"]
+    assert url in prompt.text
+    assert "call this tool again" in prompt.text
+    assert STEP_UP_SCOPE in query(url)["scope"].split()
+    # Asking again before the user approved offers the same session.
+    again = await as_user(alice_token(), call)
+    assert again.data["authorization_url"] == url
+
+    response = await stack.callback(await approve(url, "alice"))
+    assert response.status_code == 200, response.text
+    answer = await as_user(alice_token(), call)
+    assert not answer.is_error, answer.text
+    assert answer.data == {"sub": "alice", "email": "alice@example.test"}
+
+    async def other() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with in_memory(server) as s:
+            return (await s.tools())["has_token"]["inputSchema"], await s.ok("has_token")
+
+    schema, result = await as_user(alice_token(), other)
+    assert not schema.get("properties")  # neither the Context nor the token is an argument
+    assert result == {"token": True, "context": True}
+
+
+@pytest.mark.parametrize("elicits", [False, True], ids=["url-in-result", "elicitation"])
+async def test_a_grant_without_the_scope_is_upgraded_and_keeps_working(elicits, stack, op):
+    """Provisioned with the base scopes only: the tool asks for an upgrade; the grant keeps
+    working until the user approves, then the tool runs with the new one."""
+    response = await provision(stack, "alice")
+    assert response.status_code == 200, response.text
+    before = await stored_tokens(stack, "alice")
+    server = step_up_server(stack, op)
+    offered: list[Any] = []
+
+    async def call() -> Answer:
+        elicit = browser(stack, "alice", offered) if elicits else None
+        async with in_memory(server, mode="legacy", elicit=elicit) as s:
+            return await s.call("my_email")
+
+    answer = await as_user(alice_token(), call)
+    if elicits:
+        assert len(offered) == 1
+        url = offered[0].url
+    else:
+        assert answer.is_error
+        assert answer.data["needs_consent"] is True
+        assert answer.data["state"] == "provisioned"
+        assert answer.data["upgrade"] is True
+        assert STEP_UP_SCOPE not in answer.data["scopes"]
+        assert STEP_UP_SCOPE in answer.data["requested_scopes"]
+        assert "current grant keeps working" in answer.text
+        url = answer.data["authorization_url"]
+        # Meanwhile the old grant serves other tools.
+        assert await stack.client.access_token("alice") == before["access_token"]
+        response = await stack.callback(await approve(url, "alice"))
+        assert response.status_code == 200, response.text
+        answer = await as_user(alice_token(), call)
+    assert STEP_UP_SCOPE in query(url)["scope"].split()
+    assert not answer.is_error, answer.text
+    assert answer.data == {"sub": "alice", "email": "alice@example.test"}
+    status = await stack.client.status("alice")
+    assert status.provisioned and not status.upgrade
+    assert STEP_UP_SCOPE in status.scopes
+    assert (await stored_tokens(stack, "alice"))["access_token"] != before["access_token"]
+
+
+async def test_provision_access_asks_for_more_scopes(stack, op):
+    """The model can ask for scopes itself: an upgrade beside the grant; bad scopes change
+    nothing."""
+    await provision(stack, "alice")
+    server = SdkServer("scopes")
+    register_consent_tools(server, stack.client)
+
+    async def calls() -> tuple[Answer, Answer, dict[str, Any]]:
+        async with in_memory(server) as s:
+            bad = await s.call("provision_access", {"scopes": ["files write"]})
+            many = await s.call("provision_access", {"scopes": [f"s{i}" for i in range(33)]})
+            assert (await s.ok("check_access"))["upgrade"] is False
+            return bad, many, await s.ok("provision_access", {"scopes": [STEP_UP_SCOPE]})
+
+    bad, many, upgrade = await as_user(alice_token(), calls)
+    for answer in (bad, many):
+        assert answer.is_error
+        assert "invalid_scope" in answer.text
+    assert upgrade["state"] == "provisioned"
+    assert upgrade["upgrade"] is True
+    assert STEP_UP_SCOPE in query(upgrade["authorization_url"])["scope"].split()
+
+
+# --- two providers -------------------------------------------------------------------------------
+
+SECOND_CLIENT_ID = "second-client"
+SECOND_CLIENT_SECRET = "second-secret"
+
+
+@pytest.fixture(scope="module")
+def op2(redirect_uri: str) -> Iterator[LocalProvider]:
+    """A second provider (its own issuer and client), for the ``files`` connection."""
+    client = {
+        "client_id": SECOND_CLIENT_ID,
+        "client_secret": SECOND_CLIENT_SECRET,
+        "redirect_uris": [redirect_uri],
+    }
+    with LocalProvider.start(clients=[client]) as p:
+        yield p
+
+
+@pytest.fixture
+async def two_stack(make_stack, settings, op, op2) -> Any:
+    """One deployment, two providers: ``notes`` (this module's provider) and ``files``."""
+    from consent_flow.settings import ProviderConfig, Secret
+
+    table = (
+        ProviderConfig(
+            name="notes",
+            issuer=op.issuer,
+            discovery_url=op.discovery_url,
+            client_id=CLIENT_ID,
+            client_secret=Secret(CLIENT_SECRET),
+            scopes=settings.scopes,
+        ),
+        ProviderConfig(
+            name="files",
+            issuer=op2.issuer,
+            discovery_url=op2.discovery_url,
+            client_id=SECOND_CLIENT_ID,
+            client_secret=Secret(SECOND_CLIENT_SECRET),
+            scopes=("openid", "offline_access", "profile"),
+        ),
+    )
+    return await make_stack(op=op, provider_table=table)
+
+
+def as_(login: str) -> AccessToken:
+    return AccessToken(token="t", client_id=MCP_CLIENT_ID, scopes=[], subject=login)
+
+
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+async def test_two_providers_connections_step_up_at_one_and_bad_names(mode, two_stack, op, op2):
+    stack = two_stack
+    server = step_up_server(stack, op2, provider="files")
+    offered: list[Any] = []
+
+    async def session(login: str, work: Callable[[Session], Awaitable[Any]], **kw: Any) -> Any:
+        async def run() -> Any:
+            async with in_memory(server, mode=mode, **kw) as s:
+                return await work(s)
+
+        return await as_user(as_(login), run)
+
+    listed = await session("alice", lambda s: s.ok("list_connections"))
+    assert [(c["provider"], c["state"]) for c in listed["connections"]] == [
+        ("notes", "unprovisioned"),
+        ("files", "unprovisioned"),
+    ]
+
+    # Bob has no grant anywhere: the tool that needs `files` with the extra scope asks him (by
+    # elicitation, the page at the second provider) and runs once he approved.
+    answer = await session(
+        "bob", lambda s: s.call("my_email"), elicit=browser(stack, "bob", offered)
+    )
+    assert [urlsplit(p.url).netloc for p in offered] == [urlsplit(op2.issuer).netloc]
+    assert not answer.is_error, answer.text
+    assert answer.data == {"sub": "bob", "email": "bob@example.test"}
+    assert (await stack.client.status("bob", "notes")).state is State.UNPROVISIONED
+
+    # Alice grants both with their base scopes, through provision_access.
+    for name, provider in (("notes", op), ("files", op2)):
+        result = await session("alice", lambda s, n=name: s.ok("provision_access", {"provider": n}))
+        assert result["provider"] == name
+        assert result["state"] == "pending"
+        assert urlsplit(result["authorization_url"]).netloc == urlsplit(provider.issuer).netloc
+        response = await stack.callback(await approve(result["authorization_url"], "alice"))
+        assert response.status_code == 200, response.text
+    notes_token = await stack.client.access_token("alice", "notes")
+
+    # What she granted serves at once; one scope more opens an upgrade (the function form).
+    assert await session("alice", lambda s: s.ok("token_for", {"scope": "profile"})) == {
+        "token": True
+    }
+    needs = await session("alice", lambda s: s.ok("token_for", {"scope": STEP_UP_SCOPE}))
+    assert needs["needs_consent"] is True
+    assert (needs["provider"], needs["state"], needs["upgrade"]) == ("files", "provisioned", True)
+
+    # The tool needs more than alice granted at `files`: an upgrade there, approved, then it runs.
+    prompt = await session("alice", lambda s: s.call("my_email"))
+    assert prompt.data["authorization_url"] == needs["authorization_url"]  # the same session
+    assert prompt.is_error
+    assert prompt.data["provider"] == "files"
+    assert prompt.data["state"] == "provisioned"
+    assert prompt.data["upgrade"] is True
+    assert STEP_UP_SCOPE in query(prompt.data["authorization_url"])["scope"].split()
+    response = await stack.callback(await approve(prompt.data["authorization_url"], "alice"))
+    assert response.status_code == 200, response.text
+    answer = await session("alice", lambda s: s.call("my_email"))
+    assert not answer.is_error, answer.text
+    assert answer.data == {"sub": "alice", "email": "alice@example.test"}
+
+    listed = await session("alice", lambda s: s.ok("list_connections"))
+    by_name = {c["provider"]: c for c in listed["connections"]}
+    assert by_name["notes"]["state"] == by_name["files"]["state"] == "provisioned"
+    assert STEP_UP_SCOPE in by_name["files"]["scopes"]
+    assert STEP_UP_SCOPE not in by_name["notes"]["scopes"]
+
+    # A name that is not configured: an error naming the configured ones; nothing changes.
+    history = {n: await stack.client.history("alice", n) for n in ("notes", "files")}
+    for tool in ("provision_access", "check_access", "revoke_access"):
+        bad = await session("alice", lambda s, t=tool: s.call(t, {"provider": "gitlab"}))
+        assert bad.is_error
+        assert "unknown_provider" in bad.text
+        assert "notes, files" in bad.text
+    assert {n: await stack.client.history("alice", n) for n in ("notes", "files")} == history
+
+    # Revoking one connection leaves the other alone.
+    revoked = await session("alice", lambda s: s.ok("revoke_access", {"provider": "files"}))
+    assert (revoked["provider"], revoked["state"]) == ("files", "revoked")
+    assert (await session("alice", lambda s: s.ok("check_access", {"provider": "notes"})))[
+        "state"
+    ] == "provisioned"
+    assert await stack.client.access_token("alice", "notes") == notes_token

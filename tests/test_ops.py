@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import math
 import re
@@ -19,6 +20,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -31,16 +33,20 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.routing import Mount
 
 from consent_flow import ConsentClient, Event, State, consent_routes
-from consent_flow.core.records import Change, iso
-from consent_flow.core.table import TRANSITIONS, ConsentMachine
+from consent_flow.core.records import MAX_REASON_LENGTH, MAX_USER_LENGTH, Change, iso
+from consent_flow.core.table import TRANSITIONS, ConsentMachine, Facts
 from consent_flow.engine.engine import SESSION_FIELDS, TOKEN_FIELDS
 from consent_flow.queue.bus import new_id
 from consent_flow.settings import Secret
 from consent_flow.store.metrics import LEAD_BUCKETS, MetricsRecorder
 from consent_flow.store.redis_store import state_hash
 from consent_flow.store.vault import seal_tokens
+from consent_flow.web.callback import PageKind
+from consent_flow.web.callback import page as result_page
 from consent_flow.web.ops import ops_routes
 
 pytestmark = pytest.mark.integration
@@ -113,7 +119,9 @@ class Seeder:
         state, version, session_state = U, 0, None
         history = self.seeded.histories.setdefault(user, [])
         for event, at, actor, reason, *rest in steps:
-            row = MACHINE.decide(state, event)  # only paths the machine allows
+            # Only paths the machine allows; each callback names the open session, each
+            # expiry comes after the session's.
+            row = MACHINE.decide(state, event, Facts(session_matches=True, session_lapsed=True))
             to = row.dest or state
             extra: dict[str, Any] = {}
             if event is Event.PROVISION_REQUESTED:
@@ -615,7 +623,7 @@ async def test_bad_query_values_get_400_and_unknown_users_404(settings):
             hostile = await http.get(path)
             assert hostile.status_code == 200
             assert "<img" not in hostile.text
-            assert "&lt;img/src=x&gt;&amp;&quot;&#x27;#?%" in hostile.text
+            assert "&lt;img/src=x&gt;&amp;&#34;&#39;#?%" in hostile.text  # markupsafe's escapes
 
 
 # --- access ---------------------------------------------------------------------------------
@@ -760,3 +768,151 @@ async def test_future_times_read_in_so_long_not_0_s_ago(stack):
     assert len(ahead) >= 2, page  # access_token_expires_at, next_refresh_at (tokens live 1 h)
     assert ("59", "min") in ahead
     assert "0 s ago" not in page
+
+
+# --- layout ---------------------------------------------------------------------------------
+
+# A reason as long as a reason may be (MAX_REASON_LENGTH), with words and with a provider's
+# error_description that is one unbroken token (a URL, a base64 blob).
+LONG_REASON = (
+    "refresh token rejected by provider: invalid_grant: "
+    + "https://id.example/errors/"
+    + "a1b2c3d4" * 30
+    + "; "
+    + ", ".join(["and then some words that wrap normally"] * 6)
+)[:MAX_REASON_LENGTH].strip()
+LONG_ACTOR = "operator:" + "dana.the.operator.with.a.very.long.name" * 2
+WINDOW = {"width": 1280, "height": 800}
+
+
+async def document_width(page: Any) -> tuple[int, int]:
+    """The document's scroll width and the viewport's width, in CSS pixels."""
+    scroll, client = await page.evaluate(
+        "() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+    )
+    return int(scroll), int(client)
+
+
+@pytest.mark.browser
+async def test_long_histories_fit_a_1280_px_window(settings):
+    """A user with many entries, reasons as long as they get, a long actor and correlation id:
+    neither /ops nor the user's page grows wider than a 1280 px window."""
+    user = "long-" + "u" * (MAX_USER_LENGTH - 5)
+    start = time.time() - 3600
+    steps: list[tuple[Any, ...]] = []
+    for i in range(60):
+        at = start + i * 20
+        steps.append((Event.PROVISION_REQUESTED, at, "user", None))
+        steps.append((Event.AUTHORIZATION_FAILED, at + 5, LONG_ACTOR, LONG_REASON))
+    async with ConsentClient(settings) as client:
+        await Seeder(client, Seeded()).path(user, steps)
+        async with serve(client) as base, chromium(viewport=WINDOW) as page:
+            await page.goto(f"{base}/ops/users/{quote(user, safe='')}")
+            assert await page.locator("#timeline tr.entry").count() == 120
+            reasons = await texts(page, "#timeline tr.entry td.reason")
+            assert reasons[1] == LONG_REASON  # wrapped, not cut
+            scroll, window = await document_width(page)
+            assert window == WINDOW["width"]
+            assert scroll <= window, f"the user page is {scroll} px wide"
+            # The stylesheet applied: the CSP lets it through.
+            header = await page.evaluate(
+                "() => getComputedStyle(document.querySelector('header')).backgroundColor"
+            )
+            assert header == "rgb(29, 29, 31)"
+
+            await page.goto(f"{base}/ops?state=unprovisioned")
+            assert await texts(page, "table#users tr.user-row td.user") == [user]
+            scroll, window = await document_width(page)
+            assert scroll <= window, f"/ops is {scroll} px wide"
+
+
+# --- escaping -------------------------------------------------------------------------------
+
+SCRIPT = "<script>alert(document.cookie)</script>"
+
+
+async def test_a_reason_with_a_script_is_text_on_every_page(stack):
+    """A provider's error_description is whatever the redirect carried: the engine keeps it in
+    the reason, and the callback page, /ops and the user's page show it as text."""
+    status = await stack.client.request_provisioning("mallory")
+    denied = urlsplit(await approve(status.authorization_url, "mallory", deny=True))
+    params = dict(parse_qsl(denied.query))
+    params["error_description"] = f'{SCRIPT} "quoted" & <img src=x onerror=alert(1)>'
+    response = await stack.callback(urlunsplit(denied._replace(query=urlencode(params))))
+    assert response.status_code == 403
+    record = await stack.client.store.load("mallory")
+    assert record.reason is not None
+    assert SCRIPT in record.reason  # kept as it came, clipped only
+    async with asgi(stack.client) as http:
+        pages = {
+            "callback": response.text,
+            "ops": (await http.get("/ops?state=unprovisioned")).text,
+            "user": (await http.get("/ops/users/mallory")).text,
+        }
+    for name, text in pages.items():
+        assert "<script" not in text.lower(), name
+        assert "<img" not in text, name
+        assert "&lt;script&gt;alert(document.cookie)&lt;/script&gt;" in text, name
+        assert "&lt;img src=x onerror=alert(1)&gt;" in text, name
+
+
+async def test_refreshes_in_a_row_show_their_count_on_the_timeline(settings):
+    """The store keeps refreshes in a row as one entry that counts them: the timeline says how
+    many and since when, instead of showing one refresh where there were five."""
+    now = time.time()
+    due = now + 3000
+    steps: list[tuple[Any, ...]] = [
+        (Event.PROVISION_REQUESTED, now - 600, "user", None),
+        (Event.AUTHORIZATION_COMPLETED, now - 590, "browser", None, due),
+    ]
+    steps += [(Event.TOKEN_REFRESHED, now - 500 + 60 * i, "worker", None, due) for i in range(5)]
+    async with ConsentClient(settings) as client:
+        await Seeder(client, Seeded()).path("refreshed", steps)
+        async with asgi(client) as http:
+            page = (await http.get("/ops/users/refreshed")).text
+    assert page.count('<tr class="entry">') == 3
+    assert f'title="5 in a row, the first at {iso(now - 500)}">\u00d75</span>' in page
+
+
+def inline_styles(text: str) -> list[str]:
+    return re.findall(r"<style>(.*?)</style>", text, flags=re.DOTALL)
+
+
+def csp_admits(csp: str, style: str) -> bool:
+    digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+    return f"'sha256-{digest}'" in csp.split("style-src", 1)[1].split(";", 1)[0]
+
+
+async def test_pages_mounted_under_a_prefix_of_another_app_keep_their_style(settings):
+    """ops_routes mounted at /admin of someone else's app: the pages need no route of their
+    own for the stylesheet, and the policy admits exactly the inline one each page carries."""
+    async with ConsentClient(settings) as client:
+        await Seeder(client, Seeded()).path(
+            "mounted", [(Event.PROVISION_REQUESTED, time.time(), "user", None)]
+        )
+        app = Starlette(routes=[Mount("/admin", routes=ops_routes(client))])
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+            overview = await http.get("/admin/ops?state=pending")
+            user = await http.get("/admin/ops/users/mounted")
+            missing = await http.get("/admin/ops/users/nobody")
+        denied = result_page(
+            Request({"type": "http", "method": "GET", "path": "/", "headers": []}),
+            PageKind.DENIED,
+            "Access was denied",
+            "Nothing was shared.",
+            reason="access_denied",
+            status=403,
+        )
+    assert (overview.status_code, user.status_code, missing.status_code) == (200, 200, 404)
+    assert 'href="ops/users/mounted"' in overview.text  # relative: resolves under /admin
+    assert 'href="../../ops?state=pending"' in user.text
+    served = [(r.headers, r.text) for r in (overview, user, missing)]
+    served.append((denied.headers, bytes(denied.body).decode()))
+    for headers, text in served:
+        csp = headers["content-security-policy"]
+        assert "unsafe-inline" not in csp
+        assert "script-src" not in csp
+        (style,) = inline_styles(text)
+        assert csp_admits(csp, style)
+        assert 'style="' not in text  # an inline style attribute would be refused

@@ -22,12 +22,14 @@ from workers import worker_settings
 
 def test_a_refresh_job_is_compact_json():
     payload = serialize_job(
-        REFRESH_JOB, ("alice", 1764175335123), {}, None, 1764175335000, serializer=dump_job
+        REFRESH_JOB, ("alice", 1764175335123, "gh"), {}, None, 1764175335000, serializer=dump_job
     )
-    assert payload == (b'{"f":"refresh_tokens","a":["alice",1764175335123],"et":1764175335000}')
+    assert payload == (
+        b'{"f":"refresh_tokens","a":["alice",1764175335123,"gh"],"et":1764175335000}'
+    )
     assert deserialize_job_raw(payload, deserializer=load_job) == (
         REFRESH_JOB,
-        ["alice", 1764175335123],
+        ["alice", 1764175335123, "gh"],
         {},
         None,
         1764175335000,
@@ -87,18 +89,18 @@ async def test_scheduled_jobs_are_stored_as_json(redis_server):
         scheduler = Scheduler(pool, keys=keys, queue_name=f"{keys.prefix}:queue")
         later, past = time.time() + 600, time.time() - 1
         await scheduler.schedule("alice", later)
-        raw = await pool.get(job_key_prefix + refresh_job_id("alice", due_ms(later)))
-        assert load_job(raw)["a"] == ["alice", due_ms(later)]
+        raw = await pool.get(job_key_prefix + refresh_job_id(keys, "alice", due_ms(later)))
+        assert load_job(raw)["a"] == ["alice", due_ms(later), "default"]
         await pool.zadd(keys.sched, {"bob": due_ms(past)})  # its job lost: the sweep requeues
         assert (await scheduler.sweep())["requeued"] == 1
-        raw = await pool.get(job_key_prefix + refresh_job_id("bob", due_ms(past)))
-        assert load_job(raw)["a"] == ["bob", due_ms(past)]
+        raw = await pool.get(job_key_prefix + refresh_job_id(keys, "bob", due_ms(past)))
+        assert load_job(raw)["a"] == ["bob", due_ms(past), "default"]
     finally:
         await pool.aclose()
 
 
 @pytest.mark.parametrize("user", ["alice", 'quo"te', "üser", "back\\slash"])
 def test_the_sweeps_payload_is_what_arq_would_write(user):
-    expected = serialize_job(REFRESH_JOB, (user, 17), {}, None, 42, serializer=dump_job)
-    assert refresh_payload(user, 17, 42) == expected
-    assert load_job(refresh_payload(user, 17, 42))["a"] == [user, 17]
+    expected = serialize_job(REFRESH_JOB, (user, 17, "gh"), {}, None, 42, serializer=dump_job)
+    assert refresh_payload(user, 17, 42, "gh") == expected
+    assert load_job(refresh_payload(user, 17, 42, "gh"))["a"] == [user, 17, "gh"]

@@ -396,7 +396,7 @@ async def test_a_refresh_commits_its_next_job_counters_and_lock_release_at_once(
     await asyncio.sleep(1.0)
     before = await store.load("alice")
     assert before.next_refresh_at is not None and before.next_refresh_at > time.time()
-    replaced = refresh_job_id("alice", due_ms(before.next_refresh_at))
+    replaced = refresh_job_id(store.keys, "alice", due_ms(before.next_refresh_at))
     assert await store.redis.exists(job_key_prefix + replaced)  # the schedule's job, queued
     await stack.client.access_token("alice", min_ttl=TOKEN_TTL - 0.5)  # refreshes on demand
     rec = await store.load("alice")
@@ -405,7 +405,7 @@ async def test_a_refresh_commits_its_next_job_counters_and_lock_release_at_once(
     # The job of the schedule the refresh replaced went with it: no stale job left queued.
     assert not await store.redis.exists(job_key_prefix + replaced)
     assert await store.redis.zscore(stack.settings.queue_name, replaced) is None
-    job_id = refresh_job_id("alice", due_ms(rec.next_refresh_at))
+    job_id = refresh_job_id(store.keys, "alice", due_ms(rec.next_refresh_at))
     assert await store.redis.exists(job_key_prefix + job_id)
     assert await store.redis.zscore(stack.settings.queue_name, job_id) == due_ms(
         rec.next_refresh_at
@@ -447,11 +447,12 @@ async def test_a_revocation_removes_the_queued_refresh_job(make_stack, steady):
     store, queue = stack.client.store, stack.settings.queue_name
 
     async def queued() -> list[bytes]:
-        return [m for m in await store.redis.zrange(queue, 0, -1) if m.startswith(b"refresh:al")]
+        head = store.keys.refresh_job_head.encode() + b"al"
+        return [m for m in await store.redis.zrange(queue, 0, -1) if m.startswith(head)]
 
     rec = await store.load("alice")
     assert rec.next_refresh_at is not None and rec.next_refresh_at > time.time() + 1
-    job_id = refresh_job_id("alice", due_ms(rec.next_refresh_at))
+    job_id = refresh_job_id(store.keys, "alice", due_ms(rec.next_refresh_at))
     assert await wait_for(lambda: store.redis.exists(job_key_prefix + job_id), timeout=2)
     await stack.client.revoke("alice")
     assert await store.redis.zscore(store.keys.sched, "alice") is None

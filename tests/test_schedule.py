@@ -38,7 +38,7 @@ async def test_lost_jobs_behind_queued_ones_are_requeued(scheduler):
     counts = await scheduler.sweep(limit=400)
     assert counts["requeued"] == 1000
     for user, score in users.items():
-        assert await pool.exists(job_key_prefix + refresh_job_id(user, score))
+        assert await pool.exists(job_key_prefix + refresh_job_id(keys, user, score))
     assert await pool.zcard(scheduler.queue_name) == 2500
     again = await scheduler.sweep(limit=400)
     assert again["requeued"] == 0

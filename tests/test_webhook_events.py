@@ -120,6 +120,28 @@ async def test_revoking_sends_one_revoked_notice_with_the_reason(make_stack, hoo
     }
 
 
+async def test_an_approved_upgrade_sends_upgraded_and_a_denied_one_sends_nothing(make_stack, hook):
+    stack = await hooked(make_stack, hook.url)
+    await provisioned(stack, hook)
+    opened = await stack.client.request_provisioning("alice", scopes=["notes:write"])
+    assert opened.upgrade and opened.authorization_url
+    denied = await approve(opened.authorization_url, "alice", deny=True)
+    assert (await stack.callback(denied)).status_code == 403
+    opened = await stack.client.request_provisioning("alice", scopes=["notes:write"])
+    callback = await approve(opened.authorization_url, "alice")
+    assert (await stack.callback(callback)).status_code == 200
+    await hook.wait_for(lambda: got(hook, "connection.upgraded"))
+    await asyncio.sleep(QUIET)
+    assert types(hook) == ["connection.provisioned", "connection.upgraded"]
+    assert notices(hook)[1]["data"] == {
+        "user": "alice",
+        "provider": "default",
+        "from": "provisioned",
+        "to": "provisioned",
+        "reason": None,
+    }
+
+
 async def test_transient_failures_send_one_failing_notice_at_the_threshold_then_recovered(
     make_stack, hook
 ):

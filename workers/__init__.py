@@ -31,14 +31,14 @@ from consent_flow.oidc import HttpClients, OAuthClient
 from consent_flow.queue.bus import HANDLE_EVENT, JOB_SERIALIZERS, EventBus
 from consent_flow.queue.jobs import JOB_TIMEOUT, REFRESH_MAX_TRIES
 from consent_flow.queue.scheduler import REFRESH_JOB, Scheduler
-from consent_flow.settings import Settings
+from consent_flow.settings import ProviderConfig, Settings
 from consent_flow.store.clock import MAX_CLOCK_SKEW, RedisClock
 from consent_flow.store.connection import arq_redis_settings
 from consent_flow.store.metrics import HEARTBEAT_INTERVAL, MetricsRecorder
 from consent_flow.store.redis_store import RedisStore
 from consent_flow.store.vault import KeyRing
 
-from ._context import EVENT_MAX_TRIES, Services
+from ._context import EVENT_MAX_TRIES, ProviderStack, Services
 from ._worker import ConsentWorker
 from .jobs import cleanup, deliver_webhook, handle_event, refresh_tokens, sweep
 
@@ -94,8 +94,51 @@ async def _heartbeat(store: RedisStore, clock: RedisClock) -> None:
 
 async def _on_redis_back(ctx: dict[str, Any], down: float) -> None:
     services: Services = ctx["services"]
-    services.refresher.hold(RESUME_GRACE)
-    await services.refresher.metrics.redis_outage(down)
+    for refresher in services.refreshers:
+        refresher.hold(RESUME_GRACE)
+    await services.refreshers[0].metrics.redis_outage(down)  # counted once: a shared figure
+
+
+def _provider_stack(
+    settings: Settings,
+    config: ProviderConfig,
+    redis: Any,
+    http: HttpClients,
+    ring: KeyRing,
+    clock: RedisClock,
+    retry: RetryPolicy | None,
+) -> ProviderStack:
+    """One provider's engine stack: its settings, keys, OpenID client, bound ring, engine,
+    schedule and refresher."""
+    seen = settings.for_provider(config.name)
+    store = RedisStore(
+        redis,
+        prefix=settings.redis_prefix,
+        provider=config.name,
+        wait_replicas=settings.wait_replicas,
+    )
+    bound = ring.for_provider(config.name)
+    oauth = OAuthClient(seen, http, clock=clock)
+    scheduler = Scheduler(redis, keys=store.keys, queue_name=settings.queue_name, clock=clock)
+    engine = Engine(
+        settings=seen,
+        store=store,
+        oauth=oauth,
+        ring=bound,
+        clock=clock,
+        on_scheduled=scheduler.schedule,
+    )
+    refresher = Refresher(engine, scheduler, retry=retry or RetryPolicy())
+    return ProviderStack(
+        config=config,
+        settings=seen,
+        store=store,
+        oauth=oauth,
+        ring=bound,
+        engine=engine,
+        scheduler=scheduler,
+        refresher=refresher,
+    )
 
 
 def worker_settings(
@@ -128,64 +171,52 @@ def worker_settings(
         raise ValueError(f"job_timeout must be at most {JOB_TIMEOUT} s")
 
     async def startup(ctx: dict[str, Any]) -> None:
-        store = RedisStore(
-            ctx["redis"], prefix=settings.redis_prefix, wait_replicas=settings.wait_replicas
-        )
+        shared = RedisStore(ctx["redis"], prefix=settings.redis_prefix)
         ring = KeyRing.from_strings(k.reveal() for k in settings.encryption_keys)
-        await check_key_ring(store, ring)
+        await check_key_ring(shared, ring)
         # One clock for every decision this worker shares with other processes: Redis's.
         clock = RedisClock(ctx["redis"])
         await clock.sync()
         ctx["clock"] = clock
         # Up to max_jobs provider calls at once: each gets an httpx client of its own.
         http = HttpClients(timeout=settings.http_timeout, follow_redirects=False)
-        oauth = OAuthClient(settings, http, clock=clock)
         bus = EventBus(
             ctx["redis"],
-            keys=store.keys,
+            keys=shared.keys,
             queue_name=settings.queue_name,
             timeout=settings.event_timeout,
             clock=clock,
         )
-        scheduler = Scheduler(
-            ctx["redis"], keys=store.keys, queue_name=settings.queue_name, clock=clock
-        )
-        engine = Engine(
+        services = Services(
             settings=settings,
-            store=store,
-            oauth=oauth,
-            ring=ring,
-            clock=clock,
-            on_scheduled=scheduler.schedule,
-        )
-        refresher = Refresher(engine, scheduler, retry=retry or RetryPolicy())
-        ctx["services"] = Services(
-            settings=settings,
-            store=store,
             bus=bus,
             http=http,
-            oauth=oauth,
             ring=ring,
-            engine=engine,
-            scheduler=scheduler,
-            refresher=refresher,
             clock=clock,
             webhooks=WebhookSender(
-                settings, ctx["redis"], store.keys, retry=webhook_retry, clock=clock
+                settings, ctx["redis"], shared.keys, retry=webhook_retry, clock=clock
             )
             if settings.webhook_url
             else None,
         )
+        for config in settings.providers:
+            services.stacks[config.name] = _provider_stack(
+                settings, config, ctx["redis"], http, ring, clock, retry
+            )
+        ctx["services"] = services
         # Tokens a worker on this machine obtained and could not store before it died: stored
         # now, before this worker takes a job that could present the refresh token they replaced.
-        replayed = await refresher.replay()
+        replayed = 0
+        for refresher in services.refreshers:
+            replayed += await refresher.replay()
         ctx["on_redis_back"] = _on_redis_back
         ctx["heartbeat"] = asyncio.create_task(
-            _heartbeat(store, clock), name="consent-flow-heartbeat"
+            _heartbeat(shared, clock), name="consent-flow-heartbeat"
         )
         log.info(
             "worker_started",
             queue=settings.queue_name,
+            providers=list(services.stacks),
             key_ids=list(ring.key_ids),
             clock_offset_s=round(clock.offset, 3),
             spool_replayed=replayed,
@@ -199,7 +230,9 @@ def worker_settings(
                 await heartbeat
         services: Services | None = ctx.get("services")
         if services is not None:
-            await services.refresher.abandon_pending(SHUTDOWN_COMMIT_WAIT)
+            await asyncio.gather(
+                *(r.abandon_pending(SHUTDOWN_COMMIT_WAIT) for r in services.refreshers)
+            )
             await services.http.aclose()
             if services.webhooks is not None:
                 await services.webhooks.aclose()

@@ -11,10 +11,10 @@ from arq import Retry
 from consent_flow.core.records import ConsentRecord, ProviderRevocation, iso
 from consent_flow.core.table import Event, State
 from consent_flow.engine.webhooks import Notice
-from consent_flow.errors import ConsentError
+from consent_flow.errors import ConsentError, UnknownProvider
 from consent_flow.queue.bus import Envelope, Outcome, new_id
 
-from ._context import EVENT_MAX_TRIES, Services
+from ._context import EVENT_MAX_TRIES, ProviderStack, Services
 
 log = structlog.get_logger("consent_flow.worker")
 
@@ -25,6 +25,7 @@ async def handle_event(ctx: dict[str, Any], data: dict[str, Any]) -> None:
     envelope = Envelope.from_job(data)
     structlog.contextvars.bind_contextvars(
         user=envelope.user,
+        provider=envelope.provider,
         event_name=envelope.event.value,
         event_id=envelope.event_id,
         correlation_id=envelope.correlation_id,
@@ -32,11 +33,30 @@ async def handle_event(ctx: dict[str, Any], data: dict[str, Any]) -> None:
     )
     try:
         try:
-            outcome = await services.engine.handle(envelope)
+            stack = services.stack(envelope.provider)
+        except UnknownProvider as exc:
+            # Queued by a process configured with another provider: nothing here can apply it.
+            log.error("event_for_unknown_provider", error=exc.code)
+            if envelope.reply:
+                await services.bus.reply(
+                    envelope,
+                    Outcome(
+                        user=envelope.user,
+                        state=State.UNPROVISIONED.value,
+                        since=None,
+                        reason=str(exc),
+                        event=envelope.event.value,
+                        result="rejected",
+                        error=exc.code,
+                    ),
+                )
+            return
+        try:
+            outcome = await stack.engine.handle(envelope)
         except ConsentError as exc:
             # Refused or failed without a change: the caller gets the reason, nothing else moves.
             log.warning("event_rejected", error=exc.code, detail=str(exc))
-            rec: ConsentRecord = await services.store.load(envelope.user)
+            rec: ConsentRecord = await stack.store.load(envelope.user)
             outcome = Outcome(
                 user=rec.user,
                 state=rec.state.value,
@@ -51,7 +71,7 @@ async def handle_event(ctx: dict[str, Any], data: dict[str, Any]) -> None:
             # hears of it instead of waiting out its timeout.
             log.exception("event_failed", error=type(exc).__name__)
             if envelope.reply and ctx.get("job_try", 1) >= ctx.get("max_tries", EVENT_MAX_TRIES):
-                rec = await services.store.load(envelope.user)
+                rec = await stack.store.load(envelope.user)
                 await services.bus.reply(
                     envelope,
                     Outcome(
@@ -75,6 +95,7 @@ async def refresh_tokens(
     ctx: dict[str, Any],
     user: str,
     due_ms: int | None = None,
+    provider: str | None = None,
     *,
     on_demand: bool = False,
     min_ttl: float = 0.0,
@@ -83,10 +104,15 @@ async def refresh_tokens(
     reply: bool = False,
     actor: str = "worker",
 ) -> None:
-    """Refresh one grant: scheduled (deferred job or sweep: user and due time) or on demand (the
-    token broker: keyword arguments)."""
+    """Refresh one connection's grant: scheduled (deferred job or sweep: user, due time and
+    provider) or on demand (the token broker: user, provider and keyword arguments)."""
     services: Services = ctx["services"]
-    if (wait := services.refresher.held_for()) > 0:
+    try:
+        stack = services.stack(None if provider is None else str(provider))
+    except UnknownProvider as exc:
+        log.error("refresh_for_unknown_provider", user=str(user), error=exc.code)
+        return
+    if (wait := stack.refresher.held_for()) > 0:
         # Redis just came back: later, by arq, so the wait does not eat this job's time.
         raise Retry(defer=wait)
     user = str(user)
@@ -97,15 +123,17 @@ async def refresh_tokens(
         event_id=str(event_id or new_id()),
         correlation_id=str(correlation_id or new_id()),
         reply=bool(reply),
+        provider=stack.engine.provider,
     )
     structlog.contextvars.bind_contextvars(
         user=user,
+        provider=stack.engine.provider,
         event_name="refresh",
         event_id=envelope.event_id,
         job_try=ctx.get("job_try"),
     )
     try:
-        outcome = await services.refresher.refresh(
+        outcome = await stack.refresher.refresh(
             user,
             due=int(due_ms) if due_ms is not None else None,
             on_demand=bool(on_demand),
@@ -121,36 +149,52 @@ async def refresh_tokens(
 async def sweep(ctx: dict[str, Any]) -> None:
     """Queue every due refresh whose job went missing (lost enqueue, Redis failover)."""
     services: Services = ctx["services"]
-    counts = await services.scheduler.sweep()
-    if counts["requeued"]:
-        log.warning("sweep_requeued", **counts)
+    for name, stack in services.stacks.items():
+        counts = await stack.scheduler.sweep()
+        if counts["requeued"]:
+            log.warning("sweep_requeued", provider=name, **counts)
 
 
 async def cleanup(ctx: dict[str, Any]) -> None:
-    """Expire stale authorization sessions, retry provider revocations, trim history, commit
-    spooled refreshes left behind."""
+    """Expire stale authorization sessions (upgrades too), retry provider revocations, trim
+    history, commit spooled refreshes left behind."""
     services: Services = ctx["services"]
-    settings = services.settings
-    store = services.store
+    for stack in services.stacks.values():
+        await _cleanup(services, stack)
+
+
+async def _cleanup(services: Services, stack: ProviderStack) -> None:
+    """One provider's share of the cleanup."""
+    settings = stack.settings
+    store = stack.store
     now = services.clock()
     expired = 0
     candidates = await store.users_before(State.PENDING, now - settings.session_ttl, limit=500)
     for user in candidates:
         rec = await store.load(user)
         if rec.state is State.PENDING and (rec.session_expires_at or 0) <= now:
-            await services.bus.emit(Envelope(Event.SESSION_EXPIRED, user, "worker", reply=False))
+            await services.bus.emit(
+                Envelope(
+                    Event.SESSION_EXPIRED, user, "worker", reply=False, provider=stack.config.name
+                )
+            )
             expired += 1
+    # Upgrade sessions beside a grant: the grant's own index does not say which are open.
+    for user in await store.upgrades_due(now, limit=500):
+        await services.bus.emit(Envelope(Event.SESSION_EXPIRED, user, "worker", reply=False))
+        expired += 1
     revoked = 0
     for user in await store.outbox_due(now, limit=100):
-        result = await services.engine.revoke_pending(user)
+        result = await stack.engine.revoke_pending(user)
         if result is ProviderRevocation.DONE:
             revoked += 1
     trimmed = await store.trim_history(now - settings.history_retention)
     # Spooled refreshes a start-up could not settle (their user's lock was taken then).
-    replayed = await services.refresher.replay()
+    replayed = await stack.refresher.replay()
     if expired or revoked or trimmed or replayed:
         log.info(
             "cleanup",
+            provider=stack.config.name,
             sessions_expired=expired,
             revocations_sent=revoked,
             history_trimmed=trimmed,
@@ -167,7 +211,10 @@ async def deliver_webhook(ctx: dict[str, Any], data: dict[str, Any]) -> None:
         log.warning("webhook_dropped", notice_id=notice.id, why="CONSENT_WEBHOOK_URL is not set")
         return
     structlog.contextvars.bind_contextvars(
-        user=notice.user, notice_id=notice.id, job_try=ctx.get("job_try")
+        user=notice.user,
+        provider=notice.provider,
+        notice_id=notice.id,
+        job_try=ctx.get("job_try"),
     )
     attempt = int(ctx.get("job_try") or 1)
     try:

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from consent_flow.core.table import Event, State
-from consent_flow.errors import ConsentError
+from consent_flow.core.table import Event, Facts, State
+from consent_flow.errors import ConsentError, InvalidScope
 
 if TYPE_CHECKING:
     from consent_flow.queue.jobs import JobRef, QueuedJob
@@ -25,14 +25,19 @@ __all__ = [
     "ConsentRecord",
     "HistoryEntry",
     "ProviderRevocation",
+    "check_scopes",
     "check_user",
     "cooldown_reason",
+    "guard_facts",
     "iso",
+    "join_scopes",
     "revocation_note",
 ]
 
 MAX_USER_LENGTH = 255  # OpenID Connect Core 2: a subject is at most 255 ASCII characters
 MAX_REASON_LENGTH = 500
+MAX_SCOPES_ASKED = 32  # scopes one request may ask for, beyond the provider's base scopes
+MAX_SCOPE_LENGTH = 128
 # After a failed refresh, on-demand refreshes leave the provider alone until the retry is due, and
 # at least this long after the failure: a tool calling in a loop during an outage must not hammer.
 ON_DEMAND_COOLDOWN = 5.0
@@ -86,6 +91,35 @@ def check_user(user: object) -> str:
     return user
 
 
+def check_scopes(scopes: object) -> tuple[str, ...]:
+    """Scopes asked for: each an RFC 6749 3.3 scope-token (``%x21 / %x23-5B / %x5D-7E``), at
+    most ``MAX_SCOPE_LENGTH`` characters, at most ``MAX_SCOPES_ASKED`` of them; duplicates
+    dropped, order kept. A string is one scope, not a list of characters. Raises
+    :class:`InvalidScope` naming the problem."""
+    if isinstance(scopes, str):
+        scopes = (scopes,)
+    if not isinstance(scopes, list | tuple):
+        raise InvalidScope("scopes are a list of strings")
+    if len(scopes) > MAX_SCOPES_ASKED:
+        raise InvalidScope(f"{len(scopes)} scopes asked; at most {MAX_SCOPES_ASKED} are allowed")
+    for scope in scopes:
+        if not isinstance(scope, str) or not scope:
+            raise InvalidScope("a scope is a non-empty string")
+        if len(scope) > MAX_SCOPE_LENGTH:
+            raise InvalidScope(f"a scope is at most {MAX_SCOPE_LENGTH} characters")
+        if not all(0x21 <= ord(ch) <= 0x7E and ch not in ('"', "\\") for ch in scope):
+            raise InvalidScope(
+                f"scope {clip(scope, 40)!r} is not an RFC 6749 scope token (no spaces, control "
+                "characters, quotes or backslashes)"
+            )
+    return tuple(dict.fromkeys(scopes))
+
+
+def join_scopes(*groups: tuple[str, ...]) -> tuple[str, ...]:
+    """The union of scope lists, first-seen order kept, duplicates dropped."""
+    return tuple(dict.fromkeys(scope for group in groups for scope in group))
+
+
 def iso(at: float | None) -> str | None:
     if at is None:
         return None
@@ -98,6 +132,24 @@ def clip(text: str | None, limit: int = MAX_REASON_LENGTH) -> str | None:
         return None
     cleaned = "".join(ch if ch.isprintable() else " " for ch in text)
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
+
+
+def guard_facts(
+    rec: ConsentRecord,
+    *,
+    now: float,
+    asked: tuple[str, ...] = (),
+    session_id: str | None = None,
+) -> Facts:
+    """The guards' values for an event on ``rec``: ``asked`` the scopes it asks for (beyond the
+    provider's base scopes), ``session_id`` the session a callback's event names."""
+    live = rec.session_id is not None and (rec.session_expires_at or 0) > now
+    return Facts(
+        session_matches=rec.session_id is not None and session_id == rec.session_id,
+        session_lapsed=rec.session_id is not None and not live,
+        asked_in_session=live and set(asked) <= set(rec.requested_scopes),
+        asked_granted=set(asked) <= set(rec.scopes),
+    )
 
 
 def cooldown_reason(rec: ConsentRecord, retry_at: float) -> str:
@@ -131,7 +183,9 @@ class ConsentRecord:
     reason: str | None = None
     actor: str | None = None
     subject: str | None = None
-    scopes: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()  # what the provider granted
+    # Asked for at the last completed authorization but not granted (the provider chose fewer).
+    scopes_missing: tuple[str, ...] = ()
     tokens: bytes | None = None  # ciphertext: access and refresh token
     expires_at: float | None = None  # the access token's absolute expiry
     refresh_expires_at: float | None = None  # the refresh token's, when the provider says
@@ -139,6 +193,7 @@ class ConsentRecord:
     session_id: str | None = None
     session_digest: str | None = None  # SHA-256 of the session's state: its lookup key
     session_expires_at: float | None = None
+    requested_scopes: tuple[str, ...] = ()  # what the open session asks for
     next_refresh_at: float | None = None
     last_refresh_at: float | None = None
     refresh_failures: int = 0
@@ -174,6 +229,7 @@ class ConsentRecord:
             actor=data.get("actor") or None,
             subject=data.get("sub") or None,
             scopes=tuple(data.get("scopes", "").split()),
+            scopes_missing=tuple(data.get("smiss", "").split()),
             tokens=_sealed("tok"),
             expires_at=_float(data.get("exp")),
             refresh_expires_at=_float(data.get("rexp")),
@@ -181,6 +237,7 @@ class ConsentRecord:
             session_id=data.get("sid") or None,
             session_digest=data.get("shash") or None,
             session_expires_at=_float(data.get("sexp")),
+            requested_scopes=tuple(data.get("rscopes", "").split()),
             next_refresh_at=_float(data.get("next")),
             last_refresh_at=_float(data.get("lastref")),
             refresh_failures=int(data.get("fails", "0") or 0),
@@ -206,6 +263,11 @@ class ConsentRecord:
         }
         sealed.update(change.sealed)
         return ConsentRecord.from_hash(self.user, data, sealed)
+
+    @property
+    def upgrading(self) -> bool:
+        """An upgrade session is open: a session beside a grant that stays in force."""
+        return self.state is State.PROVISIONED and self.session_id is not None
 
     def on_demand_retry_at(self) -> float | None:
         """While refreshes fail, when an on-demand refresh may call the provider again: the
@@ -246,7 +308,10 @@ class ConsentRecord:
                 provider_revocation=self.provider_revocation.value,
                 provider_revocation_note=revocation_note(self.provider_revocation),
             )
-        if self.state is State.PENDING:
+        if self.state is State.PROVISIONED and self.scopes_missing:
+            out["scopes_missing"] = list(self.scopes_missing)
+        if self.session_id is not None and self.state in (State.PENDING, State.PROVISIONED):
+            out["requested_scopes"] = list(self.requested_scopes)
             out["session_expires_at"] = iso(self.session_expires_at)
         return out
 
@@ -337,6 +402,9 @@ class Change:
     unschedule: bool = False
     session_lookup: tuple[str, int] | None = None  # (state hash, ttl) to register
     drop_session_lookup: str | None = None  # state hash to forget
+    # An upgrade session opened (its expiry, for the cleanup job to find it), or ended.
+    upgrade_until: float | None = None
+    drop_upgrade: bool = False
     record_history: bool = True
     reply: tuple[str, str] | None = None  # (reply key, outcome JSON) pushed if the commit applies
     # Also only if the commit applies: arq jobs to queue (the next refresh, a webhook notice;

@@ -1,8 +1,9 @@
 """The token broker: a valid access token at once, from a short in-process cache when it can.
 
-Order of lookup: the cache (a dict; no I/O), then the store (one read and a decryption), then
-an on-demand refresh through the queue, which takes the same single-flight path as scheduled
-refreshes. Every commit that replaces or wipes a user's tokens publishes the user id on
+The cache is keyed by connection (user, provider). Order of lookup: the cache (a dict; no I/O),
+then the provider's store (one read and a decryption), then an on-demand refresh through the
+queue, which takes the same single-flight path as scheduled refreshes. Every commit that replaces
+or wipes a connection's tokens publishes the connection (``provider\nuser``) on
 ``cf:invalidate``; each broker listens and drops its entry, and serves nothing from the cache
 while it is not subscribed. Entries also age out after ``CACHE_MAX_AGE``.
 
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from consent_flow.core.connections import DEFAULT_PROVIDER
 from consent_flow.core.records import ConsentRecord, cooldown_reason
 from consent_flow.core.table import Event, State
 from consent_flow.errors import ConsentRevoked, NotProvisioned, ProviderUnavailable
@@ -58,24 +60,28 @@ class _Entry:
 class TokenBroker:
     def __init__(self, client: ConsentClient) -> None:
         self.client = client
-        self._cache: dict[str, _Entry] = {}
+        self._cache: dict[tuple[str, str], _Entry] = {}  # by (provider, user)
         self._listening = False
         self._task: asyncio.Task[None] | None = None
         # Moves whenever the subscription starts or ends: a fill that saw another epoch may have
         # missed an invalidation.
         self._epoch = 0
-        # Per user with a fill in flight: [fills in flight, invalidations received meanwhile].
-        self._fills: dict[str, list[int]] = {}
+        # Per connection with a fill in flight: [fills in flight, invalidations received
+        # meanwhile].
+        self._fills: dict[tuple[str, str], list[int]] = {}
 
     # --- public -------------------------------------------------------------------------------
 
-    async def access_token(self, user: str, *, min_ttl: float = 30.0) -> str:
+    async def access_token(
+        self, user: str, provider: str = DEFAULT_PROVIDER, *, min_ttl: float = 30.0
+    ) -> str:
         # Expiry times are Redis's time: judged by this process's own clock, a clock that runs
         # behind would hand out tokens that expired.
         clock = self.client.clock
         await clock.sync_if_stale()
         now = clock()
-        entry = self._cache.get(user)
+        conn = (provider, user)
+        entry = self._cache.get(conn)
         if (
             entry is not None
             and self._listening
@@ -84,18 +90,19 @@ class TokenBroker:
         ):
             return entry.token
         self._ensure_listening()
-        token = await self._from_store(user, now, min_ttl)
+        token = await self._from_store(conn, now, min_ttl)
         if token is not None:
             return token
-        await self._refresh(user, min_ttl)
-        token = await self._from_store(user, clock(), min_ttl, refreshed=True)
+        await self._refresh(conn, min_ttl)
+        token = await self._from_store(conn, clock(), min_ttl, refreshed=True)
         assert token is not None
         return token
 
-    def forget(self, user: str) -> None:
-        """Drop ``user``'s cached token; a fill for ``user`` in flight reads again."""
-        self._cache.pop(user, None)
-        fill = self._fills.get(user)
+    def forget(self, user: str, provider: str = DEFAULT_PROVIDER) -> None:
+        """Drop the connection's cached token; a fill for it in flight reads again."""
+        conn = (provider, user)
+        self._cache.pop(conn, None)
+        fill = self._fills.get(conn)
         if fill is not None:
             fill[1] += 1
 
@@ -109,35 +116,37 @@ class TokenBroker:
 
     # --- lookups ------------------------------------------------------------------------------
 
-    async def read_record(self, user: str) -> ConsentRecord:
+    async def read_record(self, user: str, provider: str = DEFAULT_PROVIDER) -> ConsentRecord:
         """A fill's read of the store. A seam: a subclass may wrap it (tests hold a fill there,
         between its read and its insert into the cache)."""
-        return await self.client.store.load(user)
+        return await self.client.store_for(provider).load(user)
 
-    async def _read(self, user: str) -> tuple[ConsentRecord, bool]:
+    async def _read(self, conn: tuple[str, str]) -> tuple[ConsentRecord, bool]:
         """The record, and whether its token may be cached: the subscription was up when the
         read began and nothing that could invalidate it arrived until the read ended."""
-        fill = self._fills.setdefault(user, [0, 0])
+        provider, user = conn
+        fill = self._fills.setdefault(conn, [0, 0])
         fill[0] += 1
         try:
             for _ in range(FILL_ATTEMPTS):
                 listening, epoch, seen = self._listening, self._epoch, fill[1]
-                rec = await self.read_record(user)
+                rec = await self.read_record(user, provider)
                 if (epoch, seen) == (self._epoch, fill[1]):
                     return rec, listening
             return rec, False
         finally:
             fill[0] -= 1
             if not fill[0]:
-                del self._fills[user]
+                del self._fills[conn]
 
     async def _from_store(
-        self, user: str, now: float, min_ttl: float, *, refreshed: bool = False
+        self, conn: tuple[str, str], now: float, min_ttl: float, *, refreshed: bool = False
     ) -> str | None:
-        rec, cacheable = await self._read(user)
+        provider, user = conn
+        rec, cacheable = await self._read(conn)
         # From here to the insert nothing awaits: no invalidation can land in between.
         if rec.state is State.REVOKED:
-            self.forget(user)
+            self.forget(user, provider)
             raise ConsentRevoked(
                 f"consent was revoked: {rec.reason}",
                 user=user,
@@ -145,7 +154,7 @@ class TokenBroker:
                 reason=rec.reason,
             )
         if rec.state is not State.PROVISIONED or rec.tokens is None:
-            self.forget(user)
+            self.forget(user, provider)
             raise NotProvisioned(
                 f"{user} has not granted delegated access",
                 user=user,
@@ -179,19 +188,20 @@ class TokenBroker:
                 + (rec.last_refresh_error or "the provider did not extend it"),
                 user=user,
             )
-        token = open_tokens(self.client.ring, user, rec.tokens)["access_token"]
+        token = open_tokens(self.client.ring_for(provider), user, rec.tokens)["access_token"]
         if cacheable:
-            self._cache[user] = _Entry(token, rec.expires_at, now)
+            self._cache[conn] = _Entry(token, rec.expires_at, now)
         return token
 
-    async def _refresh(self, user: str, min_ttl: float) -> None:
+    async def _refresh(self, conn: tuple[str, str], min_ttl: float) -> None:
         """On-demand refresh through the queue, on the same single-flight path as the schedule."""
+        provider, user = conn
         event_id = new_id()
         jobs = self.client.bus.jobs
         await jobs.put(
             jobs.job(
                 REFRESH_JOB,
-                (user,),
+                (user, None, provider),
                 {
                     "on_demand": True,
                     "min_ttl": min_ttl,
@@ -205,7 +215,7 @@ class TokenBroker:
             )
         )
         outcome = await self.client.bus.wait(
-            Envelope(Event.TOKEN_REFRESHED, user, "broker", event_id=event_id)
+            Envelope(Event.TOKEN_REFRESHED, user, "broker", event_id=event_id, provider=provider)
         )
         if outcome.error == "invalid_client":
             raise ProviderUnavailable(outcome.reason or "refreshes are paused", user=user)
@@ -233,7 +243,7 @@ class TokenBroker:
             self._set_listening(False)
 
     async def _listen(self) -> None:
-        channel = self.client.store.keys.invalidate
+        channel = self.client.bus.keys.invalidate
         while True:
             pubsub: Any = self.client.pool.pubsub()
             connection: Any = None
@@ -258,7 +268,9 @@ class TokenBroker:
                         self._set_listening(True)
                     elif kind == "message":
                         data = message["data"]
-                        self.forget(data.decode() if isinstance(data, bytes) else str(data))
+                        text = data.decode() if isinstance(data, bytes) else str(data)
+                        provider, _, user = text.partition("\n")
+                        self.forget(user, provider)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure: stop serving from memory

@@ -14,6 +14,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import structlog
@@ -26,17 +27,21 @@ from consent_flow.core.records import (
     CommitResult,
     ConsentRecord,
     ProviderRevocation,
+    check_scopes,
     clip,
+    guard_facts,
     iso,
+    join_scopes,
     revocation_note,
 )
-from consent_flow.core.table import ConsentMachine, Event, State, Transition
+from consent_flow.core.table import ConsentMachine, Effect, Event, Facts, State, Transition
 from consent_flow.engine.webhooks import Notice, NoticeKind, notice_job, notice_kind
 from consent_flow.errors import (
     ClientRejected,
     ConsentError,
     GrantRejected,
     IDTokenError,
+    InvalidScope,
     InvalidTransition,
     ProviderError,
     ProviderUnavailable,
@@ -93,13 +98,14 @@ OUTBOX_RETRY_CAP = 3600.0
 # Tries of one provider revocation before the outbox gives up on it (about a day of backoff).
 OUTBOX_MAX_ATTEMPTS = 30
 
-SESSION_FIELDS = ("sess", "sid", "sexp", "shash", "claimed")
+SESSION_FIELDS = ("sess", "sid", "sexp", "shash", "claimed", "rscopes")
 TOKEN_FIELDS = (
     "tok",
     "exp",
     "rexp",
     "sub",
     "scopes",
+    "smiss",
     "next",
     "lastref",
     "fails",
@@ -111,8 +117,8 @@ TOKEN_FIELDS = (
 
 
 def session_url(ring: KeyRing, rec: ConsentRecord) -> str | None:
-    """The authorization URL of the user's live session, or None."""
-    if rec.state is not State.PENDING or rec.session is None:
+    """The authorization URL of the user's open session (pending, or an upgrade), or None."""
+    if rec.state not in (State.PENDING, State.PROVISIONED) or rec.session is None:
         return None
     try:
         data = json.loads(ring.decrypt(rec.session, user=rec.user, purpose="session"))
@@ -186,7 +192,8 @@ def scheduling_lapse(new: float | None, previous: float | None) -> float | None:
 
 
 class Engine:
-    """Applies events. One per worker process, built in ``on_startup``."""
+    """Applies events to one provider's connections. One per provider in each worker process,
+    built in ``on_startup`` on that provider's settings, store and ring."""
 
     def __init__(
         self,
@@ -224,6 +231,12 @@ class Engine:
             Event.REVOKE_REQUESTED: self._revoke_requested,
             Event.GRANT_IMPORTED: self._grant_imported,
         }
+
+    @property
+    def provider(self) -> str:
+        """The provider whose connections this engine applies events to (one engine each)."""
+        provider: str = self.store.keys.provider
+        return provider
 
     # --- entry point ------------------------------------------------------------------------
 
@@ -310,6 +323,7 @@ class Engine:
             change.user,
             at=change.at,
             cause=change.event_id,
+            provider=self.provider,
             from_state=change.expect_state,
             to_state=change.to_state,
             reason=change.reason if reason is None else reason,
@@ -325,7 +339,9 @@ class Engine:
         it."""
         if rec.next_refresh_at is None:
             return None
-        return refresh_job_ref(rec.user, rec.next_refresh_at, self.settings.queue_name)
+        return refresh_job_ref(
+            self.store.keys, rec.user, rec.next_refresh_at, self.settings.queue_name
+        )
 
     def seal_tokens(self, user: str, tokens: dict[str, str | None]) -> bytes:
         return seal_tokens(self.ring, user, tokens)
@@ -333,8 +349,18 @@ class Engine:
     def open_tokens(self, user: str, sealed: bytes) -> dict[str, str]:
         return open_tokens(self.ring, user, sealed)
 
-    def _decide(self, rec: ConsentRecord, event: Event) -> Transition:
-        return self.machine.decide(rec.state, event, user=rec.user)
+    def _decide(self, rec: ConsentRecord, event: Event, facts: Facts | None = None) -> Transition:
+        """The table's row for ``event`` on ``rec``: every decision the engine makes is one."""
+        return self.machine.decide(rec.state, event, facts, user=rec.user)
+
+    def _decide_or_none(
+        self, rec: ConsentRecord, event: Event, facts: Facts | None = None
+    ) -> Transition | None:
+        """The table's row, or None where it has none (a stale or duplicate event)."""
+        try:
+            return self._decide(rec, event, facts)
+        except InvalidTransition:
+            return None
 
     async def reread_after(self, envelope: Envelope, status: str) -> Outcome:
         rec = await self.store.load(envelope.user)
@@ -360,64 +386,33 @@ class Engine:
     # --- provision_requested ----------------------------------------------------------------
 
     async def _provision_requested(self, envelope: Envelope) -> Outcome:
+        try:
+            asked = check_scopes(envelope.payload.get("scopes", "").split())
+        except InvalidScope as exc:
+            rec = await self.store.load(envelope.user)
+            return self.outcome(rec, envelope, "rejected", error=exc.code, reason=str(exc))
         for _ in range(MAX_CONFLICT_RETRIES):
             rec = await self.store.load(envelope.user)
-            row = self._decide(rec, envelope.event)
             now = self.clock()
-            if rec.state is State.PROVISIONED:
+            facts = guard_facts(rec, now=now, asked=asked)
+            row = self._decide(rec, envelope.event, facts)
+            if row.effect is Effect.SESSION_URL:
+                url = self._live_url(rec)
+                if url is not None:
+                    return self.outcome(
+                        rec, envelope, "unchanged", url=url, detail=self._session_detail(rec)
+                    )
+                # Sealed under a key this process lacks: the session cannot be shown again, so
+                # the table is asked as for a session that does not hold the scopes.
+                row = self._decide(rec, envelope.event, replace(facts, asked_in_session=False))
+            if row.effect is Effect.NOTHING:
                 return self.outcome(
                     rec,
                     envelope,
                     "unchanged",
                     detail={"already": True, "scopes": list(rec.scopes)},
                 )
-            if (
-                rec.state is State.PENDING
-                and rec.session_expires_at is not None
-                and rec.session_expires_at > now
-                and (url := self._live_url(rec)) is not None
-            ):
-                return self.outcome(rec, envelope, "unchanged", url=url)
-            # A new session: from unprovisioned or revoked, or to replace a pending session
-            # that lapsed before the cleanup job got to it.
-            state, verifier, nonce = new_state(), new_code_verifier(), new_nonce()
-            url = await self.oauth.authorization_url(
-                state=state, nonce=nonce, code_challenge=code_challenge_s256(verifier)
-            )
-            session_id = new_id()
-            expires = now + self.settings.session_ttl
-            sealed = self.ring.encrypt(
-                json.dumps(
-                    {"state": state, "verifier": verifier, "nonce": nonce, "url": url}
-                ).encode(),
-                user=rec.user,
-                purpose="session",
-            )
-            if rec.state is State.PENDING:
-                row = Transition(
-                    Event.PROVISION_REQUESTED, (State.PENDING,), State.PENDING, "session renewed"
-                )
-            change = self._change(
-                envelope,
-                rec,
-                row,
-                reason="authorization session renewed" if rec.state is State.PENDING else None,
-                set_fields={
-                    "sess": sealed,
-                    "sid": session_id,
-                    "sexp": repr(expires),
-                    "shash": state_hash(state),
-                },
-                delete_fields=("claimed", "reason", "provrev", *TOKEN_FIELDS),
-                session_lookup=(state_hash(state), self.settings.session_ttl),
-                unschedule=True,
-                drop_job=self.scheduled_job(rec),
-            )
-            # The caller's answer rides in the commit itself: one round trip less per event.
-            outcome = self.outcome(rec.after(change, rec.version + 1), envelope, "applied", url=url)
-            if envelope.reply:
-                reply = outcome.reply_json(envelope)
-                change.reply = (self.store.keys.reply(envelope.event_id), reply)
+            change, outcome = await self._open_session(envelope, rec, row, asked, now)
             result = await self.store.commit(change)
             if result.ok:
                 return outcome.sent() if envelope.reply else outcome
@@ -425,16 +420,107 @@ class Engine:
                 return await self.reread_after(envelope, "duplicate")
         return await self.reread_after(envelope, "conflict")
 
+    async def _open_session(
+        self,
+        envelope: Envelope,
+        rec: ConsentRecord,
+        row: Transition,
+        asked: tuple[str, ...],
+        now: float,
+    ) -> tuple[Change, Outcome]:
+        """The change opening a session for the effect of ``row`` (``OPEN_SESSION`` or
+        ``OPEN_UPGRADE``), and the caller's answer riding in it. A session asks for the
+        provider's base scopes, what an open session (or the grant, for an upgrade) holds, and
+        what is asked now."""
+        upgrade = row.effect is Effect.OPEN_UPGRADE
+        if row.effect not in (Effect.OPEN_SESSION, Effect.OPEN_UPGRADE):
+            raise AssertionError(f"no session for {row.effect}")
+        granted = rec.scopes if upgrade else ()
+        scopes = join_scopes(self.settings.scopes, granted, rec.requested_scopes, asked)
+        state, verifier, nonce = new_state(), new_code_verifier(), new_nonce()
+        url = await self.oauth.authorization_url(
+            state=state, nonce=nonce, code_challenge=code_challenge_s256(verifier), scopes=scopes
+        )
+        expires = now + self.settings.session_ttl
+        sealed = self.ring.encrypt(
+            json.dumps({"state": state, "verifier": verifier, "nonce": nonce, "url": url}).encode(),
+            user=rec.user,
+            purpose="session",
+        )
+        session = {
+            "sess": sealed,
+            "sid": new_id(),
+            "sexp": repr(expires),
+            "shash": state_hash(state),
+            "rscopes": " ".join(scopes),
+        }
+        common: dict[str, Any] = {
+            "session_lookup": (state_hash(state), self.settings.session_ttl),
+            "drop_session_lookup": rec.session_digest,
+        }
+        if upgrade:
+            # The grant stays as it is, tokens and schedule alike, until the upgrade completes.
+            change = self._change(
+                envelope,
+                rec,
+                row,
+                reason=None,
+                set_fields=session,
+                delete_fields=("claimed",),
+                upgrade_until=expires,
+                **common,
+            )
+        else:
+            renewed = rec.state is State.PENDING
+            change = self._change(
+                envelope,
+                rec,
+                row,
+                reason="authorization session renewed" if renewed else None,
+                set_fields=session,
+                delete_fields=("claimed", "reason", "provrev", *TOKEN_FIELDS),
+                unschedule=True,
+                drop_job=self.scheduled_job(rec),
+                **common,
+            )
+        # The caller's answer rides in the commit itself: one round trip less per event.
+        after = rec.after(change, rec.version + 1)
+        outcome = self.outcome(
+            after, envelope, "applied", url=url, detail=self._session_detail(after)
+        )
+        if envelope.reply:
+            change.reply = (self.store.keys.reply(envelope.event_id), outcome.reply_json(envelope))
+        return change, outcome
+
+    @staticmethod
+    def _session_detail(rec: ConsentRecord) -> dict[str, Any]:
+        """What a caller hears about an open session: the scopes it asks for, the scopes
+        granted, and whether it is an upgrade beside the grant."""
+        detail: dict[str, Any] = {
+            "requested_scopes": list(rec.requested_scopes),
+            "scopes": list(rec.scopes) if rec.state is State.PROVISIONED else [],
+        }
+        if rec.upgrading:
+            detail["upgrade"] = True
+        return detail
+
     # --- authorization_completed ------------------------------------------------------------
 
     async def _authorization_completed(self, envelope: Envelope) -> Outcome:
+        # Under the user's lock: an upgrade replaces the tokens a refresh may be rewriting.
+        async with self.user_lock(envelope.user):
+            return await self._complete_authorization(envelope)
+
+    async def _complete_authorization(self, envelope: Envelope) -> Outcome:
         rec = await self.store.load(envelope.user)
-        session_id = envelope.payload.get("session_id", "")
-        if rec.state is not State.PENDING or rec.session_id != session_id or rec.session is None:
+        facts = guard_facts(
+            rec, now=self.clock(), session_id=envelope.payload.get("session_id", "")
+        )
+        row = self._decide_or_none(rec, envelope.event, facts)
+        if row is None or rec.session is None:
             # A duplicate of an event already applied, or a session that ended meanwhile.
             status = "duplicate" if await self._seen(envelope) else "conflict"
             return await self.reread_after(envelope, status)
-        row = self._decide(rec, envelope.event)
         sealed_code = await self.store.take_inbox(rec.user, envelope.event_id)
         if sealed_code is None:
             # The code was taken by an earlier delivery of this event that did not finish: it
@@ -449,15 +535,21 @@ class Engine:
         code = self.ring.decrypt(
             sealed_code, user=rec.user, purpose=f"code:{envelope.event_id}"
         ).decode()
+        # An upgrade must come from the subject who holds the grant, whatever subject match says.
+        expected = rec.user if self.settings.subject_match else None
+        if row.effect is Effect.REPLACE_GRANT and rec.subject:
+            expected = rec.subject
         tokens: TokenSet | None = None
         try:
-            tokens = await self.oauth.exchange_code(code, code_verifier=session["verifier"])
+            tokens = await self.oauth.exchange_code(
+                code, code_verifier=session["verifier"], scopes=rec.requested_scopes or None
+            )
             if tokens.id_token is None:
                 raise IDTokenError("the token response carries no ID token")
             claims = await self.oauth.validate_id_token(
                 tokens.id_token,
                 nonce=session["nonce"],
-                expected_subject=rec.user if self.settings.subject_match else None,
+                expected_subject=expected,
                 access_token=tokens.access_token,
             )
         except ProviderUnavailable as exc:
@@ -486,32 +578,46 @@ class Engine:
             )
         now = self.clock()
         due = self.refresh_due(tokens.expires_at, now, tokens.refresh_expires_at)
+        missing = [s for s in rec.requested_scopes if s not in tokens.scopes]
+        old = self._replaced_tokens(rec, tokens) if row.effect is Effect.REPLACE_GRANT else None
+        sealed: dict[str, bytes] = {
+            "tok": self.seal_tokens(
+                rec.user,
+                {"access_token": tokens.access_token, "refresh_token": tokens.refresh_token},
+            ),
+        }
+        if old is not None and rec.revocation_pending is None:
+            # The replaced grant goes to the revocation outbox in the step that replaces it:
+            # a provider that is down now does not make us forget to revoke it.
+            sealed["rvk"] = rec.tokens  # type: ignore[assignment]
         change = self._change(
             envelope,
             rec,
             row,
             reason=None,
-            sealed={
-                "tok": self.seal_tokens(
-                    rec.user,
-                    {
-                        "access_token": tokens.access_token,
-                        "refresh_token": tokens.refresh_token,
-                    },
-                ),
-            },
+            sealed=sealed,
             set_fields={
                 "exp": repr(tokens.expires_at) if tokens.expires_at is not None else "",
                 "rexp": _time_field(tokens.refresh_expires_at),
                 "sub": claims.subject,
                 "scopes": " ".join(tokens.scopes),
+                "smiss": " ".join(missing),
                 "next": repr(due),
                 "lastref": repr(now),
                 "fails": "0",
             },
-            delete_fields=(*SESSION_FIELDS, "referr", "reason"),
+            delete_fields=(
+                *SESSION_FIELDS,
+                "referr",
+                "reason",
+                "failsince",
+                "failat",
+                "inflight",
+            ),
             drop_session_lookup=rec.session_digest,
             schedule_at=due,
+            drop_job=self.scheduled_job(rec),
+            drop_upgrade=rec.upgrading,
         )
         result = await self.store.commit(change)
         if result.ok and not result.replicated:
@@ -524,9 +630,44 @@ class Engine:
             return await self.reread_after(envelope, result.status)
         if self.on_scheduled is not None:
             await self.on_scheduled(rec.user, due)
-        rec = rec.after(change, result.version)
-        log.info("consent_granted", user=rec.user, scopes=list(rec.scopes))
-        return self.outcome(rec, envelope, "applied", detail={"scopes": list(rec.scopes)})
+        after = rec.after(change, result.version)
+        detail: dict[str, Any] = {"scopes": list(after.scopes)}
+        if old is not None:
+            if "rvk" in sealed:
+                outcome = await self.revoke_pending(rec.user)
+            else:
+                await self.revoke_obtained(rec.user, old, why="upgrade replaced it")
+                outcome = ProviderRevocation.DONE
+            detail["replaced_grant_revocation"] = outcome.value
+        if missing:
+            detail["scopes_missing"] = missing
+        log.info(
+            "consent_upgraded" if row.effect is Effect.REPLACE_GRANT else "consent_granted",
+            user=rec.user,
+            scopes=list(after.scopes),
+            scopes_missing=missing,
+        )
+        return self.outcome(after, envelope, "applied", detail=detail)
+
+    def _replaced_tokens(self, rec: ConsentRecord, new: TokenSet) -> TokenSet | None:
+        """The grant an upgrade replaces, to revoke at the provider, when the new grant is a
+        different one (another refresh token); None when it is the same or cannot be read."""
+        if rec.tokens is None:
+            return None
+        try:
+            held = self.open_tokens(rec.user, rec.tokens)
+        except VaultError:
+            return None
+        if not held.get("refresh_token") or held["refresh_token"] == new.refresh_token:
+            return None
+        return TokenSet(
+            access_token=held.get("access_token", ""),
+            refresh_token=held["refresh_token"],
+            id_token=None,
+            token_type="Bearer",
+            expires_at=None,
+            scopes=rec.scopes,
+        )
 
     async def _until_replicated(self, change: Change) -> CommitResult:
         """A commit of new tokens that its replicas did not confirm, committed again once the
@@ -565,22 +706,36 @@ class Engine:
             actor=envelope.actor,
             event_id=envelope.event_id,
             correlation_id=envelope.correlation_id,
+            provider=envelope.provider,
         )
-        row = self._decide(rec, Event.AUTHORIZATION_FAILED)
-        change = self._change(
-            failed,
+        facts = guard_facts(rec, now=self.clock(), session_id=rec.session_id)
+        row = self._decide(rec, Event.AUTHORIZATION_FAILED, facts)
+        change = self._drop_session(failed, rec, row, reason)
+        result = await self.store.commit(change)
+        if not result.ok:
+            return await self.reread_after(envelope, result.status)
+        log.info("consent_not_granted", user=rec.user, error=error, upgrade=rec.upgrading)
+        rec = rec.after(change, result.version)
+        return self.outcome(rec, failed, "failed", error=error)
+
+    def _drop_session(
+        self, envelope: Envelope, rec: ConsentRecord, row: Transition, reason: str
+    ) -> Change:
+        """The change ending the open session for ``row`` (``DROP_SESSION``: no grant;
+        ``DROP_UPGRADE``: the grant stays untouched and the reason says the upgrade ended)."""
+        if row.effect is Effect.DROP_UPGRADE:
+            reason = f"upgrade dropped: {reason}"
+        elif row.effect is not Effect.DROP_SESSION:
+            raise AssertionError(f"no session to drop for {row.effect}")
+        return self._change(
+            envelope,
             rec,
             row,
             reason=reason,
             delete_fields=SESSION_FIELDS,
             drop_session_lookup=rec.session_digest,
+            drop_upgrade=rec.upgrading,
         )
-        result = await self.store.commit(change)
-        if not result.ok:
-            return await self.reread_after(envelope, result.status)
-        log.info("consent_not_granted", user=rec.user, error=error)
-        rec = rec.after(change, result.version)
-        return self.outcome(rec, failed, "failed", error=error)
 
     async def _seen(self, envelope: Envelope) -> bool:
         score = await self.store.redis.zscore(
@@ -592,7 +747,8 @@ class Engine:
 
     async def _authorization_failed(self, envelope: Envelope) -> Outcome:
         rec = await self.store.load(envelope.user)
-        if rec.state is not State.PENDING or rec.session_id != envelope.payload.get("session_id"):
+        facts = guard_facts(rec, now=self.clock(), session_id=envelope.payload.get("session_id"))
+        if self._decide_or_none(rec, envelope.event, facts) is None:
             status = "duplicate" if await self._seen(envelope) else "conflict"
             return await self.reread_after(envelope, status)
         error = envelope.payload.get("error", "unknown_error")
@@ -604,18 +760,10 @@ class Engine:
 
     async def _session_expired(self, envelope: Envelope) -> Outcome:
         rec = await self.store.load(envelope.user)
-        now = self.clock()
-        if rec.state is not State.PENDING or (rec.session_expires_at or 0) > now:
+        row = self._decide_or_none(rec, envelope.event, guard_facts(rec, now=self.clock()))
+        if row is None:
             return await self.reread_after(envelope, "conflict")
-        row = self._decide(rec, envelope.event)
-        change = self._change(
-            envelope,
-            rec,
-            row,
-            reason="authorization session expired",
-            delete_fields=SESSION_FIELDS,
-            drop_session_lookup=rec.session_digest,
-        )
+        change = self._drop_session(envelope, rec, row, "authorization session expired")
         result = await self.store.commit(change)
         if not result.ok:
             return await self.reread_after(envelope, result.status)
@@ -638,7 +786,7 @@ class Engine:
         for _ in range(MAX_CONFLICT_RETRIES):
             rec = await self.store.load(envelope.user)
             row = self._decide(rec, envelope.event)
-            if not row.changes:
+            if row.effect is Effect.SKIP_IMPORT:
                 # The user holds a grant of ours, or is granting one right now: it wins over
                 # the imported one, which is dropped (not revoked: it is the source's).
                 skipped = (
@@ -713,7 +861,7 @@ class Engine:
             for _ in range(MAX_CONFLICT_RETRIES):
                 rec = await self.store.load(envelope.user)
                 row = self._decide(rec, envelope.event)
-                if not row.changes:
+                if row.effect is Effect.NOTHING:
                     return self.outcome(rec, envelope, "unchanged")
                 reason = envelope.payload.get("reason") or "revoked by " + envelope.actor
                 # A provider without a revocation endpoint cannot take the tokens back: they are
@@ -735,6 +883,7 @@ class Engine:
                     set_fields=provrev,
                     delete_fields=(*SESSION_FIELDS, *TOKEN_FIELDS),
                     drop_session_lookup=rec.session_digest,
+                    drop_upgrade=rec.upgrading,
                     unschedule=True,
                     drop_job=self.scheduled_job(rec),
                 )

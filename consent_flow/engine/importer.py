@@ -156,18 +156,22 @@ async def run_import(
     dry_run: bool = False,
     restart: bool = False,
     progress: ProgressBar | None = None,
+    provider: str | None = None,
 ) -> ImportReport:
     """Import every importable row of the token store at ``url`` into ``client``'s deployment.
 
     ``dry_run`` reads, decrypts and classifies, and reads each user's state, but writes
     nothing (not even its place). ``restart`` ignores a place kept by an earlier run.
     Raises :class:`~consent_flow.store.import_source.WrongFernetKey` before anything is
-    written when the key is not the store's.
+    written when the key is not the store's. The grants become connections at ``provider``
+    (None: the only configured provider).
     """
-    cursor_key = client.store.keys.import_cursor(source_digest(url))
+    provider = client.provider_name(provider)
+    store = client.store_for(provider)
+    cursor_key = store.keys.import_cursor(source_digest(url))
     after, summary, resumed = START, Summary(), False
     if not dry_run and not restart:
-        saved = await client.store.redis.get(cursor_key)
+        saved = await store.redis.get(cursor_key)
         if saved is not None:
             after, summary = _read_place(saved)
             resumed = True
@@ -177,32 +181,35 @@ async def run_import(
             for row in source.rows(after, progress=progress):
                 if row.status is RowStatus.IMPORTABLE:
                     assert row.grant is not None
-                    summary.record(await _import_row(client, row.grant, dry_run=dry_run))
+                    summary.record(await _import_row(client, provider, row.grant, dry_run=dry_run))
                 else:
                     summary.record_row(row)
                 if not dry_run:
-                    await client.store.redis.set(
+                    await store.redis.set(
                         cursor_key, _place(row.cursor, summary), ex=IMPORT_CURSOR_TTL
                     )
         finally:
             if progress is not None:
                 progress.close()
         if not dry_run:
-            await client.store.redis.delete(cursor_key)
+            await store.redis.delete(cursor_key)
         log.info("import.finished", source=source.location, dry_run=dry_run, **summary.as_dict())
         return ImportReport(source.location, summary, dry_run, resumed)
 
 
-async def _import_row(client: ConsentClient, grant: ImportedGrant, *, dry_run: bool) -> Outcome:
-    rec = await client.store.load(grant.user)
+async def _import_row(
+    client: ConsentClient, provider: str, grant: ImportedGrant, *, dry_run: bool
+) -> Outcome:
+    store = client.store_for(provider)
+    rec = await store.load(grant.user)
     # Read first so a second run sends no event at all for the users it already provisioned;
     # the worker decides again under the record's version, so a race changes nothing.
     if rec.state is State.PROVISIONED:
         return Outcome.SKIPPED_ALREADY_PROVISIONED
     if rec.state is State.PENDING:
         return Outcome.SKIPPED_PENDING
-    if rec.state is State.REVOKED and await client.store.redis.hexists(
-        client.store.keys.rec(grant.user), IMPORTED_AT_FIELD
+    if rec.state is State.REVOKED and await store.redis.hexists(
+        store.keys.rec(grant.user), IMPORTED_AT_FIELD
     ):
         # Imported once and ended since (rejected by the provider, or revoked on purpose): the
         # source's copy of that grant must not bring it back.
@@ -210,10 +217,10 @@ async def _import_row(client: ConsentClient, grant: ImportedGrant, *, dry_run: b
     if dry_run:
         return Outcome.IMPORTED
     event_id = new_id()
-    sealed = client.ring.encrypt(
+    sealed = client.ring_for(provider).encrypt(
         grant.refresh_token.reveal().encode(), user=grant.user, purpose=f"import:{event_id}"
     )
-    await client.store.put_inbox(grant.user, event_id, sealed)
+    await store.put_inbox(grant.user, event_id, sealed)
     envelope = Envelope(
         Event.GRANT_IMPORTED,
         grant.user,
@@ -223,6 +230,7 @@ async def _import_row(client: ConsentClient, grant: ImportedGrant, *, dry_run: b
             "scopes": " ".join(grant.scopes),
             "refresh_expires_at": "" if grant.expires_at is None else repr(grant.expires_at),
         },
+        provider=provider,
     )
     outcome = await client.emit(envelope)
     if outcome.result == "applied":

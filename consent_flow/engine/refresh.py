@@ -34,6 +34,7 @@ from consent_flow.core.records import Change, ConsentRecord, clip, cooldown_reas
 from consent_flow.core.table import Event, State
 from consent_flow.engine.engine import (
     REPLICATION_RECHECK,
+    SESSION_FIELDS,
     TOKEN_FIELDS,
     Engine,
     UserLock,
@@ -147,7 +148,11 @@ class Refresher:
         self.scheduler = scheduler
         self.retry = retry or RetryPolicy()
         settings = engine.settings
-        self.spool = spool or TokenSpool(settings.data_dir / "spool" / settings.redis_prefix)
+        # A folder per provider: a spool file holds one connection's answer, and replaying it
+        # needs that provider's engine.
+        self.spool = spool or TokenSpool(
+            settings.data_dir / "spool" / settings.redis_prefix / engine.provider
+        )
         self.retry_limit = settings.commit_retry_limit
         # Deferred commits of this process by user, and when refreshes may start again after
         # Redis came back (``hold``).
@@ -216,7 +221,9 @@ class Refresher:
         min_ttl: float = 0.0,
         envelope: Envelope | None = None,
     ) -> Outcome:
-        envelope = envelope or Envelope(Event.TOKEN_REFRESHED, user, "worker", reply=False)
+        envelope = envelope or Envelope(
+            Event.TOKEN_REFRESHED, user, "worker", reply=False, provider=self.engine.provider
+        )
         deferred = self._pending.get(user)
         if deferred is not None:
             # This process holds the user's newest tokens, waiting for Redis: presenting the
@@ -275,7 +282,8 @@ class Refresher:
         """The refresh itself, under the lock; ``rec`` was read under it."""
         user = rec.user
         now = self.engine.clock()
-        if rec.state is not State.PROVISIONED or rec.tokens is None:
+        if not self.engine.machine.allowed(rec.state, Event.TOKEN_REFRESHED) or rec.tokens is None:
+            # The table has no refresh from this state: nothing to refresh, nothing to schedule.
             await self.store.redis.zrem(self.store.keys.sched, user)
             return self.engine.outcome(rec, envelope, "unchanged")
         if on_demand:
@@ -504,13 +512,14 @@ class Refresher:
             if fit is not Fit.STORE:
                 return await self._settle(rec, pending, envelope, fit)
             job = self.scheduler.job_for(user, pending.due_at)
+            row = self.engine.machine.decide(rec.state, Event.TOKEN_REFRESHED, user=user)
             change = Change(
                 user=user,
                 event=Event.TOKEN_REFRESHED,
                 event_id=pending.event_id,
                 expect_state=rec.state,
                 expect_version=rec.version,
-                to_state=State.PROVISIONED,
+                to_state=row.dest or rec.state,
                 actor=envelope.actor,
                 at=pending.at,
                 reason=None,
@@ -723,6 +732,7 @@ class Refresher:
                 "worker",
                 event_id=pending.event_id,
                 reply=False,
+                provider=self.engine.provider,
             )
             try:
                 async with self.engine.user_lock(pending.user) as lock:
@@ -856,6 +866,7 @@ class Refresher:
             envelope.actor,
             event_id=envelope.event_id,
             correlation_id=envelope.correlation_id,
+            provider=envelope.provider,
         )
         row = self.engine.machine.decide(rec.state, Event.REFRESH_REJECTED, user=rec.user)
         change = Change(
@@ -869,7 +880,10 @@ class Refresher:
             at=self.engine.clock(),
             reason=reason,
             correlation_id=envelope.correlation_id,
-            delete_fields=TOKEN_FIELDS,
+            # An upgrade session open beside the dead grant ends with it.
+            delete_fields=(*TOKEN_FIELDS, *SESSION_FIELDS),
+            drop_session_lookup=rec.session_digest,
+            drop_upgrade=rec.upgrading,
             unschedule=True,
             drop_job=self.engine.scheduled_job(rec),
         )

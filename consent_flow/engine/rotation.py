@@ -29,10 +29,20 @@ MAX_ATTEMPTS = 5
 
 
 async def rotate_keys(client: ConsentClient) -> dict[str, Any]:
-    """Re-seal every record under the ring's first key. Users whose lock stayed taken (a
-    refresh waiting for its commit) are counted in ``skipped``: run it again for them."""
-    ring = client.ring
-    store = client.store
+    """Re-seal every connection's record, at every configured provider, under the ring's first
+    key. Users whose lock stayed taken (a refresh waiting for its commit) are counted in
+    ``skipped``: run it again for them."""
+    totals = {"records": 0, "rewritten": 0, "skipped": 0}
+    for provider in client.providers:
+        counts = await _rotate_provider(client, provider)
+        for name in totals:
+            totals[name] += counts[name]
+    return {**totals, "primary_key_id": client.ring_for(client.providers[0]).primary_id}
+
+
+async def _rotate_provider(client: ConsentClient, provider: str) -> dict[str, int]:
+    ring = client.ring_for(provider)
+    store = client.store_for(provider)
     lock_ttl = LOCK_TTL_FACTOR * client.settings.http_timeout
     records = rewritten = skipped = 0
     for state in State:
@@ -50,12 +60,7 @@ async def rotate_keys(client: ConsentClient) -> dict[str, Any]:
                         rewritten += await _rotate_one(store, ring, user)
                 except ProviderUnavailable:
                     skipped += 1
-    return {
-        "records": records,
-        "rewritten": rewritten,
-        "skipped": skipped,
-        "primary_key_id": ring.primary_id,
-    }
+    return {"records": records, "rewritten": rewritten, "skipped": skipped}
 
 
 async def _rotate_one(store: RedisStore, ring: KeyRing, user: str) -> int:

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import re
 import secrets
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -66,28 +67,36 @@ def b64url(data: bytes) -> str:
 
 
 def authorization_url(
-    meta: ProviderMetadata, settings: Settings, *, state: str, nonce: str, code_challenge: str
+    meta: ProviderMetadata,
+    settings: Settings,
+    *,
+    state: str,
+    nonce: str,
+    code_challenge: str,
+    scopes: Sequence[str] | None = None,
 ) -> str:
     """The URL to send the user's browser to (RFC 6749 4.1.1, RFC 7636 4.3, OIDC Core 3.1.2.1).
 
     Any query the authorization endpoint already carries is kept (RFC 6749 3.1).
     ``prompt=consent`` is added when ``offline_access`` is requested (OIDC Core 11), and
-    ``resource`` when ``CONSENT_RESOURCE`` is set (RFC 8707).
+    ``resource`` when ``CONSENT_RESOURCE`` is set (RFC 8707). ``scopes``: what to ask for,
+    the configured scopes when None.
     """
     if not state or not nonce or not code_challenge:
         raise ValueError("state, nonce and code_challenge are required")
     s = settings
+    asked = tuple(scopes) if scopes is not None else s.scopes
     params: dict[str, str] = {
         "response_type": "code",
         "client_id": s.client_id,
         "redirect_uri": s.redirect_uri,
-        "scope": " ".join(s.scopes),
+        "scope": " ".join(asked),
         "state": state,
         "nonce": nonce,
         "code_challenge": code_challenge,
         "code_challenge_method": PKCE_METHOD,
     }
-    if "offline_access" in s.scopes:
+    if "offline_access" in asked:
         params["prompt"] = "consent"
     if s.resource:
         params["resource"] = s.resource

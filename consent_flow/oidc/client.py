@@ -82,7 +82,14 @@ class OAuthClient:
 
     # authorization request -----------------------------------------------------------------------
 
-    async def authorization_url(self, *, state: str, nonce: str, code_challenge: str) -> str:
+    async def authorization_url(
+        self,
+        *,
+        state: str,
+        nonce: str,
+        code_challenge: str,
+        scopes: Sequence[str] | None = None,
+    ) -> str:
         """The URL to send the user's browser to (RFC 6749 4.1.1, RFC 7636 4.3, OIDC Core 3.1.2.1).
 
         Any query the authorization endpoint already carries is kept (RFC 6749 3.1).
@@ -93,7 +100,12 @@ class OAuthClient:
             raise ValueError("state, nonce and code_challenge are required")
         meta = await self.metadata()
         return authorize.authorization_url(
-            meta, self._settings, state=state, nonce=nonce, code_challenge=code_challenge
+            meta,
+            self._settings,
+            state=state,
+            nonce=nonce,
+            code_challenge=code_challenge,
+            scopes=scopes,
         )
 
     def check_authorization_response_issuer(self, meta: ProviderMetadata, iss: str | None) -> None:
@@ -102,15 +114,18 @@ class OAuthClient:
 
     # token endpoint ------------------------------------------------------------------------------
 
-    async def exchange_code(self, code: str, *, code_verifier: str) -> TokenSet:
-        """Redeem an authorization code (RFC 6749 4.1.3, RFC 7636 4.5).
+    async def exchange_code(
+        self, code: str, *, code_verifier: str, scopes: Sequence[str] | None = None
+    ) -> TokenSet:
+        """Redeem an authorization code (RFC 6749 4.1.3, RFC 7636 4.5). ``scopes``: what the
+        session asked for, which the result reports when the response omits ``scope``.
 
         The returned ``id_token`` is not validated here: call :meth:`validate_id_token` with it
         (it refuses a missing one) and revoke the tokens if that fails.
         """
         meta = await self.metadata()
         return await self._tokens.exchange_code(
-            meta.token_endpoint, code, code_verifier=code_verifier
+            meta.token_endpoint, code, code_verifier=code_verifier, scopes=scopes
         )
 
     async def refresh(self, refresh_token: str, *, scopes: Sequence[str] | None = None) -> TokenSet:

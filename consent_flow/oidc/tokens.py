@@ -10,6 +10,9 @@ What a caller can rely on:
   lapse (Keycloak's offline tokens): stated, with no expiry. Missing or malformed means "not said"
   (:attr:`TokenSet.refresh_expiry_stated` false): a malformed value never fails the response,
   because the provider may already have rotated the refresh token it carries.
+* A refresh answer that carries a new refresh token is kept even when its ``expires_in`` or
+  ``scope`` is malformed (unknown expiry, the requested scopes): at a rotating provider the old
+  refresh token is already spent, so failing the answer would lose the grant.
 * Errors map onto the exception tree: only ``invalid_grant`` ends a grant (:class:`GrantRejected`);
   client-level errors (:data:`CLIENT_ERRORS`) raise :class:`ClientRejected` whatever the 4xx
   status, because they are faults of the deployment, never of one user's grant; 5xx, 408 and 429
@@ -120,7 +123,14 @@ class TokenEndpoint:
         self._transport = transport
         self._clock = clock
 
-    async def exchange_code(self, endpoint: str, code: str, *, code_verifier: str) -> TokenSet:
+    async def exchange_code(
+        self,
+        endpoint: str,
+        code: str,
+        *,
+        code_verifier: str,
+        scopes: Sequence[str] | None = None,
+    ) -> TokenSet:
         """Redeem an authorization code (RFC 6749 4.1.3, RFC 7636 4.5)."""
         data = {
             "grant_type": "authorization_code",
@@ -131,7 +141,10 @@ class TokenEndpoint:
         if self._settings.resource:
             data["resource"] = self._settings.resource  # RFC 8707 2.2
         return await self._token_request(
-            endpoint, data, secrets_=(code, code_verifier), requested=self._settings.scopes
+            endpoint,
+            data,
+            secrets_=(code, code_verifier),
+            requested=tuple(scopes) if scopes is not None else self._settings.scopes,
         )
 
     async def refresh(
@@ -143,7 +156,7 @@ class TokenEndpoint:
             data["resource"] = self._settings.resource  # RFC 8707 2.2
         requested = tuple(scopes) if scopes is not None else self._settings.scopes
         return await self._token_request(
-            endpoint, data, secrets_=(refresh_token,), requested=requested
+            endpoint, data, secrets_=(refresh_token,), requested=requested, refreshing=True
         )
 
     async def revoke(self, endpoint: str, token: str, *, token_type_hint: str | None) -> None:
@@ -182,6 +195,7 @@ class TokenEndpoint:
         *,
         secrets_: Sequence[str],
         requested: tuple[str, ...],
+        refreshing: bool = False,
     ) -> TokenSet:
         what = "token endpoint"
         data, headers = self.authenticate(data)
@@ -193,7 +207,11 @@ class TokenEndpoint:
         if reply.status != 200:
             raise error_for(reply, what, now=self._clock(), oauth=True, secrets_=all_secrets)
         return parse_token_response(
-            reply.body, sent_at=sent_at, requested=requested, secrets_=all_secrets
+            reply.body,
+            sent_at=sent_at,
+            requested=requested,
+            secrets_=all_secrets,
+            refreshing=refreshing,
         )
 
     def authenticate(self, data: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -211,9 +229,18 @@ class TokenEndpoint:
 
 
 def parse_token_response(
-    body: bytes, *, sent_at: float, requested: tuple[str, ...], secrets_: Sequence[str]
+    body: bytes,
+    *,
+    sent_at: float,
+    requested: tuple[str, ...],
+    secrets_: Sequence[str],
+    refreshing: bool = False,
 ) -> TokenSet:
-    """A successful token response (RFC 6749 5.1) as a :class:`TokenSet`, validated."""
+    """A successful token response (RFC 6749 5.1) as a :class:`TokenSet`, validated.
+
+    ``refreshing``: the answer to a refresh. If it rotated the refresh token, a malformed
+    ``expires_in`` or ``scope`` is read as not said instead of failing the answer.
+    """
     what = "token endpoint"
     doc = json_object(body, what)
     access = doc.get("access_token")
@@ -235,7 +262,13 @@ def parse_token_response(
     id_token = doc.get("id_token")
     if id_token is not None and (not isinstance(id_token, str) or not id_token):
         raise ProviderResponseError(f"{what} response has an invalid id_token")
-    expires_in = _expires_in(doc.get("expires_in"))
+    rotated = refreshing and refresh is not None
+    try:
+        expires_in = _expires_in(doc.get("expires_in"))
+    except ProviderResponseError:
+        if not rotated:
+            raise
+        expires_in = None  # unknown: refreshed on the keep-alive schedule
     refresh_stated, refresh_expires_in = _refresh_expires_in(doc.get("refresh_expires_in"))
     scope = doc.get("scope")
     if scope is None:
@@ -244,6 +277,8 @@ def parse_token_response(
         scopes = tuple(dict.fromkeys(scope.split()))
     elif isinstance(scope, list) and all(isinstance(s, str) for s in scope):
         scopes = tuple(dict.fromkeys(scope))  # non-standard, but unambiguous
+    elif rotated:
+        scopes = requested
     else:
         raise ProviderResponseError(f"{what} response has an invalid scope")
     return TokenSet(

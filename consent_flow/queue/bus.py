@@ -1,8 +1,9 @@
 """Events through the queue: the envelope, the outcome, and the bus that carries them.
 
-An event is an arq job whose arguments are the envelope: event name, user, ids, actor and a small
-payload of non-secret values. arq stores and logs job arguments, so secrets never travel here;
-an authorization code waits sealed in the user's inbox key instead.
+An event is an arq job whose arguments are the envelope: event name, user, provider (the two name
+the connection), ids, actor and a small payload of non-secret values. arq stores and logs job
+arguments, so secrets never travel here; an authorization code waits sealed in the user's inbox
+key instead.
 
 The caller does not poll arq's result (``Job.result()`` polls every 0.5 s and arq would store the
 result): the worker pushes the outcome to a reply list the caller blocks on with BLPOP. The reply
@@ -29,6 +30,7 @@ from typing import Any
 
 from arq.connections import ArqRedis
 
+from consent_flow.core.connections import DEFAULT_PROVIDER
 from consent_flow.core.table import Event
 from consent_flow.errors import VaultError, WorkerUnavailable
 from consent_flow.queue.jobs import JobQueue
@@ -98,6 +100,8 @@ class Envelope:
     """The public half of the caller's reply key: what the reply seals secrets to."""
     reply_key: ReplyKey | None = field(default=None, repr=False, compare=False)
     """The caller's private half; only in the caller's process, never in the job."""
+    provider: str = DEFAULT_PROVIDER
+    """The provider of the connection (user, provider) the event is about."""
 
     def with_reply_key(self) -> Envelope:
         """This envelope with a fresh reply key, unless it has one or wants no reply."""
@@ -110,6 +114,7 @@ class Envelope:
         job: dict[str, Any] = {
             "event": self.event.value,
             "user": self.user,
+            "provider": self.provider,
             "actor": self.actor,
             "event_id": self.event_id,
             "correlation_id": self.correlation_id,
@@ -131,6 +136,7 @@ class Envelope:
             payload={str(k): str(v) for k, v in dict(data.get("payload") or {}).items()},
             reply=bool(data.get("reply", True)),
             reply_to=str(data["reply_to"]) if data.get("reply_to") else None,
+            provider=str(data.get("provider") or DEFAULT_PROVIDER),
         )
 
 

@@ -1,10 +1,12 @@
 """Refresh scheduling: a deferred arq job per grant, backed by a sorted set that a sweep reads.
 
-Each provisioned user has one entry in ``cf:sched`` scored by the next refresh's due time (ms),
+Each provider has its own schedule (one Scheduler per provider's stack). Each provisioned
+connection has one entry in ``cf:<provider>:sched`` scored by the next refresh's due time (ms),
 written in the same commit as the tokens, with a deferred arq job of the deterministic id
-``refresh:<user>:<due ms>``: a refresh's commit queues it itself (and removes the job it
-replaces), a new grant's right after its commit. Its arguments are just the user and the due
-time, positional (a million of them wait in Redis). A cron sweep reads the due part of the
+``refresh:<prefix>:<provider>:<user>:<due ms>`` (``Keys.refresh_job_id``): a refresh's commit
+queues it itself (and removes the job it replaces), a new grant's right after its commit. Its
+arguments are just the user, the due time and the provider, positional (a million of them wait
+in Redis). A cron sweep reads the due part of the
 set (O(log n + due)) and queues again, in one round trip, whatever job is missing (lost between
 commit and enqueue, or by a Redis failover); a job that is still queued is recognised by its id.
 Due times are Redis's time: the engine computes them with a clock that tracks it, and the sweep
@@ -34,23 +36,25 @@ SWEEP_BATCHES = 5  # batches per tick while each finds a full batch: up to 5,000
 JOB_EXPIRY_MS = 24 * 3600 * 1000  # how long a queued job waits for a worker before arq drops it
 
 
-def refresh_job_id(user: str, due: int) -> str:
-    return f"refresh:{user}:{due}"
+def refresh_job_id(keys: Keys, user: str, due: int) -> str:
+    """The id of the connection's refresh job due at ``due`` (ms): prefix and provider in it."""
+    return keys.refresh_job_id(user, due)
 
 
-def refresh_job_ref(user: str, due: float, queue: str) -> JobRef:
+def refresh_job_ref(keys: Keys, user: str, due: float, queue: str) -> JobRef:
     """The queued job of the schedule due at ``due`` (seconds), for a commit to remove."""
-    return JobRef(refresh_job_id(user, due_ms(due)), queue)
+    return JobRef(refresh_job_id(keys, user, due_ms(due)), queue)
 
 
-def refresh_payload(user: str, due: int, enqueued_ms: int) -> bytes:
-    """The refresh job as ``arq.jobs.serialize_job(REFRESH_JOB, (user, due), {}, None,
+def refresh_payload(user: str, due: int, enqueued_ms: int, provider: str) -> bytes:
+    """The refresh job as ``arq.jobs.serialize_job(REFRESH_JOB, (user, due, provider), {}, None,
     enqueued_ms, serializer=dump_job)`` writes it (a test holds them equal), built directly:
     a sweep that requeues a thousand jobs spends a few milliseconds less."""
-    return b'{"f":"%s","a":[%s,%d],"et":%d}' % (
+    return b'{"f":"%s","a":[%s,%d,%s],"et":%d}' % (
         REFRESH_JOB.encode(),
         json.dumps(user).encode(),
         due,
+        json.dumps(provider).encode(),
         enqueued_ms,
     )
 
@@ -58,7 +62,8 @@ def refresh_payload(user: str, due: int, enqueued_ms: int) -> bytes:
 # The due entries of the schedule whose job is missing. Due entries whose job is still queued
 # (a backlog) are stepped over, page by page, up to ARGV[4] entries looked at, so lost jobs
 # behind a backlog are found too. ARGV: now (ms; empty: Redis's time), how many missing to
-# return at most, the arq job key prefix, how many due entries to look at at most. Returns the
+# return at most, the arq job key prefix with the refresh job id's head (everything before the
+# user), how many due entries to look at at most. Returns the
 # entries looked at, the missing ones (user, score, ...), whether more are due, and the now used.
 _DUE_WITHOUT_JOB = """
 local sched = KEYS[1]
@@ -75,7 +80,7 @@ while #missing < 2 * want and offset < scan_max do
   for i = 1, #entries, 2 do
     local user, score = entries[i], entries[i + 1]
     looked = looked + 1
-    if redis.call('EXISTS', prefix .. 'refresh:' .. user .. ':' .. score) == 0 then
+    if redis.call('EXISTS', prefix .. user .. ':' .. score) == 0 then
       missing[#missing + 1] = user
       missing[#missing + 1] = score
       if #missing >= 2 * want then break end
@@ -124,8 +129,8 @@ class Scheduler:
         ms = due_ms(due)
         return self.jobs.job(
             REFRESH_JOB,
-            (user, ms),
-            job_id=refresh_job_id(user, ms),
+            (user, ms, self.keys.provider),
+            job_id=refresh_job_id(self.keys, user, ms),
             queue=self.queue_name,
             run_at_ms=ms,
         )
@@ -145,7 +150,12 @@ class Scheduler:
         for _ in range(SWEEP_BATCHES):
             found, missing, more, now_used = await self._due(
                 keys=[self.keys.sched],
-                args=[now_arg, limit, job_key_prefix, SWEEP_SCAN_FACTOR * limit],
+                args=[
+                    now_arg,
+                    limit,
+                    job_key_prefix + self.keys.refresh_job_head,
+                    SWEEP_SCAN_FACTOR * limit,
+                ],
             )
             now_ms = int(now_used)
             now_arg = str(now_ms)  # every batch of one tick looks at the same instant
@@ -162,8 +172,8 @@ class Scheduler:
         for i in range(0, len(missing), 2):
             user = missing[i].decode() if isinstance(missing[i], bytes) else str(missing[i])
             score = int(missing[i + 1])
-            job_id = refresh_job_id(user, score)
-            payload = refresh_payload(user, score, now_ms)
+            job_id = refresh_job_id(self.keys, user, score)
+            payload = refresh_payload(user, score, now_ms, self.keys.provider)
             # Due now: the job's queue score is the present, whatever the schedule said.
             args += [job_key_prefix + job_id, payload, now_ms, job_id]
         return int(await self._enqueue(keys=[self.queue_name], args=[JOB_EXPIRY_MS, *args]))

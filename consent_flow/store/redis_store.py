@@ -1,33 +1,43 @@
 """The state store: a ``Protocol`` with a Redis implementation and an in-memory one for fast tests.
 
-Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``; every key of one user shares the hash tag
-``{user}`` so per-user commands stay within one slot)::
+Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``, ``gh`` a provider's name; a connection is one
+user's grant at one provider, and every key of one user shares the hash tag ``{user}`` so
+per-user commands stay within one slot, whichever provider they are about)::
 
-    cf:{alice}:rec      hash   the record (state, version, since, sealed session, schedule)
-    cf:{alice}:tok      string the sealed tokens (binary; apart, so the record hash stays in
-                               Redis's compact encoding)
-    cf:{alice}:rvk      string sealed tokens still to revoke at the provider (binary)
-    cf:{alice}:hist     list   history entries, oldest first (JSON)
-    cf:{alice}:seen     zset   event ids already applied (exactly-once effect), scored by time,
-                               kept for the queue's redelivery window (SEEN_WINDOW)
-    cf:{alice}:in:<id>  string sealed authorization code waiting for its event (short TTL)
-    cf:{alice}:lock     string single-flight lock for provider calls, value = owner token
-    cf:idx:<state>      zset   users in that state, scored by since (list, stats: no KEYS scans)
-    cf:sched            zset   users by next refresh due time, in epoch milliseconds
-    cf:histidx          zset   users by the time of their oldest history entry (retention)
-    cf:outbox           zset   users with tokens still to revoke at the provider, by next try
-    cf:metrics:*        hash   counters for /metrics and stats (transitions, refresh outcomes,
-                               refresh lead time buckets, per-hour failures and rejections,
-                               provider revocations by outcome, webhook deliveries by
-                               outcome: delivered, retried, dead; Redis outages the workers
-                               rode out, deferred commits)
-    cf:workers          zset   worker ids by last heartbeat (Redis's time)
-    cf:workers:clock    hash   worker id -> its clock's offset from Redis's time, in seconds
-    cf:invalidate       pubsub user ids whose cached tokens must be dropped (published by commits)
-    cf:halt             hash   refreshes paused for everyone: invalid_client (reason, since)
-    cf:sess:<sha256>    string "user\\nsession id" for a live authorization session's state
-    cf:kids             hash   ciphertext count per key id (start-up key check, rotation)
-    cf:events           stream every transition, for `tail` and other consumers (bounded)
+    cf:{alice}:gh:rec      hash   the record (state, version, since, sealed session, schedule)
+    cf:{alice}:gh:tok      string the sealed tokens (binary; apart, so the record hash stays in
+                                  Redis's compact encoding)
+    cf:{alice}:gh:rvk      string sealed tokens still to revoke at the provider (binary)
+    cf:{alice}:gh:hist     list   history entries, oldest first (JSON)
+    cf:{alice}:gh:seen     zset   event ids already applied (exactly-once effect), scored by
+                                  time, kept for the queue's redelivery window (SEEN_WINDOW)
+    cf:{alice}:gh:in:<id>  string sealed authorization code waiting for its event (short TTL)
+    cf:{alice}:gh:lock     string single-flight lock for provider calls, value = owner token
+    cf:gh:idx:<state>      zset   users in that state at gh, scored by since (list, stats: no
+                                  KEYS scans)
+    cf:gh:sched            zset   users by next refresh due time at gh, in epoch milliseconds
+    cf:gh:histidx          zset   users by the time of their oldest history entry (retention)
+    cf:gh:outbox           zset   users with tokens still to revoke at gh, by next try
+    cf:gh:upgrades         zset   users with an upgrade session open at gh, by its expiry
+    cf:gh:halt             hash   refreshes at gh paused for everyone: invalid_client (reason,
+                                  since)
+    cf:gh:sess:<sha256>    string "user\nsession id" for a live authorization session's state
+    cf:metrics:gh:*        hash   gh's counters for /metrics and stats (transitions, refresh
+                                  outcomes, refresh lead time buckets, per-hour failures and
+                                  rejections, provider revocations by outcome)
+    cf:metrics:webhooks    hash   webhook deliveries by outcome: delivered, retried, dead
+    cf:metrics:worker      hash   Redis outages the workers rode out, deferred commits
+    cf:workers             zset   worker ids by last heartbeat (Redis's time)
+    cf:workers:clock       hash   worker id -> its clock's offset from Redis's time, in seconds
+    cf:invalidate          pubsub "provider\nuser" of connections whose cached tokens must be
+                                  dropped (published by commits)
+    cf:kids                hash   ciphertext count per key id, every provider's (start-up key
+                                  check, rotation)
+    cf:events              stream every transition of every provider, for `tail` and other
+                                  consumers (bounded; entries carry the provider)
+
+Refresh jobs' ids carry the prefix and the provider too (``refresh:cf:gh:alice:<due ms>``): two
+deployments or two providers on one queue never share one.
 
 Every time stored here is Redis's time (``TIME`` in scripts, a ``RedisClock`` in Python), never
 the writing process's own clock: processes whose clocks disagree still agree on what is due.
@@ -55,6 +65,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from consent_flow.core.connections import DEFAULT_PROVIDER
 from consent_flow.core.records import (
     CIPHER_FIELDS,
     SEALED_KEYS,
@@ -114,64 +125,89 @@ def state_hash(state: str) -> str:
 
 
 class Keys:
-    __slots__ = ("prefix",)
+    """The names of every Redis key (and refresh job id) of one provider's connections, and the
+    shared ones every provider's stack names alike. The only place the layout is spelled out."""
 
-    def __init__(self, prefix: str = "cf") -> None:
+    __slots__ = ("prefix", "provider")
+
+    def __init__(self, prefix: str = "cf", provider: str = DEFAULT_PROVIDER) -> None:
         self.prefix = prefix
+        self.provider = provider
+
+    def for_provider(self, provider: str) -> Keys:
+        return Keys(self.prefix, provider)
+
+    def _conn(self, user: str) -> str:
+        """The head every key of the connection (user, this provider) starts with."""
+        return f"{self.prefix}:{{{user}}}:{self.provider}"
 
     def rec(self, user: str) -> str:
-        return f"{self.prefix}:{{{user}}}:rec"
+        return f"{self._conn(user)}:rec"
 
     def sealed(self, user: str, name: str) -> str:
         """The key of one of ``SEALED_KEYS`` (``tok``, ``rvk``)."""
-        return f"{self.prefix}:{{{user}}}:{name}"
+        return f"{self._conn(user)}:{name}"
 
     def hist(self, user: str) -> str:
-        return f"{self.prefix}:{{{user}}}:hist"
+        return f"{self._conn(user)}:hist"
+
+    def hist_around_user(self) -> tuple[str, str]:
+        """What comes before and after the user in :meth:`hist`: a script that visits users
+        builds their keys from these."""
+        return f"{self.prefix}:{{", f"}}:{self.provider}:hist"
 
     def seen(self, user: str) -> str:
-        return f"{self.prefix}:{{{user}}}:seen"
+        return f"{self._conn(user)}:seen"
 
     def inbox(self, user: str, event_id: str) -> str:
-        return f"{self.prefix}:{{{user}}}:in:{event_id}"
+        return f"{self._conn(user)}:in:{event_id}"
 
     def lock(self, user: str) -> str:
-        return f"{self.prefix}:{{{user}}}:lock"
+        return f"{self._conn(user)}:lock"
 
     def import_cursor(self, source_digest: str) -> str:
         """Where ``consent-flow import`` keeps its place in one source between runs."""
-        return f"{self.prefix}:import:{source_digest}"
+        return f"{self.prefix}:{self.provider}:import:{source_digest}"
 
     def idx(self, state: State | str) -> str:
-        return f"{self.prefix}:idx:{State(state).value}"
+        return f"{self.prefix}:{self.provider}:idx:{State(state).value}"
 
     @property
     def sched(self) -> str:
-        return f"{self.prefix}:sched"
+        return f"{self.prefix}:{self.provider}:sched"
 
     @property
     def histidx(self) -> str:
-        return f"{self.prefix}:histidx"
+        return f"{self.prefix}:{self.provider}:histidx"
+
+    def refresh_job_id(self, user: str, due_ms: int) -> str:
+        """The id of the deferred refresh job of the connection's schedule due at ``due_ms``."""
+        return f"{self.refresh_job_head}{user}:{due_ms}"
+
+    @property
+    def refresh_job_head(self) -> str:
+        """What every refresh job id of this provider starts with, before the user."""
+        return f"refresh:{self.prefix}:{self.provider}:"
 
     @property
     def transition_counts(self) -> str:
-        return f"{self.prefix}:metrics:transitions"
+        return f"{self.prefix}:metrics:{self.provider}:transitions"
 
     @property
     def refresh_counts(self) -> str:
-        return f"{self.prefix}:metrics:refresh"
+        return f"{self.prefix}:metrics:{self.provider}:refresh"
 
     @property
     def revocation_counts(self) -> str:
-        return f"{self.prefix}:metrics:revocation"
+        return f"{self.prefix}:metrics:{self.provider}:revocation"
 
     @property
     def refresh_lead(self) -> str:
-        return f"{self.prefix}:metrics:lead"
+        return f"{self.prefix}:metrics:{self.provider}:lead"
 
     @property
     def webhook_counts(self) -> str:
-        """Webhook deliveries by outcome (delivered, retried, dead)."""
+        """Webhook deliveries by outcome (delivered, retried, dead), every provider's."""
         return f"{self.prefix}:metrics:webhooks"
 
     @property
@@ -179,7 +215,7 @@ class Keys:
         return f"{self.prefix}:metrics:worker"
 
     def hourly(self, hour: int) -> str:
-        return f"{self.prefix}:metrics:hour:{hour}"
+        return f"{self.prefix}:metrics:{self.provider}:hour:{hour}"
 
     @property
     def workers(self) -> str:
@@ -191,15 +227,23 @@ class Keys:
 
     @property
     def outbox(self) -> str:
-        return f"{self.prefix}:outbox"
+        return f"{self.prefix}:{self.provider}:outbox"
+
+    @property
+    def upgrades(self) -> str:
+        return f"{self.prefix}:{self.provider}:upgrades"
 
     @property
     def invalidate(self) -> str:
         return f"{self.prefix}:invalidate"
 
+    def invalidation(self, user: str) -> str:
+        """The message on :attr:`invalidate` that drops the connection's cached tokens."""
+        return f"{self.provider}\n{user}"
+
     @property
     def halt(self) -> str:
-        return f"{self.prefix}:halt"
+        return f"{self.prefix}:{self.provider}:halt"
 
     @property
     def kids(self) -> str:
@@ -210,7 +254,7 @@ class Keys:
         return f"{self.prefix}:events"
 
     def sess(self, digest: str) -> str:
-        return f"{self.prefix}:sess:{digest}"
+        return f"{self.prefix}:{self.provider}:sess:{digest}"
 
     def reply(self, event_id: str) -> str:
         return f"{self.prefix}:reply:{event_id}"
@@ -339,7 +383,7 @@ if after[rvk] and after[rvk] ~= before[rvk] then
 end
 if before[tok] and before[tok] ~= after[tok] then
   -- The tokens a process may have cached are gone or replaced: tell every process now.
-  redis.call('PUBLISH', op.channel, op.user)
+  redis.call('PUBLISH', op.channel, op.invalidation)
 end
 if op.hist then
   local appended = true
@@ -363,7 +407,8 @@ if op.hist then
     redis.call('LTRIM', hist, -tonumber(op.hist_max), -1)
     redis.call('ZADD', histidx, 'NX', op.at, op.user)
   end
-  redis.call('XADD', stream, 'MAXLEN', '~', op.stream_max, '*', 'entry', op.hist, 'user', op.user)
+  redis.call('XADD', stream, 'MAXLEN', '~', op.stream_max, '*', 'entry', op.hist, 'user', op.user,
+    'provider', op.provider)
   redis.call('HINCRBY', counters, op.metric, 1)
 end
 redis.call('ZADD', seen, op.at, op.event_id)
@@ -378,7 +423,7 @@ end
 -- What rides along only when the step applies: the job of a cancelled or replaced schedule, the
 -- arq jobs to queue (the next refresh, a webhook notice; their payloads are the arguments after
 -- the sealed values), the release of the user's lock, and counters. Their keys follow the sealed
--- keys, in the order: the dropped job, the new jobs, the lock, the counters.
+-- keys, in the order: the dropped job, the new jobs, the lock, the upgrade index, the counters.
 local n = 14 + #slots
 if op.drop_job then
   -- The job of the schedule this step cancels or replaces: nothing stale stays queued.
@@ -396,6 +441,15 @@ end
 if op.unlock then
   n = n + 1
   if redis.call('GET', KEYS[n]) == op.unlock then redis.call('DEL', KEYS[n]) end
+end
+if op.upgrade_until or op.upgrade_drop then
+  -- Upgrade sessions by expiry, for the cleanup job: a grant's index does not say which is open.
+  n = n + 1
+  if op.upgrade_until then
+    redis.call('ZADD', KEYS[n], op.upgrade_until, op.user)
+  else
+    redis.call('ZREM', KEYS[n], op.user)
+  end
 end
 if op.counters then
   for _, c in ipairs(op.counters) do
@@ -415,7 +469,8 @@ return {'ok', v}
 _CLAIM = """
 local rec, inbox = KEYS[1], KEYS[2]
 local state = redis.call('HGET', rec, 'state')
-if state ~= 'pending' then return 'not_pending' end
+-- A session is open while pending, or beside a grant (an upgrade) while provisioned.
+if state ~= 'pending' and state ~= 'provisioned' then return 'not_pending' end
 if redis.call('HGET', rec, 'sid') ~= ARGV[1] then return 'unknown_session' end
 if redis.call('HGET', rec, 'claimed') then return 'already_used' end
 -- Session expiry is Redis's time, whoever wrote it and whichever clock this process keeps.
@@ -430,11 +485,11 @@ return 'ok'
 # Keys of the visited users are derived in the script: one primary holds a shard's users.
 _TRIM = """
 local histidx = KEYS[1]
-local prefix, cutoff, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local head, cutoff, limit, tail = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local users = redis.call('ZRANGEBYSCORE', histidx, '-inf', '(' .. ARGV[2], 'LIMIT', 0, limit)
 local dropped = 0
 for _, user in ipairs(users) do
-  local hist = prefix .. ':{' .. user .. '}:hist'
+  local hist = head .. user .. tail
   local oldest = nil
   while true do
     local head = redis.call('LINDEX', hist, 0)
@@ -509,7 +564,14 @@ class RedisStore:
     """The production store, on a ``redis.asyncio.Redis`` that answers bytes (as arq's pool does:
     the sealed tokens are binary)."""
 
-    def __init__(self, redis: Redis, *, prefix: str = "cf", wait_replicas: int = 0) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str = "cf",
+        provider: str = DEFAULT_PROVIDER,
+        wait_replicas: int = 0,
+    ) -> None:
         """``wait_replicas``: a commit that stores tokens returns once that many replicas hold
         it, or after ``REPLICA_WAIT_MS`` with ``replicated=False`` (see ``commit``)."""
         if redis.connection_pool.connection_kwargs.get("decode_responses"):
@@ -517,7 +579,7 @@ class RedisStore:
         # redis-py types its asyncio client with sync|async unions that mypy cannot await: the
         # store treats it as untyped rather than scatter ignores over every call.
         self.redis: Any = redis
-        self.keys = Keys(prefix)
+        self.keys = Keys(prefix, provider)
         self.wait_replicas = wait_replicas
         self._load = redis.register_script(lua("load_record"))
         self._drop_revoked = redis.register_script(_DROP_REVOKED)
@@ -553,6 +615,8 @@ class RedisStore:
             "seal": {name: 2 + i for i, name in enumerate(change.sealed)},
             "wipe": {name: True for name in SEALED_KEYS if name in delete_fields},
             "channel": k.invalidate,
+            "invalidation": k.invalidation(change.user),
+            "provider": k.provider,
             "moved": change.moves,
             # Scores travel as strings: Lua numbers are doubles, which Redis refuses as arguments.
             "since": repr(change.at),
@@ -595,6 +659,12 @@ class RedisStore:
         if change.unlock is not None:
             extra_keys.append(k.lock(change.user))
             op["unlock"] = change.unlock
+        if change.upgrade_until is not None or change.drop_upgrade:
+            extra_keys.append(k.upgrades)
+            if change.upgrade_until is not None:
+                op["upgrade_until"] = repr(change.upgrade_until)
+            else:
+                op["upgrade_drop"] = True
         if change.counters:
             extra_keys += [key for key, _, _ in change.counters]
             op["counters"] = [[name, amount] for _, name, amount in change.counters]
@@ -735,6 +805,13 @@ class RedisStore:
         )
         return [_decode(user) for user in rows]
 
+    async def upgrades_due(self, now: float, *, limit: int = 500) -> list[str]:
+        """Users whose upgrade session expired by ``now``: O(log n + found)."""
+        rows = await self.redis.zrangebyscore(
+            self.keys.upgrades, "-inf", repr(now), start=0, num=limit
+        )
+        return [_decode(user) for user in rows]
+
     async def counts(self) -> dict[State, int]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for state in State:
@@ -821,9 +898,10 @@ class RedisStore:
             await self._trim(
                 keys=[self.keys.histidx],
                 args=[
-                    self.keys.prefix,
+                    self.keys.hist_around_user()[0],
                     repr(older_than),
                     limit,
+                    self.keys.hist_around_user()[1],
                 ],
             )
         )
@@ -845,6 +923,7 @@ class MemoryStore:
         self.locks: dict[str, str] = {}
         self.jobs: dict[str, bytes] = {}  # queued arq jobs by id (payloads)
         self.counters: dict[tuple[str, str], float] = {}
+        self.upgrades: dict[str, float] = {}  # upgrade sessions open, by expiry
 
     async def load(self, user: str) -> ConsentRecord:
         return ConsentRecord.from_hash(
@@ -881,6 +960,10 @@ class MemoryStore:
             self.sessions[change.session_lookup[0]] = (user, change.set_fields["sid"])
         if change.drop_session_lookup is not None:
             self.sessions.pop(change.drop_session_lookup, None)
+        if change.upgrade_until is not None:
+            self.upgrades[user] = change.upgrade_until
+        elif change.drop_upgrade:
+            self.upgrades.pop(user, None)
         if change.record_history:
             entries = self.histories.setdefault(user, [])
             entries.append(change.history_entry())
@@ -917,11 +1000,15 @@ class MemoryStore:
     async def session_owner(self, digest: str) -> tuple[str, str] | None:
         return self.sessions.get(digest)
 
+    async def upgrades_due(self, now: float, *, limit: int = 500) -> list[str]:
+        due = sorted((at, user) for user, at in self.upgrades.items() if at <= now)
+        return [user for _, user in due[:limit]]
+
     async def claim_session(
         self, user: str, session_id: str, event_id: str, sealed: str | None
     ) -> str:
         rec = self.records.get(user, {})
-        if rec.get("state") != State.PENDING.value:
+        if rec.get("state") not in (State.PENDING.value, State.PROVISIONED.value):
             return "not_pending"
         if rec.get("sid") != session_id:
             return "unknown_session"

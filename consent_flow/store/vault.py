@@ -1,4 +1,4 @@
-"""The token vault: AES-256-GCM under a key ring, each ciphertext bound to its user.
+"""The token vault: AES-256-GCM under a key ring, each ciphertext bound to its connection.
 
 A key is 32 random bytes written as unpadded base64url (43 characters). Its key id is derived from
 the key itself, so a ring needs no extra bookkeeping and a mistyped key shows up as an unknown key
@@ -15,8 +15,11 @@ Two layouts, both read by :meth:`KeyRing.decrypt`:
 
       0x02 || key id (6 bytes) || nonce (12 bytes) || ciphertext || tag (16 bytes)
 
-The associated data binds a ciphertext to its purpose and its user: a blob copied into another
-user's record does not decrypt (sealed at rest, bound to the user). A v2 blob's header (version
+The associated data binds a ciphertext to its purpose and its connection, the user and the
+provider: a blob copied into another user's record, or into the same user's connection at
+another provider, does not decrypt (sealed at rest, bound to user and provider). A ring is bound
+to one provider (:meth:`KeyRing.for_provider`; ``default`` unless told otherwise), and every
+provider's engine stack holds the ring bound to its own. A v2 blob's header (version
 and key id) is authenticated too.
 
 A caller's reply (the authorization URL carries the session's ``state`` and nonce) is sealed to
@@ -48,6 +51,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from consent_flow.core.connections import DEFAULT_PROVIDER
 from consent_flow.errors import UnknownKeyError, VaultError
 
 __all__ = ["KeyRing", "ReplyKey", "generate_key", "open_tokens", "seal_reply", "seal_tokens"]
@@ -92,9 +96,10 @@ def key_id(key: bytes) -> str:
 class KeyRing:
     """Encrypts with the first key, decrypts with any key of the ring."""
 
-    __slots__ = ("_aead", "primary_id")
+    __slots__ = ("_aead", "primary_id", "provider")
 
-    def __init__(self, keys: Sequence[bytes]) -> None:
+    def __init__(self, keys: Sequence[bytes], *, provider: str = DEFAULT_PROVIDER) -> None:
+        self.provider = provider
         if not keys:
             raise ValueError("the key ring is empty")
         self._aead: dict[str, AESGCM] = {}
@@ -103,6 +108,14 @@ class KeyRing:
                 raise ValueError("every key must be 32 bytes of base64url")
             self._aead.setdefault(key_id(key), AESGCM(key))
         self.primary_id = key_id(keys[0])
+
+    def for_provider(self, provider: str) -> KeyRing:
+        """The same keys, binding what they seal and open to ``provider``'s connections."""
+        ring = object.__new__(KeyRing)
+        ring._aead = self._aead
+        ring.primary_id = self.primary_id
+        ring.provider = provider
+        return ring
 
     @classmethod
     def from_strings(cls, keys: Iterable[str]) -> KeyRing:
@@ -126,9 +139,11 @@ class KeyRing:
     def key_ids(self) -> tuple[str, ...]:
         return tuple(self._aead)
 
-    @staticmethod
-    def _aad(user: str, purpose: str) -> bytes:
-        return b"consent-flow\x00" + purpose.encode() + b"\x00" + user.encode()
+    def _aad(self, user: str, purpose: str) -> bytes:
+        # Provider names never hold a NUL byte: the three parts cannot run into each other.
+        return b"\x00".join(
+            (b"consent-flow", purpose.encode(), self.provider.encode(), user.encode())
+        )
 
     def encrypt(self, plaintext: bytes, *, user: str, purpose: str) -> str:
         """Seal in the v1 text layout, for values kept in text."""

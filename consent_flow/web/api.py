@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import structlog
 from redis.exceptions import RedisError
@@ -335,7 +334,8 @@ def _requested_scopes(data: dict[str, Any], settings: Settings, provider: str) -
 
 
 def _session_open(status: ConsentStatus, now: float) -> bool:
-    if status.state is not State.PENDING or not status.authorization_url:
+    # A session is open while pending, or beside the grant (an upgrade) while provisioned.
+    if status.state not in (State.PENDING, State.PROVISIONED) or not status.authorization_url:
         return False
     expires = status.details.get("session_expires_at")
     if not isinstance(expires, str):
@@ -355,9 +355,11 @@ def connection_body(status: ConsentStatus, provider: str, now: float) -> dict[st
     }
     if status.authorization_url and _session_open(status, now):
         out["authorization_url"] = status.authorization_url
-        # The session's own request says what it asks for.
-        query = parse_qs(urlsplit(status.authorization_url).query)
-        out["requested_scopes"] = " ".join(query.get("scope", [])).split()
+        out["requested_scopes"] = list(status.requested_scopes)
+        if status.upgrade:
+            out["upgrade"] = True
+    if status.scopes_missing:
+        out["scopes_missing"] = list(status.scopes_missing)
     for name in _STATUS_DETAILS:
         value = status.details.get(name)
         if value is not None:
@@ -649,6 +651,15 @@ def openapi_document(settings: Settings, *, root_path: str = "") -> dict[str, An
                     "description": "while a session is open: where the user approves",
                 },
                 "requested_scopes": {"type": "array", "items": {"type": "string"}},
+                "upgrade": {
+                    "type": "boolean",
+                    "description": "the open session is an upgrade: the grant keeps working",
+                },
+                "scopes_missing": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "asked for at the last authorization, not granted",
+                },
                 "access_token_expires_at": _RFC3339,
                 "refresh_token_expires_at": _RFC3339,
                 "next_refresh_at": _RFC3339,

@@ -12,10 +12,10 @@ the state, and every response forbids caching and referrers (the URL holds a cod
 from __future__ import annotations
 
 import contextlib
-import html
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from enum import StrEnum
 from typing import Any
 
 import structlog
@@ -34,6 +34,7 @@ from consent_flow.store.clock import skew_problem, worst_offset
 from consent_flow.store.metrics import live_clock_offsets
 from consent_flow.store.redis_store import state_hash
 from consent_flow.web.api import api_routes
+from consent_flow.web.pages import SECURITY_HEADERS, render
 
 __all__ = ["consent_routes", "create_app"]
 
@@ -48,41 +49,28 @@ WORKER_STALE_AFTER = 3 * 10  # seconds without a worker heartbeat before /health
 # RFC 6749 4.1.2.1: error = 1*( %x20-21 / %x23-5B / %x5D-7E )
 _ERROR_CODE = re.compile(r"^[\x20\x21\x23-\x5b\x5d-\x7e]{1,100}$")
 
-SECURITY_HEADERS = {
-    "Cache-Control": "no-store",
-    "Pragma": "no-cache",
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
-    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
-}
 
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-<style>
- body {{ font: 16px/1.5 system-ui, sans-serif; max-width: 36rem; margin: 4rem auto;
-        padding: 0 1rem; color: #1d1d1f; }}
- h1 {{ font-size: 1.4rem; }} .granted {{ color: #0a7d32; }} .denied {{ color: #b3261e; }}
- .reason {{ background: #f4f4f5; padding: .6rem .8rem; border-radius: .4rem; }}
-</style></head>
-<body><main id="{kind}"><h1 class="{css}">{title}</h1><p>{message}</p>{reason}</main></body></html>
-"""
+class PageKind(StrEnum):
+    """What a result page tells the person at the browser (its ``main`` element's id)."""
+
+    GRANTED = "granted"
+    DENIED = "denied"
+    REJECTED = "rejected"
+    UNAVAILABLE = "unavailable"
 
 
 def page(
-    kind: str, title: str, message: str, *, reason: str | None = None, status: int = 200
+    request: Request,
+    kind: PageKind,
+    title: str,
+    message: str,
+    *,
+    reason: str | None = None,
+    status: int = 200,
 ) -> HTMLResponse:
-    body = _PAGE.format(
-        kind=kind,
-        css="granted" if kind == "granted" else "denied",
-        title=html.escape(title),
-        message=html.escape(message),
-        reason=f'<p class="reason" id="reason">{html.escape(reason)}</p>' if reason else "",
-    )
-    return HTMLResponse(body, status_code=status, headers=SECURITY_HEADERS)
+    """A result page for the person at the browser (templates/callback/page.html)."""
+    context = {"kind": kind, "title": title, "message": message, "reason": reason}
+    return render(request, "callback/page.html", context, status=status)
 
 
 def _single_params(request: Request) -> dict[str, str]:
@@ -113,14 +101,15 @@ async def _callback(client: ConsentClient, request: Request) -> Response:
             raise CallbackRejected("the callback carries no state", reason_code="missing_state")
         if len(state) > MAX_STATE_LENGTH:
             raise CallbackRejected("the state is too long", reason_code="too_large")
-        owner = await client.store.session_owner(state_hash(state))
-        if owner is None:
+        found = await _session_owner(client, state_hash(state))
+        if found is None:
             raise CallbackRejected(
                 "unknown or expired authorization session", reason_code="unknown_state"
             )
-        user, session_id = owner
-        meta = await client.oauth.metadata()
-        client.oauth.check_authorization_response_issuer(meta, params.get("iss"))
+        provider, user, session_id = found
+        oauth = client.oauth_for(provider)
+        meta = await oauth.metadata()
+        oauth.check_authorization_response_issuer(meta, params.get("iss"))
         event_id = new_id()
         error = params.get("error")
         if error is not None:
@@ -130,22 +119,29 @@ async def _callback(client: ConsentClient, request: Request) -> Response:
             description = params.get("error_description")
             if description:
                 payload["error_description"] = clip(description, MAX_DESCRIPTION_LENGTH) or ""
-            await _claim(client, user, session_id, event_id, None)
+            await _claim(client, provider, user, session_id, event_id, None)
             envelope = Envelope(
-                Event.AUTHORIZATION_FAILED, user, "browser", event_id=event_id, payload=payload
+                Event.AUTHORIZATION_FAILED,
+                user,
+                "browser",
+                event_id=event_id,
+                payload=payload,
+                provider=provider,
             )
         else:
             code = params.get("code")
             if not code:
                 raise CallbackRejected("the callback carries no code", reason_code="missing_code")
-            sealed = client.ring.encrypt(code.encode(), user=user, purpose=f"code:{event_id}")
-            await _claim(client, user, session_id, event_id, sealed)
+            ring = client.ring_for(provider)
+            sealed = ring.encrypt(code.encode(), user=user, purpose=f"code:{event_id}")
+            await _claim(client, provider, user, session_id, event_id, sealed)
             envelope = Envelope(
                 Event.AUTHORIZATION_COMPLETED,
                 user,
                 "browser",
                 event_id=event_id,
                 payload={"session_id": session_id},
+                provider=provider,
             )
         outcome = await client.emit(envelope)
     except CallbackRejected as exc:
@@ -156,11 +152,14 @@ async def _callback(client: ConsentClient, request: Request) -> Response:
             detail=exc.message,
             elapsed_ms=round((time.monotonic() - started) * 1000, 1),
         )
-        return page("rejected", "This link cannot be used", exc.message, status=exc.status)
+        return page(
+            request, PageKind.REJECTED, "This link cannot be used", exc.message, status=exc.status
+        )
     except WorkerUnavailable:
         log.error("callback_unanswered")
         return page(
-            "unavailable",
+            request,
+            PageKind.UNAVAILABLE,
             "Please try again later",
             "Your approval was received but could not be processed in time. "
             "Ask for access again from your application.",
@@ -168,7 +167,13 @@ async def _callback(client: ConsentClient, request: Request) -> Response:
         )
     except ProviderError as exc:
         log.error("callback_provider_error", error=exc.code)
-        return page("unavailable", "The sign-in service is unavailable", str(exc), status=502)
+        return page(
+            request,
+            PageKind.UNAVAILABLE,
+            "The sign-in service is unavailable",
+            str(exc),
+            status=502,
+        )
     log.info(
         "callback_done",
         user=outcome.user,
@@ -177,13 +182,28 @@ async def _callback(client: ConsentClient, request: Request) -> Response:
         error=outcome.error,
         elapsed_ms=round((time.monotonic() - started) * 1000, 1),
     )
-    return _outcome_page(outcome)
+    return _outcome_page(request, outcome)
+
+
+async def _session_owner(client: ConsentClient, digest: str) -> tuple[str, str, str] | None:
+    """The provider, user and session id of the live session whose ``state`` hashes to
+    ``digest``: each provider keeps its own sessions, and one redirect URI serves them all."""
+    for provider in client.providers:
+        owner = await client.store_for(provider).session_owner(digest)
+        if owner is not None:
+            return provider, *owner
+    return None
 
 
 async def _claim(
-    client: ConsentClient, user: str, session_id: str, event_id: str, sealed: str | None
+    client: ConsentClient,
+    provider: str,
+    user: str,
+    session_id: str,
+    event_id: str,
+    sealed: str | None,
 ) -> None:
-    result = await client.store.claim_session(user, session_id, event_id, sealed)
+    result = await client.store_for(provider).claim_session(user, session_id, event_id, sealed)
     if result == "ok":
         return
     messages = {
@@ -194,24 +214,27 @@ async def _claim(
     raise CallbackRejected(message, status=status, reason_code=result)
 
 
-def _outcome_page(outcome: Outcome) -> Response:
+def _outcome_page(request: Request, outcome: Outcome) -> Response:
     if outcome.result == "applied" and outcome.state == "provisioned":
         return page(
-            "granted",
+            request,
+            PageKind.GRANTED,
             "Access granted",
             "You can close this window and return to your application.",
         )
     if outcome.event == Event.AUTHORIZATION_FAILED.value or outcome.result == "failed":
         denied = outcome.error == "access_denied"
         return page(
-            "denied",
+            request,
+            PageKind.DENIED,
             "Access was denied" if denied else "Access was not granted",
             "Nothing was shared. You can ask for access again from your application.",
             reason=outcome.reason,
             status=403,
         )
     return page(
-        "rejected",
+        request,
+        PageKind.REJECTED,
         "This link cannot be used",
         "The authorization session is no longer waiting for an answer.",
         status=409,
@@ -230,8 +253,15 @@ async def _healthz(client: ConsentClient, request: Request) -> Response:
     if healthy:
         beat = await client.pool.get(client.settings.queue_name + ":health-check")
         checks["worker"] = "ok" if beat is not None else "no recent heartbeat"
-        halt = await client.store.redis.hget(client.store.keys.halt, "reason")
-        checks["refresh"] = "ok" if halt is None else f"paused: {halt.decode()}"
+        paused = []
+        for provider in client.providers:
+            store = client.store_for(provider)
+            halt = await store.redis.hget(store.keys.halt, "reason")
+            if halt is not None:
+                one = len(client.providers) == 1
+                paused.append(halt.decode() if one else f"{provider}: {halt.decode()}")
+        halt = "; ".join(paused) or None
+        checks["refresh"] = "ok" if halt is None else f"paused: {halt}"
         skew = await _clock_skew(client)
         checks["clock"] = skew or "ok"
         healthy = beat is not None and halt is None and skew is None
@@ -243,7 +273,7 @@ async def _clock_skew(client: ConsentClient) -> str | None:
     """Why the clocks are red: this process's or a live worker's clock is further from Redis's
     than ``MAX_CLOCK_SKEW``; None when they are all within it."""
     offsets = {"this server": await client.clock.sync()}
-    workers = await live_clock_offsets(client.pool, client.store.keys, client.clock())
+    workers = await live_clock_offsets(client.pool, client.bus.keys, client.clock())
     offsets.update((f"worker {worker}", offset) for worker, offset in workers.items())
     worst = worst_offset(offsets)
     return None if worst is None else skew_problem(*worst)

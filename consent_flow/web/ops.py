@@ -25,9 +25,10 @@ internet, so they are never open to everyone:
   not treated as local even when the proxy itself connects from loopback: behind a reverse
   proxy, set the token.
 
-Pages escape every value, answer with the callback pages' security headers (a CSP of
-``default-src 'none'`` with inline style only: the pages run no script), 400 for a bad query
-value and 404 for a user the store has never seen.
+Pages come from ``templates/ops/`` with autoescaping (every value is text), answer with the
+callback pages' security headers (a CSP of ``default-src 'none'`` that lets only the pages' own
+stylesheet through: they run no script), 400 for a bad query value and 404 for a user the store
+has never seen.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ import base64
 import binascii
 import hashlib
 import hmac
-import html
 import ipaddress
 import math
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, cast
 from urllib.parse import quote, urlencode
 
@@ -57,12 +59,12 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from consent_flow.client import ConsentClient
-from consent_flow.core.records import ProviderRevocation, check_user, iso
+from consent_flow.core.records import ProviderRevocation, check_user
 from consent_flow.core.table import TRANSITIONS, State
 from consent_flow.errors import ConsentError
 from consent_flow.settings import is_loopback_host
 from consent_flow.store.metrics import LEAD_BUCKETS, REFRESH_OUTCOMES, Snapshot, read_snapshot
-from consent_flow.web.callback import SECURITY_HEADERS
+from consent_flow.web.pages import SECURITY_HEADERS, render
 
 __all__ = ["ops_routes"]
 
@@ -137,6 +139,7 @@ def _denied(client: ConsentClient, request: Request, home: str) -> Response | No
             return None
         log.warning("ops_access_denied", why="token", client=host, path=request.url.path)
         response = _error(
+            request,
             401,
             "Sign in required",
             "These pages need the operators' token (CONSENT_OPS_TOKEN).",
@@ -154,6 +157,7 @@ def _denied(client: ConsentClient, request: Request, home: str) -> Response | No
         return None
     log.warning("ops_access_denied", why="not_local", client=host, path=request.url.path)
     return _error(
+        request,
         403,
         "Forbidden",
         "Without CONSENT_OPS_TOKEN these pages are served to this machine only.",
@@ -325,95 +329,71 @@ async def _metrics(client: ConsentClient, request: Request) -> Response:
 
 
 # --- pages ----------------------------------------------------------------------------------
-
-_STYLE = """
- :root { color-scheme: light; }
- body { font: 15px/1.45 system-ui, sans-serif; margin: 0; color: #1d1d1f; background: #fafafa; }
- header { background: #1d1d1f; color: #fff; padding: .7rem 1.5rem; }
- header a { color: #fff; text-decoration: none; font-weight: 600; }
- main { max-width: 72rem; margin: 1.5rem auto; padding: 0 1.5rem; }
- h1 { font-size: 1.5rem; margin: 0 0 1rem; word-break: break-all; }
- h2 { font-size: 1.1rem; margin: 1.8rem 0 .6rem; }
- .cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(16rem, 1fr)); gap: 1rem; }
- .card { background: #fff; border: 1px solid #e4e4e7; border-radius: .5rem; padding: 1rem; }
- .card h2:first-child { margin-top: 0; }
- table { border-collapse: collapse; width: 100%; background: #fff; }
- th, td { text-align: left; padding: .35rem .6rem; border-bottom: 1px solid #e4e4e7;
-          vertical-align: top; }
- th { font-size: .8rem; text-transform: uppercase; letter-spacing: .03em; color: #52525b; }
- td.count, th.count { text-align: right; font-variant-numeric: tabular-nums; }
- tr.current td { background: #eef4ff; font-weight: 600; }
- td.user { word-break: break-all; }
- td.at, td.since { white-space: nowrap; }
- td.reason { color: #3f3f46; max-width: 28rem; }
- .age { color: #71717a; font-size: .85em; }
- dl.figures { display: grid; grid-template-columns: 1fr auto; gap: .3rem 1rem; margin: 0; }
- dl.figures dt { color: #3f3f46; }
- dl.figures dd { margin: 0; text-align: right; font-variant-numeric: tabular-nums; }
- dl.status { display: grid; grid-template-columns: max-content 1fr; gap: .3rem 1.2rem;
-             background: #fff; border: 1px solid #e4e4e7; border-radius: .5rem; padding: 1rem; }
- dl.status dt { color: #52525b; } dl.status dd { margin: 0; word-break: break-all; }
- .warn { color: #b3261e; font-weight: 600; }
- .badge { display: inline-block; padding: 0 .45rem; border-radius: .6rem; font-size: .85em;
-          background: #e4e4e7; }
- .badge.provisioned { background: #d7f5df; color: #0a5d26; }
- .badge.pending { background: #fff1c2; color: #6b4e00; }
- .badge.revoked { background: #fde0dd; color: #8c1d18; }
- .badge.unprovisioned { background: #e4e4e7; color: #3f3f46; }
- nav#pager { display: flex; gap: 1rem; align-items: center; margin: .8rem 0; }
- nav#pager .disabled { color: #a1a1aa; }
- .empty { color: #71717a; font-style: italic; }
- .muted { color: #71717a; }
-"""
-
-_LAYOUT = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="robots" content="noindex, nofollow">
-<title>{title} · consent-flow</title>
-<style>{style}</style></head>
-<body><header><a id="home" href="{home}">consent-flow · operators</a></header>
-<main id="{page_id}">{body}</main></body></html>
-"""
+# The handlers gather plain values; templates/ops/*.html lay them out, escaping every one.
 
 
-def e(value: object) -> str:
-    """Escape for HTML text and quoted attributes; None shows as a dash."""
-    if value is None or value == "":
-        return "—"
-    return html.escape(str(value), quote=True)
+class Shown(StrEnum):
+    """How the user page shows one status value."""
+
+    TEXT = "text"
+    WORDS = "words"  # a list, space-separated (scopes)
+    STATE = "state"  # a badge
+    TIME = "time"  # seconds since the epoch, shown as a time and how far from now
 
 
-def _layout(page_id: str, title: str, body: str, *, home: str, status: int = 200) -> HTMLResponse:
-    text = _LAYOUT.format(title=e(title), style=_STYLE, home=e(home), page_id=page_id, body=body)
-    return HTMLResponse(text, status_code=status, headers=SECURITY_HEADERS)
+@dataclass(frozen=True, slots=True)
+class StatusItem:
+    name: str
+    kind: Shown
+    value: Any
 
 
-def _error(status: int, title: str, message: str, *, home: str) -> HTMLResponse:
-    body = f'<h1>{e(title)}</h1><p id="message">{e(message)}</p>'
-    return _layout("error", title, body, home=home, status=status)
+@dataclass(frozen=True, slots=True)
+class StateRow:
+    state: str
+    count: int
+    href: str
+    current: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    key: str
+    label: str
+    value: str
+    warn: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Pager:
+    first: int
+    last: int
+    total: int
+    prev: str | None
+    next: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UserRow:
+    user: str
+    href: str
+    since: float
+    actor: str | None
+    reason: str | None
+
+
+def _page(
+    request: Request, name: str, context: dict[str, Any], *, home: str, status: int = 200
+) -> HTMLResponse:
+    return render(request, f"ops/{name}.html", {"home": home, **context}, status=status)
+
+
+def _error(request: Request, status: int, title: str, message: str, *, home: str) -> HTMLResponse:
+    return _page(request, "error", {"title": title, "message": message}, home=home, status=status)
 
 
 class BadQuery(ValueError):
     """A query value the pages cannot use: answered with 400, never raised to callers."""
-
-
-def _age(at: float, now: float) -> str:
-    """How far ``at`` is from ``now``, either way: "5 min ago", "in 4 min", "now"."""
-    seconds = abs(now - at)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
-        if seconds >= size:
-            amount = f"{int(seconds // size)} {unit}"
-            return f"in {amount}" if at > now else f"{amount} ago"
-    return "now"
-
-
-def _time(at: float | None, now: float) -> str:
-    stamp = iso(at)
-    if at is None or stamp is None:
-        return "—"
-    shown = stamp.replace("T", " ")
-    return f'<time datetime="{e(stamp)}">{e(shown)}</time> <span class="age">{_age(at, now)}</span>'
 
 
 def _params(request: Request) -> tuple[State, int, int]:
@@ -455,78 +435,55 @@ def user_link(user: str, *, base: str = "ops/users/") -> str:
     return base + quote(user, safe="")
 
 
-def _states_table(snapshot: Snapshot, current: State, limit: int) -> str:
-    rows = []
-    for state in State:
-        n = snapshot.states.get(state.value, 0)
-        css = "state-row current" if state is current else "state-row"
-        rows.append(
-            f'<tr class="{css}" data-state="{state.value}">'
-            f'<td class="state"><a href="{e(_query(state, 0, limit))}">'
-            f'<span class="badge {state.value}">{state.value}</span></a></td>'
-            f'<td class="count">{n}</td></tr>'
+def _state_rows(snapshot: Snapshot, current: State, limit: int) -> list[StateRow]:
+    return [
+        StateRow(
+            state=state.value,
+            count=snapshot.states.get(state.value, 0),
+            href=_query(state, 0, limit),
+            current=state is current,
         )
-    total = sum(snapshot.states.values())
-    return (
-        '<table id="states"><thead><tr><th>State</th><th class="count">Users</th></tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody>"
-        f'<tfoot><tr><td>all</td><td class="count" id="total">{total}</td></tr></tfoot></table>'
-    )
+        for state in State
+    ]
 
 
-def _figures(snapshot: Snapshot) -> str:
+def _figures(snapshot: Snapshot) -> list[Figure]:
     paused = snapshot.refreshes_paused
-    paused_html = f'<span class="warn">yes: {e(paused)}</span>' if paused is not None else "no"
     workers = snapshot.workers_alive
-    figures = [
-        ("due-next-hour", "Refreshes due in the next hour", str(snapshot.refreshes_due_next_hour)),
-        ("failures-24h", "Refresh failures, last 24 h", str(snapshot.refresh_failures_24h)),
-        ("rejections-24h", "Refresh rejections, last 24 h", str(snapshot.refresh_rejections_24h)),
-        ("paused", "Refreshes paused", paused_html),
-        (
+    return [
+        Figure(
+            "due-next-hour", "Refreshes due in the next hour", str(snapshot.refreshes_due_next_hour)
+        ),
+        Figure("failures-24h", "Refresh failures, last 24 h", str(snapshot.refresh_failures_24h)),
+        Figure(
+            "rejections-24h", "Refresh rejections, last 24 h", str(snapshot.refresh_rejections_24h)
+        ),
+        Figure(
+            "paused",
+            "Refreshes paused",
+            "no" if paused is None else f"yes: {paused}",
+            warn=paused is not None,
+        ),
+        Figure(
             "revocations-abandoned",
             "Provider revocations given up",
             str(snapshot.revocations_abandoned),
         ),
-        ("webhooks-dead", "Webhook notices given up", str(snapshot.webhooks_dead)),
-        ("queue-depth", "Queue depth", str(snapshot.queue_depth)),
-        ("deferred-jobs", "Deferred jobs", str(snapshot.deferred_jobs)),
-        (
-            "workers-alive",
-            "Workers alive",
-            str(workers) if workers else '<span class="warn">0</span>',
-        ),
+        Figure("webhooks-dead", "Webhook notices given up", str(snapshot.webhooks_dead)),
+        Figure("queue-depth", "Queue depth", str(snapshot.queue_depth)),
+        Figure("deferred-jobs", "Deferred jobs", str(snapshot.deferred_jobs)),
+        Figure("workers-alive", "Workers alive", str(workers), warn=not workers),
     ]
-    items = "".join(
-        f'<dt>{e(label)}</dt><dd id="fig-{key}">{value}</dd>' for key, label, value in figures
-    )
-    outcomes = dict.fromkeys(REFRESH_OUTCOMES, 0)
-    outcomes.update(snapshot.refresh_outcomes)
-    outcome_items = "".join(
-        f'<dt>{e(name.replace("_", " "))}</dt><dd id="outcome-{e(name)}">{n}</dd>'
-        for name, n in outcomes.items()
-    )
-    return (
-        f'<dl class="figures" id="figures">{items}</dl>'
-        f'<h2>Refresh outcomes, all time</h2><dl class="figures" id="outcomes">{outcome_items}</dl>'
-    )
 
 
-def _pager(state: State, offset: int, limit: int, total: int, shown: int) -> str:
-    first = offset + 1 if shown else 0
-    last = offset + shown
-    if offset > 0:
-        prev_q = _query(state, max(0, offset - limit), limit)
-        prev = f'<a id="prev" rel="prev" href="{e(prev_q)}">← previous</a>'
-    else:
-        prev = '<span id="prev" class="disabled">← previous</span>'
-    if offset + limit < total:
-        next_q = _query(state, offset + limit, limit)
-        nxt = f'<a id="next" rel="next" href="{e(next_q)}">next →</a>'
-    else:
-        nxt = '<span id="next" class="disabled">next →</span>'
-    shown_range = f'<span id="range">{first}&ndash;{last} of {total}</span>'
-    return f'<nav id="pager">{prev}{shown_range}{nxt}</nav>'
+def _pager(state: State, offset: int, limit: int, total: int, shown: int) -> Pager:
+    return Pager(
+        first=offset + 1 if shown else 0,
+        last=offset + shown,
+        total=total,
+        prev=_query(state, max(0, offset - limit), limit) if offset > 0 else None,
+        next=_query(state, offset + limit, limit) if offset + limit < total else None,
+    )
 
 
 async def _user_rows(client: ConsentClient, users: list[tuple[str, float]]) -> list[list[Any]]:
@@ -545,54 +502,43 @@ async def _overview(client: ConsentClient, request: Request) -> Response:
     try:
         state, offset, limit = _params(request)
     except BadQuery as exc:
-        return _error(400, "Bad request", str(exc), home="ops")
+        return _error(request, 400, "Bad request", str(exc), home="ops")
     snapshot = await _snapshot(client)
     users = await client.store.users(state, offset=offset, limit=limit)
     details = await _user_rows(client, users) if users else []
-    now = client.clock()
     total = snapshot.states.get(state.value, 0)
-    rows = []
-    for (user, since), (actor, reason) in zip(users, details, strict=True):
-        rows.append(
-            f'<tr class="user-row" data-user="{e(user)}">'
-            f'<td class="user"><a href="{e(user_link(user))}">{e(user)}</a></td>'
-            f'<td class="since">{_time(since, now)}</td>'
-            f'<td class="actor">{e(actor)}</td><td class="reason">{e(reason)}</td></tr>'
-        )
-    if rows:
-        table_body = "".join(rows)
-    else:
-        table_body = '<tr><td colspan="4" class="empty" id="no-users">No users here.</td></tr>'
-    body = (
-        "<h1>Consents</h1>"
-        '<div class="cards">'
-        f'<section class="card" id="by-state"><h2>By state</h2>'
-        f"{_states_table(snapshot, state, limit)}</section>"
-        f'<section class="card" id="refresh"><h2>Refresh</h2>{_figures(snapshot)}</section>'
-        "</div>"
-        f'<section id="list" data-state="{state.value}">'
-        f'<h2 id="list-title"><span class="badge {state.value}">{state.value}</span> '
-        f'<span class="muted">oldest first</span></h2>'
-        f"{_pager(state, offset, limit, total, len(users))}"
-        '<table id="users"><thead><tr><th>User</th><th>Since</th><th>Actor</th>'
-        f"<th>Reason</th></tr></thead><tbody>{table_body}</tbody></table>"
-        "</section>"
-    )
-    return _layout("ops", "Consents", body, home="ops")
+    outcomes = dict.fromkeys(REFRESH_OUTCOMES, 0)
+    outcomes.update(snapshot.refresh_outcomes)
+    rows = [
+        UserRow(user=user, href=user_link(user), since=since, actor=actor, reason=reason)
+        for (user, since), (actor, reason) in zip(users, details, strict=True)
+    ]
+    context = {
+        "title": "Consents",
+        "now": client.clock(),
+        "state": state.value,
+        "states": _state_rows(snapshot, state, limit),
+        "total": sum(snapshot.states.values()),
+        "figures": _figures(snapshot),
+        "outcomes": list(outcomes.items()),
+        "pager": _pager(state, offset, limit, total, len(rows)),
+        "rows": rows,
+    }
+    return _page(request, "overview", context, home="ops")
 
 
-def _status_value(name: str, value: Any, now: float) -> str:
+def _status_item(name: str, value: Any) -> StatusItem:
     if isinstance(value, list):
-        return " ".join(e(v) for v in value) or "—"
+        return StatusItem(name, Shown.WORDS, value)
     if name == "state":
-        return f'<span class="badge {e(value)}">{e(value)}</span>'
+        return StatusItem(name, Shown.STATE, value)
     if isinstance(value, str) and name.endswith(("_at", "since")):
         try:
             at = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
         except ValueError:
-            return e(value)
-        return _time(at, now)
-    return e(value)
+            return StatusItem(name, Shown.TEXT, value)
+        return StatusItem(name, Shown.TIME, at)
+    return StatusItem(name, Shown.TEXT, value)
 
 
 async def _user_page(client: ConsentClient, request: Request) -> Response:
@@ -601,47 +547,25 @@ async def _user_page(client: ConsentClient, request: Request) -> Response:
     try:
         user = check_user(raw)
     except ConsentError:
-        return _error(400, "Bad request", "That is not a user id.", home=home)
+        return _error(request, 400, "Bad request", "That is not a user id.", home=home)
     record = await client.store.load(user)
     entries = await client.store.history(user)
     if record.version == 0 and not entries:
-        return _error(404, "Unknown user", f"No consent was ever recorded for {user}.", home=home)
-    now = client.clock()
-    public = record.public()
-    status_items = "".join(
-        f"<dt>{e(name.replace('_', ' '))}</dt>"
-        f'<dd id="status-{e(name)}">{_status_value(name, value, now)}</dd>'
-        for name, value in public.items()
-        if name != "user"
-    )
-    rows = []
-    for entry in entries:
-        rows.append(
-            '<tr class="entry">'
-            f'<td class="at">{_time(entry.at, now)}</td>'
-            f'<td class="event">{e(entry.event)}</td>'
-            f'<td class="from">{e(entry.from_state)}</td>'
-            f'<td class="to">{e(entry.to_state)}</td>'
-            f'<td class="actor">{e(entry.actor)}</td>'
-            f'<td class="reason">{e(entry.reason)}</td>'
-            f'<td class="correlation">{e(entry.correlation_id)}</td></tr>'
+        return _error(
+            request, 404, "Unknown user", f"No consent was ever recorded for {user}.", home=home
         )
-    timeline = "".join(rows) or (
-        '<tr><td colspan="7" class="empty">No history kept (retention).</td></tr>'
-    )
-    back = f"{home}{_query(record.state, 0, DEFAULT_PAGE_SIZE)}"
-    body = (
-        f'<p><a id="back" href="{e(back)}">← all {e(record.state.value)} consents</a></p>'
-        f'<h1 id="user">{e(user)}</h1>'
-        f'<section id="status-section"><h2>Status</h2><dl class="status" id="status">'
-        f"{status_items}</dl></section>"
-        f'<section id="timeline-section"><h2>Timeline '
-        f'<span class="muted">{len(entries)} entries, oldest first</span></h2>'
-        '<table id="timeline"><thead><tr><th>At</th><th>Event</th><th>From</th><th>To</th>'
-        "<th>Actor</th><th>Reason</th><th>Correlation id</th></tr></thead>"
-        f"<tbody>{timeline}</tbody></table></section>"
-    )
-    return _layout("ops-user", user, body, home=home)
+    context = {
+        "title": user,
+        "now": client.clock(),
+        "user": user,
+        "state": record.state.value,
+        "back": f"{home}{_query(record.state, 0, DEFAULT_PAGE_SIZE)}",
+        "status": [
+            _status_item(name, value) for name, value in record.public().items() if name != "user"
+        ],
+        "entries": entries,
+    }
+    return _page(request, "user", context, home=home)
 
 
 # --- routes ---------------------------------------------------------------------------------
@@ -666,7 +590,11 @@ def ops_routes(client: ConsentClient | Callable[[], ConsentClient]) -> list[Rout
             except (RedisError, OSError) as exc:
                 log.error("ops_unavailable", error=type(exc).__name__, path=request.url.path)
                 return _error(
-                    503, "Unavailable", "Redis did not answer. Try again shortly.", home=home
+                    request,
+                    503,
+                    "Unavailable",
+                    "Redis did not answer. Try again shortly.",
+                    home=home,
                 )
 
         return endpoint

@@ -75,6 +75,7 @@ _SERVER_ENV = (
     "ROTATE_REFRESH_TOKEN",
     "REFRESH_EXPIRES_IN",
     "NO_REVOCATION",
+    "GRANT_ONLY",
     "TEST_CONTROLS",
     "EXIT_WITH_STDIN",
 )
@@ -175,6 +176,7 @@ class LocalProvider:
         resource: str | None = None,
         refresh_expires_in: bool = False,
         no_revocation: bool = False,
+        grant_only: Sequence[str] = (),
         startup_timeout: float = 15.0,
     ) -> LocalProvider:
         """Spawn the provider and wait until it serves its discovery document.
@@ -183,7 +185,8 @@ class LocalProvider:
         :data:`DEFAULT_CLIENT`; see server.mjs for the fields. ``resource`` is the one accepted
         resource indicator (default ``<issuer>/api``). ``refresh_expires_in``: token responses
         say how long their refresh token has left (``REFRESH_EXPIRES_IN=1``). ``no_revocation``:
-        no revocation endpoint (``NO_REVOCATION=1``).
+        no revocation endpoint (``NO_REVOCATION=1``). ``grant_only``: consent grants only the
+        requested scopes among these (``GRANT_ONLY``; one login can still choose its own).
         """
         node = shutil.which("node")
         if node is None:
@@ -206,6 +209,7 @@ class LocalProvider:
             TEST_CONTROLS="1" if test_controls else "0",
             REFRESH_EXPIRES_IN="1" if refresh_expires_in else "0",
             NO_REVOCATION="1" if no_revocation else "0",
+            GRANT_ONLY=" ".join(grant_only),
             # The provider exits when our end of its stdin closes: no orphan if Python dies.
             EXIT_WITH_STDIN="1",
         )
@@ -522,11 +526,13 @@ class _ApproveFlow:
         login: str,
         deny: bool,
         build_request: Callable[..., httpx.Request],
+        grant_only: Sequence[str] = (),
     ) -> None:
         if not login:
             raise ValueError("login must not be empty")
         self._login = login
         self._deny = deny
+        self._grant_only = " ".join(grant_only)
         self._build = build_request
         self._origin = _origin(authorization_url)
         self._jar = httpx.Cookies()
@@ -562,7 +568,10 @@ class _ApproveFlow:
                 return self._request("POST", urljoin(here, action), {"login": self._login})
             form = "deny-form" if self._deny else "approve-form"
             if form in parser.forms:
-                return self._request("POST", urljoin(here, parser.forms[form]), {})
+                data = (
+                    {"grant_only": self._grant_only} if self._grant_only and not self._deny else {}
+                )
+                return self._request("POST", urljoin(here, parser.forms[form]), data)
         detail = " ".join("".join(parser.error).split()) or response.text[:500]
         raise RuntimeError(
             f"unexpected answer from the provider: {response.status_code} at {here}: {detail}"
@@ -585,17 +594,19 @@ async def approve(
     *,
     deny: bool = False,
     client: httpx.AsyncClient | None = None,
+    grant_only: Sequence[str] = (),
 ) -> str:
     """Log ``login`` in and approve (or, with ``deny=True``, deny) the authorization request,
     as a fresh browser would. Returns the final redirect URL to the client's redirect URI
     (``code``/``state``/``iss``, or ``error=access_denied``) without requesting it.
+    ``grant_only``: approve only the requested scopes among these (the rest is refused).
 
     ``client`` is only used for transport; cookies are kept per call.
     """
     own = client is None
     http = client if client is not None else httpx.AsyncClient(timeout=10.0)
     try:
-        flow = _ApproveFlow(authorization_url, login, deny, http.build_request)
+        flow = _ApproveFlow(authorization_url, login, deny, http.build_request, grant_only)
         step: httpx.Request | str = flow.first
         while not isinstance(step, str):
             response = await http.send(step, follow_redirects=False)
@@ -614,12 +625,13 @@ def approve_sync(
     *,
     deny: bool = False,
     client: httpx.Client | None = None,
+    grant_only: Sequence[str] = (),
 ) -> str:
     """The synchronous twin of :func:`approve`."""
     own = client is None
     http = client if client is not None else httpx.Client(timeout=10.0)
     try:
-        flow = _ApproveFlow(authorization_url, login, deny, http.build_request)
+        flow = _ApproveFlow(authorization_url, login, deny, http.build_request, grant_only)
         step: httpx.Request | str = flow.first
         while not isinstance(step, str):
             response = http.send(step, follow_redirects=False)

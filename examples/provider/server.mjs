@@ -27,6 +27,9 @@
 //                        Keycloak and Nextcloud's oidc app send it). oidc-provider does not send
 //                        it natively: a Koa middleware around the token endpoint adds it to the
 //                        JSON. Default off.
+//   GRANT_ONLY           Space-separated scopes: consent grants only the requested scopes among
+//                        them and rejects the rest, as a user unticking boxes would (default: grant
+//                        every scope requested). A login's consent form may override it (below).
 //   NO_REVOCATION        "1": no revocation endpoint (as Nextcloud's oidc app): discovery names no
 //                        `revocation_endpoint` and POST /token/revocation answers 404. Default off.
 //   TEST_CONTROLS        "1" enables the /__test/ control endpoints (off by default).
@@ -38,7 +41,9 @@
 // Headless interaction (always on; devInteractions is disabled):
 //   GET  /interaction/:uid          login form (#login, #signin) or consent page (#approve, #deny)
 //   POST /interaction/:uid/login    form field `login`: any non-empty name; it becomes `sub`
-//   POST /interaction/:uid/confirm  grants every requested scope, claim and resource scope
+//   POST /interaction/:uid/confirm  grants every requested scope, claim and resource scope; with
+//                                   form field `grant_only` (space-separated scopes), or else
+//                                   GRANT_ONLY, only the requested scopes among those
 //   POST /interaction/:uid/abort    finishes the request with error=access_denied
 //
 // Test controls (TEST_CONTROLS=1 only), JSON in and out:
@@ -99,6 +104,7 @@ const ROTATE_REFRESH_TOKEN = (process.env.ROTATE_REFRESH_TOKEN ?? '1') !== '0';
 const TEST_CONTROLS = process.env.TEST_CONTROLS === '1';
 const REFRESH_EXPIRES_IN = process.env.REFRESH_EXPIRES_IN === '1';
 const NO_REVOCATION = process.env.NO_REVOCATION === '1';
+const GRANT_ONLY = (process.env.GRANT_ONLY ?? '').split(' ').filter(Boolean);
 
 const DEFAULT_CLIENTS = [{
   client_id: 'consent-flow-demo',
@@ -510,11 +516,20 @@ ${resources.length ? `<p>at the resource</p>\n<ul id="resources">\n${resourceIte
 
   async function confirm(ctx, details) {
     const { prompt: { details: missing }, params, session: { accountId } } = details;
+    const form = await readForm(ctx);
+    const chosen = (form.get('grant_only') ?? '').split(' ').filter(Boolean);
+    const only = chosen.length ? chosen : GRANT_ONLY;
     let grant = details.grantId ? await provider.Grant.find(details.grantId) : undefined;
     const isNew = !grant; // also when the session's grant was revoked meanwhile
     grant ??= new provider.Grant({ accountId, clientId: params.client_id });
-    // The prompt details list what the request asks for and the grant lacks: grant all of it.
-    if (missing.missingOIDCScope) grant.addOIDCScope(missing.missingOIDCScope.join(' '));
+    // The prompt details list what the request asks for and the grant lacks: grant all of it,
+    // or only what `grant_only` names; the rest is rejected, so consent is not asked again.
+    if (missing.missingOIDCScope) {
+      const granted = missing.missingOIDCScope.filter((s) => !only.length || only.includes(s));
+      const rejected = missing.missingOIDCScope.filter((s) => !granted.includes(s));
+      if (granted.length) grant.addOIDCScope(granted.join(' '));
+      if (rejected.length) grant.rejectOIDCScope(rejected.join(' '));
+    }
     if (missing.missingOIDCClaims) grant.addOIDCClaims(missing.missingOIDCClaims);
     for (const [indicator, scopes] of Object.entries(missing.missingResourceScopes ?? {})) {
       grant.addResourceScope(indicator, scopes.join(' '));

@@ -123,6 +123,27 @@ async def test_missing_expires_in_means_unknown_expiry(
     assert tokens.token_type == "Bearer"
 
 
+@pytest.mark.parametrize("expires_in", [-5, 0, "soon", True, 1e30])
+async def test_a_rotated_refresh_token_survives_a_malformed_expires_in_or_scope(
+    client: OAuthClient, provider: FakeProvider, expires_in: Any
+) -> None:
+    provider.token = lambda r: json_response(
+        200, token_body(refresh_token=NEW_REFRESH, expires_in=expires_in, scope=["files", 5])
+    )
+    tokens = await client.refresh(REFRESH)
+    assert tokens.refresh_token == NEW_REFRESH  # the only copy of the grant is kept
+    assert tokens.expires_at is None  # unknown: refreshed on the keep-alive schedule
+    assert tokens.scopes == SCOPES  # as requested
+    # Without a new refresh token the old one still works: the answer fails as before.
+    provider.token = lambda r: json_response(
+        200, token_body(refresh_token=None, expires_in=expires_in)
+    )
+    await expect(ProviderResponseError, client.refresh(REFRESH))
+    # And a code exchange stays strict.
+    provider.token = lambda r: json_response(200, token_body(expires_in=expires_in))
+    await expect(ProviderResponseError, client.exchange_code(CODE, code_verifier=VERIFIER))
+
+
 @pytest.mark.parametrize(
     ("value", "stated", "expires_at"),
     [
@@ -304,25 +325,25 @@ ERROR_TABLE: list[tuple[str, Responder, type[ProviderError], dict[str, Any]]] = 
     ),
     (
         "expires_in negative",
-        lambda r: json_response(200, token_body(expires_in=-5)),
+        lambda r: json_response(200, token_body(expires_in=-5, refresh_token=None)),
         ProviderResponseError,
         {},
     ),
     (
         "expires_in zero",
-        lambda r: json_response(200, token_body(expires_in=0)),
+        lambda r: json_response(200, token_body(expires_in=0, refresh_token=None)),
         ProviderResponseError,
         {},
     ),
     (
         "expires_in text",
-        lambda r: json_response(200, token_body(expires_in="soon")),
+        lambda r: json_response(200, token_body(expires_in="soon", refresh_token=None)),
         ProviderResponseError,
         {},
     ),
     (
         "expires_in bool",
-        lambda r: json_response(200, token_body(expires_in=True)),
+        lambda r: json_response(200, token_body(expires_in=True, refresh_token=None)),
         ProviderResponseError,
         {},
     ),

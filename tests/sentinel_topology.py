@@ -28,7 +28,7 @@ SETTLE_TIMEOUT = 30.0  # seconds for the sentinels to find each other and the re
 class SentinelTopology:
     """The five processes, and the operations a failover test needs."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, down_after_ms: int = DOWN_AFTER_MS) -> None:
         self.directory = directory
         self.data: list[RedisServer] = []
         self.sentinels: list[RedisServer] = []
@@ -47,7 +47,7 @@ class SentinelTopology:
                 config = folder / "sentinel.conf"
                 config.write_text(
                     f"sentinel monitor {MASTER_NAME} 127.0.0.1 {primary.port} {QUORUM}\n"
-                    f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n"
+                    f"sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}\n"
                     f"sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}\n"
                     f"sentinel parallel-syncs {MASTER_NAME} 1\n"
                 )

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from conftest import provider_clients
 from local_provider import LocalProvider, approve
+from sentinel_topology import SentinelTopology
 from test_faults import WorkerProcess, wait_for
 
 from consent_flow import State
@@ -293,7 +294,7 @@ async def test_a_killed_primary_under_load_loses_nothing(
 
 
 async def test_a_refresh_its_replica_did_not_confirm_is_settled_on_the_new_primary(
-    make_stack, redirect_uri, env, sentinel_topology, tmp_path
+    make_stack, redirect_uri, env, tmp_path
 ):
     """The replica stops (SIGSTOP) while the provider answers a refresh: the primary applies
     the commit but no replica confirms it, so the worker keeps the answer in its spool. The
@@ -302,10 +303,15 @@ async def test_a_refresh_its_replica_did_not_confirm_is_settled_on_the_new_prima
 
     (Whether the promoted replica holds the commit is up to the kernel: bytes the primary sent
     before it died reach a stopped replica's socket and are applied when it resumes.)"""
-    topology = sentinel_topology
-    with LocalProvider.start(
-        clients=provider_clients(redirect_uri), access_token_ttl=60, rotate_refresh_token=True
-    ) as op:
+    # The replica stops for about a second: shorter than the sentinels take to call it down, so
+    # the commit waits for it (a replica that is down is not waited for).
+    topology = SentinelTopology(tmp_path / "sentinel", down_after_ms=3000)
+    with (
+        contextlib.closing(topology),
+        LocalProvider.start(
+            clients=provider_clients(redirect_uri), access_token_ttl=60, rotate_refresh_token=True
+        ) as op,
+    ):
         stack = await make_stack(op=op, redis_url=topology.url, workers=0)
         worker_env = {**os.environ, **env, "CONSENT_REDIS_URL": topology.url}
         worker_env.update(CONSENT_ISSUER=op.issuer)
@@ -316,7 +322,7 @@ async def test_a_refresh_its_replica_did_not_confirm_is_settled_on_the_new_prima
             assert response.status_code == 200, worker.log.read_text()[-3000:]
             before = (await stack.client.store.load("alice")).last_refresh_at or 0.0
             op.reset_stats()
-            op.fault(token_delay_ms=1500, count=1)
+            op.fault(token_delay_ms=2500, count=1)
             await asyncio.sleep(2.5)  # the stored token has less than 58 s left now
             caller = asyncio.create_task(stack.client.access_token("alice", min_ttl=58))
 
@@ -324,6 +330,7 @@ async def test_a_refresh_its_replica_did_not_confirm_is_settled_on_the_new_prima
                 return op.stats().get("delays_injected", 0) >= 1
 
             await wait_for(held, timeout=15)  # the refresh's start is on the replica already
+            await asyncio.sleep(1.5)  # the answer comes about a second after this
             replica = next(s for s in topology.data if s.port != topology.primary_port())
             replica.process.send_signal(signal.SIGSTOP)
             try:

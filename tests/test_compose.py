@@ -26,6 +26,8 @@ SCHEMA_FILE = ROOT / "tests" / "data" / "compose-spec.json"
 
 SECRET_VARS = ("CONSENT_CLIENT_SECRET", "CONSENT_ENCRYPTION_KEYS", "CONSENT_OPS_TOKEN")
 CONSENT_SERVICES = ("worker", "callback")
+# The same two on Sentinel (profile "sentinel").
+HA_SERVICES = ("worker-ha", "callback-ha")
 # Every setting a consent-flow process needs to talk to the provider and to Redis.
 REQUIRED_SETTINGS = (
     "CONSENT_REDIS_URL",
@@ -206,7 +208,7 @@ def test_no_secret_value_is_written_in_the_file(compose: dict[str, Any]) -> None
             if key in SECRET_VARS:
                 seen += 1
                 assert _required_interpolation(key).fullmatch(value), (name, key)
-    assert seen == len(SECRET_VARS) * len(CONSENT_SERVICES)
+    assert seen == len(SECRET_VARS) * len(CONSENT_SERVICES + HA_SERVICES)
 
     # The provider is given the same client secret, by the same interpolation.
     clients = json.loads(_env(compose["services"]["provider"])["CLIENTS"])
@@ -440,3 +442,59 @@ def test_no_text_suggests_up_in_the_image_without_a_redis_url(name: str) -> None
     suggesting = [p for p in paragraphs if re.search(r"docker run\b[^\n]*\bup\b", p)]
     for paragraph in suggesting:
         assert "CONSENT_REDIS_URL=redis://" in paragraph, paragraph
+
+
+def test_the_sentinel_profile_runs_a_primary_a_replica_and_three_sentinels(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    ha = {name for name, service in services.items() if "sentinel" in service.get("profiles", ())}
+    sentinels = {"sentinel-1", "sentinel-2", "sentinel-3"}
+    assert ha == {"redis-primary", "redis-replica", *sentinels, *HA_SERVICES}
+    # The plain services stay out of it: `up worker-ha callback-ha` starts the profile only.
+    for name in ("redis", *CONSENT_SERVICES, "provider"):
+        assert "profiles" not in services[name], name
+
+    def argv(name: str) -> list[str]:
+        command = services[name]["command"]
+        return command.split() if isinstance(command, str) else list(command)
+
+    primary, replica = argv("redis-primary"), argv("redis-replica")
+    for line in (primary, replica):
+        assert line[line.index("--appendonly") + 1] == "yes"
+    assert replica[replica.index("--replicaof") + 1 :][:2] == ["redis-primary", "6379"]
+    assert "--replicaof" not in primary
+
+    for name in sentinels:
+        script = argv(name)[-1]
+        assert services[name]["hostname"] == name
+        assert "--sentinel" in script
+        assert "sentinel monitor consentflow redis-primary 6379 2" in script  # quorum 2 of 3
+        assert "sentinel resolve-hostnames yes" in script
+        test = services[name]["healthcheck"]["test"]
+        assert "26379" in test and "consentflow" in test
+        assert services[name]["depends_on"]["redis-primary"]["condition"] == "service_healthy"
+
+
+@pytest.mark.parametrize("name", HA_SERVICES)
+def test_the_sentinel_profile_app_reaches_redis_through_every_sentinel(
+    compose: dict[str, Any], name: str
+) -> None:
+    from consent_flow import Settings
+    from consent_flow.store.connection import arq_redis_settings
+
+    service = compose["services"][name]
+    env = _env(service)
+    plain = dict(compose["x-consent-env"])
+    url = env.pop("CONSENT_REDIS_URL")
+    plain.pop("CONSENT_REDIS_URL")
+    assert env == plain, "the same environment as the plain services but for Redis"
+    settings = Settings.from_env({"CONSENT_REDIS_URL": url})
+    assert settings.wait_replicas == 1  # commits of new tokens wait for the replica
+    rs = arq_redis_settings(url)
+    assert rs.sentinel and rs.sentinel_master == "consentflow"
+    assert sorted(rs.host) == [(f"sentinel-{i}", 26379) for i in (1, 2, 3)]
+    for sentinel in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        assert service["depends_on"][sentinel]["condition"] == "service_healthy"
+    assert "redis" not in service["depends_on"]
+    assert service["command"] in (["worker"], ["serve"])

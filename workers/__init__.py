@@ -113,7 +113,12 @@ def _provider_stack(
     """One provider's engine stack: its settings, keys, OpenID client, bound ring, engine,
     schedule and refresher."""
     seen = settings.for_provider(config.name)
-    store = RedisStore(redis, prefix=settings.redis_prefix, provider=config.name)
+    store = RedisStore(
+        redis,
+        prefix=settings.redis_prefix,
+        provider=config.name,
+        wait_replicas=settings.wait_replicas,
+    )
     bound = ring.for_provider(config.name)
     oauth = OAuthClient(seen, http, clock=clock)
     scheduler = Scheduler(redis, keys=store.keys, queue_name=settings.queue_name, clock=clock)

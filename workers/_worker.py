@@ -42,6 +42,7 @@ from arq.worker import Worker
 from consent_flow.engine.refresh import REDIS_ERRORS
 from consent_flow.queue.jobs import JobQueue
 from consent_flow.store.clock import CLOCK_RESYNC_INTERVAL, RedisClock
+from consent_flow.store.connection import create_redis_pool
 from consent_flow.store.scripts import lua
 
 try:
@@ -102,6 +103,18 @@ class ConsentWorker(Worker):
         else:  # Sentinel: its addresses
             where = ",".join(f"{host}:{port}" for host, port in rs.host)
         return f"{where}/{rs.database}"
+
+    async def main(self) -> None:
+        # arq's, with the pool made like the project's other pools (a Sentinel's too).
+        if self._pool is None and self.redis_settings is not None:
+            self._pool = await create_redis_pool(
+                self.redis_settings,
+                job_deserializer=self.job_deserializer,
+                job_serializer=self.job_serializer,
+                default_queue_name=self.queue_name,
+                expires_extra_ms=self.expires_extra_ms,
+            )
+        await super().main()
 
     async def _poll_iteration(self) -> None:
         try:

@@ -429,6 +429,9 @@ class CommitResult:
     status: str  # "ok", "conflict" or "duplicate"
     version: int = 0
     state: State | None = None
+    # False when the store was asked to wait for replicas and too few acknowledged the commit in
+    # time: a failover now could lose it.
+    replicated: bool = True
 
     @property
     def ok(self) -> bool:

@@ -19,9 +19,12 @@ from typing import Any, TypeVar
 
 import structlog
 from arq.connections import ArqRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consent_flow.core.records import (
     Change,
+    CommitResult,
     ConsentRecord,
     ProviderRevocation,
     RecordFields,
@@ -78,6 +81,8 @@ log = structlog.get_logger("consent_flow.engine")
 LOCK_TTL_FACTOR = 3
 LOCK_WAIT_EXTRA = 5.0
 MAX_CONFLICT_RETRIES = 5
+# Seconds between two looks at a commit of new tokens that the replicas did not confirm.
+REPLICATION_RECHECK = 1.0
 MIN_REFRESH_DELAY = 1.0  # never schedule a refresh sooner than this after the last one
 REFRESH_JITTER = 0.1  # up to this share of the lead time is taken off, so refreshes spread out
 MAX_REFRESH_JITTER = 300.0
@@ -620,6 +625,10 @@ class Engine:
             drop_upgrade=rec.upgrading,
         )
         result = await self.store.commit(change)
+        if result.ok and not result.replicated:
+            # The code is spent: these tokens are the grant's only copy. Shielded, so a job
+            # timeout does not stop the confirmation half-way.
+            result = await asyncio.shield(self._until_replicated(change))
         if not result.ok:
             # Lost the race (revoked meanwhile, say): these tokens must not live on.
             await self.revoke_obtained(rec.user, tokens, why="transition lost")
@@ -664,6 +673,26 @@ class Engine:
             expires_at=None,
             scopes=rec.scopes,
         )
+
+    async def _until_replicated(self, change: Change) -> CommitResult:
+        """A commit of new tokens that its replicas did not confirm, committed again once the
+        primary this process reaches has its replicas in step: a duplicate there means it
+        survived; applied, it had been lost to a failover and is now stored again."""
+        deadline = self.clock() + self.settings.commit_retry_limit
+        while self.clock() < deadline:
+            await asyncio.sleep(REPLICATION_RECHECK)
+            try:
+                if not await self.store.confirm_replicated():
+                    continue
+                again = await self.store.commit(change)
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                continue
+            if again.status == "duplicate":
+                return CommitResult(status="ok", version=again.version, state=again.state)
+            if not again.ok or again.replicated:
+                return again
+        log.error("commit_unconfirmed", user=change.user, event_name=change.event.value)
+        return CommitResult(status="ok", version=change.expect_version + 1, replicated=False)
 
     async def _fail_authorization(
         self,

@@ -42,6 +42,7 @@ from consent_flow.core.records import (
 )
 from consent_flow.core.table import Event, State
 from consent_flow.engine.engine import (
+    REPLICATION_RECHECK,
     SESSION_FIELDS,
     TOKEN_FIELDS,
     Engine,
@@ -91,8 +92,13 @@ class CommitConflict(Exception):
     """A refresh's commit met a new version of the record every time it re-read it."""
 
 
+class NotReplicated(Exception):
+    """A refresh's commit applied, but fewer replicas than ``CONSENT_REDIS_WAIT_REPLICAS``
+    confirmed it in time: a failover now would lose it."""
+
+
 # What sends a refresh's commit to the background retry.
-_DEFERRABLE: tuple[type[BaseException], ...] = (*REDIS_ERRORS, CommitConflict)
+_DEFERRABLE: tuple[type[BaseException], ...] = (*REDIS_ERRORS, CommitConflict, NotReplicated)
 
 
 class Fit(enum.Enum):
@@ -324,7 +330,10 @@ class Refresher:
         tokens = self.engine.open_tokens(user, rec.tokens)
         # Marked before the call: if this process dies with the request in flight, the next
         # attempt knows an invalid_grant may be the provider punishing a rotated token's reuse.
-        await self.store.mark_inflight(user, now)
+        if not await self.store.mark_inflight(user, now):
+            # The replicas did not confirm what this refresh read and marked: it may have been
+            # read from a primary a failover is replacing. The token is not spent yet.
+            raise RedisConnectionError("the replicas did not confirm the refresh's start")
         call = asyncio.ensure_future(
             self.engine.oauth.refresh(tokens["refresh_token"], scopes=rec.scopes)
         )
@@ -473,7 +482,13 @@ class Refresher:
             log.warning("refresh_commit_deferred", user=rec.user, error=type(exc).__name__)
             with contextlib.suppress(OSError):
                 self.spool.make_durable(pending)
-            return await self._retry_commit(pending, envelope, unlock=unlock, lead=lead)
+            return await self._retry_commit(
+                pending,
+                envelope,
+                unlock=unlock,
+                lead=lead,
+                unconfirmed=isinstance(exc, NotReplicated),
+            )
 
     def _track(self, user: str, work: Coroutine[Any, Any, Outcome]) -> asyncio.Task[Outcome]:
         """Run ``work`` in the background as this process's pending work for ``user``: later
@@ -561,6 +576,10 @@ class Refresher:
             if envelope.reply:
                 change.reply = (envelope.event_id, outcome.reply_json(envelope))
             result = await self.store.commit(change, unlock=unlock)
+            if result.ok and not result.replicated:
+                # The provider spent the refresh token this answer replaces: the spool file
+                # stays until the commit is known to have outlived any failover.
+                raise NotReplicated(user)
             if result.ok:
                 self._unspool(pending)
                 log.debug(  # the transition line already says it at INFO
@@ -623,7 +642,14 @@ class Refresher:
             retry_limit_s=self.retry_limit,
         )
         return self._track(
-            pending.user, self._retry_commit(pending, envelope, unlock=unlock, lead=lead)
+            pending.user,
+            self._retry_commit(
+                pending,
+                envelope,
+                unlock=unlock,
+                lead=lead,
+                unconfirmed=isinstance(error, NotReplicated),
+            ),
         )
 
     def _forget(self, user: str, task: asyncio.Task[Outcome]) -> None:
@@ -639,13 +665,20 @@ class Refresher:
         *,
         unlock: str | None,
         lead: float | None,
+        unconfirmed: bool = False,
     ) -> Outcome:
         """Commit ``pending`` once Redis answers again, with the user's lock (still held, or
-        taken again) and the record re-read; for up to ``commit_retry_limit`` seconds."""
+        taken again) and the record re-read; for up to ``commit_retry_limit`` seconds.
+        ``unconfirmed``: it applied without its replicas' confirmation; it is read back only
+        from a primary whose replicas are in step."""
         deadline = pending.at + self.retry_limit
         delay = COMMIT_RETRY_BASE
         while True:
+            if unconfirmed:
+                await asyncio.sleep(REPLICATION_RECHECK)
             try:
+                if unconfirmed and not await self.store.confirm_replicated():
+                    raise NotReplicated(pending.user)
                 token = await self._lock_again(pending.user, unlock)
                 if token is not None:
                     try:
@@ -659,6 +692,8 @@ class Refresher:
                     with contextlib.suppress(*REDIS_ERRORS):
                         await self.metrics.worker_event("commits_deferred")
                     return outcome
+            except NotReplicated:
+                unconfirmed = True
             except _DEFERRABLE:
                 pass
             if self.engine.clock() > deadline:
@@ -720,8 +755,9 @@ class Refresher:
                     outcome = await self._store(
                         rec, pending, envelope, unlock=lock.token, lead=None
                     )
-            except (ProviderUnavailable, CommitConflict):
-                # The user's lock stayed taken, or the record kept moving: the next cleanup.
+            except (ProviderUnavailable, CommitConflict, NotReplicated):
+                # The user's lock stayed taken, the record kept moving, or the replicas did not
+                # confirm the commit yet: the next cleanup.
                 log.warning("spool_entry_postponed", user=pending.user)
                 continue
             finally:

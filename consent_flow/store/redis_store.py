@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from consent_flow.core.connections import DEFAULT_PROVIDER
 from consent_flow.core.records import (
@@ -113,6 +114,10 @@ SEEN_WINDOW = REDELIVERY_WINDOW
 SEEN_MAX_EVENTS = 10_000
 STREAM_MAX_ENTRIES = 100_000  # approximate cap of the transition stream
 INBOX_TTL = 120  # seconds a sealed code waits for its worker
+# Milliseconds a commit that stores tokens waits for its replicas (CONSENT_REDIS_WAIT_REPLICAS):
+# they answer within a round trip when they are there; when they are not, the commit is kept
+# in the worker's spool until a later read shows it on the primary that remains.
+REPLICA_WAIT_MS = 100
 REPLY_TTL = 60  # seconds a reply waits for a caller that stopped listening
 
 # Redis's defaults for a hash's compact (listpack) encoding: hash-max-listpack-entries and
@@ -371,8 +376,15 @@ class RedisStore:
     the sealed tokens are binary)."""
 
     def __init__(
-        self, redis: Redis, *, prefix: str = "cf", provider: str = DEFAULT_PROVIDER
+        self,
+        redis: Redis,
+        *,
+        prefix: str = "cf",
+        provider: str = DEFAULT_PROVIDER,
+        wait_replicas: int = 0,
     ) -> None:
+        """``wait_replicas``: a commit that stores tokens returns once that many replicas hold
+        it, or after ``REPLICA_WAIT_MS`` with ``replicated=False`` (see ``commit``)."""
         if redis.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("RedisStore needs a client without decode_responses")
         # redis-py types its asyncio client with sync|async unions that mypy cannot await: the
@@ -381,6 +393,7 @@ class RedisStore:
         self.keys = Keys(prefix, provider)
         # Turns the jobs commits carry into arq's; set where a scheduler runs (a worker).
         self.commit_jobs: CommitJobs | None = None
+        self.wait_replicas = wait_replicas
         self._load = redis.register_script(lua("load_record"))
         self._drop_revoked = redis.register_script(lua("drop_revoked"))
         self._commit = redis.register_script(lua("enqueue_function") + lua("commit"))
@@ -509,9 +522,14 @@ class RedisStore:
             ]
         # cjson turns null into a truthy userdata: absent keys are the only safe "no".
         step = {k: v for k, v in op.items() if v is not None and v is not False}
-        result = await self._commit(
-            keys=layout.keys, args=[json.dumps(step, separators=(",", ":")), *layout.args]
-        )
+        commit_args: list[Any] = [json.dumps(step, separators=(",", ":")), *layout.args]
+        replicated = True
+        stores_tokens = codec.SEALED_KEYS["tokens"] in writes.seal
+        wait = await self.replicas_to_wait() if stores_tokens else 0
+        if wait:
+            result, replicated = await self._commit_and_wait(layout.keys, commit_args, wait)
+        else:
+            result = await self._commit(keys=layout.keys, args=commit_args)
         status = _decode(result[0])
         version = int(result[1])
         if status == "ok" and change.record_history:
@@ -526,7 +544,71 @@ class RedisStore:
                 correlation_id=change.correlation_id,
             )
         state = State(_decode(result[2])) if len(result) > 2 else None
-        return CommitResult(status=status, version=version, state=state)
+        return CommitResult(status=status, version=version, state=state, replicated=replicated)
+
+    async def replicas_to_wait(self) -> int:
+        """``wait_replicas``, or fewer when Sentinel sees fewer replicas up: waiting for one that
+        is down would hold every refresh, and a failover could not promote it anyway."""
+        if not self.wait_replicas:
+            return 0
+        healthy = getattr(self.redis, "healthy_replicas", None)
+        if healthy is None:
+            return self.wait_replicas
+        return min(self.wait_replicas, int(await healthy()))
+
+    async def mark_inflight(self, user: str, at: float) -> bool:
+        """Note on the record that a refresh is at the provider (outside any commit: it must be
+        there before the request leaves). True once as many replicas as
+        a commit waits for hold the mark, and with it the lock and the record it was read with:
+        a failover from now on keeps them, so no other worker presents the refresh token this
+        refresh is about to spend."""
+        wait = await self.replicas_to_wait()
+        if not wait:
+            await self.redis.hset(self.keys.rec(user), codec.field_name("inflight"), repr(at))
+            return True
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.rec(user), codec.field_name("inflight"), repr(at))
+        pipe.execute_command("WAIT", wait, REPLICA_WAIT_MS)
+        _, acks = await pipe.execute()
+        return int(acks) >= wait
+
+    async def confirm_replicated(self) -> bool:
+        """Whether the primary this store reaches now has every write it took so far on as
+        many replicas as a commit waits for."""
+        wait = await self.replicas_to_wait()
+        if not wait:
+            return True
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incr(self.keys.prefix + ":replicated")
+        pipe.execute_command("WAIT", wait, REPLICA_WAIT_MS)
+        _, acks = await pipe.execute()
+        return int(acks) >= wait
+
+    async def _commit_and_wait(
+        self, keys: list[str], args: list[Any], wait: int
+    ) -> tuple[Any, bool]:
+        """The commit, then WAIT for ``wait_replicas`` replicas, on one connection.
+
+        WAIT counts the replicas that hold this connection's last write. A write of its own
+        goes between the two: when the pipeline is sent again on a new connection (a failover)
+        and the commit finds itself applied already (a duplicate writes nothing), WAIT still
+        covers everything up to that write, the commit included.
+        """
+        for attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            await self._commit(keys=keys, args=args, client=pipe)
+            pipe.incr(self.keys.prefix + ":replicated")
+            pipe.execute_command("WAIT", wait, REPLICA_WAIT_MS)
+            try:
+                result, _, acks = await pipe.execute()
+            except NoScriptError:
+                # Sent again on a new primary that does not have the script yet: nothing ran.
+                if attempt:
+                    raise
+                await self.redis.script_load(self._commit.script)
+                continue
+            return result, int(acks) >= wait
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def history(self, user: str, *, limit: int = HISTORY_MAX_ENTRIES) -> list[HistoryEntry]:
         raw = await self.redis.lrange(self.keys.hist(user), -limit, -1)
@@ -629,11 +711,6 @@ class RedisStore:
             )
             for actor, reason in rows
         ]
-
-    async def mark_inflight(self, user: str, at: float) -> None:
-        """Note that a refresh request went out at ``at`` and is not answered yet (outside any
-        commit: it must be there before the request leaves)."""
-        await self.redis.hset(self.keys.rec(user), codec.field_name("inflight"), repr(at))
 
     async def count_revocation_attempt(self, user: str) -> int:
         """Count one more failed try to revoke the user's outbox tokens; returns the count."""

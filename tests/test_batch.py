@@ -25,8 +25,10 @@ from consent_flow.engine.engine import Engine
 from consent_flow.engine.refresh import Refresher, RetryPolicy
 from consent_flow.oidc import HttpClients, OAuthClient
 from consent_flow.queue.bus import Envelope
+from consent_flow.queue.commit_jobs import CommitJobs
 from consent_flow.queue.limits import Limits, ProviderLimiter
 from consent_flow.queue.scheduler import Scheduler
+from consent_flow.store import codec
 from consent_flow.store.batch import DRAIN_SLOT, BatchClaimer, drain_key
 from consent_flow.store.clock import RedisClock
 from consent_flow.store.metrics import read_snapshot
@@ -34,6 +36,9 @@ from consent_flow.store.redis_store import RedisStore
 
 pytestmark = pytest.mark.integration
 
+# The record's fields a test sets by hand, as the codec names them.
+REXP = codec.field_name("refresh_expires_at")
+EXP = codec.field_name("expires_at")
 RETRY = RetryPolicy(base=30.0, cap=60.0)  # a failed member stays failed for the test's span
 
 
@@ -69,6 +74,7 @@ async def build(make_stack: Any, rotating: LocalProvider) -> AsyncIterator[tuple
         scheduler = Scheduler(
             pool, keys=store.keys, queue_name=settings.queue_name, clock=clock, batched=True
         )
+        store.commit_jobs = CommitJobs(scheduler, prefix=settings.redis_prefix)
         engine = Engine(
             settings=settings,
             store=store,
@@ -204,10 +210,10 @@ async def test_the_soonest_lapse_goes_first(build):
     lapses = {"u1": now + 900, "u2": now + 60, "u3": None, "u4": now + 300}
     for user, lapse in lapses.items():
         if lapse is None:
-            await store.redis.hdel(store.keys.rec(user), "rexp")
-            await store.redis.hset(store.keys.rec(user), "exp", repr(now + 120))
+            await store.redis.hdel(store.keys.rec(user), REXP)
+            await store.redis.hset(store.keys.rec(user), EXP, repr(now + 120))
         else:
-            await store.redis.hset(store.keys.rec(user), "rexp", repr(lapse))
+            await store.redis.hset(store.keys.rec(user), REXP, repr(lapse))
     # Due in the opposite order of their lapse.
     await store.redis.zadd(
         store.keys.sched,
@@ -371,7 +377,7 @@ async def test_the_backlog_shows_in_stats_metrics_and_ops(build, env):
     store = stack.client.store
     now = time.time()
     for user, lapse in (("b0", 45), ("b1", 3600), ("b2", 30)):
-        await store.redis.hset(store.keys.rec(user), "rexp", repr(now + lapse))
+        await store.redis.hset(store.keys.rec(user), REXP, repr(now + lapse))
     await make_due(stack, users, ago=30)
     slot = int(now // DRAIN_SLOT) - 1
     await store.redis.set(drain_key(store.keys, slot), 1)

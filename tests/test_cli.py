@@ -136,7 +136,9 @@ async def test_json_shapes_of_every_reading_and_driving_command(stack, cli_env):
     assert status["since"].endswith("Z")
 
     listed = json.loads((await arun(cli_env, "list", "--state", "provisioned", "--json")).stdout)
-    assert listed == [{"user": "alice", "state": "provisioned", "since": status["since"]}]
+    assert listed == [
+        {"user": "alice", "provider": "default", "state": "provisioned", "since": status["since"]}
+    ]
 
     stats = json.loads((await arun(cli_env, "stats", "--json")).stdout)
     assert stats["states"] == {"unprovisioned": 0, "pending": 0, "provisioned": 1, "revoked": 0}

@@ -19,6 +19,7 @@ from arq import cron, func
 
 from consent_flow.engine.batch import BatchRefresher
 from consent_flow.engine.engine import Engine
+from consent_flow.engine.provider_watch import ProviderWatch
 from consent_flow.engine.refresh import Refresher, RetryPolicy
 from consent_flow.engine.webhooks import (
     WEBHOOK_ATTEMPT_DEADLINE,
@@ -30,6 +31,7 @@ from consent_flow.engine.webhooks import (
 from consent_flow.errors import UnknownKeyError
 from consent_flow.oidc import HttpClients, OAuthClient
 from consent_flow.queue.bus import HANDLE_EVENT, JOB_SERIALIZERS, EventBus
+from consent_flow.queue.commit_jobs import CommitJobs
 from consent_flow.queue.jobs import JOB_TIMEOUT, REFRESH_MAX_TRIES
 from consent_flow.queue.limits import Limits, ProviderLimiter
 from consent_flow.queue.scheduler import REFRESH_JOB, Scheduler
@@ -118,12 +120,18 @@ def _provider_stack(
     """One provider's engine stack: its settings, keys, OpenID client, bound ring, engine,
     schedule and refresher."""
     seen = settings.for_provider(config.name)
-    store = RedisStore(redis, prefix=settings.redis_prefix, provider=config.name)
+    store = RedisStore(
+        redis,
+        prefix=settings.redis_prefix,
+        provider=config.name,
+        wait_replicas=settings.wait_replicas,
+    )
     bound = ring.for_provider(config.name)
     oauth = OAuthClient(seen, http, clock=clock)
     scheduler = Scheduler(
         redis, keys=store.keys, queue_name=settings.queue_name, clock=clock, batched=batched
     )
+    store.commit_jobs = CommitJobs(scheduler, prefix=settings.redis_prefix)
     engine = Engine(
         settings=seen,
         store=store,
@@ -238,6 +246,20 @@ def worker_settings(
                 _gather(*(stack.batches.run() for stack in services.stacks.values())),
                 name="consent-flow-batches",
             )
+        # A provider may be down at start: retried in the background, health red meanwhile.
+        ctx["provider_watches"] = [
+            asyncio.create_task(
+                ProviderWatch(
+                    stack.oauth,
+                    ctx["redis"],
+                    stack.store.keys,
+                    refresher=stack.refresher,
+                    clock=clock,
+                ).run(),
+                name=f"consent-flow-provider-{name}",
+            )
+            for name, stack in services.stacks.items()
+        ]
         log.info(
             "worker_started",
             queue=settings.queue_name,
@@ -250,12 +272,13 @@ def worker_settings(
     async def shutdown(ctx: dict[str, Any]) -> None:
         # The batches first: a member whose answer is in flight goes on in the background,
         # and is given its moment below with the other deferred commits.
-        for name in ("batches", "heartbeat"):
-            task: asyncio.Task[None] | None = ctx.get(name)
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        tasks: list[asyncio.Task[None]] = [
+            ctx[name] for name in ("batches", "heartbeat") if ctx.get(name) is not None
+        ]
+        for task in [*tasks, *ctx.get("provider_watches", ())]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         services: Services | None = ctx.get("services")
         if services is not None:
             await asyncio.gather(

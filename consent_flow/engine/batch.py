@@ -49,13 +49,13 @@ class CommitGroup:
         self.store = store
         self.running = members
         self.window = window
-        self._waiting: list[tuple[Change, asyncio.Future[CommitResult]]] = []
+        self._waiting: list[tuple[Change, str | None, asyncio.Future[CommitResult]]] = []
         self._timer: asyncio.TimerHandle | None = None
         self.round_trips = 0
 
-    async def commit(self, change: Change) -> CommitResult:
+    async def commit(self, change: Change, *, unlock: str | None = None) -> CommitResult:
         future: asyncio.Future[CommitResult] = asyncio.get_running_loop().create_future()
-        self._waiting.append((change, future))
+        self._waiting.append((change, unlock, future))
         self._consider()
         return await future
 
@@ -80,15 +80,19 @@ class CommitGroup:
             self.round_trips += 1
             asyncio.get_running_loop().create_task(self._send(waiting))
 
-    async def _send(self, waiting: list[tuple[Change, asyncio.Future[CommitResult]]]) -> None:
+    async def _send(
+        self, waiting: list[tuple[Change, str | None, asyncio.Future[CommitResult]]]
+    ) -> None:
         try:
-            results = await self.store.commit_many([change for change, _ in waiting])
+            results = await self.store.commit_many(
+                [(change, unlock) for change, unlock, _ in waiting]
+            )
         except BaseException as exc:  # noqa: BLE001 - each waiting member hears of it
-            for _, future in waiting:
+            for _, _, future in waiting:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, future), result in zip(waiting, results, strict=True):
+        for (_, _, future), result in zip(waiting, results, strict=True):
             if future.done():
                 continue
             if isinstance(result, BaseException):
@@ -255,7 +259,7 @@ class BatchRefresher:
         lock = self.engine.user_lock(member.user)
         lock.token = member.token
         try:
-            if halt is not None and not await self.refresher._may_probe():
+            if halt is not None and not await self.refresher.may_probe():
                 # Paused for everyone (invalid_client): tried again later, nobody revoked.
                 await self.refresher._reschedule(
                     rec, envelope, self.engine.clock() + self.refresher.retry.halt_retry, error=None

@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -35,12 +35,16 @@ from consent_flow.core.records import (
     Change,
     CommitResult,
     ConsentRecord,
+    RecordFields,
+    RefreshCount,
+    RefreshJob,
     clip,
     cooldown_reason,
     iso,
 )
 from consent_flow.core.table import Event, State
 from consent_flow.engine.engine import (
+    REPLICATION_RECHECK,
     SESSION_FIELDS,
     TOKEN_FIELDS,
     Engine,
@@ -58,7 +62,6 @@ from consent_flow.errors import (
 )
 from consent_flow.oidc import TokenSet
 from consent_flow.queue.bus import Envelope, Outcome
-from consent_flow.queue.jobs import JobRef, QueuedJob
 from consent_flow.queue.scheduler import Scheduler
 from consent_flow.store.metrics import MetricsRecorder
 from consent_flow.store.redis_store import due_ms
@@ -87,19 +90,28 @@ MAX_MERGE_ATTEMPTS = 5  # re-reads of a record that keeps changing under a refre
 SPOOL_AFTER = 0.01
 
 
+class Committer(Protocol):
+    """A store's ``commit``: the change, and the owner token of the lock it releases."""
+
+    def __call__(self, change: Change, *, unlock: str | None = None) -> Awaitable[CommitResult]: ...
+
+
 # Where a refresh's commit goes: the store's own, or (for a member of a batch) the batch's group,
 # which sends the commits of the batch together (engine/batch.py).
-commit_group: ContextVar[Callable[[Change], Awaitable[CommitResult]] | None] = ContextVar(
-    "commit_group", default=None
-)
+commit_group: ContextVar[Committer | None] = ContextVar("commit_group", default=None)
 
 
 class CommitConflict(Exception):
     """A refresh's commit met a new version of the record every time it re-read it."""
 
 
+class NotReplicated(Exception):
+    """A refresh's commit applied, but fewer replicas than ``CONSENT_REDIS_WAIT_REPLICAS``
+    confirmed it in time: a failover now would lose it."""
+
+
 # What sends a refresh's commit to the background retry.
-_DEFERRABLE: tuple[type[BaseException], ...] = (*REDIS_ERRORS, CommitConflict)
+_DEFERRABLE: tuple[type[BaseException], ...] = (*REDIS_ERRORS, CommitConflict, NotReplicated)
 
 
 class Fit(enum.Enum):
@@ -203,13 +215,26 @@ class Refresher:
             return None
         return halt
 
-    async def _may_probe(self) -> bool:
+    async def may_probe(self) -> bool:
+        """Whether this process may try the provider while refreshes are paused: one try per
+        ``halt_probe`` seconds across every worker (a refresh or a client check)."""
         key = self.store.keys.halt + ":probe"
         return bool(
             await self.store.redis.set(key, "1", nx=True, px=int(self.retry.halt_probe * 1000))
         )
 
-    async def _halt(self, exc: ClientRejected) -> None:
+    async def paused(self) -> bool:
+        return bool(await self.store.redis.exists(self.store.keys.halt))
+
+    async def lift_pause(self, why: str) -> bool:
+        """End the pause for everyone; whether there was one."""
+        lifted = bool(await self.store.redis.delete(self.store.keys.halt))
+        if lifted:
+            log.warning("refresh_pause_lifted", why=why)
+        return lifted
+
+    async def pause(self, exc: ClientRejected) -> None:
+        """Pause refreshes for everyone: the provider refused this deployment's client."""
         await self.store.redis.hset(
             self.store.keys.halt,
             mapping={
@@ -258,7 +283,7 @@ class Refresher:
             lock.token, (rec, raw_halt) = await attempt()
         try:
             halt = await self._pause_from(raw_halt)
-            if halt is not None and not await self._may_probe():
+            if halt is not None and not await self.may_probe():
                 if lock.token is not None and not on_demand and rec.state is State.PROVISIONED:
                     await self._reschedule(
                         rec, envelope, self.engine.clock() + self.retry.halt_retry, error=None
@@ -323,8 +348,16 @@ class Refresher:
         tokens = self.engine.open_tokens(user, rec.tokens)
         # Marked before the call: if this process dies with the request in flight, the next
         # attempt knows an invalid_grant may be the provider punishing a rotated token's reuse.
-        if not marked:
-            await self.store.redis.hset(self.store.keys.rec(user), "inflight", repr(now))
+        if marked:
+            # The batch's claim marked it: the replicas must hold the mark, and the lock and
+            # record read with it, before the request leaves (as ``mark_inflight`` waits).
+            confirmed = await self.store.confirm_replicated()
+        else:
+            confirmed = await self.store.mark_inflight(user, now)
+        if not confirmed:
+            # The replicas did not confirm what this refresh read and marked: it may have been
+            # read from a primary a failover is replacing. The token is not spent yet.
+            raise RedisConnectionError("the replicas did not confirm the refresh's start")
         call = asyncio.ensure_future(
             self.engine.oauth.refresh(tokens["refresh_token"], scopes=rec.scopes)
         )
@@ -348,7 +381,7 @@ class Refresher:
             )
         except ClientRejected as exc:
             await self.metrics.refresh("client_rejected")
-            await self._halt(exc)
+            await self.pause(exc)
             await self._reschedule(
                 rec,
                 envelope,
@@ -479,7 +512,13 @@ class Refresher:
             log.warning("refresh_commit_deferred", user=rec.user, error=type(exc).__name__)
             with contextlib.suppress(OSError):
                 self.spool.make_durable(pending)
-            return await self._retry_commit(pending, envelope, unlock=unlock, lead=lead)
+            return await self._retry_commit(
+                pending,
+                envelope,
+                unlock=unlock,
+                lead=lead,
+                unconfirmed=isinstance(exc, NotReplicated),
+            )
 
     def _track(self, user: str, work: Coroutine[Any, Any, Outcome]) -> asyncio.Task[Outcome]:
         """Run ``work`` in the background as this process's pending work for ``user``: later
@@ -523,7 +562,6 @@ class Refresher:
             fit = fits(pending, rec, self.engine.ring)
             if fit is not Fit.STORE:
                 return await self._settle(rec, pending, envelope, fit)
-            job = self.scheduler.job_for(user, pending.due_at)
             commit = commit_group.get() or self.store.commit
             row = self.engine.machine.decide(rec.state, Event.TOKEN_REFRESHED, user=user)
             change = Change(
@@ -537,25 +575,22 @@ class Refresher:
                 at=pending.at,
                 reason=None,
                 correlation_id=envelope.correlation_id,
-                sealed={"tok": pending.sealed},
-                set_fields={
-                    "exp": repr(pending.expires_at) if pending.expires_at is not None else "",
-                    "rexp": ""
-                    if pending.refresh_expires_at is None
-                    else repr(pending.refresh_expires_at),
-                    "scopes": " ".join(pending.scopes),
-                    "next": repr(pending.due_at),
-                    "lastref": repr(pending.at),
-                    "fails": "0",
+                fields={
+                    "tokens": pending.sealed,
+                    "expires_at": pending.expires_at,
+                    "refresh_expires_at": pending.refresh_expires_at,
+                    "scopes": pending.scopes,
+                    "next_refresh_at": pending.due_at,
+                    "last_refresh_at": pending.at,
+                    "refresh_failures": 0,
                 },
-                delete_fields=("referr", "failsince", "failat", "inflight"),
+                clear=("last_refresh_error", "failing_since", "last_failure_at", "inflight"),
                 schedule_at=pending.due_at,
                 # Riding in the same commit: the next refresh's job (and a notice's, below), the
                 # counters, the release of the lock and the caller's answer. One round trip.
-                jobs=() if job is None else (job,),
-                drop_job=self._replaced(rec, job),
-                counters=self.metrics.refresh_counters("success", lead=lead),
-                unlock=unlock,
+                jobs=(RefreshJob(pending.due_at),),
+                drop_refresh_at=self._replaced(rec, pending.due_at),
+                refresh_count=RefreshCount("success", lead),
             )
             # The success that ends a long run of failures: the run's length and start go out.
             self.engine.add_notice(
@@ -570,11 +605,12 @@ class Refresher:
                 rec.after(change, rec.version + 1), envelope, "applied", detail={"lead": lead}
             )
             if envelope.reply:
-                change.reply = (
-                    self.store.keys.reply(envelope.event_id),
-                    outcome.reply_json(envelope),
-                )
-            result = await commit(change)
+                change.reply = (envelope.event_id, outcome.reply_json(envelope))
+            result = await commit(change, unlock=unlock)
+            if result.ok and not result.replicated:
+                # The provider spent the refresh token this answer replaces: the spool file
+                # stays until the commit is known to have outlived any failover.
+                raise NotReplicated(user)
             if result.ok:
                 self._unspool(pending)
                 log.debug(  # the transition line already says it at INFO
@@ -637,7 +673,14 @@ class Refresher:
             retry_limit_s=self.retry_limit,
         )
         return self._track(
-            pending.user, self._retry_commit(pending, envelope, unlock=unlock, lead=lead)
+            pending.user,
+            self._retry_commit(
+                pending,
+                envelope,
+                unlock=unlock,
+                lead=lead,
+                unconfirmed=isinstance(error, NotReplicated),
+            ),
         )
 
     def _forget(self, user: str, task: asyncio.Task[Outcome]) -> None:
@@ -653,13 +696,20 @@ class Refresher:
         *,
         unlock: str | None,
         lead: float | None,
+        unconfirmed: bool = False,
     ) -> Outcome:
         """Commit ``pending`` once Redis answers again, with the user's lock (still held, or
-        taken again) and the record re-read; for up to ``commit_retry_limit`` seconds."""
+        taken again) and the record re-read; for up to ``commit_retry_limit`` seconds.
+        ``unconfirmed``: it applied without its replicas' confirmation; it is read back only
+        from a primary whose replicas are in step."""
         deadline = pending.at + self.retry_limit
         delay = COMMIT_RETRY_BASE
         while True:
+            if unconfirmed:
+                await asyncio.sleep(REPLICATION_RECHECK)
             try:
+                if unconfirmed and not await self.store.confirm_replicated():
+                    raise NotReplicated(pending.user)
                 token = await self._lock_again(pending.user, unlock)
                 if token is not None:
                     try:
@@ -673,6 +723,8 @@ class Refresher:
                     with contextlib.suppress(*REDIS_ERRORS):
                         await self.metrics.worker_event("commits_deferred")
                     return outcome
+            except NotReplicated:
+                unconfirmed = True
             except _DEFERRABLE:
                 pass
             if self.engine.clock() > deadline:
@@ -734,8 +786,9 @@ class Refresher:
                     outcome = await self._store(
                         rec, pending, envelope, unlock=lock.token, lead=None
                     )
-            except (ProviderUnavailable, CommitConflict):
-                # The user's lock stayed taken, or the record kept moving: the next cleanup.
+            except (ProviderUnavailable, CommitConflict, NotReplicated):
+                # The user's lock stayed taken, the record kept moving, or the replicas did not
+                # confirm the commit yet: the next cleanup.
                 log.warning("spool_entry_postponed", user=pending.user)
                 continue
             finally:
@@ -778,8 +831,7 @@ class Refresher:
     ) -> None:
         since = rec.since
         for _ in range(MAX_MERGE_ATTEMPTS):
-            fields = {"next": repr(at)}
-            job = self.scheduler.job_for(rec.user, at)
+            fields: RecordFields = {"next_refresh_at": at}
             failures = rec.refresh_failures
             failing_since = rec.failing_since
             if error is not None:
@@ -788,10 +840,12 @@ class Refresher:
                 # The first failure of a run: cleared by the next success.
                 failing_since = failing_since if failing_since is not None else now
                 fields.update(
-                    referr=clip(error) or "",
-                    fails=str(failures),
-                    failat=repr(now),
-                    failsince=repr(failing_since),
+                    {
+                        "last_refresh_error": clip(error),
+                        "refresh_failures": failures,
+                        "last_failure_at": now,
+                        "failing_since": failing_since,
+                    }
                 )
             change = Change(
                 user=rec.user,
@@ -802,12 +856,12 @@ class Refresher:
                 to_state=rec.state,
                 actor=envelope.actor,
                 at=self.engine.clock(),
-                set_fields=fields,
-                delete_fields=() if keep_inflight else ("inflight",),
+                fields=fields,
+                clear=() if keep_inflight else ("inflight",),
                 schedule_at=at,
                 record_history=False,
-                jobs=() if job is None else (job,),
-                drop_job=self._replaced(rec, job),
+                jobs=(RefreshJob(at),),
+                drop_refresh_at=self._replaced(rec, at),
             )
             # Once per run of failures: at the one that reaches the threshold.
             self.engine.add_notice(
@@ -827,15 +881,13 @@ class Refresher:
             if rec.state is not State.PROVISIONED or rec.since != since:
                 return
 
-    def _replaced(self, rec: ConsentRecord, job: QueuedJob | None) -> JobRef | None:
-        """The job of the schedule ``job`` replaces, for the commit to remove, unless it is the
-        same job. Removing it is harmless when it is the one running (arq's own clean-up finds
-        nothing left) and spares the queue a stale job when it is a later one (an on-demand
-        refresh came first)."""
-        if job is None:
-            return None  # batched: the schedule alone, no job per refresh
-        old = self.engine.scheduled_job(rec)
-        return None if old is None or old.job_id == job.job_id else old
+    def _replaced(self, rec: ConsentRecord, due: float) -> float | None:
+        """The due time of the schedule a refresh due at ``due`` replaces, for the commit to
+        remove its job, unless it is the same job. Removing it is harmless when it is the one
+        running (arq's own clean-up finds nothing left) and spares the queue a stale job when it
+        is a later one (an on-demand refresh came first)."""
+        old = rec.next_refresh_at
+        return None if old is None or due_ms(old) == due_ms(due) else old
 
     async def _reject(
         self,
@@ -875,11 +927,11 @@ class Refresher:
             reason=reason,
             correlation_id=envelope.correlation_id,
             # An upgrade session open beside the dead grant ends with it.
-            delete_fields=(*TOKEN_FIELDS, *SESSION_FIELDS),
+            clear=(*TOKEN_FIELDS, *SESSION_FIELDS),
             drop_session_lookup=rec.session_digest,
             drop_upgrade=rec.upgrading,
             unschedule=True,
-            drop_job=self.engine.scheduled_job(rec),
+            drop_refresh_at=rec.next_refresh_at,
         )
         self.engine.add_notice(
             change, notice_kind(change.event, change.expect_state, change.to_state)

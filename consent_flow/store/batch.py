@@ -14,6 +14,7 @@ from typing import Any
 
 from consent_flow.core.records import ConsentRecord
 from consent_flow.core.table import State
+from consent_flow.store import codec
 from consent_flow.store.redis_store import Keys, RedisStore, _pairs, _record
 from consent_flow.store.scripts import lua
 
@@ -31,10 +32,11 @@ __all__ = [
 DRAIN_SLOT = 10  # seconds per drain-rate bucket
 DRAIN_TTL = 180  # seconds a drain bucket is kept
 PROMOTE_MAX = 1000  # due entries one claim moves into the ready set at most
-# The record's fields the claim reads or marks, by what they hold (the store alone names them).
-_LAPSE_FIELDS = ("rexp", "exp")  # the refresh token's lapse, the access token's
-_STATE_FIELD = "state"
-_INFLIGHT_FIELD = "inflight"  # a refresh request was sent at this time and not answered
+# The record's fields the claim reads or marks, named by the codec: the refresh token's lapse,
+# the access token's; the state; the time a refresh request was sent and not answered.
+_LAPSE_FIELDS = (codec.field_name("refresh_expires_at"), codec.field_name("expires_at"))
+_STATE_FIELD = codec.STATE
+_INFLIGHT_FIELD = codec.field_name("inflight")
 
 
 BACKLOG_LOOK = 50_000  # due connections the backlog's lapse count looks at, at most
@@ -121,8 +123,8 @@ class BatchClaimer:
         self._affix_args: list[str] = []
         for key in (
             k.rec(marker),
-            k.sealed(marker, "tok"),
-            k.sealed(marker, "rvk"),
+            k.sealed(marker, codec.SEALED_KEYS["tokens"]),
+            k.sealed(marker, codec.SEALED_KEYS["revocation_pending"]),
             k.lock(marker),
         ):
             self._affix_args += _affixes(key)

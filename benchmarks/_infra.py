@@ -48,7 +48,8 @@ class Redis:
         return f"redis://127.0.0.1:{self.port}/0"
 
 
-def start_redis(directory: Path) -> Redis:
+def start_redis(directory: Path, *, args: tuple[str, ...] = ()) -> Redis:
+    """A redis-server on a free loopback port; ``args`` add to its command line."""
     from consent_flow import ConsentError
     from consent_flow.store.connection import find_redis_server
 
@@ -73,6 +74,7 @@ def start_redis(directory: Path) -> Redis:
                 str(directory),
                 "--logfile",
                 str(directory / "redis.log"),
+                *args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -209,7 +209,8 @@ async def time_async(n: int, op: Callable[[int], Awaitable[object]]) -> list[int
 
 async def measure(calls: int, users: int, workdir: Path) -> dict[str, Any]:
     from consent_flow import ConsentClient
-    from consent_flow.core.records import ConsentRecord, check_user
+    from consent_flow.core.records import check_user
+    from consent_flow.store import codec
     from consent_flow.store.vault import open_tokens
 
     quiet_logs()
@@ -332,8 +333,8 @@ async def measure(calls: int, users: int, workdir: Path) -> dict[str, Any]:
                 "decode HGETALL answer": time_sync(
                     steps_n, lambda i: {k.decode(): v.decode() for k, v in raw.items()}
                 ),
-                "ConsentRecord.from_hash": time_sync(
-                    steps_n, lambda i: ConsentRecord.from_hash(names[0], decoded)
+                "codec.record_from_hash": time_sync(
+                    steps_n, lambda i: codec.record_from_hash(names[0], decoded)
                 ),
                 "open_tokens (decrypt+inflate+JSON)": time_sync(
                     steps_n, lambda i: open_tokens(ring, names[0], rec.tokens)

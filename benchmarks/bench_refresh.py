@@ -414,7 +414,7 @@ async def bench_project(
 
     async def call(n: int, i: int) -> None:
         user = users[n]
-        await broker._refresh(user, FORCE_MIN_TTL)
+        await broker._refresh((client.provider_name(None), user), FORCE_MIN_TTL)
         token = await current(user)
         if token == last[user]:
             raise BenchError(f"an on-demand refresh of {user} left the same access token")

@@ -287,22 +287,24 @@ async def provision_for_real(engine: Any, stub: StubProvider, user: str, expires
 
 
 # The bulk loader. KEYS: idx:provisioned, sched, histidx, the arq queue, the stream.
-# ARGV: prefix, stream (1/0), stream cap, job key prefix, n constant fields, their pairs, then
+# ARGV: prefix, stream (1/0), stream cap, job key prefix, provider, n constant fields, their
+# pairs, then
 # per user: user, sealed tokens, exp, at2, next, at1, ev1, ev2, hist1, hist2, due ms, job
 # payload, job ttl.
 _LOAD = """
 local idx, sched, histidx, queue, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local prefix, with_stream, cap, jobp = ARGV[1], ARGV[2] == '1', ARGV[3], ARGV[4]
-local nconst = tonumber(ARGV[5])
+local provider = ARGV[5]
+local nconst = tonumber(ARGV[6])
 local const = {}
-for i = 1, 2 * nconst do const[i] = ARGV[5 + i] end
+for i = 1, 2 * nconst do const[i] = ARGV[6 + i] end
 local n = 0
-for i = 6 + 2 * nconst, #ARGV, 13 do
+for i = 7 + 2 * nconst, #ARGV, 13 do
   local user, tok, exp, at2, nxt, at1 = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4],
     ARGV[i+5]
   local ev1, ev2, h1, h2, due, payload, ttl = ARGV[i+6], ARGV[i+7], ARGV[i+8], ARGV[i+9],
     ARGV[i+10], ARGV[i+11], ARGV[i+12]
-  local tag = prefix .. ':{' .. user .. '}:'
+  local tag = prefix .. ':{' .. user .. '}:' .. provider .. ':'
   local f = {'exp', exp, 'since', at2, 'lastref', at2, 'next', nxt, 'sub', user}
   for j = 1, #const do f[#f + 1] = const[j] end
   redis.call('HSET', tag .. 'rec', unpack(f))
@@ -313,12 +315,14 @@ for i = 6 + 2 * nconst, #ARGV, 13 do
   redis.call('ZADD', idx, at2, user)
   redis.call('ZADD', sched, due, user)
   redis.call('ZADD', histidx, 'NX', at1, user)
-  local id = 'refresh:' .. user .. ':' .. due
+  local id = 'refresh:' .. prefix .. ':' .. provider .. ':' .. user .. ':' .. due
   redis.call('SET', jobp .. id, payload, 'PX', ttl)
   redis.call('ZADD', queue, due, id)
   if with_stream then
-    redis.call('XADD', stream, 'MAXLEN', '~', cap, '*', 'entry', h1, 'user', user)
-    redis.call('XADD', stream, 'MAXLEN', '~', cap, '*', 'entry', h2, 'user', user)
+    redis.call('XADD', stream, 'MAXLEN', '~', cap, '*', 'entry', h1, 'user', user,
+      'provider', provider)
+    redis.call('XADD', stream, 'MAXLEN', '~', cap, '*', 'entry', h2, 'user', user,
+      'provider', provider)
   end
   n = n + 1
 end
@@ -326,6 +330,7 @@ return n
 """
 
 PER_USER_FIELDS = ("exp", "since", "lastref", "next", "sub")
+BENCH_PREFIX = "cf"  # the default Settings' key prefix, which the benchmark runs under
 
 
 def resp(args: list[bytes]) -> bytes:
@@ -411,7 +416,9 @@ def bulk_users(
     from consent_flow.core.records import HistoryEntry
     from consent_flow.queue.bus import dump_job
     from consent_flow.queue.scheduler import REFRESH_JOB, refresh_job_id
-    from consent_flow.store.redis_store import due_ms
+    from consent_flow.store.redis_store import Keys, due_ms
+
+    keys = Keys(BENCH_PREFIX)
 
     out: list[bytes] = []
     made: list[tuple[str, Times]] = []
@@ -435,8 +442,10 @@ def bulk_users(
             ).to_json()
         ):
             raise BenchError("the history templates differ from HistoryEntry.to_json")
-        payload = serialize_job(REFRESH_JOB, (user, ms), {}, None, enqueue_ms, serializer=dump_job)
-        assert refresh_job_id(user, ms) == f"refresh:{user}:{ms}"
+        payload = serialize_job(
+            REFRESH_JOB, (user, ms, keys.provider), {}, None, enqueue_ms, serializer=dump_job
+        )
+        assert refresh_job_id(keys, user, ms) == f"refresh:{BENCH_PREFIX}:default:{user}:{ms}"
         out += [
             user.encode(),
             seal_tokens(ring, user),
@@ -466,7 +475,7 @@ def user_keys(r: redis.Redis, prefix: str, user: str) -> dict[str, str]:
         _s(k).rsplit(":", 1)[-1]: _s(k)
         for k in r.scan_iter(match=f"{prefix}:{{{user}}}:*", count=1000)
     }
-    jobs = [_s(k) for k in r.scan_iter(match=f"arq:job:refresh:{user}:*", count=1000)]
+    jobs = [_s(k) for k in r.scan_iter(match=f"arq:job:refresh:{prefix}:*:{user}:*", count=1000)]
     if jobs:
         keys["job"] = jobs[0]
     return keys
@@ -479,10 +488,12 @@ def same_roles(
     from arq.constants import job_key_prefix
 
     from consent_flow.queue.scheduler import refresh_job_id
+    from consent_flow.store.redis_store import Keys
 
-    out = {role: f"{prefix}:{{{user}}}:{role}" for role in roles if role != "job"}
+    keys = Keys(prefix)
+    out = {role: keys.sealed(user, role) for role in roles if role != "job"}
     if "job" in roles:
-        out["job"] = job_key_prefix + refresh_job_id(user, int(r.zscore(sched, user) or 0))
+        out["job"] = job_key_prefix + refresh_job_id(keys, user, int(r.zscore(sched, user) or 0))
     missing = [role for role, key in out.items() if not r.exists(key)]
     if missing:
         raise BenchError(
@@ -571,6 +582,8 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
         )
     quiet_logs()
     settings = Settings()  # the default names: prefix cf, queue consent-flow:queue
+    if settings.redis_prefix != BENCH_PREFIX:
+        raise BenchError(f"the default prefix is {settings.redis_prefix}, not {BENCH_PREFIX}")
     prefix, queue = settings.redis_prefix, settings.queue_name
     keys = Keys(prefix)
     ring = KeyRing.from_strings([generate_key()])
@@ -638,14 +651,17 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
                 "their two event ids: the loader mirrors two transitions"
             )
         last = r.xrevrange(keys.stream, count=1)[0][1]
-        if sorted(_s(k) for k in last) != ["entry", "user"]:
+        if sorted(_s(k) for k in last) != ["entry", "provider", "user"]:
             raise BenchError(f"stream entries now carry {sorted(last)}: mirror them")
-        job_key = next(_s(k) for k in r.scan_iter(match=f"{job_key_prefix}refresh:{real_user}:*"))
+        job_key = next(
+            _s(k)
+            for k in r.scan_iter(match=f"{job_key_prefix}{keys.refresh_job_head}{real_user}:*")
+        )
         job = load_job(r.get(job_key) or b"")
         if job != {
             "t": None,
             "f": REFRESH_JOB,
-            "a": [real_user, int(job_key.rsplit(":", 1)[1])],
+            "a": [real_user, int(job_key.rsplit(":", 1)[1]), keys.provider],
             "k": {},
             "et": job["et"],
         }:
@@ -661,6 +677,7 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
             b"0",
             str(STREAM_MAX_ENTRIES).encode(),
             job_key_prefix.encode(),
+            keys.provider.encode(),
             str(len(constants)).encode(),
         ]
         for f, v in constants:
@@ -730,7 +747,7 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
             history = await store.history(user)
             if [h.event for h in history] != ["provision_requested", "authorization_completed"]:
                 raise BenchError(f"the history of {user} does not read back")
-            if not r.exists(job_key_prefix + refresh_job_id(user, due_ms(t.due))):
+            if not r.exists(job_key_prefix + refresh_job_id(keys, user, due_ms(t.due))):
                 raise BenchError(f"the deferred job of {user} is not where the sweep looks")
 
         # -- (b) memory, before anything below changes the data
@@ -769,7 +786,7 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
                 keys.sched, "-inf", edge, start=0, num=SWEEP_WINDOW, withscores=True
             )
 
-        job_ids = [refresh_job_id(u, s) for u, s in window]
+        job_ids = [refresh_job_id(keys, u, s) for u, s in window]
 
         def drop_jobs() -> None:
             with r.pipeline(transaction=False) as pipe:
@@ -855,14 +872,20 @@ async def requeue_parts(
         t0 = time.perf_counter()
         _found, missing, _more, _now = await scheduler._due(
             keys=[keys.sched],
-            args=[now_ms, SWEEP_LIMIT, job_key_prefix, SWEEP_SCAN_FACTOR * SWEEP_LIMIT],
+            args=[
+                now_ms,
+                SWEEP_LIMIT,
+                job_key_prefix + keys.refresh_job_head,
+                SWEEP_SCAN_FACTOR * SWEEP_LIMIT,
+            ],
         )
         t1 = time.perf_counter()
         args: list[Any] = []
         for i in range(0, len(missing), 2):
             user, score = _s(missing[i]), int(missing[i + 1])
-            job_id = refresh_job_id(user, score)
-            args += [job_key_prefix + job_id, refresh_payload(user, score, now_ms), now_ms, job_id]
+            job_id = refresh_job_id(keys, user, score)
+            payload = refresh_payload(user, score, now_ms, keys.provider)
+            args += [job_key_prefix + job_id, payload, now_ms, job_id]
         t2 = time.perf_counter()
         await scheduler._enqueue(keys=[queue], args=[JOB_EXPIRY_MS, *args])
         t3 = time.perf_counter()
@@ -881,7 +904,7 @@ async def backlog_probe(r: redis.Redis, scheduler: Any, keys: Any, queue: str) -
     scores = r.zrange(keys.sched, 0, 2 * SWEEP_WINDOW - 1, withscores=True)
     if len(scores) < 2 * SWEEP_WINDOW:
         return {"skipped": f"needs {2 * SWEEP_WINDOW} users"}
-    later = [refresh_job_id(_s(u), int(s)) for u, s in scores[SWEEP_WINDOW:]]
+    later = [refresh_job_id(keys, _s(u), int(s)) for u, s in scores[SWEEP_WINDOW:]]
     saved = {j: r.dump(job_key_prefix + j) for j in later}
     ttls = {j: r.pttl(job_key_prefix + j) for j in later}
     with r.pipeline(transaction=False) as pipe:

@@ -20,19 +20,29 @@ from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from arq.connections import create_pool
+import httpx
 from cryptography.fernet import Fernet
 from redis.exceptions import AuthenticationError, RedisError
 
 from consent_flow.client import DEFAULT_MIN_TTL, MAX_MIN_TTL, ConsentClient, ConsentStatus
+from consent_flow.core.connections import PROVIDER_NAME, is_provider_name
 from consent_flow.core.records import HistoryEntry, check_scopes, check_user, iso
 from consent_flow.core.table import TRANSITIONS, State, mermaid
-from consent_flow.engine.importer import PROVIDERS, ProgressBar, run_import
-from consent_flow.errors import ConsentError, InvalidScope, SettingsError
+from consent_flow.engine.importer import ProgressBar, run_import
+from consent_flow.errors import (
+    ConsentError,
+    InvalidScope,
+    SettingProblem,
+    SettingsError,
+    UnknownProvider,
+)
 from consent_flow.logging import configure_logging
+from consent_flow.oidc import OAuthClient
+from consent_flow.oidc.check import DiscoveryCheck, Reach, check_discovery
 from consent_flow.settings import REQUIRED_VARIABLES, Requirement, Settings
 from consent_flow.store.connection import (
     arq_redis_settings,
+    create_redis_pool,
     embedded_redis,
     embedded_redis_stopped,
     masked_url,
@@ -47,7 +57,6 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-DEFAULT_PROVIDER = "default"  # one provider per deployment today; the field keeps room for more
 MAX_LIST_LIMIT = 10_000  # one `list` page: enough for a script, small enough for one reply
 REDIS_CHECK_TIMEOUT = 1.5  # seconds a command that answers a person waits for Redis to answer
 
@@ -107,6 +116,16 @@ def _user(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _provider(value: str) -> str:
+    """A --provider NAME: malformed is a usage error before any I/O; a well-formed name that is
+    not configured is one too, once the settings are read (UnknownProvider)."""
+    if not is_provider_name(value):
+        raise argparse.ArgumentTypeError(
+            f"a provider name matches {PROVIDER_NAME.pattern}, not {value[:40]!r}"
+        )
+    return value
+
+
 def _scope(value: str) -> str:
     """A --scope argument: not an RFC 6749 scope token is a usage error (exit 2)."""
     try:
@@ -162,6 +181,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help=json_help)
         return p
 
+    def provider_option(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument(
+            "--provider",
+            type=_provider,
+            metavar="NAME",
+            help=f"{what} (optional when one provider is configured)",
+        )
+
     server_json = "log JSON lines (overrides CONSENT_LOG_FORMAT) and the start-up line as JSON"
     command(
         "up",
@@ -174,6 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p = command("provision", "ask for USER's consent; prints the authorization URL")
     p.add_argument("user", type=_user)
+    provider_option(p, "the provider to ask at")
     p.add_argument(
         "--scope",
         action="append",
@@ -188,12 +216,19 @@ def _parser() -> argparse.ArgumentParser:
         "(nothing to revoke is not an error: exit 0)",
     )
     p.add_argument("user", type=_user)
+    provider_option(p, "the provider whose connection to revoke")
     p.add_argument("--reason", help="why (kept in the history)")
     p = command("status", "where USER's consent stands")
     p.add_argument("user", type=_user)
+    provider_option(p, "the provider of the connection")
     p = command("history", "every transition of USER, oldest first")
     p.add_argument("user", type=_user)
-    p = command("list", "users and their states, by state then by when they entered it")
+    provider_option(p, "the provider of the connection")
+    p = command(
+        "list",
+        "connections and their states, by provider, then by state, then by when they entered it",
+    )
+    provider_option(p, "list this provider's connections only (default: every provider's)")
     p.add_argument("--state", choices=[s.value for s in State])
     p.add_argument("--offset", type=_count, default=0, help="rows to skip (default 0)")
     p.add_argument(
@@ -202,10 +237,12 @@ def _parser() -> argparse.ArgumentParser:
         default=100,
         help=f"rows at most, 1 to {MAX_LIST_LIMIT} (default 100)",
     )
-    command("stats", "counts per state")
+    command("stats", "counts per state, in total and per provider")
+    command("providers", "each provider: its discovered endpoints, whether it can revoke")
     command("tail", "follow transitions live, across all users", json_help="one JSON line each")
     p = command("token", "print a valid access token for USER")
     p.add_argument("user", type=_user)
+    provider_option(p, "the provider the token is for")
     p.add_argument(
         "--min-ttl",
         type=_seconds,
@@ -229,12 +266,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="VAR",
         help="the environment variable holding the store's Fernet key (its TOKEN_ENCRYPTION_KEY)",
     )
-    p.add_argument(
-        "--provider",
-        default="default",
-        choices=PROVIDERS,
-        help="the provider the grants are for (one today: default)",
-    )
+    provider_option(p, "the provider the grants are for")
     p.add_argument("--dry-run", action="store_true", help="read and classify, write nothing")
     p.add_argument(
         "--restart", action="store_true", help="start from the first row, not where a run stopped"
@@ -326,7 +358,7 @@ def _consent_dict(status: ConsentStatus) -> dict[str, Any]:
     the session's while one is open, then what the record adds (token expiry, refresh state)."""
     out: dict[str, Any] = {
         "user": status.user,
-        "provider": DEFAULT_PROVIDER,
+        "provider": status.provider,
         "state": status.state.value,
         "since": status.to_dict()["since"],
         "reason": status.reason,
@@ -373,7 +405,7 @@ async def _check_redis(url: str) -> None:
     options.retry, options.retry_on_error = None, None
     try:
         async with asyncio.timeout(REDIS_CHECK_TIMEOUT):
-            pool = await create_pool(options)
+            pool = await create_redis_pool(options)
             await pool.aclose()
     except (RedisError, OSError, TimeoutError) as exc:
         raise RedisUnreachable(url, exc) from None
@@ -389,19 +421,72 @@ async def _with_client(settings: Settings, run: Callable[[ConsentClient], Awaita
         raise RedisUnreachable(settings.redis_url or "the embedded Redis", exc) from None
 
 
+async def _discover(settings: Settings) -> list[tuple[str, DiscoveryCheck]]:
+    async with httpx.AsyncClient(timeout=settings.http_timeout, follow_redirects=False) as http:
+        names = settings.provider_names
+        checks = await asyncio.gather(
+            *(check_discovery(OAuthClient(settings.for_provider(n), http)) for n in names)
+        )
+    return list(zip(names, checks, strict=True))
+
+
+def _check_providers(settings: Settings, *, as_json: bool) -> None:
+    """``up``, ``worker``, ``serve``: each provider's discovery document, once, before starting.
+
+    Settings one can never work with are a settings error (exit 2) naming the URL; a provider
+    that is merely down is said in one line, and the process starts and keeps trying."""
+    found = asyncio.run(_discover(settings))
+    several = len(found) > 1
+    problems = []
+    for name, check in found:
+        if check.reach is Reach.MISCONFIGURED:
+            problems.append(
+                SettingProblem(
+                    _variable_to_fix(settings, name, check),
+                    f"{check}; these settings can never work with it",
+                )
+            )
+    if problems:
+        raise SettingsError.of(problems)
+    for name, check in found:
+        if check.reach is not Reach.DOWN:
+            continue
+        if as_json:
+            line: dict[str, Any] = {"event": "provider_unreachable", "provider": name}
+            line.update(url=check.url, problem=check.problem, retrying=True)
+            print(json.dumps(line, separators=(",", ":")), file=sys.stderr)
+        else:
+            print(
+                f"consent-flow: {f'provider {name}: ' if several else ''}{check}; starting "
+                "anyway and trying again in the background (/healthz is red until it answers)",
+                file=sys.stderr,
+            )
+
+
+def _variable_to_fix(settings: Settings, name: str, check: DiscoveryCheck) -> str:
+    """The variable (or providers file entry) an operator changes for an unusable document."""
+    if settings.provider_table:
+        return f"CONSENT_PROVIDERS_FILE [providers.{name}]"
+    derived = settings.issuer.rstrip("/") + "/.well-known/openid-configuration"
+    explicit = settings.discovery_url not in ("", derived)
+    if explicit and "issuer" not in (check.problem or ""):
+        return "CONSENT_DISCOVERY_URL"
+    return "CONSENT_ISSUER"
+
+
 def _run_worker(settings: Settings, *, redis_url: str) -> None:
     from workers import ConsentWorker, worker_settings
 
     ConsentWorker(**worker_settings(settings, redis_url)).run()
 
 
-def _uvicorn_server(settings: Settings, redis_url: str) -> Any:
+def _uvicorn_server(settings: Settings, redis_url: str, *, watch_provider: bool = True) -> Any:
     import uvicorn
 
     from consent_flow.web.callback import create_app
 
     config = uvicorn.Config(
-        create_app(settings, redis_url=redis_url),
+        create_app(settings, redis_url=redis_url, watch_provider=watch_provider),
         host=settings.http_host,
         port=settings.http_port,
         access_log=False,
@@ -418,7 +503,7 @@ async def _up(settings: Settings, redis_url: str) -> None:
     options = worker_settings(settings, redis_url)
     options["handle_signals"] = False  # uvicorn owns SIGINT/SIGTERM; the worker stops with it
     worker = ConsentWorker(**options)
-    server = _uvicorn_server(settings, redis_url)
+    server = _uvicorn_server(settings, redis_url, watch_provider=False)  # the worker watches
     worker_task = asyncio.create_task(worker.main())
 
     async def stop_when_redis_stops() -> None:
@@ -479,6 +564,8 @@ def _diagram_dict() -> dict[str, Any]:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "provision":
+        check_scopes(args.scope)  # too many is a usage error too, found before any I/O
     if args.command == "keys" and args.keys_command == "generate":
         key = generate_key()
         _print(args, {"key": key, "key_id": KeyRing.from_strings([key]).primary_id}, _key_text)
@@ -499,6 +586,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     settings = Settings.from_env(requires=_NEEDS.get(_command_name(args), frozenset()))
     log_format = "json" if server_side and args.json else settings.log_format
     configure_logging(log_format, logging.INFO if server_side else logging.WARNING)
+    if server_side:
+        _check_providers(settings, as_json=args.json)
 
     if args.command == "worker":
         with embedded_redis(settings) as url:
@@ -535,12 +624,22 @@ def _dispatch(args: argparse.Namespace) -> int:
     return asyncio.run(_with_client(settings, run))
 
 
+# Commands about one connection: with several providers they must name one.
+_CONNECTION_COMMANDS = ("provision", "revoke", "status", "history", "token")
+
+
 async def _client_command(args: argparse.Namespace, client: ConsentClient) -> int:
+    provider = getattr(args, "provider", None)
+    if provider is not None or args.command in _CONNECTION_COMMANDS:
+        # An unknown name, or none where several are configured: a usage error, before any I/O.
+        provider = client.provider_name(provider)
     if args.command == "provision":
-        status = await client.request_provisioning(args.user, scopes=args.scope, actor=_actor())
+        status = await client.request_provisioning(
+            args.user, provider, scopes=args.scope, actor=_actor()
+        )
         _print(args, _consent_dict(status), _status_text)
     elif args.command == "revoke":
-        status = await client.revoke(args.user, actor=_actor(), reason=args.reason)
+        status = await client.revoke(args.user, provider, actor=_actor(), reason=args.reason)
         data = _consent_dict(status)
         if status.details.get("result") == "unchanged":  # the table's idempotent no-op
             data["note"] = (
@@ -550,28 +649,33 @@ async def _client_command(args: argparse.Namespace, client: ConsentClient) -> in
             )
         _print(args, data, _status_text)
     elif args.command == "status":
-        _print(args, _consent_dict(await client.status(args.user)), _status_text)
+        _print(args, _consent_dict(await client.status(args.user, provider)), _status_text)
     elif args.command == "history":
-        rows = [_history_row(e) for e in await client.history(args.user)]
+        rows = [_history_row(e) for e in await client.history(args.user, provider)]
         _print(args, rows, _history_text)
     elif args.command == "list":
-        rows = await _list_rows(args, client)
+        rows = await _list_rows(args, client, provider)
+        several = len(client.providers) > 1
         _print(
             args,
             rows,
             lambda rs: _table(
-                [(r["user"], r["state"], r["since"]) for r in rs], ("USER", "STATE", "SINCE")
+                [
+                    ((r["user"], r["provider"]) if several else (r["user"],))
+                    + (r["state"], r["since"])
+                    for r in rs
+                ],
+                ("USER", "PROVIDER", "STATE", "SINCE") if several else ("USER", "STATE", "SINCE"),
             ),
         )
     elif args.command == "stats":
-        snapshot = await read_snapshot(
-            client.store.redis, client.store.keys, client.settings.queue_name
-        )
-        _print(args, snapshot.public(), _stats_text)
+        _print(args, await _stats(client), _stats_text)
+    elif args.command == "providers":
+        _print(args, await client.describe_providers(), _providers_text)
     elif args.command == "tail":
         await _tail(args, client)
     elif args.command == "token":
-        token = await client.access_token(args.user, min_ttl=args.min_ttl)
+        token = await client.access_token(args.user, provider, min_ttl=args.min_ttl)
         _print(args, {"user": args.user, "access_token": token}, lambda d: str(d["access_token"]))
     elif args.command == "keys":
         from consent_flow.engine.rotation import rotate_keys
@@ -612,23 +716,80 @@ def _history_text(rows: list[dict[str, Any]]) -> str:
     )
 
 
-async def _list_rows(args: argparse.Namespace, client: ConsentClient) -> list[dict[str, Any]]:
-    """``--offset`` and ``--limit`` count rows across the states listed, in state order."""
+async def _list_rows(
+    args: argparse.Namespace, client: ConsentClient, provider: str | None
+) -> list[dict[str, Any]]:
+    """``--offset`` and ``--limit`` count rows across the providers and states listed, in
+    provider order, then state order."""
     states = [State(args.state)] if args.state else list(State)
-    counts = await client.store.counts() if len(states) > 1 else {}
     skip, left = args.offset, args.limit
     rows: list[dict[str, Any]] = []
-    for state in states:
-        if left <= 0:
-            break
-        if state in counts and skip >= counts[state]:
-            skip -= counts[state]
-            continue
-        page = await client.store.users(state, offset=skip, limit=left)
-        skip = 0
-        left -= len(page)
-        rows += [{"user": user, "state": state.value, "since": iso(since)} for user, since in page]
+    for name in [provider] if provider is not None else client.providers:
+        store = client.store_for(name)
+        counts = await store.counts() if len(states) > 1 or provider is None else {}
+        for state in states:
+            if left <= 0:
+                break
+            if state in counts and skip >= counts[state]:
+                skip -= counts[state]
+                continue
+            page = await store.users(state, offset=skip, limit=left)
+            skip = 0
+            left -= len(page)
+            rows += [
+                {"user": user, "provider": name, "state": state.value, "since": iso(since)}
+                for user, since in page
+            ]
     return rows
+
+
+# What ``stats`` shows per provider (the rest of a snapshot is the deployment's own).
+PROVIDER_FIGURES = (
+    "states",
+    "refreshes_due_next_hour",
+    "refresh_failures_24h",
+    "refresh_rejections_24h",
+    "refreshes_paused",
+    "revocations_abandoned",
+)
+
+
+async def _stats(client: ConsentClient) -> dict[str, Any]:
+    """The deployment's figures, with ``states`` and the provider's own figures summed over
+    providers, and each provider's under ``providers``."""
+    per: dict[str, dict[str, Any]] = {}
+    total: dict[str, Any] = {}
+    for name in client.providers:
+        keys = client.store_for(name).keys
+        public = (await read_snapshot(client.pool, keys, client.settings.queue_name)).public()
+        per[name] = {figure: public[figure] for figure in PROVIDER_FIGURES}
+        if not total:
+            total = public
+            continue
+        for figure in PROVIDER_FIGURES:
+            mine, sum_ = public[figure], total[figure]
+            if figure == "states":
+                total["states"] = {s: sum_.get(s, 0) + n for s, n in mine.items()}
+            elif figure == "refreshes_paused":
+                total[figure] = sum_ or mine
+            else:
+                total[figure] = sum_ + mine
+    return {**total, "providers": per}
+
+
+def _providers_text(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for row in rows:
+        can = {True: "yes", False: "no", None: "unknown"}[row["can_revoke"]]
+        lines.append(f"{row['name']}: {row['issuer']} (client {row['client_id']})")
+        lines.append(f"  scopes: {' '.join(row['scopes'])}")
+        for name, url in (row["endpoints"] or {}).items():
+            if url:
+                lines.append(f"  {name}: {url}")
+        if row.get("discovery_error"):
+            lines.append(f"  discovery: {row['discovery_error']}")
+        lines.append(f"  can revoke: {can}")
+    return "\n".join(lines)
 
 
 async def _import(args: argparse.Namespace, client: ConsentClient, fernet: Fernet) -> int:
@@ -640,6 +801,7 @@ async def _import(args: argparse.Namespace, client: ConsentClient, fernet: Ferne
             dry_run=args.dry_run,
             restart=args.restart,
             progress=ProgressBar(sys.stderr),
+            provider=args.provider,
         )
     except asyncio.CancelledError:
         print(
@@ -653,7 +815,7 @@ async def _import(args: argparse.Namespace, client: ConsentClient, fernet: Ferne
 
 async def _tail(args: argparse.Namespace, client: ConsentClient) -> None:
     """Follow the transition stream from its end; other consumers can read it the same way."""
-    stream = client.store.keys.stream
+    stream = client.bus.keys.stream
     last: bytes | str = "$"
     while True:
         batches = await client.pool.xread({stream: last}, block=5000, count=100)
@@ -662,6 +824,7 @@ async def _tail(args: argparse.Namespace, client: ConsentClient) -> None:
                 last = entry_id
                 entry = {
                     "user": fields[b"user"].decode(),
+                    "provider": fields.get(b"provider", b"").decode() or None,
                     **HistoryEntry.from_json(fields[b"entry"]).public(),
                 }
                 if args.json:
@@ -679,7 +842,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (SettingsError, InvalidScope) as exc:
+    except (SettingsError, UnknownProvider, InvalidScope) as exc:
         print(f"consent-flow: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ConsentError as exc:

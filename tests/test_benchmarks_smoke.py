@@ -159,3 +159,19 @@ def test_bench_broker_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPatc
         "target p50",
     ):
         assert needle in text
+
+
+def test_bench_wait_runs_and_prints_its_figures() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_wait.py"), "--n", "60", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    for name in ("mark0", "mark1", "commit0", "commit1"):
+        assert figures[name]["p50_us"] > 0, (name, figures)
+    assert figures["refresh_redis_us_with_wait"] > 0

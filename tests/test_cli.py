@@ -138,7 +138,9 @@ async def test_json_shapes_of_every_reading_and_driving_command(stack, cli_env):
     assert status["since"].endswith("Z")
 
     listed = json.loads((await arun(cli_env, "list", "--state", "provisioned", "--json")).stdout)
-    assert listed == [{"user": "alice", "state": "provisioned", "since": status["since"]}]
+    assert listed == [
+        {"user": "alice", "provider": "default", "state": "provisioned", "since": status["since"]}
+    ]
 
     stats = json.loads((await arun(cli_env, "stats", "--json")).stdout)
     assert stats["states"] == {"unprovisioned": 0, "pending": 0, "provisioned": 1, "revoked": 0}
@@ -598,3 +600,16 @@ def test_redis_urls_are_shown_without_their_password(url, shown):
     from consent_flow.store.connection import masked_url
 
     assert masked_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    "scopes",
+    [["notes write"], ["notes:\x01x"], [f"s{i}" for i in range(200)]],
+    ids=["space", "control", "200-scopes"],
+)
+def test_provision_refuses_bad_scopes_as_usage_errors_before_any_io(scopes):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSENT_")}
+    args = [arg for scope in scopes for arg in ("--scope", scope)]
+    out = run(env, "provision", "alice", *args)
+    assert out.returncode == 2, out.stderr
+    assert "scope" in out.stderr and "Traceback" not in out.stderr

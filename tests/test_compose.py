@@ -26,6 +26,8 @@ SCHEMA_FILE = ROOT / "tests" / "data" / "compose-spec.json"
 
 SECRET_VARS = ("CONSENT_CLIENT_SECRET", "CONSENT_ENCRYPTION_KEYS", "CONSENT_OPS_TOKEN")
 CONSENT_SERVICES = ("worker", "callback")
+# The same two on Sentinel (profile "sentinel").
+HA_SERVICES = ("worker-ha", "callback-ha")
 # Every setting a consent-flow process needs to talk to the provider and to Redis.
 REQUIRED_SETTINGS = (
     "CONSENT_REDIS_URL",
@@ -206,7 +208,7 @@ def test_no_secret_value_is_written_in_the_file(compose: dict[str, Any]) -> None
             if key in SECRET_VARS:
                 seen += 1
                 assert _required_interpolation(key).fullmatch(value), (name, key)
-    assert seen == len(SECRET_VARS) * len(CONSENT_SERVICES)
+    assert seen == len(SECRET_VARS) * len(CONSENT_SERVICES + HA_SERVICES)
 
     # The provider is given the same client secret, by the same interpolation.
     clients = json.loads(_env(compose["services"]["provider"])["CLIENTS"])
@@ -331,3 +333,168 @@ def test_the_application_image_and_its_comments_agree_about_redis() -> None:
         )
         assert "CONSENT_REDIS_URL is unset" not in comments
         assert "CONSENT_REDIS_URL=redis://" in comments
+
+
+# -- the operator on the host, with the compose file's own environment -------------------------
+
+
+def _outward_address() -> str | None:
+    """This machine's address on its way out: what a container sees a host's request come from
+    is not loopback either. None when the machine has no such interface."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent
+        except OSError:
+            return None
+        address: str = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.integration
+def test_the_callback_service_serves_ops_and_metrics_to_the_operator_with_the_token(
+    compose: dict[str, Any], redis_server: Any, provider: Any, tmp_path: Path
+) -> None:
+    """`serve` as compose runs it (every interface, the token from the environment), reached
+    from an address that is not loopback, as published ports deliver the host's requests:
+    without the token /ops and /metrics refuse (401 with a challenge), with it they answer."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from conftest import free_port
+
+    from consent_flow import generate_key
+
+    address = _outward_address()
+    if address is None:
+        pytest.skip("this machine has no interface besides loopback")
+    port = free_port()
+    token = "t" * 40
+    env = {
+        key: value
+        for key, value in _env(compose["services"]["callback"]).items()
+        if not value.startswith("${")
+    }
+    env.update(
+        # What compose fills in from the host's environment, and where this test's Redis and
+        # provider are (the containers' names do not resolve here).
+        CONSENT_CLIENT_SECRET="demo-secret",
+        CONSENT_ENCRYPTION_KEYS=generate_key(),
+        CONSENT_OPS_TOKEN=token,
+        CONSENT_REDIS_URL=redis_server.url,
+        CONSENT_REDIS_PREFIX="compose" + str(port),
+        CONSENT_ISSUER=provider.issuer,
+        CONSENT_HTTP_PORT=str(port),
+        CONSENT_DATA_DIR=str(tmp_path / "data"),
+    )
+    assert env["CONSENT_HTTP_HOST"] == "0.0.0.0"  # noqa: S104
+    process = subprocess.Popen(
+        [sys.executable, "-m", "consent_flow", "serve"],
+        env={**os.environ, **env, "HOME": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://{address}:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(base + "/healthz", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                assert time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.2)
+        for path in ("/ops", "/metrics"):
+            refused = httpx.get(base + path, timeout=5)
+            assert refused.status_code == 401, path
+            assert refused.headers["www-authenticate"].startswith("Basic ")
+            wrong = httpx.get(base + path, headers={"Authorization": "Bearer " + "x" * 40})
+            assert wrong.status_code == 401, path
+            bearer = httpx.get(base + path, headers={"Authorization": f"Bearer {token}"})
+            assert bearer.status_code == 200, path
+            browser = httpx.get(base + path, auth=("operator", token))  # any user name
+            assert browser.status_code == 200, path
+        metrics = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {token}"})
+        assert "consent_flow_" in metrics.text
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        if process.stderr:
+            process.stderr.close()
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "docker-compose.yml", "README.md"])
+def test_no_text_suggests_up_in_the_image_without_a_redis_url(name: str) -> None:
+    """The image has no redis-server: wherever `docker run ... up` is suggested, the same
+    paragraph hands it CONSENT_REDIS_URL."""
+    installs_redis = any(
+        kw == "RUN" and "redis-server" in rest for kw, rest in _instructions(ROOT / "Dockerfile")
+    )
+    assert not installs_redis
+    text = (ROOT / name).read_text(encoding="utf-8")
+    paragraphs = re.split(r"\n\s*#?\s*\n", text)
+    suggesting = [p for p in paragraphs if re.search(r"docker run\b[^\n]*\bup\b", p)]
+    for paragraph in suggesting:
+        assert "CONSENT_REDIS_URL=redis://" in paragraph, paragraph
+
+
+def test_the_sentinel_profile_runs_a_primary_a_replica_and_three_sentinels(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    ha = {name for name, service in services.items() if "sentinel" in service.get("profiles", ())}
+    sentinels = {"sentinel-1", "sentinel-2", "sentinel-3"}
+    assert ha == {"redis-primary", "redis-replica", *sentinels, *HA_SERVICES}
+    # The plain services stay out of it: `up worker-ha callback-ha` starts the profile only.
+    for name in ("redis", *CONSENT_SERVICES, "provider"):
+        assert "profiles" not in services[name], name
+
+    def argv(name: str) -> list[str]:
+        command = services[name]["command"]
+        return command.split() if isinstance(command, str) else list(command)
+
+    primary, replica = argv("redis-primary"), argv("redis-replica")
+    for line in (primary, replica):
+        assert line[line.index("--appendonly") + 1] == "yes"
+    assert replica[replica.index("--replicaof") + 1 :][:2] == ["redis-primary", "6379"]
+    assert "--replicaof" not in primary
+
+    for name in sentinels:
+        script = argv(name)[-1]
+        assert services[name]["hostname"] == name
+        assert "--sentinel" in script
+        assert "sentinel monitor consentflow redis-primary 6379 2" in script  # quorum 2 of 3
+        assert "sentinel resolve-hostnames yes" in script
+        test = services[name]["healthcheck"]["test"]
+        assert "26379" in test and "consentflow" in test
+        assert services[name]["depends_on"]["redis-primary"]["condition"] == "service_healthy"
+
+
+@pytest.mark.parametrize("name", HA_SERVICES)
+def test_the_sentinel_profile_app_reaches_redis_through_every_sentinel(
+    compose: dict[str, Any], name: str
+) -> None:
+    from consent_flow import Settings
+    from consent_flow.store.connection import arq_redis_settings
+
+    service = compose["services"][name]
+    env = _env(service)
+    plain = dict(compose["x-consent-env"])
+    url = env.pop("CONSENT_REDIS_URL")
+    plain.pop("CONSENT_REDIS_URL")
+    assert env == plain, "the same environment as the plain services but for Redis"
+    settings = Settings.from_env({"CONSENT_REDIS_URL": url})
+    assert settings.wait_replicas == 1  # commits of new tokens wait for the replica
+    rs = arq_redis_settings(url)
+    assert rs.sentinel and rs.sentinel_master == "consentflow"
+    assert sorted(rs.host) == [(f"sentinel-{i}", 26379) for i in (1, 2, 3)]
+    for sentinel in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        assert service["depends_on"][sentinel]["condition"] == "service_healthy"
+    assert "redis" not in service["depends_on"]
+    assert service["command"] in (["worker"], ["serve"])

@@ -374,7 +374,8 @@ async def test_a_spooled_answer_whose_user_stays_locked_at_start_is_committed_by
     finally:
         await http.aclose()
     now = time.time()
-    TokenSpool(stack.settings.data_dir / "spool" / stack.settings.redis_prefix).write(
+    spool = stack.settings.data_dir / "spool" / stack.settings.redis_prefix / "default"
+    TokenSpool(spool).write(
         PendingTokens(
             user="alice",
             event_id="dead-worker-refresh",

@@ -387,7 +387,7 @@ async def test_usage_errors_exit_2(make_stack: Any, env: dict[str, str], sqlite_
         "--provider",
         "nextcloud",
     )
-    assert code == 2 and "invalid choice" in err
+    assert code == 2 and "no provider is configured as 'nextcloud'" in err
     code, _, err = await run_cli(
         environ, "--from", sqlite_source.url, "--fernet-key-env", "NOT_SET_ANYWHERE"
     )

@@ -37,7 +37,13 @@ from starlette.requests import Request
 from starlette.routing import Mount
 
 from consent_flow import ConsentClient, Event, State, consent_routes
-from consent_flow.core.records import MAX_REASON_LENGTH, MAX_USER_LENGTH, Change, iso
+from consent_flow.core.records import (
+    MAX_REASON_LENGTH,
+    MAX_USER_LENGTH,
+    Change,
+    RecordFields,
+    iso,
+)
 from consent_flow.core.table import TRANSITIONS, ConsentMachine, Facts
 from consent_flow.engine.engine import SESSION_FIELDS, TOKEN_FIELDS
 from consent_flow.queue.bus import new_id
@@ -101,17 +107,15 @@ class Seeder:
         self.margin = client.settings.refresh_margin
         self.seeded = seeded
 
-    def _sealed(self, user: str) -> dict[str, bytes]:
+    def _tokens(self, user: str, at: float, due: float) -> RecordFields:
         tokens = {"access_token": secrets.token_hex(16), "refresh_token": new_id()}
-        return {"tok": seal_tokens(self.ring, user, tokens)}
-
-    def _tokens(self, at: float, due: float) -> dict[str, str]:
         return {
-            "exp": repr(due + self.margin),
-            "scopes": "openid offline_access notes:read",
-            "next": repr(due),
-            "lastref": repr(at),
-            "fails": "0",
+            "tokens": seal_tokens(self.ring, user, tokens),
+            "expires_at": due + self.margin,
+            "scopes": ("openid", "offline_access", "notes:read"),
+            "next_refresh_at": due,
+            "last_refresh_at": at,
+            "refresh_failures": 0,
         }
 
     async def path(self, user: str, steps: list[tuple[Any, ...]]) -> None:
@@ -135,44 +139,44 @@ class Seeder:
                     }
                 )
                 extra = dict(
-                    set_fields={
-                        "sess": self.ring.encrypt(session.encode(), user=user, purpose="session"),
-                        "sid": new_id(),
-                        "sexp": repr(at + self.ttl),
-                        "shash": state_hash(session_state),
+                    fields={
+                        "session": self.ring.encrypt(
+                            session.encode(), user=user, purpose="session"
+                        ),
+                        "session_id": new_id(),
+                        "session_expires_at": at + self.ttl,
+                        "session_digest": state_hash(session_state),
                     },
-                    delete_fields=("claimed", "reason", *TOKEN_FIELDS),
+                    clear=("session_claim", "reason", *TOKEN_FIELDS),
                     session_lookup=(state_hash(session_state), self.ttl),
                     unschedule=True,
                 )
             elif event is Event.AUTHORIZATION_COMPLETED:
                 due = rest[0]
-                fields = self._tokens(at, due)
-                fields["sub"] = user
+                fields = self._tokens(user, at, due)
+                fields["subject"] = user
                 extra = dict(
-                    set_fields=fields,
-                    sealed=self._sealed(user),
-                    delete_fields=(*SESSION_FIELDS, "referr", "reason"),
+                    fields=fields,
+                    clear=(*SESSION_FIELDS, "last_refresh_error", "reason"),
                     drop_session_lookup=state_hash(session_state or ""),
                     schedule_at=due,
                 )
             elif event in (Event.AUTHORIZATION_FAILED, Event.SESSION_EXPIRED):
                 extra = dict(
-                    delete_fields=SESSION_FIELDS,
+                    clear=SESSION_FIELDS,
                     drop_session_lookup=state_hash(session_state or ""),
                 )
             elif event is Event.TOKEN_REFRESHED:
                 due = rest[0]
                 extra = dict(
-                    set_fields=self._tokens(at, due),
-                    sealed=self._sealed(user),
-                    delete_fields=("referr", "inflight"),
+                    fields=self._tokens(user, at, due),
+                    clear=("last_refresh_error", "inflight"),
                     schedule_at=due,
                 )
             elif event is Event.REFRESH_REJECTED:
-                extra = dict(delete_fields=TOKEN_FIELDS, unschedule=True)
+                extra = dict(clear=TOKEN_FIELDS, unschedule=True)
             elif event is Event.REVOKE_REQUESTED:
-                extra = dict(delete_fields=(*SESSION_FIELDS, *TOKEN_FIELDS), unschedule=True)
+                extra = dict(clear=(*SESSION_FIELDS, *TOKEN_FIELDS), unschedule=True)
                 if state is P:
                     extra["drop_session_lookup"] = state_hash(session_state or "")
             change = Change(

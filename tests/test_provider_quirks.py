@@ -96,7 +96,9 @@ async def test_a_refresh_token_that_lapses_first_is_refreshed_before_it_lapses(
         assert op.introspect(tokens["refresh_token"])["active"] is True
         stats = op.stats()
         assert stats["refresh_success"] >= 3
-        assert stats["refresh_errors"] == 0
+        # One refresh error only: the worker's start-up check of the client's credentials,
+        # which presents a made-up refresh token on purpose.
+        assert stats["refresh_errors"] == 1
         status = await stack.client.status("alice")
         assert status.state is State.PROVISIONED
         # Both lapses in the status; scheduled by the sooner, with the usual margin (half the

@@ -139,6 +139,12 @@ async def test_three_worker_processes_never_reuse_a_rotated_token(make_stack, ro
         users = [f"user{i}" for i in range(8)]
         for user in users:
             await provision(stack, user)
+        # Each worker checks the client's credentials once it starts, with a made-up refresh
+        # token (a refresh error at the provider): counted before the stats start over.
+        deadline = time.monotonic() + 60
+        while rotating.stats()["refresh_errors"] < len(processes):
+            assert time.monotonic() < deadline, "the workers did not check the client"
+            await asyncio.sleep(0.2)
         rotating.reset_stats()
         # Scheduled refreshes from three processes, plus on-demand refreshes from the broker
         # racing them, for several token lifetimes.

@@ -64,6 +64,9 @@ def test_discovery_override_for_nextcloud():
         ("CONSENT_EVENT_TIMEOUT", "0"),
         ("CONSENT_COMMIT_RETRY_LIMIT", "30"),
         ("CONSENT_COMMIT_RETRY_LIMIT", "soon"),
+        ("CONSENT_REDIS_WAIT_REPLICAS", "-1"),
+        ("CONSENT_REDIS_WAIT_REPLICAS", "all"),
+        ("CONSENT_REDIS_WAIT_REPLICAS", "9"),
     ],
 )
 def test_malformed_values_name_their_variable(variable, value):
@@ -411,3 +414,24 @@ def test_check_provider_names_every_missing_variable():
         "CONSENT_REDIRECT_URI",
         "CONSENT_SCOPES",
     ]
+
+
+@pytest.mark.parametrize(
+    ("url", "setting", "waits"),
+    [
+        ("redis+sentinel://s1:26379,s2:26379/main", None, 1),
+        ("redis+sentinel://s1:26379,s2:26379/main", "0", 0),
+        ("redis+sentinel://s1:26379,s2:26379/main", "2", 2),
+        ("redis://127.0.0.1:6379/0", None, 0),
+        ("redis://127.0.0.1:6379/0", "1", 1),
+        (None, None, 0),
+    ],
+)
+def test_commits_of_new_tokens_wait_for_a_replica_behind_sentinel_by_default(url, setting, waits):
+    env = dict(BASE)
+    env.pop("CONSENT_REDIS_URL", None)
+    if url is not None:
+        env["CONSENT_REDIS_URL"] = url
+    if setting is not None:
+        env["CONSENT_REDIS_WAIT_REPLICAS"] = setting
+    assert Settings.from_env(env).wait_replicas == waits

@@ -150,3 +150,38 @@ def test_the_documented_node_requirement_is_oidc_providers():
         f"Node.js {supported} LTS or later ({oldest.group(1)}+ still runs"
         in (provider / "local_provider.py").read_text()
     )
+
+
+def test_the_readme_tells_an_mcp_server_author_how_to_integrate():
+    """The integration section names what exists: the extra, the registration, the helper,
+    both ways identity reaches the tools, the runnable example, the local provider's pages."""
+    import inspect
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## In your MCP server", 1)[1].split("\n## ", 1)[0]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert "mcp" in extras
+    assert 'pip install "consent-flow[mcp]"' in section
+
+    from consent_flow import mcp
+
+    assert "register_consent_tools(server, consent)" in section
+    assert "resolve_user" in inspect.signature(mcp.register_consent_tools).parameters
+    assert "resolve_user=fn" in section
+    assert hasattr(mcp.ConsentTools, "downstream_token")
+    assert "consent_tools.downstream_token(ctx" in section
+    assert hasattr(mcp.ConsentTools, "mount_callback")
+    assert "token verifier" in section
+    for tool in ("provision_access", "check_access", "revoke_access"):
+        assert f"`{tool}`" in section
+    assert (ROOT / "examples" / "mcp_server.py").is_file()
+    assert "`examples/mcp_server.py`" in section
+
+    # The local provider's two pages, as server.mjs serves them.
+    server = (ROOT / "examples" / "provider" / "server.mjs").read_text()
+    assert 'id="signin"' in server and 'id="approve"' in server and 'id="deny"' in server
+    assert "second page" in section and "**Approve**" in section and "**Deny**" in section
+    assert "(#in-your-mcp-server)" in readme.split("## Quickstart", 1)[0]

@@ -4,6 +4,7 @@ answer is still to be stored after its commit conflicted. Pure: files and data, 
 from __future__ import annotations
 
 import stat
+from typing import Any
 
 from structlog.testing import capture_logs
 
@@ -35,16 +36,10 @@ def pending(ring: KeyRing, *, at: float = AT) -> PendingTokens:
     )
 
 
-def record(ring: KeyRing, *, refresh_token: str = SPENT, **fields: str) -> ConsentRecord:
-    data = {
-        "state": State.PROVISIONED.value,
-        "v": "7",
-        "since": repr(SINCE),
-        "lastref": repr(AT - 30),
-        **fields,
-    }
+def record(ring: KeyRing, *, refresh_token: str = SPENT, **fields: Any) -> ConsentRecord:
     sealed = seal_tokens(ring, "alice", {"access_token": "old", "refresh_token": refresh_token})
-    return ConsentRecord.from_hash("alice", data, {"tok": sealed})
+    values: dict[str, Any] = {"since": SINCE, "last_refresh_at": AT - 30, **fields}
+    return ConsentRecord(user="alice", state=State.PROVISIONED, version=7, tokens=sealed, **values)
 
 
 def test_a_spooled_answer_round_trips_sealed_and_private(tmp_path):
@@ -84,21 +79,22 @@ def test_a_change_that_left_the_grant_alive_leaves_the_answer_to_store():
     rotated = KeyRing.from_strings([generate_key(), old])
     assert fits(pending(ring), record(rotated), rotated) is Fit.STORE
     # A reschedule after a failure: counters and the schedule moved, the tokens did not.
-    assert fits(pending(ring), record(ring, fails="2", next=repr(AT + 5)), ring) is Fit.STORE
+    assert (
+        fits(pending(ring), record(ring, refresh_failures=2, next_refresh_at=AT + 5), ring)
+        is Fit.STORE
+    )
 
 
 def test_a_grant_that_ended_or_was_granted_anew_gets_the_answer_revoked():
     ring = KeyRing.from_strings([generate_key()])
-    revoked = ConsentRecord.from_hash(
-        "alice", {"state": State.REVOKED.value, "v": "8", "since": repr(AT + 1)}
-    )
+    revoked = ConsentRecord(user="alice", state=State.REVOKED, version=8, since=AT + 1)
     assert fits(pending(ring), revoked, ring) is Fit.ENDED
-    anew = record(ring, since=repr(SINCE + 10))
+    anew = record(ring, since=SINCE + 10)
     assert fits(pending(ring), anew, ring) is Fit.ENDED
 
 
 def test_an_answer_already_stored_or_overtaken_is_not_stored_again():
     ring = KeyRing.from_strings([generate_key()])
-    assert fits(pending(ring), record(ring, lastref=repr(AT)), ring) is Fit.STORED
+    assert fits(pending(ring), record(ring, last_refresh_at=AT), ring) is Fit.STORED
     other = record(ring, refresh_token="someone-elses-newer-token")
     assert fits(pending(ring), other, ring) is Fit.STORED

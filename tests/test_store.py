@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -12,6 +13,7 @@ from redis.asyncio import Redis
 from consent_flow import Event, KeyRing, State, generate_key
 from consent_flow.core.records import Change, ConsentRecord, HistoryEntry, ProviderRevocation
 from consent_flow.engine.engine import SESSION_FIELDS, TOKEN_FIELDS
+from consent_flow.store import codec
 from consent_flow.store.redis_store import MemoryStore, RedisStore
 from consent_flow.store.vault import open_tokens, seal_tokens
 
@@ -55,7 +57,7 @@ async def test_commit_moves_state_indexes_and_history_together(store):
             rec,
             Event.PROVISION_REQUESTED,
             State.PENDING,
-            set_fields={"sid": "s1", "sexp": "2000"},
+            fields={"session_id": "s1", "session_expires_at": 2000.0},
             session_lookup=("digest1", 60),
             reason=None,
             correlation_id="c1",
@@ -83,8 +85,8 @@ async def test_commit_moves_state_indexes_and_history_together(store):
 async def test_stale_version_loses_and_changes_nothing(store):
     """Invariant 1: one writer wins."""
     rec = await store.load("bob")
-    first = change(rec, Event.PROVISION_REQUESTED, State.PENDING, set_fields={"sid": "a"})
-    second = change(rec, Event.PROVISION_REQUESTED, State.PENDING, set_fields={"sid": "b"})
+    first = change(rec, Event.PROVISION_REQUESTED, State.PENDING, fields={"session_id": "a"})
+    second = change(rec, Event.PROVISION_REQUESTED, State.PENDING, fields={"session_id": "b"})
     assert (await store.commit(first)).ok
     lost = await store.commit(second)
     assert lost.status == "conflict" and lost.state is State.PENDING
@@ -175,7 +177,7 @@ async def test_no_history_for_silent_commits(store):
             rec,
             Event.PROVISION_REQUESTED,
             State.PENDING,
-            set_fields={"sid": "z"},
+            fields={"session_id": "z"},
             record_history=False,
         )
     )
@@ -190,7 +192,7 @@ async def test_claim_is_single_use(store):
             rec,
             Event.PROVISION_REQUESTED,
             State.PENDING,
-            set_fields={"sid": "s", "sexp": "9999999999"},
+            fields={"session_id": "s", "session_expires_at": 9999999999.0},
         )
     )
     assert await store.claim_session("erin", "other", "e1", None) == "unknown_session"
@@ -203,7 +205,12 @@ async def test_claim_is_single_use(store):
 async def test_expired_session_cannot_be_claimed(store):
     rec = await store.load("frank")
     await store.commit(
-        change(rec, Event.PROVISION_REQUESTED, State.PENDING, set_fields={"sid": "s", "sexp": "1"})
+        change(
+            rec,
+            Event.PROVISION_REQUESTED,
+            State.PENDING,
+            fields={"session_id": "s", "session_expires_at": 1.0},
+        )
     )
     assert await store.claim_session("frank", "s", "e1", None) == "expired"
 
@@ -240,13 +247,13 @@ async def provisioned(store, ring: KeyRing, user: str) -> tuple[ConsentRecord, C
         rec,
         Event.PROVISION_REQUESTED,
         State.PENDING,
-        set_fields={
-            "sess": ring.encrypt(session.encode(), user=user, purpose="session"),
-            "sid": uuid.uuid4().hex,
-            "sexp": "1300.0",
-            "shash": "h" * 64,
+        fields={
+            "session": ring.encrypt(session.encode(), user=user, purpose="session"),
+            "session_id": uuid.uuid4().hex,
+            "session_expires_at": 1300.0,
+            "session_digest": "h" * 64,
         },
-        delete_fields=("claimed", "reason", *TOKEN_FIELDS),
+        clear=("session_claim", "reason", *TOKEN_FIELDS),
         unschedule=True,
     )
     assert (await store.commit(pending)).ok
@@ -256,16 +263,16 @@ async def provisioned(store, ring: KeyRing, user: str) -> tuple[ConsentRecord, C
         Event.AUTHORIZATION_COMPLETED,
         State.PROVISIONED,
         at=1001.25,
-        sealed={"tok": seal_tokens(ring, user, TOKENS)},
-        set_fields={
-            "exp": "4601.25",
-            "sub": user,
-            "scopes": "openid offline_access profile notes:read",
-            "next": "4481.0625",
-            "lastref": "1001.25",
-            "fails": "0",
+        fields={
+            "tokens": seal_tokens(ring, user, TOKENS),
+            "expires_at": 4601.25,
+            "subject": user,
+            "scopes": ("openid", "offline_access", "profile", "notes:read"),
+            "next_refresh_at": 4481.0625,
+            "last_refresh_at": 1001.25,
+            "refresh_failures": 0,
         },
-        delete_fields=(*SESSION_FIELDS, "referr", "reason"),
+        clear=(*SESSION_FIELDS, "last_refresh_error", "reason"),
         schedule_at=4481.0625,
     )
     result = await store.commit(granted)
@@ -295,8 +302,8 @@ async def test_revoking_moves_the_tokens_to_the_outbox_and_wipes_them(store):
         rec,
         Event.REVOKE_REQUESTED,
         State.REVOKED,
-        sealed={"rvk": rec.tokens},
-        delete_fields=(*SESSION_FIELDS, *TOKEN_FIELDS),
+        fields={"revocation_pending": rec.tokens},
+        clear=(*SESSION_FIELDS, *TOKEN_FIELDS),
         unschedule=True,
     )
     assert (await store.commit(revoke)).ok
@@ -321,9 +328,11 @@ async def test_dropping_given_up_tokens_notes_it_and_counts_it(redis_store):
             rec,
             Event.REVOKE_REQUESTED,
             State.REVOKED,
-            sealed={"rvk": rec.tokens},
-            set_fields={"provrev": "deferred"},
-            delete_fields=TOKEN_FIELDS,
+            fields={
+                "revocation_pending": rec.tokens,
+                "provider_revocation": ProviderRevocation.DEFERRED,
+            },
+            clear=TOKEN_FIELDS,
         )
         assert (await store.commit(revoke)).ok
         await store.redis.hset(keys.rec(user), "rvktries", "3")
@@ -350,12 +359,43 @@ async def test_dropping_given_up_tokens_notes_it_and_counts_it(redis_store):
     assert counts == {b"abandoned": b"2"}
 
 
-def test_sealed_values_never_go_in_the_record_hash():
+def test_the_codec_refuses_what_is_not_a_record_attribute_or_not_its_kind():
     rec = ConsentRecord(user="judy")
-    with pytest.raises(ValueError, match=r"Change\.sealed"):
-        change(rec, Event.TOKEN_REFRESHED, State.PROVISIONED, set_fields={"tok": "v1.x.y"}).writes()
-    with pytest.raises(ValueError, match=r"Change\.sealed"):
-        change(rec, Event.TOKEN_REFRESHED, State.PROVISIONED, sealed={"sess": b"x"}).writes()
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"tok": b"x"}, "not a record attribute"),  # a storage name, not an attribute
+        ({"tokens": "v1.x.y"}, "sealed bytes"),
+        ({"session": b"x"}, "not text"),  # the session is text ciphertext in the hash
+    ]
+    for fields, why in bad:
+        with pytest.raises(ValueError, match=why):
+            codec.hash_writes(change(rec, Event.TOKEN_REFRESHED, State.PROVISIONED, fields=fields))
+    with pytest.raises(ValueError, match="not a record attribute"):
+        codec.hash_writes(change(rec, Event.TOKEN_REFRESHED, State.PROVISIONED, clear=("v",)))
+
+
+def test_a_record_goes_through_the_codec_and_back():
+    tokens = b"\x02" + bytes(range(40))
+    rec = ConsentRecord(user="ruth")
+    step = change(
+        rec,
+        Event.GRANT_IMPORTED,
+        State.PROVISIONED,
+        fields={
+            "tokens": tokens,
+            "expires_at": 1234.5,
+            "scopes": ("openid", "notes:read"),
+            "refresh_failures": 2,
+            "provider_revocation": ProviderRevocation.DEFERRED,
+            "imported_at": 1000.0,
+        },
+        clear=("subject",),
+        reason="why",
+    )
+    writes = codec.hash_writes(step)
+    assert writes.seal == {"tok": tokens} and not writes.wipe
+    data = {**writes.set, "v": "1"}
+    back = codec.record_from_hash("ruth", data, dict(writes.seal))
+    assert back == rec.after(step, 1)
 
 
 @pytest.fixture
@@ -386,26 +426,20 @@ async def test_a_provisioned_record_stays_in_the_compact_encoding(redis_store):
     assert await store.redis.hget(keys.rec("kate"), "tok") is None
 
 
-async def test_ciphertexts_are_counted_per_key_id_wherever_they_live(redis_store):
+async def test_ciphertexts_are_counted_per_key_id(redis_store):
     """The start-up key check and rotation rely on cf:kids."""
     old = KeyRing.from_strings([generate_key()])
     new = KeyRing.from_strings([generate_key()])
     store, keys = redis_store, redis_store.keys
     await provisioned(store, old, "liam")
     assert await store.key_ids_in_use() == {old.primary_id: 1}  # the session went, tokens came
-    # An earlier version's record: tokens as v1 text in the hash, counted alike.
     await provisioned(store, old, "mona")
-    legacy = old.encrypt(json.dumps(TOKENS).encode(), user="mona", purpose="tokens")
-    await store.redis.delete(keys.sealed("mona", "tok"))
-    await store.redis.hset(keys.rec("mona"), "tok", legacy)
-    rec = await store.load("mona")
-    assert rec.tokens == legacy.encode() and open_tokens(old, "mona", rec.tokens) == TOKENS
     assert await store.key_ids_in_use() == {old.primary_id: 2}
-    # Rewritten under the new key, into the new layout.
+    # Rewritten under the new key.
+    rec = await store.load("mona")
     fresh = seal_tokens(new, "mona", TOKENS)
-    rewrite = change(rec, Event.TOKEN_REFRESHED, State.PROVISIONED, sealed={"tok": fresh})
+    rewrite = change(rec, Event.TOKEN_REFRESHED, State.PROVISIONED, fields={"tokens": fresh})
     assert (await store.commit(rewrite)).ok
-    assert await store.redis.hget(keys.rec("mona"), "tok") is None
     assert await store.redis.get(keys.sealed("mona", "tok")) == fresh
     assert await store.key_ids_in_use() == {old.primary_id: 1, new.primary_id: 1}
     # Revoked: the tokens move to the outbox (still counted), then are forgotten.
@@ -414,8 +448,8 @@ async def test_ciphertexts_are_counted_per_key_id_wherever_they_live(redis_store
         rec,
         Event.REVOKE_REQUESTED,
         State.REVOKED,
-        sealed={"rvk": rec.tokens},
-        delete_fields=TOKEN_FIELDS,
+        fields={"revocation_pending": rec.tokens},
+        clear=TOKEN_FIELDS,
     )
     assert (await store.commit(revoke)).ok
     assert await store.redis.exists(keys.sealed("liam", "tok")) == 0
@@ -426,7 +460,51 @@ async def test_ciphertexts_are_counted_per_key_id_wherever_they_live(redis_store
     assert await store.redis.zscore(keys.outbox, "liam") is None
     # Refresh rejected: the tokens are wiped, their count goes with them.
     rec = await store.load("mona")
-    reject = change(rec, Event.REFRESH_REJECTED, State.REVOKED, delete_fields=TOKEN_FIELDS)
+    reject = change(rec, Event.REFRESH_REJECTED, State.REVOKED, clear=TOKEN_FIELDS)
     assert (await store.commit(reject)).ok
     assert await store.redis.exists(keys.sealed("mona", "tok")) == 0
     assert await store.key_ids_in_use() == {}
+
+
+def test_keys_are_per_connection_with_per_provider_indexes_and_shared_rest():
+    from consent_flow.core.table import State
+    from consent_flow.store.redis_store import Keys
+
+    gh = Keys("cf", "gh")
+    assert gh.rec("alice") == "cf:{alice}:gh:rec"
+    assert gh.sealed("alice", "tok") == "cf:{alice}:gh:tok"
+    assert gh.lock("alice") == "cf:{alice}:gh:lock"
+    assert gh.inbox("alice", "e1") == "cf:{alice}:gh:in:e1"
+    assert gh.idx(State.PENDING) == "cf:gh:idx:pending"
+    assert (gh.sched, gh.outbox, gh.halt, gh.histidx) == (
+        "cf:gh:sched",
+        "cf:gh:outbox",
+        "cf:gh:halt",
+        "cf:gh:histidx",
+    )
+    assert gh.refresh_job_id("alice", 17) == "refresh:cf:gh:alice:17"
+    head, tail = gh.hist_around_user()
+    assert head + "alice" + tail == gh.hist("alice")
+    assert gh.invalidation("alice") == "gh\nalice"
+    default = Keys("cf")
+    assert default.rec("alice") == "cf:{alice}:default:rec"
+    for shared in ("kids", "stream", "invalidate", "workers", "webhook_counts", "worker_counts"):
+        assert getattr(gh, shared) == getattr(default, shared)
+    assert gh.transition_counts != default.transition_counts
+
+
+async def test_a_commit_releases_the_lock_only_for_its_owner_and_only_when_it_applies(store):
+    token = await store.acquire_lock("owen", 5)
+    rec = await store.load("owen")
+    stale = change(rec, Event.PROVISION_REQUESTED, State.PENDING)
+    stale.expect_version = 7
+    assert (await store.commit(stale, unlock=token)).status == "conflict"
+    assert await store.acquire_lock("owen", 5) is None  # still held
+    step = change(rec, Event.PROVISION_REQUESTED, State.PENDING)
+    assert (await store.commit(step, unlock="not-the-owner")).ok
+    assert await store.acquire_lock("owen", 5) is None
+    rec = await store.load("owen")
+    assert (
+        await store.commit(change(rec, Event.SESSION_EXPIRED, State.UNPROVISIONED), unlock=token)
+    ).ok
+    assert await store.acquire_lock("owen", 5) is not None

@@ -246,3 +246,49 @@ async def test_bad_scopes_in_a_queued_event_change_nothing(stack):
     outcome = await stack.client.emit(envelope)
     assert (outcome.result, outcome.error) == ("rejected", "invalid_scope")
     assert await stack.client.store.load("alice") == before
+
+
+async def test_an_upgrade_expires_at_its_own_provider_only(make_stack, settings):
+    """Two providers (both served by the fixture's provider): the cleanup job expires an
+    upgrade at the second one, and the first connection is left as it is."""
+    from consent_flow.settings import ProviderConfig
+
+    table = tuple(
+        ProviderConfig(
+            name=name,
+            issuer=settings.issuer,
+            discovery_url=settings.discovery_url,
+            client_id=settings.client_id,
+            client_secret=settings.client_secret,
+            scopes=settings.scopes,
+        )
+        for name in ("notes", "files")
+    )
+    stack = await make_stack(provider_table=table, session_ttl=2)
+    client = stack.client
+    for name in ("notes", "files"):
+        status = await client.request_provisioning("alice", name)
+        page = await stack.callback(await approve(status.authorization_url, "alice"))
+        assert page.status_code == 200
+    notes = await client.request_provisioning("alice", "notes", scopes=[EXTRA])
+    files = await client.request_provisioning("alice", "files", scopes=[EXTRA])
+    assert notes.upgrade and files.upgrade
+    await asyncio.sleep(2.2)
+    # The notes upgrade is approved in time (its claim is checked against Redis's clock, so
+    # it is renewed first); the files one lapses.
+    notes = await client.request_provisioning("alice", "notes", scopes=[EXTRA])
+    from workers.jobs import cleanup
+
+    await cleanup({"services": stack._workers[0].ctx["services"]})
+    for _ in range(100):
+        if not (await client.status("alice", "files")).upgrade:
+            break
+        await asyncio.sleep(0.05)
+    status = await client.status("alice", "files")
+    assert status.state is State.PROVISIONED and not status.upgrade
+    assert "authorization session expired" in (status.reason or "")
+    assert (await client.status("alice", "notes")).upgrade
+    page = await stack.callback(await approve(notes.authorization_url, "alice"))
+    assert page.status_code == 200
+    assert EXTRA in (await client.status("alice", "notes")).scopes
+    assert EXTRA not in (await client.status("alice", "files")).scopes

@@ -104,17 +104,15 @@ def test_the_binary_header_is_authenticated():
         ring.decrypt(relabelled, user="alice", purpose="tokens")
 
 
-def test_tokens_are_deflated_and_the_old_text_layout_still_opens():
+def test_tokens_are_deflated_and_only_the_binary_layout_opens():
     ring = KeyRing.from_strings([generate_key()])
     tokens = {"access_token": "eyJ" + "a1b2" * 256, "refresh_token": "r" * 64}
     sealed = seal_tokens(ring, "alice", tokens)
     assert KeyRing.is_binary(sealed) and len(sealed) < len(tokens["access_token"])
     assert open_tokens(ring, "alice", sealed) == tokens
-    # What earlier versions stored: plain JSON in the v1 text layout, as text or as bytes.
-    legacy = ring.encrypt(json.dumps(tokens).encode(), user="alice", purpose="tokens")
-    assert open_tokens(ring, "alice", legacy) == tokens
-    assert open_tokens(ring, "alice", legacy.encode()) == tokens
-    assert ring.needs_rotation(legacy.encode()) is False
+    text = ring.encrypt(json.dumps(tokens).encode(), user="alice", purpose="tokens")
+    with pytest.raises(VaultError):
+        open_tokens(ring, "alice", text)
     with pytest.raises(VaultError):
         open_tokens(ring, "mallory", sealed)
 
@@ -146,3 +144,19 @@ def test_sealing_to_a_malformed_or_low_order_key_is_a_vault_error():
     for public in ("not-base64!", "AAAA", "A" * 43):  # the last: the all-zero point
         with pytest.raises(VaultError):
             seal_reply(public, "x", context="e")
+
+
+def test_a_ciphertext_is_bound_to_its_provider():
+    """Sealed at rest, bound to user and provider: one user's tokens at one provider do not
+    open as the same user's at another."""
+    ring = KeyRing.from_strings([generate_key()])
+    github, nextcloud = ring.for_provider("github"), ring.for_provider("nextcloud")
+    sealed = seal_tokens(github, "alice", {"access_token": "a", "refresh_token": "r"})
+    assert open_tokens(github, "alice", sealed)["refresh_token"] == "r"
+    for other in (nextcloud, ring):  # a ring binds to "default" unless told otherwise
+        with pytest.raises(VaultError):
+            open_tokens(other, "alice", sealed)
+    text = github.encrypt(b"code", user="alice", purpose="code:1")
+    with pytest.raises(VaultError):
+        nextcloud.decrypt(text, user="alice", purpose="code:1")
+    assert github.primary_id == ring.primary_id and github.provider == "github"

@@ -19,6 +19,7 @@ async def test_serve_answers_health_metrics_and_ops_pages(stack):
             "redis": "ok",
             "worker": "ok",
             "refresh": "ok",
+            "provider": "ok",
             "clock": "ok",
         }
         metrics = await http.get("/metrics")

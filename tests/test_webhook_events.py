@@ -20,13 +20,14 @@ from structlog.testing import capture_logs
 from test_webhooks import SECRET, Receiver, answering, fast
 
 from consent_flow import ConsentError, Event, ProviderUnavailable, State
-from consent_flow.core.records import Change
+from consent_flow.core.records import Change, Job, NoticeJob, RefreshJob
 from consent_flow.engine.refresh import RetryPolicy
 from consent_flow.engine.webhooks import Notice
 from consent_flow.queue.bus import Envelope
-from consent_flow.queue.jobs import JobQueue, QueuedJob
+from consent_flow.queue.commit_jobs import CommitJobs
+from consent_flow.queue.scheduler import Scheduler
 from consent_flow.settings import Secret
-from consent_flow.store.redis_store import MemoryStore, RedisStore
+from consent_flow.store.redis_store import MemoryStore, RedisStore, _job_id
 
 pytestmark = pytest.mark.integration
 
@@ -281,34 +282,43 @@ async def test_notices_are_queued_only_with_a_webhook_url(make_stack, hook, monk
 
 @pytest.fixture(params=["memory", "redis"])
 async def stores(request, redis_server):
-    """A store and an arq pool to serialize jobs with (the same Redis)."""
+    """A store, and the queue its commits write jobs to."""
     pool = ArqRedis(port=redis_server.port)
+    queue = "q" + uuid.uuid4().hex[:8]
     try:
         if request.param == "memory":
-            yield MemoryStore(), pool
+            yield MemoryStore(), pool, queue
         else:
-            yield RedisStore(pool, prefix="w" + uuid.uuid4().hex[:8]), pool
+            store = RedisStore(pool, prefix="w" + uuid.uuid4().hex[:8])
+            scheduler = Scheduler(pool, keys=store.keys, queue_name=queue)
+            store.commit_jobs = CommitJobs(scheduler, prefix=store.keys.prefix)
+            yield store, pool, queue
     finally:
         await pool.aclose()
 
 
-async def queued_ids(store: Any, pool: ArqRedis, queue: str) -> set[str]:
+async def queued(store: Any, pool: ArqRedis, queue: str) -> set[str]:
     if isinstance(store, MemoryStore):
         return set(store.jobs)
     return {job.decode() for job in await pool.zrange(queue, 0, -1)}
 
 
+def job_id(store: Any, job: Job) -> str:
+    if isinstance(store, MemoryStore):
+        return _job_id("alice", job)
+    return str(store.commit_jobs.queued("alice", job).job_id)
+
+
 async def test_a_commit_queues_every_job_it_carries_only_when_it_applies(stores):
-    store, pool = stores
-    queue = "q" + uuid.uuid4().hex[:8]
-    jobs = JobQueue(pool)
+    store, pool, queue = stores
 
-    def job(name: str) -> QueuedJob:
-        return jobs.job("f", (name,), job_id=f"{queue}:{name}", queue=queue)
+    def notice(name: str) -> NoticeJob:
+        return NoticeJob(name, {"id": name}, keep_for=60.0)
 
+    refresh, first, again = RefreshJob(5000.25), notice("n1"), notice("again")
     rec = await store.load("alice")
 
-    def step(event_id: str, version: int, *carried: QueuedJob) -> Change:
+    def step(event_id: str, version: int, *carried: Job) -> Change:
         return Change(
             user="alice",
             event=Event.PROVISION_REQUESTED,
@@ -321,19 +331,36 @@ async def test_a_commit_queues_every_job_it_carries_only_when_it_applies(stores)
             jobs=carried,
         )
 
-    applied = await store.commit(step("e1", rec.version, job("refresh"), job("notice")))
+    applied = await store.commit(step("e1", rec.version, refresh, first))
     assert applied.ok
-    assert await queued_ids(store, pool, queue) == {f"{queue}:refresh", f"{queue}:notice"}
+    assert await queued(store, pool, queue) == {job_id(store, refresh), job_id(store, first)}
     # The same event again: a duplicate, which queues nothing, not even a job id never seen.
-    assert (await store.commit(step("e1", 0, job("again")))).status == "duplicate"
+    assert (await store.commit(step("e1", 0, again))).status == "duplicate"
     # A step that read an older version loses, and queues nothing.
-    assert (await store.commit(step("e2", 0, job("lost")))).status == "conflict"
-    assert await queued_ids(store, pool, queue) == {f"{queue}:refresh", f"{queue}:notice"}
-    # A job arq still holds is not queued twice by a later commit that applies.
-    later = await store.commit(step("e3", applied.version, job("notice"), job("next")))
-    assert later.ok
-    assert await queued_ids(store, pool, queue) == {
-        f"{queue}:refresh",
-        f"{queue}:notice",
-        f"{queue}:next",
-    }
+    assert (await store.commit(step("e2", 0, notice("lost")))).status == "conflict"
+    assert await queued(store, pool, queue) == {job_id(store, refresh), job_id(store, first)}
+    # A job the queue still holds is not queued twice by a later commit that applies; the
+    # refresh it replaces goes.
+    later = RefreshJob(6000.5)
+    step3 = step("e3", applied.version, first, later)
+    step3.drop_refresh_at = refresh.at
+    assert (await store.commit(step3)).ok
+    assert await queued(store, pool, queue) == {job_id(store, first), job_id(store, later)}
+
+
+async def test_a_notice_names_the_provider_of_its_connection(
+    make_stack, hook, env, two_providers, tmp_path
+):
+    from conftest import make_settings, providers_env
+
+    base = make_settings(providers_env(env, two_providers, tmp_path))
+    stack = await hooked(make_stack, hook.url, base=base)
+    status = await stack.client.request_provisioning("alice", "github")
+    assert status.authorization_url
+    response = await stack.callback(await approve(status.authorization_url, "alice"))
+    assert response.status_code == 200
+    await hook.wait_for(lambda: got(hook, "connection.provisioned"))
+    await stack.client.revoke("alice", "github")
+    await hook.wait_for(lambda: got(hook, "connection.revoked"))
+    for notice in notices(hook):
+        assert (notice["data"]["user"], notice["data"]["provider"]) == ("alice", "github")

@@ -18,6 +18,7 @@ import structlog
 from arq import cron, func
 
 from consent_flow.engine.engine import Engine
+from consent_flow.engine.provider_watch import ProviderWatch
 from consent_flow.engine.refresh import Refresher, RetryPolicy
 from consent_flow.engine.webhooks import (
     WEBHOOK_ATTEMPT_DEADLINE,
@@ -29,6 +30,7 @@ from consent_flow.engine.webhooks import (
 from consent_flow.errors import UnknownKeyError
 from consent_flow.oidc import HttpClients, OAuthClient
 from consent_flow.queue.bus import HANDLE_EVENT, JOB_SERIALIZERS, EventBus
+from consent_flow.queue.commit_jobs import CommitJobs
 from consent_flow.queue.jobs import JOB_TIMEOUT, REFRESH_MAX_TRIES
 from consent_flow.queue.scheduler import REFRESH_JOB, Scheduler
 from consent_flow.settings import ProviderConfig, Settings
@@ -111,10 +113,16 @@ def _provider_stack(
     """One provider's engine stack: its settings, keys, OpenID client, bound ring, engine,
     schedule and refresher."""
     seen = settings.for_provider(config.name)
-    store = RedisStore(redis, prefix=settings.redis_prefix, provider=config.name)
+    store = RedisStore(
+        redis,
+        prefix=settings.redis_prefix,
+        provider=config.name,
+        wait_replicas=settings.wait_replicas,
+    )
     bound = ring.for_provider(config.name)
     oauth = OAuthClient(seen, http, clock=clock)
     scheduler = Scheduler(redis, keys=store.keys, queue_name=settings.queue_name, clock=clock)
+    store.commit_jobs = CommitJobs(scheduler, prefix=settings.redis_prefix)
     engine = Engine(
         settings=seen,
         store=store,
@@ -208,6 +216,20 @@ def worker_settings(
         ctx["heartbeat"] = asyncio.create_task(
             _heartbeat(shared, clock), name="consent-flow-heartbeat"
         )
+        # A provider may be down at start: retried in the background, health red meanwhile.
+        ctx["provider_watches"] = [
+            asyncio.create_task(
+                ProviderWatch(
+                    stack.oauth,
+                    ctx["redis"],
+                    stack.store.keys,
+                    refresher=stack.refresher,
+                    clock=clock,
+                ).run(),
+                name=f"consent-flow-provider-{name}",
+            )
+            for name, stack in services.stacks.items()
+        ]
         log.info(
             "worker_started",
             queue=settings.queue_name,
@@ -218,11 +240,11 @@ def worker_settings(
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
-        heartbeat: asyncio.Task[None] | None = ctx.get("heartbeat")
-        if heartbeat is not None:
-            heartbeat.cancel()
+        tasks: list[asyncio.Task[None]] = [ctx["heartbeat"]] if "heartbeat" in ctx else []
+        for task in [*tasks, *ctx.get("provider_watches", ())]:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+                await task
         services: Services | None = ctx.get("services")
         if services is not None:
             await asyncio.gather(

@@ -42,6 +42,8 @@ from arq.worker import Worker
 from consent_flow.engine.refresh import REDIS_ERRORS
 from consent_flow.queue.jobs import JobQueue
 from consent_flow.store.clock import CLOCK_RESYNC_INTERVAL, RedisClock
+from consent_flow.store.connection import create_redis_pool
+from consent_flow.store.scripts import lua
 
 try:
     import uvloop
@@ -54,29 +56,6 @@ log = structlog.get_logger("consent_flow.worker")
 
 OUTAGE_POLL_DELAY = 1.0  # seconds between polls while Redis is away (after the client's retries)
 CLOSE_REDIS_TIMEOUT = 1.0  # seconds each clean-up step with Redis may take when the worker stops
-
-# KEYS: the queue. ARGV: the in-progress key prefix, in-progress ttl (ms), how many jobs to
-# claim at most, how many due entries to look at at most. Returns job id, score, ... of the jobs
-# this worker now owns, oldest first. Due means due by Redis's clock. The in-progress keys are
-# built here, like arq's own (the project runs on one Redis, not a cluster).
-_CLAIM_DUE = """
-local t = redis.call('TIME')
-local now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-local queue, prefix, ttl = KEYS[1], ARGV[1], ARGV[2]
-local want, look = tonumber(ARGV[3]), tonumber(ARGV[4])
-local due = redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'WITHSCORES', 'LIMIT', 0, look)
-local claimed = {}
-for i = 1, #due, 2 do
-  local key = prefix .. due[i]
-  if redis.call('EXISTS', key) == 0 then
-    redis.call('SET', key, '1', 'PX', ttl)
-    claimed[#claimed + 1] = due[i]
-    claimed[#claimed + 1] = due[i + 1]
-    if #claimed >= 2 * want then break end
-  end
-end
-return claimed
-"""
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -124,6 +103,18 @@ class ConsentWorker(Worker):
         else:  # Sentinel: its addresses
             where = ",".join(f"{host}:{port}" for host, port in rs.host)
         return f"{where}/{rs.database}"
+
+    async def main(self) -> None:
+        # arq's, with the pool made like the project's other pools (a Sentinel's too).
+        if self._pool is None and self.redis_settings is not None:
+            self._pool = await create_redis_pool(
+                self.redis_settings,
+                job_deserializer=self.job_deserializer,
+                job_serializer=self.job_serializer,
+                default_queue_name=self.queue_name,
+                expires_extra_ms=self.expires_extra_ms,
+            )
+        await super().main()
 
     async def _poll_iteration(self) -> None:
         try:
@@ -188,7 +179,7 @@ class ConsentWorker(Worker):
 
     async def _start_due(self, free: int) -> None:
         if self._claim_due is None:
-            self._claim_due = self.pool.register_script(_CLAIM_DUE)
+            self._claim_due = self.pool.register_script(lua("claim_due"))
         claimed = await self._claim_due(
             keys=[self.queue_name],
             args=[

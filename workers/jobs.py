@@ -181,7 +181,9 @@ async def _cleanup(services: Services, stack: ProviderStack) -> None:
             expired += 1
     # Upgrade sessions beside a grant: the grant's own index does not say which are open.
     for user in await store.upgrades_due(now, limit=500):
-        await services.bus.emit(Envelope(Event.SESSION_EXPIRED, user, "worker", reply=False))
+        await services.bus.emit(
+            Envelope(Event.SESSION_EXPIRED, user, "worker", reply=False, provider=stack.config.name)
+        )
         expired += 1
     revoked = 0
     for user in await store.outbox_due(now, limit=100):

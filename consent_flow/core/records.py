@@ -2,29 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypedDict
 
 from consent_flow.core.table import Event, Facts, State
 from consent_flow.errors import ConsentError, InvalidScope
 
-if TYPE_CHECKING:
-    from consent_flow.queue.jobs import JobRef, QueuedJob
-
 __all__ = [
-    "CIPHER_FIELDS",
     "ON_DEMAND_COOLDOWN",
-    "SEALED_KEYS",
     "Change",
     "CommitResult",
     "ConsentRecord",
     "HistoryEntry",
+    "Job",
+    "NoticeJob",
     "ProviderRevocation",
+    "RecordFields",
+    "RefreshCount",
+    "RefreshJob",
     "check_scopes",
     "check_user",
     "cooldown_reason",
@@ -70,16 +69,6 @@ def revocation_note(value: ProviderRevocation) -> str:
         "revocation at the provider kept failing and was given up: the grant stays valid there "
         f"until it lapses; {_WITHDRAW}"
     )
-
-
-# Record hash fields that hold ciphertext (v1 text): the authorization session.
-CIPHER_FIELDS = ("sess",)
-# Ciphertext kept beside the record, each in a key of its own (v2 binary): the tokens, and the
-# tokens still to revoke at the provider. Apart, they leave the record hash small enough for
-# Redis's compact encoding. Records written by earlier versions hold them as hash fields of the
-# same names (v1 text): still read, and moved into the keys by the next write or `keys rotate`.
-# The store counts ciphertexts per key id over both (start-up key check, rotation).
-SEALED_KEYS = ("tok", "rvk")
 
 
 def check_user(user: object) -> str:
@@ -158,23 +147,9 @@ def cooldown_reason(rec: ConsentRecord, retry_at: float) -> str:
     return f"{last}; the provider is tried again at {iso(retry_at)}"
 
 
-def _float(value: str | None) -> float | None:
-    if value is None or value == "":
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
-def _revocation(value: str | None) -> ProviderRevocation | None:
-    try:
-        return ProviderRevocation(value) if value else None
-    except ValueError:
-        return None  # written by a later version: shown as unknown, never fails a read
-
-
 @dataclass(frozen=True, slots=True)
 class ConsentRecord:
-    """What the store holds for one user. Ciphertext fields stay sealed here."""
+    """What the store holds for one user. Ciphertext stays sealed here."""
 
     user: str
     state: State = State.UNPROVISIONED
@@ -193,6 +168,7 @@ class ConsentRecord:
     session_id: str | None = None
     session_digest: str | None = None  # SHA-256 of the session's state: its lookup key
     session_expires_at: float | None = None
+    session_claim: str | None = None  # the event id of the callback that claimed the session
     requested_scopes: tuple[str, ...] = ()  # what the open session asks for
     next_refresh_at: float | None = None
     last_refresh_at: float | None = None
@@ -202,67 +178,20 @@ class ConsentRecord:
     last_failure_at: float | None = None
     revocation_pending: bytes | None = None  # ciphertext: tokens still to revoke at the provider
     provider_revocation: ProviderRevocation | None = None  # set by a revocation
+    revocation_attempts: int = 0  # failed tries to revoke ``revocation_pending`` at the provider
     inflight: float | None = None  # a refresh request was sent at this time and not answered
-    raw: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def from_hash(
-        cls, user: str, data: dict[str, str], sealed: Mapping[str, bytes] | None = None
-    ) -> ConsentRecord:
-        """The record from its hash and its sealed keys (``SEALED_KEYS`` by name)."""
-        if not data:
-            return cls(user=user)
-
-        def _sealed(name: str) -> bytes | None:
-            value = (sealed or {}).get(name)
-            if value:
-                return value
-            legacy = data.get(name)  # an earlier version's layout: v1 text in the hash
-            return legacy.encode() if legacy else None
-
-        return cls(
-            user=user,
-            state=State(data.get("state", State.UNPROVISIONED.value)),
-            version=int(data.get("v", "0")),
-            since=_float(data.get("since")),
-            reason=data.get("reason") or None,
-            actor=data.get("actor") or None,
-            subject=data.get("sub") or None,
-            scopes=tuple(data.get("scopes", "").split()),
-            scopes_missing=tuple(data.get("smiss", "").split()),
-            tokens=_sealed("tok"),
-            expires_at=_float(data.get("exp")),
-            refresh_expires_at=_float(data.get("rexp")),
-            session=data.get("sess") or None,
-            session_id=data.get("sid") or None,
-            session_digest=data.get("shash") or None,
-            session_expires_at=_float(data.get("sexp")),
-            requested_scopes=tuple(data.get("rscopes", "").split()),
-            next_refresh_at=_float(data.get("next")),
-            last_refresh_at=_float(data.get("lastref")),
-            refresh_failures=int(data.get("fails", "0") or 0),
-            last_refresh_error=data.get("referr") or None,
-            failing_since=_float(data.get("failsince")),
-            last_failure_at=_float(data.get("failat")),
-            revocation_pending=_sealed("rvk"),
-            provider_revocation=_revocation(data.get("provrev")),
-            inflight=_float(data.get("inflight")),
-            raw=data,
-        )
+    imported_at: float | None = None  # when the grant was last imported; no revocation clears it
 
     def after(self, change: Change, version: int) -> ConsentRecord:
         """This record as the store holds it once ``change`` committed on top of it."""
-        writes, deletes = change.writes()
-        data = {k: v for k, v in self.raw.items() if k not in deletes and k not in change.sealed}
-        data.update(writes)
-        data["v"] = str(version)
-        sealed = {
-            name: value
-            for name, value in (("tok", self.tokens), ("rvk", self.revocation_pending))
-            if value is not None and name not in deletes
-        }
-        sealed.update(change.sealed)
-        return ConsentRecord.from_hash(self.user, data, sealed)
+        values: dict[str, Any] = {name: _DEFAULTS[name] for name in change.clear}
+        values.update(change.fields)
+        values.update(state=change.to_state, version=version)
+        if change.moves:
+            values["since"] = change.at
+        if change.record_history:
+            values.update(actor=change.actor, reason=change.reason or None)
+        return dataclasses.replace(self, **values)
 
     @property
     def upgrading(self) -> bool:
@@ -314,6 +243,70 @@ class ConsentRecord:
             out["requested_scopes"] = list(self.requested_scopes)
             out["session_expires_at"] = iso(self.session_expires_at)
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshJob:
+    """The refresh due at ``at`` (one job per user and due time)."""
+
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeJob:
+    """A webhook notice to deliver: its id, its job form (JSON, nothing secret), and how long
+    the queue must remember its id so the same notice is never delivered twice (seconds)."""
+
+    id: str
+    notice: dict[str, Any]
+    keep_for: float
+
+
+Job = RefreshJob | NoticeJob
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshCount:
+    """A refresh for the figures: its outcome, and how long before expiry it happened."""
+
+    outcome: str
+    lead: float | None = None
+
+
+class RecordFields(TypedDict, total=False):
+    """What a change may set on a record, by attribute (see :class:`ConsentRecord`)."""
+
+    subject: str | None
+    scopes: tuple[str, ...]
+    scopes_missing: tuple[str, ...]
+    tokens: bytes | None
+    expires_at: float | None
+    refresh_expires_at: float | None
+    session: str | None
+    session_id: str | None
+    session_digest: str | None
+    session_expires_at: float | None
+    session_claim: str | None
+    requested_scopes: tuple[str, ...]
+    next_refresh_at: float | None
+    last_refresh_at: float | None
+    refresh_failures: int
+    last_refresh_error: str | None
+    failing_since: float | None
+    last_failure_at: float | None
+    revocation_pending: bytes | None
+    provider_revocation: ProviderRevocation | None
+    revocation_attempts: int
+    inflight: float | None
+    imported_at: float | None
+
+
+# What clearing an attribute leaves: its default (the state and version are the store's).
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default
+    for f in dataclasses.fields(ConsentRecord)
+    if f.name not in ("user", "state", "version")
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,11 +386,9 @@ class Change:
     at: float
     reason: str | None = None
     correlation_id: str | None = None
-    set_fields: dict[str, str] = field(default_factory=dict)
-    # Ciphertext for the keys beside the record (``SEALED_KEYS``); naming one of those in
-    # ``delete_fields`` wipes it, wherever it is kept.
-    sealed: dict[str, bytes] = field(default_factory=dict)
-    delete_fields: tuple[str, ...] = ()
+    # Record attributes the step sets (None clears one), and those it resets to their default.
+    fields: RecordFields = field(default_factory=lambda: RecordFields())
+    clear: tuple[str, ...] = ()
     schedule_at: float | None = None  # refresh due time; None leaves the schedule alone
     unschedule: bool = False
     session_lookup: tuple[str, int] | None = None  # (state hash, ttl) to register
@@ -406,34 +397,19 @@ class Change:
     upgrade_until: float | None = None
     drop_upgrade: bool = False
     record_history: bool = True
-    reply: tuple[str, str] | None = None  # (reply key, outcome JSON) pushed if the commit applies
-    # Also only if the commit applies: arq jobs to queue (the next refresh, a webhook notice;
-    # each refused while arq still holds its id), the job of the schedule it cancels or
-    # replaces, the release of the user's lock (its owner token), and counters added to hashes
-    # (key, field, amount as text).
-    jobs: tuple[QueuedJob, ...] = ()
-    drop_job: JobRef | None = None
-    unlock: str | None = None
-    counters: tuple[tuple[str, str, str], ...] = ()
+    # (the event id its caller waits on, the outcome JSON): pushed if the commit applies
+    reply: tuple[str, str] | None = None
+    # Also only if the commit applies: jobs to queue (the next refresh, a webhook notice; each
+    # refused while the queue still holds its id), the queued refresh of the schedule it
+    # cancels or replaces (by its due time), and the refresh it counts.
+    jobs: tuple[Job, ...] = ()
+    drop_refresh_at: float | None = None
+    refresh_count: RefreshCount | None = None
 
     @property
     def moves(self) -> bool:
         """Whether the user enters a state (a new ``since``, the state indexes updated)."""
         return self.to_state is not self.expect_state or self.expect_version == 0
-
-    def writes(self) -> tuple[dict[str, str], tuple[str, ...]]:
-        """Every record field this change sets, and the ones it deletes (the version aside)."""
-        misplaced = set(SEALED_KEYS) & set(self.set_fields) or set(self.sealed) - set(SEALED_KEYS)
-        if misplaced:
-            raise ValueError(f"sealed values go in Change.sealed, by SEALED_KEYS: {misplaced}")
-        fields = dict(self.set_fields)
-        fields["state"] = self.to_state.value
-        if self.moves:
-            fields["since"] = repr(self.at)
-        if self.record_history:
-            fields["actor"] = self.actor
-            fields["reason"] = self.reason or ""
-        return fields, self.delete_fields
 
     def history_entry(self) -> HistoryEntry:
         return HistoryEntry(
@@ -453,6 +429,9 @@ class CommitResult:
     status: str  # "ok", "conflict" or "duplicate"
     version: int = 0
     state: State | None = None
+    # False when the store was asked to wait for replicas and too few acknowledged the commit in
+    # time: a failover now could lose it.
+    replicated: bool = True
 
     @property
     def ok(self) -> bool:

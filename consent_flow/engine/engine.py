@@ -19,11 +19,15 @@ from typing import Any, TypeVar
 
 import structlog
 from arq.connections import ArqRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consent_flow.core.records import (
     Change,
+    CommitResult,
     ConsentRecord,
     ProviderRevocation,
+    RecordFields,
     check_scopes,
     clip,
     guard_facts,
@@ -32,7 +36,7 @@ from consent_flow.core.records import (
     revocation_note,
 )
 from consent_flow.core.table import ConsentMachine, Effect, Event, Facts, State, Transition
-from consent_flow.engine.webhooks import Notice, NoticeKind, notice_job, notice_kind
+from consent_flow.engine.webhooks import Notice, NoticeKind, commit_notice, notice_kind
 from consent_flow.errors import (
     ClientRejected,
     ConsentError,
@@ -53,8 +57,9 @@ from consent_flow.oidc import (
     new_state,
 )
 from consent_flow.queue.bus import Envelope, Outcome, new_id
-from consent_flow.queue.jobs import JobQueue, JobRef
-from consent_flow.queue.scheduler import refresh_job_ref
+from consent_flow.queue.commit_jobs import CommitJobs
+from consent_flow.queue.jobs import JobQueue
+from consent_flow.queue.scheduler import Scheduler
 from consent_flow.settings import Settings
 from consent_flow.store.redis_store import INBOX_TTL, RedisStore, state_hash
 from consent_flow.store.vault import KeyRing, open_tokens, seal_tokens
@@ -76,6 +81,8 @@ log = structlog.get_logger("consent_flow.engine")
 LOCK_TTL_FACTOR = 3
 LOCK_WAIT_EXTRA = 5.0
 MAX_CONFLICT_RETRIES = 5
+# Seconds between two looks at a commit of new tokens that the replicas did not confirm.
+REPLICATION_RECHECK = 1.0
 MIN_REFRESH_DELAY = 1.0  # never schedule a refresh sooner than this after the last one
 REFRESH_JITTER = 0.1  # up to this share of the lead time is taken off, so refreshes spread out
 MAX_REFRESH_JITTER = 300.0
@@ -85,28 +92,34 @@ LAPSE_MOVE_SLACK = 2.0
 # What an import hears back for a user it leaves alone, in the outcome's ``skipped`` detail.
 IMPORT_SKIPPED_PROVISIONED = "already_provisioned"
 IMPORT_SKIPPED_PENDING = "pending"
-# A record field no revocation clears: when the user's grant was last imported. An import run
-# leaves a revoked user alone when it is set, so a grant that ended is not brought back.
-IMPORTED_AT_FIELD = "impat"
 OUTBOX_RETRY_BASE = 30.0  # seconds before a provider revocation that failed is tried again
 OUTBOX_RETRY_CAP = 3600.0
 # Tries of one provider revocation before the outbox gives up on it (about a day of backoff).
 OUTBOX_MAX_ATTEMPTS = 30
 
-SESSION_FIELDS = ("sess", "sid", "sexp", "shash", "claimed", "rscopes")
+# The record attributes of an authorization session, and of a grant. A grant's import time is
+# not one of them: no revocation clears it, so an import run leaves a grant that ended alone.
+SESSION_FIELDS = (
+    "session",
+    "session_id",
+    "session_expires_at",
+    "session_digest",
+    "session_claim",
+    "requested_scopes",
+)
 TOKEN_FIELDS = (
-    "tok",
-    "exp",
-    "rexp",
-    "sub",
+    "tokens",
+    "expires_at",
+    "refresh_expires_at",
+    "subject",
     "scopes",
-    "smiss",
-    "next",
-    "lastref",
-    "fails",
-    "referr",
-    "failsince",
-    "failat",
+    "scopes_missing",
+    "next_refresh_at",
+    "last_refresh_at",
+    "refresh_failures",
+    "last_refresh_error",
+    "failing_since",
+    "last_failure_at",
     "inflight",
 )
 
@@ -211,6 +224,12 @@ class Engine:
         # stamps (session expiry, due times, history), so it must not be this process's clock.
         self.clock = clock
         self.on_scheduled = on_scheduled
+        if store.commit_jobs is None:
+            # The jobs this engine's commits carry go to the deployment's queue.
+            scheduler = Scheduler(
+                store.redis, keys=store.keys, queue_name=settings.queue_name, clock=clock
+            )
+            store.commit_jobs = CommitJobs(scheduler, prefix=settings.redis_prefix)
         if jobs is None and settings.webhook_url:
             if not isinstance(store.redis, ArqRedis):
                 raise ValueError("webhook notices need a store on arq's pool, or a JobQueue")
@@ -325,18 +344,7 @@ class Engine:
             failures=failures,
             failing_since=failing_since,
         )
-        job = notice_job(self.jobs, self.settings, notice)
-        if job is not None:
-            change.jobs = (*change.jobs, job)
-
-    def scheduled_job(self, rec: ConsentRecord) -> JobRef | None:
-        """The deferred refresh job of ``rec``'s schedule, for a step that cancels or replaces
-        it."""
-        if rec.next_refresh_at is None:
-            return None
-        return refresh_job_ref(
-            self.store.keys, rec.user, rec.next_refresh_at, self.settings.queue_name
-        )
+        change.jobs = (*change.jobs, commit_notice(notice))
 
     def seal_tokens(self, user: str, tokens: dict[str, str | None]) -> bytes:
         return seal_tokens(self.ring, user, tokens)
@@ -442,12 +450,12 @@ class Engine:
             user=rec.user,
             purpose="session",
         )
-        session = {
-            "sess": sealed,
-            "sid": new_id(),
-            "sexp": repr(expires),
-            "shash": state_hash(state),
-            "rscopes": " ".join(scopes),
+        session: RecordFields = {
+            "session": sealed,
+            "session_id": new_id(),
+            "session_expires_at": expires,
+            "session_digest": state_hash(state),
+            "requested_scopes": scopes,
         }
         common: dict[str, Any] = {
             "session_lookup": (state_hash(state), self.settings.session_ttl),
@@ -460,8 +468,8 @@ class Engine:
                 rec,
                 row,
                 reason=None,
-                set_fields=session,
-                delete_fields=("claimed",),
+                fields=session,
+                clear=("session_claim",),
                 upgrade_until=expires,
                 **common,
             )
@@ -472,10 +480,10 @@ class Engine:
                 rec,
                 row,
                 reason="authorization session renewed" if renewed else None,
-                set_fields=session,
-                delete_fields=("claimed", "reason", "provrev", *TOKEN_FIELDS),
+                fields=session,
+                clear=("session_claim", "reason", "provider_revocation", *TOKEN_FIELDS),
                 unschedule=True,
-                drop_job=self.scheduled_job(rec),
+                drop_refresh_at=rec.next_refresh_at,
                 **common,
             )
         # The caller's answer rides in the commit itself: one round trip less per event.
@@ -484,7 +492,7 @@ class Engine:
             after, envelope, "applied", url=url, detail=self._session_detail(after)
         )
         if envelope.reply:
-            change.reply = (self.store.keys.reply(envelope.event_id), outcome.reply_json(envelope))
+            change.reply = (envelope.event_id, outcome.reply_json(envelope))
         return change, outcome
 
     @staticmethod
@@ -502,9 +510,13 @@ class Engine:
     # --- authorization_completed ------------------------------------------------------------
 
     async def _authorization_completed(self, envelope: Envelope) -> Outcome:
-        # Under the user's lock: an upgrade replaces the tokens a refresh may be rewriting.
-        async with self.user_lock(envelope.user):
-            return await self._complete_authorization(envelope)
+        if (await self.store.load(envelope.user)).upgrading:
+            # Under the user's lock: an upgrade replaces the tokens a refresh may be rewriting
+            # (single flight). A first authorization has no tokens to race with, and a
+            # revocation meanwhile must be able to beat it.
+            async with self.user_lock(envelope.user):
+                return await self._complete_authorization(envelope)
+        return await self._complete_authorization(envelope)
 
     async def _complete_authorization(self, envelope: Envelope) -> Outcome:
         rec = await self.store.load(envelope.user)
@@ -575,46 +587,48 @@ class Engine:
         due = self.refresh_due(tokens.expires_at, now, tokens.refresh_expires_at)
         missing = [s for s in rec.requested_scopes if s not in tokens.scopes]
         old = self._replaced_tokens(rec, tokens) if row.effect is Effect.REPLACE_GRANT else None
-        sealed: dict[str, bytes] = {
-            "tok": self.seal_tokens(
+        fields: RecordFields = {
+            "tokens": self.seal_tokens(
                 rec.user,
                 {"access_token": tokens.access_token, "refresh_token": tokens.refresh_token},
             ),
+            "expires_at": tokens.expires_at,
+            "refresh_expires_at": tokens.refresh_expires_at,
+            "subject": claims.subject,
+            "scopes": tokens.scopes,
+            "scopes_missing": tuple(missing),
+            "next_refresh_at": due,
+            "last_refresh_at": now,
+            "refresh_failures": 0,
         }
         if old is not None and rec.revocation_pending is None:
             # The replaced grant goes to the revocation outbox in the step that replaces it:
             # a provider that is down now does not make us forget to revoke it.
-            sealed["rvk"] = rec.tokens  # type: ignore[assignment]
+            fields["revocation_pending"] = rec.tokens
         change = self._change(
             envelope,
             rec,
             row,
             reason=None,
-            sealed=sealed,
-            set_fields={
-                "exp": repr(tokens.expires_at) if tokens.expires_at is not None else "",
-                "rexp": _time_field(tokens.refresh_expires_at),
-                "sub": claims.subject,
-                "scopes": " ".join(tokens.scopes),
-                "smiss": " ".join(missing),
-                "next": repr(due),
-                "lastref": repr(now),
-                "fails": "0",
-            },
-            delete_fields=(
+            fields=fields,
+            clear=(
                 *SESSION_FIELDS,
-                "referr",
+                "last_refresh_error",
                 "reason",
-                "failsince",
-                "failat",
+                "failing_since",
+                "last_failure_at",
                 "inflight",
             ),
             drop_session_lookup=rec.session_digest,
             schedule_at=due,
-            drop_job=self.scheduled_job(rec),
+            drop_refresh_at=rec.next_refresh_at,
             drop_upgrade=rec.upgrading,
         )
         result = await self.store.commit(change)
+        if result.ok and not result.replicated:
+            # The code is spent: these tokens are the grant's only copy. Shielded, so a job
+            # timeout does not stop the confirmation half-way.
+            result = await asyncio.shield(self._until_replicated(change))
         if not result.ok:
             # Lost the race (revoked meanwhile, say): these tokens must not live on.
             await self.revoke_obtained(rec.user, tokens, why="transition lost")
@@ -624,7 +638,7 @@ class Engine:
         after = rec.after(change, result.version)
         detail: dict[str, Any] = {"scopes": list(after.scopes)}
         if old is not None:
-            if "rvk" in sealed:
+            if "revocation_pending" in fields:
                 outcome = await self.revoke_pending(rec.user)
             else:
                 await self.revoke_obtained(rec.user, old, why="upgrade replaced it")
@@ -659,6 +673,26 @@ class Engine:
             expires_at=None,
             scopes=rec.scopes,
         )
+
+    async def _until_replicated(self, change: Change) -> CommitResult:
+        """A commit of new tokens that its replicas did not confirm, committed again once the
+        primary this process reaches has its replicas in step: a duplicate there means it
+        survived; applied, it had been lost to a failover and is now stored again."""
+        deadline = self.clock() + self.settings.commit_retry_limit
+        while self.clock() < deadline:
+            await asyncio.sleep(REPLICATION_RECHECK)
+            try:
+                if not await self.store.confirm_replicated():
+                    continue
+                again = await self.store.commit(change)
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                continue
+            if again.status == "duplicate":
+                return CommitResult(status="ok", version=again.version, state=again.state)
+            if not again.ok or again.replicated:
+                return again
+        log.error("commit_unconfirmed", user=change.user, event_name=change.event.value)
+        return CommitResult(status="ok", version=change.expect_version + 1, replicated=False)
 
     async def _fail_authorization(
         self,
@@ -703,7 +737,7 @@ class Engine:
             rec,
             row,
             reason=reason,
-            delete_fields=SESSION_FIELDS,
+            clear=SESSION_FIELDS,
             drop_session_lookup=rec.session_digest,
             drop_upgrade=rec.upgrading,
         )
@@ -786,29 +820,27 @@ class Engine:
                 reason=None,
                 # No access token yet: stored as expired, so a caller asking for one gets it
                 # refreshed, and the first refresh is due at once so a dead grant shows now.
-                sealed={
-                    "tok": self.seal_tokens(
+                fields={
+                    "tokens": self.seal_tokens(
                         rec.user, {"access_token": "", "refresh_token": refresh_token}
-                    )
+                    ),
+                    "expires_at": now,
+                    "refresh_expires_at": lapse,
+                    "scopes": scopes,
+                    "next_refresh_at": now,
+                    "refresh_failures": 0,
+                    "imported_at": now,
                 },
-                set_fields={
-                    "exp": repr(now),
-                    "rexp": _time_field(lapse),
-                    "scopes": " ".join(scopes),
-                    "next": repr(now),
-                    "fails": "0",
-                    IMPORTED_AT_FIELD: repr(now),
-                },
-                delete_fields=(
+                clear=(
                     *SESSION_FIELDS,
-                    "sub",
-                    "lastref",
-                    "referr",
-                    "failsince",
-                    "failat",
+                    "subject",
+                    "last_refresh_at",
+                    "last_refresh_error",
+                    "failing_since",
+                    "last_failure_at",
                     "inflight",
                     "reason",
-                    "provrev",
+                    "provider_revocation",
                 ),
                 drop_session_lookup=rec.session_digest,
                 schedule_at=now,
@@ -841,22 +873,23 @@ class Engine:
                 # Otherwise the sealed tokens move to the revocation outbox in the same step
                 # that wipes them, so no process hands them out again and a provider that is
                 # down now does not make us forget to revoke them later.
-                provrev = {}
+                fields: RecordFields = {}
                 if rec.tokens is not None:
                     pending = ProviderRevocation.UNSUPPORTED if unsupported else None
-                    provrev["provrev"] = (pending or ProviderRevocation.DEFERRED).value
+                    fields["provider_revocation"] = pending or ProviderRevocation.DEFERRED
+                    if not unsupported:
+                        fields["revocation_pending"] = rec.tokens
                 change = self._change(
                     envelope,
                     rec,
                     row,
                     reason=reason,
-                    sealed={"rvk": rec.tokens} if rec.tokens and not unsupported else {},
-                    set_fields=provrev,
-                    delete_fields=(*SESSION_FIELDS, *TOKEN_FIELDS),
+                    fields=fields,
+                    clear=(*SESSION_FIELDS, *TOKEN_FIELDS),
                     drop_session_lookup=rec.session_digest,
                     drop_upgrade=rec.upgrading,
                     unschedule=True,
-                    drop_job=self.scheduled_job(rec),
+                    drop_refresh_at=rec.next_refresh_at,
                 )
                 result = await self.store.commit(change)
                 if result.status == "conflict":
@@ -912,7 +945,7 @@ class Engine:
         try:
             await self._revoke_tokens(self.open_tokens(user, rec.revocation_pending))
         except (ProviderError, VaultError) as exc:
-            attempts = int(await redis.hincrby(keys.rec(user), "rvktries", 1))
+            attempts = await self.store.count_revocation_attempt(user)
             if attempts >= OUTBOX_MAX_ATTEMPTS:
                 await self.store.drop_revoked(
                     user, rec.revocation_pending, outcome=ProviderRevocation.ABANDONED
@@ -1017,11 +1050,6 @@ def parse_imported_lapse(text: str) -> float | None:
     if not math.isfinite(value):
         raise ValueError("an imported expiry is not a finite number")
     return value
-
-
-def _time_field(at: float | None) -> str:
-    """A record time field: empty for "none"."""
-    return "" if at is None else repr(at)
 
 
 def _describe(exc: ConsentError) -> str:

@@ -28,7 +28,7 @@ from cryptography.fernet import Fernet
 
 from consent_flow.client import ConsentClient
 from consent_flow.core.table import Event, State
-from consent_flow.engine.engine import IMPORT_SKIPPED_PENDING, IMPORTED_AT_FIELD
+from consent_flow.engine.engine import IMPORT_SKIPPED_PENDING
 from consent_flow.errors import ConsentError
 from consent_flow.queue.bus import Envelope, new_id
 from consent_flow.store.import_source import (
@@ -46,7 +46,6 @@ from consent_flow.store.import_source import (
 __all__ = [
     "IMPORT_ACTOR",
     "IMPORT_CURSOR_TTL",
-    "PROVIDERS",
     "ImportFailed",
     "ImportReport",
     "ProgressBar",
@@ -57,8 +56,6 @@ __all__ = [
 log = structlog.get_logger("consent_flow.import")
 
 IMPORT_ACTOR = "import"
-# The providers an import can target; one deployment serves one today.
-PROVIDERS = ("default",)
 # How long a half-done import can be resumed; after that a run starts over (and skips the users
 # it already provisioned).
 IMPORT_CURSOR_TTL = 30 * 24 * 3600
@@ -208,9 +205,7 @@ async def _import_row(
         return Outcome.SKIPPED_ALREADY_PROVISIONED
     if rec.state is State.PENDING:
         return Outcome.SKIPPED_PENDING
-    if rec.state is State.REVOKED and await store.redis.hexists(
-        store.keys.rec(grant.user), IMPORTED_AT_FIELD
-    ):
+    if rec.state is State.REVOKED and rec.imported_at is not None:
         # Imported once and ended since (rejected by the provider, or revoked on purpose): the
         # source's copy of that grant must not bring it back.
         return Outcome.SKIPPED_ENDED_AFTER_IMPORT

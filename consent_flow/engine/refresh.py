@@ -30,9 +30,19 @@ import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from consent_flow.core.records import Change, ConsentRecord, clip, cooldown_reason, iso
+from consent_flow.core.records import (
+    Change,
+    ConsentRecord,
+    RecordFields,
+    RefreshCount,
+    RefreshJob,
+    clip,
+    cooldown_reason,
+    iso,
+)
 from consent_flow.core.table import Event, State
 from consent_flow.engine.engine import (
+    REPLICATION_RECHECK,
     SESSION_FIELDS,
     TOKEN_FIELDS,
     Engine,
@@ -50,7 +60,6 @@ from consent_flow.errors import (
 )
 from consent_flow.oidc import TokenSet
 from consent_flow.queue.bus import Envelope, Outcome
-from consent_flow.queue.jobs import JobRef, QueuedJob
 from consent_flow.queue.scheduler import Scheduler
 from consent_flow.store.metrics import MetricsRecorder
 from consent_flow.store.redis_store import due_ms
@@ -83,8 +92,13 @@ class CommitConflict(Exception):
     """A refresh's commit met a new version of the record every time it re-read it."""
 
 
+class NotReplicated(Exception):
+    """A refresh's commit applied, but fewer replicas than ``CONSENT_REDIS_WAIT_REPLICAS``
+    confirmed it in time: a failover now would lose it."""
+
+
 # What sends a refresh's commit to the background retry.
-_DEFERRABLE: tuple[type[BaseException], ...] = (*REDIS_ERRORS, CommitConflict)
+_DEFERRABLE: tuple[type[BaseException], ...] = (*REDIS_ERRORS, CommitConflict, NotReplicated)
 
 
 class Fit(enum.Enum):
@@ -185,13 +199,26 @@ class Refresher:
             return None
         return halt
 
-    async def _may_probe(self) -> bool:
+    async def may_probe(self) -> bool:
+        """Whether this process may try the provider while refreshes are paused: one try per
+        ``halt_probe`` seconds across every worker (a refresh or a client check)."""
         key = self.store.keys.halt + ":probe"
         return bool(
             await self.store.redis.set(key, "1", nx=True, px=int(self.retry.halt_probe * 1000))
         )
 
-    async def _halt(self, exc: ClientRejected) -> None:
+    async def paused(self) -> bool:
+        return bool(await self.store.redis.exists(self.store.keys.halt))
+
+    async def lift_pause(self, why: str) -> bool:
+        """End the pause for everyone; whether there was one."""
+        lifted = bool(await self.store.redis.delete(self.store.keys.halt))
+        if lifted:
+            log.warning("refresh_pause_lifted", why=why)
+        return lifted
+
+    async def pause(self, exc: ClientRejected) -> None:
+        """Pause refreshes for everyone: the provider refused this deployment's client."""
         await self.store.redis.hset(
             self.store.keys.halt,
             mapping={
@@ -240,7 +267,7 @@ class Refresher:
             lock.token, (rec, raw_halt) = await attempt()
         try:
             halt = await self._pause_from(raw_halt)
-            if halt is not None and not await self._may_probe():
+            if halt is not None and not await self.may_probe():
                 if lock.token is not None and not on_demand and rec.state is State.PROVISIONED:
                     await self._reschedule(
                         rec, envelope, self.engine.clock() + self.retry.halt_retry, error=None
@@ -303,7 +330,10 @@ class Refresher:
         tokens = self.engine.open_tokens(user, rec.tokens)
         # Marked before the call: if this process dies with the request in flight, the next
         # attempt knows an invalid_grant may be the provider punishing a rotated token's reuse.
-        await self.store.redis.hset(self.store.keys.rec(user), "inflight", repr(now))
+        if not await self.store.mark_inflight(user, now):
+            # The replicas did not confirm what this refresh read and marked: it may have been
+            # read from a primary a failover is replacing. The token is not spent yet.
+            raise RedisConnectionError("the replicas did not confirm the refresh's start")
         call = asyncio.ensure_future(
             self.engine.oauth.refresh(tokens["refresh_token"], scopes=rec.scopes)
         )
@@ -327,7 +357,7 @@ class Refresher:
             )
         except ClientRejected as exc:
             await self.metrics.refresh("client_rejected")
-            await self._halt(exc)
+            await self.pause(exc)
             await self._reschedule(
                 rec,
                 envelope,
@@ -452,7 +482,13 @@ class Refresher:
             log.warning("refresh_commit_deferred", user=rec.user, error=type(exc).__name__)
             with contextlib.suppress(OSError):
                 self.spool.make_durable(pending)
-            return await self._retry_commit(pending, envelope, unlock=unlock, lead=lead)
+            return await self._retry_commit(
+                pending,
+                envelope,
+                unlock=unlock,
+                lead=lead,
+                unconfirmed=isinstance(exc, NotReplicated),
+            )
 
     def _track(self, user: str, work: Coroutine[Any, Any, Outcome]) -> asyncio.Task[Outcome]:
         """Run ``work`` in the background as this process's pending work for ``user``: later
@@ -496,7 +532,6 @@ class Refresher:
             fit = fits(pending, rec, self.engine.ring)
             if fit is not Fit.STORE:
                 return await self._settle(rec, pending, envelope, fit)
-            job = self.scheduler.job_for(user, pending.due_at)
             row = self.engine.machine.decide(rec.state, Event.TOKEN_REFRESHED, user=user)
             change = Change(
                 user=user,
@@ -509,25 +544,22 @@ class Refresher:
                 at=pending.at,
                 reason=None,
                 correlation_id=envelope.correlation_id,
-                sealed={"tok": pending.sealed},
-                set_fields={
-                    "exp": repr(pending.expires_at) if pending.expires_at is not None else "",
-                    "rexp": ""
-                    if pending.refresh_expires_at is None
-                    else repr(pending.refresh_expires_at),
-                    "scopes": " ".join(pending.scopes),
-                    "next": repr(pending.due_at),
-                    "lastref": repr(pending.at),
-                    "fails": "0",
+                fields={
+                    "tokens": pending.sealed,
+                    "expires_at": pending.expires_at,
+                    "refresh_expires_at": pending.refresh_expires_at,
+                    "scopes": pending.scopes,
+                    "next_refresh_at": pending.due_at,
+                    "last_refresh_at": pending.at,
+                    "refresh_failures": 0,
                 },
-                delete_fields=("referr", "failsince", "failat", "inflight"),
+                clear=("last_refresh_error", "failing_since", "last_failure_at", "inflight"),
                 schedule_at=pending.due_at,
                 # Riding in the same commit: the next refresh's job (and a notice's, below), the
                 # counters, the release of the lock and the caller's answer. One round trip.
-                jobs=(job,),
-                drop_job=self._replaced(rec, job),
-                counters=self.metrics.refresh_counters("success", lead=lead),
-                unlock=unlock,
+                jobs=(RefreshJob(pending.due_at),),
+                drop_refresh_at=self._replaced(rec, pending.due_at),
+                refresh_count=RefreshCount("success", lead),
             )
             # The success that ends a long run of failures: the run's length and start go out.
             self.engine.add_notice(
@@ -542,11 +574,12 @@ class Refresher:
                 rec.after(change, rec.version + 1), envelope, "applied", detail={"lead": lead}
             )
             if envelope.reply:
-                change.reply = (
-                    self.store.keys.reply(envelope.event_id),
-                    outcome.reply_json(envelope),
-                )
-            result = await self.store.commit(change)
+                change.reply = (envelope.event_id, outcome.reply_json(envelope))
+            result = await self.store.commit(change, unlock=unlock)
+            if result.ok and not result.replicated:
+                # The provider spent the refresh token this answer replaces: the spool file
+                # stays until the commit is known to have outlived any failover.
+                raise NotReplicated(user)
             if result.ok:
                 self._unspool(pending)
                 log.debug(  # the transition line already says it at INFO
@@ -609,7 +642,14 @@ class Refresher:
             retry_limit_s=self.retry_limit,
         )
         return self._track(
-            pending.user, self._retry_commit(pending, envelope, unlock=unlock, lead=lead)
+            pending.user,
+            self._retry_commit(
+                pending,
+                envelope,
+                unlock=unlock,
+                lead=lead,
+                unconfirmed=isinstance(error, NotReplicated),
+            ),
         )
 
     def _forget(self, user: str, task: asyncio.Task[Outcome]) -> None:
@@ -625,13 +665,20 @@ class Refresher:
         *,
         unlock: str | None,
         lead: float | None,
+        unconfirmed: bool = False,
     ) -> Outcome:
         """Commit ``pending`` once Redis answers again, with the user's lock (still held, or
-        taken again) and the record re-read; for up to ``commit_retry_limit`` seconds."""
+        taken again) and the record re-read; for up to ``commit_retry_limit`` seconds.
+        ``unconfirmed``: it applied without its replicas' confirmation; it is read back only
+        from a primary whose replicas are in step."""
         deadline = pending.at + self.retry_limit
         delay = COMMIT_RETRY_BASE
         while True:
+            if unconfirmed:
+                await asyncio.sleep(REPLICATION_RECHECK)
             try:
+                if unconfirmed and not await self.store.confirm_replicated():
+                    raise NotReplicated(pending.user)
                 token = await self._lock_again(pending.user, unlock)
                 if token is not None:
                     try:
@@ -645,6 +692,8 @@ class Refresher:
                     with contextlib.suppress(*REDIS_ERRORS):
                         await self.metrics.worker_event("commits_deferred")
                     return outcome
+            except NotReplicated:
+                unconfirmed = True
             except _DEFERRABLE:
                 pass
             if self.engine.clock() > deadline:
@@ -706,8 +755,9 @@ class Refresher:
                     outcome = await self._store(
                         rec, pending, envelope, unlock=lock.token, lead=None
                     )
-            except (ProviderUnavailable, CommitConflict):
-                # The user's lock stayed taken, or the record kept moving: the next cleanup.
+            except (ProviderUnavailable, CommitConflict, NotReplicated):
+                # The user's lock stayed taken, the record kept moving, or the replicas did not
+                # confirm the commit yet: the next cleanup.
                 log.warning("spool_entry_postponed", user=pending.user)
                 continue
             finally:
@@ -750,8 +800,7 @@ class Refresher:
     ) -> None:
         since = rec.since
         for _ in range(MAX_MERGE_ATTEMPTS):
-            fields = {"next": repr(at)}
-            job = self.scheduler.job_for(rec.user, at)
+            fields: RecordFields = {"next_refresh_at": at}
             failures = rec.refresh_failures
             failing_since = rec.failing_since
             if error is not None:
@@ -760,10 +809,12 @@ class Refresher:
                 # The first failure of a run: cleared by the next success.
                 failing_since = failing_since if failing_since is not None else now
                 fields.update(
-                    referr=clip(error) or "",
-                    fails=str(failures),
-                    failat=repr(now),
-                    failsince=repr(failing_since),
+                    {
+                        "last_refresh_error": clip(error),
+                        "refresh_failures": failures,
+                        "last_failure_at": now,
+                        "failing_since": failing_since,
+                    }
                 )
             change = Change(
                 user=rec.user,
@@ -774,12 +825,12 @@ class Refresher:
                 to_state=rec.state,
                 actor=envelope.actor,
                 at=self.engine.clock(),
-                set_fields=fields,
-                delete_fields=() if keep_inflight else ("inflight",),
+                fields=fields,
+                clear=() if keep_inflight else ("inflight",),
                 schedule_at=at,
                 record_history=False,
-                jobs=(job,),
-                drop_job=self._replaced(rec, job),
+                jobs=(RefreshJob(at),),
+                drop_refresh_at=self._replaced(rec, at),
             )
             # Once per run of failures: at the one that reaches the threshold.
             self.engine.add_notice(
@@ -799,13 +850,13 @@ class Refresher:
             if rec.state is not State.PROVISIONED or rec.since != since:
                 return
 
-    def _replaced(self, rec: ConsentRecord, job: QueuedJob) -> JobRef | None:
-        """The job of the schedule ``job`` replaces, for the commit to remove, unless it is the
-        same job. Removing it is harmless when it is the one running (arq's own clean-up finds
-        nothing left) and spares the queue a stale job when it is a later one (an on-demand
-        refresh came first)."""
-        old = self.engine.scheduled_job(rec)
-        return None if old is None or old.job_id == job.job_id else old
+    def _replaced(self, rec: ConsentRecord, due: float) -> float | None:
+        """The due time of the schedule a refresh due at ``due`` replaces, for the commit to
+        remove its job, unless it is the same job. Removing it is harmless when it is the one
+        running (arq's own clean-up finds nothing left) and spares the queue a stale job when it
+        is a later one (an on-demand refresh came first)."""
+        old = rec.next_refresh_at
+        return None if old is None or due_ms(old) == due_ms(due) else old
 
     async def _reject(
         self,
@@ -845,11 +896,11 @@ class Refresher:
             reason=reason,
             correlation_id=envelope.correlation_id,
             # An upgrade session open beside the dead grant ends with it.
-            delete_fields=(*TOKEN_FIELDS, *SESSION_FIELDS),
+            clear=(*TOKEN_FIELDS, *SESSION_FIELDS),
             drop_session_lookup=rec.session_digest,
             drop_upgrade=rec.upgrading,
             unschedule=True,
-            drop_job=self.engine.scheduled_job(rec),
+            drop_refresh_at=rec.next_refresh_at,
         )
         self.engine.add_notice(
             change, notice_kind(change.event, change.expect_state, change.to_state)

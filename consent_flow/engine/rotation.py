@@ -2,16 +2,14 @@
 
 Each record is rewritten through the same versioned commit as any transition (no history entry),
 under the user's lock like anything else that rewrites a connection's tokens: a refresh in flight
-finishes first, and the rotation then re-seals what it stored. Nothing is ever half-written. Tokens
-still in an earlier version's layout (v1 text in the record hash) move into their own keys in
-the v2 layout on the way, whatever key sealed them.
+finishes first, and the rotation then re-seals what it stored. Nothing is ever half-written.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from consent_flow.core.records import Change
+from consent_flow.core.records import Change, RecordFields
 from consent_flow.core.table import Event, State
 from consent_flow.engine.engine import LOCK_TTL_FACTOR, LOCK_WAIT_EXTRA, UserLock
 from consent_flow.errors import ProviderUnavailable
@@ -67,15 +65,16 @@ async def _rotate_one(store: RedisStore, ring: KeyRing, user: str) -> int:
     """Re-seal one user's ciphertexts, under the user's lock. Returns 1 if it rewrote them."""
     for _attempt in range(MAX_ATTEMPTS):
         rec = await store.load(user)
-        set_fields: dict[str, str] = {}
-        sealed: dict[str, bytes] = {}
+        fields: RecordFields = {}
         if rec.session is not None and ring.needs_rotation(rec.session):
             plain = ring.decrypt(rec.session, user=user, purpose="session")
-            set_fields["sess"] = ring.encrypt(plain, user=user, purpose="session")
-        for name, value in (("tok", rec.tokens), ("rvk", rec.revocation_pending)):
-            if value is not None and (ring.needs_rotation(value) or not KeyRing.is_binary(value)):
-                sealed[name] = seal_tokens(ring, user, open_tokens(ring, user, value))
-        if not set_fields and not sealed:
+            fields["session"] = ring.encrypt(plain, user=user, purpose="session")
+        if rec.tokens is not None and ring.needs_rotation(rec.tokens):
+            fields["tokens"] = seal_tokens(ring, user, open_tokens(ring, user, rec.tokens))
+        pending = rec.revocation_pending
+        if pending is not None and ring.needs_rotation(pending):
+            fields["revocation_pending"] = seal_tokens(ring, user, open_tokens(ring, user, pending))
+        if not fields:
             return 0
         result = await store.commit(
             Change(
@@ -87,8 +86,7 @@ async def _rotate_one(store: RedisStore, ring: KeyRing, user: str) -> int:
                 to_state=rec.state,
                 actor="operator",
                 at=rec.since or 0.0,
-                set_fields=set_fields,
-                sealed=sealed,
+                fields=fields,
                 record_history=False,
             )
         )

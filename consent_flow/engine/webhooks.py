@@ -41,12 +41,12 @@ import httpx
 import structlog
 from standardwebhooks import Webhook
 
-from consent_flow.core.records import clip, iso
+from consent_flow.core.records import NoticeJob, clip, iso
 from consent_flow.core.table import Event, State
 from consent_flow.logging import scrub
 from consent_flow.oidc import HttpClients
 from consent_flow.oidc.transport import retry_after as parse_retry_after
-from consent_flow.queue.jobs import REDELIVERY_WINDOW, JobQueue, QueuedJob
+from consent_flow.queue.jobs import NOTICE_JOB, REDELIVERY_WINDOW, JobQueue, QueuedJob
 from consent_flow.settings import Settings
 from consent_flow.store.redis_store import Keys
 
@@ -63,6 +63,7 @@ __all__ = [
     "WebhookRetry",
     "WebhookSender",
     "classify",
+    "commit_notice",
     "notice_job",
     "notice_kind",
     "parse_secret",
@@ -73,7 +74,7 @@ __all__ = [
 
 log = structlog.get_logger("consent_flow.webhooks")
 
-WEBHOOK_JOB: Final = "deliver_webhook"  # the arq function that delivers one notice
+WEBHOOK_JOB: Final = NOTICE_JOB  # the arq function that delivers one notice
 DEFAULT_PROVIDER: Final = "default"
 SECRET_PREFIX: Final = "whsec_"
 # The Standard Webhooks specification asks for secrets of 24 to 64 bytes.
@@ -239,7 +240,6 @@ class Notice:
             from_state=State(data["from"]) if data.get("from") else None,
             to_state=State(data["to"]) if data.get("to") else None,
             reason=str(data["reason"]) if data.get("reason") is not None else None,
-            # Absent from the jobs of an earlier version.
             failures=int(data["failures"]) if data.get("failures") is not None else None,
             failing_since=float(data["failing_since"])
             if data.get("failing_since") is not None
@@ -435,6 +435,13 @@ class WebhookSender:
 
     async def _count(self, outcome: str) -> None:
         await self.redis.hincrby(self.keys.webhook_counts, outcome, 1)
+
+
+def commit_notice(notice: Notice, *, retry: WebhookRetry | None = None) -> NoticeJob:
+    """``notice`` as a commit carries it: queued only if the commit applies. Its id is kept as
+    long as any attempt may run, and as long as the event that caused it may come again."""
+    retry = retry or WebhookRetry()
+    return NoticeJob(notice.id, notice.to_job(), keep_for=retry.longest + WEBHOOK_DEDUP_WINDOW)
 
 
 def notice_job(

@@ -23,11 +23,12 @@ from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 
 from consent_flow.settings import MAX_EVENT_TIMEOUT
+from consent_flow.store.scripts import lua
 
 __all__ = [
-    "ENQUEUE_LUA",
     "EVENT_MAX_TRIES",
     "JOB_TIMEOUT",
+    "NOTICE_JOB",
     "REDELIVERY_WINDOW",
     "REFRESH_MAX_TRIES",
     "JobQueue",
@@ -41,6 +42,7 @@ __all__ = [
 JOB_TIMEOUT = 60  # seconds; longer than a provider round trip with its retries
 EVENT_MAX_TRIES = 3
 REFRESH_MAX_TRIES = 5  # arq re-runs a refresh whose worker died; failures reschedule themselves
+NOTICE_JOB = "deliver_webhook"  # the arq function that delivers one webhook notice
 ARQ_IN_PROGRESS_GRACE = 10  # arq holds a running job's claim this long past the job's timeout
 # How long after an event was queued arq can still run it: its job key lives at most the event's
 # expiry, and a try that starts just before that may run and be retried for every try it has left.
@@ -49,27 +51,8 @@ REDELIVERY_WINDOW = MAX_EVENT_TIMEOUT + max(EVENT_MAX_TRIES, REFRESH_MAX_TRIES) 
     JOB_TIMEOUT + ARQ_IN_PROGRESS_GRACE
 )
 
-# KEYS: job key, result key, queue. ARGV: payload, expiry (ms), score (ms; empty: Redis's time
-# now), job id.
-ENQUEUE_LUA = """
-local function enqueue(job_key, result_key, queue, payload, px, score, id)
-  if redis.call('EXISTS', job_key, result_key) > 0 then return 0 end
-  if score == '' then
-    local t = redis.call('TIME')
-    score = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-  end
-  redis.call('SET', job_key, payload, 'PX', px)
-  redis.call('ZADD', queue, score, id)
-  return 1
-end
-"""
-
-_ENQUEUE = (
-    ENQUEUE_LUA
-    + """
-return enqueue(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
-"""
-)
+# The enqueue() function (enqueue_function.lua) and the script that calls it once.
+_ENQUEUE = lua("enqueue_function") + lua("enqueue")
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from arq.constants import job_key_prefix
 from consent_flow.queue.jobs import JobQueue, JobRef, QueuedJob
 from consent_flow.store.clock import redis_time
 from consent_flow.store.redis_store import Keys, due_ms
+from consent_flow.store.scripts import lua
 
 __all__ = ["REFRESH_JOB", "Scheduler", "refresh_job_id", "refresh_job_ref", "refresh_payload"]
 
@@ -59,55 +60,6 @@ def refresh_payload(user: str, due: int, enqueued_ms: int, provider: str) -> byt
     )
 
 
-# The due entries of the schedule whose job is missing. Due entries whose job is still queued
-# (a backlog) are stepped over, page by page, up to ARGV[4] entries looked at, so lost jobs
-# behind a backlog are found too. ARGV: now (ms; empty: Redis's time), how many missing to
-# return at most, the arq job key prefix with the refresh job id's head (everything before the
-# user), how many due entries to look at at most. Returns the
-# entries looked at, the missing ones (user, score, ...), whether more are due, and the now used.
-_DUE_WITHOUT_JOB = """
-local sched = KEYS[1]
-local now, want, prefix, scan_max = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-if now == '' then
-  local t = redis.call('TIME')
-  now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-end
-local missing, looked, offset, page = {}, 0, 0, 500
-while #missing < 2 * want and offset < scan_max do
-  local entries = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'WITHSCORES', 'LIMIT', offset,
-    page)
-  if #entries == 0 then break end
-  for i = 1, #entries, 2 do
-    local user, score = entries[i], entries[i + 1]
-    looked = looked + 1
-    if redis.call('EXISTS', prefix .. user .. ':' .. score) == 0 then
-      missing[#missing + 1] = user
-      missing[#missing + 1] = score
-      if #missing >= 2 * want then break end
-    end
-  end
-  offset = offset + page
-end
--- Is anything due beyond what was looked at? Only then is another batch worth it.
-local more = #redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', looked, 1)
-return {looked, missing, more, now}
-"""
-
-# Queue jobs whose key is not there yet: SET NX then ZADD, per job, in one script.
-_ENQUEUE_MISSING = """
-local queue = KEYS[1]
-local queued = 0
-for i = 2, #ARGV, 4 do
-  local key, payload, score, id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  if redis.call('SET', key, payload, 'PX', ARGV[1], 'NX') then
-    redis.call('ZADD', queue, score, id)
-    queued = queued + 1
-  end
-end
-return queued
-"""
-
-
 class Scheduler:
     def __init__(
         self,
@@ -121,8 +73,8 @@ class Scheduler:
         self.keys = keys
         self.queue_name = queue_name
         self.jobs = JobQueue(pool, clock=clock)
-        self._due = pool.register_script(_DUE_WITHOUT_JOB)
-        self._enqueue = pool.register_script(_ENQUEUE_MISSING)
+        self._due = pool.register_script(lua("due_without_job"))
+        self._enqueue = pool.register_script(lua("enqueue_missing"))
 
     def job_for(self, user: str, due: float) -> QueuedJob:
         """The deferred refresh job for a due time, for a commit to queue with the schedule."""

@@ -25,14 +25,18 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consent_flow.errors import ConsentError
@@ -41,6 +45,8 @@ from consent_flow.settings import Settings
 __all__ = [
     "EmbeddedRedis",
     "arq_redis_settings",
+    "connect",
+    "create_redis_pool",
     "embedded_redis",
     "embedded_redis_stopped",
     "find_redis_server",
@@ -160,6 +166,138 @@ def arq_redis_settings(url: str, *, startup_retries: int = 20) -> RedisSettings:
     rs.retry_on_error = [RedisConnectionError, RedisTimeoutError, ConnectionError]
     rs.retry = Retry(ExponentialBackoff(cap=RETRY_BACKOFF_CAP, base=0.05), retries=RETRIES)
     return rs
+
+
+# Seconds the sentinels' count of healthy replicas is reused: a count a second old lets a commit
+# wait for a replica that just went down (one WAIT timeout), never skip one that is there.
+REPLICAS_CACHE = 1.0
+FOLLOW_EVERY = 1.0  # seconds between a Sentinel client's looks at where the primary is
+# Seconds a sentinel may take to say where the primary is; another sentinel is asked after it.
+SENTINEL_TIMEOUT = 1.0
+
+
+class _FailoverScript(AsyncScript):
+    """A script that runs on a primary that has not seen it yet.
+
+    Redis replicates what scripts do, not the scripts: a promoted replica has none. redis-py
+    loads a missing script and runs it again, but during a failover the load and the run can go
+    out on connections to different primaries. EVAL carries the script: one command, one
+    connection, and the script is cached there for the next EVALSHA.
+    """
+
+    async def __call__(self, keys: Any = None, args: Any = None, client: Any = None) -> Any:
+        client = client or self.registered_client
+        if isinstance(client, Pipeline):
+            return await super().__call__(keys, args, client)
+        keys, args = list(keys or []), list(args or [])
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(self.script, len(keys), *keys, *args)
+
+
+class _SentinelArqRedis(ArqRedis):
+    """arq's client on a Sentinel's primary: scripts that survive a failover, and closing it
+    closes the connections to the sentinels too (redis-py leaves those open)."""
+
+    sentinels: Sentinel | None = None
+    service: str = ""
+    _replicas: tuple[float, int] = (0.0, 0)  # when last asked, and the answer
+
+    _followed = 0.0  # when this client last asked the sentinels where the primary is
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        # Sentinel demotes an old primary only when it next looks at it (up to ten seconds
+        # after the failover), and the writes it takes meanwhile are lost. Asking where the
+        # primary is once a second moves this client over within a second, instead of when
+        # the old primary first refuses a write.
+        if self.sentinels is not None and time.monotonic() - self._followed >= FOLLOW_EVERY:
+            self._followed = time.monotonic()
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self.connection_pool.get_master_address()  # type: ignore[attr-defined]
+        return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+    async def healthy_replicas(self) -> int:
+        """How many replicas the sentinels see up: the ones a failover could promote, and so
+        the most a commit can wait for (asked at most once per ``REPLICAS_CACHE`` seconds)."""
+        asked, count = self._replicas
+        if self.sentinels is None or time.monotonic() - asked < REPLICAS_CACHE:
+            return count
+        self._replicas = (time.monotonic(), count)
+        # Where the primary is first: a write after this goes to the one the count is about.
+        self._followed = time.monotonic()
+        await self.connection_pool.get_master_address()  # type: ignore[attr-defined]
+        # Every replica that is up counts, in step or not: a primary's replicas all drop out
+        # of step at a failover, and a commit that waited for none then could be the one the
+        # old primary took and lost.
+        count = len(await self.sentinels.discover_slaves(self.service))
+        self._replicas = (time.monotonic(), count)
+        return count
+
+    def register_script(self, script: Any) -> AsyncScript:  # type: ignore[override]
+        return _FailoverScript(self, script)
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinels is not None:
+            for client in self.sentinels.sentinels:
+                await client.aclose()
+
+
+async def create_redis_pool(rs: RedisSettings, **options: Any) -> ArqRedis:
+    """arq's ``create_pool(rs, **options)``, with Sentinel's primary connections set up like
+    every other URL's.
+
+    arq hands a Sentinel's primary connections the database and credentials only: no retries,
+    no timeouts, so the first error of a failover (the old primary gone, or demoted and
+    answering READONLY, which redis-py turns into a ConnectionError) would reach every caller.
+    Here they retry like any connection, asking the sentinels for the primary on each reconnect.
+    """
+    if not rs.sentinel:
+        return await create_pool(rs, **options)
+    assert not isinstance(rs.host, str), "a Sentinel URL names a list of sentinels"
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        rs.host,
+        sentinel_kwargs={
+            "socket_connect_timeout": SENTINEL_TIMEOUT,
+            "socket_timeout": SENTINEL_TIMEOUT,
+        },
+        socket_connect_timeout=rs.conn_timeout,
+        retry=rs.retry,
+        retry_on_error=rs.retry_on_error,
+        db=rs.database,
+        username=rs.username,
+        password=rs.password,
+    )
+    attempt = 0
+    while True:
+        pool: _SentinelArqRedis = sentinel.master_for(
+            rs.sentinel_master, redis_class=_SentinelArqRedis
+        )
+        pool.sentinels = sentinel
+        pool.service = rs.sentinel_master
+        pool.job_serializer = options.get("job_serializer")
+        pool.job_deserializer = options.get("job_deserializer")
+        pool.default_queue_name = options.get("default_queue_name", pool.default_queue_name)
+        pool.expires_extra_ms = options.get("expires_extra_ms", pool.expires_extra_ms)
+        try:
+            await pool.ping()
+        except (TimeoutError, OSError, redis.RedisError):
+            await pool.aclose()
+            if attempt >= rs.conn_retries:
+                raise
+            attempt += 1
+            await asyncio.sleep(rs.conn_retry_delay)
+        else:
+            return pool
+
+
+async def connect(url: str, *, startup_retries: int = 20, **options: Any) -> ArqRedis:
+    """A pool for ``url`` (``options`` as for arq's ``create_pool``): see
+    ``arq_redis_settings`` and ``create_redis_pool``."""
+    return await create_redis_pool(
+        arq_redis_settings(url, startup_retries=startup_retries), **options
+    )
 
 
 class EmbeddedRedis:

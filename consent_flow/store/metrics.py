@@ -7,16 +7,15 @@ long before expiry a refresh happened) and per-hour failure counts are recorded 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from consent_flow.core.records import ProviderRevocation
+from consent_flow.core.records import ProviderRevocation, RefreshCount
 from consent_flow.core.table import State
 from consent_flow.store.clock import redis_time, skew_problem, worst_offset
-from consent_flow.store.redis_store import Keys, due_ms
+from consent_flow.store.redis_store import LEAD_BUCKETS, Keys, due_ms, refresh_counters
 from consent_flow.store.scripts import lua
 
 __all__ = [
@@ -27,11 +26,10 @@ __all__ = [
     "MetricsRecorder",
     "Snapshot",
     "live_clock_offsets",
+    "merged_snapshot",
     "read_snapshot",
 ]
 
-# Upper bounds, in seconds, of the refresh lead-time histogram's buckets.
-LEAD_BUCKETS = (0.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, 86400.0, math.inf)
 REFRESH_OUTCOMES = ("success", "transient_failure", "rejected", "client_rejected")
 # What workers count about Redis itself: outages ridden out (and their seconds), refreshes whose
 # commit waited for Redis and landed, refreshes committed from the spool at a worker's start.
@@ -40,13 +38,6 @@ HOURLY_TTL = 26 * 3600  # per-hour buckets outlive the 24-hour window they serve
 HEARTBEAT_INTERVAL = 5.0  # seconds between a worker's heartbeats
 HEARTBEAT_STALE = 3 * HEARTBEAT_INTERVAL  # a worker silent this long is not counted as live
 WORKER_FORGET_AFTER = 3600  # seconds after which a silent worker's entries are dropped
-
-
-def _bucket(lead: float) -> str:
-    for bound in LEAD_BUCKETS:
-        if lead <= bound:
-            return "+Inf" if math.isinf(bound) else repr(bound)
-    return "+Inf"
 
 
 class MetricsRecorder:
@@ -59,14 +50,8 @@ class MetricsRecorder:
     def refresh_counters(
         self, outcome: str, *, lead: float | None = None
     ) -> tuple[tuple[str, str, str], ...]:
-        """What one refresh adds to the counters: (hash key, field, amount as text). A successful
-        refresh's commit carries these, so they count exactly the refreshes that applied."""
-        counters = [(self.keys.refresh_counts, outcome, "1")]
-        if lead is not None:
-            lead = max(0.0, lead)
-            counters.append((self.keys.refresh_lead, _bucket(lead), "1"))
-            counters.append((self.keys.refresh_lead, "sum", f"{lead:.6f}"))
-        return tuple(counters)
+        """What one refresh adds to the counters: (hash key, field, amount as text)."""
+        return refresh_counters(self.keys, RefreshCount(outcome, lead))
 
     async def refresh(self, outcome: str, *, lead: float | None = None) -> None:
         hour = int(self.clock() // 3600)
@@ -138,6 +123,9 @@ class Snapshot:
 
     clock_offsets: dict[str, float] = field(default_factory=dict)
     """Live workers' clock offsets from Redis's time, in seconds (positive: behind)."""
+
+    provider_states: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Connections in each state by provider, in a snapshot merged over providers."""
 
     webhook_outcomes: dict[str, int] = field(default_factory=dict)
     """Webhook deliveries by outcome: delivered, retried (an attempt that failed and will be
@@ -246,3 +234,36 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
             **{_text(k): float(v) for k, v in worker.items()},
         },
     )
+
+
+def _add(a: dict[Any, Any], b: dict[Any, Any]) -> dict[Any, Any]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
+
+
+async def merged_snapshot(redis: Any, keys: Keys, providers: Any, queue_name: str) -> Snapshot:
+    """One snapshot of the whole deployment: each provider's figures summed over
+    ``providers`` (names), the shared ones (queue, workers, webhooks) once, and the states of
+    each provider's connections in ``provider_states``."""
+    merged: Snapshot | None = None
+    by_provider: dict[str, dict[str, int]] = {}
+    for name in providers:
+        one = await read_snapshot(redis, keys.for_provider(name), queue_name)
+        by_provider[name] = one.states
+        if merged is None:
+            merged = one
+            continue
+        merged = replace(
+            merged,
+            states=_add(merged.states, one.states),
+            refreshes_due_next_hour=merged.refreshes_due_next_hour + one.refreshes_due_next_hour,
+            refresh_failures_24h=merged.refresh_failures_24h + one.refresh_failures_24h,
+            refresh_rejections_24h=merged.refresh_rejections_24h + one.refresh_rejections_24h,
+            refreshes_paused=merged.refreshes_paused or one.refreshes_paused,
+            transitions=_add(merged.transitions, one.transitions),
+            refresh_outcomes=_add(merged.refresh_outcomes, one.refresh_outcomes),
+            lead_buckets=_add(merged.lead_buckets, one.lead_buckets),
+            lead_sum=merged.lead_sum + one.lead_sum,
+            revocation_outcomes=_add(merged.revocation_outcomes, one.revocation_outcomes),
+        )
+    assert merged is not None, "a deployment has at least one provider"
+    return replace(merged, provider_states=by_provider)

@@ -30,9 +30,9 @@ the private half never leaves the caller's memory::
 
       r1.<base64url(ephemeral public key (32) || nonce || ciphertext || tag)>
 
-Tokens (:func:`seal_tokens`) are JSON, raw-deflated before sealing in v2 (plain JSON in v1
-blobs written by earlier versions). Compressing before encrypting leaks only the compressed
-length, and the tokens are compressed alone, with nothing an outsider chooses beside them.
+Tokens (:func:`seal_tokens`) are JSON, raw-deflated before sealing, in the v2 layout.
+Compressing before encrypting leaks only the compressed length, and the tokens are compressed
+alone, with nothing an outsider chooses beside them.
 """
 
 from __future__ import annotations
@@ -210,13 +210,13 @@ def seal_tokens(ring: KeyRing, user: str, tokens: Mapping[str, str | None]) -> b
 
 
 def open_tokens(ring: KeyRing, user: str, sealed: str | bytes) -> dict[str, str]:
-    """The tokens :func:`seal_tokens` sealed; v1 text blobs of earlier versions hold plain JSON."""
-    raw = ring.decrypt(sealed, user=user, purpose="tokens")
-    if KeyRing.is_binary(sealed):
-        try:
-            raw = zlib.decompress(raw, _DEFLATE_WBITS)
-        except zlib.error:
-            raise VaultError("sealed tokens do not inflate", user=user) from None
+    """The tokens :func:`seal_tokens` sealed."""
+    if not KeyRing.is_binary(sealed):
+        raise VaultError("sealed tokens are not in the binary layout", user=user)
+    try:
+        raw = zlib.decompress(ring.decrypt(sealed, user=user, purpose="tokens"), _DEFLATE_WBITS)
+    except zlib.error:
+        raise VaultError("sealed tokens do not inflate", user=user) from None
     data: dict[str, str] = json.loads(raw)
     return data
 

@@ -37,6 +37,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from consent_flow.client import DEFAULT_MIN_TTL, MAX_MIN_TTL, ConsentClient, ConsentStatus
+from consent_flow.core.connections import DEFAULT_PROVIDER
 from consent_flow.core.records import MAX_REASON_LENGTH, MAX_USER_LENGTH, check_user
 from consent_flow.core.table import State
 from consent_flow.errors import (
@@ -46,6 +47,7 @@ from consent_flow.errors import (
     NotProvisioned,
     ProviderError,
     ProviderUnavailable,
+    UnknownProvider,
     WorkerUnavailable,
 )
 from consent_flow.settings import Secret, Settings
@@ -56,7 +58,6 @@ log = structlog.get_logger("consent_flow.api")
 
 API_PREFIX = "/v1"
 OPENAPI_PATH = "/openapi.json"
-DEFAULT_PROVIDER = "default"
 MAX_BODY_BYTES = 16 * 1024  # a request body beyond this is refused (413) unread
 MAX_REQUESTED_SCOPES = 50
 MAX_SCOPE_LENGTH = 128
@@ -102,13 +103,13 @@ _STATUS_DETAILS = (
 
 def provider_names(settings: Settings) -> tuple[str, ...]:
     """The providers this deployment serves, by the names the API's paths use."""
-    return (DEFAULT_PROVIDER,)
+    return settings.provider_names
 
 
 def grantable_scopes(settings: Settings, provider: str) -> tuple[str, ...]:
-    """Scopes a caller may ask for at ``provider``: today's engine asks for the configured
-    scopes in every session and cannot grow them."""
-    return settings.scopes
+    """Scopes a caller may ask for at ``provider``: the engine asks for that provider's
+    configured scopes in every session."""
+    return settings.provider(provider).scopes
 
 
 def api_key_id(key: str) -> str:
@@ -161,6 +162,8 @@ def problem_for(exc: ConsentError, *, provider: str) -> Problem:
         extra.update(state=exc.state, reason=exc.reason)
     elif isinstance(exc, GrantRejected | InvalidTransition):
         status = 409
+    elif isinstance(exc, UnknownProvider):
+        status = 404
     elif isinstance(exc, WorkerUnavailable):
         status = 503
     elif isinstance(exc, ProviderUnavailable):
@@ -410,35 +413,30 @@ def _endpoint(
 
 
 async def _providers(client: ConsentClient, request: Request) -> Response:
-    settings = client.settings
-    can_revoke: bool | None
-    try:
-        can_revoke = bool((await client.oauth.metadata()).revocation_endpoint)
-    except ProviderError:
-        can_revoke = None  # discovery is unreachable now: unknown, not "no"
+    # can_revoke is None while a provider's discovery does not answer: unknown, not "no".
     return _json(
         [
             {
-                "name": name,
-                "issuer": settings.issuer,
-                "scopes": list(grantable_scopes(settings, name)),
-                "can_revoke": can_revoke,
+                "name": described["name"],
+                "issuer": described["issuer"],
+                "scopes": described["scopes"],
+                "can_revoke": described["can_revoke"],
             }
-            for name in provider_names(settings)
+            for described in await client.describe_providers()
         ]
     )
 
 
 async def _provision(client: ConsentClient, request: Request) -> Response:
     provider, user = _connection_of(request)
-    _requested_scopes(await _body(request, ("scopes",)), client.settings, provider)
-    status = await client.request_provisioning(user, actor=_actor(request))
+    scopes = _requested_scopes(await _body(request, ("scopes",)), client.settings, provider)
+    status = await client.request_provisioning(user, provider, scopes, actor=_actor(request))
     return _json(connection_body(status, provider, client.clock()))
 
 
 async def _status(client: ConsentClient, request: Request) -> Response:
     provider, user = _connection_of(request)
-    return _json(connection_body(await client.status(user), provider, client.clock()))
+    return _json(connection_body(await client.status(user, provider), provider, client.clock()))
 
 
 async def _revoke(client: ConsentClient, request: Request) -> Response:
@@ -452,14 +450,14 @@ async def _revoke(client: ConsentClient, request: Request) -> Response:
         raise Problem(
             422, INVALID_REQUEST, f"the reason is a string of at most {MAX_REASON_LENGTH} chars"
         )
-    status = await client.revoke(user, actor=_actor(request), reason=reason or None)
+    status = await client.revoke(user, provider, actor=_actor(request), reason=reason or None)
     return _json(connection_body(status, provider, client.clock()))
 
 
 async def _history(client: ConsentClient, request: Request) -> Response:
-    _provider, user = _connection_of(request)
+    provider, user = _connection_of(request)
     rows = []
-    for entry in await client.history(user):
+    for entry in await client.history(user, provider):
         row = {k: entry[k] for k in ("event", "from", "to", "at", "actor", "reason")}
         if entry.get("count", 1) > 1:  # refreshes in a row share one entry
             row.update(count=entry["count"], first_at=entry["first_at"])
@@ -479,7 +477,7 @@ async def _token(client: ConsentClient, request: Request) -> Response:
         raise Problem(
             422, INVALID_REQUEST, f"min_ttl is a number of seconds from 0 to {MAX_MIN_TTL:g}"
         )
-    token = await client.access_token(user, min_ttl=float(min_ttl))
+    token = await client.access_token(user, provider, min_ttl=float(min_ttl))
     return _json(
         {"user": user, "provider": provider, "access_token": token, "token_type": "Bearer"}
     )

@@ -11,6 +11,7 @@ the state, and every response forbids caching and referrers (the URL holds a cod
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import time
@@ -27,6 +28,7 @@ from starlette.routing import BaseRoute, Route
 from consent_flow.client import ConsentClient
 from consent_flow.core.records import clip
 from consent_flow.core.table import Event
+from consent_flow.engine.provider_watch import ProviderWatch, read_provider_check
 from consent_flow.errors import CallbackRejected, ConsentError, ProviderError, WorkerUnavailable
 from consent_flow.queue.bus import Envelope, Outcome, new_id
 from consent_flow.settings import Settings
@@ -262,9 +264,18 @@ async def _healthz(client: ConsentClient, request: Request) -> Response:
                 paused.append(halt.decode() if one else f"{provider}: {halt.decode()}")
         halt = "; ".join(paused) or None
         checks["refresh"] = "ok" if halt is None else f"paused: {halt}"
+        unusable = []
+        for provider in client.providers:
+            store = client.store_for(provider)
+            problem = await read_provider_check(store.redis, store.keys)
+            if problem is not None:
+                one = len(client.providers) == 1
+                unusable.append(problem if one else f"{provider}: {problem}")
+        provider_problem = "; ".join(unusable) or None
+        checks["provider"] = provider_problem or "ok"
         skew = await _clock_skew(client)
         checks["clock"] = skew or "ok"
-        healthy = beat is not None and halt is None and skew is None
+        healthy = beat is not None and halt is None and provider_problem is None and skew is None
     body = {"status": "ok" if healthy else "fail", "checks": checks}
     return JSONResponse(body, status_code=200 if healthy else 503, headers=SECURITY_HEADERS)
 
@@ -314,9 +325,14 @@ def _ops_routes(current: Callable[[], ConsentClient]) -> list[Route]:
     return ops_routes(current)
 
 
-def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette:
+def create_app(
+    settings: Settings, *, redis_url: str | None = None, watch_provider: bool = True
+) -> Starlette:
     """The ASGI app of ``consent-flow serve``: the callback, ``/healthz``, ``/metrics``, the
-    operator pages and the HTTP API, on a ``ConsentClient`` of its own."""
+    operator pages and the HTTP API, on a ``ConsentClient`` of its own.
+
+    ``watch_provider``: retry an unusable discovery document in the background, the reason on
+    ``/healthz`` (``up`` leaves that to its worker)."""
     settings.check_provider()
     settings.check_keys()
     holder: dict[str, ConsentClient] = {}
@@ -325,10 +341,21 @@ def create_app(settings: Settings, *, redis_url: str | None = None) -> Starlette
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with ConsentClient(settings, redis_url=redis_url) as client:
             holder["client"] = client
+            watches = []
+            for provider in client.providers if watch_provider else ():
+                store = client.store_for(provider)
+                watcher = ProviderWatch(
+                    client.oauth_for(provider), store.redis, store.keys, clock=client.clock
+                )
+                watches.append(asyncio.create_task(watcher.until_discovered()))
             try:
                 yield
             finally:
                 holder.clear()
+                for watch in watches:
+                    watch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watch
 
     def current() -> ConsentClient:
         try:

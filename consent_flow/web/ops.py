@@ -61,9 +61,15 @@ from starlette.routing import Route
 from consent_flow.client import ConsentClient
 from consent_flow.core.records import ProviderRevocation, check_user
 from consent_flow.core.table import TRANSITIONS, State
-from consent_flow.errors import ConsentError
+from consent_flow.errors import ConsentError, UnknownProvider
 from consent_flow.settings import is_loopback_host
-from consent_flow.store.metrics import LEAD_BUCKETS, REFRESH_OUTCOMES, Snapshot, read_snapshot
+from consent_flow.store.metrics import (
+    LEAD_BUCKETS,
+    REFRESH_OUTCOMES,
+    Snapshot,
+    merged_snapshot,
+    read_snapshot,
+)
 from consent_flow.web.pages import SECURITY_HEADERS, render
 
 __all__ = ["ops_routes"]
@@ -249,6 +255,16 @@ class SnapshotCollector(Collector):
             consents.add_metric([state.value], s.states.get(state.value, 0))
         yield consents
 
+        connections = GaugeMetricFamily(
+            "consent_flow_connections",
+            "Connections in each consent state, by provider.",
+            labels=["provider", "state"],
+        )
+        for provider, states in sorted(s.provider_states.items()):
+            for state in State:
+                connections.add_metric([provider, state.value], states.get(state.value, 0))
+        yield connections
+
         yield _gauge("queue_depth", "Jobs due in the queue, waiting for a worker.", s.queue_depth)
         yield _gauge("deferred_jobs", "Jobs queued to run later.", s.deferred_jobs)
         yield _gauge("workers_alive", "Workers with a recent heartbeat.", s.workers_alive)
@@ -314,8 +330,20 @@ def exposition(snapshot: Snapshot, accept: str | None = None) -> tuple[bytes, st
     return encoder(registry), content_type
 
 
-async def _snapshot(client: ConsentClient) -> Snapshot:
-    return await read_snapshot(client.pool, client.store.keys, client.settings.queue_name)
+async def _snapshot(client: ConsentClient, provider: str | None = None) -> Snapshot:
+    """One provider's figures (the shared ones with them), or the whole deployment's."""
+    keys = client.bus.keys
+    if provider is not None:
+        return await read_snapshot(
+            client.pool, keys.for_provider(provider), client.settings.queue_name
+        )
+    return await merged_snapshot(client.pool, keys, client.providers, client.settings.queue_name)
+
+
+def _ops_provider(client: ConsentClient, request: Request) -> str:
+    """The provider an /ops page shows (``?provider=``; the first configured by default)."""
+    name = request.query_params.get("provider") or client.providers[0]
+    return client.provider_name(name)
 
 
 async def _metrics(client: ConsentClient, request: Request) -> Response:
@@ -486,26 +514,24 @@ def _pager(state: State, offset: int, limit: int, total: int, shown: int) -> Pag
     )
 
 
-async def _user_rows(client: ConsentClient, users: list[tuple[str, float]]) -> list[list[Any]]:
-    store = client.store
-    async with store.redis.pipeline(transaction=False) as pipe:
-        for user, _since in users:
-            pipe.hmget(store.keys.rec(user), "actor", "reason")
-        values = await pipe.execute()
-    return [
-        [None if v is None else (v.decode() if isinstance(v, bytes) else str(v)) for v in row]
-        for row in values
-    ]
+async def _user_rows(
+    client: ConsentClient, provider: str, users: list[tuple[str, float]]
+) -> list[list[Any]]:
+    rows = await client.store_for(provider).actors_and_reasons([user for user, _since in users])
+    return [list(row) for row in rows]
 
 
 async def _overview(client: ConsentClient, request: Request) -> Response:
     try:
+        provider = _ops_provider(client, request)
         state, offset, limit = _params(request)
     except BadQuery as exc:
         return _error(request, 400, "Bad request", str(exc), home="ops")
-    snapshot = await _snapshot(client)
-    users = await client.store.users(state, offset=offset, limit=limit)
-    details = await _user_rows(client, users) if users else []
+    except UnknownProvider as exc:
+        return _error(request, 404, "Unknown provider", str(exc), home="ops")
+    snapshot = await _snapshot(client, provider)
+    users = await client.store_for(provider).users(state, offset=offset, limit=limit)
+    details = await _user_rows(client, provider, users) if users else []
     total = snapshot.states.get(state.value, 0)
     outcomes = dict.fromkeys(REFRESH_OUTCOMES, 0)
     outcomes.update(snapshot.refresh_outcomes)
@@ -546,10 +572,14 @@ async def _user_page(client: ConsentClient, request: Request) -> Response:
     raw = request.path_params["user"]
     try:
         user = check_user(raw)
+        provider = _ops_provider(client, request)
+    except UnknownProvider as exc:
+        return _error(request, 404, "Unknown provider", str(exc), home=home)
     except ConsentError:
         return _error(request, 400, "Bad request", "That is not a user id.", home=home)
-    record = await client.store.load(user)
-    entries = await client.store.history(user)
+    store = client.store_for(provider)
+    record = await store.load(user)
+    entries = await store.history(user)
     if record.version == 0 and not entries:
         return _error(
             request, 404, "Unknown user", f"No consent was ever recorded for {user}.", home=home

@@ -62,9 +62,13 @@ async def measure(n: int, primary_url: str) -> dict[str, Any]:
             to_state=State.PROVISIONED,
             actor="worker",
             at=now,
-            sealed={"tok": bytes(180)},
-            set_fields={"exp": repr(now + 900), "lastref": repr(now), "fails": "0"},
-            delete_fields=("inflight",),
+            fields={
+                "tokens": bytes(180),
+                "expires_at": now + 900,
+                "last_refresh_at": now,
+                "refresh_failures": 0,
+            },
+            clear=("inflight",),
         )
         started = time.perf_counter()
         result = await store.commit(change)

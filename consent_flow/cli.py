@@ -28,7 +28,6 @@ from consent_flow.client import DEFAULT_MIN_TTL, MAX_MIN_TTL, ConsentClient, Con
 from consent_flow.core.connections import PROVIDER_NAME, is_provider_name
 from consent_flow.core.records import HistoryEntry, check_scopes, check_user, iso
 from consent_flow.core.table import TRANSITIONS, State, mermaid
-from consent_flow.engine.importer import ProgressBar, run_import
 from consent_flow.errors import (
     ConsentError,
     InvalidScope,
@@ -36,6 +35,7 @@ from consent_flow.errors import (
     SettingsError,
     UnknownProvider,
 )
+from consent_flow.importer import ProgressBar, run_import
 from consent_flow.logging import configure_logging
 from consent_flow.oidc import OAuthClient
 from consent_flow.oidc.check import DiscoveryCheck, Reach, check_discovery

@@ -88,6 +88,7 @@ PROVIDER_VARIABLES = (
     "CONSENT_RESOURCE",
     "CONSENT_SUBJECT_MATCH",
     "CONSENT_TOKEN_AUTH_METHOD",
+    "CONSENT_REVOKE_REPLACED_GRANT",
 )
 # What a [providers.NAME] table of CONSENT_PROVIDERS_FILE may hold; issuer, client_id and
 # client_secret_env are required.
@@ -100,6 +101,7 @@ PROVIDER_FILE_KEYS = (
     "resource",
     "subject_match",
     "token_auth_method",
+    "revoke_replaced_grant",
     "max_refresh_rate",
     "max_concurrency",
 )
@@ -233,6 +235,11 @@ class ProviderConfig:
     resource: str | None = None
     subject_match: bool = True
     token_auth_method: AuthMethod = "client_secret_basic"
+    # Whether an approved upgrade revokes the refresh token it replaces. Off by default: most
+    # providers extend the grant they already hold (oidc-provider within one browser session,
+    # Keycloak's offline session, Google's per-client grant), and revoking the replaced token
+    # there ends the new grant too. On only for a provider that issues a separate grant each time.
+    revoke_replaced_grant: bool = False
     max_refresh_rate: float | None = None  # refreshes per second, fleet-wide; None: no limit
     max_concurrency: int | None = None  # refreshes in flight at once, fleet-wide; None: no limit
 
@@ -247,6 +254,7 @@ class ProviderConfig:
             "resource": self.resource,
             "subject_match": self.subject_match,
             "token_auth_method": self.token_auth_method,
+            "revoke_replaced_grant": self.revoke_replaced_grant,
             "max_refresh_rate": self.max_refresh_rate,
             "max_concurrency": self.max_concurrency,
         }
@@ -373,6 +381,9 @@ def _provider_from_table(
     subject_match = table.get("subject_match", True)
     if not isinstance(subject_match, bool):
         problem(where, "subject_match must be true or false")
+    revoke_replaced = table.get("revoke_replaced_grant", False)
+    if not isinstance(revoke_replaced, bool):
+        problem(where, "revoke_replaced_grant must be true or false")
     auth_method = table.get("token_auth_method", "client_secret_basic")
     if auth_method not in ("client_secret_basic", "client_secret_post"):
         problem(
@@ -416,6 +427,7 @@ def _provider_from_table(
             resource=resource,
             subject_match=bool(subject_match),
             token_auth_method=auth_method,
+            revoke_replaced_grant=bool(revoke_replaced),
             max_refresh_rate=None if rate is None else float(rate),
             max_concurrency=concurrency,
         ),
@@ -448,6 +460,7 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = DEFAULT_HTTP_PORT
     subject_match: bool = True
+    revoke_replaced_grant: bool = False  # see ProviderConfig
     log_format: LogFormat = "console"
     token_auth_method: AuthMethod = "client_secret_basic"
     event_timeout: float = DEFAULT_EVENT_TIMEOUT
@@ -612,6 +625,7 @@ class Settings:
                 keys = tuple(Secret(k) for k in parts_)
 
         subject_match = choice("CONSENT_SUBJECT_MATCH", "on", ("on", "off"), fold=True)
+        revoke_replaced = choice("CONSENT_REVOKE_REPLACED_GRANT", "off", ("on", "off"), fold=True)
         log_format = choice("CONSENT_LOG_FORMAT", "console", ("json", "console"), fold=True)
         auth_method = choice(
             "CONSENT_TOKEN_AUTH_METHOD",
@@ -775,6 +789,7 @@ class Settings:
             http_host=http_host,
             http_port=port,
             subject_match=subject_match == "on",
+            revoke_replaced_grant=revoke_replaced == "on",
             log_format=log_format,  # type: ignore[arg-type]
             token_auth_method=auth_method,  # type: ignore[arg-type]
             event_timeout=event_timeout,
@@ -886,6 +901,7 @@ class Settings:
                 token_auth_method=self.token_auth_method,
                 max_refresh_rate=self.max_refresh_rate,
                 max_concurrency=self.max_concurrency,
+                revoke_replaced_grant=self.revoke_replaced_grant,
             ),
         )
 
@@ -923,6 +939,7 @@ class Settings:
             resource=config.resource,
             subject_match=config.subject_match,
             token_auth_method=config.token_auth_method,
+            revoke_replaced_grant=config.revoke_replaced_grant,
         )
 
     @property

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -36,11 +38,58 @@ CLIENT_ID = "consent-flow-test"
 CLIENT_SECRET = "s3cr%t+with:odd chars"
 
 
+# Ports a test run holds for a server it starts later (the callback port, bound by each stack):
+# one file per port naming the holder's pid, so that the other pytest-xdist workers, and other
+# runs on the machine, do not take it meanwhile. A claim whose process is gone counts for nothing.
+PORT_CLAIMS = Path(tempfile.gettempdir()) / "consent-flow-test-ports"
+
+
+def _claimed(port: int) -> bool:
+    try:
+        pid = int((PORT_CLAIMS / str(port)).read_text())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A port nothing listens on now and that no test run holds for later."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if not _claimed(port):
+            return port
+
+
+@contextlib.contextmanager
+def claimed_port() -> Iterator[int]:
+    """A free port held for this process until the block ends (see ``PORT_CLAIMS``)."""
+    PORT_CLAIMS.mkdir(exist_ok=True)
+    with contextlib.suppress(PermissionError):
+        PORT_CLAIMS.chmod(0o1777)  # any user's runs claim here; each removes only its own
+    while True:
+        port = free_port()
+        claim = PORT_CLAIMS / str(port)
+        try:
+            with open(claim, "x") as f:
+                f.write(str(os.getpid()))
+        except FileExistsError:
+            if not _claimed(port):  # left by a run that died: clear it for the next round
+                with contextlib.suppress(OSError):
+                    claim.unlink()
+            continue
+        break
+    try:
+        yield port
+    finally:
+        claim.unlink(missing_ok=True)
 
 
 @dataclass
@@ -163,8 +212,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture(scope="session")
-def callback_port() -> int:
-    return free_port()
+def callback_port() -> Iterator[int]:
+    with claimed_port() as port:
+        yield port
 
 
 @pytest.fixture(scope="session")

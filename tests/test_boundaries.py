@@ -75,3 +75,88 @@ def test_only_the_codec_names_the_record_fields():
                 continue
             found.append(f"{'/'.join(where)}:{node.lineno}: {node.value!r}")
     assert not found
+
+
+def module_imports(path: Path) -> set[str]:
+    """The consent_flow modules ``path`` imports when it is imported: module level, outside
+    ``if TYPE_CHECKING:`` (imports inside functions run later and cannot make a cycle)."""
+    found: set[str] = set()
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.If):
+                if getattr(node.test, "id", None) != "TYPE_CHECKING":
+                    visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+                for handler in node.handlers:
+                    visit(handler.body)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "consent_flow"
+            ):
+                found.add(str(node.module))
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("consent_flow"))
+
+    visit(ast.parse(path.read_text(encoding="utf-8")).body)
+    return found
+
+
+def package_modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = ("consent_flow", *path.relative_to(PACKAGE).with_suffix("").parts)
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+# Who may not import whom: adapters know nothing of the engine or delivery, the engine nothing
+# of delivery.
+DELIVERY = ("consent_flow.web", "consent_flow.client", "consent_flow.cli", "consent_flow.mcp")
+LAYER_RULES = {
+    "consent_flow.store": ("consent_flow.engine", "consent_flow.importer", *DELIVERY),
+    "consent_flow.queue": ("consent_flow.engine", "consent_flow.importer", *DELIVERY),
+    "consent_flow.oidc": ("consent_flow.engine", "consent_flow.store", "consent_flow.queue"),
+    "consent_flow.engine": ("consent_flow.importer", *DELIVERY),
+}
+
+
+def test_each_layer_imports_only_its_own_and_the_layers_below() -> None:
+    modules = package_modules()
+    broken = []
+    for name, path in modules.items():
+        for layer, forbidden in LAYER_RULES.items():
+            if name == layer or name.startswith(layer + "."):
+                imported = {m for m in module_imports(path) if m in modules}
+                broken += [f"{name} -> {m}" for m in imported if m.startswith(forbidden)]
+    assert not broken
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    modules = package_modules()
+    # `from package import submodule` depends on the submodule, not on the package's own
+    # __init__ importing it back.
+    graph = {
+        name: {
+            m
+            for m in module_imports(path)
+            if m in modules and m != name and not (name.startswith(m + ".") and m != "consent_flow")
+        }
+        for name, path in modules.items()
+    }
+    graph = {n: {m for m in deps if m != "consent_flow"} for n, deps in graph.items()}
+    done: set[str] = set()
+
+    def walk(name: str, trail: list[str]) -> None:
+        if name in trail:
+            raise AssertionError(" -> ".join([*trail[trail.index(name) :], name]))
+        if name in done:
+            return
+        for dep in sorted(graph[name]):
+            walk(dep, [*trail, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        walk(name, [])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from conftest import free_port, provision
 
 from consent_flow import KeyRing, mermaid
@@ -538,6 +540,17 @@ def test_the_readme_documents_every_exit_code_the_cli_has():
     assert sorted(codes) == _documented_exit_codes()
 
 
+def _following_the_stream(data: Path) -> bool:
+    """Whether a client of the embedded Redis under ``data`` is blocked in XREAD."""
+    for path in data.rglob("redis.sock"):
+        with (
+            contextlib.suppress(redis.RedisError),
+            redis.Redis(unix_socket_path=str(path), socket_timeout=1) as r,
+        ):
+            return any(c.get("cmd") == "xread" for c in r.client_list())
+    return False
+
+
 @pytest.mark.parametrize("code", _documented_exit_codes())
 def test_each_documented_exit_code(tmp_path, code):
     """Each code of the README's table, from a real run of the command line."""
@@ -546,7 +559,13 @@ def test_each_documented_exit_code(tmp_path, code):
         process = subprocess.Popen(
             [*CLI, "tail"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        time.sleep(3)  # started, on an embedded Redis, and waiting for transitions
+        # Interrupted once it waits for transitions (its XREAD blocks on the embedded Redis),
+        # not after a fixed time: start-up on a loaded machine takes longer than on an idle one.
+        deadline = time.monotonic() + 60
+        while not _following_the_stream(tmp_path / "data"):
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "tail did not start following the stream"
+            time.sleep(0.1)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=20)
         assert process.returncode == code, stderr

@@ -55,6 +55,7 @@ async def test_every_answering_command_prints_one_json_document(stack, env, sett
         ("stats",): (),
         ("token",): ("alice",),
         ("diagram",): (),
+        ("providers",): (),
         ("import",): ("--from", store.url, "--fernet-key-env", "NC_TOKEN_KEY", "--dry-run"),
         ("keys", "generate"): (),
         ("keys", "rotate"): (),

@@ -27,7 +27,7 @@ from local_provider import approve
 
 from consent_flow import State
 from consent_flow.core.table import Event
-from consent_flow.engine.importer import ProgressBar, source_digest
+from consent_flow.importer import ProgressBar, source_digest
 from consent_flow.oidc import code_challenge_s256, new_code_verifier, new_nonce, new_state
 from consent_flow.queue.bus import Envelope, new_id
 from consent_flow.store.import_source import ImportProgress

@@ -211,6 +211,8 @@ class Walk:
                 "CONSENT_SCOPES": "openid offline_access",
                 "CONSENT_ENCRYPTION_KEYS": key,
                 "CONSENT_SESSION_TTL": "300",
+                # The walk's provider issues a separate grant per consent: the replaced one goes.
+                "CONSENT_REVOKE_REPLACED_GRANT": "on",
             }
         )
         self.now = 1_900_000_000.0

@@ -30,6 +30,7 @@ import pytest
 from conftest import (
     CLIENT_ID,
     CLIENT_SECRET,
+    claimed_port,
     free_port,
     provider_clients,
     provision,
@@ -98,8 +99,9 @@ class Endpoint:
 
 
 @pytest.fixture(scope="module")
-def endpoint() -> Endpoint:
-    return Endpoint(free_port())
+def endpoint() -> Iterator[Endpoint]:
+    with claimed_port() as port:  # bound by each test's server: held for the module meanwhile
+        yield Endpoint(port)
 
 
 @pytest.fixture(scope="module")

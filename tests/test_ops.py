@@ -262,8 +262,11 @@ async def seed(client: ConsentClient, seeded: Seeded | None = None) -> Seeded:
                 )
         paths.append((f"rev-{i:03d}", steps))
     seeded.due_next_hour += DUE_SOON
-    for chunk in range(0, len(paths), 50):
-        await asyncio.gather(*(seeder.path(u, s) for u, s in paths[chunk : chunk + 50]))
+    # Ten users at a time: each concurrent commit may open a connection of its own, and fifty
+    # connecting at once to a Redis starved of CPU (pytest-xdist workers beside it) can exceed
+    # arq's one-second connect timeout.
+    for chunk in range(0, len(paths), 10):
+        await asyncio.gather(*(seeder.path(u, s) for u, s in paths[chunk : chunk + 10]))
     return seeded
 
 

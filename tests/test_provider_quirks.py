@@ -25,6 +25,9 @@ from consent_flow.store.metrics import read_snapshot
 pytestmark = pytest.mark.integration
 
 TOKEN_TTL = 4  # seconds an access token lives at the short-lived provider
+# Seconds a refresh token lives where it lapses first: refreshed half-way, so every 5 s or so;
+# the test watches for two and a half lives (several refresh tokens, each used before it lapses).
+REFRESH_TTL = 10
 FAST = {
     "retry": RetryPolicy(base=0.2, cap=2.0, halt_retry=1.0, halt_probe=1.0),
     "sweep_every": 1,
@@ -73,21 +76,21 @@ def _at(value: str) -> float:
 async def test_a_refresh_token_that_lapses_first_is_refreshed_before_it_lapses(
     make_stack, redirect_uri
 ):
-    """Refresh tokens live 20 s, access tokens an hour: the grant outlives many refresh tokens."""
+    """Refresh tokens live 10 s, access tokens an hour: the grant outlives many refresh tokens."""
     with LocalProvider.start(
         clients=provider_clients(redirect_uri),
         access_token_ttl=3600,
-        refresh_token_ttl=20,
+        refresh_token_ttl=REFRESH_TTL,
         refresh_expires_in=True,
         rotate_refresh_token=True,
     ) as op:
         stack = await make_stack(op=op, worker_options=FAST)
         await provision(stack, "alice")
-        deadline = time.monotonic() + 50
+        deadline = time.monotonic() + 2.5 * REFRESH_TTL
         while time.monotonic() < deadline:
             assert (await stack.client.status("alice")).state is State.PROVISIONED
             await asyncio.sleep(1.0)
-        # Well past the first refresh token's 20 s: the stored one is alive at the provider,
+        # Well past the first refresh token's life: the stored one is alive at the provider,
         # and it is a rotated one, not the first.
         tokens = await stored_tokens(stack, "alice")
         assert op.introspect(tokens["refresh_token"])["active"] is True
@@ -101,7 +104,7 @@ async def test_a_refresh_token_that_lapses_first_is_refreshed_before_it_lapses(
         # Both lapses in the status; scheduled by the sooner, with the usual margin (half the
         # refresh token's life here).
         now = time.time()
-        assert now < _at(status.details["refresh_token_expires_at"]) <= now + 20
+        assert now < _at(status.details["refresh_token_expires_at"]) <= now + REFRESH_TTL
         assert now + 3500 < _at(status.details["access_token_expires_at"])
         assert _at(status.details["next_refresh_at"]) <= _at(
             status.details["refresh_token_expires_at"]

@@ -342,3 +342,57 @@ async def test_every_providers_backlog_shows_in_stats_metrics_and_ops(
     assert 'consent_flow_refresh_backlog{provider="github"} 2.0' in metrics
     assert '<dd id="fig-backlog-nextcloud">1</dd>' in pages["nextcloud"]
     assert '<dd id="fig-backlog-github">2</dd>' in pages["github"]
+
+
+async def test_upgrades_at_two_providers_one_approved_with_less_one_denied(
+    two: Stack, two_providers: dict[str, LocalProvider]
+) -> None:
+    """Step-up at each provider on its own: nextcloud's upgrade is approved but grants only part
+    of what was asked (and says which part is missing); github's is denied and its grant goes on
+    untouched."""
+    client = two.client
+    await provision_at(two, "nextcloud")
+    await provision_at(two, "github")
+    held = {p: await client.access_token("alice", p) for p in client.providers}
+    base = ["openid", "offline_access", "profile"]
+
+    asked = {
+        p: await client.request_provisioning("alice", p, scopes=["email", "notes:write"])
+        for p in client.providers
+    }
+    for provider, status in asked.items():
+        assert (status.provider, status.state, status.upgrade) == (
+            provider,
+            State.PROVISIONED,
+            True,
+        )
+        assert status.authorization_url and status.authorization_url.startswith(
+            two_providers[provider].issuer
+        )
+        assert await client.access_token("alice", provider) == held[provider]
+
+    approved = await approve(
+        asked["nextcloud"].authorization_url, "alice", grant_only=[*base, "email"]
+    )
+    assert (await two.callback(approved)).status_code == 200
+    denied = await approve(asked["github"].authorization_url, "alice", deny=True)
+    assert (await two.callback(denied)).status_code == 403
+
+    nextcloud = await client.status("alice", "nextcloud")
+    assert nextcloud.state is State.PROVISIONED and not nextcloud.upgrade
+    assert "email" in nextcloud.scopes and "notes:write" not in nextcloud.scopes
+    assert nextcloud.scopes_missing == ("notes:write",)
+    token = await client.access_token("alice", "nextcloud")
+    assert token != held["nextcloud"]
+    assert two_providers["nextcloud"].introspect(token)["active"] is True
+
+    github = await client.status("alice", "github")
+    assert github.state is State.PROVISIONED and not github.upgrade
+    assert "email" not in github.scopes and github.authorization_url is None
+    assert "upgrade dropped: access_denied" in (github.reason or "")
+    assert await client.access_token("alice", "github") == held["github"]
+    assert two_providers["github"].introspect(held["github"])["active"] is True
+    assert [(e["event"], e["to"]) for e in await client.history("alice", "github")][-2:] == [
+        ("provision_requested", "provisioned"),
+        ("authorization_failed", "provisioned"),
+    ]

@@ -65,7 +65,25 @@ async def test_a_first_session_asks_for_the_base_scopes_plus_those_asked(stack):
     await committed_only_table_rows(stack)
 
 
-async def test_an_approved_upgrade_replaces_the_grant_and_revokes_the_old_one(stack):
+async def test_an_approved_upgrade_keeps_the_replaced_grant_unless_told_to_revoke_it(stack):
+    """Off by default: at a provider that extends the grant it holds, revoking the replaced
+    refresh token would end the new grant too; the replaced one stays as the provider has it."""
+    assert (await provision(stack)).status_code == 200
+    before = await stored_tokens(stack, "alice")
+    opened = await upgrade(stack)
+    page = await stack.callback(await approve(opened.authorization_url, "alice"))
+    assert page.status_code == 200
+    tokens = await stored_tokens(stack, "alice")
+    assert tokens["refresh_token"] != before["refresh_token"]
+    assert EXTRA in (await stack.client.status("alice")).scopes
+    assert stack.provider.introspect(tokens["refresh_token"])["active"]
+    assert stack.provider.introspect(before["refresh_token"])["active"]  # not revoked by us
+    assert (await stack.client.store.load("alice")).revocation_pending is None
+    await committed_only_table_rows(stack)
+
+
+async def test_an_approved_upgrade_replaces_the_grant_and_revokes_the_old_one(make_stack):
+    stack = await make_stack(revoke_replaced_grant=True)
     assert (await provision(stack)).status_code == 200
     before = await stored_tokens(stack, "alice")
     granted = (await stack.client.status("alice")).scopes

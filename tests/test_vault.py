@@ -59,7 +59,13 @@ def test_unknown_key_is_a_clear_error_naming_the_key_id():
     assert "CONSENT_ENCRYPTION_KEYS" in str(info.value)
 
 
-@pytest.mark.parametrize("bad", ["", "short", "!" * 43, generate_key()[:-4]])
+# Explicit ids: a generated key differs per process, and pytest-xdist workers must collect the
+# same test names.
+@pytest.mark.parametrize(
+    "bad",
+    ["", "short", "!" * 43, generate_key()[:-4]],
+    ids=["empty", "short", "not-base64", "truncated"],
+)
 def test_malformed_keys_are_refused(bad):
     with pytest.raises(ValueError, match="key 1"):
         KeyRing.from_strings([bad])

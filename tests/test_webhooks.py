@@ -114,6 +114,8 @@ def test_signature_verifies_with_standardwebhooks_and_a_tampered_body_does_not()
         "whsec_" + base64.b64encode(os.urandom(16)).decode(),  # too short
         "whsec_" + base64.b64encode(os.urandom(65)).decode(),  # too long
     ],
+    # Explicit ids: random values differ per process, and xdist workers must collect the same.
+    ids=["no-prefix", "not-base64", "too-short", "too-long"],
 )
 def test_malformed_secrets_are_refused_without_echo(bad):
     with pytest.raises(ValueError, match="must") as info:

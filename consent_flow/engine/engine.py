@@ -586,7 +586,11 @@ class Engine:
         now = self.clock()
         due = self.refresh_due(tokens.expires_at, now, tokens.refresh_expires_at)
         missing = [s for s in rec.requested_scopes if s not in tokens.scopes]
-        old = self._replaced_tokens(rec, tokens) if row.effect is Effect.REPLACE_GRANT else None
+        old = (
+            self._replaced_tokens(rec, tokens)
+            if row.effect is Effect.REPLACE_GRANT and self.settings.revoke_replaced_grant
+            else None
+        )
         fields: RecordFields = {
             "tokens": self.seal_tokens(
                 rec.user,

@@ -38,11 +38,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from consent_flow.client import DEFAULT_MIN_TTL, MAX_MIN_TTL, ConsentClient, ConsentStatus
 from consent_flow.core.connections import DEFAULT_PROVIDER
-from consent_flow.core.records import MAX_REASON_LENGTH, MAX_USER_LENGTH, check_user
+from consent_flow.core.records import (
+    MAX_REASON_LENGTH,
+    MAX_SCOPE_LENGTH,
+    MAX_SCOPES_ASKED,
+    MAX_USER_LENGTH,
+    check_scopes,
+    check_user,
+)
 from consent_flow.core.table import State
 from consent_flow.errors import (
     ConsentError,
     GrantRejected,
+    InvalidScope,
     InvalidTransition,
     NotProvisioned,
     ProviderError,
@@ -59,16 +67,12 @@ log = structlog.get_logger("consent_flow.api")
 API_PREFIX = "/v1"
 OPENAPI_PATH = "/openapi.json"
 MAX_BODY_BYTES = 16 * 1024  # a request body beyond this is refused (413) unread
-MAX_REQUESTED_SCOPES = 50
-MAX_SCOPE_LENGTH = 128
 PROBLEM_JSON = "application/problem+json"
 # RFC 9457 3.1.1: a type URI need not resolve; tag URIs (RFC 4151) name it without pretending to.
 PROBLEM_TYPE = "tag:consent-flow,2026:problem:"
 REALM = "consent-flow"
 API_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
-# RFC 6749 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _USER_PATTERN = r"^[^\s/]+$"  # check_user also refuses the non-printable ones it lets through
 _RFC3339 = {"type": "string", "format": "date-time"}
 
@@ -82,7 +86,6 @@ UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 INVALID_REQUEST = "invalid_request"
 INVALID_USER = "invalid_user"
 INVALID_SCOPE = "invalid_scope"
-SCOPE_NOT_CONFIGURED = "scope_not_configured"
 STORE_UNAVAILABLE = "store_unavailable"
 INTERNAL_ERROR = "internal_error"
 
@@ -104,12 +107,6 @@ _STATUS_DETAILS = (
 def provider_names(settings: Settings) -> tuple[str, ...]:
     """The providers this deployment serves, by the names the API's paths use."""
     return settings.provider_names
-
-
-def grantable_scopes(settings: Settings, provider: str) -> tuple[str, ...]:
-    """Scopes a caller may ask for at ``provider``: the engine asks for that provider's
-    configured scopes in every session."""
-    return settings.provider(provider).scopes
 
 
 def api_key_id(key: str) -> str:
@@ -306,31 +303,16 @@ def _connection_of(request: Request) -> tuple[str, str]:
     return provider, user
 
 
-def _requested_scopes(data: dict[str, Any], settings: Settings, provider: str) -> tuple[str, ...]:
+def _requested_scopes(data: dict[str, Any]) -> tuple[str, ...]:
+    """The scopes a caller asks for beside the provider's base scopes (the engine asks for
+    both; a provisioned connection gets an upgrade session for those not granted)."""
     scopes = data.get("scopes", [])
-    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+    if not isinstance(scopes, list):
         raise Problem(422, INVALID_SCOPE, "scopes must be an array of strings")
-    if len(scopes) > MAX_REQUESTED_SCOPES:
-        raise Problem(422, INVALID_SCOPE, f"at most {MAX_REQUESTED_SCOPES} scopes at a time")
-    for scope in scopes:
-        if len(scope) > MAX_SCOPE_LENGTH or not _SCOPE_TOKEN.fullmatch(scope):
-            raise Problem(
-                422,
-                INVALID_SCOPE,
-                f"{scope[:40]!r} is not a scope token (RFC 6749 3.3, at most "
-                f"{MAX_SCOPE_LENGTH} characters)",
-            )
-    unique = tuple(dict.fromkeys(scopes))
-    grantable = grantable_scopes(settings, provider)
-    beyond = [s for s in unique if s not in grantable]
-    if beyond:
-        raise Problem(
-            422,
-            SCOPE_NOT_CONFIGURED,
-            f"{', '.join(beyond[:5])}: not among the scopes configured for {provider!r} "
-            f"({' '.join(grantable)})",
-        )
-    return unique
+    try:
+        return check_scopes(scopes)
+    except InvalidScope as exc:
+        raise Problem(422, INVALID_SCOPE, exc.message) from None
 
 
 # --- answers ----------------------------------------------------------------------------------
@@ -429,7 +411,7 @@ async def _providers(client: ConsentClient, request: Request) -> Response:
 
 async def _provision(client: ConsentClient, request: Request) -> Response:
     provider, user = _connection_of(request)
-    scopes = _requested_scopes(await _body(request, ("scopes",)), client.settings, provider)
+    scopes = _requested_scopes(await _body(request, ("scopes",)))
     status = await client.request_provisioning(user, provider, scopes, actor=_actor(request))
     return _json(connection_body(status, provider, client.clock()))
 
@@ -735,7 +717,7 @@ def openapi_document(settings: Settings, *, root_path: str = "") -> dict[str, An
                         {
                             "scopes": {
                                 "type": "array",
-                                "maxItems": MAX_REQUESTED_SCOPES,
+                                "maxItems": MAX_SCOPES_ASKED,
                                 "items": scope_token,
                             }
                         }

@@ -39,11 +39,12 @@ grant) of its own, closed loop, after a warm-up:
     No lock, record, commit, schedule, history or log line: what (b) cannot go below with arq,
     redis-py and httpx on this machine.
 
-Reported: refreshes per second of (a), (b) and (c), the ratio (b)/(a) (target >= 0.7), the
-floor's (c)/(a) and the project's share of it (b)/(c), CPU milliseconds per refresh of each
-process (Linux /proc), and the provider's own counters (no rotated token reused, no refresh
-error). Missed targets are reported, never an exit code: only a failure (a worker that dies, a
-refresh that did not happen, a reused token) exits non-zero.
+Reported: refreshes per second of (a), (b) and (c), the ratio (b)/(a), the floor's (c)/(a) and
+the project's share of it (b)/(c), CPU milliseconds per refresh of each process (Linux /proc),
+and the provider's own counters (no rotated token reused, no refresh error). The earlier target
+of 0.7 for (b)/(a) is retired (README, Performance: the job per refresh is the limit, and
+scheduled refreshes, the path that matters at scale, run in batches: bench_backlog.py). Only a
+failure (a worker that dies, a refresh that did not happen, a reused token) exits non-zero.
 
     .venv/bin/python benchmarks/bench_refresh.py [--users 50] [--seconds 10] [--json]
 """
@@ -92,7 +93,6 @@ from _infra import (  # noqa: E402
     warmup_seconds,
 )
 
-TARGET_RATIO = 0.7  # (b) / (a)
 WORKERS = 3
 CLIENT_ID = "consent-flow-bench"
 CLIENT_SECRET = "bench-secret"  # a throwaway client of a throwaway provider
@@ -403,6 +403,7 @@ async def bench_project(
 
     broker = TokenBroker(client)
     store, ring = client.store, client.ring
+    provider = client.provider_name(None)  # the one provider the run configures
 
     async def current(user: str) -> str:
         rec = await store.load(user)
@@ -414,7 +415,7 @@ async def bench_project(
 
     async def call(n: int, i: int) -> None:
         user = users[n]
-        await broker._refresh((client.provider_name(None), user), FORCE_MIN_TTL)
+        await broker._refresh((provider, user), FORCE_MIN_TTL)
         token = await current(user)
         if token == last[user]:
             raise BenchError(f"an on-demand refresh of {user} left the same access token")
@@ -657,15 +658,10 @@ async def measure(n_users: int, seconds: float, warmup: float, workdir: Path) ->
         "redis_commands_per_refresh_by_name": per_refresh,
         "provider_refresh_requests_in_project_phase": stats.get("refresh_requests"),
         "provider_refresh_reuse_detected": stats.get("refresh_reuse_detected", 0),
-        "target_ratio": TARGET_RATIO,
-        "ratio_met": ratio >= TARGET_RATIO,
     }
 
 
 def report(r: dict[str, Any]) -> str:
-    def met(ok: bool) -> str:
-        return "met" if ok else "MISSED"
-
     def row(label: str, s: dict[str, Any]) -> str:
         cpu = ", ".join(f"{k} {v:.2f}" for k, v in s["cpu_ms_per_refresh"].items()) or "n/a"
         return (
@@ -686,7 +682,7 @@ def report(r: dict[str, Any]) -> str:
             row("(c) floor: queue, claim, call, reply:         ", r["floor"]),
             row("(a) provider, plain httpx refreshes (after):  ", r["provider_after"]),
             f"    ratio (b) / mean(a) = {r['project']['per_s']:.1f} / {r['baseline_per_s']:.1f} = "
-            f"{r['ratio']:.3f}   target >= {r['target_ratio']}: {met(r['ratio_met'])}",
+            f"{r['ratio']:.3f}   (no target: the 0.7 on-demand target is retired, see README)",
             f"    floor (c) / mean(a) = {r['floor_ratio']:.3f}: the most a refresh through an arq "
             f"queue and httpx gets here; (b) / (c) = {r['project_share_of_floor']:.3f}",
             f"    provider during (b): {r['provider_refresh_requests_in_project_phase']} refresh "

@@ -38,8 +38,6 @@ Then it measures:
     (<= 2 KiB) is for what a grant needs: the record hash, the tokens and the schedule (the
     ``cf:sched`` entry, the deferred job and its queue entry), with those keys' share of the
     keyspace's own overhead; the total with history, seen-ids and indexes is reported beside it.
-    Then other layouts, each measured on scratch keys in the same Redis (removed afterwards),
-    and what a user costs once it has been refreshed for a day, a week, a month.
 
 Missed targets are reported, never an exit code: only a failure exits non-zero.
 
@@ -77,6 +75,8 @@ from _infra import (  # noqa: E402
     stop_process,
 )
 
+from consent_flow.store import codec  # noqa: E402
+
 TARGET_TICK_MS = 20.0
 TARGET_BYTES_PER_USER = 2048
 ACCESS_TOKEN_CHARS = 1024
@@ -86,8 +86,6 @@ TEMPLATE_USERS = 5
 BATCH = 1000  # users per loader script call
 SWEEP_WINDOW = 1000  # = consent_flow.queue.scheduler.SWEEP_LIMIT, checked at start
 SAMPLE = 200  # users sampled for MEMORY USAGE and for the read-back check
-SCRATCH_USERS = 5_000  # users of each memory idea's scratch data (fewer with --users below it)
-AGED_USERS = 300  # users of each aged profile
 SCOPES = "openid offline_access profile"
 
 
@@ -287,25 +285,26 @@ async def provision_for_real(engine: Any, stub: StubProvider, user: str, expires
 
 
 # The bulk loader. KEYS: idx:provisioned, sched, histidx, the arq queue, the stream.
-# ARGV: prefix, stream (1/0), stream cap, job key prefix, provider, n constant fields, their
-# pairs, then
+# ARGV: prefix, stream (1/0), stream cap, job key prefix, provider, the per-user fields' names
+# (the codec's: PER_USER_FIELDS), n constant fields, their pairs, then
 # per user: user, sealed tokens, exp, at2, next, at1, ev1, ev2, hist1, hist2, due ms, job
 # payload, job ttl.
 _LOAD = """
 local idx, sched, histidx, queue, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local prefix, with_stream, cap, jobp = ARGV[1], ARGV[2] == '1', ARGV[3], ARGV[4]
 local provider = ARGV[5]
-local nconst = tonumber(ARGV[6])
+local f_exp, f_since, f_lastref, f_next, f_sub = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local nconst = tonumber(ARGV[11])
 local const = {}
-for i = 1, 2 * nconst do const[i] = ARGV[6 + i] end
+for i = 1, 2 * nconst do const[i] = ARGV[11 + i] end
 local n = 0
-for i = 7 + 2 * nconst, #ARGV, 13 do
+for i = 12 + 2 * nconst, #ARGV, 13 do
   local user, tok, exp, at2, nxt, at1 = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4],
     ARGV[i+5]
   local ev1, ev2, h1, h2, due, payload, ttl = ARGV[i+6], ARGV[i+7], ARGV[i+8], ARGV[i+9],
     ARGV[i+10], ARGV[i+11], ARGV[i+12]
   local tag = prefix .. ':{' .. user .. '}:' .. provider .. ':'
-  local f = {'exp', exp, 'since', at2, 'lastref', at2, 'next', nxt, 'sub', user}
+  local f = {f_exp, exp, f_since, at2, f_lastref, at2, f_next, nxt, f_sub, user}
   for j = 1, #const do f[#f + 1] = const[j] end
   redis.call('HSET', tag .. 'rec', unpack(f))
   redis.call('SET', tag .. 'tok', tok)
@@ -329,7 +328,11 @@ end
 return n
 """
 
-PER_USER_FIELDS = ("exp", "since", "lastref", "next", "sub")
+# The fields the loader writes per user, in the order its script takes them (named by the codec).
+PER_USER_FIELDS = tuple(
+    codec.field_name(attribute)
+    for attribute in ("expires_at", "since", "last_refresh_at", "next_refresh_at", "subject")
+)
 BENCH_PREFIX = "cf"  # the default Settings' key prefix, which the benchmark runs under
 
 
@@ -678,6 +681,7 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
             str(STREAM_MAX_ENTRIES).encode(),
             job_key_prefix.encode(),
             keys.provider.encode(),
+            *(f.encode() for f in PER_USER_FIELDS),
             str(len(constants)).encode(),
         ]
         for f, v in constants:
@@ -1025,174 +1029,8 @@ def memory_report(
         "rec_encoding": encodings["rec"],
         # Redis 7 calls it hash-max-listpack-value (ziplist is its alias); 6.2 only ziplist.
         "hash_max_listpack_value": int(next(iter(r.config_get("hash-max-*-value").values()))),
-        "ideas": memory_ideas(r, keys, ring, sample[0], min(SCRATCH_USERS, max(200, users // 10))),
-        "aged": aged_users(r, keys, sample[0], per_user_total),
         "breakdown_seconds": round(t_breakdown, 1),
     }
-
-
-def scratch_cost(r: redis.Redis, n: int, write: Any) -> dict[str, float]:
-    """Write ``n`` scratch users with ``write(pipe, i)``; their cost by used_memory and by
-    MEMORY USAGE of their keys; then remove them."""
-    before = used_memory(r)
-    written: set[str] = set()
-    for start in range(0, n, 500):
-        with r.pipeline(transaction=False) as pipe:
-            for i in range(start, min(n, start + 500)):
-                write(pipe, i)
-            written.update(_s(args[1]) for args, _ in pipe.command_stack)
-            pipe.execute()
-    after = used_memory(r)
-    names = sorted(written)
-    kinds: dict[str, list[str]] = {}  # by role: rec, tok, hist, seen, or job
-    for name in names:
-        kinds.setdefault(name.rsplit(":", 1)[-1] if "}:" in name else "job", []).append(name)
-    total = 0.0
-    for members in kinds.values():
-        usage = [mem(r, k) for k in members[:: max(1, len(members) // SAMPLE)]]
-        total += sum(usage) / len(usage) * len(members)
-    for start in range(0, len(names), 1000):
-        r.delete(*names[start : start + 1000])
-    return {
-        "used_memory_per_user": round((after - before) / n, 1),
-        "memory_usage_per_user": round(total / n, 1),
-        "keys_per_user": round(len(names) / n, 2),
-    }
-
-
-def memory_ideas(r: redis.Redis, keys: Any, ring: Any, sample_user: str, n: int) -> dict[str, Any]:
-    """The record and the tokens as stored, next to the layouts before them, and the job payload
-    as written next to arq's default (scratch keys, removed after)."""
-    from arq.jobs import serialize_job
-
-    from consent_flow.queue.bus import dump_job
-    from consent_flow.store.vault import open_tokens
-
-    rec = {_s(k): v for k, v in r.hgetall(keys.rec(sample_user)).items()}
-    tok = r.get(keys.sealed(sample_user, "tok")) or b""
-    plain = json.dumps(open_tokens(ring, sample_user, tok)).encode()  # as sealed before
-    v1_text = ring.encrypt(plain, user=sample_user, purpose="tokens")
-    undeflated = ring.seal(plain, user=sample_user, purpose="tokens")
-    ideas: dict[str, Any] = {
-        "token_plaintext_bytes": len(plain),
-        "tok_bytes": len(tok),
-        "tok_undeflated_bytes": len(undeflated),
-        "tok_v1_text_chars": len(v1_text),
-    }
-
-    def as_stored(pipe: Any, i: int) -> None:
-        pipe.hset(f"scratch:{{s{i:08d}}}:rec", mapping=rec)
-        pipe.set(f"scratch:{{s{i:08d}}}:tok", tok)
-
-    def before(pipe: Any, i: int) -> None:
-        pipe.hset(f"scratch:{{s{i:08d}}}:rec", mapping={**rec, "tok": v1_text})
-
-    def not_deflated(pipe: Any, i: int) -> None:
-        pipe.hset(f"scratch:{{s{i:08d}}}:rec", mapping=rec)
-        pipe.set(f"scratch:{{s{i:08d}}}:tok", undeflated)
-
-    ideas["record hash + tokens key, as stored (deflated, binary, a key of their own)"] = (
-        scratch_cost(r, n, as_stored)
-    )
-    ideas["before: tokens as v1 base64 text in the record hash (hashtable encoding)"] = (
-        scratch_cost(r, n, before)
-    )
-    ideas["tokens binary in their own key but not deflated"] = scratch_cost(r, n, not_deflated)
-
-    # the arq job: its payload as the project writes it, and arq's default before
-    user, due = sample_user, 1764175335123
-    payloads = {
-        "job payload as written (JSON, positional user and due_ms)": serialize_job(
-            "refresh_tokens", (user, due), {}, None, due, serializer=dump_job
-        ),
-        "job payload before: arq's default pickle of a {'user', 'due_ms'} dict": serialize_job(
-            "refresh_tokens", ({"user": user, "due_ms": due},), {}, None, due
-        ),
-    }
-    job_costs = {}
-    for label, payload in payloads.items():
-
-        def write_job(pipe: Any, i: int, payload: bytes = payload) -> None:
-            pipe.set(f"scratch:job:refresh:s{i:08d}:{due}", payload, px=86_400_000 + 3_600_000)
-
-        cost = scratch_cost(r, n, write_job)
-        cost["payload_bytes"] = len(payload)
-        job_costs[label] = cost
-    ideas["arq job key"] = job_costs
-    return ideas
-
-
-def aged_users(r: redis.Redis, keys: Any, sample_user: str, fresh: float) -> dict[str, Any]:
-    """History and seen-ids after k scheduled refreshes (one an hour), as the commit script
-    leaves them: refreshes in a row share one history entry that counts them, and the event ids
-    of the last SEEN_WINDOW seconds are kept (at most SEEN_MAX_EVENTS). The entry is built with
-    the project's HistoryEntry."""
-    from consent_flow.core.records import HistoryEntry
-    from consent_flow.store.redis_store import HISTORY_MAX_ENTRIES, SEEN_MAX_EVENTS, SEEN_WINDOW
-
-    hist = [_s(h) for h in r.lrange(keys.hist(sample_user), 0, -1)]
-    seen = r.zrange(keys.seen(sample_user), 0, -1, withscores=True)
-    fresh_cost = mem(r, keys.hist(sample_user)) + mem(r, keys.seen(sample_user))
-    base_at = 1764175335.123456
-    out: dict[str, Any] = {
-        "seen_max": SEEN_MAX_EVENTS,
-        "seen_window": SEEN_WINDOW,
-        "history_max": HISTORY_MAX_ENTRIES,
-    }
-    profiles = [
-        ("1 day (24 refreshes)", 24),
-        ("1 week (168 refreshes)", 168),
-        ("42 days (1008 refreshes)", 1008),
-        ("1 year (8760 refreshes)", 8760),
-    ]
-    for label, k in profiles:
-        entry = HistoryEntry(
-            "token_refreshed",
-            "provisioned",
-            "provisioned",
-            base_at + 3600 * k,
-            "worker",
-            None,
-            new_id(),
-            new_id(),
-            count=k,
-            first_at=base_at + 3600,
-        ).to_json()
-        data = json.loads(entry)
-        data.update(count=k, first_at=base_at + 3600)  # as the commit script writes it
-        refreshed = [json.dumps(data, separators=(",", ":"))]
-        last = base_at + 3600 * (k - 1)
-        ids = [
-            (new_id(), base_at + 3600 * j)
-            for j in range(k)
-            if base_at + 3600 * j >= last - SEEN_WINDOW
-        ]
-
-        def write(
-            pipe: Any,
-            i: int,
-            refreshed: list[str] = refreshed,
-            ids: list[tuple[str, float]] = ids,
-            last: float = last,
-        ) -> None:
-            h = f"scratch:{{a{i:08d}}}:hist"
-            s = f"scratch:{{a{i:08d}}}:seen"
-            pipe.rpush(h, *hist, *refreshed)
-            members = sorted([(_s(m), sc) for m, sc in seen] + ids, key=lambda m: m[1])
-            kept = [m for m in members if m[1] >= last - SEEN_WINDOW][-SEEN_MAX_EVENTS:]
-            pipe.zadd(s, dict(kept))
-            pipe.expire(s, math.ceil(SEEN_WINDOW))
-
-        cost = scratch_cost(r, AGED_USERS, write)
-        extra = cost["memory_usage_per_user"] - fresh_cost
-        out[label] = {
-            "hist_and_seen_bytes": cost["memory_usage_per_user"],
-            "bytes_per_user": round(fresh + extra, 1),
-        }
-    return out
-
-
-# --- the run -----------------------------------------------------------------------------------
 
 
 def report(r: dict[str, Any]) -> str:
@@ -1245,45 +1083,6 @@ def report(r: dict[str, Any]) -> str:
     ]
     for k, v in b.items():
         lines.append(f"      {v:8.1f} B  {k}")
-    lines.append(
-        "    layouts, measured on scratch keys (used_memory delta / MEMORY USAGE, per user):"
-    )
-    i = m["ideas"]
-    lines.append(
-        f"      (tokens: {i['token_plaintext_bytes']} B as JSON; sealed "
-        f"{i['tok_bytes']} B deflated, {i['tok_undeflated_bytes']} B not deflated, "
-        f"{i['tok_v1_text_chars']} chars as v1 base64 text)"
-    )
-    for k, v in m["ideas"].items():
-        if not isinstance(v, dict):
-            continue
-        if k == "arq job key":
-            for label, c in v.items():
-                lines.append(
-                    f"      {c['used_memory_per_user']:8.1f} / "
-                    f"{c['memory_usage_per_user']:7.1f} B  {label} "
-                    f"({c['payload_bytes']} B payload)"
-                )
-        else:
-            lines.append(
-                f"      {v['used_memory_per_user']:8.1f} / {v['memory_usage_per_user']:7.1f} B  {k}"
-            )
-    job = sum(v for k, v in b.items() if k.startswith("arq:job") or k == "arq queue entry")
-    lines.append(
-        f"      {job:8.1f} B  saved by no deferred arq job per user (job string + queue "
-        "entry; the sweep would queue due refreshes itself)"
-    )
-    a = m["aged"]
-    lines.append(
-        "    aged users (one refresh an hour; refreshes in a row share one history "
-        f"entry, seen-ids of the last {a['seen_window']:.0f} s, at most {a['seen_max']}):"
-    )
-    for k, v in a.items():
-        if isinstance(v, dict):
-            lines.append(
-                f"      {v['bytes_per_user']:10.1f} B per user after {k} "
-                f"(history + seen: {v['hist_and_seen_bytes']:.0f} B)"
-            )
     return "\n".join(lines)
 
 

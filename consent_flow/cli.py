@@ -350,6 +350,19 @@ def _stats_text(data: dict[str, Any]) -> str:
     if data["clock_skew"] is not None:
         skew = f"{data['clock_skew']:+.3f} s (worker {data['clock_skew_worker']})"
         lines.append(f"clock skew: {data['clock_skew_problem'] or skew}")
+    backlog = [
+        (
+            name,
+            b["due"],
+            "-" if b["oldest_due_age_s"] is None else f"{b['oldest_due_age_s']:g} s",
+            f"{b['drain_per_s']:g}/s",
+            b["lapsing_before_turn"],
+        )
+        for name, b in data.get("backlog", {}).items()
+    ]
+    if backlog:
+        header = ("PROVIDER", "DUE", "OLDEST DUE", "DRAIN", "LAPSING BEFORE TURN")
+        lines += ["", _table(backlog, header)]
     return "\n".join(lines)
 
 
@@ -766,6 +779,8 @@ async def _stats(client: ConsentClient) -> dict[str, Any]:
         if not total:
             total = public
             continue
+        # Each provider's backlog is its own: side by side, never summed.
+        total["backlog"] = {**total["backlog"], **public["backlog"]}
         for figure in PROVIDER_FIGURES:
             mine, sum_ = public[figure], total[figure]
             if figure == "states":

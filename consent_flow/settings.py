@@ -49,6 +49,8 @@ DEFAULT_COMMIT_RETRY_LIMIT = 1800
 MIN_COMMIT_RETRY_LIMIT = 60
 MAX_WAIT_REPLICAS = 5
 MIN_HTTP_TIMEOUT = 0.1
+DEFAULT_REFRESH_BATCH = 64  # scheduled refreshes one worker takes at once
+MAX_REFRESH_BATCH = 1000
 MAX_HTTP_TIMEOUT = 120.0
 MAX_SCOPES_LENGTH = 2000
 # A refresh_failing webhook goes out at this many consecutive transient refresh failures (with
@@ -475,6 +477,11 @@ class Settings:
     webhook_url: str | None = None
     webhook_secret: Secret = field(default_factory=lambda: Secret(""))
     webhook_failing_after: int = DEFAULT_WEBHOOK_FAILING_AFTER
+    # Scheduled refreshes: connections per batch. The v1 provider's limits (fleet-wide; None:
+    # unlimited), which its ProviderConfig carries as a providers file's tables do.
+    refresh_batch: int = DEFAULT_REFRESH_BATCH
+    max_refresh_rate: float | None = None
+    max_concurrency: int | None = None
     providers_file: Path | None = None
     provider_table: tuple[ProviderConfig, ...] = ()
     """The providers of ``CONSENT_PROVIDERS_FILE``, in file order; empty without one (then the
@@ -700,6 +707,36 @@ class Settings:
                     f"key {position} must be at least {MIN_API_KEY_LENGTH} characters of "
                     "A-Z a-z 0-9 - . _ ~ + / (make one with: openssl rand -hex 32)",
                 )
+        refresh_batch = integer(
+            "CONSENT_REFRESH_BATCH",
+            DEFAULT_REFRESH_BATCH,
+            1,
+            MAX_REFRESH_BATCH,
+            f"a whole number of connections from 1 to {MAX_REFRESH_BATCH}",
+        )
+        max_refresh_rate = (
+            number(
+                "CONSENT_MAX_REFRESH_RATE",
+                0,
+                0,
+                MAX_REFRESH_RATE,
+                f"refreshes per second, a number > 0 and <= {MAX_REFRESH_RATE:g}",
+                open_low=True,
+            )
+            if get("CONSENT_MAX_REFRESH_RATE") is not None
+            else None
+        )
+        max_concurrency = (
+            integer(
+                "CONSENT_MAX_CONCURRENCY",
+                0,
+                1,
+                MAX_CONCURRENCY,
+                f"a whole number of provider calls at once from 1 to {MAX_CONCURRENCY}",
+            )
+            if get("CONSENT_MAX_CONCURRENCY") is not None
+            else None
+        )
         commit_retry_limit = integer(
             "CONSENT_COMMIT_RETRY_LIMIT",
             DEFAULT_COMMIT_RETRY_LIMIT,
@@ -744,6 +781,9 @@ class Settings:
             refresh_margin=refresh_margin,
             keepalive=keepalive,
             commit_retry_limit=commit_retry_limit,
+            refresh_batch=refresh_batch,
+            max_refresh_rate=max_refresh_rate,
+            max_concurrency=max_concurrency,
             redis_wait_replicas=redis_wait_replicas,
             history_retention=history_retention,
             http_host=http_host,
@@ -859,6 +899,8 @@ class Settings:
                 resource=self.resource,
                 subject_match=self.subject_match,
                 token_auth_method=self.token_auth_method,
+                max_refresh_rate=self.max_refresh_rate,
+                max_concurrency=self.max_concurrency,
                 revoke_replaced_grant=self.revoke_replaced_grant,
             ),
         )

@@ -217,7 +217,8 @@ async def seed(client: ConsentClient, seeded: Seeded | None = None) -> Seeded:
             (Event.AUTHORIZATION_COMPLETED, start + 40, "browser", None, due),
         ]
         if 100 <= i < 140:
-            steps[-1] = (*steps[-1][:4], start + 3600)
+            # Due in the future already: a live worker takes any due schedule for a real one.
+            steps[-1] = (*steps[-1][:4], due)
             steps.append((Event.TOKEN_REFRESHED, start + 3600, "worker", None, due))
         paths.append((f"prov-{i:03d}", steps))
     for i in range(100):

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +307,41 @@ async def test_ops_and_metrics_per_provider(two: Stack, two_env: dict[str, str])
         user = await http.get("/ops/users/bob", params={"provider": "github"})
         assert user.status_code == 200
         assert (await http.get("/ops", params={"provider": "gitlab"})).status_code == 404
+
+
+async def test_every_providers_backlog_shows_in_stats_metrics_and_ops(
+    two: Stack, two_env: dict[str, str]
+) -> None:
+    """Each provider's due backlog is its own, and every one of them shows: not only the first
+    provider's (the deployment's figures are read provider by provider)."""
+    await provision_at(two, "nextcloud")
+    await provision_at(two, "github")
+    await provision_at(two, "github", "bob")
+    await two.stop_workers()  # from here on nothing takes the due refreshes
+    redis = two.client.pool
+    due = int((time.time() - 5) * 1000)
+    for provider, users in (("nextcloud", ["alice"]), ("github", ["alice", "bob"])):
+        keys = two.client.store_for(provider).keys
+        await redis.zadd(keys.sched, dict.fromkeys(users, due))
+
+    stats = json.loads((await acli(two_env, "stats", "--json")).stdout)
+    assert {name: b["due"] for name, b in stats["backlog"].items()} == {
+        "nextcloud": 1,
+        "github": 2,
+    }
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{two.settings.http_port}", timeout=30
+    ) as http:
+        metrics = (await http.get("/metrics")).text
+        # /ops shows one provider at a time (the first when none is asked for).
+        pages = {
+            name: (await http.get("/ops", params={"provider": name})).text
+            for name in ("nextcloud", "github")
+        }
+    assert 'consent_flow_refresh_backlog{provider="nextcloud"} 1.0' in metrics
+    assert 'consent_flow_refresh_backlog{provider="github"} 2.0' in metrics
+    assert '<dd id="fig-backlog-nextcloud">1</dd>' in pages["nextcloud"]
+    assert '<dd id="fig-backlog-github">2</dd>' in pages["github"]
 
 
 async def test_upgrades_at_two_providers_one_approved_with_less_one_denied(

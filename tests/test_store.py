@@ -508,3 +508,43 @@ async def test_a_commit_releases_the_lock_only_for_its_owner_and_only_when_it_ap
         await store.commit(change(rec, Event.SESSION_EXPIRED, State.UNPROVISIONED), unlock=token)
     ).ok
     assert await store.acquire_lock("owen", 5) is not None
+
+
+async def test_commits_sent_together_each_apply_alone_and_token_commits_wait_for_replicas(
+    redis_server,
+):
+    """A batch's commits in one pipeline: each applies or conflicts on its own and releases
+    its own lock; one WAIT covers them, and only the members that store tokens say they are
+    unconfirmed when no replica answered (this Redis has none)."""
+    client = Redis(port=redis_server.port)
+    try:
+        store = RedisStore(client, prefix="s" + uuid.uuid4().hex[:8], wait_replicas=1)
+        ring = KeyRing.from_strings([generate_key()])
+        token = await store.acquire_lock("carl", 5)
+        plain = change(await store.load("ann"), Event.PROVISION_REQUESTED, State.PENDING)
+        stale = change(await store.load("ben"), Event.PROVISION_REQUESTED, State.PENDING)
+        stale.expect_version = 3
+        granted = change(
+            await store.load("carl"),
+            Event.AUTHORIZATION_COMPLETED,
+            State.PROVISIONED,
+            fields={"tokens": seal_tokens(ring, "carl", TOKENS), "subject": "carl"},
+        )
+        results = await store.commit_many([(plain, None), (stale, None), (granted, token)])
+        assert [(r.status, r.replicated) for r in results] == [  # type: ignore[union-attr]
+            ("ok", True),
+            ("conflict", True),
+            ("ok", False),
+        ]
+        assert await store.acquire_lock("carl", 5) is not None  # released by its commit
+        rec = await store.load("carl")
+        assert rec.state is State.PROVISIONED and rec.tokens is not None
+        assert (await store.load("ben")).state is State.UNPROVISIONED
+
+        store.wait_replicas = 0
+        again = change(await store.load("ann"), Event.SESSION_EXPIRED, State.UNPROVISIONED)
+        assert [(r.status, r.replicated) for r in await store.commit_many([(again, None)])] == [  # type: ignore[union-attr]
+            ("ok", True)
+        ]
+    finally:
+        await client.aclose()

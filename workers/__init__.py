@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 from arq import cron, func
 
+from consent_flow.engine.batch import BatchRefresher
 from consent_flow.engine.engine import Engine
 from consent_flow.engine.provider_watch import ProviderWatch
 from consent_flow.engine.refresh import Refresher, RetryPolicy
@@ -32,6 +33,7 @@ from consent_flow.oidc import HttpClients, OAuthClient
 from consent_flow.queue.bus import HANDLE_EVENT, JOB_SERIALIZERS, EventBus
 from consent_flow.queue.commit_jobs import CommitJobs
 from consent_flow.queue.jobs import JOB_TIMEOUT, REFRESH_MAX_TRIES
+from consent_flow.queue.limits import Limits, ProviderLimiter
 from consent_flow.queue.scheduler import REFRESH_JOB, Scheduler
 from consent_flow.settings import ProviderConfig, Settings
 from consent_flow.store.clock import MAX_CLOCK_SKEW, RedisClock
@@ -94,6 +96,10 @@ async def _heartbeat(store: RedisStore, clock: RedisClock) -> None:
         await asyncio.sleep(HEARTBEAT_INTERVAL)
 
 
+async def _gather(*work: Any) -> None:
+    await asyncio.gather(*work)
+
+
 async def _on_redis_back(ctx: dict[str, Any], down: float) -> None:
     services: Services = ctx["services"]
     for refresher in services.refreshers:
@@ -109,6 +115,7 @@ def _provider_stack(
     ring: KeyRing,
     clock: RedisClock,
     retry: RetryPolicy | None,
+    batched: bool,
 ) -> ProviderStack:
     """One provider's engine stack: its settings, keys, OpenID client, bound ring, engine,
     schedule and refresher."""
@@ -121,7 +128,9 @@ def _provider_stack(
     )
     bound = ring.for_provider(config.name)
     oauth = OAuthClient(seen, http, clock=clock)
-    scheduler = Scheduler(redis, keys=store.keys, queue_name=settings.queue_name, clock=clock)
+    scheduler = Scheduler(
+        redis, keys=store.keys, queue_name=settings.queue_name, clock=clock, batched=batched
+    )
     store.commit_jobs = CommitJobs(scheduler, prefix=settings.redis_prefix)
     engine = Engine(
         settings=seen,
@@ -132,6 +141,15 @@ def _provider_stack(
         on_scheduled=scheduler.schedule,
     )
     refresher = Refresher(engine, scheduler, retry=retry or RetryPolicy())
+    # The provider's limits hold for the whole fleet; a 429 on any path slows everyone.
+    limiter = ProviderLimiter(
+        redis,
+        prefix=settings.redis_prefix,
+        provider=config.name,
+        limits=Limits(config.max_refresh_rate, config.max_concurrency),
+        lease=engine.lock_ttl,
+    )
+    batches = BatchRefresher(refresher, limiter, size=settings.refresh_batch)
     return ProviderStack(
         config=config,
         settings=seen,
@@ -141,6 +159,7 @@ def _provider_stack(
         engine=engine,
         scheduler=scheduler,
         refresher=refresher,
+        batches=batches,
     )
 
 
@@ -153,8 +172,13 @@ def worker_settings(
     cleanup_every: int = CLEANUP_EVERY,
     retry: RetryPolicy | None = None,
     webhook_retry: WebhookRetry | None = None,
+    batched: bool = True,
 ) -> dict[str, Any]:
     """Keyword arguments for ``arq.Worker``, wired to one ``Settings`` object.
+
+    Scheduled refreshes run in batches taken from the schedule by the worker's own lanes
+    (``batched``); without, each is a deferred arq job of its own, with a sweep requeueing lost
+    ones (the earlier path, kept for tests of the jobs themselves).
 
     ``sweep_every`` and ``cleanup_every`` are seconds and must divide 60 (arq's cron fields).
     A job whose worker died is run again ``job_timeout`` + 10 s later.
@@ -204,7 +228,7 @@ def worker_settings(
         )
         for config in settings.providers:
             services.stacks[config.name] = _provider_stack(
-                settings, config, ctx["redis"], http, ring, clock, retry
+                settings, config, ctx["redis"], http, ring, clock, retry, batched
             )
         ctx["services"] = services
         # Tokens a worker on this machine obtained and could not store before it died: stored
@@ -216,6 +240,12 @@ def worker_settings(
         ctx["heartbeat"] = asyncio.create_task(
             _heartbeat(shared, clock), name="consent-flow-heartbeat"
         )
+        if batched:
+            # Each provider's lanes: its batches, within its own limits.
+            ctx["batches"] = asyncio.create_task(
+                _gather(*(stack.batches.run() for stack in services.stacks.values())),
+                name="consent-flow-batches",
+            )
         # A provider may be down at start: retried in the background, health red meanwhile.
         ctx["provider_watches"] = [
             asyncio.create_task(
@@ -240,7 +270,11 @@ def worker_settings(
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
-        tasks: list[asyncio.Task[None]] = [ctx["heartbeat"]] if "heartbeat" in ctx else []
+        # The batches first: a member whose answer is in flight goes on in the background,
+        # and is given its moment below with the other deferred commits.
+        tasks: list[asyncio.Task[None]] = [
+            ctx[name] for name in ("batches", "heartbeat") if ctx.get(name) is not None
+        ]
         for task in [*tasks, *ctx.get("provider_watches", ())]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -281,13 +315,20 @@ def worker_settings(
             ),
         ],
         "cron_jobs": [
-            cron(
-                sweep,
-                name="sweep",
-                second=set(range(0, 60, sweep_every)),
-                keep_result=0,
-                run_at_startup=True,
-                timeout=job_timeout,
+            # Batched, the schedule itself is the queue: nothing can go missing from it.
+            *(
+                []
+                if batched
+                else [
+                    cron(
+                        sweep,
+                        name="sweep",
+                        second=set(range(0, 60, sweep_every)),
+                        keep_result=0,
+                        run_at_startup=True,
+                        timeout=job_timeout,
+                    )
+                ]
             ),
             cron(
                 cleanup,

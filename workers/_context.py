@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from consent_flow.engine.batch import BatchRefresher
 from consent_flow.engine.engine import Engine
 from consent_flow.engine.refresh import Refresher
 from consent_flow.engine.webhooks import WebhookSender
@@ -37,6 +38,7 @@ class ProviderStack:
     engine: Engine
     scheduler: Scheduler
     refresher: Refresher
+    batches: BatchRefresher  # its scheduled refreshes, in batches (when the worker runs them)
 
 
 @dataclass

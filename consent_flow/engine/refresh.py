@@ -22,9 +22,10 @@ import enum
 import hashlib
 import random
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -32,6 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consent_flow.core.records import (
     Change,
+    CommitResult,
     ConsentRecord,
     RecordFields,
     RefreshCount,
@@ -86,6 +88,17 @@ MAX_MERGE_ATTEMPTS = 5  # re-reads of a record that keeps changing under a refre
 # well under a millisecond; writing every answer would cost each refresh a file created and
 # removed (about 0.1 ms of CPU, some 5 % of a refresh's).
 SPOOL_AFTER = 0.01
+
+
+class Committer(Protocol):
+    """A store's ``commit``: the change, and the owner token of the lock it releases."""
+
+    def __call__(self, change: Change, *, unlock: str | None = None) -> Awaitable[CommitResult]: ...
+
+
+# Where a refresh's commit goes: the store's own, or (for a member of a batch) the batch's group,
+# which sends the commits of the batch together (engine/batch.py).
+commit_group: ContextVar[Committer | None] = ContextVar("commit_group", default=None)
 
 
 class CommitConflict(Exception):
@@ -168,6 +181,9 @@ class Refresher:
         self._hold_until = 0.0
         self._spooled: set[str] = set()  # event ids of the answers in the spool
         self.metrics = MetricsRecorder(engine.store.redis, engine.store.keys, clock=engine.clock)
+        # Told of a provider's 429 or Retry-After: slows every worker's calls to it (the fleet's
+        # limiter), not just this grant's.
+        self.throttle: Callable[[float | None], Awaitable[None]] | None = None
         self.fingerprint = hashlib.sha256(
             f"{settings.client_id}\x00{settings.client_secret.reveal()}".encode()
         ).hexdigest()[:16]
@@ -299,8 +315,10 @@ class Refresher:
         min_ttl: float,
         envelope: Envelope,
         probing: bool,
+        marked: bool = False,
     ) -> Outcome:
-        """The refresh itself, under the lock; ``rec`` was read under it."""
+        """The refresh itself, under the lock; ``rec`` was read under it (and marked in flight
+        by the read, when ``marked``)."""
         user = rec.user
         now = self.engine.clock()
         if not self.engine.machine.allowed(rec.state, Event.TOKEN_REFRESHED) or rec.tokens is None:
@@ -330,7 +348,13 @@ class Refresher:
         tokens = self.engine.open_tokens(user, rec.tokens)
         # Marked before the call: if this process dies with the request in flight, the next
         # attempt knows an invalid_grant may be the provider punishing a rotated token's reuse.
-        if not await self.store.mark_inflight(user, now):
+        if marked:
+            # The batch's claim marked it: the replicas must hold the mark, and the lock and
+            # record read with it, before the request leaves (as ``mark_inflight`` waits).
+            confirmed = await self.store.confirm_replicated()
+        else:
+            confirmed = await self.store.mark_inflight(user, now)
+        if not confirmed:
             # The replicas did not confirm what this refresh read and marked: it may have been
             # read from a primary a failover is replacing. The token is not spent yet.
             raise RedisConnectionError("the replicas did not confirm the refresh's start")
@@ -370,6 +394,12 @@ class Refresher:
             # a grant. Back off and try again.
             await self.metrics.refresh("transient_failure")
             retry_after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
+            throttled = isinstance(exc, ProviderUnavailable) and (
+                exc.status == 429 or retry_after is not None
+            )
+            if throttled and self.throttle is not None:
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await self.throttle(retry_after)
             failures = rec.refresh_failures + 1
             delay = self.retry.delay(failures, retry_after)
             answered = isinstance(exc, ProviderUnavailable) and exc.status is not None
@@ -532,6 +562,7 @@ class Refresher:
             fit = fits(pending, rec, self.engine.ring)
             if fit is not Fit.STORE:
                 return await self._settle(rec, pending, envelope, fit)
+            commit = commit_group.get() or self.store.commit
             row = self.engine.machine.decide(rec.state, Event.TOKEN_REFRESHED, user=user)
             change = Change(
                 user=user,
@@ -575,7 +606,7 @@ class Refresher:
             )
             if envelope.reply:
                 change.reply = (envelope.event_id, outcome.reply_json(envelope))
-            result = await self.store.commit(change, unlock=unlock)
+            result = await commit(change, unlock=unlock)
             if result.ok and not result.replicated:
                 # The provider spent the refresh token this answer replaces: the spool file
                 # stays until the commit is known to have outlived any failover.

@@ -22,7 +22,9 @@ class CommitJobs:
         self.scheduler = scheduler
         self.prefix = prefix  # deployments sharing one Redis share arq's job keys
 
-    def queued(self, user: str, job: Job) -> QueuedJob:
+    def queued(self, user: str, job: Job) -> QueuedJob | None:
+        """The arq job of ``job`` (None for a refresh when batched: workers take due refreshes
+        from the schedule itself)."""
         if isinstance(job, RefreshJob):
             return self.scheduler.job_for(user, job.at)
         if isinstance(job, NoticeJob):
@@ -37,6 +39,8 @@ class CommitJobs:
             )
         raise TypeError(f"not a job a commit queues: {job!r}")
 
-    def dropped(self, user: str, at: float) -> JobRef:
-        """The queued job of the refresh due at ``at``."""
+    def dropped(self, user: str, at: float) -> JobRef | None:
+        """The queued job of the refresh due at ``at`` (None when batched: there is none)."""
+        if self.scheduler.batched:
+            return None
         return refresh_job_ref(self.scheduler.keys, user, at, self.scheduler.queue_name)

@@ -68,16 +68,23 @@ class Scheduler:
         keys: Keys,
         queue_name: str,
         clock: Callable[[], float] = time.time,
+        batched: bool = False,
     ) -> None:
         self.pool = pool
+        # Batched: workers take due refreshes from the schedule itself (engine/batch.py), so no
+        # refresh gets a job of its own and nothing needs sweeping.
+        self.batched = batched
         self.keys = keys
         self.queue_name = queue_name
         self.jobs = JobQueue(pool, clock=clock)
         self._due = pool.register_script(lua("due_without_job"))
         self._enqueue = pool.register_script(lua("enqueue_missing"))
 
-    def job_for(self, user: str, due: float) -> QueuedJob:
-        """The deferred refresh job for a due time, for a commit to queue with the schedule."""
+    def job_for(self, user: str, due: float) -> QueuedJob | None:
+        """The deferred refresh job for a due time, for a commit to queue with the schedule
+        (None when batched)."""
+        if self.batched:
+            return None
         ms = due_ms(due)
         return self.jobs.job(
             REFRESH_JOB,
@@ -89,7 +96,9 @@ class Scheduler:
 
     async def schedule(self, user: str, due: float) -> None:
         """Queue the deferred refresh job for a due time the store already holds."""
-        await self.jobs.put(self.job_for(user, due))
+        job = self.job_for(user, due)
+        if job is not None:
+            await self.jobs.put(job)
 
     async def sweep(self, *, now: float | None = None, limit: int = SWEEP_LIMIT) -> dict[str, int]:
         """Queue every due refresh whose job is missing. Returns counts: due looked at, requeued.

@@ -14,6 +14,7 @@ from typing import Any
 
 from consent_flow.core.records import ProviderRevocation, RefreshCount
 from consent_flow.core.table import State
+from consent_flow.store.batch import Backlog, read_backlog
 from consent_flow.store.clock import redis_time, skew_problem, worst_offset
 from consent_flow.store.redis_store import LEAD_BUCKETS, Keys, due_ms, refresh_counters
 from consent_flow.store.scripts import lua
@@ -124,6 +125,10 @@ class Snapshot:
     clock_offsets: dict[str, float] = field(default_factory=dict)
     """Live workers' clock offsets from Redis's time, in seconds (positive: behind)."""
 
+    backlogs: dict[str, Backlog] = field(default_factory=dict)
+    """Due scheduled refreshes not yet taken, by provider: how many, how long the oldest has
+    waited, the drain rate, and how many grants lapse before their turn at that rate."""
+
     provider_states: dict[str, dict[str, int]] = field(default_factory=dict)
     """Connections in each state by provider, in a snapshot merged over providers."""
 
@@ -155,6 +160,7 @@ class Snapshot:
             "refresh_rejections_24h": self.refresh_rejections_24h,
             "queue_depth": self.queue_depth,
             "deferred_jobs": self.deferred_jobs,
+            "backlog": {name: b.public() for name, b in self.backlogs.items()},
             "workers_alive": self.workers_alive,
             "refreshes_paused": self.refreshes_paused,
             "revocations_abandoned": self.revocations_abandoned,
@@ -210,6 +216,7 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
         worker,
     ) = rest[25:]
     lead_text = {_text(k): _text(v) for k, v in lead.items()}
+    backlog = await read_backlog(redis, keys, now)
     return Snapshot(
         states=states,
         refreshes_due_next_hour=due_next_hour,
@@ -229,6 +236,7 @@ async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
         revocation_outcomes={_text(k): int(v) for k, v in revocations.items()},
         clock_offsets=_live_offsets(live, clocks),
         webhook_outcomes={_text(k): int(v) for k, v in webhooks.items()},
+        backlogs={keys.provider: backlog},
         worker_events={
             **dict.fromkeys(WORKER_EVENTS, 0.0),
             **{_text(k): float(v) for k, v in worker.items()},
@@ -264,6 +272,8 @@ async def merged_snapshot(redis: Any, keys: Keys, providers: Any, queue_name: st
             lead_buckets=_add(merged.lead_buckets, one.lead_buckets),
             lead_sum=merged.lead_sum + one.lead_sum,
             revocation_outcomes=_add(merged.revocation_outcomes, one.revocation_outcomes),
+            # Each provider's backlog is its own: kept side by side, never summed.
+            backlogs={**merged.backlogs, **one.backlogs},
         )
     assert merged is not None, "a deployment has at least one provider"
     return replace(merged, provider_states=by_provider)

@@ -16,6 +16,14 @@ per-user commands stay within one slot, whichever provider they are about)::
     cf:gh:idx:<state>      zset   users in that state at gh, scored by since (list, stats: no
                                   KEYS scans)
     cf:gh:sched            zset   users by next refresh due time at gh, in epoch milliseconds
+                                  (a refresh a batch took: its lease, due again if its worker
+                                  dies)
+    cf:gh:ready            zset   due refreshes at gh waiting for a batch, by when the grant
+                                  lapses (ms)
+    cf:gh:ready:due        zset   the same, by when each fell due (ms): the backlog's age
+    cf:gh:limit:log        zset   grants of calls to gh in the rate's sliding window
+    cf:gh:limit:leases     zset   calls to gh under way, by when their lease expires
+    cf:gh:limit:pause      string no call to gh starts before this time (a 429; ms)
     cf:gh:histidx          zset   users by the time of their oldest history entry (retention)
     cf:gh:outbox           zset   users with tokens still to revoke at gh, by next try
     cf:gh:upgrades         zset   users with an upgrade session open at gh, by its expiry
@@ -66,7 +74,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -211,6 +219,16 @@ class Keys:
         return f"{self.prefix}:{self.provider}:sched"
 
     @property
+    def ready(self) -> str:
+        """Due scheduled refreshes waiting for a batch, by when each grant lapses."""
+        return f"{self.prefix}:{self.provider}:ready"
+
+    @property
+    def ready_due(self) -> str:
+        """The same refreshes by when each fell due: how long the backlog has waited."""
+        return f"{self.prefix}:{self.provider}:ready:due"
+
+    @property
     def histidx(self) -> str:
         return f"{self.prefix}:{self.provider}:histidx"
 
@@ -338,6 +356,15 @@ _SEALED_ROLE = {
 }
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _CommitCall:
+    """One commit script call: its keys, its arguments, and whether it stores tokens."""
+
+    keys: list[str]
+    args: list[Any]
+    stores_tokens: bool
+
+
 class _Layout:
     """The keys and binary arguments of one script call, each added once and known to the
     script by the position this returns (the step names them), never by arithmetic."""
@@ -419,6 +446,61 @@ class RedisStore:
     async def commit(self, change: Change, *, unlock: str | None = None) -> CommitResult:
         """Apply ``change`` if the record is still as it read it; then (only then) release the
         user's lock if ``unlock`` is its owner token."""
+        call = self.commit_call(change, unlock=unlock)
+        replicated = True
+        wait = await self.replicas_to_wait() if call.stores_tokens else 0
+        if wait:
+            result, replicated = await self._commit_and_wait(call.keys, call.args, wait)
+        else:
+            result = await self._commit(keys=call.keys, args=call.args)
+        return self.commit_result(change, result, replicated=replicated)
+
+    async def commit_many(
+        self, changes: Sequence[tuple[Change, str | None]]
+    ) -> list[CommitResult | BaseException]:
+        """Commit changes of different users in one round trip, each with the owner token of
+        the lock it releases: each is its own script, atomic for its user alone, and applies or
+        fails on its own (an error is returned in its place).
+
+        When a member stores tokens, one WAIT ends the pipeline (after a write of its own, as
+        in ``_commit_and_wait``): it covers every member before it, and those members' results
+        say ``replicated=False`` when fewer replicas than a commit waits for answered.
+        """
+        if not changes:
+            return []
+        calls = [self.commit_call(change, unlock=unlock) for change, unlock in changes]
+        wait = await self.replicas_to_wait() if any(c.stores_tokens for c in calls) else 0
+        raw: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        acks: Any = None
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    await self._commit(keys=calls[i].keys, args=calls[i].args, client=pipe)
+                if wait:
+                    pipe.incr(self.keys.prefix + ":replicated")
+                    pipe.execute_command("WAIT", wait, REPLICA_WAIT_MS)
+                answers = await pipe.execute(raise_on_error=False)
+            if wait:
+                acks, answers = answers[-1], answers[:-2]
+            for i, item in zip(todo, answers, strict=True):
+                raw[i] = item
+            # Sent again on a new primary that does not have the script yet: those ran nothing.
+            todo = [i for i in todo if isinstance(raw[i], NoScriptError)]
+            if not todo or attempt:
+                break
+            await self.redis.script_load(self._commit.script)
+        confirmed = not wait or (not isinstance(acks, BaseException) and int(acks) >= wait)
+        return [
+            item
+            if isinstance(item, BaseException)
+            else self.commit_result(change, item, replicated=confirmed or not call.stores_tokens)
+            for (change, _), call, item in zip(changes, calls, raw, strict=True)
+        ]
+
+    def commit_call(self, change: Change, *, unlock: str | None = None) -> _CommitCall:
+        """The commit script's keys and arguments for ``change``, and whether it stores
+        tokens (a commit a failover must not lose: see ``wait_replicas``)."""
         k = self.keys
         writes = codec.hash_writes(change)
         layout = _Layout()
@@ -483,16 +565,25 @@ class RedisStore:
             keys["reply"] = layout.key(k.reply(change.reply[0]))
             op["reply"] = change.reply[1]
             op["reply_ttl"] = str(REPLY_TTL)
-        if change.drop_refresh_at is not None:
-            dropped = self._commit_jobs().dropped(change.user, change.drop_refresh_at)
+        # A batched deployment queues no refresh jobs (the schedule alone): none to drop.
+        dropped = (
+            None
+            if change.drop_refresh_at is None
+            else self._commit_jobs().dropped(change.user, change.drop_refresh_at)
+        )
+        if dropped is not None:
             job_key, queue = dropped.keys
             op["drop_job"] = {
                 "id": dropped.job_id,
                 "job_key": layout.key(job_key),
                 "queue": layout.key(queue),
             }
-        if change.jobs:
-            queued = [self._commit_jobs().queued(change.user, job) for job in change.jobs]
+        queued = [
+            job
+            for job in (self._commit_jobs().queued(change.user, j) for j in change.jobs)
+            if job is not None
+        ]
+        if queued:
             # Scores and expiries travel as strings: cjson prints numbers with 14 digits.
             op["jobs"] = [
                 {
@@ -523,13 +614,14 @@ class RedisStore:
         # cjson turns null into a truthy userdata: absent keys are the only safe "no".
         step = {k: v for k, v in op.items() if v is not None and v is not False}
         commit_args: list[Any] = [json.dumps(step, separators=(",", ":")), *layout.args]
-        replicated = True
-        stores_tokens = codec.SEALED_KEYS["tokens"] in writes.seal
-        wait = await self.replicas_to_wait() if stores_tokens else 0
-        if wait:
-            result, replicated = await self._commit_and_wait(layout.keys, commit_args, wait)
-        else:
-            result = await self._commit(keys=layout.keys, args=commit_args)
+        return _CommitCall(
+            keys=layout.keys,
+            args=commit_args,
+            stores_tokens=codec.SEALED_KEYS["tokens"] in writes.seal,
+        )
+
+    def commit_result(self, change: Change, result: Any, *, replicated: bool) -> CommitResult:
+        """What the commit script answered for ``change`` (and its transition's log line)."""
         status = _decode(result[0])
         version = int(result[1])
         if status == "ok" and change.record_history:

@@ -63,6 +63,7 @@ from consent_flow.core.records import ProviderRevocation, check_user
 from consent_flow.core.table import TRANSITIONS, State
 from consent_flow.errors import ConsentError, UnknownProvider
 from consent_flow.settings import is_loopback_host
+from consent_flow.store.batch import Backlog
 from consent_flow.store.metrics import (
     LEAD_BUCKETS,
     REFRESH_OUTCOMES,
@@ -284,6 +285,29 @@ class SnapshotCollector(Collector):
             "Grants whose refresh falls due within the next hour.",
             s.refreshes_due_next_hour,
         )
+        backlog: dict[str, tuple[str, Callable[[Backlog], float]]] = {
+            "refresh_backlog": (
+                "Due scheduled refreshes not yet taken by a worker.",
+                lambda b: b.due,
+            ),
+            "refresh_backlog_oldest_due_seconds": (
+                "How long the oldest due scheduled refresh has waited.",
+                lambda b: b.oldest_due_age or 0.0,
+            ),
+            "refresh_drain_per_second": (
+                "Scheduled refreshes applied per second over the last minute.",
+                lambda b: b.drain_per_s,
+            ),
+            "refresh_lapsing_before_turn": (
+                "Due grants whose refresh token lapses before their turn at the drain rate.",
+                lambda b: b.lapsing,
+            ),
+        }
+        for name, (doc, value) in backlog.items():
+            family = GaugeMetricFamily(f"consent_flow_{name}", doc, labels=["provider"])
+            for provider, figures in s.backlogs.items():
+                family.add_metric([provider], value(figures))
+            yield family
         yield _gauge(
             "refresh_failures_24h",
             "Transient refresh failures in the last 24 hours.",
@@ -475,6 +499,25 @@ def _state_rows(snapshot: Snapshot, current: State, limit: int) -> list[StateRow
     ]
 
 
+def _backlog_figures(snapshot: Snapshot) -> list[Figure]:
+    """The due backlog per provider: its size, its age, the drain rate, what lapses first."""
+    figures = []
+    for provider, b in snapshot.backlogs.items():
+        age = "-" if b.oldest_due_age is None else f"{b.oldest_due_age:.0f} s"
+        figures += [
+            Figure(f"backlog-{provider}", f"Due refreshes waiting ({provider})", str(b.due)),
+            Figure(f"backlog-age-{provider}", f"Oldest due ({provider})", age),
+            Figure(f"drain-{provider}", f"Drain rate ({provider})", f"{b.drain_per_s:.1f}/s"),
+            Figure(
+                f"lapsing-{provider}",
+                f"Lapsing before their turn ({provider})",
+                str(b.lapsing),
+                warn=b.lapsing > 0,
+            ),
+        ]
+    return figures
+
+
 def _figures(snapshot: Snapshot) -> list[Figure]:
     paused = snapshot.refreshes_paused
     workers = snapshot.workers_alive
@@ -498,6 +541,7 @@ def _figures(snapshot: Snapshot) -> list[Figure]:
             str(snapshot.revocations_abandoned),
         ),
         Figure("webhooks-dead", "Webhook notices given up", str(snapshot.webhooks_dead)),
+        *_backlog_figures(snapshot),
         Figure("queue-depth", "Queue depth", str(snapshot.queue_depth)),
         Figure("deferred-jobs", "Deferred jobs", str(snapshot.deferred_jobs)),
         Figure("workers-alive", "Workers alive", str(workers), warn=not workers),

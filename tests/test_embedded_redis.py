@@ -287,7 +287,7 @@ def test_up_exits_with_a_message_when_its_embedded_redis_dies(tmp_path, provider
         stderr = up.stderr.read()
         assert code == 1, stderr
         assert f"the embedded Redis (unix://{data_dir}/redis.sock) stopped" in stderr
-        assert "Traceback" not in stderr
+        assert "Traceback" not in stderr, stderr
     finally:
         stop(up, signal.SIGKILL)
         if server.listening():

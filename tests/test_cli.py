@@ -551,9 +551,24 @@ def _following_the_stream(data: Path) -> bool:
     return False
 
 
+def _stop_embedded_redis(data: Path) -> None:
+    """Stop an embedded Redis a command left running under ``data`` (one killed by a timeout
+    never lets go of it)."""
+    for path in data.rglob("redis.sock"):
+        with contextlib.suppress(redis.RedisError, OSError):
+            redis.Redis(unix_socket_path=str(path), socket_timeout=2).shutdown(nosave=True)
+
+
+@pytest.fixture
+def cli_home(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    _stop_embedded_redis(tmp_path / "data")
+
+
 @pytest.mark.parametrize("code", _documented_exit_codes())
-def test_each_documented_exit_code(tmp_path, code):
+def test_each_documented_exit_code(cli_home, code):
     """Each code of the README's table, from a real run of the command line."""
+    tmp_path = cli_home
     env = no_settings(tmp_path)
     if code == 130:
         process = subprocess.Popen(

@@ -161,6 +161,8 @@ class ConsentClient:
         self._bus: EventBus | None = None
         # Per provider, built on first use: a store registers its Lua scripts.
         self._stores: dict[str, RedisStore] = {}
+        # Names already resolved: the token broker's cached path asks on every call.
+        self._provider_names: dict[str | None, str] = {}
         self._oauths: dict[str, OAuthClient] = {}
         self._clock: RedisClock | None = None
 
@@ -233,7 +235,11 @@ class ConsentClient:
     def provider_name(self, provider: str | None = None) -> str:
         """``provider``'s name if it is configured; None: the only provider's. Raises
         :class:`UnknownProvider` (which lists the configured names) otherwise."""
-        return self.settings.provider(provider).name
+        name = self._provider_names.get(provider)
+        if name is None:
+            name = self.settings.provider(provider).name  # raises for a name not configured
+            self._provider_names[provider] = name
+        return name
 
     def store_for(self, provider: str | None = None) -> RedisStore:
         """The store of ``provider``'s connections (None: the only provider's)."""

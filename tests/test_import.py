@@ -272,7 +272,7 @@ async def test_an_interrupted_run_resumes_where_it_stopped(
     make_stack: Any, env: dict[str, str], sqlite_source: Store
 ) -> None:
     stack = await make_stack()
-    users = [f"user-{n:03d}" for n in range(60)]
+    users = [f"user-{n:03d}" for n in range(200)]  # enough that SIGINT lands mid-run under load
     for user in users:
         sqlite_source.store_refresh_token(user, f"token-of-{user}", expires_at=None)
     environ = cli_env(stack, env, sqlite_source.key)

@@ -4,8 +4,10 @@ providers (two issuers, two clients) and a real Redis."""
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -307,6 +309,12 @@ async def test_ops_and_metrics_per_provider(two: Stack, two_env: dict[str, str])
         user = await http.get("/ops/users/bob", params={"provider": "github"})
         assert user.status_code == 200
         assert (await http.get("/ops", params={"provider": "gitlab"})).status_code == 404
+        # Every link of github's pages stays at github: the user, the states, the way back.
+        links = [html.unescape(link) for link in re.findall(r'href="([^"]*)"', page.text)]
+        assert "ops/users/bob?provider=github" in links
+        assert "?state=pending&provider=github" in links
+        back = [html.unescape(link) for link in re.findall(r'href="([^"]*)"', user.text)]
+        assert any(link.endswith("?state=provisioned&provider=github") for link in back), back
 
 
 async def test_every_providers_backlog_shows_in_stats_metrics_and_ops(

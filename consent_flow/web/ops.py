@@ -473,8 +473,10 @@ def _params(request: Request) -> tuple[State, int, int]:
     return state, offset, limit
 
 
-def _query(state: State, offset: int, limit: int) -> str:
+def _query(state: State, offset: int, limit: int, provider: str | None = None) -> str:
     params: dict[str, str | int] = {"state": state.value}
+    if provider is not None:
+        params["provider"] = provider
     if offset:
         params["offset"] = offset
     if limit != DEFAULT_PAGE_SIZE:
@@ -482,17 +484,25 @@ def _query(state: State, offset: int, limit: int) -> str:
     return "?" + urlencode(params)
 
 
-def user_link(user: str, *, base: str = "ops/users/") -> str:
+def user_link(user: str, *, base: str = "ops/users/", provider: str | None = None) -> str:
     # Every reserved character is encoded ("/" too); the route takes the decoded rest of the path.
-    return base + quote(user, safe="")
+    link = base + quote(user, safe="")
+    return link if provider is None else f"{link}?{urlencode({'provider': provider})}"
 
 
-def _state_rows(snapshot: Snapshot, current: State, limit: int) -> list[StateRow]:
+def _shown_provider(client: ConsentClient, provider: str) -> str | None:
+    """The provider a page's links must carry: none while only one is configured."""
+    return provider if len(client.providers) > 1 else None
+
+
+def _state_rows(
+    snapshot: Snapshot, current: State, limit: int, provider: str | None
+) -> list[StateRow]:
     return [
         StateRow(
             state=state.value,
             count=snapshot.states.get(state.value, 0),
-            href=_query(state, 0, limit),
+            href=_query(state, 0, limit, provider),
             current=state is current,
         )
         for state in State
@@ -548,13 +558,16 @@ def _figures(snapshot: Snapshot) -> list[Figure]:
     ]
 
 
-def _pager(state: State, offset: int, limit: int, total: int, shown: int) -> Pager:
+def _pager(
+    state: State, offset: int, limit: int, total: int, shown: int, provider: str | None
+) -> Pager:
+    back, on = max(0, offset - limit), offset + limit
     return Pager(
         first=offset + 1 if shown else 0,
         last=offset + shown,
         total=total,
-        prev=_query(state, max(0, offset - limit), limit) if offset > 0 else None,
-        next=_query(state, offset + limit, limit) if offset + limit < total else None,
+        prev=_query(state, back, limit, provider) if offset > 0 else None,
+        next=_query(state, on, limit, provider) if on < total else None,
     )
 
 
@@ -579,19 +592,26 @@ async def _overview(client: ConsentClient, request: Request) -> Response:
     total = snapshot.states.get(state.value, 0)
     outcomes = dict.fromkeys(REFRESH_OUTCOMES, 0)
     outcomes.update(snapshot.refresh_outcomes)
+    shown = _shown_provider(client, provider)
     rows = [
-        UserRow(user=user, href=user_link(user), since=since, actor=actor, reason=reason)
+        UserRow(
+            user=user,
+            href=user_link(user, provider=shown),
+            since=since,
+            actor=actor,
+            reason=reason,
+        )
         for (user, since), (actor, reason) in zip(users, details, strict=True)
     ]
     context = {
         "title": "Consents",
         "now": client.clock(),
         "state": state.value,
-        "states": _state_rows(snapshot, state, limit),
+        "states": _state_rows(snapshot, state, limit, shown),
         "total": sum(snapshot.states.values()),
         "figures": _figures(snapshot),
         "outcomes": list(outcomes.items()),
-        "pager": _pager(state, offset, limit, total, len(rows)),
+        "pager": _pager(state, offset, limit, total, len(rows), shown),
         "rows": rows,
     }
     return _page(request, "overview", context, home="ops")
@@ -633,7 +653,8 @@ async def _user_page(client: ConsentClient, request: Request) -> Response:
         "now": client.clock(),
         "user": user,
         "state": record.state.value,
-        "back": f"{home}{_query(record.state, 0, DEFAULT_PAGE_SIZE)}",
+        "back": home
+        + _query(record.state, 0, DEFAULT_PAGE_SIZE, _shown_provider(client, provider)),
         "status": [
             _status_item(name, value) for name, value in record.public().items() if name != "user"
         ],

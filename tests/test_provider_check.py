@@ -141,8 +141,15 @@ def test_provider_down_at_start_then_started_turns_up_healthy_without_restart(
     assert _discovery(port) in first
     assert "unreachable" in first and "trying again in the background" in first
 
+    # Red for the provider's reason: health can be red for a moment before that (the worker's
+    # first heartbeat), while the provider check has not written its first answer yet.
     red = _wait(
-        lambda: (h := _health(http_port)) is not None and h.status_code == 503 and h,
+        lambda: (
+            (h := _health(http_port)) is not None
+            and h.status_code == 503
+            and h.json()["checks"].get("provider", "ok") != "ok"
+            and h
+        ),
         "red health",
         process,
         30,

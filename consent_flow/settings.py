@@ -7,6 +7,7 @@ the worker settings and ``ConsentClient.from_env`` and the object is passed down
 from __future__ import annotations
 
 import enum
+import hmac
 import ipaddress
 import math
 import os
@@ -15,7 +16,7 @@ import tomllib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 from urllib.parse import parse_qs, urlsplit
 
 from consent_flow.core.connections import DEFAULT_PROVIDER, PROVIDER_NAME, is_provider_name
@@ -151,13 +152,19 @@ class Secret:
     __str__ = __repr__
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
 
     def __hash__(self) -> int:
         return hash(self._value)
 
     def __bool__(self) -> bool:
         return bool(self._value)
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        # arq pickles job arguments into Redis: a secret must fail loudly on the way there.
+        raise TypeError("a Secret cannot be pickled")
 
 
 def is_loopback_host(host: str) -> bool:

@@ -58,7 +58,6 @@ The errors of this module, under the package's base class::
 
 from __future__ import annotations
 
-import hmac
 import json
 import math
 import re
@@ -76,6 +75,7 @@ from urllib.parse import unquote, urlsplit
 import structlog
 from cryptography.fernet import Fernet, InvalidToken
 
+from consent_flow import settings
 from consent_flow.errors import ConsentError
 from consent_flow.store.connection import masked_url
 
@@ -185,32 +185,12 @@ class Outcome(StrEnum):
     INVALID = "invalid"
 
 
-class Secret:
-    """A string that shows itself only through :meth:`reveal`: not in repr, str, or a pickle."""
+class Secret(settings.Secret):
+    """A refresh token read from the source: a settings secret that is not hashable either,
+    so it never keys a dict or a set by accident."""
 
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('********')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Secret):
-            return NotImplemented
-        return hmac.compare_digest(self._value.encode(), other._value.encode())
-
+    __slots__ = ()
     __hash__ = None  # type: ignore[assignment]
-
-    def __reduce_ex__(self, protocol: object) -> NoReturn:
-        # arq pickles job arguments into Redis: a secret must fail loudly on the way there.
-        raise TypeError("a Secret cannot be pickled")
 
 
 @dataclass(frozen=True, slots=True)

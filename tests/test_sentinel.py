@@ -367,3 +367,26 @@ async def test_a_refresh_its_replica_did_not_confirm_is_settled_on_the_new_prima
             assert not list((Path(env["CONSENT_DATA_DIR"]) / "spool").rglob("*.json"))
         finally:
             worker.terminate()
+
+
+def test_a_connection_closed_under_a_command_is_retried_under_uvloop(sentinel_topology):
+    """When the primary moves, redis-py's pool closes its idle connections while another task
+    may have just taken one; the worker's loop (uvloop) then writes to a closed transport, which
+    raised a RuntimeError no retry caught and stopped a worker mid-failover. It is a lost
+    connection now: the command goes again on a fresh one."""
+    import uvloop
+
+    from consent_flow.store.connection import connect
+
+    async def scenario() -> bytes:
+        pool = await connect(sentinel_topology.url, startup_retries=0)
+        try:
+            await pool.set("k", "v")
+            # What the pool's disconnect does before it forgets the connection's streams.
+            idle = pool.connection_pool._available_connections[0]
+            idle._writer.transport.close()
+            return await pool.get("k")
+        finally:
+            await pool.aclose()
+
+    assert uvloop.run(scenario()) == b"v"

@@ -32,7 +32,7 @@ import redis
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -196,6 +196,22 @@ class _FailoverScript(AsyncScript):
             return await client.eval(self.script, len(keys), *keys, *args)
 
 
+class _PrimaryConnection(SentinelManagedConnection):
+    """A connection to a Sentinel's primary that reports a connection closed under it as lost.
+
+    When the primary moves, redis-py's pool disconnects its idle connections while another task
+    may already have taken one of them; under uvloop, writing to that closed transport raises a
+    RuntimeError (asyncio's loop reports it as a lost connection), which no retry catches and
+    which stopped a worker in a failover. As a ConnectionError it is retried on a new connection.
+    """
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except RuntimeError as exc:  # redis-py has already disconnected it
+            raise RedisConnectionError("the connection to Redis was closed") from exc
+
+
 class _SentinelArqRedis(ArqRedis):
     """arq's client on a Sentinel's primary: scripts that survive a failover, and closing it
     closes the connections to the sentinels too (redis-py leaves those open)."""
@@ -272,7 +288,7 @@ async def create_redis_pool(rs: RedisSettings, **options: Any) -> ArqRedis:
     attempt = 0
     while True:
         pool: _SentinelArqRedis = sentinel.master_for(
-            rs.sentinel_master, redis_class=_SentinelArqRedis
+            rs.sentinel_master, redis_class=_SentinelArqRedis, connection_class=_PrimaryConnection
         )
         pool.sentinels = sentinel
         pool.service = rs.sentinel_master

@@ -31,16 +31,19 @@ import contextlib
 import signal
 import time
 import uuid
+from contextvars import ContextVar
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from arq.constants import in_progress_key_prefix
-from arq.utils import to_unix_ms
+from arq.connections import ArqRedis
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.utils import to_ms, to_unix_ms
 from arq.worker import Worker
 
 from consent_flow.engine.refresh import REDIS_ERRORS
 from consent_flow.queue.jobs import JobQueue
+from consent_flow.queue.jobstore import RETRY_TTL, JobStore
 from consent_flow.store.clock import CLOCK_RESYNC_INTERVAL, RedisClock
 from consent_flow.store.connection import create_redis_pool
 from consent_flow.store.scripts import lua
@@ -63,6 +66,65 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
+class _Opening:
+    """The worker's pool as arq's ``run_job`` sees it: its opening MULTI/EXEC (GET the job,
+    INCR and EXPIRE its try counter, and ZREM it from the abort set when aborts are on) is
+    answered by the job store's start script, with the abort set in a call of its own; every
+    other attribute is the pool's. It refuses any other transaction, so an arq that opens jobs
+    differently fails its first job instead of running it without its bookkeeping."""
+
+    def __init__(self, worker: ConsentWorker, job_id: str) -> None:
+        self._worker = worker
+        self._job_id = job_id
+        self._calls: list[tuple[Any, ...]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._worker.redis, name)
+
+    def pipeline(self, transaction: bool = True) -> _Opening:
+        return self
+
+    async def __aenter__(self) -> _Opening:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def get(self, key: str) -> None:
+        self._calls.append(("GET", key))
+
+    def incr(self, key: str) -> None:
+        self._calls.append(("INCR", key))
+
+    def expire(self, key: str, seconds: int) -> None:
+        self._calls.append(("EXPIRE", key, seconds))
+
+    def zrem(self, key: str, *members: str) -> None:
+        self._calls.append(("ZREM", key, *members))
+
+    async def execute(self) -> list[Any]:
+        worker, job_id = self._worker, self._job_id
+        retry_key = retry_key_prefix + job_id
+        opening: list[tuple[Any, ...]] = [
+            ("GET", job_key_prefix + job_id),
+            ("INCR", retry_key),
+            ("EXPIRE", retry_key, RETRY_TTL),
+        ]
+        if worker.allow_abort_jobs:
+            opening.append(("ZREM", abort_jobs_ss, job_id))
+        if self._calls != opening:
+            raise RuntimeError(f"arq's run_job opened {job_id} in a way the worker does not know")
+        self._calls = []
+        job, tries = await worker.jobs.start(job_id)
+        if not worker.allow_abort_jobs:
+            return [job, tries, True]
+        return [job, tries, True, await worker.jobs.forget_abort(job_id)]
+
+
+# What ``ConsentWorker.pool`` is in the task of a job that is opening (see _Opening).
+_opening: ContextVar[_Opening | None] = ContextVar("opening", default=None)
+
+
 class ConsentWorker(Worker):
     """``arq.worker.Worker`` whose poll claims due jobs in one round trip; built from
     ``worker_settings``."""
@@ -76,6 +138,7 @@ class ConsentWorker(Worker):
                 asyncio.set_event_loop(uvloop.new_event_loop())
         super().__init__(*args, **kwargs)
         self._claim_due: Any = None
+        self._jobs: JobStore | None = None
         self._claimed = 0
         self._cron_jobs: JobQueue | None = None
         self._down_since: float | None = None
@@ -89,6 +152,70 @@ class ConsentWorker(Worker):
         if not isinstance(clock, RedisClock):
             clock = self.ctx["clock"] = RedisClock(self.pool)
         return clock
+
+    @property
+    def redis(self) -> ArqRedis:
+        """The worker's Redis client (``pool`` is arq's view of it: see ``run_job``)."""
+        return self._pool  # type: ignore[return-value]
+
+    @property
+    def pool(self) -> ArqRedis:
+        return _opening.get() or self.redis  # type: ignore[return-value]
+
+    @property
+    def jobs(self) -> JobStore:
+        """The bookkeeping of this worker's queue, in single-slot scripts."""
+        if self._jobs is None or self._jobs.pool is not self.redis:
+            self._jobs = JobStore(self.redis, self.queue_name)
+        return self._jobs
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        # arq's, with its MULTI/EXEC bookkeeping done by the job store's scripts, which run on a
+        # Redis Cluster too: the opening through the pool it sees (in this job's task only),
+        # the end through finish_job and finish_failed_job.
+        _opening.set(_Opening(self, job_id))
+        await super().run_job(job_id, score)
+
+    async def finish_job(
+        self,
+        job_id: str,
+        finish: bool,
+        result_data: bytes | None,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
+    ) -> None:
+        await self.jobs.finish(
+            job_id,
+            done=finish,
+            result=result_data,
+            result_ms=None if keep_result_forever else to_ms(result_timeout_s),
+            later_ms=incr_score,
+            keep_in_progress_ms=to_ms(keep_in_progress),
+        )
+        if finish and self.allow_abort_jobs:
+            await self.jobs.forget_abort(job_id)
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        keep = self.keep_result_forever or self.keep_result_s > 0
+        await self.jobs.finish(
+            job_id,
+            done=True,
+            result=result_data if keep else None,
+            result_ms=None if self.keep_result_forever else to_ms(self.keep_result_s),
+        )
+        if self.allow_abort_jobs:
+            await self.jobs.forget_abort(job_id)
+
+    async def _cancel_aborted_jobs(self) -> None:
+        # arq's, reading the abort set in a script of its own instead of a MULTI/EXEC.
+        aborted = {job_id for job_id in await self.jobs.aborts() if job_id in self.job_tasks}
+        for job_id in aborted:
+            self.job_tasks[job_id].cancel()
+        if aborted:
+            self.aborting_tasks.update(aborted)
+            await self.jobs.forget_abort(*aborted)
 
     @property
     def redis_address(self) -> str:

@@ -28,6 +28,7 @@ from arq.constants import (
 )
 from arq.jobs import Job
 from arq.utils import timestamp_ms
+from test_faults import wait_for
 
 from consent_flow.queue.bus import JOB_SERIALIZERS, load_job
 from consent_flow.queue.jobs import JobQueue
@@ -38,6 +39,7 @@ from workers import ConsentWorker
 pytestmark = pytest.mark.integration
 
 RUN_TIMEOUT = 20.0  # seconds a burst worker may take for a test's few jobs
+FILLER_KEYS = 20_000  # in the slot a resharding test moves
 
 
 @dataclass
@@ -98,8 +100,7 @@ def _worker(backend: Backend, queue: str, functions: list[Any], **options: Any) 
         redis_settings=arq_redis_settings(backend.url),
         poll_delay=0.01,
         handle_signals=False,
-        burst=True,
-        **{"keep_result": 60, **options},
+        **{"keep_result": 60, "burst": True, **options},
         **JOB_SERIALIZERS,
     )
 
@@ -274,3 +275,59 @@ async def test_an_aborted_job_stops_and_a_deferred_one_never_starts(
         assert info is not None and info.success is False
         assert await _leftovers(pool, queue, job_id) == []
         assert await pool.zscore(abort_jobs_ss, job_id) is None
+
+
+async def test_jobs_run_once_each_while_their_slot_moves_to_another_node(
+    redis_cluster: Any,
+) -> None:
+    """Jobs are queued and run on one shard's queue while ``redis-cli --cluster reshard`` moves
+    every slot of its node (the shard's among them) to another: each runs once, none is lost."""
+    backend = Backend("cluster", redis_cluster.url, "{s3}", [n.client for n in redis_cluster.nodes])
+    queue = backend.queue()
+    runs: list[str] = []
+
+    async def work(ctx: dict[str, Any], name: str) -> None:
+        await asyncio.sleep(0.01)
+        runs.append(name)
+
+    workers = [
+        _worker(backend, queue, [func(work, name="work")], burst=False, max_jobs=5)
+        for _ in range(2)
+    ]
+    tasks = [asyncio.create_task(w.async_run()) for w in workers]
+    queued: list[str] = []
+    pool = await connect(backend.url, startup_retries=0, **JOB_SERIALIZERS)
+    try:
+        # Keys enough in the shard's slot that it takes a while to move (redis-cli moves ten
+        # keys per MIGRATE): polls fall in the middle of it.
+        async with pool.pipeline(transaction=False) as pipe:
+            for n in range(FILLER_KEYS):
+                pipe.set(f"{backend.tag}:filler:{n}", b"x")
+            await pipe.execute()
+        source = redis_cluster.owner(queue)
+        moving = asyncio.create_task(
+            asyncio.to_thread(
+                redis_cluster.reshard, redis_cluster.slots_of(source), source, (source + 1) % 3
+            )
+        )
+        while not moving.done():
+            job_id = backend.job_id(str(len(queued)))
+            await _put(pool, queue, "work", job_id, job_id)
+            queued.append(job_id)
+            await asyncio.sleep(0.005)
+        await moving
+        assert redis_cluster.owner(queue) != source
+        assert len(queued) > 100
+
+        async def drained() -> bool:
+            return len(runs) >= len(queued) and not await pool.zcard(queue)
+
+        await wait_for(drained, RUN_TIMEOUT)
+        assert sorted(runs) == sorted(queued)
+    finally:
+        for worker in workers:
+            worker.burst, worker.max_burst_jobs = True, 0
+        await asyncio.wait(tasks, timeout=10)
+        for worker in workers:
+            await worker.close()
+        await pool.aclose()

@@ -40,12 +40,13 @@ from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.utils import to_ms, to_unix_ms
 from arq.worker import Worker
+from redis.exceptions import ResponseError
 
 from consent_flow.engine.refresh import REDIS_ERRORS
 from consent_flow.queue.jobs import JobQueue
 from consent_flow.queue.jobstore import RETRY_TTL, JobStore
 from consent_flow.store.clock import CLOCK_RESYNC_INTERVAL, RedisClock
-from consent_flow.store.connection import create_redis_pool
+from consent_flow.store.connection import create_redis_pool, slot_moving
 from consent_flow.store.scripts import lua
 
 try:
@@ -307,15 +308,21 @@ class ConsentWorker(Worker):
     async def _start_due(self, free: int) -> None:
         if self._claim_due is None:
             self._claim_due = self.pool.register_script(lua("claim_due"))
-        claimed = await self._claim_due(
-            keys=[self.queue_name],
-            args=[
-                in_progress_key_prefix,
-                int(self.in_progress_timeout_s * 1000),
-                free,
-                max(self.queue_read_limit, free),
-            ],
-        )
+        try:
+            claimed = await self._claim_due(
+                keys=[self.queue_name],
+                args=[
+                    in_progress_key_prefix,
+                    int(self.in_progress_timeout_s * 1000),
+                    free,
+                    max(self.queue_read_limit, free),
+                ],
+            )
+        except ResponseError as exc:
+            if not slot_moving(exc):
+                raise
+            log.debug("claim_waits_for_slot", queue=self.queue_name)
+            return  # the queue's slot is moving to another node: a later poll claims
         self._claimed += len(claimed) // 2
         for i in range(0, len(claimed), 2):
             # Never blocks: this worker claimed no more jobs than it had free slots.

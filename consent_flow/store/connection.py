@@ -37,8 +37,8 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ClusterError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consent_flow.errors import ConsentError
@@ -55,6 +55,7 @@ __all__ = [
     "embedded_redis_stopped",
     "find_redis_server",
     "masked_url",
+    "slot_moving",
 ]
 
 START_TIMEOUT = 10.0  # seconds for a new embedded server to answer
@@ -288,6 +289,23 @@ class _SentinelArqRedis(ArqRedis):
                 await client.aclose()
 
 
+# Seconds a command whose keys are split by a moving slot is tried again, and how often.
+SLOT_MOVE_WAIT = 30.0
+SLOT_MOVE_RETRY = 0.05
+
+
+def slot_moving(exc: BaseException) -> bool:
+    """Whether a script failed because a slot it touches is moving between cluster nodes.
+
+    A script that reaches a key it was not given (claim_due.lua builds arq's in-progress keys)
+    cannot be redirected while that key's slot migrates: Redis refuses it before it writes
+    anything, and it runs once the slot has moved.
+    """
+    return isinstance(exc, ResponseError) and str(exc).startswith(
+        "Script attempted to access a non local key"
+    )
+
+
 class _ClusterPipeline(ClusterPipeline):
     """A cluster pipeline whose scripts run on nodes that have not seen them yet.
 
@@ -341,6 +359,21 @@ class ClusterArqRedis(RedisCluster):
     default_queue_name: str = "arq:queue"
     expires_extra_ms: int = 86_400_000
 
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        # While a slot moves, a command on several of its keys is answered TRYAGAIN as long as
+        # some are on the old node and some on the new; redis-cli moves ten keys at a time, so
+        # that can last seconds, and redis-py gives up after 16 tries (under half a second)
+        # with "TTL exhausted". The command did not run: it is sent again, for a while.
+        waited = 0.0
+        while True:
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except ClusterError as exc:
+                if str(exc) != "TTL exhausted." or waited >= SLOT_MOVE_WAIT:
+                    raise
+            await asyncio.sleep(SLOT_MOVE_RETRY)
+            waited += SLOT_MOVE_RETRY
+
     def register_script(self, script: Any) -> AsyncScript:  # type: ignore[override]
         return _FailoverScript(self, script)  # type: ignore[arg-type]
 
@@ -367,6 +400,10 @@ async def _cluster_pool(rs: ClusterSettings, **options: Any) -> ArqRedis:
             # MOVED, ASK, TRYAGAIN and a cluster that is down a moment (a resharding, a
             # failover) are retried with the slots asked for again, as often as other errors.
             cluster_error_retry_attempts=RETRIES,
+            # A MOVED answer updates that slot's node only. redis-py would otherwise read the
+            # whole map again every fifth MOVED, closing every connection first, under the
+            # commands of every other task (ConnectionError in the middle of a resharding).
+            reinitialize_steps=0,
         )
         pool.job_serializer = options.get("job_serializer")
         pool.job_deserializer = options.get("job_deserializer")

@@ -63,3 +63,14 @@ async def test_a_cluster_url_runs_scripts_on_the_node_of_their_keys(redis_cluste
         ]
     finally:
         await pool.aclose()
+
+
+async def test_the_store_takes_a_cluster_client(redis_cluster: Any) -> None:
+    from consent_flow.store.connection import connect
+    from consent_flow.store.redis_store import RedisStore
+
+    pool = await connect(redis_cluster.url, startup_retries=0)
+    try:
+        assert RedisStore(pool, prefix="c").redis is pool
+    finally:
+        await pool.aclose()

@@ -6,9 +6,11 @@ several workers polling one queue, each sees the same due jobs and most claims a
 that cost as much as the won one (with three workers, 3.7 claim attempts per job run, even
 with each claim in one script). Here one script reads the due part of the queue and marks as
 many jobs in progress as this worker has free slots, stepping over jobs that run elsewhere.
-Nothing else about arq changes: the keys, the in-progress marker and its timeout, the retries,
-the semaphore, the job counter, aborts and the health check are arq's own; burst mode counts
-the jobs a worker claimed (arq's count can stop a burst short).
+A job's start and end (arq's MULTI/EXEC bookkeeping, which a Redis Cluster does not run) are
+the single-slot scripts of ``consent_flow.queue.jobstore``, writing what arq writes. Nothing
+else about arq changes: the keys, the in-progress marker and its timeout, the retries, the
+semaphore, the job counter, aborts and the health check are arq's own; burst mode counts the
+jobs a worker claimed (arq's count can stop a burst short).
 
 One clock: what is due is decided by Redis's clock (``TIME`` in the poll script), and cron jobs
 (the sweep, the cleanup) are timed and queued by it too, not by this process's clock: a worker

@@ -758,12 +758,12 @@ class Refresher:
         """Users whose refreshed tokens wait for Redis in this process."""
         return sorted(self._pending)
 
-    async def replay(self) -> int:
+    async def replay(self, *, min_age: float = 0.0) -> int:
         """Commit every spooled refresh of a worker that died before its commit: at start-up,
         before this worker takes any job, and from the cleanup job for entries that could not
-        be settled then. Returns how many were settled."""
+        be settled then (``min_age`` seconds old at least). Returns how many were settled."""
         settled = 0
-        for pending in self.spool.entries():
+        for pending in self.spool.entries(min_age=min_age):
             if pending.event_id in self._spooled:
                 continue  # this process's own, with its commit still under way
             try:

@@ -52,7 +52,7 @@ from consent_flow.engine.engine import (
     refresh_expiry_after,
     scheduling_lapse,
 )
-from consent_flow.engine.webhooks import notice_kind, refresh_notice_kind
+from consent_flow.engine.webhooks import refresh_notice_kind
 from consent_flow.errors import (
     ClientRejected,
     GrantRejected,
@@ -915,26 +915,17 @@ class Refresher:
             provider=envelope.provider,
         )
         row = self.engine.machine.decide(rec.state, Event.REFRESH_REJECTED, user=rec.user)
-        change = Change(
-            user=rec.user,
-            event=Event.REFRESH_REJECTED,
-            event_id=envelope.event_id,
-            expect_state=rec.state,
-            expect_version=rec.version,
-            to_state=row.dest or rec.state,
-            actor=envelope.actor,
-            at=self.engine.clock(),
+        change = self.engine.change(
+            rejected,
+            rec,
+            row,
             reason=reason,
-            correlation_id=envelope.correlation_id,
             # An upgrade session open beside the dead grant ends with it.
             clear=(*TOKEN_FIELDS, *SESSION_FIELDS),
             drop_session_lookup=rec.session_digest,
             drop_upgrade=rec.upgrading,
             unschedule=True,
             drop_refresh_at=rec.next_refresh_at,
-        )
-        self.engine.add_notice(
-            change, notice_kind(change.event, change.expect_state, change.to_state)
         )
         result = await self.store.commit(change)
         if not result.ok:

@@ -58,20 +58,7 @@ class ClusterTopology:
         try:
             for i in range(primaries):
                 folder = directory / f"node-{i}"
-                self.nodes.append(
-                    start_redis(
-                        folder,
-                        port=_node_port(),
-                        args=(
-                            "--cluster-enabled",
-                            "yes",
-                            "--cluster-config-file",
-                            str(folder / "nodes.conf"),
-                            "--cluster-node-timeout",
-                            str(NODE_TIMEOUT_MS),
-                        ),
-                    )
-                )
+                self.nodes.append(start_redis(folder, port=_node_port(), args=self._args(folder)))
             self._cli(
                 "--cluster",
                 "create",
@@ -84,6 +71,17 @@ class ClusterTopology:
         except BaseException:
             self.close()
             raise
+
+    @staticmethod
+    def _args(folder: Path) -> tuple[str, ...]:
+        return (
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(folder / "nodes.conf"),
+            "--cluster-node-timeout",
+            str(NODE_TIMEOUT_MS),
+        )
 
     # --- addresses ----------------------------------------------------------------------------
 
@@ -178,6 +176,17 @@ class ClusterTopology:
         output = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
         if result.returncode != 0 or "[ERR]" in output:
             raise AssertionError(f"redis-cli {' '.join(args[:2])} failed:\n{output[-2000:]}")
+
+    def stop_node(self, i: int) -> None:
+        """Stop node ``i`` (SIGTERM); with no replica, its slots are served by no one."""
+        stop_redis(self.nodes[i])
+
+    def start_node(self, i: int) -> None:
+        """Start node ``i`` again on its port and folder: its nodes.conf brings it back into
+        the cluster with its slots."""
+        node = self.nodes[i]
+        self.nodes[i] = start_redis(node.directory, port=node.port, args=self._args(node.directory))
+        self.wait_settled()
 
     def close(self) -> None:
         for server in self.nodes:

@@ -331,3 +331,47 @@ async def test_jobs_run_once_each_while_their_slot_moves_to_another_node(
         for worker in workers:
             await worker.close()
         await pool.aclose()
+
+
+async def test_a_worker_rides_out_a_cluster_that_is_down_a_while(redis_cluster: Any) -> None:
+    """A primary of another shard stops: the cluster is down (no replica takes its slots), and
+    every node answers CLUSTERDOWN. The worker waits, as it does when Redis is away, and runs
+    jobs again once the node is back."""
+    backend = Backend("cluster", redis_cluster.url, "{s3}", [n.client for n in redis_cluster.nodes])
+    queue = backend.queue()
+    runs: list[str] = []
+
+    async def work(ctx: dict[str, Any], name: str) -> None:
+        runs.append(name)
+
+    worker = _worker(backend, queue, [func(work, name="work")], burst=False)
+    task = asyncio.create_task(worker.async_run())
+    pool = await connect(backend.url, startup_retries=0, **JOB_SERIALIZERS)
+    try:
+        await _put(pool, queue, "work", backend.job_id("before"), "before")
+        await wait_for(lambda: _ran(runs, "before"), RUN_TIMEOUT)
+        serving = redis_cluster.owner(queue)
+        other = next(i for i in range(3) if i != serving)
+        redis_cluster.stop_node(other)
+        down = redis_cluster.nodes[serving]
+
+        async def cluster_down() -> bool:
+            with down.client() as node:
+                return node.cluster("INFO")["cluster_state"] == "fail"
+
+        await wait_for(cluster_down, RUN_TIMEOUT)
+        await asyncio.sleep(2)  # polls, heartbeats and claims meet CLUSTERDOWN
+        assert not task.done()
+        await asyncio.to_thread(redis_cluster.start_node, other)
+        await _put(pool, queue, "work", backend.job_id("after"), "after")
+        await wait_for(lambda: _ran(runs, "after"), RUN_TIMEOUT)
+        assert worker.redis_outages == 1
+    finally:
+        worker.burst, worker.max_burst_jobs = True, 0
+        await asyncio.wait([task], timeout=10)
+        await worker.close()
+        await pool.aclose()
+
+
+async def _ran(runs: list[str], name: str) -> bool:
+    return name in runs

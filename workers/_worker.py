@@ -42,7 +42,7 @@ from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.utils import to_ms, to_unix_ms
 from arq.worker import Worker
-from redis.exceptions import ResponseError
+from redis.exceptions import ClusterError, ResponseError, SlotNotCoveredError
 
 from consent_flow.engine.refresh import REDIS_ERRORS
 from consent_flow.queue.jobs import JobQueue
@@ -60,6 +60,9 @@ __all__ = ["ConsentWorker"]
 
 log = structlog.get_logger("consent_flow.worker")
 
+# What Redis being away looks like to the worker's loop: a Redis Cluster also answers that it
+# is down (a primary with no replica left) or leaves a slot out of reach for a while.
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, ClusterError, SlotNotCoveredError)
 OUTAGE_POLL_DELAY = 1.0  # seconds between polls while Redis is away (after the client's retries)
 CLOSE_REDIS_TIMEOUT = 1.0  # seconds each clean-up step with Redis may take when the worker stops
 
@@ -249,7 +252,7 @@ class ConsentWorker(Worker):
     async def _poll_iteration(self) -> None:
         try:
             await self._poll_once()
-        except REDIS_ERRORS as exc:
+        except OUTAGE_ERRORS as exc:
             self._redis_down(exc)
             await asyncio.sleep(OUTAGE_POLL_DELAY)
             return
@@ -275,7 +278,7 @@ class ConsentWorker(Worker):
         log.warning("redis_available", redis=self.redis_address, down_s=round(down, 1))
         hook = self.ctx.get("on_redis_back")
         if hook is not None:
-            with contextlib.suppress(*REDIS_ERRORS):
+            with contextlib.suppress(*OUTAGE_ERRORS):
                 await hook(self.ctx, down)
 
     async def _poll_once(self) -> None:
@@ -293,7 +296,7 @@ class ConsentWorker(Worker):
             if task.done():
                 del self.tasks[job_id]
                 exc = None if task.cancelled() else task.exception()
-                if isinstance(exc, REDIS_ERRORS):
+                if isinstance(exc, OUTAGE_ERRORS):
                     # arq's bookkeeping for the job met the outage: the job runs again once its
                     # in-progress mark lapses.
                     self._redis_down(exc)
@@ -391,11 +394,11 @@ class ConsentWorker(Worker):
             _, late = await asyncio.wait(list(self.tasks.values()), timeout=CLOSE_REDIS_TIMEOUT)
             for task in late:
                 task.cancel()
-        with contextlib.suppress(*REDIS_ERRORS):
+        with contextlib.suppress(*OUTAGE_ERRORS):
             await asyncio.wait_for(self.pool.delete(self.health_check_key), CLOSE_REDIS_TIMEOUT)
         if self.on_shutdown:
             await self.on_shutdown(self.ctx)
-        with contextlib.suppress(*REDIS_ERRORS):
+        with contextlib.suppress(*OUTAGE_ERRORS):
             await asyncio.wait_for(
                 self.pool.aclose(close_connection_pool=True), CLOSE_REDIS_TIMEOUT
             )

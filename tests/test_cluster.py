@@ -26,7 +26,7 @@ def test_cluster_serves_every_slot_and_reshards(redis_cluster: Any) -> None:
 async def test_a_cluster_url_runs_scripts_on_the_node_of_their_keys(redis_cluster: Any) -> None:
     """Scripts go where their keys are, also to a node that has not seen them (a resharding
     moved the slot there), alone or in a pipeline; keys of two slots are refused."""
-    from redis.exceptions import RedisClusterException
+    from redis.exceptions import NoScriptError, RedisClusterException
 
     from consent_flow.store.connection import ClusterArqRedis, connect
 
@@ -61,6 +61,15 @@ async def test_a_cluster_url_runs_scripts_on_the_node_of_their_keys(redis_cluste
         assert [await pool.get(f"{{s{shard}}}:c") for shard in range(8)] == [
             str(shard).encode() for shard in range(8)
         ]
+
+        # Queued by its SHA alone, a script the node lacks is the caller's to load.
+        for node in redis_cluster.nodes:
+            with node.client() as direct:
+                direct.script_flush()
+        async with pool.pipeline(transaction=False) as pipe:
+            pipe.execute_command("EVALSHA", swap.sha, 2, "{s1}:c", "{s1}:a", "x")
+            [answer] = await pipe.execute(raise_on_error=False)
+        assert isinstance(answer, NoScriptError)
     finally:
         await pool.aclose()
 

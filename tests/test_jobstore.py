@@ -262,12 +262,12 @@ async def test_an_aborted_job_stops_and_a_deferred_one_never_starts(
 
     await _put(pool, queue, "long", running, "running")
     await _put(pool, queue, "long", deferred, "deferred", run_at_ms=timestamp_ms() + 3_600_000)
-    store = JobStore(pool, queue)
+    store = JobStore(pool)
     worker = _worker(backend, queue, [func(long, name="long")], allow_abort_jobs=True)
     task = asyncio.create_task(_run(backend, worker))
     await asyncio.wait_for(started.wait(), RUN_TIMEOUT)
-    await store.abort(running, timestamp_ms())
-    await store.abort(deferred, timestamp_ms())
+    await store.abort(running, queue, timestamp_ms())
+    await store.abort(deferred, queue, timestamp_ms())
     await asyncio.wait_for(task, RUN_TIMEOUT)
     assert finished == []
     for job_id in (running, deferred):

@@ -170,10 +170,14 @@ class ConsentWorker(Worker):
 
     @property
     def jobs(self) -> JobStore:
-        """The bookkeeping of this worker's queue, in single-slot scripts."""
+        """arq's bookkeeping of this worker's jobs, in single-slot scripts."""
         if self._jobs is None or self._jobs.pool is not self.redis:
-            self._jobs = JobStore(self.redis, self.queue_name)
+            self._jobs = JobStore(self.redis)
         return self._jobs
+
+    def queue_of(self, job_id: str) -> str:
+        """The queue a job of this worker is on."""
+        return self.queue_name
 
     async def run_job(self, job_id: str, score: int) -> None:
         # arq's, with its MULTI/EXEC bookkeeping done by the job store's scripts, which run on a
@@ -194,6 +198,7 @@ class ConsentWorker(Worker):
     ) -> None:
         await self.jobs.finish(
             job_id,
+            self.queue_of(job_id),
             done=finish,
             result=result_data,
             result_ms=None if keep_result_forever else to_ms(result_timeout_s),
@@ -207,6 +212,7 @@ class ConsentWorker(Worker):
         keep = self.keep_result_forever or self.keep_result_s > 0
         await self.jobs.finish(
             job_id,
+            self.queue_of(job_id),
             done=True,
             result=result_data if keep else None,
             result_ms=None if self.keep_result_forever else to_ms(self.keep_result_s),

@@ -38,11 +38,10 @@ def _arg(value: int | None) -> str:
 
 
 class JobStore:
-    """The bookkeeping of the jobs of one queue, each step one round trip."""
+    """The bookkeeping of arq jobs, each step one round trip."""
 
-    def __init__(self, pool: ArqRedis, queue: str) -> None:
+    def __init__(self, pool: ArqRedis) -> None:
         self.pool = pool
-        self.queue = queue
         self._start = pool.register_script(lua("job_start"))
         self._finish = pool.register_script(lua("job_finish"))
         self._aborts = pool.register_script(lua("job_aborts"))
@@ -58,6 +57,7 @@ class JobStore:
     async def finish(
         self,
         job_id: str,
+        queue: str,
         *,
         done: bool,
         result: bytes | None = None,
@@ -65,17 +65,17 @@ class JobStore:
         later_ms: int | None = None,
         keep_in_progress_ms: int | None = None,
     ) -> None:
-        """End a try: ``done`` keeps ``result`` (if any) for ``result_ms`` (None: forever) and
-        drops the job; otherwise the job stays queued, ``later_ms`` later if given. The
-        in-progress key goes, or stays ``keep_in_progress_ms`` (a cron job's, against running
-        it twice)."""
+        """End a try of a job of ``queue``: ``done`` keeps ``result`` (if any) for
+        ``result_ms`` (None: forever) and drops the job; otherwise it stays queued, ``later_ms``
+        later if given. The in-progress key goes, or stays ``keep_in_progress_ms`` (a cron
+        job's, against running it twice)."""
         await self._finish(
             keys=[
                 in_progress_key_prefix + job_id,
                 job_key_prefix + job_id,
                 retry_key_prefix + job_id,
                 result_key_prefix + job_id,
-                self.queue,
+                queue,
             ],
             args=[
                 job_id,
@@ -96,8 +96,8 @@ class JobStore:
         """Drop requests to abort these jobs; True if there was one."""
         return bool(await self.pool.zrem(abort_jobs_ss, *job_ids))
 
-    async def abort(self, job_id: str, at_ms: int) -> None:
-        """Ask the workers to abort a job (what arq's ``Job.abort`` writes): a job queued for
-        later is made due now, so that a worker starts it and ends it as aborted."""
-        await self._hurry(keys=[self.queue], args=[job_id])
+    async def abort(self, job_id: str, queue: str, at_ms: int) -> None:
+        """Ask the workers to abort a job of ``queue`` (what arq's ``Job.abort`` writes): a job
+        queued for later is made due now, so that a worker starts it and ends it as aborted."""
+        await self._hurry(keys=[queue], args=[job_id])
         await self.pool.zadd(abort_jobs_ss, {job_id: at_ms})

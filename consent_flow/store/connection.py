@@ -324,8 +324,11 @@ class _ClusterPipeline(ClusterPipeline):
         for i, (command, result) in enumerate(zip(stack, results, strict=True)):
             if isinstance(result, NoScriptError):
                 sha, *rest = command.args[1:]
+                script = self.scripts.get(sha)
+                if script is None:
+                    continue  # queued by its SHA alone: NoScriptError is the caller's to handle
                 try:
-                    results[i] = await self._client.eval(self.scripts[sha], *rest)  # type: ignore[misc]
+                    results[i] = await self._client.eval(script, *rest)  # type: ignore[misc]
                 except redis.RedisError as exc:
                     results[i] = exc
         if raise_on_error:

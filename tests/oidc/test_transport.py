@@ -4,16 +4,24 @@ both HTTP stacks (httpx clients, one aiohttp session) against a real local serve
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import gzip
+import ipaddress
 import json
+import ssl
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 from conftest import free_port
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from consent_flow.errors import ProviderResponseError, ProviderUnavailable
 from consent_flow.oidc import HttpClients, OAuthClient, ProviderSession
@@ -126,7 +134,8 @@ class Server:
     """A real HTTP/1.1 server on a loopback port, each path answered by a scripted route that
     writes raw bytes: bodies of any size, encoding or pace, and broken ones."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self.routes: dict[str, Route] = {}
         self.seen: list[tuple[str, str, bytes]] = []  # method, target, body
         self.connections = 0
@@ -135,7 +144,7 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{path}"
 
     def reply(self, path: str, status: int, body: bytes = b"", *fields: tuple[str, str]) -> None:
         async def route(w: asyncio.StreamWriter) -> None:
@@ -181,7 +190,7 @@ class Server:
             self._tasks.discard(task)
 
     async def __aenter__(self) -> Server:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -389,3 +398,52 @@ async def test_closing_the_session_lets_calls_in_flight_end(server: Server) -> N
     assert session.is_closed
     with pytest.raises(RuntimeError, match="closed"):
         await post(transport, server.url("/token"))
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "consent-flow test provider")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder = tmp_path_factory.mktemp("tls")
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+async def test_tls_is_verified_against_the_ca_store_httpx_uses(
+    make_transport: MakeTransport, monkeypatch: pytest.MonkeyPatch, tls_files: tuple[Path, Path]
+) -> None:
+    cert_file, key_file = tls_files
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert_file, key_file)
+    async with Server(tls=tls) as server:
+        server.reply("/token", 200, b"{}")
+        with pytest.raises(ProviderUnavailable, match="unreachable"):
+            await post(make_transport(), server.url("/token"))  # not in certifi's store
+        assert server.seen == []
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))  # httpx's way to name a CA file
+        assert (await post(make_transport(), server.url("/token"))).status == 200

@@ -418,3 +418,35 @@ async def test_the_backlog_shows_in_stats_metrics_and_ops(build, env):
         check=True,
     )
     assert text.stdout.split("LAPSING BEFORE TURN")[1].split()[:2] == ["default", "3"]
+
+
+async def test_a_batch_costs_no_script_checks_and_survives_a_flushed_script_cache(build, rotating):
+    """The claim and the commits go out by SHA alone: no SCRIPT EXISTS round trip per batch (as
+    redis-py sends for scripts handed to a pipeline). A server that lost its scripts (a new
+    primary, SCRIPT FLUSH) costs one turn: nothing is taken or granted for nothing, and the next
+    batch refreshes."""
+    stack, make = build
+    users = ["s1", "s2", "s3"]
+    await provisioned(stack, users)
+    redis = stack.client.store.redis
+    limits = Limits(max_refresh_rate=50.0, max_concurrency=8)
+    batches = await make(limits=limits)
+    before = {u: await stored_tokens(stack, u) for u in users}
+
+    async def script_exists_calls() -> int:
+        stats = await redis.info("commandstats")
+        return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
+
+    await redis.script_flush()
+    await make_due(stack, users)
+    flushed = await batches.run_once()
+    assert flushed == 0.0  # the scripts were loaded again: ask again at once
+    assert [await stored_tokens(stack, u) for u in users] == [before[u] for u in users]
+    assert await redis.zcard(batches.limiter.leases_key) == 0  # no permit kept for nothing
+    assert await redis.zcard(batches.limiter.log_key) == 0
+    checks = await script_exists_calls()
+    await batches.run_once()
+    assert await script_exists_calls() == checks
+    for user in users:
+        assert await stored_tokens(stack, user) != before[user]
+        assert (await stack.client.status(user)).state is State.PROVISIONED

@@ -191,8 +191,10 @@ async def _cleanup(services: Services, stack: ProviderStack) -> None:
         if result is ProviderRevocation.DONE:
             revoked += 1
     trimmed = await store.trim_history(now - settings.history_retention)
-    # Spooled refreshes a start-up could not settle (their user's lock was taken then).
-    replayed = await stack.refresher.replay()
+    # Spooled refreshes a start-up could not settle (their user's lock was taken then). A file
+    # younger than a lock's lifetime is most likely a sibling worker's commit still under way
+    # (its user locked meanwhile): reading it would cost CPU for a postponement.
+    replayed = await stack.refresher.replay(min_age=stack.engine.lock_ttl)
     if expired or revoked or trimmed or replayed:
         log.info(
             "cleanup",

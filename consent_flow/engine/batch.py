@@ -22,6 +22,7 @@ import random
 import time
 
 import structlog
+from redis.exceptions import NoScriptError
 
 from consent_flow.core.records import Change, CommitResult
 from consent_flow.core.table import Event, State
@@ -168,7 +169,19 @@ class BatchRefresher:
         async with self.store.redis.pipeline(transaction=False) as pipe:
             stem = await self.limiter.acquire_into(pipe, self.size, note=note)
             await self.claimer.claim_into(pipe, self.size, lock_ttl=lease, lease=lease, note=note)
-            raw_permits, raw_claim = await pipe.execute()
+            raw_permits, raw_claim = await pipe.execute(raise_on_error=False)
+        if isinstance(raw_permits, NoScriptError) or isinstance(raw_claim, NoScriptError):
+            # A server without the scripts yet (a new primary): what did not run took nothing,
+            # and permits granted for a claim that did not run go back.
+            if not isinstance(raw_permits, BaseException):
+                unused = self.limiter.permits_result(raw_permits, stem).ids
+                await self.limiter.release([], list(unused))
+            await self.limiter.load_scripts()
+            await self.claimer.load_script()
+            return 0.0
+        for raw in (raw_permits, raw_claim):
+            if isinstance(raw, BaseException):
+                raise raw
         permits = self.limiter.permits_result(raw_permits, stem)
         claim = self.claimer.claim_result(raw_claim)
         if not permits:

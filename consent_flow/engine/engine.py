@@ -291,7 +291,7 @@ class Engine:
             detail=detail or {},
         )
 
-    def _change(
+    def change(
         self,
         envelope: Envelope,
         rec: ConsentRecord,
@@ -463,7 +463,7 @@ class Engine:
         }
         if upgrade:
             # The grant stays as it is, tokens and schedule alike, until the upgrade completes.
-            change = self._change(
+            change = self.change(
                 envelope,
                 rec,
                 row,
@@ -475,7 +475,7 @@ class Engine:
             )
         else:
             renewed = rec.state is State.PENDING
-            change = self._change(
+            change = self.change(
                 envelope,
                 rec,
                 row,
@@ -609,7 +609,7 @@ class Engine:
             # The replaced grant goes to the revocation outbox in the step that replaces it:
             # a provider that is down now does not make us forget to revoke it.
             fields["revocation_pending"] = rec.tokens
-        change = self._change(
+        change = self.change(
             envelope,
             rec,
             row,
@@ -736,7 +736,7 @@ class Engine:
             reason = f"upgrade dropped: {reason}"
         elif row.effect is not Effect.DROP_SESSION:
             raise AssertionError(f"no session to drop for {row.effect}")
-        return self._change(
+        return self.change(
             envelope,
             rec,
             row,
@@ -817,7 +817,7 @@ class Engine:
                 sealed, user=rec.user, purpose=f"import:{envelope.event_id}"
             ).decode()
             now = self.clock()
-            change = self._change(
+            change = self.change(
                 envelope,
                 rec,
                 row,
@@ -883,7 +883,7 @@ class Engine:
                     fields["provider_revocation"] = pending or ProviderRevocation.DEFERRED
                     if not unsupported:
                         fields["revocation_pending"] = rec.tokens
-                change = self._change(
+                change = self.change(
                     envelope,
                     rec,
                     row,

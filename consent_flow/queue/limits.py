@@ -20,7 +20,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from consent_flow.store.scripts import lua
+from consent_flow.store.scripts import lua, queue_script
 
 __all__ = ["DEFAULT_PAUSE", "LATE_AFTER", "Limits", "Permits", "ProviderLimiter"]
 
@@ -97,8 +97,12 @@ class ProviderLimiter:
         """Queue the ask on ``pipe``, the number granted also noted in the key ``note`` for a
         script that follows it in the pipeline; returns the stem for ``permits_result``."""
         keys, args, stem = self.permits_call(want)
-        await self._permits(keys=[*keys, note], args=args, client=pipe)
+        queue_script(pipe, self._permits, [*keys, note], args)
         return stem
+
+    async def load_scripts(self) -> None:
+        """Load the permits script (after a NoScriptError in a pipeline that sent its SHA)."""
+        self._permits.sha = await self.redis.script_load(self._permits.script)
 
     def permits_call(self, want: int) -> tuple[list[str], list[Any], str]:
         limits = self.limits

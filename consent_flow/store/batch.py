@@ -16,7 +16,7 @@ from consent_flow.core.records import ConsentRecord
 from consent_flow.core.table import State
 from consent_flow.store import codec
 from consent_flow.store.redis_store import Keys, RedisStore, _pairs, _record
-from consent_flow.store.scripts import lua
+from consent_flow.store.scripts import lua, queue_script
 
 __all__ = [
     "DRAIN_SLOT",
@@ -138,7 +138,11 @@ class BatchClaimer:
     ) -> None:
         """Queue the claim on ``pipe``, taking no more than the permits noted in ``note``."""
         keys, args = self.claim_call(want, lock_ttl=lock_ttl, lease=lease)
-        await self._claim(keys=[*keys, note], args=args, client=pipe)
+        queue_script(pipe, self._claim, [*keys, note], args)
+
+    async def load_script(self) -> None:
+        """Load the claim script (after a NoScriptError in a pipeline that sent its SHA)."""
+        self._claim.sha = await self.store.redis.script_load(self._claim.script)
 
     def claim_call(
         self, want: int, *, lock_ttl: float, lease: float

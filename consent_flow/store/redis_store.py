@@ -95,7 +95,7 @@ from consent_flow.core.records import (
 from consent_flow.core.table import Event, State
 from consent_flow.queue.jobs import REDELIVERY_WINDOW, score_arg
 from consent_flow.store import codec
-from consent_flow.store.scripts import lua
+from consent_flow.store.scripts import lua, queue_script
 from consent_flow.store.vault import KeyRing
 
 __all__ = [
@@ -476,7 +476,7 @@ class RedisStore:
         for attempt in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for i in todo:
-                    await self._commit(keys=calls[i].keys, args=calls[i].args, client=pipe)
+                    queue_script(pipe, self._commit, calls[i].keys, calls[i].args)
                 if wait:
                     pipe.incr(self.keys.prefix + ":replicated")
                     pipe.execute_command("WAIT", wait, REPLICA_WAIT_MS)
@@ -688,7 +688,7 @@ class RedisStore:
         """
         for attempt in range(2):
             pipe = self.redis.pipeline(transaction=False)
-            await self._commit(keys=keys, args=args, client=pipe)
+            queue_script(pipe, self._commit, keys, args)
             pipe.incr(self.keys.prefix + ":replicated")
             pipe.execute_command("WAIT", wait, REPLICA_WAIT_MS)
             try:

@@ -16,16 +16,19 @@ import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlencode, urlsplit
 
-import aiohttp
 import httpx
-from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
-from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from consent_flow.errors import ProviderResponseError, ProviderUnavailable
+
+if TYPE_CHECKING:
+    # Imported where a session is built or used: importing aiohttp costs a process about a
+    # quarter of a second, and only the workers call the provider through it.
+    import aiohttp
+    from multidict import CIMultiDictProxy
+    from yarl import URL
 
 __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",
@@ -122,6 +125,8 @@ class ProviderSession:
     """
 
     def __init__(self, *, timeout: float | httpx.Timeout, connections: int = 100) -> None:
+        import aiohttp
+
         self.timeout = httpx.Timeout(timeout)
         bounded = _bounded(self.timeout)
         assert bounded.connect is not None and bounded.pool is not None
@@ -143,6 +148,8 @@ class ProviderSession:
         self._closed = False
 
     def _open(self) -> aiohttp.ClientSession:
+        import aiohttp
+
         if self._closed:
             raise RuntimeError("the provider session is closed")
         if self._session is None:
@@ -159,6 +166,9 @@ class ProviderSession:
             return None, None
         found = self._proxy_of.get(url)
         if found is None:
+            import aiohttp
+            from yarl import URL
+
             found = None, None
             parts = urlsplit(url)
             raw = self._proxies.get(parts.scheme) or self._proxies.get("all")
@@ -297,6 +307,9 @@ class Transport:
         headers: Mapping[str, str],
         data: Mapping[str, str] | None,
     ) -> Reply:
+        import aiohttp
+        from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
+
         try:
             async with http.stream(method, url, headers=headers, data=data) as response:
                 status = response.status
@@ -331,6 +344,8 @@ def _joined(headers: CIMultiDictProxy[str]) -> Mapping[str, str]:
     """aiohttp's headers read as httpx's do: a repeated field's values joined by ", "."""
     if len({name.lower() for name in headers}) == len(headers):
         return headers
+    from multidict import CIMultiDict
+
     joined: CIMultiDict[str] = CIMultiDict()
     for name in headers:
         if name not in joined:

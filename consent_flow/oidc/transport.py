@@ -52,7 +52,7 @@ MAX_RESPONSE_BYTES: Final = 256 * 1024
 MAX_RETRY_AFTER: Final = 3600.0
 """A Retry-After beyond this is clamped: the provider does not get to park our retries for days."""
 DEFAULT_TIMEOUT_SECONDS: Final = 10.0
-"""Any timeout phase the shared client leaves unbounded gets this, so no request hangs forever."""
+"""Any timeout phase a client or session leaves unbounded gets this: no request hangs forever."""
 TRANSIENT_STATUSES: Final = frozenset({408, 429})
 _LOOPBACK_NAMES: Final = frozenset({"localhost"})
 
@@ -63,8 +63,9 @@ class HttpClients:
     httpcore's connection pool does work in proportion to its connections and waiting requests on
     every request, including a readiness poll of each pooled connection, so one client shared by
     many concurrent requests costs more CPU per request than a client each (benchmarks/README.md).
-    A worker runs up to ``max_jobs`` provider calls at once, so it lends each call a client of its
-    own; an idle client keeps its kept-alive connection for the next call.
+    So each call gets a client of its own; an idle client keeps its kept-alive connection for the
+    next call. (The workers use :class:`ProviderSession`, cheaper still; the webhook sender and
+    callers who stay on httpx use these.)
 
     Idle ``httpx.AsyncClient`` are built alike (``options`` go to each); ``lease()`` lends one, a
     new one when none is idle, and takes it back afterwards. At most ``max_idle`` are kept.

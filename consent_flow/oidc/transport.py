@@ -54,6 +54,8 @@ MAX_RETRY_AFTER: Final = 3600.0
 DEFAULT_TIMEOUT_SECONDS: Final = 10.0
 """Any timeout phase a client or session leaves unbounded gets this: no request hangs forever."""
 TRANSIENT_STATUSES: Final = frozenset({408, 429})
+KEEPALIVE_SECONDS: Final = 5.0
+"""An idle pooled connection is closed after this (httpcore's default keep-alive expiry)."""
 _LOOPBACK_NAMES: Final = frozenset({"localhost"})
 
 
@@ -154,8 +156,15 @@ class ProviderSession:
         if self._closed:
             raise RuntimeError("the provider session is closed")
         if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._connections,
+                ssl=self._ssl,
+                # As httpx's pool: servers often close a connection idle for 5 s (Node's default),
+                # and a POST sent as the server closes it fails, not retried.
+                keepalive_timeout=KEEPALIVE_SECONDS,
+            )
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._connections, ssl=self._ssl),
+                connector=connector,
                 timeout=self._timeout,
                 cookie_jar=aiohttp.DummyCookieJar(),
                 trust_env=False,  # it would read .netrc and the proxies again on every request

@@ -450,3 +450,32 @@ async def test_a_batch_costs_no_script_checks_and_survives_a_flushed_script_cach
     for user in users:
         assert await stored_tokens(stack, user) != before[user]
         assert (await stack.client.status(user)).state is State.PROVISIONED
+
+
+async def test_a_member_put_back_is_due_at_once_even_if_a_claim_comes_between(build):
+    """A member put back (its call would have started too late for the rate) is due again at
+    once. Another lane's claim may run between the two steps of the put-back: it must not find
+    the member due while its lock is still held, or it would lease it for a lock's lifetime
+    (seen in a rate-limited drain: stragglers 20 s after the rest)."""
+    stack, make = build
+    await provisioned(stack, ["fay"])
+    await make_due(stack, ["fay"])
+    batches = await make()
+    claimer = BatchClaimer(stack.client.store)
+    [member] = (await claimer.claim(8, lock_ttl=30, lease=30)).members
+    assert member.token is not None
+    store = batches.store
+    release = store.release_lock
+    between: list[list[str]] = []
+
+    async def claim_then_release(user: str, token: str) -> bool:
+        other = await claimer.claim(8, lock_ttl=30, lease=30)
+        between.append([m.user for m in other.members])
+        return await release(user, token)
+
+    store.release_lock = claim_then_release  # type: ignore[method-assign]
+    await batches._put_back(member)
+    store.release_lock = release  # type: ignore[method-assign]
+    assert between == [[]]  # not due while still locked
+    again = await claimer.claim(8, lock_ttl=30, lease=30)
+    assert [m.user for m in again.locked] == ["fay"]

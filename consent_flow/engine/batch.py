@@ -297,9 +297,12 @@ class BatchRefresher:
     async def _put_back(self, member: Claimed) -> None:
         """A member not refreshed after all: its lock released, due again at once."""
         assert member.token is not None
-        now = due_ms(self.engine.clock())
-        await self.store.redis.zadd(self.store.keys.sched, {member.user: now}, xx=True)
-        await self.store.release_lock(member.user, member.token)
+        # The lock goes first: a claim between the two steps must not find the member due and
+        # still locked, or it would lease it for a lock's lifetime. A lock no longer ours means
+        # its new holder refreshes it (and reschedules it).
+        if await self.store.release_lock(member.user, member.token):
+            now = due_ms(self.engine.clock())
+            await self.store.redis.zadd(self.store.keys.sched, {member.user: now}, xx=True)
 
     async def _let_go(self, member: Claimed) -> None:
         """A member that makes no call: its lock released; a grant that ended leaves the

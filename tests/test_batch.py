@@ -23,7 +23,7 @@ from consent_flow.core.table import Event
 from consent_flow.engine.batch import BatchRefresher
 from consent_flow.engine.engine import Engine
 from consent_flow.engine.refresh import Refresher, RetryPolicy
-from consent_flow.oidc import HttpClients, OAuthClient
+from consent_flow.oidc import OAuthClient, ProviderSession
 from consent_flow.queue.bus import Envelope
 from consent_flow.queue.commit_jobs import CommitJobs
 from consent_flow.queue.limits import Limits, ProviderLimiter
@@ -59,7 +59,7 @@ async def build(make_stack: Any, rotating: LocalProvider) -> AsyncIterator[tuple
     """A stack to provision users with (its worker stopped once they are), and batch refreshers
     built as a worker builds its own: each one worker of the fleet."""
     stack: Stack = await make_stack(op=rotating)
-    clients: list[HttpClients] = []
+    clients: list[ProviderSession] = []
 
     async def make(
         *, limits: Limits | None = None, size: int = 64, lanes: int = 1
@@ -69,7 +69,7 @@ async def build(make_stack: Any, rotating: LocalProvider) -> AsyncIterator[tuple
         store = RedisStore(pool, prefix=settings.redis_prefix)
         clock = RedisClock(pool)
         await clock.sync()
-        http = HttpClients(timeout=settings.http_timeout, follow_redirects=False)
+        http = ProviderSession(timeout=settings.http_timeout)
         clients.append(http)
         scheduler = Scheduler(
             pool, keys=store.keys, queue_name=settings.queue_name, clock=clock, batched=True

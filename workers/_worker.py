@@ -31,18 +31,26 @@ import contextlib
 import signal
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from arq.constants import in_progress_key_prefix
-from arq.utils import to_unix_ms
+from arq.constants import (
+    abort_jobs_ss,
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    retry_key_prefix,
+)
+from arq.utils import to_ms, to_unix_ms
 from arq.worker import Worker
 
 from consent_flow.engine.refresh import REDIS_ERRORS
 from consent_flow.queue.jobs import JobQueue
 from consent_flow.store.clock import CLOCK_RESYNC_INTERVAL, RedisClock
 from consent_flow.store.connection import create_redis_pool
+from consent_flow.store.redis_store import Keys, job_shard, shard_job_id
 from consent_flow.store.scripts import lua
 
 try:
@@ -67,7 +75,11 @@ class ConsentWorker(Worker):
     """``arq.worker.Worker`` whose poll claims due jobs in one round trip; built from
     ``worker_settings``."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, queue_shards: Sequence[int] | None = None, **kwargs: Any
+    ) -> None:
+        """``queue_shards``: the shards whose queues (``<queue_name>:{s<n>}``) this worker
+        serves; None: the one queue ``queue_name`` (unsharded, as arq's own)."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -76,6 +88,7 @@ class ConsentWorker(Worker):
                 asyncio.set_event_loop(uvloop.new_event_loop())
         super().__init__(*args, **kwargs)
         self._claim_due: Any = None
+        self.queue_shards = None if queue_shards is None else tuple(queue_shards)
         self._claimed = 0
         self._cron_jobs: JobQueue | None = None
         self._down_since: float | None = None
@@ -177,18 +190,64 @@ class ConsentWorker(Worker):
         # short. Every job this worker started went through one claim.
         return self._claimed
 
+    def queue_of(self, job_id: str) -> str:
+        """The queue a job of this worker's is on: its shard's, by the tag its id starts with."""
+        shard = job_shard(job_id) if self.queue_shards is not None else None
+        return self.queue_name if shard is None else Keys.queue(self.queue_name, shard)
+
+    async def _due_queues(self, free: int) -> list[tuple[str, int]]:
+        """The queues with jobs due, each with how many of the ``free`` slots it may fill.
+
+        One queue: itself. Shards: one round trip counts what is due on each (by this
+        worker's estimate of Redis's time; the claim itself decides by Redis's clock), and
+        the free slots are shared among the queues with work, so no poll claims more jobs
+        than the worker has slots for."""
+        if self.queue_shards is None:
+            return [(self.queue_name, free)]
+        now_ms = int(self.clock() * 1000) + 1
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for shard in self.queue_shards:
+                pipe.zcount(Keys.queue(self.queue_name, shard), "-inf", now_ms)
+            counts = await pipe.execute()
+        due = [(s, int(n)) for s, n in zip(self.queue_shards, counts, strict=True) if int(n)]
+        if not due:
+            return []
+        # Busiest first; each queue with work gets at least one slot while slots last.
+        due.sort(key=lambda item: -item[1])
+        total = sum(n for _, n in due)
+        shares = []
+        left = free
+        for shard, n in due:
+            if left <= 0:
+                break
+            share = max(1, min(left, n, free * n // total))
+            shares.append((Keys.queue(self.queue_name, shard), share))
+            left -= share
+        if left > 0 and shares:
+            queue, share = shares[0]
+            shares[0] = (queue, share + left)
+        return shares
+
     async def _start_due(self, free: int) -> None:
         if self._claim_due is None:
             self._claim_due = self.pool.register_script(lua("claim_due"))
-        claimed = await self._claim_due(
-            keys=[self.queue_name],
-            args=[
-                in_progress_key_prefix,
-                int(self.in_progress_timeout_s * 1000),
-                free,
-                max(self.queue_read_limit, free),
-            ],
-        )
+        queues = await self._due_queues(free)
+        if not queues:
+            return
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for queue, want in queues:
+                await self._claim_due(
+                    keys=[queue],
+                    args=[
+                        in_progress_key_prefix,
+                        int(self.in_progress_timeout_s * 1000),
+                        want,
+                        max(self.queue_read_limit, want),
+                    ],
+                    client=pipe,
+                )
+            answers = await pipe.execute()
+        claimed = [item for answer in answers for item in answer]
         self._claimed += len(claimed) // 2
         for i in range(0, len(claimed), 2):
             # Never blocks: this worker claimed no more jobs than it had free slots.
@@ -201,6 +260,51 @@ class ConsentWorker(Worker):
             # outage replaces its dead task in ``tasks``.
             task.add_done_callback(_retrieve)
             self.tasks[job_id] = task
+
+    async def finish_job(
+        self,
+        job_id: str,
+        finish: bool,
+        result_data: bytes | None,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
+    ) -> None:
+        # arq's, on the job's own queue (its shard's) rather than the worker's one queue.
+        async with self.pool.pipeline(transaction=True) as tr:
+            delete_keys = []
+            in_progress_key = in_progress_key_prefix + job_id
+            if keep_in_progress is None:
+                delete_keys += [in_progress_key]
+            else:
+                tr.pexpire(in_progress_key, to_ms(keep_in_progress))
+            if finish:
+                if result_data:
+                    expire = None if keep_result_forever else result_timeout_s
+                    tr.set(result_key_prefix + job_id, result_data, px=to_ms(expire))
+                delete_keys += [retry_key_prefix + job_id, job_key_prefix + job_id]
+                tr.zrem(abort_jobs_ss, job_id)
+                tr.zrem(self.queue_of(job_id), job_id)
+            elif incr_score:
+                tr.zincrby(self.queue_of(job_id), incr_score, job_id)
+            if delete_keys:
+                tr.delete(*delete_keys)
+            await tr.execute()
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        # arq's, on the job's own queue (its shard's) rather than the worker's one queue.
+        async with self.pool.pipeline(transaction=True) as tr:
+            tr.delete(
+                retry_key_prefix + job_id, in_progress_key_prefix + job_id, job_key_prefix + job_id
+            )
+            tr.zrem(abort_jobs_ss, job_id)
+            tr.zrem(self.queue_of(job_id), job_id)
+            keep_result = self.keep_result_forever or self.keep_result_s > 0
+            if result_data is not None and keep_result:
+                expire = 0 if self.keep_result_forever else self.keep_result_s
+                tr.set(result_key_prefix + job_id, result_data, px=to_ms(expire))
+            await tr.execute()
 
     async def heart_beat(self) -> None:
         # arq's, with the cron jobs timed by Redis's clock rather than this process's.
@@ -231,11 +335,15 @@ class ConsentWorker(Worker):
                 job_id = cron_job.job_id or (
                     f"{cron_job.name}:{run_at}" if cron_job.unique else uuid.uuid4().hex
                 )
+                queue = self.queue_name
+                if self.queue_shards is not None:
+                    # Jobs about no connection go to shard 0 (one id for the whole fleet).
+                    job_id, queue = shard_job_id(0, job_id), Keys.queue(self.queue_name, 0)
                 job = jobs.job(
                     cron_job.name,
                     (),
                     job_id=job_id,
-                    queue=self.queue_name,
+                    queue=queue,
                     run_at_ms=run_at if cron_job.next_run > n else None,
                 )
                 queued.append(jobs.put(job))

@@ -429,3 +429,65 @@ async def test_the_backlog_shows_in_stats_metrics_and_ops(build, env):
         check=True,
     )
     assert text.stdout.split("LAPSING BEFORE TURN")[1].split()[:2] == ["default", "3"]
+
+
+async def test_a_batch_costs_no_script_checks_and_survives_a_flushed_script_cache(build, rotating):
+    """The claim and the commits go out by SHA alone: no SCRIPT EXISTS round trip per batch (as
+    redis-py sends for scripts handed to a pipeline). A server that lost its scripts (a new
+    primary, SCRIPT FLUSH) loads them again within the turn: nothing is taken or granted for
+    nothing, and the batch refreshes."""
+    stack, make = build
+    users = ["s1", "s2", "s3"]
+    await provisioned(stack, users)
+    redis = stack.client.store.redis
+    limits = Limits(max_refresh_rate=50.0, max_concurrency=8)
+    batches = await make(limits=limits)
+    before = {u: await stored_tokens(stack, u) for u in users}
+
+    async def script_exists_calls() -> int:
+        stats = await redis.info("commandstats")
+        return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
+
+    await redis.script_flush()
+    await make_due(stack, users)
+    # The scripts are loaded again within the turn, and nothing is granted for nothing.
+    await batches.run_once()
+    for user in users:
+        assert await stored_tokens(stack, user) != before[user]
+    assert await redis.zcard(batches.limiter.leases_key) == 0  # every call's lease back
+    assert await redis.zcard(batches.limiter.log_key) == len(users)  # a grant per call made
+    checks = await script_exists_calls()
+    await make_due(stack, users)
+    await batches.run_once()
+    assert await script_exists_calls() == checks
+    for user in users:
+        assert (await stack.client.status(user)).state is State.PROVISIONED
+
+
+async def test_a_member_put_back_is_due_at_once_even_if_a_claim_comes_between(build):
+    """A member put back (its call would have started too late for the rate) is due again at
+    once. Another lane's claim may run between the two steps of the put-back: it must not find
+    the member due while its lock is still held, or it would lease it for a lock's lifetime
+    (seen in a rate-limited drain: stragglers 20 s after the rest)."""
+    stack, make = build
+    await provisioned(stack, ["fay"])
+    await make_due(stack, ["fay"])
+    batches = await make()
+    claimer = BatchClaimer(stack.client.store)
+    [member] = (await claimer.claim(0, 8, lock_ttl=30, lease=30)).members
+    assert member.token is not None
+    store = batches.store
+    release = store.release_lock
+    between: list[list[str]] = []
+
+    async def claim_then_release(user: str, token: str) -> bool:
+        other = await claimer.claim(0, 8, lock_ttl=30, lease=30)
+        between.append([m.user for m in other.members])
+        return await release(user, token)
+
+    store.release_lock = claim_then_release  # type: ignore[method-assign]
+    await batches._put_back(member)
+    store.release_lock = release  # type: ignore[method-assign]
+    assert between == [[]]  # not due while still locked
+    again = await claimer.claim(0, 8, lock_ttl=30, lease=30)
+    assert [m.user for m in again.locked] == ["fay"]

@@ -98,3 +98,20 @@ def test_an_answer_already_stored_or_overtaken_is_not_stored_again():
     assert fits(pending(ring), record(ring, last_refresh_at=AT), ring) is Fit.STORED
     other = record(ring, refresh_token="someone-elses-newer-token")
     assert fits(pending(ring), other, ring) is Fit.STORED
+
+
+def test_entries_younger_than_asked_are_not_read(tmp_path):
+    """The cleanup job leaves a sibling worker's fresh file alone (its commit is most likely
+    under way): it does not even read it. An old one is read."""
+    import os
+    import time
+
+    ring = KeyRing.from_strings([generate_key()])
+    spool = TokenSpool(tmp_path)
+    entry = pending(ring)
+    spool.write(entry)
+    assert spool.entries(min_age=30) == []
+    old = time.time() - 31
+    os.utime(spool.path(entry), (old, old))
+    assert spool.entries(min_age=30) == [entry]
+    assert spool.entries() == [entry]

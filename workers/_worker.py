@@ -45,13 +45,14 @@ from arq.constants import (
 )
 from arq.utils import to_ms, to_unix_ms
 from arq.worker import Worker
+from redis.exceptions import NoScriptError
 
 from consent_flow.engine.refresh import REDIS_ERRORS
 from consent_flow.queue.jobs import JobQueue
 from consent_flow.store.clock import CLOCK_RESYNC_INTERVAL, RedisClock
 from consent_flow.store.connection import create_redis_pool
 from consent_flow.store.redis_store import Keys, job_shard, shard_job_id
-from consent_flow.store.scripts import lua
+from consent_flow.store.scripts import lua, queue_script
 
 try:
     import uvloop
@@ -234,20 +235,19 @@ class ConsentWorker(Worker):
         queues = await self._due_queues(free)
         if not queues:
             return
+        ttl = int(self.in_progress_timeout_s * 1000)
         async with self.pool.pipeline(transaction=False) as pipe:
             for queue, want in queues:
-                await self._claim_due(
-                    keys=[queue],
-                    args=[
-                        in_progress_key_prefix,
-                        int(self.in_progress_timeout_s * 1000),
-                        want,
-                        max(self.queue_read_limit, want),
-                    ],
-                    client=pipe,
-                )
-            answers = await pipe.execute()
-        claimed = [item for answer in answers for item in answer]
+                args = [in_progress_key_prefix, ttl, want, max(self.queue_read_limit, want)]
+                queue_script(pipe, self._claim_due, [queue], args)
+            answers = await pipe.execute(raise_on_error=False)
+        if any(isinstance(a, NoScriptError) for a in answers):
+            # A server without the script yet (a new primary): those claims ran nothing.
+            self._claim_due.sha = await self.pool.script_load(self._claim_due.script)
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, NoScriptError):
+                raise answer
+        claimed = [i for a in answers if not isinstance(a, BaseException) for i in a]
         self._claimed += len(claimed) // 2
         for i in range(0, len(claimed), 2):
             # Never blocks: this worker claimed no more jobs than it had free slots.

@@ -171,8 +171,10 @@ async def _cleanup(services: Services, stack: ProviderStack) -> None:
         totals["sessions_expired"] += expired
         totals["revocations_sent"] += revoked
         totals["history_trimmed"] += trimmed
-    # Spooled refreshes a start-up could not settle (their user's lock was taken then).
-    replayed = await stack.refresher.replay()
+    # Spooled refreshes a start-up could not settle (their user's lock was taken then). A file
+    # younger than a lock's lifetime is most likely a sibling worker's commit still under way
+    # (its user locked meanwhile): reading it would cost CPU for a postponement.
+    replayed = await stack.refresher.replay(min_age=stack.engine.lock_ttl)
     if any(totals.values()) or replayed:
         log.info("cleanup", provider=stack.config.name, spool_replayed=replayed, **totals)
 

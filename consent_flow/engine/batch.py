@@ -180,7 +180,16 @@ class BatchRefresher:
         if not permits:
             return min(max(permits.wait, 0.001), self.idle_poll)
         lease = self.engine.lock_ttl
-        claim = await self.claimer.claim(shard, len(permits), lock_ttl=lease, lease=lease)
+        claim = await self.claimer.claim(
+            shard, len(permits), lock_ttl=lease, lease=lease, throttle=self.limiter.pause_key
+        )
+        if claim.throttled_until > claim.now:
+            # A 429 elsewhere between the permits and the claim: nobody calls during the pause
+            # it asked for, these members included.
+            for member in claim.locked:
+                await self._put_back(member)
+            await self.limiter.release([], list(permits.ids))
+            return min(claim.throttled_until - claim.now, self.idle_poll)
         if not claim.members:
             await self.limiter.release([], list(permits.ids))
             return 0.0  # taken by another worker meanwhile: look again
@@ -295,10 +304,13 @@ class BatchRefresher:
     async def _put_back(self, member: Claimed) -> None:
         """A member not refreshed after all: its lock released, due again at once."""
         assert member.token is not None
-        now = due_ms(self.engine.clock())
-        sched = self.store.keys.of(member.user).sched
-        await self.store.redis.zadd(sched, {member.user: now}, xx=True)
-        await self.store.release_lock(member.user, member.token)
+        # The lock goes first: a claim between the two steps must not find the member due and
+        # still locked, or it would lease it for a lock's lifetime. A lock no longer ours means
+        # its new holder refreshes it (and reschedules it).
+        if await self.store.release_lock(member.user, member.token):
+            now = due_ms(self.engine.clock())
+            sched = self.store.keys.of(member.user).sched
+            await self.store.redis.zadd(sched, {member.user: now}, xx=True)
 
     async def _let_go(self, member: Claimed) -> None:
         """A member that makes no call: its lock released; a grant that ended leaves the

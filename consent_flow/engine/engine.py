@@ -291,7 +291,7 @@ class Engine:
             detail=detail or {},
         )
 
-    def _change(
+    def change(
         self,
         envelope: Envelope,
         rec: ConsentRecord,
@@ -465,7 +465,7 @@ class Engine:
         }
         if upgrade:
             # The grant stays as it is, tokens and schedule alike, until the upgrade completes.
-            change = self._change(
+            change = self.change(
                 envelope,
                 rec,
                 row,
@@ -477,7 +477,7 @@ class Engine:
             )
         else:
             renewed = rec.state is State.PENDING
-            change = self._change(
+            change = self.change(
                 envelope,
                 rec,
                 row,
@@ -611,7 +611,7 @@ class Engine:
             # The replaced grant goes to the revocation outbox in the step that replaces it:
             # a provider that is down now does not make us forget to revoke it.
             fields["revocation_pending"] = rec.tokens
-        change = self._change(
+        change = self.change(
             envelope,
             rec,
             row,
@@ -738,7 +738,7 @@ class Engine:
             reason = f"upgrade dropped: {reason}"
         elif row.effect is not Effect.DROP_SESSION:
             raise AssertionError(f"no session to drop for {row.effect}")
-        return self._change(
+        return self.change(
             envelope,
             rec,
             row,
@@ -819,7 +819,7 @@ class Engine:
                 sealed, user=rec.user, purpose=f"import:{envelope.event_id}"
             ).decode()
             now = self.clock()
-            change = self._change(
+            change = self.change(
                 envelope,
                 rec,
                 row,
@@ -885,7 +885,7 @@ class Engine:
                     fields["provider_revocation"] = pending or ProviderRevocation.DEFERRED
                     if not unsupported:
                         fields["revocation_pending"] = rec.tokens
-                change = self._change(
+                change = self.change(
                     envelope,
                     rec,
                     row,

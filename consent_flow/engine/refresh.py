@@ -52,7 +52,7 @@ from consent_flow.engine.engine import (
     refresh_expiry_after,
     scheduling_lapse,
 )
-from consent_flow.engine.webhooks import notice_kind, refresh_notice_kind
+from consent_flow.engine.webhooks import refresh_notice_kind
 from consent_flow.errors import (
     ClientRejected,
     GrantRejected,
@@ -758,12 +758,12 @@ class Refresher:
         """Users whose refreshed tokens wait for Redis in this process."""
         return sorted(self._pending)
 
-    async def replay(self) -> int:
+    async def replay(self, *, min_age: float = 0.0) -> int:
         """Commit every spooled refresh of a worker that died before its commit: at start-up,
         before this worker takes any job, and from the cleanup job for entries that could not
-        be settled then. Returns how many were settled."""
+        be settled then (``min_age`` seconds old at least). Returns how many were settled."""
         settled = 0
-        for pending in self.spool.entries():
+        for pending in self.spool.entries(min_age=min_age):
             if pending.event_id in self._spooled:
                 continue  # this process's own, with its commit still under way
             try:
@@ -915,26 +915,17 @@ class Refresher:
             provider=envelope.provider,
         )
         row = self.engine.machine.decide(rec.state, Event.REFRESH_REJECTED, user=rec.user)
-        change = Change(
-            user=rec.user,
-            event=Event.REFRESH_REJECTED,
-            event_id=envelope.event_id,
-            expect_state=rec.state,
-            expect_version=rec.version,
-            to_state=row.dest or rec.state,
-            actor=envelope.actor,
-            at=self.engine.clock(),
+        change = self.engine.change(
+            rejected,
+            rec,
+            row,
             reason=reason,
-            correlation_id=envelope.correlation_id,
             # An upgrade session open beside the dead grant ends with it.
             clear=(*TOKEN_FIELDS, *SESSION_FIELDS),
             drop_session_lookup=rec.session_digest,
             drop_upgrade=rec.upgrading,
             unschedule=True,
             drop_refresh_at=rec.next_refresh_at,
-        )
-        self.engine.add_notice(
-            change, notice_kind(change.event, change.expect_state, change.to_state)
         )
         result = await self.store.commit(change)
         if not result.ok:

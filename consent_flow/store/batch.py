@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from redis.exceptions import NoScriptError
 
 from consent_flow.core.records import ConsentRecord
 from consent_flow.core.table import State
 from consent_flow.store import codec
 from consent_flow.store.redis_store import Keys, RedisStore, _record
-from consent_flow.store.scripts import lua
+from consent_flow.store.scripts import lua, queue_script
 
 __all__ = [
     "DRAIN_SLOT",
@@ -111,6 +113,7 @@ class Claim:
     now: float  # Redis's time of the claim
     halt: dict[str, str]  # the pause for everyone, as read
     members: list[Claimed] = field(default_factory=list)
+    throttled_until: float = 0.0  # the provider's 429 pause as read with the claim (0: none)
 
     @property
     def locked(self) -> list[Claimed]:
@@ -147,15 +150,36 @@ class BatchClaimer:
             if int(counts[2 * i]) + int(counts[2 * i + 1])
         }
 
-    async def claim(self, shard: int, want: int, *, lock_ttl: float, lease: float) -> Claim:
-        """Take up to ``want`` due members of ``shard``; the refresh pause (a fleet-wide key,
-        so not the script's) is read in the same round trip."""
+    async def claim(
+        self, shard: int, want: int, *, lock_ttl: float, lease: float, throttle: str | None = None
+    ) -> Claim:
+        """Take up to ``want`` due members of ``shard``. The refresh pause and the provider's
+        429 pause (the string key ``throttle``) are fleet-wide keys, so not the script's: they
+        are read in the same round trip."""
         keys, args = self.claim_call(shard, want, lock_ttl=lock_ttl, lease=lease)
-        async with self.store.redis.pipeline(transaction=False) as pipe:
-            await self._claim(keys=keys, args=args, client=pipe)
-            pipe.hgetall(self.store.keys.halt)
-            raw, halt = await pipe.execute()
-        return self.claim_result(raw, halt)
+        for attempt in range(2):
+            async with self.store.redis.pipeline(transaction=False) as pipe:
+                queue_script(pipe, self._claim, keys, args)
+                pipe.hgetall(self.store.keys.halt)
+                if throttle is not None:
+                    pipe.get(throttle)
+                raw, halt, *until = await pipe.execute(raise_on_error=False)
+            if isinstance(raw, NoScriptError) and not attempt:
+                # A server without the script yet (a new primary): nothing ran.
+                await self.load_script()
+                continue
+            for answer in (raw, halt, *until):
+                if isinstance(answer, BaseException):
+                    raise answer
+            break
+        claim = self.claim_result(raw, halt)
+        if until and until[0] is not None:
+            claim = replace(claim, throttled_until=int(until[0]) / 1000)
+        return claim
+
+    async def load_script(self) -> None:
+        """Load the claim script (after a NoScriptError in a pipeline that sent its SHA)."""
+        self._claim.sha = await self.store.redis.script_load(self._claim.script)
 
     def claim_call(
         self, shard: int, want: int, *, lock_ttl: float, lease: float

@@ -98,7 +98,7 @@ from consent_flow.errors import SettingsError
 from consent_flow.queue.jobs import REDELIVERY_WINDOW, score_arg
 from consent_flow.settings import DEFAULT_REDIS_SHARDS
 from consent_flow.store import codec
-from consent_flow.store.scripts import lua
+from consent_flow.store.scripts import lua, queue_script
 from consent_flow.store.vault import KeyRing
 
 __all__ = [
@@ -624,7 +624,7 @@ class RedisStore:
         for attempt in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for i in todo:
-                    await self._commit(keys=calls[i].keys, args=calls[i].args, client=pipe)
+                    queue_script(pipe, self._commit, calls[i].keys, calls[i].args)
                 if wait:
                     pipe.incr(self.keys.prefix + ":replicated")
                     pipe.execute_command("WAIT", wait, REPLICA_WAIT_MS)
@@ -836,7 +836,7 @@ class RedisStore:
         """
         for attempt in range(2):
             pipe = self.redis.pipeline(transaction=False)
-            await self._commit(keys=keys, args=args, client=pipe)
+            queue_script(pipe, self._commit, keys, args)
             pipe.incr(self.keys.prefix + ":replicated")
             pipe.execute_command("WAIT", wait, REPLICA_WAIT_MS)
             try:
@@ -952,14 +952,21 @@ class RedisStore:
         """
         k = self.keys
         token = secrets.token_hex(16)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            await self._lock_and_load(
-                keys=[k.lock(user), k.rec(user), *self._sealed_keys(user)],
-                args=[token, int(ttl * 1000)],
-                client=pipe,
-            )
-            pipe.hgetall(also)
-            (got, flat, tok, rvk), other = await pipe.execute()
+        keys = [k.lock(user), k.rec(user), *self._sealed_keys(user)]
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                queue_script(pipe, self._lock_and_load, keys, [token, int(ttl * 1000)])
+                pipe.hgetall(also)
+                answer, other = await pipe.execute(raise_on_error=False)
+            if isinstance(answer, NoScriptError) and not attempt:
+                # A server without the script yet (a new primary): nothing ran.
+                await self.redis.script_load(self._lock_and_load.script)
+                continue
+            for item in (answer, other):
+                if isinstance(item, BaseException):
+                    raise item
+            break
+        got, flat, tok, rvk = answer
         return (token if int(got) else None), _record(user, flat, tok, rvk), _str_dict(other)
 
     async def actors_and_reasons(self, users: list[str]) -> list[tuple[str | None, str | None]]:

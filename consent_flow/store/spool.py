@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,13 +138,17 @@ class TokenSpool:
         with contextlib.suppress(FileNotFoundError):
             self.path(pending).unlink()
 
-    def entries(self) -> list[PendingTokens]:
-        """Every readable entry, oldest first. An unreadable file is logged and left alone."""
+    def entries(self, *, min_age: float = 0.0) -> list[PendingTokens]:
+        """Every readable entry written at least ``min_age`` seconds ago, oldest first. An
+        unreadable file is logged and left alone."""
         found: list[PendingTokens] = []
         if not self.directory.is_dir():
             return found
+        written_by = time.time() - min_age
         for path in sorted(self.directory.glob("*.json")):
             try:
+                if min_age and path.stat().st_mtime > written_by:
+                    continue
                 found.append(PendingTokens.from_json(path.read_bytes()))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("spool_entry_unreadable", path=str(path), error=type(exc).__name__)

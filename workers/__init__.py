@@ -1,7 +1,8 @@
 """arq worker settings for consent-flow.
 
-``consent-flow worker`` runs these; ``arq workers.WorkerSettings`` works too: the name is
-looked up lazily, and reads the ``CONSENT_*`` environment then (arq takes a dict of settings).
+``consent-flow worker`` runs these (``ConsentWorker``). ``arq workers.WorkerSettings`` loads
+them too (the name is looked up lazily, and reads the ``CONSENT_*`` environment then), but arq's
+own worker polls one queue: it does not serve the shards' queues.
 """
 
 from __future__ import annotations

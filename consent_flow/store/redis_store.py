@@ -1,54 +1,57 @@
 """The state store: a ``Protocol`` with a Redis implementation and an in-memory one for fast tests.
 
 Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``, ``gh`` a provider's name; a connection is one
-user's grant at one provider, and every key of one user shares the hash tag ``{user}`` so
-per-user commands stay within one slot, whichever provider they are about)::
+user's grant at one provider). Connections are spread over ``CONSENT_REDIS_SHARDS`` shards by
+user (``crc32(user) % shards``, every provider alike), and ``{s7}`` is shard 7's hash tag: every
+key of a shard hashes to one Redis Cluster slot, so every script below stays in one slot::
 
-    cf:{alice}:gh:rec      hash   the record (state, version, since, sealed session, schedule)
-    cf:{alice}:gh:tok      string the sealed tokens (binary; apart, so the record hash stays in
-                                  Redis's compact encoding)
-    cf:{alice}:gh:rvk      string sealed tokens still to revoke at the provider (binary)
-    cf:{alice}:gh:hist     list   history entries, oldest first (JSON)
-    cf:{alice}:gh:seen     zset   event ids already applied (exactly-once effect), scored by
-                                  time, kept for the queue's redelivery window (SEEN_WINDOW)
-    cf:{alice}:gh:in:<id>  string sealed authorization code waiting for its event (short TTL)
-    cf:{alice}:gh:lock     string single-flight lock for provider calls, value = owner token
-    cf:gh:idx:<state>      zset   users in that state at gh, scored by since (list, stats: no
-                                  KEYS scans)
-    cf:gh:sched            zset   users by next refresh due time at gh, in epoch milliseconds
-                                  (a refresh a batch took: its lease, due again if its worker
-                                  dies)
-    cf:gh:ready            zset   due refreshes at gh waiting for a batch, by when the grant
-                                  lapses (ms)
-    cf:gh:ready:due        zset   the same, by when each fell due (ms): the backlog's age
-    cf:gh:limit:log        zset   grants of calls to gh in the rate's sliding window
-    cf:gh:limit:leases     zset   calls to gh under way, by when their lease expires
-    cf:gh:limit:pause      string no call to gh starts before this time (a 429; ms)
-    cf:gh:histidx          zset   users by the time of their oldest history entry (retention)
-    cf:gh:outbox           zset   users with tokens still to revoke at gh, by next try
-    cf:gh:upgrades         zset   users with an upgrade session open at gh, by its expiry
-    cf:gh:halt             hash   refreshes at gh paused for everyone: invalid_client (reason,
-                                  since)
-    cf:gh:check            hash   why gh's discovery document cannot be used now (url, problem,
-                                  reach, since): kept while a process retries it, gone once it
-                                  answers or shortly after that process ends
-    cf:gh:sess:<sha256>    string "user\nsession id" for a live authorization session's state
-    cf:metrics:gh:*        hash   gh's counters for /metrics and stats (transitions, refresh
-                                  outcomes, refresh lead time buckets, per-hour failures and
-                                  rejections, provider revocations by outcome)
-    cf:metrics:webhooks    hash   webhook deliveries by outcome: delivered, retried, dead
-    cf:metrics:worker      hash   Redis outages the workers rode out, deferred commits
-    cf:workers             zset   worker ids by last heartbeat (Redis's time)
-    cf:workers:clock       hash   worker id -> its clock's offset from Redis's time, in seconds
-    cf:invalidate          pubsub "provider\nuser" of connections whose cached tokens must be
-                                  dropped (published by commits)
-    cf:kids                hash   ciphertext count per key id, every provider's (start-up key
-                                  check, rotation)
-    cf:events              stream every transition of every provider, for `tail` and other
-                                  consumers (bounded; entries carry the provider)
+    cf:{s7}:gh:u:alice:rec      hash   the record (state, version, since, sealed session,
+                                       schedule)
+    cf:{s7}:gh:u:alice:tok      string the sealed tokens (binary; apart, so the record hash stays
+                                       in Redis's compact encoding)
+    cf:{s7}:gh:u:alice:rvk      string sealed tokens still to revoke at the provider (binary)
+    cf:{s7}:gh:u:alice:hist     list   history entries, oldest first (JSON)
+    cf:{s7}:gh:u:alice:seen     zset   event ids already applied (exactly-once effect), scored by
+                                       time, kept for the queue's redelivery window (SEEN_WINDOW)
+    cf:{s7}:gh:u:alice:in:<id>  string sealed authorization code waiting for its event (short TTL)
+    cf:{s7}:gh:u:alice:lock     string single-flight lock for provider calls, value = owner token
+    cf:{s7}:gh:idx:<state>      zset   the shard's users in that state at gh, scored by since
+                                       (list, stats: no KEYS scans)
+    cf:{s7}:gh:sched            zset   users by next refresh due time at gh, in epoch ms (a
+                                       refresh a batch took: its lease, due again if its worker
+                                       dies)
+    cf:{s7}:gh:ready            zset   due refreshes waiting for a batch, by when the grant
+                                       lapses (ms)
+    cf:{s7}:gh:ready:due        zset   the same, by when each fell due (ms): the backlog's age
+    cf:{s7}:gh:histidx          zset   users by the time of their oldest history entry
+    cf:{s7}:gh:outbox           zset   users with tokens still to revoke at gh, by next try
+    cf:{s7}:gh:upgrades         zset   users with an upgrade session open at gh, by its expiry
+    cf:{s7}:gh:sess:<sha256>    string "user\nsession id" for a live authorization session's
+                                       state (the state names its shard: "7.<random>")
+    cf:{s7}:gh:metrics:*        hash   counters for /metrics and stats (transitions, refresh
+                                       outcomes, lead time buckets, per-hour failures and
+                                       rejections, provider revocations by outcome)
+    cf:{s7}:gh:kids             hash   ciphertext count per key id (start-up key check, rotation)
+    cf:{s7}:gh:events           stream every transition, for `tail` and other consumers (bounded)
+    cf:{s7}:reply:<event id>    list   a caller's answer
+    cf:{gh:limit}:log|leases|pause     the provider's fleet-wide call limits (a tag of their own)
+    cf:gh:halt                  hash   refreshes at gh paused for everyone: invalid_client
+                                       (reason, since); read beside scripts, never in one
+    cf:gh:check                 hash   why gh's discovery document cannot be used now (url,
+                                       problem, reach, since)
+    cf:gh:import:<digest>       string ``consent-flow import``'s place in one source
+    cf:metrics:webhooks         hash   webhook deliveries by outcome: delivered, retried, dead
+    cf:metrics:worker           hash   Redis outages the workers rode out, deferred commits
+    {cf:workers}                zset   worker ids by last heartbeat (Redis's time)
+    {cf:workers}:clock          hash   worker id -> its clock's offset from Redis's time (s)
+    cf:invalidate               pubsub "provider\nuser" of connections whose cached tokens must
+                                       be dropped (published by commits)
+    cf:shards                   string the shard count the data was laid out for
 
-Refresh jobs' ids carry the prefix and the provider too (``refresh:cf:gh:alice:<due ms>``): two
-deployments or two providers on one queue never share one.
+Each shard has its arq queue, ``<queue name>:{s7}``, and every job id starts with its shard's
+tag (``{s7}:refresh:cf:gh:alice:<due ms>``, ``{s7}:ev:<id>``): arq's job, in-progress, retry
+and result keys of a job land in its shard's slot. A user's jobs go to the user's shard; jobs
+about no connection (cron) to shard 0.
 
 Every time stored here is Redis's time (``TIME`` in scripts, a ``RedisClock`` in Python), never
 the writing process's own clock: processes whose clocks disagree still agree on what is due.
@@ -63,7 +66,6 @@ webhook notice; ``queue/commit_jobs.py`` makes them from the change's domain val
 releases the user's lock and pushes the caller's answer, only if it applies.
 A record is read in one round trip too, hash and sealed keys alike (with the lock taken, for a
 refresh).
-The indexes are shard-wide keys: users are sharded across primaries, not across a Cluster.
 """
 
 from __future__ import annotations

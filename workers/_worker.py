@@ -90,6 +90,7 @@ class ConsentWorker(Worker):
         super().__init__(*args, **kwargs)
         self._claim_due: Any = None
         self.queue_shards = None if queue_shards is None else tuple(queue_shards)
+        self._hot: list[tuple[str, int]] = []  # queues with jobs due at the last poll
         self._claimed = 0
         self._cron_jobs: JobQueue | None = None
         self._down_since: float | None = None
@@ -196,58 +197,78 @@ class ConsentWorker(Worker):
         shard = job_shard(job_id) if self.queue_shards is not None else None
         return self.queue_name if shard is None else Keys.queue(self.queue_name, shard)
 
-    async def _due_queues(self, free: int) -> list[tuple[str, int]]:
-        """The queues with jobs due, each with how many of the ``free`` slots it may fill.
-
-        One queue: itself. Shards: one round trip counts what is due on each (by this
-        worker's estimate of Redis's time; the claim itself decides by Redis's clock), and
-        the free slots are shared among the queues with work, so no poll claims more jobs
-        than the worker has slots for."""
-        if self.queue_shards is None:
-            return [(self.queue_name, free)]
-        now_ms = int(self.clock() * 1000) + 1
-        async with self.pool.pipeline(transaction=False) as pipe:
-            for shard in self.queue_shards:
-                pipe.zcount(Keys.queue(self.queue_name, shard), "-inf", now_ms)
-            counts = await pipe.execute()
-        due = [(s, int(n)) for s, n in zip(self.queue_shards, counts, strict=True) if int(n)]
-        if not due:
-            return []
-        # Busiest first; each queue with work gets at least one slot while slots last.
-        due.sort(key=lambda item: -item[1])
+    @staticmethod
+    def _shares(due: list[tuple[str, int]], free: int) -> list[tuple[str, int]]:
+        """``free`` slots shared among queues with work (queue, jobs due): busiest first, each
+        at least one while slots last, so no poll claims more jobs than the worker can run."""
+        due = sorted(due, key=lambda item: -item[1])
         total = sum(n for _, n in due)
-        shares = []
+        shares: list[tuple[str, int]] = []
         left = free
-        for shard, n in due:
+        for queue, n in due:
             if left <= 0:
                 break
-            share = max(1, min(left, n, free * n // total))
-            shares.append((Keys.queue(self.queue_name, shard), share))
+            share = max(1, min(left, n, free * n // max(1, total)))
+            shares.append((queue, share))
             left -= share
         if left > 0 and shares:
-            queue, share = shares[0]
-            shares[0] = (queue, share + left)
+            shares[0] = (shares[0][0], shares[0][1] + left)
         return shares
 
-    async def _start_due(self, free: int) -> None:
-        if self._claim_due is None:
-            self._claim_due = self.pool.register_script(lua("claim_due"))
-        queues = await self._due_queues(free)
-        if not queues:
-            return
+    def _queue_claims(self, pipe: Any, shares: list[tuple[str, int]]) -> None:
         ttl = int(self.in_progress_timeout_s * 1000)
-        async with self.pool.pipeline(transaction=False) as pipe:
-            for queue, want in queues:
-                args = [in_progress_key_prefix, ttl, want, max(self.queue_read_limit, want)]
-                queue_script(pipe, self._claim_due, [queue], args)
-            answers = await pipe.execute(raise_on_error=False)
+        for queue, want in shares:
+            args = [in_progress_key_prefix, ttl, want, max(self.queue_read_limit, want)]
+            queue_script(pipe, self._claim_due, [queue], args)
+
+    async def _claimed_from(self, answers: list[Any]) -> list[Any]:
+        """The jobs the claims of a pipeline took (job id, score, ...)."""
         if any(isinstance(a, NoScriptError) for a in answers):
             # A server without the script yet (a new primary): those claims ran nothing.
             self._claim_due.sha = await self.pool.script_load(self._claim_due.script)
         for answer in answers:
             if isinstance(answer, BaseException) and not isinstance(answer, NoScriptError):
                 raise answer
-        claimed = [i for a in answers if not isinstance(a, BaseException) for i in a]
+        return [i for a in answers if not isinstance(a, BaseException) for i in a]
+
+    async def _claim_sharded(self, free: int) -> list[Any]:
+        """One round trip counts what is due on each served queue (by this worker's estimate
+        of Redis's time; the claims decide by Redis's clock) and claims on the queues that had
+        work at the last poll: a busy worker claims in one round trip, as on one queue. Queues
+        that show work only now are claimed in a second."""
+        assert self.queue_shards is not None
+        queues = [Keys.queue(self.queue_name, shard) for shard in self.queue_shards]
+        hot = self._shares(self._hot, free)
+        now_ms = int(self.clock() * 1000) + 1
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.zcount(queue, "-inf", now_ms)
+            self._queue_claims(pipe, hot)
+            answers = await pipe.execute(raise_on_error=False)
+        counts = answers[: len(queues)]
+        for count in counts:
+            if isinstance(count, BaseException):
+                raise count
+        claimed = await self._claimed_from(answers[len(queues) :])
+        self._hot = [(q, int(n)) for q, n in zip(queues, counts, strict=True) if int(n)]
+        left = free - len(claimed) // 2
+        tried = {queue for queue, _ in hot}
+        cold = [(queue, n) for queue, n in self._hot if queue not in tried]
+        if cold and left > 0:
+            async with self.pool.pipeline(transaction=False) as pipe:
+                self._queue_claims(pipe, self._shares(cold, left))
+                claimed += await self._claimed_from(await pipe.execute(raise_on_error=False))
+        return claimed
+
+    async def _start_due(self, free: int) -> None:
+        if self._claim_due is None:
+            self._claim_due = self.pool.register_script(lua("claim_due"))
+        if self.queue_shards is None:
+            async with self.pool.pipeline(transaction=False) as pipe:
+                self._queue_claims(pipe, [(self.queue_name, free)])
+                claimed = await self._claimed_from(await pipe.execute(raise_on_error=False))
+        else:
+            claimed = await self._claim_sharded(free)
         self._claimed += len(claimed) // 2
         for i in range(0, len(claimed), 2):
             # Never blocks: this worker claimed no more jobs than it had free slots.

@@ -363,6 +363,29 @@ def _stats_text(data: dict[str, Any]) -> str:
     if backlog:
         header = ("PROVIDER", "DUE", "OLDEST DUE", "DRAIN", "LAPSING BEFORE TURN")
         lines += ["", _table(backlog, header)]
+    providers = data.get("providers", {})
+    if len(providers) > 1:
+        # The figures above are summed over providers: each one's own, side by side.
+        rows = [
+            (
+                name,
+                *(p["states"].get(state.value, 0) for state in State),
+                p["refreshes_due_next_hour"],
+                p["refresh_failures_24h"],
+                p["refresh_rejections_24h"],
+                "yes" if p["refreshes_paused"] else "no",
+            )
+            for name, p in providers.items()
+        ]
+        columns = (
+            "PROVIDER",
+            *(state.value.upper() for state in State),
+            "DUE NEXT HOUR",
+            "FAILURES 24H",
+            "REJECTIONS 24H",
+            "PAUSED",
+        )
+        lines += ["", _table(rows, columns)]
     return "\n".join(lines)
 
 

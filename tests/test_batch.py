@@ -23,7 +23,7 @@ from consent_flow.core.table import Event
 from consent_flow.engine.batch import BatchRefresher
 from consent_flow.engine.engine import Engine
 from consent_flow.engine.refresh import Refresher, RetryPolicy
-from consent_flow.oidc import HttpClients, OAuthClient
+from consent_flow.oidc import OAuthClient, ProviderSession
 from consent_flow.queue.bus import Envelope
 from consent_flow.queue.commit_jobs import CommitJobs
 from consent_flow.queue.limits import Limits, ProviderLimiter
@@ -64,7 +64,7 @@ async def build(
     batch."""
     shards = getattr(request, "param", 1)
     stack: Stack = await make_stack(op=rotating, redis_shards=shards)
-    clients: list[HttpClients] = []
+    clients: list[ProviderSession] = []
 
     async def make(
         *, limits: Limits | None = None, size: int = 64, lanes: int = 1
@@ -74,7 +74,7 @@ async def build(
         store = RedisStore(pool, prefix=settings.redis_prefix, shards=settings.redis_shards)
         clock = RedisClock(pool)
         await clock.sync()
-        http = HttpClients(timeout=settings.http_timeout, follow_redirects=False)
+        http = ProviderSession(timeout=settings.http_timeout)
         clients.append(http)
         scheduler = Scheduler(
             pool, keys=store.keys, queue_name=settings.queue_name, clock=clock, batched=True

@@ -14,6 +14,7 @@ CORE = PACKAGE / "core"
 FORBIDDEN = (
     "redis",
     "httpx",
+    "aiohttp",
     "arq",
     "cryptography",
     "consent_flow.store",

@@ -358,7 +358,7 @@ async def test_a_spooled_answer_whose_user_stays_locked_at_start_is_committed_by
     """A worker that died with an answer in its spool; when the next worker starts, the user's
     lock is still taken (the dead worker's, say). The start does not wait forever or fail: the
     cleanup job commits the answer once the lock is free."""
-    from consent_flow.oidc import HttpClients, OAuthClient
+    from consent_flow.oidc import OAuthClient, ProviderSession
     from consent_flow.store.spool import PendingTokens, TokenSpool, token_digest
     from consent_flow.store.vault import seal_tokens
 
@@ -368,7 +368,7 @@ async def test_a_spooled_answer_whose_user_stays_locked_at_start_is_committed_by
     rec = await stack.client.store.load("alice")
     spent = open_tokens(stack.client.ring, "alice", rec.tokens)
     # The dead worker's refresh: the provider rotated, the answer reached only its spool.
-    http = HttpClients(timeout=5.0, follow_redirects=False)
+    http = ProviderSession(timeout=5.0)
     try:
         fresh = await OAuthClient(stack.settings, http).refresh(spent["refresh_token"])
     finally:

@@ -211,6 +211,16 @@ async def test_the_command_line_per_provider(two: Stack, two_env: dict[str, str]
         "provisioned": 1,
         "revoked": 1,
     }
+    text = (await acli(two_env, "stats")).stdout.splitlines()
+    header = next(line.split() for line in text if line.startswith("PROVIDER") and "PAUSED" in line)
+    by_name = {
+        line.split()[0]: line.split()
+        for line in text
+        if line.split()[:1] in (["nextcloud"], ["github"])
+    }
+    provisioned, revoked = header.index("PROVISIONED"), header.index("REVOKED")
+    assert (by_name["nextcloud"][provisioned], by_name["nextcloud"][revoked]) == ("1", "0")
+    assert (by_name["github"][provisioned], by_name["github"][revoked]) == ("1", "1")
     described = json.loads((await acli(two_env, "providers", "--json")).stdout)
     assert [p["name"] for p in described] == ["nextcloud", "github"]
     for entry in described:

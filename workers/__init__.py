@@ -30,7 +30,7 @@ from consent_flow.engine.webhooks import (
     WebhookSender,
 )
 from consent_flow.errors import UnknownKeyError
-from consent_flow.oidc import HttpClients, OAuthClient
+from consent_flow.oidc import OAuthClient, ProviderSession
 from consent_flow.queue.bus import HANDLE_EVENT, JOB_SERIALIZERS, EventBus
 from consent_flow.queue.commit_jobs import CommitJobs
 from consent_flow.queue.jobs import JOB_TIMEOUT, REFRESH_MAX_TRIES
@@ -59,6 +59,8 @@ CLEANUP_EVERY = 30  # seconds between cleanup runs
 # the outage (retrying its commit at least every second) stores them before any worker presents
 # the refresh token they replaced.
 RESUME_GRACE = 5.0
+MAX_JOBS = 50  # arq jobs at once
+BATCH_LANES = 2  # each provider's batches in flight at once
 SHUTDOWN_COMMIT_WAIT = 1.0  # seconds a stopping worker gives commits that wait for Redis
 
 
@@ -113,7 +115,7 @@ def _provider_stack(
     settings: Settings,
     config: ProviderConfig,
     redis: Any,
-    http: HttpClients,
+    http: ProviderSession,
     ring: KeyRing,
     clock: RedisClock,
     retry: RetryPolicy | None,
@@ -153,7 +155,11 @@ def _provider_stack(
         lease=engine.lock_ttl,
     )
     batches = BatchRefresher(
-        refresher, limiter, size=settings.refresh_batch, shards=settings.worker_shards
+        refresher,
+        limiter,
+        size=settings.refresh_batch,
+        lanes=BATCH_LANES,
+        shards=settings.worker_shards,
     )
     return ProviderStack(
         config=config,
@@ -213,8 +219,10 @@ def worker_settings(
         clock = RedisClock(ctx["redis"])
         await clock.sync()
         ctx["clock"] = clock
-        # Up to max_jobs provider calls at once: each gets an httpx client of its own.
-        http = HttpClients(timeout=settings.http_timeout, follow_redirects=False)
+        # One connection for each provider call the worker can make at once: a job each, and
+        # every member of each provider's lanes of batches.
+        connections = MAX_JOBS + len(settings.providers) * BATCH_LANES * settings.refresh_batch
+        http = ProviderSession(timeout=settings.http_timeout, connections=connections)
         bus = EventBus(
             ctx["redis"],
             keys=shared.keys,
@@ -357,7 +365,7 @@ def worker_settings(
         "health_check_interval": HEALTH_CHECK_INTERVAL,
         "poll_delay": POLL_DELAY,
         "keep_result": 0,
-        "max_jobs": 50,
+        "max_jobs": MAX_JOBS,
         "handle_signals": True,
     }
 

@@ -2,7 +2,7 @@
 
 Each configured provider has an engine stack of its own (settings as that provider sees them,
 store on its keys, OpenID client, ring bound to it, engine, scheduler, refresher); the rest (the
-Redis pool's bus, the HTTP clients, the clock, the webhook sender) is shared by all of them.
+Redis pool's bus, the provider session, the clock, the webhook sender) is shared by all of them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from consent_flow.engine.engine import Engine
 from consent_flow.engine.refresh import Refresher
 from consent_flow.engine.webhooks import WebhookSender
 from consent_flow.errors import UnknownProvider
-from consent_flow.oidc import HttpClients, OAuthClient
+from consent_flow.oidc import OAuthClient, ProviderSession
 from consent_flow.queue.bus import EventBus
 from consent_flow.queue.jobs import EVENT_MAX_TRIES
 from consent_flow.queue.scheduler import Scheduler
@@ -45,7 +45,7 @@ class ProviderStack:
 class Services:
     settings: Settings
     bus: EventBus
-    http: HttpClients
+    http: ProviderSession
     ring: KeyRing
     clock: RedisClock  # Redis's time: every time this worker shares with other processes
     stacks: dict[str, ProviderStack] = field(default_factory=dict)  # by provider name

@@ -1,6 +1,7 @@
 """The OpenID Connect relying party, split by concern as the specifications are.
 
-* :mod:`.transport`: lent httpx clients, one bounded request, strict JSON, URL checks.
+* :mod:`.transport`: a shared aiohttp session or httpx clients, one bounded request, strict JSON,
+  URL checks.
 * :mod:`.discovery`: the discovery document (OpenID Connect Discovery, RFC 8414) and the JWKS.
 * :mod:`.authorize`: state, nonce, PKCE (RFC 7636) and the authorization URL; RFC 9207 ``iss``.
 * :mod:`.tokens`: the token endpoint (RFC 6749), revocation (RFC 7009), client authentication
@@ -23,7 +24,7 @@ from consent_flow.oidc.id_token import (
     IDTokenSubjectMismatch,
 )
 from consent_flow.oidc.tokens import CLIENT_ERRORS, TokenSet
-from consent_flow.oidc.transport import HttpClients
+from consent_flow.oidc.transport import HttpClients, ProviderSession
 
 __all__ = [
     "CLIENT_ERRORS",
@@ -34,6 +35,7 @@ __all__ = [
     "IDTokenSubjectMismatch",
     "OAuthClient",
     "ProviderMetadata",
+    "ProviderSession",
     "TokenSet",
     "code_challenge_s256",
     "new_code_verifier",

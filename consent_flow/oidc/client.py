@@ -1,4 +1,5 @@
-"""The OpenID Connect relying party the engine talks to: a confidential client, async on httpx.
+"""The OpenID Connect relying party the engine talks to: a confidential client, async on httpx
+or aiohttp.
 
 :class:`OAuthClient` composes the parts of this package (discovery, the authorization request,
 the token endpoint, ID-token validation) for one provider and one client, and adds userinfo.
@@ -35,7 +36,7 @@ from consent_flow.oidc.tokens import (
     error_for,
     sanitize,
 )
-from consent_flow.oidc.transport import HttpClients, Transport, json_object
+from consent_flow.oidc.transport import HttpClients, ProviderSession, Transport, json_object
 from consent_flow.settings import Settings
 
 __all__ = ["OAuthClient"]
@@ -45,15 +46,16 @@ class OAuthClient:
     """OpenID Connect relying party for one provider and one confidential client.
 
     Share one instance per process: discovery and the key set are cached on it, and concurrent
-    callers share a single fetch. ``http`` is one ``httpx.AsyncClient`` for every request, or
-    :class:`HttpClients` that lend each request a client of its own (workers: many provider
-    calls at once).
+    callers share a single fetch. ``http`` is one ``httpx.AsyncClient`` for every request,
+    :class:`HttpClients` that lend each request a client of its own, or one
+    :class:`ProviderSession` (aiohttp) for all (workers: many provider calls at once, for the
+    least CPU).
     """
 
     def __init__(
         self,
         settings: Settings,
-        http: httpx.AsyncClient | HttpClients,
+        http: httpx.AsyncClient | HttpClients | ProviderSession,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:

@@ -164,7 +164,7 @@ async def drain(
                 workers, settings.redis_url, settings.queue_name + ":health-check", "worker_started"
             )
             cpu_before = [cpu_seconds(w.process.pid) for w in workers]
-            done_before = int(await redis.hget(counts, "success") or 0) - before
+            done_before = await successes() - before
             deadline = time.monotonic() + DRAIN_TIMEOUT
             # Drained when every grant's refresh applied (the success counter every commit adds
             # to): a cheap read, so the end is seen within a poll.

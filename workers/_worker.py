@@ -48,7 +48,7 @@ from arq.worker import Worker
 from redis.exceptions import NoScriptError
 
 from consent_flow.engine.refresh import REDIS_ERRORS
-from consent_flow.queue.jobs import JobQueue
+from consent_flow.queue.jobs import JobQueue, bell_key
 from consent_flow.store.clock import CLOCK_RESYNC_INTERVAL, RedisClock
 from consent_flow.store.connection import create_redis_pool
 from consent_flow.store.redis_store import Keys, job_shard, shard_job_id
@@ -63,6 +63,9 @@ __all__ = ["ConsentWorker"]
 
 log = structlog.get_logger("consent_flow.worker")
 
+# Seconds an idle worker blocks on its queue's bell before it polls again: how late a deferred
+# job (a retry, a webhook's backoff) may start past its time. Callers' jobs ring the bell.
+BELL_WAIT = 0.1
 OUTAGE_POLL_DELAY = 1.0  # seconds between polls while Redis is away (after the client's retries)
 CLOSE_REDIS_TIMEOUT = 1.0  # seconds each clean-up step with Redis may take when the worker stops
 
@@ -95,6 +98,7 @@ class ConsentWorker(Worker):
         self._cron_jobs: JobQueue | None = None
         self._down_since: float | None = None
         self.redis_outages = 0
+        self._bell = bell_key(self.queue_name)
 
     @property
     def clock(self) -> RedisClock:
@@ -133,13 +137,25 @@ class ConsentWorker(Worker):
 
     async def _poll_iteration(self) -> None:
         try:
+            claimed = self._claimed
             await self._poll_once()
+            if self._claimed == claimed and not self.burst:
+                await self._wait_for_bell()
         except REDIS_ERRORS as exc:
             self._redis_down(exc)
             await asyncio.sleep(OUTAGE_POLL_DELAY)
             return
         if self._down_since is not None:
             await self._redis_back()
+
+    async def _wait_for_bell(self) -> None:
+        """Idle: block on the queue's bell until a caller's job comes in or ``BELL_WAIT`` has
+        passed (for deferred jobs falling due), instead of polling every ``poll_delay``: each
+        poll is a round trip, and round trips are most of an idle worker's CPU."""
+        rung = await self.pool.execute_command("BLPOP", self._bell, BELL_WAIT)  # type: ignore[no-untyped-call]
+        if rung is not None and self.job_counter >= self.max_jobs:
+            # Busy: another worker takes it.
+            await self.pool.execute_command("LPUSH", self._bell, b"1")  # type: ignore[no-untyped-call]
 
     def _redis_down(self, exc: BaseException) -> None:
         if self._down_since is not None:

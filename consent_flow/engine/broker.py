@@ -32,6 +32,7 @@ from consent_flow.core.records import ConsentRecord, cooldown_reason
 from consent_flow.core.table import Event, State
 from consent_flow.errors import ConsentRevoked, NotProvisioned, ProviderUnavailable
 from consent_flow.queue.bus import Envelope, new_id
+from consent_flow.queue.jobs import bell_key
 from consent_flow.queue.scheduler import REFRESH_JOB
 from consent_flow.store.vault import open_tokens
 
@@ -213,7 +214,8 @@ class TokenBroker:
                 job_id=shard.job_id(f"ondemand:{event_id}"),
                 queue=shard.queue(self.client.settings.queue_name),
                 expires_ms=int(max(1.0, self.client.settings.event_timeout) * 1000),
-            )
+            ),
+            ring=bell_key(self.client.settings.queue_name),
         )
         outcome = await self.client.bus.wait(
             Envelope(Event.TOKEN_REFRESHED, user, "broker", event_id=event_id, provider=provider)

@@ -33,7 +33,7 @@ from arq.connections import ArqRedis
 from consent_flow.core.connections import DEFAULT_PROVIDER
 from consent_flow.core.table import Event
 from consent_flow.errors import VaultError, WorkerUnavailable
-from consent_flow.queue.jobs import JobQueue
+from consent_flow.queue.jobs import JobQueue, bell_key
 from consent_flow.store.redis_store import REPLY_TTL, Keys
 from consent_flow.store.vault import ReplyKey, seal_reply
 
@@ -250,7 +250,8 @@ class EventBus:
                 job_id=self.keys.of(envelope.user).job_id(f"ev:{envelope.event_id}"),
                 queue=self.keys.of(envelope.user).queue(self.queue_name),
                 expires_ms=int(max(1.0, wait) * 1000),
-            )
+            ),
+            ring=bell_key(self.queue_name),
         )
         if not envelope.reply:
             return None

@@ -31,19 +31,28 @@ import contextlib
 import signal
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from arq.constants import in_progress_key_prefix
-from arq.utils import to_unix_ms
+from arq.constants import (
+    abort_jobs_ss,
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    retry_key_prefix,
+)
+from arq.utils import to_ms, to_unix_ms
 from arq.worker import Worker
+from redis.exceptions import NoScriptError
 
 from consent_flow.engine.refresh import REDIS_ERRORS
 from consent_flow.queue.jobs import JobQueue, bell_key
 from consent_flow.store.clock import CLOCK_RESYNC_INTERVAL, RedisClock
 from consent_flow.store.connection import create_redis_pool
-from consent_flow.store.scripts import lua
+from consent_flow.store.redis_store import Keys, job_shard, shard_job_id
+from consent_flow.store.scripts import lua, queue_script
 
 try:
     import uvloop
@@ -70,7 +79,11 @@ class ConsentWorker(Worker):
     """``arq.worker.Worker`` whose poll claims due jobs in one round trip; built from
     ``worker_settings``."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, queue_shards: Sequence[int] | None = None, **kwargs: Any
+    ) -> None:
+        """``queue_shards``: the shards whose queues (``<queue_name>:{s<n>}``) this worker
+        serves; None: the one queue ``queue_name`` (unsharded, as arq's own)."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -79,6 +92,8 @@ class ConsentWorker(Worker):
                 asyncio.set_event_loop(uvloop.new_event_loop())
         super().__init__(*args, **kwargs)
         self._claim_due: Any = None
+        self.queue_shards = None if queue_shards is None else tuple(queue_shards)
+        self._hot: list[tuple[str, int]] = []  # queues with jobs due at the last poll
         self._claimed = 0
         self._cron_jobs: JobQueue | None = None
         self._down_since: float | None = None
@@ -193,18 +208,83 @@ class ConsentWorker(Worker):
         # short. Every job this worker started went through one claim.
         return self._claimed
 
+    def queue_of(self, job_id: str) -> str:
+        """The queue a job of this worker's is on: its shard's, by the tag its id starts with."""
+        shard = job_shard(job_id) if self.queue_shards is not None else None
+        return self.queue_name if shard is None else Keys.queue(self.queue_name, shard)
+
+    @staticmethod
+    def _shares(due: list[tuple[str, int]], free: int) -> list[tuple[str, int]]:
+        """``free`` slots shared among queues with work (queue, jobs due): busiest first, each
+        at least one while slots last, so no poll claims more jobs than the worker can run."""
+        due = sorted(due, key=lambda item: -item[1])
+        total = sum(n for _, n in due)
+        shares: list[tuple[str, int]] = []
+        left = free
+        for queue, n in due:
+            if left <= 0:
+                break
+            share = max(1, min(left, n, free * n // max(1, total)))
+            shares.append((queue, share))
+            left -= share
+        if left > 0 and shares:
+            shares[0] = (shares[0][0], shares[0][1] + left)
+        return shares
+
+    def _queue_claims(self, pipe: Any, shares: list[tuple[str, int]]) -> None:
+        ttl = int(self.in_progress_timeout_s * 1000)
+        for queue, want in shares:
+            args = [in_progress_key_prefix, ttl, want, max(self.queue_read_limit, want)]
+            queue_script(pipe, self._claim_due, [queue], args)
+
+    async def _claimed_from(self, answers: list[Any]) -> list[Any]:
+        """The jobs the claims of a pipeline took (job id, score, ...)."""
+        if any(isinstance(a, NoScriptError) for a in answers):
+            # A server without the script yet (a new primary): those claims ran nothing.
+            self._claim_due.sha = await self.pool.script_load(self._claim_due.script)
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, NoScriptError):
+                raise answer
+        return [i for a in answers if not isinstance(a, BaseException) for i in a]
+
+    async def _claim_sharded(self, free: int) -> list[Any]:
+        """One round trip counts what is due on each served queue (by this worker's estimate
+        of Redis's time; the claims decide by Redis's clock) and claims on the queues that had
+        work at the last poll: a busy worker claims in one round trip, as on one queue. Queues
+        that show work only now are claimed in a second."""
+        assert self.queue_shards is not None
+        queues = [Keys.queue(self.queue_name, shard) for shard in self.queue_shards]
+        hot = self._shares(self._hot, free)
+        now_ms = int(self.clock() * 1000) + 1
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.zcount(queue, "-inf", now_ms)
+            self._queue_claims(pipe, hot)
+            answers = await pipe.execute(raise_on_error=False)
+        counts = answers[: len(queues)]
+        for count in counts:
+            if isinstance(count, BaseException):
+                raise count
+        claimed = await self._claimed_from(answers[len(queues) :])
+        self._hot = [(q, int(n)) for q, n in zip(queues, counts, strict=True) if int(n)]
+        left = free - len(claimed) // 2
+        tried = {queue for queue, _ in hot}
+        cold = [(queue, n) for queue, n in self._hot if queue not in tried]
+        if cold and left > 0:
+            async with self.pool.pipeline(transaction=False) as pipe:
+                self._queue_claims(pipe, self._shares(cold, left))
+                claimed += await self._claimed_from(await pipe.execute(raise_on_error=False))
+        return claimed
+
     async def _start_due(self, free: int) -> None:
         if self._claim_due is None:
             self._claim_due = self.pool.register_script(lua("claim_due"))
-        claimed = await self._claim_due(
-            keys=[self.queue_name],
-            args=[
-                in_progress_key_prefix,
-                int(self.in_progress_timeout_s * 1000),
-                free,
-                max(self.queue_read_limit, free),
-            ],
-        )
+        if self.queue_shards is None:
+            async with self.pool.pipeline(transaction=False) as pipe:
+                self._queue_claims(pipe, [(self.queue_name, free)])
+                claimed = await self._claimed_from(await pipe.execute(raise_on_error=False))
+        else:
+            claimed = await self._claim_sharded(free)
         self._claimed += len(claimed) // 2
         for i in range(0, len(claimed), 2):
             # Never blocks: this worker claimed no more jobs than it had free slots.
@@ -217,6 +297,51 @@ class ConsentWorker(Worker):
             # outage replaces its dead task in ``tasks``.
             task.add_done_callback(_retrieve)
             self.tasks[job_id] = task
+
+    async def finish_job(
+        self,
+        job_id: str,
+        finish: bool,
+        result_data: bytes | None,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
+    ) -> None:
+        # arq's, on the job's own queue (its shard's) rather than the worker's one queue.
+        async with self.pool.pipeline(transaction=True) as tr:
+            delete_keys = []
+            in_progress_key = in_progress_key_prefix + job_id
+            if keep_in_progress is None:
+                delete_keys += [in_progress_key]
+            else:
+                tr.pexpire(in_progress_key, to_ms(keep_in_progress))
+            if finish:
+                if result_data:
+                    expire = None if keep_result_forever else result_timeout_s
+                    tr.set(result_key_prefix + job_id, result_data, px=to_ms(expire))
+                delete_keys += [retry_key_prefix + job_id, job_key_prefix + job_id]
+                tr.zrem(abort_jobs_ss, job_id)
+                tr.zrem(self.queue_of(job_id), job_id)
+            elif incr_score:
+                tr.zincrby(self.queue_of(job_id), incr_score, job_id)
+            if delete_keys:
+                tr.delete(*delete_keys)
+            await tr.execute()
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        # arq's, on the job's own queue (its shard's) rather than the worker's one queue.
+        async with self.pool.pipeline(transaction=True) as tr:
+            tr.delete(
+                retry_key_prefix + job_id, in_progress_key_prefix + job_id, job_key_prefix + job_id
+            )
+            tr.zrem(abort_jobs_ss, job_id)
+            tr.zrem(self.queue_of(job_id), job_id)
+            keep_result = self.keep_result_forever or self.keep_result_s > 0
+            if result_data is not None and keep_result:
+                expire = 0 if self.keep_result_forever else self.keep_result_s
+                tr.set(result_key_prefix + job_id, result_data, px=to_ms(expire))
+            await tr.execute()
 
     async def heart_beat(self) -> None:
         # arq's, with the cron jobs timed by Redis's clock rather than this process's.
@@ -247,11 +372,15 @@ class ConsentWorker(Worker):
                 job_id = cron_job.job_id or (
                     f"{cron_job.name}:{run_at}" if cron_job.unique else uuid.uuid4().hex
                 )
+                queue = self.queue_name
+                if self.queue_shards is not None:
+                    # Jobs about no connection go to shard 0 (one id for the whole fleet).
+                    job_id, queue = shard_job_id(0, job_id), Keys.queue(self.queue_name, 0)
                 job = jobs.job(
                     cron_job.name,
                     (),
                     job_id=job_id,
-                    queue=self.queue_name,
+                    queue=queue,
                     run_at_ms=run_at if cron_job.next_run > n else None,
                 )
                 queued.append(jobs.put(job))

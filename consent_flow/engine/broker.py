@@ -199,6 +199,7 @@ class TokenBroker:
         provider, user = conn
         event_id = new_id()
         jobs = self.client.bus.jobs
+        shard = self.client.bus.keys.of(user)  # the user's: its reply and its keys are there
         await jobs.put(
             jobs.job(
                 REFRESH_JOB,
@@ -210,8 +211,8 @@ class TokenBroker:
                     "reply": True,
                     "actor": "broker",
                 },
-                job_id=f"ondemand:{event_id}",
-                queue=self.client.settings.queue_name,
+                job_id=shard.job_id(f"ondemand:{event_id}"),
+                queue=shard.queue(self.client.settings.queue_name),
                 expires_ms=int(max(1.0, self.client.settings.event_timeout) * 1000),
             ),
             ring=bell_key(self.client.settings.queue_name),

@@ -114,7 +114,11 @@ async def all_due_now(settings: Any, users: list[str]) -> None:
 
     async with ConsentClient(settings) as client:
         now = due_ms(client.clock())
-        await client.store.redis.zadd(client.store.keys.sched, dict.fromkeys(users, now))
+        keys = client.store.keys
+        async with client.store.redis.pipeline(transaction=False) as pipe:
+            for user in users:
+                pipe.zadd(keys.of(user).sched, {user: now})
+            await pipe.execute()
 
 
 async def refresh_starts(client: Any, users: list[str], after: float) -> list[float]:
@@ -142,8 +146,16 @@ async def drain(
 
     async with ConsentClient(settings) as client:
         start = client.clock()
-        counts, redis = client.store.keys.refresh_counts, client.store.redis
-        before = int(await redis.hget(counts, "success") or 0)
+        redis = client.store.redis
+        counts = [shard.refresh_counts for shard in client.store.keys.every_shard()]
+
+        async def successes() -> int:
+            async with redis.pipeline(transaction=False) as pipe:
+                for key in counts:
+                    pipe.hget(key, "success")
+                return sum(int(n or 0) for n in await pipe.execute())
+
+        before = await successes()
         workers = [start_worker(f"{label}-{i + 1}", env, workdir) for i in range(WORKERS)]
         try:
             # Every worker's start-up done (imports alone are about a second of CPU each):
@@ -152,11 +164,11 @@ async def drain(
                 workers, settings.redis_url, settings.queue_name + ":health-check", "worker_started"
             )
             cpu_before = [cpu_seconds(w.process.pid) for w in workers]
-            done_before = int(await redis.hget(counts, "success") or 0) - before
+            done_before = await successes() - before
             deadline = time.monotonic() + DRAIN_TIMEOUT
             # Drained when every grant's refresh applied (the success counter every commit adds
             # to): a cheap read, so the end is seen within a poll.
-            while int(await redis.hget(counts, "success") or 0) - before < len(users):
+            while await successes() - before < len(users):
                 for worker in workers:
                     worker.check()
                 if time.monotonic() > deadline:

@@ -303,7 +303,7 @@ for i = 12 + 2 * nconst, #ARGV, 13 do
     ARGV[i+5]
   local ev1, ev2, h1, h2, due, payload, ttl = ARGV[i+6], ARGV[i+7], ARGV[i+8], ARGV[i+9],
     ARGV[i+10], ARGV[i+11], ARGV[i+12]
-  local tag = prefix .. ':{' .. user .. '}:' .. provider .. ':'
+  local tag = prefix .. ':{s0}:' .. provider .. ':u:' .. user .. ':'
   local f = {f_exp, exp, f_since, at2, f_lastref, at2, f_next, nxt, f_sub, user}
   for j = 1, #const do f[#f + 1] = const[j] end
   redis.call('HSET', tag .. 'rec', unpack(f))
@@ -314,7 +314,7 @@ for i = 12 + 2 * nconst, #ARGV, 13 do
   redis.call('ZADD', idx, at2, user)
   redis.call('ZADD', sched, due, user)
   redis.call('ZADD', histidx, 'NX', at1, user)
-  local id = 'refresh:' .. prefix .. ':' .. provider .. ':' .. user .. ':' .. due
+  local id = '{s0}:refresh:' .. prefix .. ':' .. provider .. ':' .. user .. ':' .. due
   redis.call('SET', jobp .. id, payload, 'PX', ttl)
   redis.call('ZADD', queue, due, id)
   if with_stream then
@@ -418,10 +418,10 @@ def bulk_users(
 
     from consent_flow.core.records import HistoryEntry
     from consent_flow.queue.bus import dump_job
-    from consent_flow.queue.scheduler import REFRESH_JOB, refresh_job_id
+    from consent_flow.queue.scheduler import REFRESH_JOB
     from consent_flow.store.redis_store import Keys, due_ms
 
-    keys = Keys(BENCH_PREFIX)
+    keys = Keys(BENCH_PREFIX, shards=1).shard(0)  # one shard: see main()
 
     out: list[bytes] = []
     made: list[tuple[str, Times]] = []
@@ -448,7 +448,7 @@ def bulk_users(
         payload = serialize_job(
             REFRESH_JOB, (user, ms, keys.provider), {}, None, enqueue_ms, serializer=dump_job
         )
-        assert refresh_job_id(keys, user, ms) == f"refresh:{BENCH_PREFIX}:default:{user}:{ms}"
+        assert keys.refresh_job_id(user, ms) == f"{{s0}}:refresh:{BENCH_PREFIX}:default:{user}:{ms}"
         out += [
             user.encode(),
             seal_tokens(ring, user),
@@ -476,9 +476,11 @@ def user_keys(r: redis.Redis, prefix: str, user: str) -> dict[str, str]:
     call it while the keyspace is small)."""
     keys = {
         _s(k).rsplit(":", 1)[-1]: _s(k)
-        for k in r.scan_iter(match=f"{prefix}:{{{user}}}:*", count=1000)
+        for k in r.scan_iter(match=f"{prefix}:{{s0}}:default:u:{user}:*", count=1000)
     }
-    jobs = [_s(k) for k in r.scan_iter(match=f"arq:job:refresh:{prefix}:*:{user}:*", count=1000)]
+    jobs = [
+        _s(k) for k in r.scan_iter(match=f"arq:job:{{s0}}:refresh:{prefix}:*:{user}:*", count=1000)
+    ]
     if jobs:
         keys["job"] = jobs[0]
     return keys
@@ -490,13 +492,12 @@ def same_roles(
     """The keys ``user`` should hold in each of a template user's roles."""
     from arq.constants import job_key_prefix
 
-    from consent_flow.queue.scheduler import refresh_job_id
     from consent_flow.store.redis_store import Keys
 
-    keys = Keys(prefix)
+    keys = Keys(prefix, shards=1).shard(0)
     out = {role: keys.sealed(user, role) for role in roles if role != "job"}
     if "job" in roles:
-        out["job"] = job_key_prefix + refresh_job_id(keys, user, int(r.zscore(sched, user) or 0))
+        out["job"] = job_key_prefix + keys.refresh_job_id(user, int(r.zscore(sched, user) or 0))
     missing = [role for role, key in out.items() if not r.exists(key)]
     if missing:
         raise BenchError(
@@ -574,7 +575,7 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
     from consent_flow.core.table import State
     from consent_flow.engine.engine import Engine
     from consent_flow.queue.bus import JOB_SERIALIZERS, load_job
-    from consent_flow.queue.scheduler import REFRESH_JOB, SWEEP_LIMIT, Scheduler, refresh_job_id
+    from consent_flow.queue.scheduler import REFRESH_JOB, SWEEP_LIMIT, Scheduler
     from consent_flow.store.connection import arq_redis_settings
     from consent_flow.store.redis_store import STREAM_MAX_ENTRIES, Keys, RedisStore, due_ms
     from consent_flow.store.vault import open_tokens
@@ -584,11 +585,13 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
             f"SWEEP_LIMIT is {SWEEP_LIMIT}; this benchmark is written for {SWEEP_WINDOW}"
         )
     quiet_logs()
-    settings = Settings()  # the default names: prefix cf, queue consent-flow:queue
+    # The default names (prefix cf, queue consent-flow:queue), on one shard: the loader writes
+    # every user's keys in shard 0's layout (the shard tag costs each key name its five bytes).
+    settings = Settings().with_changes(redis_shards=1)
     if settings.redis_prefix != BENCH_PREFIX:
         raise BenchError(f"the default prefix is {settings.redis_prefix}, not {BENCH_PREFIX}")
-    prefix, queue = settings.redis_prefix, settings.queue_name
-    keys = Keys(prefix)
+    prefix, queue = settings.redis_prefix, Keys.queue(settings.queue_name, 0)
+    keys = Keys(prefix, shards=1).shard(0)
     ring = KeyRing.from_strings([generate_key()])
     rng = random.Random(1)
     now = time.time()
@@ -600,8 +603,8 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
         arq_redis_settings(server.url), default_queue_name=queue, **JOB_SERIALIZERS
     )
     try:
-        store = RedisStore(pool, prefix=prefix)
-        scheduler = Scheduler(pool, keys=keys, queue_name=queue)
+        store = RedisStore(pool, prefix=prefix, shards=1)
+        scheduler = Scheduler(pool, keys=store.keys, queue_name=settings.queue_name)
         base_memory = used_memory(r)
 
         # -- template users, through the real path. Their tokens live 200 s, so their refreshes
@@ -751,7 +754,7 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
             history = await store.history(user)
             if [h.event for h in history] != ["provision_requested", "authorization_completed"]:
                 raise BenchError(f"the history of {user} does not read back")
-            if not r.exists(job_key_prefix + refresh_job_id(keys, user, due_ms(t.due))):
+            if not r.exists(job_key_prefix + keys.refresh_job_id(user, due_ms(t.due))):
                 raise BenchError(f"the deferred job of {user} is not where the sweep looks")
 
         # -- (b) memory, before anything below changes the data
@@ -790,7 +793,7 @@ async def measure(users: int, repeat: int, workdir: Path) -> dict[str, Any]:
                 keys.sched, "-inf", edge, start=0, num=SWEEP_WINDOW, withscores=True
             )
 
-        job_ids = [refresh_job_id(keys, u, s) for u, s in window]
+        job_ids = [keys.refresh_job_id(u, s) for u, s in window]
 
         def drop_jobs() -> None:
             with r.pipeline(transaction=False) as pipe:
@@ -859,7 +862,6 @@ async def requeue_parts(
         JOB_EXPIRY_MS,
         SWEEP_LIMIT,
         SWEEP_SCAN_FACTOR,
-        refresh_job_id,
         refresh_payload,
     )
     from consent_flow.store.redis_store import due_ms
@@ -887,7 +889,7 @@ async def requeue_parts(
         args: list[Any] = []
         for i in range(0, len(missing), 2):
             user, score = _s(missing[i]), int(missing[i + 1])
-            job_id = refresh_job_id(keys, user, score)
+            job_id = keys.refresh_job_id(user, score)
             payload = refresh_payload(user, score, now_ms, keys.provider)
             args += [job_key_prefix + job_id, payload, now_ms, job_id]
         t2 = time.perf_counter()
@@ -903,12 +905,10 @@ async def backlog_probe(r: redis.Redis, scheduler: Any, keys: Any, queue: str) -
     their jobs lost. Does one tick find the lost ones?"""
     from arq.constants import job_key_prefix
 
-    from consent_flow.queue.scheduler import refresh_job_id
-
     scores = r.zrange(keys.sched, 0, 2 * SWEEP_WINDOW - 1, withscores=True)
     if len(scores) < 2 * SWEEP_WINDOW:
         return {"skipped": f"needs {2 * SWEEP_WINDOW} users"}
-    later = [refresh_job_id(keys, _s(u), int(s)) for u, s in scores[SWEEP_WINDOW:]]
+    later = [keys.refresh_job_id(_s(u), int(s)) for u, s in scores[SWEEP_WINDOW:]]
     saved = {j: r.dump(job_key_prefix + j) for j in later}
     ttls = {j: r.pttl(job_key_prefix + j) for j in later}
     with r.pipeline(transaction=False) as pipe:
@@ -967,7 +967,7 @@ def memory_report(
             ("tok", keys.sealed(user, "tok")),
             ("hist", keys.hist(user)),
             ("seen", keys.seen(user)),
-            ("job", f"{job_key_prefix}refresh:{user}:{due}"),
+            ("job", f"{job_key_prefix}{keys.refresh_job_id(user, due)}"),
         ):
             roles.setdefault(role, []).append(mem(r, key))
             encodings.setdefault(role, _s(r.object("encoding", key)))

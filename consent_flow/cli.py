@@ -851,29 +851,58 @@ async def _import(args: argparse.Namespace, client: ConsentClient, fernet: Ferne
     return 0
 
 
+TAIL_POLL = 0.25  # seconds between reads of the streams while nothing comes
+
+
+def _entry_order(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
 async def _tail(args: argparse.Namespace, client: ConsentClient) -> None:
-    """Follow the transition stream from its end; other consumers can read it the same way."""
-    stream = client.bus.keys.stream
-    last: bytes | str = "$"
+    """Follow the transition streams (one per shard and provider) from their ends, merged in
+    time order; other consumers can read them the same way. One XREAD per stream, pipelined:
+    a blocking XREAD of several streams would span slots."""
+    streams = [
+        shard.stream
+        for provider in client.providers
+        for shard in client.keys.for_provider(provider).every_shard()
+    ]
+    async with client.pool.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xrevrange(stream, count=1)
+        ends = await pipe.execute()
+    last: dict[str, bytes] = {
+        s: rows[0][0] if rows else b"0-0" for s, rows in zip(streams, ends, strict=True)
+    }
     while True:
-        batches = await client.pool.xread({stream: last}, block=5000, count=100)
-        for _, entries in batches or []:
-            for entry_id, fields in entries:
-                last = entry_id
-                entry = {
-                    "user": fields[b"user"].decode(),
-                    "provider": fields.get(b"provider", b"").decode() or None,
-                    **HistoryEntry.from_json(fields[b"entry"]).public(),
-                }
-                if args.json:
-                    print(json.dumps(entry, separators=(",", ":")), flush=True)
-                else:
-                    reason = f"  ({entry['reason']})" if entry.get("reason") else ""
-                    print(
-                        f"{entry['at']}  {entry['user']}  {entry['event']}  "
-                        f"{entry['from']} -> {entry['to']}  {entry['actor']}{reason}",
-                        flush=True,
-                    )
+        async with client.pool.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xread({stream: last[stream]}, count=100)
+            answers = await pipe.execute()
+        found: list[tuple[bytes, dict[bytes, bytes]]] = []
+        for stream, batches in zip(streams, answers, strict=True):
+            for _, entries in batches or []:
+                for entry_id, fields in entries:
+                    last[stream] = entry_id
+                    found.append((entry_id, fields))
+        if not found:
+            await asyncio.sleep(TAIL_POLL)
+        for _entry_id, fields in sorted(found, key=lambda item: _entry_order(item[0])):
+            entry = {
+                "user": fields[b"user"].decode(),
+                "provider": fields.get(b"provider", b"").decode() or None,
+                **HistoryEntry.from_json(fields[b"entry"]).public(),
+            }
+            if args.json:
+                print(json.dumps(entry, separators=(",", ":")), flush=True)
+            else:
+                reason = f"  ({entry['reason']})" if entry.get("reason") else ""
+                print(
+                    f"{entry['at']}  {entry['user']}  {entry['event']}  "
+                    f"{entry['from']} -> {entry['to']}  {entry['actor']}{reason}",
+                    flush=True,
+                )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from consent_flow.queue.bus import JOB_SERIALIZERS, Envelope, EventBus, Outcome
 from consent_flow.settings import Settings
 from consent_flow.store.clock import RedisClock
 from consent_flow.store.connection import connect, embedded_redis
-from consent_flow.store.redis_store import Keys, RedisStore
+from consent_flow.store.redis_store import Keys, RedisStore, check_shards
 from consent_flow.store.vault import KeyRing
 
 __all__ = ["ConsentClient", "ConsentStatus"]
@@ -183,6 +183,7 @@ class ConsentClient:
                 **JOB_SERIALIZERS,
             )
             stack.push_async_callback(self._pool.aclose)
+            await check_shards(self._pool, self.keys)
             self._clock = RedisClock(self._pool)
             await self._clock.sync()
             if self.settings.encryption_keys:
@@ -251,6 +252,7 @@ class ConsentClient:
                 prefix=self.settings.redis_prefix,
                 provider=name,
                 wait_replicas=self.settings.wait_replicas,
+                shards=self.settings.redis_shards,
             )
             self._stores[name] = store
         return store
@@ -283,11 +285,16 @@ class ConsentClient:
         return self.store_for(None)
 
     @property
+    def keys(self) -> Keys:
+        """The deployment's key layout (``for_provider`` for a provider's keys)."""
+        return Keys(self.settings.redis_prefix, shards=self.settings.redis_shards)
+
+    @property
     def bus(self) -> EventBus:
         if self._bus is None:
             self._bus = EventBus(
                 self.pool,
-                keys=Keys(self.settings.redis_prefix),
+                keys=self.keys,
                 queue_name=self.settings.queue_name,
                 timeout=self.settings.event_timeout,
                 clock=self.clock,

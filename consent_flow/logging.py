@@ -137,7 +137,13 @@ def configure_logging(fmt: str = "console", level: int = logging.INFO) -> None:
     # Tracebacks become text before the redaction pass, so that one pass scrubs them too.
     shared += [structlog.processors.format_exc_info, _stdlib_message, redact]
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # A line below the level is dropped before any processor runs: a worker's debug lines
+        # (one per refresh) cost a level check, not the redaction pass.
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,

@@ -33,6 +33,7 @@ __all__ = [
     "SettingProblem",
     "Settings",
     "is_loopback_host",
+    "parse_shard_set",
 ]
 
 DEFAULT_SCOPES = ("openid", "offline_access")
@@ -52,6 +53,8 @@ MAX_WAIT_REPLICAS = 5
 MIN_HTTP_TIMEOUT = 0.1
 DEFAULT_REFRESH_BATCH = 64  # scheduled refreshes one worker takes at once
 MAX_REFRESH_BATCH = 1000
+DEFAULT_REDIS_SHARDS = 16  # hash tags connections are spread over (CONSENT_REDIS_SHARDS)
+MAX_REDIS_SHARDS = 1024
 MAX_HTTP_TIMEOUT = 120.0
 MAX_SCOPES_LENGTH = 2000
 # A refresh_failing webhook goes out at this many consecutive transient refresh failures (with
@@ -166,6 +169,22 @@ class Secret:
     def __reduce_ex__(self, protocol: object) -> NoReturn:
         # arq pickles job arguments into Redis: a secret must fail loudly on the way there.
         raise TypeError("a Secret cannot be pickled")
+
+
+def parse_shard_set(raw: str, shards: int) -> tuple[int, ...]:
+    """``CONSENT_WORKER_SHARDS``: shard numbers and ranges, e.g. "0-7,12", each below
+    ``shards``; returned sorted, each once."""
+    chosen: set[int] = set()
+    for part in raw.split(","):
+        part = part.strip()
+        low, dash, high = part.partition("-")
+        if not low.strip().isdigit() or (dash and not high.strip().isdigit()):
+            raise ValueError(f"{_shown(part)!s} is not a shard number or range (e.g. 0-7,12)")
+        first, last = int(low), int(high) if dash else int(low)
+        if first > last or last >= shards:
+            raise ValueError(f"{part} is not within the shards 0-{shards - 1}")
+        chosen.update(range(first, last + 1))
+    return tuple(sorted(chosen))
 
 
 def is_loopback_host(host: str) -> bool:
@@ -487,6 +506,10 @@ class Settings:
     data_dir: Path = field(default_factory=lambda: _default_data_dir(os.environ))
     redis_prefix: str = "cf"
     queue_name: str = "consent-flow:queue"
+    # Connections are spread over this many shards (hash tags), fixed for a deployment's life;
+    # a worker serves the shards in worker_shards (None: all of them).
+    redis_shards: int = DEFAULT_REDIS_SHARDS
+    worker_shards: tuple[int, ...] | None = None
     webhook_url: str | None = None
     webhook_secret: Secret = field(default_factory=lambda: Secret(""))
     webhook_failing_after: int = DEFAULT_WEBHOOK_FAILING_AFTER
@@ -720,6 +743,19 @@ class Settings:
                     f"key {position} must be at least {MIN_API_KEY_LENGTH} characters of "
                     "A-Z a-z 0-9 - . _ ~ + / (make one with: openssl rand -hex 32)",
                 )
+        redis_shards = integer(
+            "CONSENT_REDIS_SHARDS",
+            DEFAULT_REDIS_SHARDS,
+            1,
+            MAX_REDIS_SHARDS,
+            f"a whole number of shards from 1 to {MAX_REDIS_SHARDS}",
+        )
+        worker_shards: tuple[int, ...] | None = None
+        if get("CONSENT_WORKER_SHARDS"):
+            try:
+                worker_shards = parse_shard_set(get("CONSENT_WORKER_SHARDS") or "", redis_shards)
+            except ValueError as exc:
+                problem("CONSENT_WORKER_SHARDS", str(exc))
         refresh_batch = integer(
             "CONSENT_REFRESH_BATCH",
             DEFAULT_REFRESH_BATCH,
@@ -812,6 +848,8 @@ class Settings:
             data_dir=Path(get("CONSENT_DATA_DIR") or _default_data_dir(env)),
             redis_prefix=get("CONSENT_REDIS_PREFIX") or "cf",
             queue_name=get("CONSENT_QUEUE_NAME") or "consent-flow:queue",
+            redis_shards=redis_shards,
+            worker_shards=worker_shards,
             webhook_url=webhook_url,
             webhook_secret=Secret(webhook_secret or ""),
             webhook_failing_after=failing_after,

@@ -55,10 +55,15 @@ Build = Callable[..., Awaitable[BatchRefresher]]
 
 
 @pytest.fixture
-async def build(make_stack: Any, rotating: LocalProvider) -> AsyncIterator[tuple[Stack, Build]]:
+async def build(
+    make_stack: Any, rotating: LocalProvider, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[Stack, Build]]:
     """A stack to provision users with (its worker stopped once they are), and batch refreshers
-    built as a worker builds its own: each one worker of the fleet."""
-    stack: Stack = await make_stack(op=rotating)
+    built as a worker builds its own: each one worker of the fleet. One shard unless the test
+    asks for more (indirect parametrize): a batch is one shard's, and these tests are about one
+    batch."""
+    shards = getattr(request, "param", 1)
+    stack: Stack = await make_stack(op=rotating, redis_shards=shards)
     clients: list[ProviderSession] = []
 
     async def make(
@@ -66,7 +71,7 @@ async def build(make_stack: Any, rotating: LocalProvider) -> AsyncIterator[tuple
     ) -> BatchRefresher:
         settings = stack.settings
         pool = stack.client.pool
-        store = RedisStore(pool, prefix=settings.redis_prefix)
+        store = RedisStore(pool, prefix=settings.redis_prefix, shards=settings.redis_shards)
         clock = RedisClock(pool)
         await clock.sync()
         http = ProviderSession(timeout=settings.http_timeout)
@@ -109,13 +114,13 @@ async def provisioned(stack: Stack, users: list[str]) -> None:
 
 async def make_due(stack: Stack, users: list[str], *, ago: float = 1.0) -> None:
     now = time.time()
-    await stack.client.store.redis.zadd(
-        stack.client.store.keys.sched, {u: int((now - ago) * 1000) for u in users}
-    )
+    keys = stack.client.store.keys
+    for u in users:
+        await stack.client.store.redis.zadd(keys.of(u).sched, {u: int((now - ago) * 1000)})
 
 
 async def sched_score(stack: Stack, user: str) -> float | None:
-    score = await stack.client.store.redis.zscore(stack.client.store.keys.sched, user)
+    score = await stack.client.store.redis.zscore(stack.client.store.keys.of(user).sched, user)
     return None if score is None else score / 1000
 
 
@@ -129,7 +134,7 @@ async def test_each_member_of_a_batch_stands_alone(build, rotating):
     before = {u: await stored_tokens(stack, u) for u in users}
     batches = await make()
     # "gone" revoked before its turn: it sits in the ready set, no longer scheduled.
-    await stack.client.store.redis.zadd(store.keys.ready, {"gone": 1})
+    await stack.client.store.redis.zadd(store.keys.of("gone").ready, {"gone": 1})
     revoke = Envelope(Event.REVOKE_REQUESTED, "gone", "alice", reply=False)
     assert (await batches.engine.handle(revoke)).state == "revoked"
     rotating.revoke_grants("dead")  # its refresh token is dead at the provider: invalid_grant
@@ -216,14 +221,14 @@ async def test_the_soonest_lapse_goes_first(build):
             await store.redis.hset(store.keys.rec(user), REXP, repr(lapse))
     # Due in the opposite order of their lapse.
     await store.redis.zadd(
-        store.keys.sched,
+        store.keys.shard(0).sched,
         {"u2": int((now - 1) * 1000), "u4": int((now - 2) * 1000), "u1": int((now - 4) * 1000)}
         | {"u3": int((now - 3) * 1000)},
     )
     claimer = BatchClaimer(store)
     taken = []
     for _ in range(4):
-        claim = await claimer.claim(1, lock_ttl=5, lease=5)
+        claim = await claimer.claim(0, 1, lock_ttl=5, lease=5)
         taken += [m.user for m in claim.members]
     assert taken == ["u2", "u3", "u4", "u1"]
 
@@ -233,11 +238,11 @@ async def test_a_member_whose_worker_died_comes_back_after_its_lease(build):
     await provisioned(stack, ["erin"])
     await make_due(stack, ["erin"])
     claimer = BatchClaimer(stack.client.store)
-    first = await claimer.claim(8, lock_ttl=0.4, lease=0.4)
+    first = await claimer.claim(0, 8, lock_ttl=0.4, lease=0.4)
     assert [m.user for m in first.locked] == ["erin"]
-    assert (await claimer.claim(8, lock_ttl=0.4, lease=0.4)).members == []  # leased
+    assert (await claimer.claim(0, 8, lock_ttl=0.4, lease=0.4)).members == []  # leased
     await asyncio.sleep(0.6)  # the worker died: its lock and lease ran out
-    again = await claimer.claim(8, lock_ttl=0.4, lease=0.4)
+    again = await claimer.claim(0, 8, lock_ttl=0.4, lease=0.4)
     assert [m.user for m in again.locked] == ["erin"]
     assert again.members[0].record is not None
     assert again.members[0].record.inflight is not None  # the first claim's mark stays
@@ -300,9 +305,10 @@ async def test_concurrency_holds_across_a_fleet_of_limiters(build):
     assert len(await b.acquire(8)) == 4
 
 
+@pytest.mark.parametrize("build", [16], indirect=True)
 async def test_scheduled_refreshes_of_a_fleet_keep_the_rate(build, rotating):
-    """Three workers draining a backlog at a configured rate: no second of provider calls holds
-    more than it, and every grant is refreshed."""
+    """Three workers draining a backlog spread over 16 shards at a configured rate: no second
+    of provider calls holds more than it, and every grant is refreshed."""
     stack, make = build
     users = [f"r{i:02d}" for i in range(24)]
     await provisioned(stack, users)
@@ -398,7 +404,12 @@ async def test_the_backlog_shows_in_stats_metrics_and_ops(build, env):
     assert '<dd id="fig-backlog-default">3</dd>' in page
     assert 'id="fig-lapsing-default"><span class="warn">1</span>' in page
 
-    cli_env = {**os.environ, **env, "CONSENT_REDIS_PREFIX": stack.settings.redis_prefix}
+    cli_env = {
+        **os.environ,
+        **env,
+        "CONSENT_REDIS_PREFIX": stack.settings.redis_prefix,
+        "CONSENT_REDIS_SHARDS": str(stack.settings.redis_shards),
+    }
     out = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "consent_flow", "stats", "--json"],
@@ -423,8 +434,8 @@ async def test_the_backlog_shows_in_stats_metrics_and_ops(build, env):
 async def test_a_batch_costs_no_script_checks_and_survives_a_flushed_script_cache(build, rotating):
     """The claim and the commits go out by SHA alone: no SCRIPT EXISTS round trip per batch (as
     redis-py sends for scripts handed to a pipeline). A server that lost its scripts (a new
-    primary, SCRIPT FLUSH) costs one turn: nothing is taken or granted for nothing, and the next
-    batch refreshes."""
+    primary, SCRIPT FLUSH) loads them again within the turn: nothing is taken or granted for
+    nothing, and the batch refreshes."""
     stack, make = build
     users = ["s1", "s2", "s3"]
     await provisioned(stack, users)
@@ -439,16 +450,17 @@ async def test_a_batch_costs_no_script_checks_and_survives_a_flushed_script_cach
 
     await redis.script_flush()
     await make_due(stack, users)
-    flushed = await batches.run_once()
-    assert flushed == 0.0  # the scripts were loaded again: ask again at once
-    assert [await stored_tokens(stack, u) for u in users] == [before[u] for u in users]
-    assert await redis.zcard(batches.limiter.leases_key) == 0  # no permit kept for nothing
-    assert await redis.zcard(batches.limiter.log_key) == 0
+    # The scripts are loaded again within the turn, and nothing is granted for nothing.
+    await batches.run_once()
+    for user in users:
+        assert await stored_tokens(stack, user) != before[user]
+    assert await redis.zcard(batches.limiter.leases_key) == 0  # every call's lease back
+    assert await redis.zcard(batches.limiter.log_key) == len(users)  # a grant per call made
     checks = await script_exists_calls()
+    await make_due(stack, users)
     await batches.run_once()
     assert await script_exists_calls() == checks
     for user in users:
-        assert await stored_tokens(stack, user) != before[user]
         assert (await stack.client.status(user)).state is State.PROVISIONED
 
 
@@ -462,14 +474,14 @@ async def test_a_member_put_back_is_due_at_once_even_if_a_claim_comes_between(bu
     await make_due(stack, ["fay"])
     batches = await make()
     claimer = BatchClaimer(stack.client.store)
-    [member] = (await claimer.claim(8, lock_ttl=30, lease=30)).members
+    [member] = (await claimer.claim(0, 8, lock_ttl=30, lease=30)).members
     assert member.token is not None
     store = batches.store
     release = store.release_lock
     between: list[list[str]] = []
 
     async def claim_then_release(user: str, token: str) -> bool:
-        other = await claimer.claim(8, lock_ttl=30, lease=30)
+        other = await claimer.claim(0, 8, lock_ttl=30, lease=30)
         between.append([m.user for m in other.members])
         return await release(user, token)
 
@@ -477,5 +489,5 @@ async def test_a_member_put_back_is_due_at_once_even_if_a_claim_comes_between(bu
     await batches._put_back(member)
     store.release_lock = release  # type: ignore[method-assign]
     assert between == [[]]  # not due while still locked
-    again = await claimer.claim(8, lock_ttl=30, lease=30)
+    again = await claimer.claim(0, 8, lock_ttl=30, lease=30)
     assert [m.user for m in again.locked] == ["fay"]

@@ -182,13 +182,14 @@ async def test_a_job_due_now_is_scored_with_redis_time(pool, monkeypatch):
 async def test_the_sweep_finds_what_is_due_by_redis_time(pool, keys, monkeypatch):
     scheduler = Scheduler(pool, keys=keys, queue_name=f"{keys.prefix}:queue")
     now = await redis_time(pool)
-    await pool.zadd(keys.sched, {"alice": int((now - 1) * 1000)})  # due, its job lost
+    shard = keys.of("alice")
+    await pool.zadd(shard.sched, {"alice": int((now - 1) * 1000)})  # due, its job lost
     shift_clock(monkeypatch, -SKEW)  # a worker far behind would think it is not due yet
     counts = await scheduler.sweep()
     assert counts == {"due": 1, "requeued": 1}
-    job_id = keys.refresh_job_id("alice", int((now - 1) * 1000))
+    job_id = shard.refresh_job_id("alice", int((now - 1) * 1000))
     assert await pool.exists(job_key_prefix + job_id)
-    score = await pool.zscore(f"{keys.prefix}:queue", job_id)
+    score = await pool.zscore(shard.queue(f"{keys.prefix}:queue"), job_id)
     assert abs(score / 1000 - now) < 2.0  # queued as due now, by Redis's clock
 
 

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 KEY = "k" * 8 + "0123456789abcdef0123456789abcdef"
 OTHER_KEY = "o" * 8 + "fedcba9876543210fedcba9876543210"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-PERIODIC_JOBS = (b"sweep:", b"cleanup:")
+PERIODIC_JOBS = (b"{s0}:sweep:", b"{s0}:cleanup:")
 
 
 def test_key_ids_are_a_prefix_of_the_keys_sha256():
@@ -50,15 +50,14 @@ class ApiStack:
         """Every key that holds consent state (records, tokens, history, indexes, the stream,
         transition counts, queued events), with its value; heartbeats and clocks left out."""
         redis = self.stack.client.store.redis
-        keys = self.stack.client.store.keys
         prefix = self.stack.settings.redis_prefix
-        names = set()
-        for pattern in (f"{prefix}:{{*", f"{prefix}:idx:*"):
-            names.update([k.decode() async for k in redis.scan_iter(match=pattern)])
-        names.update([keys.histidx, keys.sched, keys.stream, keys.transition_counts])
+        # Every shard's keys: records, tokens, histories, indexes, schedules, streams, counts.
+        names = {k.decode() async for k in redis.scan_iter(match=f"{prefix}:{{*")}
         state: dict[str, Any] = {name: await redis.dump(name) for name in sorted(names)}
-        # Queued jobs but the worker's own periodic ones (sweep, cleanup).
-        queued = await redis.zrange(self.stack.settings.queue_name, 0, -1)
+        # Queued jobs (every shard's queue) but the worker's own periodic ones (sweep, cleanup).
+        queued = []
+        async for queue in redis.scan_iter(match=self.stack.settings.queue_name + ":{*"):
+            queued += await redis.zrange(queue, 0, -1)
         state["queue"] = sorted(j for j in queued if not j.startswith(PERIODIC_JOBS))
         return state
 

@@ -47,23 +47,20 @@ CHECKS = [
     response_schema_conformance,
     negative_data_rejection,
 ]
-PERIODIC_JOBS = ("sweep:", "cleanup:")
+PERIODIC_JOBS = ("{s0}:sweep:", "{s0}:cleanup:")
 
 
 def snapshot(r: redis.Redis, prefix: str, queue: str) -> dict[str, Any]:
     """Every key that holds consent state, with its value, and the queued events."""
-    names = set()
-    for pattern in (f"{prefix}:{{*", f"{prefix}:idx:*"):
-        names.update(r.scan_iter(match=pattern, count=1000))
-    names.update(
-        f"{prefix}:{name}" for name in ("histidx", "sched", "events", "metrics:transitions")
-    )
+    # Every shard's keys: records, tokens, histories, indexes, schedules, streams, counts.
+    names = set(r.scan_iter(match=f"{prefix}:{{*", count=1000))
     ordered = sorted(names)
     pipe = r.pipeline(transaction=False)
     for name in ordered:
         pipe.dump(name)
     state: dict[str, Any] = dict(zip(ordered, pipe.execute(), strict=True))
-    state["queue"] = sorted(j for j in r.zrange(queue, 0, -1) if not j.startswith(PERIODIC_JOBS))
+    queued = [j for q in r.scan_iter(match=queue + ":{*") for j in r.zrange(q, 0, -1)]
+    state["queue"] = sorted(j for j in queued if not j.startswith(PERIODIC_JOBS))
     return state
 
 

@@ -120,22 +120,19 @@ async def redis_dump(stack: Stack, *, everything: bool = False) -> bytes:
     schedule, the transition stream, the queue and its jobs, the import's place), as one blob;
     ``everything``: every key under the test's prefix and of arq, worker heartbeats included."""
     redis = stack.client.store.redis
-    keys = stack.client.store.keys
     prefix = stack.settings.redis_prefix
     patterns = (
         (f"{prefix}*", "arq:*")
         if everything
         else (
+            # Every shard's keys: records, indexes, schedules, streams.
             f"{prefix}:{{*",
-            f"{prefix}:idx:*",
             f"{prefix}:import:*",
-            keys.sched,
-            keys.stream,
-            stack.settings.queue_name,
+            stack.settings.queue_name + ":{*",
         )
     )
-    # The worker's cron jobs come and go on their own.
-    cron = (b"arq:job:sweep:", b"arq:job:cleanup:", b"sweep:", b"cleanup:")
+    # The worker's cron jobs (shard 0's) come and go on their own.
+    cron = (b"arq:job:{s0}:sweep:", b"arq:job:{s0}:cleanup:", b"{s0}:sweep:", b"{s0}:cleanup:")
     blob = b""
     for pattern in patterns:
         async for key in redis.scan_iter(match=pattern):
@@ -153,7 +150,7 @@ async def redis_dump(stack: Stack, *, everything: bool = False) -> bytes:
                 if not members:
                     continue  # a queue holding only cron jobs, or none at all
                 value = repr(members).encode()
-                if key == stack.settings.queue_name.encode():
+                if key.startswith(stack.settings.queue_name.encode()):
                     # The queue's jobs, whose arguments must carry no secret.
                     for job in members:
                         value += b" " + (await redis.get(b"arq:job:" + job) or b"")

@@ -62,7 +62,7 @@ async def test_a_redelivery_after_40_newer_events_changes_nothing(stack):
     assert before.state is State.REVOKED
     # The same event id delivered again, after its first outcome's reply is gone (it would
     # answer at once otherwise): the worker's answer to the replay is what this waits for.
-    await stack.client.pool.delete(stack.client.store.keys.reply(first.event_id))
+    await stack.client.pool.delete(stack.client.store.keys.reply("alice", first.event_id))
     replay = await stack.client.emit(first)
     assert replay.state == "revoked"
     after = await stack.client.store.load("alice")
@@ -229,7 +229,7 @@ async def test_no_state_or_nonce_in_redis_at_any_moment(stack):
     assert first.authorization_url and again.authorization_url == first.authorization_url
     assert stranger.state == "pending" and stranger.authorization_url is None
     secrets += session_secrets(first.authorization_url)
-    assert await redis.exists(stack.client.store.keys.reply(envelope.event_id))
+    assert await redis.exists(stack.client.store.keys.reply("bob", envelope.event_id))
     pending = await dump_redis(redis)
     callback = await approve(status.authorization_url, "alice")
     assert (await stack.callback(callback)).status_code == 200
@@ -261,7 +261,7 @@ async def test_history_records_event_from_to_when_actor_reason_and_correlation(s
     assert last["reason"] == "offboarding"
     assert last["correlation_id"]
     assert all(h["at"].endswith("Z") for h in history)
-    raw = await stack.client.pool.xrange(stack.client.store.keys.stream)
+    raw = await stack.client.pool.xrange(stack.client.store.keys.of("alice").stream)
     assert len(raw) == 3
 
 

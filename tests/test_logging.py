@@ -85,3 +85,25 @@ def test_json_lines_stay_json(output):
 def test_scrub_leaves_ordinary_text_alone():
     text = "provision_requested for alice from pending to provisioned"
     assert scrub(text) is text
+
+
+def test_a_line_below_the_level_is_dropped_before_any_processor(output, monkeypatch):
+    """A worker writes a debug line per refresh: below the level, it must not pay for the
+    redaction pass (or any other processor) only to be dropped."""
+    import consent_flow.logging as logging_module
+
+    seen: list[str] = []
+    original = logging_module._clean
+
+    def counting(value, depth=0):
+        seen.append(repr(value))
+        return original(value, depth)
+
+    monkeypatch.setattr(logging_module, "_clean", counting)
+    log = structlog.get_logger("test")
+    log.debug("below", user="alice")
+    assert seen == []
+    assert "below" not in output.getvalue()
+    log.info("above", user="alice")
+    assert seen  # the same pass runs for a line that is written
+    assert "above" in output.getvalue()

@@ -68,18 +68,11 @@ async def test_release_lock_only_for_its_owner(redis, p):
 
 
 async def test_lock_and_load_takes_a_free_lock_once_and_reads_either_way(redis, p):
-    keys = [f"{p}:lock", f"{p}:rec", f"{p}:tok", f"{p}:rvk", f"{p}:halt"]
+    keys = [f"{p}:lock", f"{p}:rec", f"{p}:tok", f"{p}:rvk"]
     await redis.hset(f"{p}:rec", "state", "provisioned")
     await redis.set(f"{p}:tok", b"\x02sealed")
-    await redis.hset(f"{p}:halt", "reason", "paused")
-    got, rec, tok, rvk, halt = await run(redis, "lock_and_load", keys, ["first", 5000])
-    assert (got, rec, tok, rvk, halt) == (
-        1,
-        [b"state", b"provisioned"],
-        b"\x02sealed",
-        None,
-        [b"reason", b"paused"],
-    )
+    got, rec, tok, rvk = await run(redis, "lock_and_load", keys, ["first", 5000])
+    assert (got, rec, tok, rvk) == (1, [b"state", b"provisioned"], b"\x02sealed", None)
     assert 0 < await redis.pttl(f"{p}:lock") <= 5000
     got, rec, *_ = await run(redis, "lock_and_load", keys, ["second", 5000])
     assert got == 0 and rec == [b"state", b"provisioned"]

@@ -49,7 +49,7 @@ from consent_flow.engine.engine import SESSION_FIELDS, TOKEN_FIELDS
 from consent_flow.queue.bus import new_id
 from consent_flow.settings import Secret
 from consent_flow.store.metrics import LEAD_BUCKETS, MetricsRecorder
-from consent_flow.store.redis_store import state_hash
+from consent_flow.store.redis_store import Keys, state_hash
 from consent_flow.store.vault import seal_tokens
 from consent_flow.web.callback import PageKind
 from consent_flow.web.callback import page as result_page
@@ -294,13 +294,13 @@ async def real_users(stack: Any, seeded: Seeded) -> None:
 async def record_refreshes(client: ConsentClient) -> None:
     recorder = MetricsRecorder(client.pool, client.store.keys)
     for lead in LEADS:
-        await recorder.refresh("success", lead=lead)
+        await recorder.refresh("success", user="alice", lead=lead)
     for _ in range(FAILURES):
-        await recorder.refresh("transient_failure")
+        await recorder.refresh("transient_failure", user="alice")
     for _ in range(REJECTIONS):
-        await recorder.refresh("rejected")
+        await recorder.refresh("rejected", user="bob")
     for _ in range(CLIENT_REJECTIONS):
-        await recorder.refresh("client_rejected")
+        await recorder.refresh("client_rejected", user="bob")
 
 
 # --- serving --------------------------------------------------------------------------------
@@ -379,7 +379,11 @@ async def test_metrics_report_what_redis_holds(stack, settings):
     queue = settings.with_changes(queue_name=f"{settings.redis_prefix}:idle-queue")
     async with ConsentClient(queue) as idle:
         for n in range(6):
-            await idle.pool.enqueue_job("noop", n, _defer_by=3600 if n >= 4 else None)
+            # Spread over three shards' queues: the figures are sums over every shard.
+            shard_queue = Keys.queue(queue.queue_name, n % 3)
+            await idle.pool.enqueue_job(
+                "noop", n, _defer_by=3600 if n >= 4 else None, _queue_name=shard_queue
+            )
         async with asgi(idle) as http:
             response = await http.get("/metrics")
             assert response.status_code == 200, response.text

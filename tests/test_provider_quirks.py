@@ -141,15 +141,15 @@ async def test_a_provider_without_revocation_endpoint_revokes_locally_and_says_s
         store = stack.client.store
         rec = await store.load("alice")
         assert rec.tokens is None and rec.revocation_pending is None
-        assert await store.redis.zscore(store.keys.outbox, "alice") is None
-        assert await store.redis.zscore(store.keys.sched, "alice") is None
+        assert await store.redis.zscore(store.keys.of("alice").outbox, "alice") is None
+        assert await store.redis.zscore(store.keys.of("alice").sched, "alice") is None
         # Honest: the grant is still valid at the provider.
         assert op.introspect(tokens["refresh_token"])["active"] is True
         status = await stack.client.status("alice")
         assert status.details["provider_revocation"] == "unsupported"
         assert status.details["provider_revocation_note"] == note
         await asyncio.sleep(2.5)  # cleanup runs every second: nothing is retried
-        assert await store.redis.zscore(store.keys.outbox, "alice") is None
+        assert await store.redis.zscore(store.keys.of("alice").outbox, "alice") is None
         snapshot = await read_snapshot(store.redis, store.keys, stack.settings.queue_name)
         assert snapshot.revocation_outcomes == {"unsupported": 1}
 
@@ -185,7 +185,7 @@ async def test_the_outbox_gives_up_after_a_bounded_number_of_attempts(
     assert [e["attempts"] for e in logs if e["event"] == "provider_revocation_abandoned"] == [3]
     rec = await store.load("alice")
     assert rec.revocation_pending is None
-    assert await store.redis.zscore(store.keys.outbox, "alice") is None
+    assert await store.redis.zscore(store.keys.of("alice").outbox, "alice") is None
     assert await store.redis.hget(store.keys.rec("alice"), "rvktries") is None
     snapshot = await read_snapshot(store.redis, store.keys, stack.settings.queue_name)
     assert snapshot.revocations_abandoned == 1

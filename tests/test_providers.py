@@ -123,13 +123,15 @@ async def test_each_connection_has_its_own_keys_and_seal(two: Stack) -> None:
     await provision_at(two, "github")
     prefix = two.settings.redis_prefix
     redis = two.client.pool
+    n = two.client.keys.shard_of("alice")  # every provider's connection of alice's
     for provider in ("nextcloud", "github"):
-        assert await redis.exists(f"{prefix}:{{alice}}:{provider}:rec")
-        assert await redis.exists(f"{prefix}:{{alice}}:{provider}:tok")
-        assert await redis.zscore(f"{prefix}:{provider}:idx:provisioned", "alice") is not None
-        assert await redis.zscore(f"{prefix}:{provider}:sched", "alice") is not None
+        assert await redis.exists(f"{prefix}:{{s{n}}}:{provider}:u:alice:rec")
+        assert await redis.exists(f"{prefix}:{{s{n}}}:{provider}:u:alice:tok")
+        idx = f"{prefix}:{{s{n}}}:{provider}:idx:provisioned"
+        assert await redis.zscore(idx, "alice") is not None
+        assert await redis.zscore(f"{prefix}:{{s{n}}}:{provider}:sched", "alice") is not None
     # A ciphertext is bound to its provider: github's tokens do not open as nextcloud's.
-    sealed = await redis.get(f"{prefix}:{{alice}}:github:tok")
+    sealed = await redis.get(f"{prefix}:{{s{n}}}:github:u:alice:tok")
     assert open_tokens(two.client.ring_for("github"), "alice", sealed)["access_token"]
     with pytest.raises(VaultError):
         open_tokens(two.client.ring_for("nextcloud"), "alice", sealed)
@@ -340,7 +342,8 @@ async def test_every_providers_backlog_shows_in_stats_metrics_and_ops(
     due = int((time.time() - 5) * 1000)
     for provider, users in (("nextcloud", ["alice"]), ("github", ["alice", "bob"])):
         keys = two.client.store_for(provider).keys
-        await redis.zadd(keys.sched, dict.fromkeys(users, due))
+        for user in users:
+            await redis.zadd(keys.of(user).sched, {user: due})
 
     stats = json.loads((await acli(two_env, "stats", "--json")).stdout)
     assert {name: b["due"] for name, b in stats["backlog"].items()} == {

@@ -91,7 +91,9 @@ async def test_scheduled_jobs_are_stored_as_json(redis_server):
         await scheduler.schedule("alice", later)
         raw = await pool.get(job_key_prefix + refresh_job_id(keys, "alice", due_ms(later)))
         assert load_job(raw)["a"] == ["alice", due_ms(later), "default"]
-        await pool.zadd(keys.sched, {"bob": due_ms(past)})  # its job lost: the sweep requeues
+        await pool.zadd(
+            keys.of("bob").sched, {"bob": due_ms(past)}
+        )  # its job lost: the sweep requeues
         assert (await scheduler.sweep())["requeued"] == 1
         raw = await pool.get(job_key_prefix + refresh_job_id(keys, "bob", due_ms(past)))
         assert load_job(raw)["a"] == ["bob", due_ms(past), "default"]

@@ -228,7 +228,9 @@ async def test_a_grant_revoked_at_the_provider_ends_revoked_and_the_broker_raise
     with pytest.raises(ConsentRevoked, match="invalid_grant") as info:
         await stack.client.access_token("alice")
     assert info.value.reason == status.reason
-    assert await stack.client.pool.zscore(stack.client.store.keys.sched, "alice") is None
+    assert (
+        await stack.client.pool.zscore(stack.client.store.keys.of("alice").sched, "alice") is None
+    )
 
 
 async def _revoked(stack, user):
@@ -293,7 +295,7 @@ async def test_a_pending_session_past_its_ttl_is_expired_by_cleanup(make_stack):
     assert status.reason == "authorization session expired"
     [_, expired] = await stack.client.history("alice")
     assert (expired["event"], expired["actor"]) == ("session_expired", "worker")
-    assert await stack.client.store.session_owner("x") is None
+    assert await stack.client.store.session_owner(0, "x") is None
 
 
 async def _unprovisioned(stack, user):
@@ -312,7 +314,7 @@ async def test_history_older_than_retention_is_trimmed(make_stack):
     first = json.loads(await stack.client.pool.lindex(keys.hist("alice"), 0))
     first["at"] -= 2 * 365 * 24 * 3600
     await stack.client.pool.lset(keys.hist("alice"), 0, json.dumps(first))
-    await stack.client.pool.zadd(keys.histidx, {"alice": first["at"]})
+    await stack.client.pool.zadd(keys.of("alice").histidx, {"alice": first["at"]})
     history = await wait_for(lambda: _history_len(stack, "alice", 1), timeout=5)
     assert history[0]["event"] == "revoke_requested"
 
@@ -415,15 +417,14 @@ async def test_a_refresh_commits_its_next_job_counters_and_lock_release_at_once(
     assert before.next_refresh_at != rec.next_refresh_at
     # The job of the schedule the refresh replaced went with it: no stale job left queued.
     assert not await store.redis.exists(job_key_prefix + replaced)
-    assert await store.redis.zscore(stack.settings.queue_name, replaced) is None
+    queue = store.keys.of("alice").queue(stack.settings.queue_name)  # alice's shard's
+    assert await store.redis.zscore(queue, replaced) is None
     job_id = refresh_job_id(store.keys, "alice", due_ms(rec.next_refresh_at))
     assert await store.redis.exists(job_key_prefix + job_id)
-    assert await store.redis.zscore(stack.settings.queue_name, job_id) == due_ms(
-        rec.next_refresh_at
-    )
+    assert await store.redis.zscore(queue, job_id) == due_ms(rec.next_refresh_at)
     assert not await store.redis.exists(store.keys.lock("alice"))
-    counts = await store.redis.hgetall(store.keys.refresh_counts)
-    lead = await store.redis.hgetall(store.keys.refresh_lead)
+    counts = await store.redis.hgetall(store.keys.of("alice").refresh_counts)
+    lead = await store.redis.hgetall(store.keys.of("alice").refresh_lead)
     successes = int(counts[b"success"])
     assert successes >= 1
     # Every successful refresh lands in exactly one lead-time bucket, and the sum is positive.
@@ -456,10 +457,11 @@ async def test_a_revocation_removes_the_queued_refresh_job(make_stack, steady):
 
     stack = await make_stack(op=steady, refresh_margin=1, worker_options=PER_JOB)
     await provision(stack, "alice")
-    store, queue = stack.client.store, stack.settings.queue_name
+    store = stack.client.store
+    queue = store.keys.of("alice").queue(stack.settings.queue_name)
 
     async def queued() -> list[bytes]:
-        head = store.keys.refresh_job_head.encode() + b"al"
+        head = store.keys.of("alice").refresh_job_head.encode() + b"al"
         return [m for m in await store.redis.zrange(queue, 0, -1) if m.startswith(head)]
 
     rec = await store.load("alice")
@@ -467,7 +469,7 @@ async def test_a_revocation_removes_the_queued_refresh_job(make_stack, steady):
     job_id = refresh_job_id(store.keys, "alice", due_ms(rec.next_refresh_at))
     assert await wait_for(lambda: store.redis.exists(job_key_prefix + job_id), timeout=2)
     await stack.client.revoke("alice")
-    assert await store.redis.zscore(store.keys.sched, "alice") is None
+    assert await store.redis.zscore(store.keys.of("alice").sched, "alice") is None
 
     async def gone() -> bool:
         # A refresh that was running when the revocation came is cleaned up by arq itself. (Job

@@ -99,7 +99,9 @@ async def test_revoke_revokes_at_the_provider_and_wipes_tokens(stack):
     assert stack.provider.introspect(tokens["access_token"])["active"] is False
     rec = await stack.client.store.load("alice")
     assert rec.tokens is None and rec.revocation_pending is None
-    assert await stack.client.pool.zscore(stack.client.store.keys.sched, "alice") is None
+    assert (
+        await stack.client.pool.zscore(stack.client.store.keys.of("alice").sched, "alice") is None
+    )
     history = await stack.client.history("alice")
     assert [(h["event"], h["from"], h["to"]) for h in history] == [
         ("provision_requested", "unprovisioned", "pending"),

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 async def scheduler(redis_server):
     pool = await create_pool(arq_redis_settings(redis_server.url), **JOB_SERIALIZERS)
-    keys = Keys("s" + uuid.uuid4().hex[:8])
+    # One shard: the sweep's paging through one schedule is what these tests are about.
+    keys = Keys("s" + uuid.uuid4().hex[:8], shards=1)
     try:
         yield Scheduler(pool, keys=keys, queue_name=f"{keys.prefix}:queue")
     finally:
@@ -31,7 +32,7 @@ async def test_lost_jobs_behind_queued_ones_are_requeued(scheduler):
     pool, keys = scheduler.pool, scheduler.keys
     past = time.time() - 60
     users = {f"u{i:04d}": due_ms(past + i / 1000) for i in range(2500)}
-    await pool.zadd(keys.sched, users)
+    await pool.zadd(keys.shard(0).sched, users)
     # The first 1,500 have their jobs queued (workers are behind); the last 1,000 lost theirs.
     for user, score in list(users.items())[:1500]:
         await scheduler.schedule(user, score / 1000)
@@ -39,13 +40,13 @@ async def test_lost_jobs_behind_queued_ones_are_requeued(scheduler):
     assert counts["requeued"] == 1000
     for user, score in users.items():
         assert await pool.exists(job_key_prefix + refresh_job_id(keys, user, score))
-    assert await pool.zcard(scheduler.queue_name) == 2500
+    assert await pool.zcard(keys.shard(0).queue(scheduler.queue_name)) == 2500
     again = await scheduler.sweep(limit=400)
     assert again["requeued"] == 0
 
 
 async def test_entries_not_yet_due_are_left_alone(scheduler):
     pool, keys = scheduler.pool, scheduler.keys
-    await pool.zadd(keys.sched, {"later": due_ms(time.time() + 3600)})
+    await pool.zadd(keys.shard(0).sched, {"later": due_ms(time.time() + 3600)})
     assert await scheduler.sweep() == {"due": 0, "requeued": 0}
-    assert await pool.zcard(scheduler.queue_name) == 0
+    assert await pool.zcard(keys.shard(0).queue(scheduler.queue_name)) == 0

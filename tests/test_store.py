@@ -14,7 +14,7 @@ from consent_flow import Event, KeyRing, State, generate_key
 from consent_flow.core.records import Change, ConsentRecord, HistoryEntry, ProviderRevocation
 from consent_flow.engine.engine import SESSION_FIELDS, TOKEN_FIELDS
 from consent_flow.store import codec
-from consent_flow.store.redis_store import MemoryStore, RedisStore
+from consent_flow.store.redis_store import Keys, MemoryStore, RedisStore
 from consent_flow.store.vault import open_tokens, seal_tokens
 
 
@@ -68,7 +68,8 @@ async def test_commit_moves_state_indexes_and_history_together(store):
     assert (rec.state, rec.version, rec.since, rec.session_id) == (State.PENDING, 1, 1000.0, "s1")
     assert await store.users(State.PENDING) == [("alice", 1000.0)]
     assert (await store.counts())[State.PENDING] == 1
-    assert await store.session_owner("digest1") == ("alice", "s1")
+    shard = Keys().shard_of("alice")  # the store's keys: the default count, like the fixtures'
+    assert await store.session_owner(shard, "digest1") == ("alice", "s1")
     [entry] = await store.history("alice")
     assert isinstance(entry, HistoryEntry)
     assert entry.public() == {
@@ -344,7 +345,7 @@ async def test_dropping_given_up_tokens_notes_it_and_counts_it(redis_store):
     kai = await store.load("kai")
     assert kai.revocation_pending is None and kai.provider_revocation is abandoned
     assert await store.redis.hget(keys.rec("kai"), "rvktries") is None
-    assert await store.redis.zscore(keys.outbox, "kai") is None
+    assert await store.redis.zscore(keys.of("kai").outbox, "kai") is None
     assert (
         "withdraw it in the provider's account settings"
         in (kai.public()["provider_revocation_note"])
@@ -355,8 +356,8 @@ async def test_dropping_given_up_tokens_notes_it_and_counts_it(redis_store):
     assert await store.drop_revoked("lea", lea.revocation_pending, outcome=abandoned)
     assert await store.redis.hget(keys.rec("lea"), "provrev") == b"deferred"
     assert not await store.drop_revoked("lea", lea.revocation_pending, outcome=abandoned)
-    counts = await store.redis.hgetall(keys.revocation_counts)
-    assert counts == {b"abandoned": b"2"}
+    counts = [await store.redis.hgetall(keys.of(u).revocation_counts) for u in ("kai", "lea")]
+    assert _summed(counts) == {b"abandoned": 2}
 
 
 def test_the_codec_refuses_what_is_not_a_record_attribute_or_not_its_kind():
@@ -454,10 +455,10 @@ async def test_ciphertexts_are_counted_per_key_id(redis_store):
     assert (await store.commit(revoke)).ok
     assert await store.redis.exists(keys.sealed("liam", "tok")) == 0
     assert await store.key_ids_in_use() == {old.primary_id: 1, new.primary_id: 1}
-    assert await store.redis.zscore(keys.outbox, "liam") is not None
+    assert await store.redis.zscore(keys.of("liam").outbox, "liam") is not None
     assert await store.drop_revoked("liam", rec.tokens)
     assert await store.key_ids_in_use() == {new.primary_id: 1}
-    assert await store.redis.zscore(keys.outbox, "liam") is None
+    assert await store.redis.zscore(keys.of("liam").outbox, "liam") is None
     # Refresh rejected: the tokens are wiped, their count goes with them.
     rec = await store.load("mona")
     reject = change(rec, Event.REFRESH_REJECTED, State.REVOKED, clear=TOKEN_FIELDS)
@@ -466,31 +467,44 @@ async def test_ciphertexts_are_counted_per_key_id(redis_store):
     assert await store.key_ids_in_use() == {}
 
 
-def test_keys_are_per_connection_with_per_provider_indexes_and_shared_rest():
+def test_keys_are_per_connection_in_the_users_shard_with_per_shard_indexes_and_shared_rest():
+    import zlib
+
     from consent_flow.core.table import State
     from consent_flow.store.redis_store import Keys
 
-    gh = Keys("cf", "gh")
-    assert gh.rec("alice") == "cf:{alice}:gh:rec"
-    assert gh.sealed("alice", "tok") == "cf:{alice}:gh:tok"
-    assert gh.lock("alice") == "cf:{alice}:gh:lock"
-    assert gh.inbox("alice", "e1") == "cf:{alice}:gh:in:e1"
-    assert gh.idx(State.PENDING) == "cf:gh:idx:pending"
-    assert (gh.sched, gh.outbox, gh.halt, gh.histidx) == (
-        "cf:gh:sched",
-        "cf:gh:outbox",
-        "cf:gh:halt",
-        "cf:gh:histidx",
+    gh = Keys("cf", "gh", 16)
+    n = zlib.crc32(b"alice") % 16
+    assert gh.shard_of("alice") == n
+    assert gh.rec("alice") == f"cf:{{s{n}}}:gh:u:alice:rec"
+    assert gh.sealed("alice", "tok") == f"cf:{{s{n}}}:gh:u:alice:tok"
+    assert gh.lock("alice") == f"cf:{{s{n}}}:gh:u:alice:lock"
+    assert gh.inbox("alice", "e1") == f"cf:{{s{n}}}:gh:u:alice:in:e1"
+    # Braces in a user id no longer decide the slot: the shard's tag comes first.
+    assert Keys("cf", "gh").rec("{bob}").startswith("cf:{s")
+    s3 = gh.shard(3)
+    assert s3.idx(State.PENDING) == "cf:{s3}:gh:idx:pending"
+    assert (s3.sched, s3.outbox, s3.histidx, s3.kids, s3.stream) == (
+        "cf:{s3}:gh:sched",
+        "cf:{s3}:gh:outbox",
+        "cf:{s3}:gh:histidx",
+        "cf:{s3}:gh:kids",
+        "cf:{s3}:gh:events",
     )
-    assert gh.refresh_job_id("alice", 17) == "refresh:cf:gh:alice:17"
-    head, tail = gh.hist_around_user()
+    assert s3.refresh_job_id("alice", 17) == "{s3}:refresh:cf:gh:alice:17"
+    assert s3.queue("q") == "q:{s3}" and s3.job_id("ev:1") == "{s3}:ev:1"
+    head, tail = gh.of("alice").around_user("hist")
     assert head + "alice" + tail == gh.hist("alice")
     assert gh.invalidation("alice") == "gh\nalice"
+    assert gh.halt == "cf:gh:halt" and gh.shards_record == "cf:shards"
     default = Keys("cf")
-    assert default.rec("alice") == "cf:{alice}:default:rec"
-    for shared in ("kids", "stream", "invalidate", "workers", "webhook_counts", "worker_counts"):
+    assert default.rec("alice") == f"cf:{{s{n}}}:default:u:alice:rec"
+    for shared in ("invalidate", "workers", "webhook_counts", "worker_counts", "shards_record"):
         assert getattr(gh, shared) == getattr(default, shared)
-    assert gh.transition_counts != default.transition_counts
+    assert s3.transition_counts != default.shard(3).transition_counts
+    assert [k.number for k in gh.every_shard()] == list(range(16))
+    with pytest.raises(ValueError, match="no shard 16 among 16"):
+        gh.shard(16)
 
 
 async def test_a_commit_releases_the_lock_only_for_its_owner_and_only_when_it_applies(store):
@@ -548,3 +562,11 @@ async def test_commits_sent_together_each_apply_alone_and_token_commits_wait_for
         ]
     finally:
         await client.aclose()
+
+
+def _summed(rows: list[dict[bytes, bytes]]) -> dict[bytes, int]:
+    out: dict[bytes, int] = {}
+    for row in rows:
+        for k, v in row.items():
+            out[k] = out.get(k, 0) + int(v)
+    return out

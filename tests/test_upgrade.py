@@ -27,7 +27,9 @@ def asked_in(url: str) -> list[str]:
 
 async def committed_only_table_rows(stack) -> None:
     """Every transition Redis counted for this test is a row of the table."""
-    counted = await stack.client.pool.hgetall(stack.client.store.keys.transition_counts)
+    counted: dict[bytes, bytes] = {}
+    for shard in stack.client.store.keys.every_shard():
+        counted.update(await stack.client.pool.hgetall(shard.transition_counts))
     rows = {
         (row.event.value, source.value, (row.dest or source).value)
         for row in TRANSITIONS
@@ -164,7 +166,10 @@ async def test_an_expired_upgrade_session_is_dropped_by_the_cleanup_job(make_sta
     assert (await provision(stack)).status_code == 200
     before = await stored_tokens(stack, "alice")
     opened = await upgrade(stack)
-    assert await stack.client.store.upgrades_due(stack.client.clock() + 60) == ["alice"]
+    shard = stack.client.store.keys.shard_of("alice")
+    assert await stack.client.store.upgrades_due(stack.client.clock() + 60, shard=shard) == [
+        "alice"
+    ]
     await asyncio.sleep(2.2)
     # What the cleanup job does for an upgrade session past its expiry.
     from workers.jobs import cleanup
@@ -179,7 +184,7 @@ async def test_an_expired_upgrade_session_is_dropped_by_the_cleanup_job(make_sta
     assert status.state is State.PROVISIONED and not status.upgrade
     assert "upgrade dropped: authorization session expired" in (status.reason or "")
     assert await stored_tokens(stack, "alice") == before
-    assert await stack.client.store.upgrades_due(stack.client.clock() + 60) == []
+    assert await stack.client.store.upgrades_due(stack.client.clock() + 60, shard=shard) == []
     # Its callback no longer changes anything.
     page = await stack.callback(await approve(opened.authorization_url, "alice"))
     assert page.status_code in (400, 409)

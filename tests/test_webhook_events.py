@@ -213,7 +213,8 @@ async def test_a_duplicated_event_sends_one_notice(make_stack, hook):
     prefix = stack.settings.redis_prefix
     forgotten = [key async for key in stack.client.pool.scan_iter(match=f"arq:*wh:{prefix}:*")]
     assert forgotten
-    await stack.client.pool.delete(*forgotten, stack.client.store.keys.reply(envelope.event_id))
+    reply = stack.client.store.keys.reply(envelope.user, envelope.event_id)
+    await stack.client.pool.delete(*forgotten, reply)
     replay = await stack.client.emit(envelope)
     assert replay.state == "revoked"
     await asyncio.sleep(QUIET)
@@ -300,7 +301,9 @@ async def stores(request, redis_server):
 async def queued(store: Any, pool: ArqRedis, queue: str) -> set[str]:
     if isinstance(store, MemoryStore):
         return set(store.jobs)
-    return {job.decode() for job in await pool.zrange(queue, 0, -1)}
+    # alice's shard's queue: where a commit of hers writes its jobs.
+    shard_queue = store.keys.of("alice").queue(queue)
+    return {job.decode() for job in await pool.zrange(shard_queue, 0, -1)}
 
 
 def job_id(store: Any, job: Job) -> str:

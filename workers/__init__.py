@@ -1,7 +1,8 @@
 """arq worker settings for consent-flow.
 
-``consent-flow worker`` runs these; ``arq workers.WorkerSettings`` works too: the name is
-looked up lazily, and reads the ``CONSENT_*`` environment then (arq takes a dict of settings).
+``consent-flow worker`` runs these (``ConsentWorker``). ``arq workers.WorkerSettings`` loads
+them too (the name is looked up lazily, and reads the ``CONSENT_*`` environment then), but arq's
+own worker polls one queue: it does not serve the shards' queues.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from consent_flow.settings import ProviderConfig, Settings
 from consent_flow.store.clock import MAX_CLOCK_SKEW, RedisClock
 from consent_flow.store.connection import arq_redis_settings
 from consent_flow.store.metrics import HEARTBEAT_INTERVAL, MetricsRecorder
-from consent_flow.store.redis_store import RedisStore
+from consent_flow.store.redis_store import RedisStore, check_shards
 from consent_flow.store.vault import KeyRing
 
 from ._context import EVENT_MAX_TRIES, ProviderStack, Services
@@ -63,12 +64,13 @@ BATCH_LANES = 2  # each provider's batches in flight at once
 SHUTDOWN_COMMIT_WAIT = 1.0  # seconds a stopping worker gives commits that wait for Redis
 
 
-async def check_key_ring(store: RedisStore, ring: KeyRing) -> None:
-    """Refuse to start when stored data was sealed under keys this process does not hold.
+async def check_key_ring(store: RedisStore, ring: KeyRing, providers: tuple[str, ...] = ()) -> None:
+    """Refuse to start when stored data (of the store's provider and of ``providers``) was
+    sealed under keys this process does not hold.
 
     A wrong or missing key is a clear error at start-up; nothing is wiped or overwritten.
     """
-    missing = sorted(set(await store.key_ids_in_use()) - set(ring.key_ids))
+    missing = sorted(set(await store.key_ids_in_use(providers)) - set(ring.key_ids))
     if missing:
         raise UnknownKeyError(
             f"stored consent data is encrypted under key id(s) {', '.join(missing)} that "
@@ -127,6 +129,7 @@ def _provider_stack(
         prefix=settings.redis_prefix,
         provider=config.name,
         wait_replicas=settings.wait_replicas,
+        shards=settings.redis_shards,
     )
     bound = ring.for_provider(config.name)
     oauth = OAuthClient(seen, http, clock=clock)
@@ -151,7 +154,13 @@ def _provider_stack(
         limits=Limits(config.max_refresh_rate, config.max_concurrency),
         lease=engine.lock_ttl,
     )
-    batches = BatchRefresher(refresher, limiter, size=settings.refresh_batch, lanes=BATCH_LANES)
+    batches = BatchRefresher(
+        refresher,
+        limiter,
+        size=settings.refresh_batch,
+        lanes=BATCH_LANES,
+        shards=settings.worker_shards,
+    )
     return ProviderStack(
         config=config,
         settings=seen,
@@ -200,9 +209,12 @@ def worker_settings(
         raise ValueError(f"job_timeout must be at most {JOB_TIMEOUT} s")
 
     async def startup(ctx: dict[str, Any]) -> None:
-        shared = RedisStore(ctx["redis"], prefix=settings.redis_prefix)
+        shared = RedisStore(
+            ctx["redis"], prefix=settings.redis_prefix, shards=settings.redis_shards
+        )
+        await check_shards(ctx["redis"], shared.keys)
         ring = KeyRing.from_strings(k.reveal() for k in settings.encryption_keys)
-        await check_key_ring(shared, ring)
+        await check_key_ring(shared, ring, settings.provider_names)
         # One clock for every decision this worker shares with other processes: Redis's.
         clock = RedisClock(ctx["redis"])
         await clock.sync()
@@ -348,6 +360,7 @@ def worker_settings(
         "redis_settings": arq_redis_settings(redis_url),
         **JOB_SERIALIZERS,
         "queue_name": settings.queue_name,
+        "queue_shards": settings.worker_shards or tuple(range(settings.redis_shards)),
         "health_check_key": settings.queue_name + ":health-check",
         "health_check_interval": HEALTH_CHECK_INTERVAL,
         "poll_delay": POLL_DELAY,

@@ -33,6 +33,7 @@ import contextlib
 import signal
 import time
 import uuid
+from collections.abc import Sequence
 from contextvars import ContextVar
 from datetime import datetime, timedelta
 from typing import Any
@@ -42,14 +43,15 @@ from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.utils import to_ms, to_unix_ms
 from arq.worker import Worker
-from redis.exceptions import ClusterError, ResponseError, SlotNotCoveredError
+from redis.exceptions import ClusterError, NoScriptError, SlotNotCoveredError
 
 from consent_flow.engine.refresh import REDIS_ERRORS
-from consent_flow.queue.jobs import JobQueue
+from consent_flow.queue.jobs import JobQueue, bell_key
 from consent_flow.queue.jobstore import RETRY_TTL, JobStore
 from consent_flow.store.clock import CLOCK_RESYNC_INTERVAL, RedisClock
 from consent_flow.store.connection import create_redis_pool, slot_moving
-from consent_flow.store.scripts import lua
+from consent_flow.store.redis_store import Keys, job_shard, shard_job_id
+from consent_flow.store.scripts import lua, queue_script
 
 try:
     import uvloop
@@ -63,6 +65,9 @@ log = structlog.get_logger("consent_flow.worker")
 # What Redis being away looks like to the worker's loop: a Redis Cluster also answers that it
 # is down (a primary with no replica left) or leaves a slot out of reach for a while.
 OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, ClusterError, SlotNotCoveredError)
+# Seconds an idle worker blocks on its queue's bell before it polls again: how late a deferred
+# job (a retry, a webhook's backoff) may start past its time. Callers' jobs ring the bell.
+BELL_WAIT = 0.1
 OUTAGE_POLL_DELAY = 1.0  # seconds between polls while Redis is away (after the client's retries)
 CLOSE_REDIS_TIMEOUT = 1.0  # seconds each clean-up step with Redis may take when the worker stops
 
@@ -135,7 +140,11 @@ class ConsentWorker(Worker):
     """``arq.worker.Worker`` whose poll claims due jobs in one round trip; built from
     ``worker_settings``."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, queue_shards: Sequence[int] | None = None, **kwargs: Any
+    ) -> None:
+        """``queue_shards``: the shards whose queues (``<queue_name>:{s<n>}``) this worker
+        serves; None: the one queue ``queue_name`` (unsharded, as arq's own)."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -145,10 +154,13 @@ class ConsentWorker(Worker):
         super().__init__(*args, **kwargs)
         self._claim_due: Any = None
         self._jobs: JobStore | None = None
+        self.queue_shards = None if queue_shards is None else tuple(queue_shards)
+        self._hot: list[tuple[str, int]] = []  # queues with jobs due at the last poll
         self._claimed = 0
         self._cron_jobs: JobQueue | None = None
         self._down_since: float | None = None
         self.redis_outages = 0
+        self._bell = bell_key(self.queue_name)
 
     @property
     def clock(self) -> RedisClock:
@@ -174,10 +186,6 @@ class ConsentWorker(Worker):
         if self._jobs is None or self._jobs.pool is not self.redis:
             self._jobs = JobStore(self.redis)
         return self._jobs
-
-    def queue_of(self, job_id: str) -> str:
-        """The queue a job of this worker is on."""
-        return self.queue_name
 
     async def run_job(self, job_id: str, score: int) -> None:
         # arq's, with its MULTI/EXEC bookkeeping done by the job store's scripts, which run on a
@@ -257,13 +265,25 @@ class ConsentWorker(Worker):
 
     async def _poll_iteration(self) -> None:
         try:
+            claimed = self._claimed
             await self._poll_once()
+            if self._claimed == claimed and not self.burst:
+                await self._wait_for_bell()
         except OUTAGE_ERRORS as exc:
             self._redis_down(exc)
             await asyncio.sleep(OUTAGE_POLL_DELAY)
             return
         if self._down_since is not None:
             await self._redis_back()
+
+    async def _wait_for_bell(self) -> None:
+        """Idle: block on the queue's bell until a caller's job comes in or ``BELL_WAIT`` has
+        passed (for deferred jobs falling due), instead of polling every ``poll_delay``: each
+        poll is a round trip, and round trips are most of an idle worker's CPU."""
+        rung = await self.pool.execute_command("BLPOP", self._bell, BELL_WAIT)  # type: ignore[no-untyped-call]
+        if rung is not None and self.job_counter >= self.max_jobs:
+            # Busy: another worker takes it.
+            await self.pool.execute_command("LPUSH", self._bell, b"1")  # type: ignore[no-untyped-call]
 
     def _redis_down(self, exc: BaseException) -> None:
         if self._down_since is not None:
@@ -316,24 +336,100 @@ class ConsentWorker(Worker):
         # short. Every job this worker started went through one claim.
         return self._claimed
 
+    def queue_of(self, job_id: str) -> str:
+        """The queue a job of this worker's is on: its shard's, by the tag its id starts with."""
+        shard = job_shard(job_id) if self.queue_shards is not None else None
+        return self.queue_name if shard is None else Keys.queue(self.queue_name, shard)
+
+    @staticmethod
+    def _shares(due: list[tuple[str, int]], free: int) -> list[tuple[str, int]]:
+        """``free`` slots shared among queues with work (queue, jobs due): busiest first, each
+        at least one while slots last, so no poll claims more jobs than the worker can run."""
+        due = sorted(due, key=lambda item: -item[1])
+        total = sum(n for _, n in due)
+        shares: list[tuple[str, int]] = []
+        left = free
+        for queue, n in due:
+            if left <= 0:
+                break
+            share = max(1, min(left, n, free * n // max(1, total)))
+            shares.append((queue, share))
+            left -= share
+        if left > 0 and shares:
+            shares[0] = (shares[0][0], shares[0][1] + left)
+        return shares
+
+    def _queue_claims(self, pipe: Any, shares: list[tuple[str, int]]) -> None:
+        ttl = int(self.in_progress_timeout_s * 1000)
+        for queue, want in shares:
+            args = [in_progress_key_prefix, ttl, want, max(self.queue_read_limit, want)]
+            queue_script(pipe, self._claim_due, [queue], args)
+
+    async def _claimed_from(self, shares: list[tuple[str, int]], answers: list[Any]) -> list[Any]:
+        """The jobs the claims of ``shares`` took (job id, score, ...), from their answers in a
+        pipeline. Claims that met a server without the script (a new primary, a cluster node
+        that just took the queue's slot) ran nothing: sent again at once, the script loaded,
+        rather than left for a poll after the worker has slept on the bell."""
+        missing = [s for s, a in zip(shares, answers, strict=True) if isinstance(a, NoScriptError)]
+        if missing:
+            self._claim_due.sha = await self.pool.script_load(self._claim_due.script)
+            async with self.pool.pipeline(transaction=False) as pipe:
+                self._queue_claims(pipe, missing)
+                answers = [a for a in answers if not isinstance(a, NoScriptError)]
+                answers += await pipe.execute(raise_on_error=False)
+        claimed: list[Any] = []
+        for answer in answers:
+            if isinstance(answer, NoScriptError) or slot_moving(answer):
+                # Still no script, or the queue's slot is moving to another cluster node: a
+                # later poll claims there.
+                continue
+            if isinstance(answer, BaseException):
+                raise answer
+            claimed += answer
+        return claimed
+
+    async def _claim_sharded(self, free: int) -> list[Any]:
+        """One round trip counts what is due on each served queue (by this worker's estimate
+        of Redis's time; the claims decide by Redis's clock) and claims on the queues that had
+        work at the last poll: a busy worker claims in one round trip, as on one queue. Queues
+        that show work only now are claimed in a second."""
+        assert self.queue_shards is not None
+        queues = [Keys.queue(self.queue_name, shard) for shard in self.queue_shards]
+        hot = self._shares(self._hot, free)
+        now_ms = int(self.clock() * 1000) + 1
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.zcount(queue, "-inf", now_ms)
+            self._queue_claims(pipe, hot)
+            answers = await pipe.execute(raise_on_error=False)
+        counts = answers[: len(queues)]
+        for count in counts:
+            if isinstance(count, BaseException):
+                raise count
+        claimed = await self._claimed_from(hot, answers[len(queues) :])
+        self._hot = [(q, int(n)) for q, n in zip(queues, counts, strict=True) if int(n)]
+        left = free - len(claimed) // 2
+        tried = {queue for queue, _ in hot}
+        cold = [(queue, n) for queue, n in self._hot if queue not in tried]
+        if cold and left > 0:
+            shares = self._shares(cold, left)
+            async with self.pool.pipeline(transaction=False) as pipe:
+                self._queue_claims(pipe, shares)
+                answers = await pipe.execute(raise_on_error=False)
+            claimed += await self._claimed_from(shares, answers)
+        return claimed
+
     async def _start_due(self, free: int) -> None:
         if self._claim_due is None:
             self._claim_due = self.pool.register_script(lua("claim_due"))
-        try:
-            claimed = await self._claim_due(
-                keys=[self.queue_name],
-                args=[
-                    in_progress_key_prefix,
-                    int(self.in_progress_timeout_s * 1000),
-                    free,
-                    max(self.queue_read_limit, free),
-                ],
-            )
-        except ResponseError as exc:
-            if not slot_moving(exc):
-                raise
-            log.debug("claim_waits_for_slot", queue=self.queue_name)
-            return  # the queue's slot is moving to another node: a later poll claims
+        if self.queue_shards is None:
+            shares = [(self.queue_name, free)]
+            async with self.pool.pipeline(transaction=False) as pipe:
+                self._queue_claims(pipe, shares)
+                answers = await pipe.execute(raise_on_error=False)
+            claimed = await self._claimed_from(shares, answers)
+        else:
+            claimed = await self._claim_sharded(free)
         self._claimed += len(claimed) // 2
         for i in range(0, len(claimed), 2):
             # Never blocks: this worker claimed no more jobs than it had free slots.
@@ -376,11 +472,15 @@ class ConsentWorker(Worker):
                 job_id = cron_job.job_id or (
                     f"{cron_job.name}:{run_at}" if cron_job.unique else uuid.uuid4().hex
                 )
+                queue = self.queue_name
+                if self.queue_shards is not None:
+                    # Jobs about no connection go to shard 0 (one id for the whole fleet).
+                    job_id, queue = shard_job_id(0, job_id), Keys.queue(self.queue_name, 0)
                 job = jobs.job(
                     cron_job.name,
                     (),
                     job_id=job_id,
-                    queue=self.queue_name,
+                    queue=queue,
                     run_at_ms=run_at if cron_job.next_run > n else None,
                 )
                 queued.append(jobs.put(job))

@@ -164,12 +164,32 @@ async def cleanup(ctx: dict[str, Any]) -> None:
 
 
 async def _cleanup(services: Services, stack: ProviderStack) -> None:
-    """One provider's share of the cleanup."""
+    """One provider's share of the cleanup, shard by shard."""
+    totals = {"sessions_expired": 0, "revocations_sent": 0, "history_trimmed": 0}
+    for shard in range(stack.store.keys.shards):
+        expired, revoked, trimmed = await _cleanup_shard(services, stack, shard)
+        totals["sessions_expired"] += expired
+        totals["revocations_sent"] += revoked
+        totals["history_trimmed"] += trimmed
+    # Spooled refreshes a start-up could not settle (their user's lock was taken then). A file
+    # younger than a lock's lifetime is most likely a sibling worker's commit still under way
+    # (its user locked meanwhile): reading it would cost CPU for a postponement.
+    replayed = await stack.refresher.replay(min_age=stack.engine.lock_ttl)
+    if any(totals.values()) or replayed:
+        log.info("cleanup", provider=stack.config.name, spool_replayed=replayed, **totals)
+
+
+async def _cleanup_shard(
+    services: Services, stack: ProviderStack, shard: int
+) -> tuple[int, int, int]:
+    """One shard's: sessions expired, revocations sent, history entries trimmed."""
     settings = stack.settings
     store = stack.store
     now = services.clock()
     expired = 0
-    candidates = await store.users_before(State.PENDING, now - settings.session_ttl, limit=500)
+    candidates = await store.users_before(
+        State.PENDING, now - settings.session_ttl, shard=shard, limit=500
+    )
     for user in candidates:
         rec = await store.load(user)
         if rec.state is State.PENDING and (rec.session_expires_at or 0) <= now:
@@ -180,30 +200,18 @@ async def _cleanup(services: Services, stack: ProviderStack) -> None:
             )
             expired += 1
     # Upgrade sessions beside a grant: the grant's own index does not say which are open.
-    for user in await store.upgrades_due(now, limit=500):
+    for user in await store.upgrades_due(now, shard=shard, limit=500):
         await services.bus.emit(
             Envelope(Event.SESSION_EXPIRED, user, "worker", reply=False, provider=stack.config.name)
         )
         expired += 1
     revoked = 0
-    for user in await store.outbox_due(now, limit=100):
+    for user in await store.outbox_due(now, shard=shard, limit=100):
         result = await stack.engine.revoke_pending(user)
         if result is ProviderRevocation.DONE:
             revoked += 1
-    trimmed = await store.trim_history(now - settings.history_retention)
-    # Spooled refreshes a start-up could not settle (their user's lock was taken then). A file
-    # younger than a lock's lifetime is most likely a sibling worker's commit still under way
-    # (its user locked meanwhile): reading it would cost CPU for a postponement.
-    replayed = await stack.refresher.replay(min_age=stack.engine.lock_ttl)
-    if expired or revoked or trimmed or replayed:
-        log.info(
-            "cleanup",
-            provider=stack.config.name,
-            sessions_expired=expired,
-            revocations_sent=revoked,
-            history_trimmed=trimmed,
-            spool_replayed=replayed,
-        )
+    trimmed = await store.trim_history(now - settings.history_retention, shard=shard)
+    return expired, revoked, trimmed
 
 
 async def deliver_webhook(ctx: dict[str, Any], data: dict[str, Any]) -> None:

@@ -1,8 +1,10 @@
 """Scheduled refreshes in batches: the path ``consent-flow worker`` runs for due refreshes.
 
-A worker's lanes each loop: permits from the provider's fleet-wide limiter (queue/limits.py),
-then a batch of due connections taken in one round trip (store/batch.py: the soonest-lapsing
-first, each under its own lock, records read under the locks), the provider calls of the batch
+A worker's lanes each loop: a look at which of its shards have refreshes due (one round trip
+for all of them), permits from the provider's fleet-wide limiter (queue/limits.py), then a
+batch of due connections of one shard taken in one round trip (store/batch.py: the
+soonest-lapsing first, each under its own lock, records read under the locks), the provider
+calls of the batch
 at once, and their commits sent together (one pipeline of the ordinary commit script, each
 atomic for its own connection and applying or failing on its own).
 
@@ -20,9 +22,9 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Sequence
 
 import structlog
-from redis.exceptions import NoScriptError
 
 from consent_flow.core.records import Change, CommitResult
 from consent_flow.core.table import Event, State
@@ -113,12 +115,15 @@ class BatchRefresher:
         size: int,
         lanes: int = 2,
         idle_poll: float = IDLE_POLL,
+        shards: Sequence[int] | None = None,
     ) -> None:
         self.refresher = refresher
         self.engine = refresher.engine
         self.store: RedisStore = refresher.engine.store
         self.limiter = limiter
         self.claimer = BatchClaimer(self.store)
+        self.shards = list(range(self.store.keys.shards) if shards is None else shards)
+        self._stay: int | None = None  # the shard whose last batch was full: more is due there
         self.size = size
         self.lanes = lanes
         self.idle_poll = idle_poll
@@ -162,34 +167,36 @@ class BatchRefresher:
         """One batch. Returns how long to wait before the next (0: at once)."""
         if (held := self.refresher.held_for()) > 0:
             return held
-        # The permits and the claim in one round trip, back to back in Redis: the claim takes
-        # no more members than permits were granted, and no time passes between the two.
-        lease = self.engine.lock_ttl
-        note = self.limiter.note_key()
-        async with self.store.redis.pipeline(transaction=False) as pipe:
-            stem = await self.limiter.acquire_into(pipe, self.size, note=note)
-            await self.claimer.claim_into(pipe, self.size, lock_ttl=lease, lease=lease, note=note)
-            raw_permits, raw_claim = await pipe.execute(raise_on_error=False)
-        if isinstance(raw_permits, NoScriptError) or isinstance(raw_claim, NoScriptError):
-            # A server without the scripts yet (a new primary): what did not run took nothing,
-            # and permits granted for a claim that did not run go back.
-            if not isinstance(raw_permits, BaseException):
-                unused = self.limiter.permits_result(raw_permits, stem).ids
-                await self.limiter.release([], list(unused))
-            await self.limiter.load_scripts()
-            await self.claimer.load_script()
-            return 0.0
-        for raw in (raw_permits, raw_claim):
-            if isinstance(raw, BaseException):
-                raise raw
-        permits = self.limiter.permits_result(raw_permits, stem)
-        claim = self.claimer.claim_result(raw_claim)
+        shard, self._stay = self._stay, None
+        if shard is None:
+            due = await self.claimer.due(self.shards, self.engine.clock())
+            if not due:
+                return self.idle_poll
+            # Any shard with work: the lanes of a fleet spread over them.
+            shard = random.choice(list(due))
+        # The permits, then a claim of no more members than were granted: the limiter's keys
+        # and the shard's are in different slots, so the two are separate calls.
+        permits = await self.limiter.acquire(self.size)
         if not permits:
             return min(max(permits.wait, 0.001), self.idle_poll)
+        lease = self.engine.lock_ttl
+        claim = await self.claimer.claim(
+            shard, len(permits), lock_ttl=lease, lease=lease, throttle=self.limiter.pause_key
+        )
+        if claim.throttled_until > claim.now:
+            # A 429 elsewhere between the permits and the claim: nobody calls during the pause
+            # it asked for, these members included.
+            for member in claim.locked:
+                await self._put_back(member)
+            await self.limiter.release([], list(permits.ids))
+            return min(claim.throttled_until - claim.now, self.idle_poll)
         if not claim.members:
             await self.limiter.release([], list(permits.ids))
-            return self.idle_poll
-        return await self.refresh_claimed(claim, permits)
+            return 0.0  # taken by another worker meanwhile: look again
+        wait = await self.refresh_claimed(claim, permits)
+        if wait == 0.0:
+            self._stay = shard
+        return wait
 
     async def refresh_claimed(self, claim: Claim, permits: Permits) -> float:
         """Refresh the members of ``claim`` concurrently; their commits go out together."""
@@ -302,7 +309,8 @@ class BatchRefresher:
         # its new holder refreshes it (and reschedules it).
         if await self.store.release_lock(member.user, member.token):
             now = due_ms(self.engine.clock())
-            await self.store.redis.zadd(self.store.keys.sched, {member.user: now}, xx=True)
+            sched = self.store.keys.of(member.user).sched
+            await self.store.redis.zadd(sched, {member.user: now}, xx=True)
 
     async def _let_go(self, member: Claimed) -> None:
         """A member that makes no call: its lock released; a grant that ended leaves the
@@ -312,7 +320,7 @@ class BatchRefresher:
         rec = member.record
         with contextlib.suppress(*REDIS_ERRORS):
             if rec is None or rec.state is not State.PROVISIONED or rec.tokens is None:
-                await self.store.redis.zrem(self.store.keys.sched, member.user)
+                await self.store.redis.zrem(self.store.keys.of(member.user).sched, member.user)
             await self.store.release_lock(member.user, member.token)
 
     async def _count(self, applied: int, ended: list[str]) -> None:

@@ -32,6 +32,7 @@ from consent_flow.core.records import ConsentRecord, cooldown_reason
 from consent_flow.core.table import Event, State
 from consent_flow.errors import ConsentRevoked, NotProvisioned, ProviderUnavailable
 from consent_flow.queue.bus import Envelope, new_id
+from consent_flow.queue.jobs import bell_key
 from consent_flow.queue.scheduler import REFRESH_JOB
 from consent_flow.store.vault import open_tokens
 
@@ -198,6 +199,7 @@ class TokenBroker:
         provider, user = conn
         event_id = new_id()
         jobs = self.client.bus.jobs
+        shard = self.client.bus.keys.of(user)  # the user's: its reply and its keys are there
         await jobs.put(
             jobs.job(
                 REFRESH_JOB,
@@ -209,10 +211,11 @@ class TokenBroker:
                     "reply": True,
                     "actor": "broker",
                 },
-                job_id=f"ondemand:{event_id}",
-                queue=self.client.settings.queue_name,
+                job_id=shard.job_id(f"ondemand:{event_id}"),
+                queue=shard.queue(self.client.settings.queue_name),
                 expires_ms=int(max(1.0, self.client.settings.event_timeout) * 1000),
-            )
+            ),
+            ring=bell_key(self.client.settings.queue_name),
         )
         outcome = await self.client.bus.wait(
             Envelope(Event.TOKEN_REFRESHED, user, "broker", event_id=event_id, provider=provider)

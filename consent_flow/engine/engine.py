@@ -61,7 +61,7 @@ from consent_flow.queue.commit_jobs import CommitJobs
 from consent_flow.queue.jobs import JobQueue
 from consent_flow.queue.scheduler import Scheduler
 from consent_flow.settings import Settings
-from consent_flow.store.redis_store import INBOX_TTL, RedisStore, state_hash
+from consent_flow.store.redis_store import INBOX_TTL, RedisStore, session_state, state_hash
 from consent_flow.store.vault import KeyRing, open_tokens, seal_tokens
 
 _T = TypeVar("_T")
@@ -440,7 +440,9 @@ class Engine:
             raise AssertionError(f"no session for {row.effect}")
         granted = rec.scopes if upgrade else ()
         scopes = join_scopes(self.settings.scopes, granted, rec.requested_scopes, asked)
-        state, verifier, nonce = new_state(), new_code_verifier(), new_nonce()
+        # The state names the user's shard: the callback finds the session from it alone.
+        state = session_state(self.store.keys.shard_of(rec.user), new_state())
+        verifier, nonce = new_code_verifier(), new_nonce()
         url = await self.oauth.authorization_url(
             state=state, nonce=nonce, code_challenge=code_challenge_s256(verifier), scopes=scopes
         )
@@ -906,7 +908,7 @@ class Engine:
                 if unsupported:
                     outcome = ProviderRevocation.UNSUPPORTED
                     await self.store.redis.hincrby(
-                        self.store.keys.revocation_counts, outcome.value, 1
+                        self.store.keys.of(rec.user).revocation_counts, outcome.value, 1
                     )
                     log.warning("provider_revocation_unsupported", user=rec.user)
                 elif rec.revocation_pending:
@@ -934,7 +936,7 @@ class Engine:
         endpoint, and ``ABANDONED`` after ``OUTBOX_MAX_ATTEMPTS`` failed tries: in both the
         tokens are dropped, never retried again.
         """
-        keys = self.store.keys
+        keys = self.store.keys.of(user)
         redis = self.store.redis
         rec = await self.store.load(user)
         if rec.revocation_pending is None:

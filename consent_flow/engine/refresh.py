@@ -323,7 +323,7 @@ class Refresher:
         now = self.engine.clock()
         if not self.engine.machine.allowed(rec.state, Event.TOKEN_REFRESHED) or rec.tokens is None:
             # The table has no refresh from this state: nothing to refresh, nothing to schedule.
-            await self.store.redis.zrem(self.store.keys.sched, user)
+            await self.store.redis.zrem(self.store.keys.of(user).sched, user)
             return self.engine.outcome(rec, envelope, "unchanged")
         if on_demand:
             if rec.expires_at is None or rec.expires_at - now >= min_ttl:
@@ -372,7 +372,7 @@ class Refresher:
         except GrantRejected as exc:
             # An earlier attempt's mark still there: it sent a refresh and never heard back. With
             # rotating refresh tokens the provider took that as the last use of this token.
-            await self.metrics.refresh("rejected")
+            await self.metrics.refresh("rejected", user=rec.user)
             return await self._reject(
                 rec,
                 envelope,
@@ -380,7 +380,7 @@ class Refresher:
                 description=exc.description,
             )
         except ClientRejected as exc:
-            await self.metrics.refresh("client_rejected")
+            await self.metrics.refresh("client_rejected", user=rec.user)
             await self.pause(exc)
             await self._reschedule(
                 rec,
@@ -392,7 +392,7 @@ class Refresher:
         except ProviderError as exc:
             # Down, slow, rate limited, or an answer we do not understand: never a reason to end
             # a grant. Back off and try again.
-            await self.metrics.refresh("transient_failure")
+            await self.metrics.refresh("transient_failure", user=rec.user)
             retry_after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
             throttled = isinstance(exc, ProviderUnavailable) and (
                 exc.status == 429 or retry_after is not None

@@ -453,12 +453,14 @@ def notice_job(
     if not settings.webhook_url:
         return None
     retry = retry or WebhookRetry()
+    # The user's shard, where a commit would queue the same notice.
+    shard = Keys(settings.redis_prefix, shards=settings.redis_shards).of(notice.user)
     return queue.job(
         WEBHOOK_JOB,
         (notice.to_job(),),
         # The prefix: deployments sharing one Redis share arq's job keys.
-        job_id=f"wh:{settings.redis_prefix}:{notice.id}",
-        queue=settings.queue_name,
+        job_id=shard.job_id(f"wh:{settings.redis_prefix}:{notice.id}"),
+        queue=shard.queue(settings.queue_name),
         # The job key must outlive every attempt: arq keeps it across retries, never renews it.
         expires_ms=int((retry.longest + WEBHOOK_DEDUP_WINDOW) * 1000),
     )

@@ -33,7 +33,7 @@ from arq.connections import ArqRedis
 from consent_flow.core.connections import DEFAULT_PROVIDER
 from consent_flow.core.table import Event
 from consent_flow.errors import VaultError, WorkerUnavailable
-from consent_flow.queue.jobs import JobQueue
+from consent_flow.queue.jobs import JobQueue, bell_key
 from consent_flow.store.redis_store import REPLY_TTL, Keys
 from consent_flow.store.vault import ReplyKey, seal_reply
 
@@ -246,10 +246,12 @@ class EventBus:
             self.jobs.job(
                 HANDLE_EVENT,
                 (envelope.to_job(),),
-                job_id=f"ev:{envelope.event_id}",
-                queue=self.queue_name,
+                # In the user's shard, beside the connection's keys and its refresh jobs.
+                job_id=self.keys.of(envelope.user).job_id(f"ev:{envelope.event_id}"),
+                queue=self.keys.of(envelope.user).queue(self.queue_name),
                 expires_ms=int(max(1.0, wait) * 1000),
-            )
+            ),
+            ring=bell_key(self.queue_name),
         )
         if not envelope.reply:
             return None
@@ -258,7 +260,7 @@ class EventBus:
     async def wait(self, envelope: Envelope, *, timeout: float | None = None) -> Outcome:
         """Block until the outcome of the event ``envelope.event_id`` is reported."""
         wait = self.timeout if timeout is None else timeout
-        key = self.keys.reply(envelope.event_id)
+        key = self.keys.reply(envelope.user, envelope.event_id)
         redis: Any = self.pool  # redis-py's async types are sync|async unions
         # BLMOVE from the list onto itself waits like BLPOP but leaves the outcome in place, in
         # one round trip, for anyone else waiting on the same event (a duplicate emit); the key
@@ -275,7 +277,7 @@ class EventBus:
 
     async def reply(self, envelope: Envelope, outcome: Outcome) -> None:
         """Push ``outcome`` to ``envelope``'s caller (secrets sealed to its reply key)."""
-        key = self.keys.reply(envelope.event_id)
+        key = self.keys.reply(envelope.user, envelope.event_id)
         async with self.pool.pipeline(transaction=True) as pipe:
             pipe.rpush(key, outcome.reply_json(envelope))
             pipe.expire(key, REPLY_TTL)

@@ -16,7 +16,8 @@ __all__ = ["CommitJobs"]
 
 
 class CommitJobs:
-    """Builds the arq jobs of commits, on the scheduler's queue."""
+    """Builds the arq jobs of commits, on the queue of the committing user's shard (the
+    commit's script writes them: they must be in its slot)."""
 
     def __init__(self, scheduler: Scheduler, *, prefix: str) -> None:
         self.scheduler = scheduler
@@ -28,13 +29,14 @@ class CommitJobs:
         if isinstance(job, RefreshJob):
             return self.scheduler.job_for(user, job.at)
         if isinstance(job, NoticeJob):
+            shard = self.scheduler.keys.of(user)
             return self.scheduler.jobs.job(
                 NOTICE_JOB,
                 (job.notice,),
                 # The notice's id: arq refuses a second one while the first is queued, retrying,
                 # or remembered as done.
-                job_id=f"wh:{self.prefix}:{job.id}",
-                queue=self.scheduler.queue_name,
+                job_id=shard.job_id(f"wh:{self.prefix}:{job.id}"),
+                queue=shard.queue(self.scheduler.queue_name),
                 expires_ms=int(job.keep_for * 1000),
             )
         raise TypeError(f"not a job a commit queues: {job!r}")

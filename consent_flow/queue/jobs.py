@@ -21,9 +21,10 @@ from typing import Any
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
+from redis.exceptions import NoScriptError
 
 from consent_flow.settings import MAX_EVENT_TIMEOUT
-from consent_flow.store.scripts import lua
+from consent_flow.store.scripts import lua, queue_script
 
 __all__ = [
     "EVENT_MAX_TRIES",
@@ -53,6 +54,15 @@ REDELIVERY_WINDOW = MAX_EVENT_TIMEOUT + max(EVENT_MAX_TRIES, REFRESH_MAX_TRIES) 
 
 # The enqueue() function (enqueue_function.lua) and the script that calls it once.
 _ENQUEUE = lua("enqueue_function") + lua("enqueue")
+# A queue's bell: a list an idle worker blocks on (BLPOP) between polls. Enough entries to wake
+# every idle worker of a fleet; gone a minute after the last ring when no worker listens.
+BELL_MAX = 64
+BELL_TTL_MS = 60_000
+
+
+def bell_key(queue_name: str) -> str:
+    """The bell of the queue ``queue_name`` (rung by ``JobQueue.put(..., ring=...)``)."""
+    return f"{queue_name}:bell"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +133,26 @@ class JobQueue:
         )
         return QueuedJob(job_id, queue, payload, run_at_ms, max(1, expires_ms))
 
-    async def put(self, job: QueuedJob) -> bool:
-        """Queue the job; False when arq still holds a job with its id (that job stands)."""
-        return bool(await self._enqueue(keys=job.keys, args=job.args))
+    async def put(self, job: QueuedJob, *, ring: str | None = None) -> bool:
+        """Queue the job; False when arq still holds a job with its id (that job stands).
+
+        ``ring``: the queue's bell (``bell_key``), for a job someone waits on: an idle worker
+        blocked on the bell takes it at once instead of at its next poll. Rung in the same
+        round trip; a bell for a job that was not queued only costs a worker one poll.
+        """
+        if ring is None:
+            return bool(await self._enqueue(keys=job.keys, args=job.args))
+        for attempt in range(2):
+            async with self.pool.pipeline(transaction=False) as pipe:
+                queue_script(pipe, self._enqueue, job.keys, job.args)
+                pipe.lpush(ring, b"1")
+                pipe.ltrim(ring, 0, BELL_MAX - 1)
+                pipe.pexpire(ring, BELL_TTL_MS)
+                queued, *_ = await pipe.execute(raise_on_error=False)
+            if not isinstance(queued, NoScriptError) or attempt:
+                break
+            # A server without the script (a new primary, a flushed cache): it ran nothing.
+            self._enqueue.sha = await self.pool.script_load(self._enqueue.script)
+        if isinstance(queued, BaseException):
+            raise queued
+        return bool(queued)

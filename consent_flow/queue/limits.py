@@ -20,7 +20,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from consent_flow.store.scripts import lua, queue_script
+from consent_flow.store.redis_store import Keys
+from consent_flow.store.scripts import lua
 
 __all__ = ["DEFAULT_PAUSE", "LATE_AFTER", "Limits", "Permits", "ProviderLimiter"]
 
@@ -79,11 +80,11 @@ class ProviderLimiter:
         self.provider = provider
         self.limits = limits
         self.lease_ms = int(lease * 1000)
-        base = f"{prefix}:{provider}:limit"
+        keys = Keys(prefix, provider)
         self.log_key, self.leases_key, self.pause_key = (
-            f"{base}:log",
-            f"{base}:leases",
-            f"{base}:pause",
+            keys.limit("log"),
+            keys.limit("leases"),
+            keys.limit("pause"),
         )
         self._permits = redis.register_script(lua("provider_permits"))
         self._pause = redis.register_script(lua("provider_pause"))
@@ -92,17 +93,6 @@ class ProviderLimiter:
         """Up to ``want`` permits to call the provider now (maybe fewer, maybe none)."""
         keys, args, stem = self.permits_call(want)
         return self.permits_result(await self._permits(keys=keys, args=args), stem)
-
-    async def acquire_into(self, pipe: Any, want: int, *, note: str) -> str:
-        """Queue the ask on ``pipe``, the number granted also noted in the key ``note`` for a
-        script that follows it in the pipeline; returns the stem for ``permits_result``."""
-        keys, args, stem = self.permits_call(want)
-        queue_script(pipe, self._permits, [*keys, note], args)
-        return stem
-
-    async def load_scripts(self) -> None:
-        """Load the permits script (after a NoScriptError in a pipeline that sent its SHA)."""
-        self._permits.sha = await self.redis.script_load(self._permits.script)
 
     def permits_call(self, want: int) -> tuple[list[str], list[Any], str]:
         limits = self.limits
@@ -123,10 +113,6 @@ class ProviderLimiter:
         granted, wait = raw
         n = int(granted)
         return Permits(tuple(f"{stem}:{i}" for i in range(1, n + 1)), int(wait) / 1000)
-
-    def note_key(self) -> str:
-        """A key of one ask's own, where the number granted waits for the batch's claim."""
-        return f"{self.log_key}:note:{secrets.token_hex(8)}"
 
     def release_into(self, pipe: Any, ended: list[str], unused: list[str]) -> None:
         """Queue on ``pipe``: the leases of calls that ended, and the grants not used (they

@@ -1,9 +1,10 @@
 """Refresh scheduling: a deferred arq job per grant, backed by a sorted set that a sweep reads.
 
-Each provider has its own schedule (one Scheduler per provider's stack). Each provisioned
-connection has one entry in ``cf:<provider>:sched`` scored by the next refresh's due time (ms),
-written in the same commit as the tokens, with a deferred arq job of the deterministic id
-``refresh:<prefix>:<provider>:<user>:<due ms>`` (``Keys.refresh_job_id``): a refresh's commit
+Each provider has its own schedule per shard (one Scheduler per provider's stack). Each
+provisioned connection has one entry in its shard's ``cf:{s<n>}:<provider>:sched`` scored by the
+next refresh's due time (ms), written in the same commit as the tokens, with a deferred arq job
+on the shard's queue of the deterministic id ``{s<n>}:refresh:<prefix>:<provider>:<user>:<due
+ms>`` (``ShardKeys.refresh_job_id``): a refresh's commit
 queues it itself (and removes the job it replaces), a new grant's right after its commit. Its
 arguments are just the user, the due time and the provider, positional (a million of them wait
 in Redis). A cron sweep reads the due part of the
@@ -25,7 +26,7 @@ from arq.constants import job_key_prefix
 
 from consent_flow.queue.jobs import JobQueue, JobRef, QueuedJob
 from consent_flow.store.clock import redis_time
-from consent_flow.store.redis_store import Keys, due_ms
+from consent_flow.store.redis_store import Keys, ShardKeys, due_ms
 from consent_flow.store.scripts import lua
 
 __all__ = ["REFRESH_JOB", "Scheduler", "refresh_job_id", "refresh_job_ref", "refresh_payload"]
@@ -38,13 +39,15 @@ JOB_EXPIRY_MS = 24 * 3600 * 1000  # how long a queued job waits for a worker bef
 
 
 def refresh_job_id(keys: Keys, user: str, due: int) -> str:
-    """The id of the connection's refresh job due at ``due`` (ms): prefix and provider in it."""
-    return keys.refresh_job_id(user, due)
+    """The id of the connection's refresh job due at ``due`` (ms): shard tag, prefix and
+    provider in it."""
+    return keys.of(user).refresh_job_id(user, due)
 
 
-def refresh_job_ref(keys: Keys, user: str, due: float, queue: str) -> JobRef:
+def refresh_job_ref(keys: Keys, user: str, due: float, queue_name: str) -> JobRef:
     """The queued job of the schedule due at ``due`` (seconds), for a commit to remove."""
-    return JobRef(refresh_job_id(keys, user, due_ms(due)), queue)
+    shard = keys.of(user)
+    return JobRef(shard.refresh_job_id(user, due_ms(due)), shard.queue(queue_name))
 
 
 def refresh_payload(user: str, due: int, enqueued_ms: int, provider: str) -> bytes:
@@ -90,7 +93,7 @@ class Scheduler:
             REFRESH_JOB,
             (user, ms, self.keys.provider),
             job_id=refresh_job_id(self.keys, user, ms),
-            queue=self.queue_name,
+            queue=self.keys.of(user).queue(self.queue_name),
             run_at_ms=ms,
         )
 
@@ -101,20 +104,31 @@ class Scheduler:
             await self.jobs.put(job)
 
     async def sweep(self, *, now: float | None = None, limit: int = SWEEP_LIMIT) -> dict[str, int]:
-        """Queue every due refresh whose job is missing. Returns counts: due looked at, requeued.
+        """Queue every due refresh whose job is missing, shard by shard. Returns counts: due
+        looked at, requeued.
 
         "Due" is by Redis's clock unless ``now`` is given. One batch costs O(log n + due looked
         at); a tick runs batches while they come back full.
         """
+        looked = requeued = 0
+        for shard in self.keys.every_shard():
+            counts = await self._sweep_shard(shard, now=now, limit=limit)
+            looked += counts["due"]
+            requeued += counts["requeued"]
+        return {"due": looked, "requeued": requeued}
+
+    async def _sweep_shard(
+        self, shard: ShardKeys, *, now: float | None, limit: int
+    ) -> dict[str, int]:
         now_arg = "" if now is None else str(due_ms(now))
         looked = requeued = 0
         for _ in range(SWEEP_BATCHES):
             found, missing, more, now_used = await self._due(
-                keys=[self.keys.sched],
+                keys=[shard.sched],
                 args=[
                     now_arg,
                     limit,
-                    job_key_prefix + self.keys.refresh_job_head,
+                    job_key_prefix + shard.refresh_job_head,
                     SWEEP_SCAN_FACTOR * limit,
                 ],
             )
@@ -123,23 +137,30 @@ class Scheduler:
             looked += int(found)
             if not missing:
                 break
-            requeued += await self._requeue(missing, now_ms)
+            requeued += await self._requeue(shard, missing, now_ms)
             if len(missing) < 2 * limit or not more:
                 break
         return {"due": looked, "requeued": requeued}
 
-    async def _requeue(self, missing: list[Any], now_ms: int) -> int:
+    async def _requeue(self, shard: ShardKeys, missing: list[Any], now_ms: int) -> int:
         args: list[Any] = []
         for i in range(0, len(missing), 2):
             user = missing[i].decode() if isinstance(missing[i], bytes) else str(missing[i])
             score = int(missing[i + 1])
-            job_id = refresh_job_id(self.keys, user, score)
+            job_id = shard.refresh_job_id(user, score)
             payload = refresh_payload(user, score, now_ms, self.keys.provider)
             # Due now: the job's queue score is the present, whatever the schedule said.
             args += [job_key_prefix + job_id, payload, now_ms, job_id]
-        return int(await self._enqueue(keys=[self.queue_name], args=[JOB_EXPIRY_MS, *args]))
+        return int(
+            await self._enqueue(keys=[shard.queue(self.queue_name)], args=[JOB_EXPIRY_MS, *args])
+        )
 
     async def due_count(self, within: float) -> int:
-        """Refreshes due between now (Redis's time) and ``within`` seconds from now."""
+        """Refreshes due between now (Redis's time) and ``within`` seconds from now, every
+        shard's."""
         now = await redis_time(self.pool)
-        return int(await self.pool.zcount(self.keys.sched, due_ms(now), due_ms(now + within)))
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for shard in self.keys.every_shard():
+                pipe.zcount(shard.sched, due_ms(now), due_ms(now + within))
+            counts = await pipe.execute()
+        return sum(int(n) for n in counts)

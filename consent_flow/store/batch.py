@@ -1,7 +1,7 @@
 """Taking a batch of due scheduled refreshes in one round trip (``lua/claim_batch.lua``).
 
-A provider's schedule (``cf:<provider>:sched``, by due time) feeds its ready set
-(``cf:<provider>:ready``, by when each grant lapses), from which a worker takes the
+Each shard of a provider has its schedule (``cf:{s<n>}:<provider>:sched``, by due time) feeding
+its ready set (``...:ready``, by when each grant lapses), from which a worker takes the
 soonest-lapsing, each under its user's lock, with the records read under the locks. See the
 script for the lease that keeps a taken member scheduled.
 """
@@ -9,13 +9,16 @@ script for the lease that keeps a taken member scheduled.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from redis.exceptions import NoScriptError
 
 from consent_flow.core.records import ConsentRecord
 from consent_flow.core.table import State
 from consent_flow.store import codec
-from consent_flow.store.redis_store import Keys, RedisStore, _pairs, _record
+from consent_flow.store.redis_store import Keys, RedisStore, _record
 from consent_flow.store.scripts import lua, queue_script
 
 __all__ = [
@@ -64,27 +67,35 @@ class Backlog:
 
 
 async def read_backlog(redis: Any, keys: Keys, now: float) -> Backlog:
-    """The backlog of ``keys``' provider; ``now`` is Redis's time."""
+    """The backlog of ``keys``' provider, summed over its shards; ``now`` is Redis's time.
+
+    Batches take from every shard alike, so each shard's lapse count assumes its share of the
+    drain rate."""
     rate = await drain_rate(redis, keys, now)
-    head, tail = _affixes(keys.rec("\x00"))
-    due, oldest, lapsing, looked = await redis.eval(
-        lua("backlog"),
-        3,
-        keys.sched,
-        keys.ready,
-        keys.ready_due,
-        repr(rate),
-        head,
-        tail,
-        BACKLOG_LOOK,
-        *_LAPSE_FIELDS,
-    )
+    script = lua("backlog")
+    async with redis.pipeline(transaction=False) as pipe:
+        for shard in keys.every_shard():
+            head, tail = shard.around_user("rec")
+            pipe.eval(
+                script,
+                3,
+                shard.sched,
+                shard.ready,
+                shard.ready_due,
+                repr(rate / keys.shards),
+                head,
+                tail,
+                max(1, BACKLOG_LOOK // keys.shards),
+                *_LAPSE_FIELDS,
+            )
+        rows = await pipe.execute()
+    oldest = [int(row[1]) for row in rows if row[1]]
     return Backlog(
-        due=int(due),
-        oldest_due_age=None if not oldest else max(0.0, now - int(oldest) / 1000),
+        due=sum(int(row[0]) for row in rows),
+        oldest_due_age=None if not oldest else max(0.0, now - min(oldest) / 1000),
         drain_per_s=rate,
-        lapsing=int(lapsing),
-        looked=int(looked),
+        lapsing=sum(int(row[2]) for row in rows),
+        looked=sum(int(row[3]) for row in rows),
     )
 
 
@@ -102,69 +113,96 @@ class Claim:
     now: float  # Redis's time of the claim
     halt: dict[str, str]  # the pause for everyone, as read
     members: list[Claimed] = field(default_factory=list)
+    throttled_until: float = 0.0  # the provider's 429 pause as read with the claim (0: none)
 
     @property
     def locked(self) -> list[Claimed]:
         return [m for m in self.members if m.token is not None]
 
 
-def _affixes(key: str) -> tuple[str, str]:
-    """A per-user key's text before and after the user."""
-    head, _, tail = key.partition("\x00")
-    return head, tail
-
-
 class BatchClaimer:
     def __init__(self, store: RedisStore) -> None:
         self.store = store
         self._claim = store.redis.register_script(lua("claim_batch"))
-        k = store.keys
-        marker = "\x00"
-        self._affix_args: list[str] = []
-        for key in (
-            k.rec(marker),
-            k.sealed(marker, codec.SEALED_KEYS["tokens"]),
-            k.sealed(marker, codec.SEALED_KEYS["revocation_pending"]),
-            k.lock(marker),
-        ):
-            self._affix_args += _affixes(key)
+        self._affixes: dict[int, list[str]] = {}
 
-    async def claim(self, want: int, *, lock_ttl: float, lease: float) -> Claim:
-        keys, args = self.claim_call(want, lock_ttl=lock_ttl, lease=lease)
-        return self.claim_result(await self._claim(keys=keys, args=args))
+    def _affix_args(self, shard: int) -> list[str]:
+        """The text before and after the user in the shard's per-user keys the claim builds."""
+        if shard not in self._affixes:
+            k = self.store.keys.shard(shard)
+            names = ("rec", *codec.SEALED_KEYS.values(), "lock")
+            self._affixes[shard] = [part for name in names for part in k.around_user(name)]
+        return self._affixes[shard]
 
-    async def claim_into(
-        self, pipe: Any, want: int, *, lock_ttl: float, lease: float, note: str
-    ) -> None:
-        """Queue the claim on ``pipe``, taking no more than the permits noted in ``note``."""
-        keys, args = self.claim_call(want, lock_ttl=lock_ttl, lease=lease)
-        queue_script(pipe, self._claim, [*keys, note], args)
+    async def due(self, shards: Sequence[int], now: float) -> dict[int, int]:
+        """How many refreshes wait in each of ``shards`` (ready, or due by ``now``, Redis's
+        time), in one round trip: a lane claims where there is work."""
+        now_ms = str(int(now * 1000))
+        async with self.store.redis.pipeline(transaction=False) as pipe:
+            for n in shards:
+                k = self.store.keys.shard(n)
+                pipe.zcard(k.ready)
+                pipe.zcount(k.sched, "-inf", now_ms)
+            counts = await pipe.execute()
+        return {
+            n: int(counts[2 * i]) + int(counts[2 * i + 1])
+            for i, n in enumerate(shards)
+            if int(counts[2 * i]) + int(counts[2 * i + 1])
+        }
+
+    async def claim(
+        self, shard: int, want: int, *, lock_ttl: float, lease: float, throttle: str | None = None
+    ) -> Claim:
+        """Take up to ``want`` due members of ``shard``. The refresh pause and the provider's
+        429 pause (the string key ``throttle``) are fleet-wide keys, so not the script's: they
+        are read in the same round trip."""
+        keys, args = self.claim_call(shard, want, lock_ttl=lock_ttl, lease=lease)
+        for attempt in range(2):
+            async with self.store.redis.pipeline(transaction=False) as pipe:
+                queue_script(pipe, self._claim, keys, args)
+                pipe.hgetall(self.store.keys.halt)
+                if throttle is not None:
+                    pipe.get(throttle)
+                raw, halt, *until = await pipe.execute(raise_on_error=False)
+            if isinstance(raw, NoScriptError) and not attempt:
+                # A server without the script yet (a new primary): nothing ran.
+                await self.load_script()
+                continue
+            for answer in (raw, halt, *until):
+                if isinstance(answer, BaseException):
+                    raise answer
+            break
+        claim = self.claim_result(raw, halt)
+        if until and until[0] is not None:
+            claim = replace(claim, throttled_until=int(until[0]) / 1000)
+        return claim
 
     async def load_script(self) -> None:
         """Load the claim script (after a NoScriptError in a pipeline that sent its SHA)."""
         self._claim.sha = await self.store.redis.script_load(self._claim.script)
 
     def claim_call(
-        self, want: int, *, lock_ttl: float, lease: float
+        self, shard: int, want: int, *, lock_ttl: float, lease: float
     ) -> tuple[list[str], list[Any]]:
-        k = self.store.keys
+        k = self.store.keys.shard(shard)
         args = [
             want,
             PROMOTE_MAX,
             int(lock_ttl * 1000),
             int(lease * 1000),
             secrets.token_hex(12),
-            *self._affix_args,
+            *self._affix_args(shard),
             *_LAPSE_FIELDS,
             _STATE_FIELD,
             _INFLIGHT_FIELD,
             State.PROVISIONED.value,
         ]
-        return [k.sched, k.ready, k.halt, k.ready_due], args
+        return [k.sched, k.ready, k.ready_due], args
 
     @staticmethod
-    def claim_result(raw: Any) -> Claim:
-        now_ms, halt, taken = raw
+    def claim_result(raw: Any, halt: dict[Any, Any]) -> Claim:
+        now_ms, taken = raw
+        halt = {_text(k): _text(v) for k, v in halt.items()}
         members = []
         for item in taken:
             user = _text(item[0])
@@ -175,7 +213,7 @@ class BatchClaimer:
             tok = item[3] if len(item) > 3 else None
             rvk = item[4] if len(item) > 4 else None
             members.append(Claimed(user, _text(item[1]), _record(user, flat, tok, rvk)))
-        return Claim(int(now_ms) / 1000, _pairs(halt), members)
+        return Claim(int(now_ms) / 1000, halt, members)
 
 
 def _text(value: Any) -> str:

@@ -16,7 +16,13 @@ from consent_flow.core.records import ProviderRevocation, RefreshCount
 from consent_flow.core.table import State
 from consent_flow.store.batch import Backlog, read_backlog
 from consent_flow.store.clock import redis_time, skew_problem, worst_offset
-from consent_flow.store.redis_store import LEAD_BUCKETS, Keys, due_ms, refresh_counters
+from consent_flow.store.redis_store import (
+    LEAD_BUCKETS,
+    Keys,
+    ShardKeys,
+    due_ms,
+    refresh_counters,
+)
 from consent_flow.store.scripts import lua
 
 __all__ = [
@@ -48,23 +54,20 @@ class MetricsRecorder:
         self.clock = clock  # Redis's time: every process files a failure under the same hour
         self._heartbeat = redis.register_script(lua("heartbeat"))
 
-    def refresh_counters(
-        self, outcome: str, *, lead: float | None = None
-    ) -> tuple[tuple[str, str, str], ...]:
-        """What one refresh adds to the counters: (hash key, field, amount as text)."""
-        return refresh_counters(self.keys, RefreshCount(outcome, lead))
-
-    async def refresh(self, outcome: str, *, lead: float | None = None) -> None:
+    async def refresh(self, outcome: str, *, user: str, lead: float | None = None) -> None:
+        """Count one refresh of ``user``'s connection that applied nothing (a success's commit
+        counts itself), in the user's shard."""
         hour = int(self.clock() // 3600)
+        shard = self.keys.of(user)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for key, name, amount in self.refresh_counters(outcome, lead=lead):
+            for key, name, amount in refresh_counters(shard, RefreshCount(outcome, lead)):
                 if "." in amount:
                     pipe.hincrbyfloat(key, name, float(amount))
                 else:
                     pipe.hincrby(key, name, int(amount))
             if outcome != "success":
-                pipe.hincrby(self.keys.hourly(hour), outcome, 1)
-                pipe.expire(self.keys.hourly(hour), HOURLY_TTL)
+                pipe.hincrby(shard.hourly(hour), outcome, 1)
+                pipe.expire(shard.hourly(hour), HOURLY_TTL)
             await pipe.execute()
 
     async def redis_outage(self, seconds: float) -> None:
@@ -173,49 +176,62 @@ class Snapshot:
         }
 
 
-async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
-    now = await redis_time(redis)  # what is due, live or recent is by Redis's clock
+# What each shard contributes to a snapshot, in the order read_snapshot asks for it.
+_PER_SHARD = len(State) + 1 + 24 + 2 + 4
+
+
+def _shard_reads(pipe: Any, shard: ShardKeys, queue: str, now: float) -> None:
+    """Queue one shard's figures on ``pipe`` (``_PER_SHARD`` answers)."""
     hour = int(now // 3600)
+    for state in State:
+        pipe.zcard(shard.idx(state))
+    pipe.zcount(shard.sched, due_ms(now), due_ms(now + 3600))
+    for h in range(hour - 23, hour + 1):
+        pipe.hgetall(shard.hourly(h))
+    pipe.zcount(queue, "-inf", due_ms(now))
+    pipe.zcount(queue, f"({due_ms(now)}", "+inf")
+    pipe.hgetall(shard.transition_counts)
+    pipe.hgetall(shard.refresh_counts)
+    pipe.hgetall(shard.refresh_lead)
+    pipe.hgetall(shard.revocation_counts)
+
+
+def _sum_hashes(rows: list[dict[Any, Any]], value: Callable[[Any], Any] = int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for row in rows:
+        for k, v in row.items():
+            out[_text(k)] = out.get(_text(k), 0) + value(v)
+    return out
+
+
+async def read_snapshot(redis: Any, keys: Keys, queue_name: str) -> Snapshot:
+    """One provider's figures, summed over its shards (one round trip), and the shared ones."""
+    now = await redis_time(redis)  # what is due, live or recent is by Redis's clock
+    shards = keys.every_shard()
     async with redis.pipeline(transaction=False) as pipe:
-        for state in State:
-            pipe.zcard(keys.idx(state))
-        pipe.zcount(keys.sched, due_ms(now), due_ms(now + 3600))
-        for h in range(hour - 23, hour + 1):
-            pipe.hgetall(keys.hourly(h))
-        pipe.zcount(queue_name, "-inf", due_ms(now))
-        pipe.zcount(queue_name, f"({due_ms(now)}", "+inf")
+        for shard in shards:
+            _shard_reads(pipe, shard, shard.queue(queue_name), now)
         pipe.zcount(keys.workers, now - HEARTBEAT_STALE, "+inf")
         pipe.hget(keys.halt, "reason")
-        pipe.hgetall(keys.transition_counts)
-        pipe.hgetall(keys.refresh_counts)
-        pipe.hgetall(keys.refresh_lead)
-        pipe.hgetall(keys.revocation_counts)
         pipe.zrangebyscore(keys.workers, now - HEARTBEAT_STALE, "+inf")
         pipe.hgetall(keys.worker_clocks)
         pipe.hgetall(keys.webhook_counts)
         pipe.hgetall(keys.worker_counts)
         values = await pipe.execute()
-    states = {state.value: int(values[i]) for i, state in enumerate(State)}
-    rest = values[len(State) :]
-    due_next_hour = int(rest[0])
-    hourly = rest[1:25]
+    per = [values[i * _PER_SHARD : (i + 1) * _PER_SHARD] for i in range(len(shards))]
+    n = len(State)
+    states = {state.value: sum(int(p[i]) for p in per) for i, state in enumerate(State)}
+    due_next_hour = sum(int(p[n]) for p in per)
+    hourly = [h for p in per for h in p[n + 1 : n + 25]]
     failures = sum(int(h.get(b"transient_failure", h.get("transient_failure", 0))) for h in hourly)
     rejections = sum(int(h.get(b"rejected", h.get("rejected", 0))) for h in hourly)
-    (
-        queue_depth,
-        deferred,
-        alive,
-        halt,
-        transitions,
-        outcomes,
-        lead,
-        revocations,
-        live,
-        clocks,
-        webhooks,
-        worker,
-    ) = rest[25:]
-    lead_text = {_text(k): _text(v) for k, v in lead.items()}
+    queue_depth = sum(int(p[n + 25]) for p in per)
+    deferred = sum(int(p[n + 26]) for p in per)
+    transitions = _sum_hashes([p[n + 27] for p in per])
+    outcomes = _sum_hashes([p[n + 28] for p in per])
+    lead_text = _sum_hashes([p[n + 29] for p in per], float)
+    revocations = _sum_hashes([p[n + 30] for p in per])
+    alive, halt, live, clocks, webhooks, worker = values[len(shards) * _PER_SHARD :]
     backlog = await read_backlog(redis, keys, now)
     return Snapshot(
         states=states,

@@ -1,54 +1,57 @@
 """The state store: a ``Protocol`` with a Redis implementation and an in-memory one for fast tests.
 
 Redis layout (``cf`` is ``CONSENT_REDIS_PREFIX``, ``gh`` a provider's name; a connection is one
-user's grant at one provider, and every key of one user shares the hash tag ``{user}`` so
-per-user commands stay within one slot, whichever provider they are about)::
+user's grant at one provider). Connections are spread over ``CONSENT_REDIS_SHARDS`` shards by
+user (``crc32(user) % shards``, every provider alike), and ``{s7}`` is shard 7's hash tag: every
+key of a shard hashes to one Redis Cluster slot, so every script below stays in one slot::
 
-    cf:{alice}:gh:rec      hash   the record (state, version, since, sealed session, schedule)
-    cf:{alice}:gh:tok      string the sealed tokens (binary; apart, so the record hash stays in
-                                  Redis's compact encoding)
-    cf:{alice}:gh:rvk      string sealed tokens still to revoke at the provider (binary)
-    cf:{alice}:gh:hist     list   history entries, oldest first (JSON)
-    cf:{alice}:gh:seen     zset   event ids already applied (exactly-once effect), scored by
-                                  time, kept for the queue's redelivery window (SEEN_WINDOW)
-    cf:{alice}:gh:in:<id>  string sealed authorization code waiting for its event (short TTL)
-    cf:{alice}:gh:lock     string single-flight lock for provider calls, value = owner token
-    cf:gh:idx:<state>      zset   users in that state at gh, scored by since (list, stats: no
-                                  KEYS scans)
-    cf:gh:sched            zset   users by next refresh due time at gh, in epoch milliseconds
-                                  (a refresh a batch took: its lease, due again if its worker
-                                  dies)
-    cf:gh:ready            zset   due refreshes at gh waiting for a batch, by when the grant
-                                  lapses (ms)
-    cf:gh:ready:due        zset   the same, by when each fell due (ms): the backlog's age
-    cf:gh:limit:log        zset   grants of calls to gh in the rate's sliding window
-    cf:gh:limit:leases     zset   calls to gh under way, by when their lease expires
-    cf:gh:limit:pause      string no call to gh starts before this time (a 429; ms)
-    cf:gh:histidx          zset   users by the time of their oldest history entry (retention)
-    cf:gh:outbox           zset   users with tokens still to revoke at gh, by next try
-    cf:gh:upgrades         zset   users with an upgrade session open at gh, by its expiry
-    cf:gh:halt             hash   refreshes at gh paused for everyone: invalid_client (reason,
-                                  since)
-    cf:gh:check            hash   why gh's discovery document cannot be used now (url, problem,
-                                  reach, since): kept while a process retries it, gone once it
-                                  answers or shortly after that process ends
-    cf:gh:sess:<sha256>    string "user\nsession id" for a live authorization session's state
-    cf:metrics:gh:*        hash   gh's counters for /metrics and stats (transitions, refresh
-                                  outcomes, refresh lead time buckets, per-hour failures and
-                                  rejections, provider revocations by outcome)
-    cf:metrics:webhooks    hash   webhook deliveries by outcome: delivered, retried, dead
-    cf:metrics:worker      hash   Redis outages the workers rode out, deferred commits
-    cf:workers             zset   worker ids by last heartbeat (Redis's time)
-    cf:workers:clock       hash   worker id -> its clock's offset from Redis's time, in seconds
-    cf:invalidate          pubsub "provider\nuser" of connections whose cached tokens must be
-                                  dropped (published by commits)
-    cf:kids                hash   ciphertext count per key id, every provider's (start-up key
-                                  check, rotation)
-    cf:events              stream every transition of every provider, for `tail` and other
-                                  consumers (bounded; entries carry the provider)
+    cf:{s7}:gh:u:alice:rec      hash   the record (state, version, since, sealed session,
+                                       schedule)
+    cf:{s7}:gh:u:alice:tok      string the sealed tokens (binary; apart, so the record hash stays
+                                       in Redis's compact encoding)
+    cf:{s7}:gh:u:alice:rvk      string sealed tokens still to revoke at the provider (binary)
+    cf:{s7}:gh:u:alice:hist     list   history entries, oldest first (JSON)
+    cf:{s7}:gh:u:alice:seen     zset   event ids already applied (exactly-once effect), scored by
+                                       time, kept for the queue's redelivery window (SEEN_WINDOW)
+    cf:{s7}:gh:u:alice:in:<id>  string sealed authorization code waiting for its event (short TTL)
+    cf:{s7}:gh:u:alice:lock     string single-flight lock for provider calls, value = owner token
+    cf:{s7}:gh:idx:<state>      zset   the shard's users in that state at gh, scored by since
+                                       (list, stats: no KEYS scans)
+    cf:{s7}:gh:sched            zset   users by next refresh due time at gh, in epoch ms (a
+                                       refresh a batch took: its lease, due again if its worker
+                                       dies)
+    cf:{s7}:gh:ready            zset   due refreshes waiting for a batch, by when the grant
+                                       lapses (ms)
+    cf:{s7}:gh:ready:due        zset   the same, by when each fell due (ms): the backlog's age
+    cf:{s7}:gh:histidx          zset   users by the time of their oldest history entry
+    cf:{s7}:gh:outbox           zset   users with tokens still to revoke at gh, by next try
+    cf:{s7}:gh:upgrades         zset   users with an upgrade session open at gh, by its expiry
+    cf:{s7}:gh:sess:<sha256>    string "user\nsession id" for a live authorization session's
+                                       state (the state names its shard: "7.<random>")
+    cf:{s7}:gh:metrics:*        hash   counters for /metrics and stats (transitions, refresh
+                                       outcomes, lead time buckets, per-hour failures and
+                                       rejections, provider revocations by outcome)
+    cf:{s7}:gh:kids             hash   ciphertext count per key id (start-up key check, rotation)
+    cf:{s7}:gh:events           stream every transition, for `tail` and other consumers (bounded)
+    cf:{s7}:reply:<event id>    list   a caller's answer
+    cf:{gh:limit}:log|leases|pause     the provider's fleet-wide call limits (a tag of their own)
+    cf:gh:halt                  hash   refreshes at gh paused for everyone: invalid_client
+                                       (reason, since); read beside scripts, never in one
+    cf:gh:check                 hash   why gh's discovery document cannot be used now (url,
+                                       problem, reach, since)
+    cf:gh:import:<digest>       string ``consent-flow import``'s place in one source
+    cf:metrics:webhooks         hash   webhook deliveries by outcome: delivered, retried, dead
+    cf:metrics:worker           hash   Redis outages the workers rode out, deferred commits
+    {cf:workers}                zset   worker ids by last heartbeat (Redis's time)
+    {cf:workers}:clock          hash   worker id -> its clock's offset from Redis's time (s)
+    cf:invalidate               pubsub "provider\nuser" of connections whose cached tokens must
+                                       be dropped (published by commits)
+    cf:shards                   string the shard count the data was laid out for
 
-Refresh jobs' ids carry the prefix and the provider too (``refresh:cf:gh:alice:<due ms>``): two
-deployments or two providers on one queue never share one.
+Each shard has its arq queue, ``<queue name>:{s7}``, and every job id starts with its shard's
+tag (``{s7}:refresh:cf:gh:alice:<due ms>``, ``{s7}:ev:<id>``): arq's job, in-progress, retry
+and result keys of a job land in its shard's slot. A user's jobs go to the user's shard; jobs
+about no connection (cron) to shard 0.
 
 Every time stored here is Redis's time (``TIME`` in scripts, a ``RedisClock`` in Python), never
 the writing process's own clock: processes whose clocks disagree still agree on what is due.
@@ -63,7 +66,6 @@ webhook notice; ``queue/commit_jobs.py`` makes them from the change's domain val
 releases the user's lock and pushes the caller's answer, only if it applies.
 A record is read in one round trip too, hash and sealed keys alike (with the lock taken, for a
 refresh).
-The indexes are shard-wide keys: users are sharded across primaries, not across a Cluster.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ import json
 import math
 import secrets
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -93,19 +96,29 @@ from consent_flow.core.records import (
     RefreshJob,
 )
 from consent_flow.core.table import Event, State
+from consent_flow.errors import SettingsError
 from consent_flow.queue.jobs import REDELIVERY_WINDOW, score_arg
+from consent_flow.settings import DEFAULT_REDIS_SHARDS
 from consent_flow.store import codec
 from consent_flow.store.scripts import lua, queue_script
 from consent_flow.store.vault import KeyRing
 
 __all__ = [
+    "DEFAULT_SHARDS",
     "SEEN_MAX_EVENTS",
     "SEEN_WINDOW",
     "Keys",
     "MemoryStore",
     "RedisStore",
+    "ShardKeys",
     "Store",
+    "check_shards",
     "due_ms",
+    "job_shard",
+    "session_shard",
+    "session_state",
+    "shard_job_id",
+    "shard_tag",
     "state_hash",
 ]
 
@@ -114,6 +127,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("consent_flow.transitions")
 
+DEFAULT_SHARDS = DEFAULT_REDIS_SHARDS
 HISTORY_MAX_ENTRIES = 1000  # a hard cap on top of the time-based retention
 # Event ids are remembered per user for the queue's whole redelivery window (pruned by age), so a
 # redelivered event never applies twice however many came after it; the count cap only bounds
@@ -145,7 +159,7 @@ def lead_bucket(lead: float) -> str:
     return "+Inf"
 
 
-def refresh_counters(keys: Keys, count: RefreshCount) -> tuple[tuple[str, str, str], ...]:
+def refresh_counters(keys: ShardKeys, count: RefreshCount) -> tuple[tuple[str, str, str], ...]:
     """What one refresh adds to the counters: (hash key, field, amount as text). A successful
     refresh's commit carries these, so they count exactly the refreshes that applied."""
     counters = [(keys.refresh_counts, count.outcome, "1")]
@@ -161,101 +175,92 @@ def due_ms(at: float) -> int:
     return int(at * 1000)
 
 
+def session_state(shard: int, random_part: str) -> str:
+    """An authorization ``state`` carrying its session's shard (not a secret) before the random
+    part, so the callback finds the session from the state alone."""
+    return f"{shard}.{random_part}"
+
+
+def session_shard(state: str, shards: int) -> int | None:
+    """The shard an authorization ``state`` names; None when it names none of ``shards``."""
+    number, dot, rest = state.partition(".")
+    if not dot or not rest or not number.isdigit() or len(number) > 4:
+        return None
+    shard = int(number)
+    return shard if shard < shards and str(shard) == number else None
+
+
 def state_hash(state: str) -> str:
     """The index key for an authorization ``state``: the value itself is never stored in clear."""
     return hashlib.sha256(state.encode()).hexdigest()
 
 
 class Keys:
-    """The names of every Redis key (and refresh job id) of one provider's connections, and the
-    shared ones every provider's stack names alike. The only place the layout is spelled out."""
+    """The names of every Redis key (and job id) of one provider's connections, and the
+    fleet-wide ones every provider's stack names alike. The only place the layout is spelled out.
 
-    __slots__ = ("prefix", "provider")
+    Connections are spread over ``shards`` shards by user (:meth:`shard_of`); the keys of one
+    shard, per provider, are a :class:`ShardKeys` (:meth:`shard`, :meth:`of`)."""
 
-    def __init__(self, prefix: str = "cf", provider: str = DEFAULT_PROVIDER) -> None:
+    __slots__ = ("prefix", "provider", "shards")
+
+    def __init__(
+        self, prefix: str = "cf", provider: str = DEFAULT_PROVIDER, shards: int = DEFAULT_SHARDS
+    ) -> None:
         self.prefix = prefix
         self.provider = provider
+        self.shards = shards
 
     def for_provider(self, provider: str) -> Keys:
-        return Keys(self.prefix, provider)
+        return Keys(self.prefix, provider, self.shards)
 
-    def _conn(self, user: str) -> str:
-        """The head every key of the connection (user, this provider) starts with."""
-        return f"{self.prefix}:{{{user}}}:{self.provider}"
+    def shard_of(self, user: str) -> int:
+        """The shard of the user's connections (every provider's): a user's keys share a slot."""
+        return zlib.crc32(user.encode()) % self.shards
+
+    def shard(self, number: int) -> ShardKeys:
+        if not 0 <= number < self.shards:
+            raise ValueError(f"no shard {number} among {self.shards}")
+        return ShardKeys(self.prefix, self.provider, number)
+
+    def of(self, user: str) -> ShardKeys:
+        """The keys of the user's shard at this provider."""
+        return ShardKeys(self.prefix, self.provider, self.shard_of(user))
+
+    def every_shard(self, only: Sequence[int] | None = None) -> list[ShardKeys]:
+        """Each shard's keys (or those of ``only``), in shard order: what sums and sweeps visit."""
+        return [self.shard(n) for n in (range(self.shards) if only is None else only)]
 
     def rec(self, user: str) -> str:
-        return f"{self._conn(user)}:rec"
+        return self.of(user).rec(user)
 
     def sealed(self, user: str, name: str) -> str:
         """The key of a sealed value beside the record (``codec.SEALED_KEYS``: ``tok``, ``rvk``)."""
-        return f"{self._conn(user)}:{name}"
+        return self.of(user).sealed(user, name)
 
     def hist(self, user: str) -> str:
-        return f"{self._conn(user)}:hist"
-
-    def hist_around_user(self) -> tuple[str, str]:
-        """What comes before and after the user in :meth:`hist`: a script that visits users
-        builds their keys from these."""
-        return f"{self.prefix}:{{", f"}}:{self.provider}:hist"
+        return self.of(user).hist(user)
 
     def seen(self, user: str) -> str:
-        return f"{self._conn(user)}:seen"
+        return self.of(user).seen(user)
 
     def inbox(self, user: str, event_id: str) -> str:
-        return f"{self._conn(user)}:in:{event_id}"
+        return self.of(user).inbox(user, event_id)
 
     def lock(self, user: str) -> str:
-        return f"{self._conn(user)}:lock"
+        return self.of(user).lock(user)
+
+    def reply(self, user: str, event_id: str) -> str:
+        return self.of(user).reply(event_id)
 
     def import_cursor(self, source_digest: str) -> str:
         """Where ``consent-flow import`` keeps its place in one source between runs."""
         return f"{self.prefix}:{self.provider}:import:{source_digest}"
 
-    def idx(self, state: State | str) -> str:
-        return f"{self.prefix}:{self.provider}:idx:{State(state).value}"
-
     @property
-    def sched(self) -> str:
-        return f"{self.prefix}:{self.provider}:sched"
-
-    @property
-    def ready(self) -> str:
-        """Due scheduled refreshes waiting for a batch, by when each grant lapses."""
-        return f"{self.prefix}:{self.provider}:ready"
-
-    @property
-    def ready_due(self) -> str:
-        """The same refreshes by when each fell due: how long the backlog has waited."""
-        return f"{self.prefix}:{self.provider}:ready:due"
-
-    @property
-    def histidx(self) -> str:
-        return f"{self.prefix}:{self.provider}:histidx"
-
-    def refresh_job_id(self, user: str, due_ms: int) -> str:
-        """The id of the deferred refresh job of the connection's schedule due at ``due_ms``."""
-        return f"{self.refresh_job_head}{user}:{due_ms}"
-
-    @property
-    def refresh_job_head(self) -> str:
-        """What every refresh job id of this provider starts with, before the user."""
-        return f"refresh:{self.prefix}:{self.provider}:"
-
-    @property
-    def transition_counts(self) -> str:
-        return f"{self.prefix}:metrics:{self.provider}:transitions"
-
-    @property
-    def refresh_counts(self) -> str:
-        return f"{self.prefix}:metrics:{self.provider}:refresh"
-
-    @property
-    def revocation_counts(self) -> str:
-        return f"{self.prefix}:metrics:{self.provider}:revocation"
-
-    @property
-    def refresh_lead(self) -> str:
-        return f"{self.prefix}:metrics:{self.provider}:lead"
+    def shards_record(self) -> str:
+        """The shard count the data was laid out for (written by the first start)."""
+        return f"{self.prefix}:shards"
 
     @property
     def webhook_counts(self) -> str:
@@ -266,24 +271,15 @@ class Keys:
     def worker_counts(self) -> str:
         return f"{self.prefix}:metrics:worker"
 
-    def hourly(self, hour: int) -> str:
-        return f"{self.prefix}:metrics:{self.provider}:hour:{hour}"
-
     @property
     def workers(self) -> str:
-        return f"{self.prefix}:workers"
+        """Live workers by last heartbeat; tagged with :attr:`worker_clocks`, which the
+        heartbeat's script writes with it."""
+        return f"{{{self.prefix}:workers}}"
 
     @property
     def worker_clocks(self) -> str:
-        return f"{self.prefix}:workers:clock"
-
-    @property
-    def outbox(self) -> str:
-        return f"{self.prefix}:{self.provider}:outbox"
-
-    @property
-    def upgrades(self) -> str:
-        return f"{self.prefix}:{self.provider}:upgrades"
+        return f"{{{self.prefix}:workers}}:clock"
 
     @property
     def invalidate(self) -> str:
@@ -297,24 +293,172 @@ class Keys:
     def halt(self) -> str:
         return f"{self.prefix}:{self.provider}:halt"
 
+    def limit(self, name: str) -> str:
+        """The provider's fleet-wide call limiter (``log``, ``leases``, ``pause``): one tag of
+        their own, so its script stays in one slot."""
+        return f"{self.prefix}:{{{self.provider}:limit}}:{name}"
+
     @property
     def provider_check(self) -> str:
         """Why the provider's discovery document cannot be used now (absent: it can)."""
         return f"{self.prefix}:{self.provider}:check"
 
+    @staticmethod
+    def queue(queue_name: str, shard: int) -> str:
+        """Shard ``shard``'s arq queue: its jobs' ids carry the same tag (:func:`shard_job_id`)."""
+        return f"{queue_name}:{shard_tag(shard)}"
+
+
+def shard_tag(shard: int) -> str:
+    """The hash tag of a shard: Redis Cluster hashes a key's first ``{...}``."""
+    return f"{{s{shard}}}"
+
+
+def shard_job_id(shard: int, rest: str) -> str:
+    """An arq job id in shard ``shard``: arq's job, in-progress, retry and result keys of the
+    job then hash like the shard's queue."""
+    return f"{shard_tag(shard)}:{rest}"
+
+
+def job_shard(job_id: str) -> int | None:
+    """The shard a job id carries (None: not a shard's)."""
+    if not job_id.startswith("{s"):
+        return None
+    number, closed, _ = job_id[2:].partition("}")
+    return int(number) if closed and number.isdigit() else None
+
+
+class ShardKeys:
+    """The keys of one shard at one provider: its connections' keys and the shard's indexes,
+    schedule, counters and stream. Every key here hashes to the shard's slot."""
+
+    __slots__ = ("head", "number", "prefix", "provider", "tag")
+
+    def __init__(self, prefix: str, provider: str, number: int) -> None:
+        self.prefix = prefix
+        self.provider = provider
+        self.number = number
+        self.tag = shard_tag(number)
+        self.head = f"{prefix}:{self.tag}:{provider}"
+
+    def _conn(self, user: str) -> str:
+        """The head every key of the connection (user, this provider) starts with."""
+        return f"{self.head}:u:{user}"
+
+    def rec(self, user: str) -> str:
+        return f"{self._conn(user)}:rec"
+
+    def sealed(self, user: str, name: str) -> str:
+        return f"{self._conn(user)}:{name}"
+
+    def hist(self, user: str) -> str:
+        return f"{self._conn(user)}:hist"
+
+    def around_user(self, name: str) -> tuple[str, str]:
+        """What comes before and after the user in the connection key ``name`` (``rec``,
+        ``hist``, ``lock``...): a script that visits users builds their keys from these."""
+        return f"{self.head}:u:", f":{name}"
+
+    def seen(self, user: str) -> str:
+        return f"{self._conn(user)}:seen"
+
+    def inbox(self, user: str, event_id: str) -> str:
+        return f"{self._conn(user)}:in:{event_id}"
+
+    def lock(self, user: str) -> str:
+        return f"{self._conn(user)}:lock"
+
+    def reply(self, event_id: str) -> str:
+        return f"{self.prefix}:{self.tag}:reply:{event_id}"
+
+    def idx(self, state: State | str) -> str:
+        return f"{self.head}:idx:{State(state).value}"
+
+    @property
+    def sched(self) -> str:
+        return f"{self.head}:sched"
+
+    @property
+    def ready(self) -> str:
+        """Due scheduled refreshes waiting for a batch, by when each grant lapses."""
+        return f"{self.head}:ready"
+
+    @property
+    def ready_due(self) -> str:
+        """The same refreshes by when each fell due: how long the backlog has waited."""
+        return f"{self.head}:ready:due"
+
+    @property
+    def histidx(self) -> str:
+        return f"{self.head}:histidx"
+
+    @property
+    def outbox(self) -> str:
+        return f"{self.head}:outbox"
+
+    @property
+    def upgrades(self) -> str:
+        return f"{self.head}:upgrades"
+
+    def sess(self, digest: str) -> str:
+        return f"{self.head}:sess:{digest}"
+
     @property
     def kids(self) -> str:
-        return f"{self.prefix}:kids"
+        return f"{self.head}:kids"
 
     @property
     def stream(self) -> str:
-        return f"{self.prefix}:events"
+        return f"{self.head}:events"
 
-    def sess(self, digest: str) -> str:
-        return f"{self.prefix}:{self.provider}:sess:{digest}"
+    @property
+    def transition_counts(self) -> str:
+        return f"{self.head}:metrics:transitions"
 
-    def reply(self, event_id: str) -> str:
-        return f"{self.prefix}:reply:{event_id}"
+    @property
+    def refresh_counts(self) -> str:
+        return f"{self.head}:metrics:refresh"
+
+    @property
+    def revocation_counts(self) -> str:
+        return f"{self.head}:metrics:revocation"
+
+    @property
+    def refresh_lead(self) -> str:
+        return f"{self.head}:metrics:lead"
+
+    def hourly(self, hour: int) -> str:
+        return f"{self.head}:metrics:hour:{hour}"
+
+    def refresh_job_id(self, user: str, due_ms: int) -> str:
+        """The id of the deferred refresh job of the connection's schedule due at ``due_ms``."""
+        return f"{self.refresh_job_head}{user}:{due_ms}"
+
+    @property
+    def refresh_job_head(self) -> str:
+        """What every refresh job id of this shard and provider starts with, before the user."""
+        return shard_job_id(self.number, f"refresh:{self.prefix}:{self.provider}:")
+
+    def job_id(self, rest: str) -> str:
+        return shard_job_id(self.number, rest)
+
+    def queue(self, queue_name: str) -> str:
+        return Keys.queue(queue_name, self.number)
+
+
+async def check_shards(redis: Any, keys: Keys) -> None:
+    """Record the shard count at the first start, and refuse a start with another one: every
+    connection's keys, queue and job ids are laid out for that count, fixed for the data's life."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.set(keys.shards_record, keys.shards, nx=True)
+        pipe.get(keys.shards_record)
+        _, recorded = await pipe.execute()
+    if int(recorded) != keys.shards:
+        raise SettingsError(
+            "CONSENT_REDIS_SHARDS",
+            f"is {keys.shards}, but the data was laid out for {int(recorded)} shards "
+            f"(set CONSENT_REDIS_SHARDS={int(recorded)}; the count cannot change)",
+        )
 
 
 class Store(Protocol):
@@ -334,7 +478,7 @@ class Store(Protocol):
 
     async def counts(self) -> dict[State, int]: ...
 
-    async def session_owner(self, digest: str) -> tuple[str, str] | None: ...
+    async def session_owner(self, shard: int, digest: str) -> tuple[str, str] | None: ...
 
     async def claim_session(
         self, user: str, session_id: str, event_id: str, sealed: str | None
@@ -387,6 +531,11 @@ def _decode(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _str_dict(raw: dict[Any, Any]) -> dict[str, str]:
+    """A client's HGETALL answer (bytes) as a dict of text."""
+    return {_decode(k): _decode(v) for k, v in raw.items()}
+
+
 def _pairs(flat: list[Any]) -> dict[str, str]:
     """A Lua HGETALL answer (a flat list) as a dict of text."""
     return {_decode(flat[i]): _decode(flat[i + 1]) for i in range(0, len(flat), 2)}
@@ -409,6 +558,7 @@ class RedisStore:
         prefix: str = "cf",
         provider: str = DEFAULT_PROVIDER,
         wait_replicas: int = 0,
+        shards: int = DEFAULT_SHARDS,
     ) -> None:
         """``wait_replicas``: a commit that stores tokens returns once that many replicas hold
         it, or after ``REPLICA_WAIT_MS`` with ``replicated=False`` (see ``commit``)."""
@@ -417,7 +567,7 @@ class RedisStore:
         # redis-py types its asyncio client with sync|async unions that mypy cannot await: the
         # store treats it as untyped rather than scatter ignores over every call.
         self.redis: Any = redis
-        self.keys = Keys(prefix, provider)
+        self.keys = Keys(prefix, provider, shards)
         # Turns the jobs commits carry into arq's; set where a scheduler runs (a worker).
         self.commit_jobs: CommitJobs | None = None
         self.wait_replicas = wait_replicas
@@ -501,7 +651,7 @@ class RedisStore:
     def commit_call(self, change: Change, *, unlock: str | None = None) -> _CommitCall:
         """The commit script's keys and arguments for ``change``, and whether it stores
         tokens (a commit a failover must not lose: see ``wait_replicas``)."""
-        k = self.keys
+        k = self.keys.of(change.user)
         writes = codec.hash_writes(change)
         layout = _Layout()
         keys = layout.named
@@ -535,8 +685,8 @@ class RedisStore:
             # Sealed values travel as arguments of their own (binary).
             "seal": {_SEALED_ROLE[name]: layout.arg(value) for name, value in writes.seal.items()},
             "wipe": {_SEALED_ROLE[name]: True for name in writes.wipe},
-            "channel": k.invalidate,
-            "invalidation": k.invalidation(change.user),
+            "channel": self.keys.invalidate,
+            "invalidation": self.keys.invalidation(change.user),
             "provider": k.provider,
             "moved": change.moves,
             # Scores travel as strings: Lua numbers are doubles, which Redis refuses as arguments.
@@ -709,40 +859,59 @@ class RedisStore:
     async def users(
         self, state: State, *, offset: int = 0, limit: int = 100
     ) -> list[tuple[str, float]]:
-        rows = await self.redis.zrange(
-            self.keys.idx(state), offset, offset + limit - 1, withscores=True
+        """Users in ``state`` by since, every shard's merged: a page costs each shard its first
+        ``offset + limit`` members."""
+        if limit <= 0:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in self.keys.every_shard():
+                pipe.zrange(shard.idx(state), 0, offset + limit - 1, withscores=True)
+            pages = await pipe.execute()
+        rows = sorted(
+            ((_decode(user), float(score)) for page in pages for user, score in page),
+            key=lambda row: (row[1], row[0]),
         )
-        return [(_decode(user), float(score)) for user, score in rows]
+        return rows[offset : offset + limit]
 
-    async def users_before(self, state: State, before: float, *, limit: int = 500) -> list[str]:
-        """Users in ``state`` since before ``before``: O(log n + found)."""
+    async def users_before(
+        self, state: State, before: float, *, shard: int, limit: int = 500
+    ) -> list[str]:
+        """Users of ``shard`` in ``state`` since before ``before``: O(log n + found)."""
         rows = await self.redis.zrangebyscore(
-            self.keys.idx(state), "-inf", repr(before), start=0, num=limit
+            self.keys.shard(shard).idx(state), "-inf", repr(before), start=0, num=limit
         )
         return [_decode(user) for user in rows]
 
-    async def outbox_due(self, now: float, *, limit: int = 100) -> list[str]:
+    async def outbox_due(self, now: float, *, shard: int, limit: int = 100) -> list[str]:
         rows = await self.redis.zrangebyscore(
-            self.keys.outbox, "-inf", repr(now), start=0, num=limit
+            self.keys.shard(shard).outbox, "-inf", repr(now), start=0, num=limit
         )
         return [_decode(user) for user in rows]
 
-    async def upgrades_due(self, now: float, *, limit: int = 500) -> list[str]:
-        """Users whose upgrade session expired by ``now``: O(log n + found)."""
+    async def upgrades_due(self, now: float, *, shard: int, limit: int = 500) -> list[str]:
+        """Users of ``shard`` whose upgrade session expired by ``now``: O(log n + found)."""
         rows = await self.redis.zrangebyscore(
-            self.keys.upgrades, "-inf", repr(now), start=0, num=limit
+            self.keys.shard(shard).upgrades, "-inf", repr(now), start=0, num=limit
         )
         return [_decode(user) for user in rows]
 
     async def counts(self) -> dict[State, int]:
+        """Connections per state, summed over the shards (one round trip)."""
+        shards = self.keys.every_shard()
         async with self.redis.pipeline(transaction=False) as pipe:
-            for state in State:
-                pipe.zcard(self.keys.idx(state))
+            for shard in shards:
+                for state in State:
+                    pipe.zcard(shard.idx(state))
             values = await pipe.execute()
-        return {state: int(n) for state, n in zip(State, values, strict=True)}
+        totals = dict.fromkeys(State, 0)
+        for i, n in enumerate(values):
+            totals[list(State)[i % len(State)]] += int(n)
+        return totals
 
-    async def session_owner(self, digest: str) -> tuple[str, str] | None:
-        raw = await self.redis.get(self.keys.sess(digest))
+    async def session_owner(self, shard: int, digest: str) -> tuple[str, str] | None:
+        """The user and session id of the live session of ``shard`` whose state hashes to
+        ``digest`` (the state names its shard: :func:`session_shard`)."""
+        raw = await self.redis.get(self.keys.shard(shard).sess(digest))
         if raw is None:
             return None
         user, _, session_id = _decode(raw).partition("\n")
@@ -779,15 +948,28 @@ class RedisStore:
         """Try the user's lock and read the record (and the hash ``also``) in one round trip.
 
         Returns the lock's owner token (None when another holder has it), the record as it is
-        now (under the lock when taken), and ``also``'s fields.
+        now (under the lock when taken), and ``also``'s fields. ``also`` is a fleet-wide key (the
+        refresh pause), read beside the script in the same pipeline rather than in it: no
+        script touches two slots, and the pause only decides whether a refresh starts.
         """
         k = self.keys
         token = secrets.token_hex(16)
-        got, flat, tok, rvk, other = await self._lock_and_load(
-            keys=[k.lock(user), k.rec(user), *self._sealed_keys(user), also],
-            args=[token, int(ttl * 1000)],
-        )
-        return (token if int(got) else None), _record(user, flat, tok, rvk), _pairs(other)
+        keys = [k.lock(user), k.rec(user), *self._sealed_keys(user)]
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                queue_script(pipe, self._lock_and_load, keys, [token, int(ttl * 1000)])
+                pipe.hgetall(also)
+                answer, other = await pipe.execute(raise_on_error=False)
+            if isinstance(answer, NoScriptError) and not attempt:
+                # A server without the script yet (a new primary): nothing ran.
+                await self.redis.script_load(self._lock_and_load.script)
+                continue
+            for item in (answer, other):
+                if isinstance(item, BaseException):
+                    raise item
+            break
+        got, flat, tok, rvk = answer
+        return (token if int(got) else None), _record(user, flat, tok, rvk), _str_dict(other)
 
     async def actors_and_reasons(self, users: list[str]) -> list[tuple[str | None, str | None]]:
         """Who made each user's last transition and why, in one round trip (for listings)."""
@@ -819,7 +1001,7 @@ class RedisStore:
         """Forget ``sealed`` tokens once the provider revoked them, or once revoking them there
         was given up (``outcome``; compare-and-delete: tokens that a later revocation put there
         stay). Returns whether they were still there."""
-        k = self.keys
+        k = self.keys.of(user)
         return bool(
             await self._drop_revoked(
                 keys=[
@@ -833,25 +1015,30 @@ class RedisStore:
             )
         )
 
-    async def key_ids_in_use(self) -> dict[str, int]:
-        raw = await self.redis.hgetall(self.keys.kids)
-        return {_decode(k): int(v) for k, v in raw.items() if int(v) > 0}
+    async def key_ids_in_use(self, providers: Sequence[str] = ()) -> dict[str, int]:
+        """Ciphertexts per key id, summed over the shards of this store's provider and of
+        ``providers`` (one round trip)."""
+        names = dict.fromkeys([self.keys.provider, *providers])
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                for shard in self.keys.for_provider(name).every_shard():
+                    pipe.hgetall(shard.kids)
+            rows = await pipe.execute()
+        totals: dict[str, int] = {}
+        for raw in rows:
+            for k, v in raw.items():
+                totals[_decode(k)] = totals.get(_decode(k), 0) + int(v)
+        return {k: v for k, v in totals.items() if v > 0}
 
-    async def trim_history(self, older_than: float, *, limit: int = 500) -> int:
-        """Drop history entries older than ``older_than`` for up to ``limit`` users.
+    async def trim_history(self, older_than: float, *, shard: int, limit: int = 500) -> int:
+        """Drop history entries older than ``older_than`` for up to ``limit`` users of ``shard``.
 
         Only users whose oldest entry is that old are visited (``histidx``): O(log n + due).
         """
+        k = self.keys.shard(shard)
+        before, after = k.around_user("hist")
         return int(
-            await self._trim(
-                keys=[self.keys.histidx],
-                args=[
-                    self.keys.hist_around_user()[0],
-                    repr(older_than),
-                    limit,
-                    self.keys.hist_around_user()[1],
-                ],
-            )
+            await self._trim(keys=[k.histidx], args=[before, repr(older_than), limit, after])
         )
 
 
@@ -942,10 +1129,10 @@ class MemoryStore:
     async def counts(self) -> dict[State, int]:
         return {state: len(members) for state, members in self.indexes.items()}
 
-    async def session_owner(self, digest: str) -> tuple[str, str] | None:
+    async def session_owner(self, shard: int, digest: str) -> tuple[str, str] | None:
         return self.sessions.get(digest)
 
-    async def upgrades_due(self, now: float, *, limit: int = 500) -> list[str]:
+    async def upgrades_due(self, now: float, *, shard: int = 0, limit: int = 500) -> list[str]:
         due = sorted((at, user) for user, at in self.upgrades.items() if at <= now)
         return [user for _, user in due[:limit]]
 

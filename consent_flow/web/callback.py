@@ -34,7 +34,7 @@ from consent_flow.queue.bus import Envelope, Outcome, new_id
 from consent_flow.settings import Settings
 from consent_flow.store.clock import skew_problem, worst_offset
 from consent_flow.store.metrics import live_clock_offsets
-from consent_flow.store.redis_store import state_hash
+from consent_flow.store.redis_store import session_shard, state_hash
 from consent_flow.web.api import api_routes
 from consent_flow.web.pages import SECURITY_HEADERS, render
 
@@ -103,7 +103,7 @@ async def _callback(client: ConsentClient, request: Request) -> Response:
             raise CallbackRejected("the callback carries no state", reason_code="missing_state")
         if len(state) > MAX_STATE_LENGTH:
             raise CallbackRejected("the state is too long", reason_code="too_large")
-        found = await _session_owner(client, state_hash(state))
+        found = await _session_owner(client, state)
         if found is None:
             raise CallbackRejected(
                 "unknown or expired authorization session", reason_code="unknown_state"
@@ -187,11 +187,15 @@ async def _callback(client: ConsentClient, request: Request) -> Response:
     return _outcome_page(request, outcome)
 
 
-async def _session_owner(client: ConsentClient, digest: str) -> tuple[str, str, str] | None:
-    """The provider, user and session id of the live session whose ``state`` hashes to
-    ``digest``: each provider keeps its own sessions, and one redirect URI serves them all."""
+async def _session_owner(client: ConsentClient, state: str) -> tuple[str, str, str] | None:
+    """The provider, user and session id of the live session of ``state`` (in the shard the
+    state names): each provider keeps its own sessions, and one redirect URI serves them all."""
+    shard = session_shard(state, client.settings.redis_shards)
+    if shard is None:
+        return None  # no state this deployment made: as unknown as an expired one
+    digest = state_hash(state)
     for provider in client.providers:
-        owner = await client.store_for(provider).session_owner(digest)
+        owner = await client.store_for(provider).session_owner(shard, digest)
         if owner is not None:
             return provider, *owner
     return None

@@ -7,22 +7,17 @@
 -- A member whose lock is held elsewhere goes back to the schedule (NX: the holder's own commit
 -- may have rescheduled it already); one rescheduled by a commit meanwhile is no longer due.
 --
--- KEYS: the schedule (zset), the ready set (zset), the pause for everyone (hash), the ready
--- set's due times (zset: how long the backlog has waited), and optionally the note of the
--- provider permits granted just before in the same pipeline (at most that many are taken).
+-- KEYS: the schedule (zset), the ready set (zset), the ready set's due times (zset: how long
+-- the backlog has waited), all of one shard.
 -- ARGV: how many to take, how many due entries to move into the ready set at most, the lock's
 -- time to live (ms), the lease (ms), the lock owner token's stem, then the affixes of the
 -- per-user keys (record, sealed tokens, tokens to revoke, lock: prefix and suffix of each),
 -- then the record's field names (refresh token lapse, access token lapse, state, in-flight
 -- mark) and the provisioned state's value.
--- Returns: Redis's time (ms), the pause's fields, and per member taken {user, lock token or
+-- Returns: Redis's time (ms), and per member taken {user, lock token or
 -- false, then (when locked) the record's fields, sealed tokens, sealed tokens to revoke}.
-local sched, ready, halt, ready_due = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local sched, ready, ready_due = KEYS[1], KEYS[2], KEYS[3]
 local want, promote = tonumber(ARGV[1]), tonumber(ARGV[2])
-if KEYS[5] then
-  want = math.min(want, tonumber(redis.call('GET', KEYS[5]) or '0'))
-  redis.call('DEL', KEYS[5])
-end
 local lock_px, lease_ms, stem = ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local function key(n, user) return ARGV[4 + 2 * n] .. user .. ARGV[5 + 2 * n] end
 local f_rexp, f_exp, f_state, f_inflight, provisioned = ARGV[14], ARGV[15], ARGV[16], ARGV[17],
@@ -69,4 +64,4 @@ for i = 1, #popped, 2 do
     end
   end
 end
-return {now_text, redis.call('HGETALL', halt), taken}
+return {now_text, taken}

@@ -1,6 +1,6 @@
 -- A worker's poll: claim the jobs that are due by Redis's clock and that no worker runs yet.
--- The in-progress keys are built here, like arq's own (the project runs on one Redis, not a
--- Cluster).
+-- The in-progress keys are built here, like arq's own: a job id starts with its queue's shard
+-- tag, so they are in the queue's slot.
 -- KEYS: 1 the queue.
 -- ARGV: 1 arq's in-progress key prefix, 2 the in-progress keys' ttl (ms), 3 how many jobs to
 -- claim at most, 4 how many due entries to look at at most.

@@ -4,16 +4,12 @@
 -- over the window instead of arriving all at its start), its concurrency (leases
 -- released when a call ends, expiring if their worker dies), and its pause (a 429 or
 -- Retry-After anywhere slows everyone).
--- KEYS: the grant log (zset), the leases (zset), the pause (string: until, ms), and optionally
--- a key where the number granted is noted for the batch's claim that follows in the pipeline.
+-- KEYS: the grant log (zset), the leases (zset), the pause (string: until, ms), all of one slot.
 -- ARGV: how many wanted, grants per window ('' none), window (ms), leases at most ('' none),
 -- lease time to live (ms), the grants' id stem.
 -- Returns: how many granted (ids stem:1..n), and when none, ms to wait before asking again.
-local log, leases, pause, note = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local function granted(n, wait)
-  if note then redis.call('SET', note, n, 'PX', 10000) end
-  return {n, wait}
-end
+local log, leases, pause = KEYS[1], KEYS[2], KEYS[3]
+local function granted(n, wait) return {n, wait} end
 local want, cap, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local most, lease_ms, stem = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local t = redis.call('TIME')

@@ -1,6 +1,6 @@
 -- Drop history entries older than a cutoff, visiting only the users whose oldest entry is that
 -- old. The visited users' history keys are built here, from what comes before and after the
--- user in them: one primary holds a shard's users.
+-- user in them: they carry the index's shard tag, so they are in its slot.
 -- KEYS: 1 the history index (zset: user by the time of their oldest entry).
 -- ARGV: 1 what comes before the user in a history key, 2 the cutoff (seconds), 3 how many users
 -- to visit at most, 4 what comes after the user.

@@ -83,3 +83,74 @@ async def test_the_store_takes_a_cluster_client(redis_cluster: Any) -> None:
         assert RedisStore(pool, prefix="c").redis is pool
     finally:
         await pool.aclose()
+
+
+async def test_a_job_rings_the_bell_of_a_worker_on_a_cluster(
+    redis_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue's bell on a cluster: a worker serving shard queues, blocked on the bell far
+    longer than the test, takes each job at once, also from nodes that have not seen the
+    scripts, and when the job's node is slow to write it: the bell (a slot of its own, another
+    node) rings only once the job is there."""
+    import asyncio
+    import time
+    import uuid
+
+    from arq import func
+
+    import workers._worker
+    from consent_flow.queue.bus import JOB_SERIALIZERS
+    from consent_flow.queue.jobs import JobQueue, bell_key
+    from consent_flow.store.connection import arq_redis_settings, connect
+    from consent_flow.store.redis_store import Keys, shard_job_id
+    from workers import ConsentWorker
+
+    monkeypatch.setattr(workers._worker, "BELL_WAIT", 30.0)
+    queue = "b" + uuid.uuid4().hex[:8]
+    ran: list[int] = []
+
+    async def job(ctx: dict[str, Any], n: int) -> None:
+        ran.append(n)
+
+    worker = ConsentWorker(
+        functions=[func(job, name="job")],
+        queue_name=queue,
+        queue_shards=range(4),
+        redis_settings=arq_redis_settings(redis_cluster.url),
+        keep_result=0,
+        handle_signals=False,
+        **JOB_SERIALIZERS,
+    )
+    task = asyncio.create_task(worker.async_run())
+    pool = await connect(redis_cluster.url, startup_retries=0, **JOB_SERIALIZERS)
+    try:
+        jobs = JobQueue(pool)
+        await asyncio.sleep(1.0)  # the worker is blocked on the bell now
+        bell_node = redis_cluster.owner(bell_key(queue))
+        slow = next(n for n in range(4) if redis_cluster.owner(Keys.queue(queue, n)) != bell_node)
+        for n in [*range(4), slow + 4]:
+            if n == 2:
+                for node in redis_cluster.nodes:
+                    with node.client() as direct:
+                        direct.script_flush()
+            job_id, shard_queue = shard_job_id(n % 4, f"j{n}"), Keys.queue(queue, n % 4)
+            if n >= 4:
+                # No rings left over from the jobs before: the worker is blocked on the bell.
+                await pool.delete(bell_key(queue))
+                await asyncio.sleep(0.5)
+                # Writes wait a second on the job's node; the bell's node answers at once.
+                with redis_cluster.nodes[redis_cluster.owner(shard_queue)].client() as direct:
+                    direct.execute_command("CLIENT", "PAUSE", 1000, "WRITE")
+            started = time.monotonic()
+            put = jobs.job("job", (n,), job_id=job_id, queue=shard_queue)
+            assert await jobs.put(put, ring=bell_key(queue))
+            while n not in ran:
+                assert time.monotonic() - started < 5.0, f"job {n} waited for a poll"
+                await asyncio.sleep(0.01)
+        assert not task.done()
+    finally:
+        worker.burst, worker.max_burst_jobs = True, 0
+        await pool.execute_command("LPUSH", bell_key(queue), b"1")  # wake it to stop
+        await asyncio.wait([task], timeout=10)
+        await worker.close()
+        await pool.aclose()

@@ -154,3 +154,26 @@ async def test_a_job_rings_the_bell_of_a_worker_on_a_cluster(
         await asyncio.wait([task], timeout=10)
         await worker.close()
         await pool.aclose()
+
+
+async def test_an_events_outcome_reaches_its_caller_on_a_cluster(redis_cluster: Any) -> None:
+    """A worker's reply to a waiting caller (an outcome no commit pushed: a rejected or
+    unchanged event) is one script on the reply's key, not a MULTI a cluster refuses; it
+    expires like the commit's."""
+    from consent_flow.core.table import Event
+    from consent_flow.queue.bus import JOB_SERIALIZERS, Envelope, EventBus, Outcome
+    from consent_flow.store.connection import connect
+    from consent_flow.store.redis_store import REPLY_TTL, Keys
+
+    pool = await connect(redis_cluster.url, startup_retries=0, **JOB_SERIALIZERS)
+    try:
+        keys = Keys("c")
+        bus = EventBus(pool, keys=keys, queue_name="q", timeout=5)
+        envelope = Envelope(Event.PROVISION_REQUESTED, "alice", "test").with_reply_key()
+        outcome = Outcome("alice", "provisioned", None, None, envelope.event.value, "unchanged")
+        await bus.reply(envelope, outcome)
+        assert await bus.wait(envelope, timeout=1) == outcome.sent()
+        ttl = await pool.ttl(keys.reply("alice", envelope.event_id))
+        assert 0 < ttl <= REPLY_TTL
+    finally:
+        await pool.aclose()

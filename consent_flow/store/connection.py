@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import random
 import re
 import shutil
 import signal
@@ -31,8 +32,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from redis.asyncio.client import Pipeline
+from redis.asyncio.client import Pipeline, PubSub
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff
@@ -346,15 +348,23 @@ class _ClusterPipeline(ClusterPipeline):
         return self.execute_command("DBSIZE", **kwargs)
 
 
+class _NodePubSub(PubSub):
+    """A subscription on a pool of its own, closed with it."""
+
+    async def aclose(self) -> None:
+        await super().aclose()  # type: ignore[no-untyped-call]
+        await self.connection_pool.disconnect()
+
+
 class ClusterArqRedis(RedisCluster):
     """redis-py's asyncio cluster client standing in for arq's client: the attributes arq's
     ``ArqRedis`` adds (its serializers, queue name and job expiry), and scripts that run on a
     node that has not seen them.
 
     It runs single-key commands, scripts whose keys share a slot (routed by their keys) and
-    non-transactional pipelines; MULTI/EXEC (``pipeline(transaction=True)``, WATCH) and pubsub
-    it does not, so neither does arq's ``enqueue_job`` or arq's own worker bookkeeping (see
-    ``consent_flow.queue.jobstore``).
+    non-transactional pipelines, and subscriptions (``pubsub``, on one node); MULTI/EXEC
+    (``pipeline(transaction=True)``, WATCH) it does not, so neither does arq's ``enqueue_job``
+    or arq's own worker bookkeeping (see ``consent_flow.queue.jobstore``).
     """
 
     job_serializer: Any = None
@@ -379,6 +389,15 @@ class ClusterArqRedis(RedisCluster):
 
     def register_script(self, script: Any) -> AsyncScript:  # type: ignore[override]
         return _FailoverScript(self, script)  # type: ignore[arg-type]
+
+    def pubsub(self, **kwargs: Any) -> PubSub:
+        """A subscription on a connection to one primary, taken at random (another one after
+        the subscriber comes back from an error). redis-py's asyncio cluster client has none;
+        one node is enough, as a cluster carries every PUBLISH (a commit's, on any node) to
+        the subscribers of every node."""
+        node = random.choice(self.get_primaries())
+        kwargs = {**node.connection_kwargs, **kwargs}
+        return _NodePubSub(ConnectionPool(connection_class=node.connection_class, **kwargs))
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
         if transaction or shard_hint:

@@ -160,7 +160,8 @@ async def test_a_script_whose_keys_span_slots_is_caught(slots, redis_server):
         await jobs.put(job)
     finally:
         await pool.aclose()
-    assert [name for name, _ in slots.crossing()] == ["enqueue"]
+    # (Twice when the server had to load the script first: redis-py sends it again.)
+    assert {name for name, _ in slots.crossing()} == {"enqueue"}
 
 
 async def test_a_start_with_another_shard_count_is_refused(settings, env):

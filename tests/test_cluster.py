@@ -177,3 +177,42 @@ async def test_an_events_outcome_reaches_its_caller_on_a_cluster(redis_cluster: 
         assert 0 < ttl <= REPLY_TTL
     finally:
         await pool.aclose()
+
+
+async def test_the_provider_watch_keeps_its_reason_on_a_cluster(
+    redis_cluster: Any, settings: Any
+) -> None:
+    """A provider that does not answer discovery: the watch keeps the reason (with its ttl)
+    in Redis on a cluster too, where a MULTI is refused."""
+    import asyncio
+    import time
+
+    import httpx
+    from conftest import free_port
+    from test_provider_check import _discovery
+
+    from consent_flow.engine.provider_watch import ProviderWatch, read_provider_check
+    from consent_flow.oidc import OAuthClient
+    from consent_flow.store.connection import connect
+    from consent_flow.store.redis_store import Keys
+
+    port = free_port()
+    down = settings.with_changes(issuer=f"http://127.0.0.1:{port}", discovery_url=_discovery(port))
+    keys = Keys(settings.redis_prefix, "default")
+    pool = await connect(redis_cluster.url, startup_retries=0)
+    async with httpx.AsyncClient() as http:
+        watch = ProviderWatch(
+            OAuthClient(down, http), pool, keys, clock=time.time, retry_first=0.2, retry_cap=0.5
+        )
+        task = asyncio.create_task(watch.until_discovered())
+        try:
+            deadline = time.monotonic() + 10
+            while (reason := await read_provider_check(pool, keys)) is None:
+                assert not task.done(), task.exception()
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            assert _discovery(port) in reason and "unreachable" in reason
+            assert 0 < await pool.ttl(keys.provider_check) <= 90
+        finally:
+            task.cancel()
+            await pool.aclose()

@@ -65,11 +65,12 @@ MIN_API_KEY_LENGTH = 32  # characters: a guessable key would open every user's t
 # RFC 6750 2.1: what an Authorization: Bearer header can carry.
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
-# The schemes store.connection connects with (redis-py's and arq's, and Sentinel's form).
-REDIS_URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+# The schemes store.connection connects with (redis-py's and arq's, Sentinel's and Cluster's).
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
 REDIS_URL_ACCEPTED = (
     "accepted: redis://[:password@]host:6379/0, rediss://host:6380/0 (TLS), "
-    "unix:///path/to/redis.sock (a socket) or redis+sentinel://host:26379,host2:26379/mymaster; "
+    "unix:///path/to/redis.sock (a socket), redis+sentinel://host:26379,host2:26379/mymaster "
+    "or redis+cluster://host:6379,host2:6379 (nodes of a Redis Cluster); "
     "e.g. redis://localhost:6379/0"
 )
 WEBHOOK_SECRET_ACCEPTED = (
@@ -218,17 +219,22 @@ def _redis_url_problem(value: str) -> str | None:
     if parts.scheme == "unix":
         return None if parts.path else "names no socket path"
     bad_port = "has a port that is not a number from 1 to 65535"
-    if parts.scheme != "redis+sentinel":
+    if parts.scheme not in ("redis+sentinel", "redis+cluster"):
         try:
             parts.port  # noqa: B018 - urllib checks the port when it is read
         except ValueError:
             return bad_port
         return None
-    # The form consent_flow.store.connection parses: redis+sentinel://host:26379,host2:26379/mymaster?db=0
+    # The forms consent_flow.store.connection parses: redis+sentinel://host:26379,host2:26379/
+    # mymaster?db=0 and redis+cluster://host:6379,host2:6379
     for host in parts.netloc.rsplit("@", 1)[-1].split(","):
-        port = host.partition(":")[2] or "26379"
+        port = host.partition(":")[2] or "6379"
         if not (port.isdigit() and 0 < int(port) <= 65535):
             return bad_port
+    if parts.scheme == "redis+cluster":
+        if parts.path.strip("/") or parts.query:
+            return "names a database or options; a Redis Cluster has database 0 only"
+        return None
     if not all(db.isdigit() for db in parse_qs(parts.query).get("db", [])):
         return "has a db= that is not a whole number"
     return None

@@ -489,3 +489,14 @@ def sentinel_topology(tmp_path: Path) -> Iterator[Any]:
     topology = SentinelTopology(tmp_path / "sentinel")
     yield topology
     topology.close()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[Any]:
+    """A Redis Cluster of three primaries on loopback (tests/cluster_topology.py), for one test:
+    a resharding changes it."""
+    from cluster_topology import ClusterTopology
+
+    topology = ClusterTopology(tmp_path / "cluster")
+    yield topology
+    topology.close()

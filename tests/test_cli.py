@@ -609,6 +609,7 @@ def test_each_documented_exit_code(cli_home, code):
             "redis+sentinel://:s3cret@s1:26379,s2:26379/main",
             "redis+sentinel://:***@s1:26379,s2:26379/main",
         ),
+        ("redis+cluster://:s3cret@n1:6379,n2:6379", "redis+cluster://:***@n1:6379,n2:6379"),
     ],
 )
 def test_redis_urls_are_shown_without_their_password(url, shown):

@@ -347,6 +347,7 @@ async def test_the_outage_log_names_redis_without_its_credentials(settings):
     for url, shown in (
         ("redis://ops:hunter2@10.0.0.7:6390/3", "10.0.0.7:6390/3"),
         ("redis+sentinel://:hunter2@s1:26379,s2:26380/main", "s1:26379,s2:26380/0"),
+        ("redis+cluster://:hunter2@n1:7000,n2:7001", "n1:7000,n2:7001/0"),
     ):
         options = worker_settings(settings, url)
         assert ConsentWorker(**{**options, "handle_signals": False}).redis_address == shown

@@ -364,6 +364,8 @@ def test_number_bounds_are_accepted():
         ("localhost:6379", "is not a URL"),
         ("redis://cache.example.com:63x79/0", "has a port that is not a number from 1 to 65535"),
         ("redis+sentinel://s1:26379,s2:port/mymaster", "has a port that is not a number"),
+        ("redis+cluster://n1:6379,n2:63x79", "has a port that is not a number"),
+        ("redis+cluster://n1:6379,n2:6379/1", "names a database or options; a Redis Cluster"),
         ("unix://", "names no socket path"),
     ],
 )
@@ -372,7 +374,7 @@ def test_a_bad_redis_url_lists_every_accepted_scheme(url, wrong):
         Settings.from_env({**BASE, "CONSENT_REDIS_URL": url})
     message = str(info.value)
     assert message.startswith(f"CONSENT_REDIS_URL: {wrong}")
-    for scheme in ("redis://", "rediss://", "unix://", "redis+sentinel://"):
+    for scheme in ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://"):
         assert scheme in message.split("accepted:", 1)[1]
     assert "e.g. redis://localhost:6379/0" in message
     assert "pw@" not in message
@@ -387,6 +389,8 @@ def test_a_bad_redis_url_lists_every_accepted_scheme(url, wrong):
         "unix:///run/redis/redis.sock",
         "redis+sentinel://s1:26379,s2:26380/mymaster?db=1",
         "redis+sentinel://:pw@s1/mymaster",
+        "redis+cluster://n1:6379,n2:6380,n3",
+        "redis+cluster://:pw@n1:7000/",
     ],
 )
 def test_every_accepted_redis_url_form_passes(url):

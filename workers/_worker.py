@@ -6,9 +6,11 @@ several workers polling one queue, each sees the same due jobs and most claims a
 that cost as much as the won one (with three workers, 3.7 claim attempts per job run, even
 with each claim in one script). Here one script reads the due part of the queue and marks as
 many jobs in progress as this worker has free slots, stepping over jobs that run elsewhere.
-Nothing else about arq changes: the keys, the in-progress marker and its timeout, the retries,
-the semaphore, the job counter, aborts and the health check are arq's own; burst mode counts
-the jobs a worker claimed (arq's count can stop a burst short).
+A job's start and end (arq's MULTI/EXEC bookkeeping, which a Redis Cluster does not run) are
+the single-slot scripts of ``consent_flow.queue.jobstore``, writing what arq writes. Nothing
+else about arq changes: the keys, the in-progress marker and its timeout, the retries, the
+semaphore, the job counter, aborts and the health check are arq's own; burst mode counts the
+jobs a worker claimed (arq's count can stop a burst short).
 
 One clock: what is due is decided by Redis's clock (``TIME`` in the poll script), and cron jobs
 (the sweep, the cleanup) are timed and queued by it too, not by this process's clock: a worker
@@ -32,25 +34,22 @@ import signal
 import time
 import uuid
 from collections.abc import Sequence
+from contextvars import ContextVar
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from arq.constants import (
-    abort_jobs_ss,
-    in_progress_key_prefix,
-    job_key_prefix,
-    result_key_prefix,
-    retry_key_prefix,
-)
+from arq.connections import ArqRedis
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.utils import to_ms, to_unix_ms
 from arq.worker import Worker
-from redis.exceptions import NoScriptError
+from redis.exceptions import ClusterError, NoScriptError, SlotNotCoveredError
 
 from consent_flow.engine.refresh import REDIS_ERRORS
 from consent_flow.queue.jobs import JobQueue, bell_key
+from consent_flow.queue.jobstore import RETRY_TTL, JobStore
 from consent_flow.store.clock import CLOCK_RESYNC_INTERVAL, RedisClock
-from consent_flow.store.connection import create_redis_pool
+from consent_flow.store.connection import create_redis_pool, slot_moving
 from consent_flow.store.redis_store import Keys, job_shard, shard_job_id
 from consent_flow.store.scripts import lua, queue_script
 
@@ -63,6 +62,9 @@ __all__ = ["ConsentWorker"]
 
 log = structlog.get_logger("consent_flow.worker")
 
+# What Redis being away looks like to the worker's loop: a Redis Cluster also answers that it
+# is down (a primary with no replica left) or leaves a slot out of reach for a while.
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, ClusterError, SlotNotCoveredError)
 # Seconds an idle worker blocks on its queue's bell before it polls again: how late a deferred
 # job (a retry, a webhook's backoff) may start past its time. Callers' jobs ring the bell.
 BELL_WAIT = 0.1
@@ -73,6 +75,65 @@ CLOSE_REDIS_TIMEOUT = 1.0  # seconds each clean-up step with Redis may take when
 def _retrieve(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+class _Opening:
+    """The worker's pool as arq's ``run_job`` sees it: its opening MULTI/EXEC (GET the job,
+    INCR and EXPIRE its try counter, and ZREM it from the abort set when aborts are on) is
+    answered by the job store's start script, with the abort set in a call of its own; every
+    other attribute is the pool's. It refuses any other transaction, so an arq that opens jobs
+    differently fails its first job instead of running it without its bookkeeping."""
+
+    def __init__(self, worker: ConsentWorker, job_id: str) -> None:
+        self._worker = worker
+        self._job_id = job_id
+        self._calls: list[tuple[Any, ...]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._worker.redis, name)
+
+    def pipeline(self, transaction: bool = True) -> _Opening:
+        return self
+
+    async def __aenter__(self) -> _Opening:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def get(self, key: str) -> None:
+        self._calls.append(("GET", key))
+
+    def incr(self, key: str) -> None:
+        self._calls.append(("INCR", key))
+
+    def expire(self, key: str, seconds: int) -> None:
+        self._calls.append(("EXPIRE", key, seconds))
+
+    def zrem(self, key: str, *members: str) -> None:
+        self._calls.append(("ZREM", key, *members))
+
+    async def execute(self) -> list[Any]:
+        worker, job_id = self._worker, self._job_id
+        retry_key = retry_key_prefix + job_id
+        opening: list[tuple[Any, ...]] = [
+            ("GET", job_key_prefix + job_id),
+            ("INCR", retry_key),
+            ("EXPIRE", retry_key, RETRY_TTL),
+        ]
+        if worker.allow_abort_jobs:
+            opening.append(("ZREM", abort_jobs_ss, job_id))
+        if self._calls != opening:
+            raise RuntimeError(f"arq's run_job opened {job_id} in a way the worker does not know")
+        self._calls = []
+        job, tries = await worker.jobs.start(job_id)
+        if not worker.allow_abort_jobs:
+            return [job, tries, True]
+        return [job, tries, True, await worker.jobs.forget_abort(job_id)]
+
+
+# What ``ConsentWorker.pool`` is in the task of a job that is opening (see _Opening).
+_opening: ContextVar[_Opening | None] = ContextVar("opening", default=None)
 
 
 class ConsentWorker(Worker):
@@ -92,6 +153,7 @@ class ConsentWorker(Worker):
                 asyncio.set_event_loop(uvloop.new_event_loop())
         super().__init__(*args, **kwargs)
         self._claim_due: Any = None
+        self._jobs: JobStore | None = None
         self.queue_shards = None if queue_shards is None else tuple(queue_shards)
         self._hot: list[tuple[str, int]] = []  # queues with jobs due at the last poll
         self._claimed = 0
@@ -108,6 +170,72 @@ class ConsentWorker(Worker):
         if not isinstance(clock, RedisClock):
             clock = self.ctx["clock"] = RedisClock(self.pool)
         return clock
+
+    @property
+    def redis(self) -> ArqRedis:
+        """The worker's Redis client (``pool`` is arq's view of it: see ``run_job``)."""
+        return self._pool  # type: ignore[return-value]
+
+    @property
+    def pool(self) -> ArqRedis:
+        return _opening.get() or self.redis  # type: ignore[return-value]
+
+    @property
+    def jobs(self) -> JobStore:
+        """arq's bookkeeping of this worker's jobs, in single-slot scripts."""
+        if self._jobs is None or self._jobs.pool is not self.redis:
+            self._jobs = JobStore(self.redis)
+        return self._jobs
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        # arq's, with its MULTI/EXEC bookkeeping done by the job store's scripts, which run on a
+        # Redis Cluster too: the opening through the pool it sees (in this job's task only),
+        # the end through finish_job and finish_failed_job.
+        _opening.set(_Opening(self, job_id))
+        await super().run_job(job_id, score)
+
+    async def finish_job(
+        self,
+        job_id: str,
+        finish: bool,
+        result_data: bytes | None,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
+    ) -> None:
+        await self.jobs.finish(
+            job_id,
+            self.queue_of(job_id),
+            done=finish,
+            result=result_data,
+            result_ms=None if keep_result_forever else to_ms(result_timeout_s),
+            later_ms=incr_score,
+            keep_in_progress_ms=to_ms(keep_in_progress),
+        )
+        if finish and self.allow_abort_jobs:
+            await self.jobs.forget_abort(job_id)
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        keep = self.keep_result_forever or self.keep_result_s > 0
+        await self.jobs.finish(
+            job_id,
+            self.queue_of(job_id),
+            done=True,
+            result=result_data if keep else None,
+            result_ms=None if self.keep_result_forever else to_ms(self.keep_result_s),
+        )
+        if self.allow_abort_jobs:
+            await self.jobs.forget_abort(job_id)
+
+    async def _cancel_aborted_jobs(self) -> None:
+        # arq's, reading the abort set in a script of its own instead of a MULTI/EXEC.
+        aborted = {job_id for job_id in await self.jobs.aborts() if job_id in self.job_tasks}
+        for job_id in aborted:
+            self.job_tasks[job_id].cancel()
+        if aborted:
+            self.aborting_tasks.update(aborted)
+            await self.jobs.forget_abort(*aborted)
 
     @property
     def redis_address(self) -> str:
@@ -141,7 +269,7 @@ class ConsentWorker(Worker):
             await self._poll_once()
             if self._claimed == claimed and not self.burst:
                 await self._wait_for_bell()
-        except REDIS_ERRORS as exc:
+        except OUTAGE_ERRORS as exc:
             self._redis_down(exc)
             await asyncio.sleep(OUTAGE_POLL_DELAY)
             return
@@ -176,7 +304,7 @@ class ConsentWorker(Worker):
         log.warning("redis_available", redis=self.redis_address, down_s=round(down, 1))
         hook = self.ctx.get("on_redis_back")
         if hook is not None:
-            with contextlib.suppress(*REDIS_ERRORS):
+            with contextlib.suppress(*OUTAGE_ERRORS):
                 await hook(self.ctx, down)
 
     async def _poll_once(self) -> None:
@@ -194,7 +322,7 @@ class ConsentWorker(Worker):
             if task.done():
                 del self.tasks[job_id]
                 exc = None if task.cancelled() else task.exception()
-                if isinstance(exc, REDIS_ERRORS):
+                if isinstance(exc, OUTAGE_ERRORS):
                     # arq's bookkeeping for the job met the outage: the job runs again once its
                     # in-progress mark lapses.
                     self._redis_down(exc)
@@ -237,15 +365,28 @@ class ConsentWorker(Worker):
             args = [in_progress_key_prefix, ttl, want, max(self.queue_read_limit, want)]
             queue_script(pipe, self._claim_due, [queue], args)
 
-    async def _claimed_from(self, answers: list[Any]) -> list[Any]:
-        """The jobs the claims of a pipeline took (job id, score, ...)."""
-        if any(isinstance(a, NoScriptError) for a in answers):
-            # A server without the script yet (a new primary): those claims ran nothing.
+    async def _claimed_from(self, shares: list[tuple[str, int]], answers: list[Any]) -> list[Any]:
+        """The jobs the claims of ``shares`` took (job id, score, ...), from their answers in a
+        pipeline. Claims that met a server without the script (a new primary, a cluster node
+        that just took the queue's slot) ran nothing: sent again at once, the script loaded,
+        rather than left for a poll after the worker has slept on the bell."""
+        missing = [s for s, a in zip(shares, answers, strict=True) if isinstance(a, NoScriptError)]
+        if missing:
             self._claim_due.sha = await self.pool.script_load(self._claim_due.script)
+            async with self.pool.pipeline(transaction=False) as pipe:
+                self._queue_claims(pipe, missing)
+                answers = [a for a in answers if not isinstance(a, NoScriptError)]
+                answers += await pipe.execute(raise_on_error=False)
+        claimed: list[Any] = []
         for answer in answers:
-            if isinstance(answer, BaseException) and not isinstance(answer, NoScriptError):
+            if isinstance(answer, NoScriptError) or slot_moving(answer):
+                # Still no script, or the queue's slot is moving to another cluster node: a
+                # later poll claims there.
+                continue
+            if isinstance(answer, BaseException):
                 raise answer
-        return [i for a in answers if not isinstance(a, BaseException) for i in a]
+            claimed += answer
+        return claimed
 
     async def _claim_sharded(self, free: int) -> list[Any]:
         """One round trip counts what is due on each served queue (by this worker's estimate
@@ -265,24 +406,28 @@ class ConsentWorker(Worker):
         for count in counts:
             if isinstance(count, BaseException):
                 raise count
-        claimed = await self._claimed_from(answers[len(queues) :])
+        claimed = await self._claimed_from(hot, answers[len(queues) :])
         self._hot = [(q, int(n)) for q, n in zip(queues, counts, strict=True) if int(n)]
         left = free - len(claimed) // 2
         tried = {queue for queue, _ in hot}
         cold = [(queue, n) for queue, n in self._hot if queue not in tried]
         if cold and left > 0:
+            shares = self._shares(cold, left)
             async with self.pool.pipeline(transaction=False) as pipe:
-                self._queue_claims(pipe, self._shares(cold, left))
-                claimed += await self._claimed_from(await pipe.execute(raise_on_error=False))
+                self._queue_claims(pipe, shares)
+                answers = await pipe.execute(raise_on_error=False)
+            claimed += await self._claimed_from(shares, answers)
         return claimed
 
     async def _start_due(self, free: int) -> None:
         if self._claim_due is None:
             self._claim_due = self.pool.register_script(lua("claim_due"))
         if self.queue_shards is None:
+            shares = [(self.queue_name, free)]
             async with self.pool.pipeline(transaction=False) as pipe:
-                self._queue_claims(pipe, [(self.queue_name, free)])
-                claimed = await self._claimed_from(await pipe.execute(raise_on_error=False))
+                self._queue_claims(pipe, shares)
+                answers = await pipe.execute(raise_on_error=False)
+            claimed = await self._claimed_from(shares, answers)
         else:
             claimed = await self._claim_sharded(free)
         self._claimed += len(claimed) // 2
@@ -297,51 +442,6 @@ class ConsentWorker(Worker):
             # outage replaces its dead task in ``tasks``.
             task.add_done_callback(_retrieve)
             self.tasks[job_id] = task
-
-    async def finish_job(
-        self,
-        job_id: str,
-        finish: bool,
-        result_data: bytes | None,
-        result_timeout_s: float | None,
-        keep_result_forever: bool,
-        incr_score: int | None,
-        keep_in_progress: float | None,
-    ) -> None:
-        # arq's, on the job's own queue (its shard's) rather than the worker's one queue.
-        async with self.pool.pipeline(transaction=True) as tr:
-            delete_keys = []
-            in_progress_key = in_progress_key_prefix + job_id
-            if keep_in_progress is None:
-                delete_keys += [in_progress_key]
-            else:
-                tr.pexpire(in_progress_key, to_ms(keep_in_progress))
-            if finish:
-                if result_data:
-                    expire = None if keep_result_forever else result_timeout_s
-                    tr.set(result_key_prefix + job_id, result_data, px=to_ms(expire))
-                delete_keys += [retry_key_prefix + job_id, job_key_prefix + job_id]
-                tr.zrem(abort_jobs_ss, job_id)
-                tr.zrem(self.queue_of(job_id), job_id)
-            elif incr_score:
-                tr.zincrby(self.queue_of(job_id), incr_score, job_id)
-            if delete_keys:
-                tr.delete(*delete_keys)
-            await tr.execute()
-
-    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
-        # arq's, on the job's own queue (its shard's) rather than the worker's one queue.
-        async with self.pool.pipeline(transaction=True) as tr:
-            tr.delete(
-                retry_key_prefix + job_id, in_progress_key_prefix + job_id, job_key_prefix + job_id
-            )
-            tr.zrem(abort_jobs_ss, job_id)
-            tr.zrem(self.queue_of(job_id), job_id)
-            keep_result = self.keep_result_forever or self.keep_result_s > 0
-            if result_data is not None and keep_result:
-                expire = 0 if self.keep_result_forever else self.keep_result_s
-                tr.set(result_key_prefix + job_id, result_data, px=to_ms(expire))
-            await tr.execute()
 
     async def heart_beat(self) -> None:
         # arq's, with the cron jobs timed by Redis's clock rather than this process's.
@@ -400,11 +500,11 @@ class ConsentWorker(Worker):
             _, late = await asyncio.wait(list(self.tasks.values()), timeout=CLOSE_REDIS_TIMEOUT)
             for task in late:
                 task.cancel()
-        with contextlib.suppress(*REDIS_ERRORS):
+        with contextlib.suppress(*OUTAGE_ERRORS):
             await asyncio.wait_for(self.pool.delete(self.health_check_key), CLOSE_REDIS_TIMEOUT)
         if self.on_shutdown:
             await self.on_shutdown(self.ctx)
-        with contextlib.suppress(*REDIS_ERRORS):
+        with contextlib.suppress(*OUTAGE_ERRORS):
             await asyncio.wait_for(
                 self.pool.aclose(close_connection_pool=True), CLOSE_REDIS_TIMEOUT
             )

@@ -127,7 +127,9 @@ class ProviderWatch:
             "since": iso(since),
         }
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
+            # Not a MULTI, which a Redis Cluster client refuses: the two go out together on one
+            # connection, in order, and a write that met an error is made again by the retry.
+            async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(self.key, mapping=fields)
                 pipe.expire(self.key, int(CHECK_TTL))
                 await pipe.execute()

@@ -35,6 +35,7 @@ from consent_flow.core.table import Event
 from consent_flow.errors import VaultError, WorkerUnavailable
 from consent_flow.queue.jobs import JobQueue, bell_key
 from consent_flow.store.redis_store import REPLY_TTL, Keys
+from consent_flow.store.scripts import lua
 from consent_flow.store.vault import ReplyKey, seal_reply
 
 __all__ = [
@@ -231,6 +232,7 @@ class EventBus:
         self.queue_name = queue_name
         self.timeout = timeout
         self.jobs = JobQueue(pool, clock=clock)
+        self._reply = pool.register_script(lua("reply"))
 
     async def emit(self, envelope: Envelope, *, timeout: float | None = None) -> Outcome | None:
         """Queue the event; with ``envelope.reply`` wait for its outcome.
@@ -278,7 +280,4 @@ class EventBus:
     async def reply(self, envelope: Envelope, outcome: Outcome) -> None:
         """Push ``outcome`` to ``envelope``'s caller (secrets sealed to its reply key)."""
         key = self.keys.reply(envelope.user, envelope.event_id)
-        async with self.pool.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, outcome.reply_json(envelope))
-            pipe.expire(key, REPLY_TTL)
-            await pipe.execute()
+        await self._reply(keys=[key], args=[outcome.reply_json(envelope), REPLY_TTL])

@@ -21,6 +21,7 @@ from typing import Any
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from consent_flow.settings import MAX_EVENT_TIMEOUT
@@ -142,12 +143,20 @@ class JobQueue:
         """
         if ring is None:
             return bool(await self._enqueue(keys=job.keys, args=job.args))
+        if isinstance(self.pool, RedisCluster):
+            # A cluster pipeline sends each node its commands at once, in no order across
+            # nodes: the bell (a slot of its own) could wake a worker before its job is there,
+            # and the worker would sleep again on a due job. Rung once the job is queued.
+            queued = bool(await self._enqueue(keys=job.keys, args=job.args))
+            if queued:
+                async with self.pool.pipeline(transaction=False) as pipe:
+                    self._ring(pipe, ring)
+                    await pipe.execute()
+            return queued
         for attempt in range(2):
             async with self.pool.pipeline(transaction=False) as pipe:
                 queue_script(pipe, self._enqueue, job.keys, job.args)
-                pipe.lpush(ring, b"1")
-                pipe.ltrim(ring, 0, BELL_MAX - 1)
-                pipe.pexpire(ring, BELL_TTL_MS)
+                self._ring(pipe, ring)
                 queued, *_ = await pipe.execute(raise_on_error=False)
             if not isinstance(queued, NoScriptError) or attempt:
                 break
@@ -156,3 +165,9 @@ class JobQueue:
         if isinstance(queued, BaseException):
             raise queued
         return bool(queued)
+
+    @staticmethod
+    def _ring(pipe: Any, bell: str) -> None:
+        pipe.lpush(bell, b"1")
+        pipe.ltrim(bell, 0, BELL_MAX - 1)
+        pipe.pexpire(bell, BELL_TTL_MS)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import os
+import random
 import re
 import shutil
 import signal
@@ -25,24 +27,28 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from redis.asyncio.client import Pipeline
+from redis.asyncio.client import Pipeline, PubSub
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ClusterError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consent_flow.errors import ConsentError
 from consent_flow.settings import Settings
 
 __all__ = [
+    "ClusterArqRedis",
+    "ClusterSettings",
     "EmbeddedRedis",
     "arq_redis_settings",
     "connect",
@@ -51,6 +57,7 @@ __all__ = [
     "embedded_redis_stopped",
     "find_redis_server",
     "masked_url",
+    "slot_moving",
 ]
 
 START_TIMEOUT = 10.0  # seconds for a new embedded server to answer
@@ -138,6 +145,21 @@ def masked_url(url: str) -> str:
     return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", url, count=1))
 
 
+@dataclasses.dataclass
+class ClusterSettings(RedisSettings):
+    """arq's settings naming a Redis Cluster's startup nodes in ``host``: arq has no cluster
+    client, so ``create_redis_pool`` makes the project's own (``ClusterArqRedis``)."""
+
+
+def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
+    """The ``host:port,host:port`` list of a Sentinel or Cluster URL's authority."""
+    hosts = []
+    for item in netloc.rsplit("@", 1)[-1].split(","):
+        host, _, port = item.partition(":")
+        hosts.append((host, int(port or default_port)))
+    return hosts
+
+
 def arq_redis_settings(url: str, *, startup_retries: int = 20) -> RedisSettings:
     """arq's settings for a URL, with reconnects that ride out a Redis restart.
 
@@ -145,15 +167,19 @@ def arq_redis_settings(url: str, *, startup_retries: int = 20) -> RedisSettings:
     long for workers started beside it, short for a command line that should answer.
     """
     parts = urlsplit(url)
-    if parts.scheme == "redis+sentinel":
+    if parts.scheme == "redis+cluster":
+        # redis+cluster://[:password@]host:6379,host2:6379 (any of the nodes: the client asks
+        # one of them for the others and for who serves which slot)
+        rs: RedisSettings = ClusterSettings(
+            host=_hosts(parts.netloc, 6379),
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+    elif parts.scheme == "redis+sentinel":
         # redis+sentinel://host:26379,host2:26379/mymaster
-        hosts = []
-        for item in parts.netloc.rsplit("@", 1)[-1].split(","):
-            host, _, port = item.partition(":")
-            hosts.append((host, int(port or 26379)))
         query = parse_qs(parts.query)
         rs = RedisSettings(
-            host=hosts,
+            host=_hosts(parts.netloc, 26379),
             sentinel=True,
             sentinel_master=parts.path.strip("/") or "mymaster",
             password=unquote(parts.password) if parts.password else None,
@@ -190,6 +216,11 @@ class _FailoverScript(AsyncScript):
         if isinstance(client, Pipeline):
             return await super().__call__(keys, args, client)
         keys, args = list(keys or []), list(args or [])
+        if isinstance(client, _ClusterPipeline):
+            # Queued by name: redis-py blocks a cluster pipeline's evalsha() (it cannot load
+            # a missing script there); the pipeline sends it again as EVAL if it must.
+            client.scripts[self.sha] = self.script
+            return client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
@@ -260,15 +291,170 @@ class _SentinelArqRedis(ArqRedis):
                 await client.aclose()
 
 
+# Seconds a command whose keys are split by a moving slot is tried again, and how often.
+SLOT_MOVE_WAIT = 30.0
+SLOT_MOVE_RETRY = 0.05
+
+
+def slot_moving(exc: BaseException) -> bool:
+    """Whether a script failed because a slot it touches is moving between cluster nodes.
+
+    A script that reaches a key it was not given (claim_due.lua builds arq's in-progress keys)
+    cannot be redirected while that key's slot migrates: Redis refuses it before it writes
+    anything, and it runs once the slot has moved.
+    """
+    return isinstance(exc, ResponseError) and str(exc).startswith(
+        "Script attempted to access a non local key"
+    )
+
+
+class _ClusterPipeline(ClusterPipeline):
+    """A cluster pipeline whose scripts run on nodes that have not seen them yet.
+
+    Each node caches the scripts it was sent, and a node that takes over slots (a resharding,
+    a replica promoted) has not seen them: a queued EVALSHA there answers NOSCRIPT. It did
+    nothing, so it is sent again as EVAL, alone, to the node that serves its keys now.
+    """
+
+    def __init__(self, client: RedisCluster) -> None:
+        super().__init__(client)
+        self.scripts: dict[str, Any] = {}  # sha -> text of the scripts queued here
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        stack = list(self._command_stack)
+        results = await super().execute(False, allow_redirections)
+        for i, (command, result) in enumerate(zip(stack, results, strict=True)):
+            if isinstance(result, NoScriptError):
+                sha, *rest = command.args[1:]
+                script = self.scripts.get(sha)
+                if script is None:
+                    continue  # queued by its SHA alone: NoScriptError is the caller's to handle
+                try:
+                    results[i] = await self._client.eval(script, *rest)  # type: ignore[misc]
+                except redis.RedisError as exc:
+                    results[i] = exc
+        if raise_on_error:
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+        return results
+
+    # arq's worker logs INFO and DBSIZE through a pipeline as it starts, and redis-py refuses
+    # both in a cluster pipeline: here they are the default node's, as they are outside one.
+    def info(self, section: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return self.execute_command("INFO", *([section] if section else []), *args, **kwargs)
+
+    def dbsize(self, **kwargs: Any) -> Any:
+        return self.execute_command("DBSIZE", **kwargs)
+
+
+class _NodePubSub(PubSub):
+    """A subscription on a pool of its own, closed with it."""
+
+    async def aclose(self) -> None:
+        await super().aclose()  # type: ignore[no-untyped-call]
+        await self.connection_pool.disconnect()
+
+
+class ClusterArqRedis(RedisCluster):
+    """redis-py's asyncio cluster client standing in for arq's client: the attributes arq's
+    ``ArqRedis`` adds (its serializers, queue name and job expiry), and scripts that run on a
+    node that has not seen them.
+
+    It runs single-key commands, scripts whose keys share a slot (routed by their keys) and
+    non-transactional pipelines, and subscriptions (``pubsub``, on one node); MULTI/EXEC
+    (``pipeline(transaction=True)``, WATCH) it does not, so neither does arq's ``enqueue_job``
+    or arq's own worker bookkeeping (see ``consent_flow.queue.jobstore``).
+    """
+
+    job_serializer: Any = None
+    job_deserializer: Any = None
+    default_queue_name: str = "arq:queue"
+    expires_extra_ms: int = 86_400_000
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        # While a slot moves, a command on several of its keys is answered TRYAGAIN as long as
+        # some are on the old node and some on the new; redis-cli moves ten keys at a time, so
+        # that can last seconds, and redis-py gives up after 16 tries (under half a second)
+        # with "TTL exhausted". The command did not run: it is sent again, for a while.
+        waited = 0.0
+        while True:
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except ClusterError as exc:
+                if str(exc) != "TTL exhausted." or waited >= SLOT_MOVE_WAIT:
+                    raise
+            await asyncio.sleep(SLOT_MOVE_RETRY)
+            waited += SLOT_MOVE_RETRY
+
+    def register_script(self, script: Any) -> AsyncScript:  # type: ignore[override]
+        return _FailoverScript(self, script)  # type: ignore[arg-type]
+
+    def pubsub(self, **kwargs: Any) -> PubSub:
+        """A subscription on a connection to one primary, taken at random (another one after
+        the subscriber comes back from an error). redis-py's asyncio cluster client has none;
+        one node is enough, as a cluster carries every PUBLISH (a commit's, on any node) to
+        the subscribers of every node."""
+        node = random.choice(self.get_primaries())
+        kwargs = {**node.connection_kwargs, **kwargs}
+        return _NodePubSub(ConnectionPool(connection_class=node.connection_class, **kwargs))
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        if transaction or shard_hint:
+            return super().pipeline(transaction, shard_hint)  # refuses them, as redis-py does
+        return _ClusterPipeline(self)  # type: ignore[abstract]
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose()
+
+
+async def _cluster_pool(rs: ClusterSettings, **options: Any) -> ArqRedis:
+    assert not isinstance(rs.host, str), "a Cluster URL names a list of nodes"
+    attempt = 0
+    while True:
+        pool = ClusterArqRedis(
+            startup_nodes=[ClusterNode(host, port) for host, port in rs.host],
+            username=rs.username,
+            password=rs.password,
+            socket_connect_timeout=rs.conn_timeout,
+            retry=rs.retry,
+            retry_on_error=rs.retry_on_error,
+            # MOVED, ASK, TRYAGAIN and a cluster that is down a moment (a resharding, a
+            # failover) are retried with the slots asked for again, as often as other errors.
+            cluster_error_retry_attempts=RETRIES,
+            # A MOVED answer updates that slot's node only. redis-py would otherwise read the
+            # whole map again every fifth MOVED, closing every connection first, under the
+            # commands of every other task (ConnectionError in the middle of a resharding).
+            reinitialize_steps=0,
+        )
+        pool.job_serializer = options.get("job_serializer")
+        pool.job_deserializer = options.get("job_deserializer")
+        pool.default_queue_name = options.get("default_queue_name", pool.default_queue_name)
+        pool.expires_extra_ms = options.get("expires_extra_ms", pool.expires_extra_ms)
+        try:
+            await pool.initialize()
+        except (TimeoutError, OSError, redis.RedisError):
+            await pool.aclose()
+            if attempt >= rs.conn_retries:
+                raise
+            attempt += 1
+            await asyncio.sleep(rs.conn_retry_delay)
+        else:
+            # Not an ArqRedis, but what the project calls on one: see ClusterArqRedis.
+            return cast(ArqRedis, pool)
+
+
 async def create_redis_pool(rs: RedisSettings, **options: Any) -> ArqRedis:
     """arq's ``create_pool(rs, **options)``, with Sentinel's primary connections set up like
-    every other URL's.
+    every other URL's, and the project's cluster client for a Redis Cluster.
 
     arq hands a Sentinel's primary connections the database and credentials only: no retries,
     no timeouts, so the first error of a failover (the old primary gone, or demoted and
     answering READONLY, which redis-py turns into a ConnectionError) would reach every caller.
     Here they retry like any connection, asking the sentinels for the primary on each reconnect.
     """
+    if isinstance(rs, ClusterSettings):
+        return await _cluster_pool(rs, **options)
     if not rs.sentinel:
         return await create_pool(rs, **options)
     assert not isinstance(rs.host, str), "a Sentinel URL names a list of sentinels"

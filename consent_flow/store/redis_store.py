@@ -562,7 +562,7 @@ class RedisStore:
     ) -> None:
         """``wait_replicas``: a commit that stores tokens returns once that many replicas hold
         it, or after ``REPLICA_WAIT_MS`` with ``replicated=False`` (see ``commit``)."""
-        if redis.connection_pool.connection_kwargs.get("decode_responses"):
+        if redis.get_connection_kwargs().get("decode_responses"):  # type: ignore[no-untyped-call]
             raise ValueError("RedisStore needs a client without decode_responses")
         # redis-py types its asyncio client with sync|async unions that mypy cannot await: the
         # store treats it as untyped rather than scatter ignores over every call.

@@ -26,5 +26,8 @@ def queue_script(pipe: Any, script: AsyncScript, keys: Sequence[Any], args: Sequ
     claim and per commit group. By SHA, a server without the script (a new primary, a flushed
     cache) answers NoScriptError in its place having run nothing: the caller loads it and asks
     again.
+
+    Sent as the command itself (what ``pipe.evalsha`` sends): redis-py refuses ``evalsha`` on
+    a Redis Cluster's pipeline, which routes the command by its keys like any other.
     """
-    pipe.evalsha(script.sha, len(keys), *keys, *args)
+    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)

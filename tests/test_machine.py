@@ -351,7 +351,8 @@ async def test_the_engine_commits_only_table_rows_and_does_each_rows_effect(walk
             assert not after.upgrading and after.revocation_pending is None, where
         if row.effect is X.REVOKE:
             assert after.tokens is None and after.session_id is None, where
-        upgrades = await walk.store.upgrades_due(walk.now + 10_000)
+        shard = walk.store.keys.shard_of(user)
+        upgrades = await walk.store.upgrades_due(walk.now + 10_000, shard=shard)
         assert (user in upgrades) is after.upgrading, where
     assert cells == len(STARTS) * len(VARIANTS) * 2
     # Every effect the engine applies for events from outside was walked (the refresher's own

@@ -373,20 +373,33 @@ def test_a_connection_closed_under_a_command_is_retried_under_uvloop(sentinel_to
     """When the primary moves, redis-py's pool closes its idle connections while another task
     may have just taken one; the worker's loop (uvloop) then writes to a closed transport, which
     raised a RuntimeError no retry caught and stopped a worker mid-failover. It is a lost
-    connection now: the command goes again on a fresh one."""
-    import uvloop
+    connection now: the command goes again on a fresh one. (In a process of its own: its loop's
+    leftovers must not be collected during another test.)"""
+    import subprocess
+    import sys
 
-    from consent_flow.store.connection import connect
+    script = """
+import sys, uvloop
+from consent_flow.store.connection import connect
 
-    async def scenario() -> bytes:
-        pool = await connect(sentinel_topology.url, startup_retries=0)
-        try:
-            await pool.set("k", "v")
-            # What the pool's disconnect does before it forgets the connection's streams.
-            idle = pool.connection_pool._available_connections[0]
-            idle._writer.transport.close()
-            return await pool.get("k")
-        finally:
-            await pool.aclose()
+async def scenario():
+    pool = await connect(sys.argv[1], startup_retries=0)
+    try:
+        await pool.set("k", "v")
+        # What the pool's disconnect does before it forgets the connection's streams.
+        pool.connection_pool._available_connections[0]._writer.transport.close()
+        return await pool.get("k")
+    finally:
+        await pool.aclose()
 
-    assert uvloop.run(scenario()) == b"v"
+print(uvloop.run(scenario()).decode())
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script, sentinel_topology.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "v"

@@ -25,7 +25,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -410,10 +410,11 @@ class ClusterArqRedis(RedisCluster):
 
 async def _cluster_pool(rs: ClusterSettings, **options: Any) -> ArqRedis:
     assert not isinstance(rs.host, str), "a Cluster URL names a list of nodes"
-    attempt = 0
-    while True:
-        pool = ClusterArqRedis(
-            startup_nodes=[ClusterNode(host, port) for host, port in rs.host],
+    hosts = rs.host  # a fresh ClusterNode each try: a closed client's nodes are closed
+
+    def make() -> ClusterArqRedis:
+        return ClusterArqRedis(  # type: ignore[no-any-return]
+            startup_nodes=[ClusterNode(host, port) for host, port in hosts],
             username=rs.username,
             password=rs.password,
             socket_connect_timeout=rs.conn_timeout,
@@ -427,12 +428,30 @@ async def _cluster_pool(rs: ClusterSettings, **options: Any) -> ArqRedis:
             # commands of every other task (ConnectionError in the middle of a resharding).
             reinitialize_steps=0,
         )
+
+    pool = await _first_contact(rs, options, make, lambda p: p.initialize())
+    # Not an ArqRedis, but what the project calls on one: see ClusterArqRedis.
+    return cast(ArqRedis, pool)
+
+
+async def _first_contact(
+    rs: RedisSettings,
+    options: dict[str, Any],
+    make: Callable[[], Any],
+    contact: Callable[[Any], Awaitable[Any]],
+) -> Any:
+    """A client from ``make()`` given arq's options (as ``create_pool`` gives them), once
+    ``contact`` reaches the server: up to ``rs.conn_retries`` more tries, each with a new client,
+    ``rs.conn_retry_delay`` apart."""
+    attempt = 0
+    while True:
+        pool = make()
         pool.job_serializer = options.get("job_serializer")
         pool.job_deserializer = options.get("job_deserializer")
         pool.default_queue_name = options.get("default_queue_name", pool.default_queue_name)
         pool.expires_extra_ms = options.get("expires_extra_ms", pool.expires_extra_ms)
         try:
-            await pool.initialize()
+            await contact(pool)
         except (TimeoutError, OSError, redis.RedisError):
             await pool.aclose()
             if attempt >= rs.conn_retries:
@@ -440,8 +459,7 @@ async def _cluster_pool(rs: ClusterSettings, **options: Any) -> ArqRedis:
             attempt += 1
             await asyncio.sleep(rs.conn_retry_delay)
         else:
-            # Not an ArqRedis, but what the project calls on one: see ClusterArqRedis.
-            return cast(ArqRedis, pool)
+            return pool
 
 
 async def create_redis_pool(rs: RedisSettings, **options: Any) -> ArqRedis:
@@ -471,27 +489,16 @@ async def create_redis_pool(rs: RedisSettings, **options: Any) -> ArqRedis:
         username=rs.username,
         password=rs.password,
     )
-    attempt = 0
-    while True:
+
+    def make() -> _SentinelArqRedis:
         pool: _SentinelArqRedis = sentinel.master_for(
             rs.sentinel_master, redis_class=_SentinelArqRedis, connection_class=_PrimaryConnection
         )
         pool.sentinels = sentinel
         pool.service = rs.sentinel_master
-        pool.job_serializer = options.get("job_serializer")
-        pool.job_deserializer = options.get("job_deserializer")
-        pool.default_queue_name = options.get("default_queue_name", pool.default_queue_name)
-        pool.expires_extra_ms = options.get("expires_extra_ms", pool.expires_extra_ms)
-        try:
-            await pool.ping()
-        except (TimeoutError, OSError, redis.RedisError):
-            await pool.aclose()
-            if attempt >= rs.conn_retries:
-                raise
-            attempt += 1
-            await asyncio.sleep(rs.conn_retry_delay)
-        else:
-            return pool
+        return pool
+
+    return cast(ArqRedis, await _first_contact(rs, options, make, lambda p: p.ping()))
 
 
 async def connect(url: str, *, startup_retries: int = 20, **options: Any) -> ArqRedis:

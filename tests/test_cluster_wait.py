@@ -5,8 +5,9 @@ A cluster with replicas fails over by itself and replicates asynchronously, as S
 rotated refresh token acknowledged by a primary that dies before its replica has it is lost. A
 WAIT has no key, so a cluster client sends it to a default node; these tests stop (SIGSTOP) the
 replica of one user's primary and check that only that user's commits go unconfirmed, that
-every WAIT went to that user's primary, that a cluster without replicas waits for none, and that
-a worker settles an unconfirmed refresh on the replica promoted when its primary dies.
+every WAIT went to that user's primary, that a cluster without replicas waits for none, that a
+commit sent to a primary its slot just left is applied on the new one unconfirmed, and that a
+worker settles an unconfirmed refresh on the replica promoted when its primary dies.
 """
 
 from __future__ import annotations
@@ -246,3 +247,58 @@ async def test_a_refresh_its_replica_did_not_confirm_is_settled_on_the_promoted_
             assert not list((Path(env["CONSENT_DATA_DIR"]) / "spool").rglob("*.json"))
         finally:
             worker.terminate()
+
+
+def _move_slot(topology: Any, slot: int, source: int, target: int) -> None:
+    """Move one slot, with its keys, from primary ``source`` to primary ``target`` (what
+    ``redis-cli --cluster reshard`` does slot by slot)."""
+    source_id, target_id = topology.node_id(source), topology.node_id(target)
+    with topology.nodes[source].client() as src, topology.nodes[target].client() as dst:
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            port = topology.nodes[target].port
+            src.execute_command("MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", *keys)
+    for server in topology.nodes:
+        with server.client() as node:
+            if node.info("replication")["role"] == "master":
+                node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    topology.wait_settled()
+
+
+async def test_a_commit_whose_slot_moved_applies_there_unconfirmed(
+    redis_cluster_replicas: Any,
+) -> None:
+    """The user's slot moves to another primary behind the client's back: the node the client
+    sends the commit and its WAIT to answers MOVED, so the commit goes to the new primary alone
+    and comes out unconfirmed (that WAIT counted nothing of it); asked again, the new primary
+    confirms it."""
+    topology = redis_cluster_replicas
+    pool = await connect(topology.url, startup_retries=0)
+    try:
+        store = RedisStore(pool, prefix="w" + uuid.uuid4().hex[:8], wait_replicas=1)
+        ring = KeyRing.from_strings([generate_key()])
+        shard = store.keys.of("alice")
+        source = topology.owner(shard.replicated)
+        by_node = _users_by_node(topology, store, 1)
+        target, [other] = next((node, users) for node, users in by_node.items() if node != source)
+        # The client knows the slot's node, and the target has run the commit script already.
+        assert await store.confirm_replicated("alice")
+        assert (await store.commit(await _granted(store, ring, other))).replicated
+        neighbour = next(
+            user
+            for user in (f"n{n}" for n in range(1000))
+            if store.keys.shard_of(user) == shard.number
+        )
+        granted = await _granted(store, ring, "alice")
+        _move_slot(topology, pool.keyslot(shard.replicated), source, target)
+        assert topology.owner(shard.replicated) == target
+
+        result = await store.commit(granted)
+        assert (result.status, result.replicated) == ("ok", False)
+        assert (await store.load("alice")).state is State.PROVISIONED
+        assert await store.confirm_replicated("alice")
+        again = await store.commit(await _granted(store, ring, neighbour))
+        assert (again.status, again.replicated) == ("ok", True)
+    finally:
+        await pool.aclose()

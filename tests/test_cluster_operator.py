@@ -88,8 +88,9 @@ async def test_the_workers_periodic_work_runs_on_a_cluster(cluster_stack: Any) -
 async def test_the_operators_commands_read_every_shard_on_a_cluster(
     cluster_stack: Any, env: dict[str, str], settings: Any, redis_cluster: Any
 ) -> None:
-    """`list`, `stats --json`, `history` and `tail --json` on a `redis+cluster://` URL see the
-    users of every node, and `tail` follows transitions on whichever node they happen."""
+    """`list`, `stats --json`, `keys rotate`, `history` and `tail --json` on a
+    `redis+cluster://` URL reach the users of every node, and `tail` follows transitions on
+    whichever node they happen."""
     stack = cluster_stack
     cli_env = {
         **os.environ,
@@ -105,6 +106,14 @@ async def test_the_operators_commands_read_every_shard_on_a_cluster(
     ]
     stats = json.loads((await _cli(cli_env, "stats", "--json")).stdout)
     assert stats["states"] == {"unprovisioned": 0, "pending": 0, "provisioned": 4, "revoked": 0}
+
+    new_key = (await _cli(cli_env, "keys", "generate")).stdout.strip()
+    rotating = {**cli_env, "CONSENT_ENCRYPTION_KEYS": f"{new_key},{env['CONSENT_ENCRYPTION_KEYS']}"}
+    rotated = await _cli(rotating, "keys", "rotate", "--json")
+    assert json.loads(rotated.stdout)["rewritten"] == len(USERS), rotated.stderr
+    for user in USERS:
+        token = await _cli({**cli_env, "CONSENT_ENCRYPTION_KEYS": new_key}, "token", user)
+        assert token.returncode == 0, token.stderr
 
     tail = await asyncio.create_subprocess_exec(
         *CLI, "tail", "--json", env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE

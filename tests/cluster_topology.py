@@ -1,4 +1,5 @@
-"""A Redis Cluster on loopback: three primaries, no replicas, no persistence.
+"""A Redis Cluster on loopback: three primaries, no replicas (or ``replicas`` each), no
+persistence.
 
 Every node is a ``redis-server --cluster-enabled yes`` started by conftest's ``start_redis`` (a
 temporary folder each, holding the node's ``nodes.conf``); ``redis-cli --cluster create`` hands
@@ -48,7 +49,7 @@ def _node_port() -> int:
 class ClusterTopology:
     """The primaries, and the operations a cluster test needs."""
 
-    def __init__(self, directory: Path, *, primaries: int = PRIMARIES) -> None:
+    def __init__(self, directory: Path, *, primaries: int = PRIMARIES, replicas: int = 0) -> None:
         self.directory = directory
         self.nodes: list[RedisServer] = []
         cli = find_redis_cli()
@@ -56,7 +57,7 @@ class ClusterTopology:
             raise AssertionError("the cluster tests need redis-cli (it ships with redis-server)")
         self.cli = cli
         try:
-            for i in range(primaries):
+            for i in range(primaries * (1 + replicas)):
                 folder = directory / f"node-{i}"
                 self.nodes.append(start_redis(folder, port=_node_port(), args=self._args(folder)))
             self._cli(
@@ -64,7 +65,7 @@ class ClusterTopology:
                 "create",
                 *self.addresses,
                 "--cluster-replicas",
-                "0",
+                str(replicas),
                 "--cluster-yes",
             )
             self.wait_settled()
@@ -120,10 +121,21 @@ class ClusterTopology:
                     return i
         raise AssertionError(f"no node serves {key!r}")
 
+    def replica_of(self, i: int) -> int:
+        """The index of a replica of primary ``i`` whose link to it is up."""
+        for j, server in enumerate(self.nodes):
+            if j != i and server.process.poll() is None:
+                with server.client() as node:
+                    info = node.info("replication")
+                if info["role"] == "slave" and int(info["master_port"]) == self.nodes[i].port:
+                    return j
+        raise AssertionError(f"node {i} has no replica")
+
     # --- waiting ------------------------------------------------------------------------------
 
     def wait_settled(self, timeout: float = SETTLE_TIMEOUT) -> None:
-        """Until every node says ``cluster_state:ok`` and all of them map the slots alike."""
+        """Until every node says ``cluster_state:ok``, all of them map the slots alike and
+        every replica's link to its primary is up."""
         deadline = time.monotonic() + timeout
         while not self._settled():
             if time.monotonic() > deadline:
@@ -136,6 +148,9 @@ class ClusterTopology:
             for server in self.nodes:
                 with server.client() as node:
                     if node.cluster("INFO")["cluster_state"] != "ok":
+                        return False
+                    replication = node.info("replication")
+                    if replication.get("master_link_status", "up") != "up":
                         return False
                     maps.append(
                         sorted(

@@ -81,6 +81,10 @@ class ClusterTopology:
             str(folder / "nodes.conf"),
             "--cluster-node-timeout",
             str(NODE_TIMEOUT_MS),
+            # A primary whose last slot moves away stays a primary that slots can move back to
+            # (Redis 7 would make it a replica of the node that took that slot).
+            "--cluster-allow-replica-migration",
+            "no",
         )
 
     # --- addresses ----------------------------------------------------------------------------

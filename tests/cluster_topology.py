@@ -82,6 +82,10 @@ class ClusterTopology:
             str(folder / "nodes.conf"),
             "--cluster-node-timeout",
             str(NODE_TIMEOUT_MS),
+            # A primary whose last slot moves away stays a primary that slots can move back to
+            # (Redis 7 would make it a replica of the node that took that slot).
+            "--cluster-allow-replica-migration",
+            "no",
         )
 
     # --- addresses ----------------------------------------------------------------------------
@@ -178,6 +182,35 @@ class ClusterTopology:
             str(slots),
             "--cluster-yes",
         )
+        self.wait_settled()
+
+    # A slot moved by hand, one step at a time, as redis-cli does it: a test stops between the
+    # steps, where a resharding passes in milliseconds.
+
+    def begin_move(self, slot: int, source: int, target: int) -> None:
+        """``slot`` importing on ``target`` and migrating on ``source``: its keys may be on
+        either node (ASK for one that has moved, TRYAGAIN for several split between them)."""
+        with self.nodes[target].client() as node:
+            node.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source))
+        with self.nodes[source].client() as node:
+            node.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(target))
+
+    def migrate(self, source: int, target: int, keys: list[str]) -> None:
+        """Move ``keys`` (of a slot that is moving) from ``source`` to ``target``."""
+        with self.nodes[source].client() as node:
+            node.execute_command(
+                "MIGRATE", "127.0.0.1", self.nodes[target].port, "", 0, 5000, "KEYS", *keys
+            )
+
+    def end_move(self, slot: int, source: int, target: int) -> None:
+        """Move the slot's remaining keys, then give the slot to ``target`` (on every node)."""
+        with self.nodes[source].client() as node:
+            left = node.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100_000)
+        if left:
+            self.migrate(source, target, left)
+        for i in sorted(range(len(self.nodes)), key=lambda i: i != target):
+            with self.nodes[i].client() as node:
+                node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", self.node_id(target))
         self.wait_settled()
 
     def _cli(self, *args: str) -> None:

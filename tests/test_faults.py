@@ -373,7 +373,7 @@ async def test_a_commit_that_meets_a_cluster_that_is_down_waits_for_it(scene):
     """Redis's default on a cluster: with a primary away (and no replica to take its slots),
     every node answers CLUSTERDOWN, alice's too. A refresh answered then defers its commit, as
     when Redis is away, and commits once the cluster is up again."""
-    hold_ms = 12_000  # the provider answers once the cluster is down
+    hold_ms = 15_000  # the provider answers once the cluster is down (5-7 s after the stop)
     worker = scene.start_worker("--job-timeout", "30", CONSENT_HTTP_TIMEOUT="20")
     before = await _provisioned(scene, worker)
     scene.hold_next_token_response(hold_ms)

@@ -25,17 +25,18 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from arq.constants import in_progress_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix
 from conftest import provider_clients
 from local_provider import LocalProvider, approve
 from test_lua_commit import OTHER, SEALED, Step
 from under_load import Load, grants_go_on, nothing_lost, start_workers
 
 from consent_flow import State
+from consent_flow.queue.scheduler import Scheduler, refresh_job_id
 from consent_flow.store import codec
 from consent_flow.store.batch import BatchClaimer
 from consent_flow.store.connection import connect
-from consent_flow.store.redis_store import Keys, RedisStore, shard_job_id
+from consent_flow.store.redis_store import Keys, RedisStore, due_ms, shard_job_id
 from consent_flow.store.scripts import lua
 
 pytestmark = pytest.mark.integration
@@ -306,5 +307,37 @@ async def test_a_job_claim_takes_nothing_while_its_queue_moves(redis_cluster: An
         assert await claimed() == [due]
         await pool.delete(in_progress_key_prefix + running)
         assert await claimed() == [running]
+    finally:
+        await pool.aclose()
+
+
+async def test_a_sweep_queues_nothing_while_its_shard_moves(redis_cluster: Any) -> None:
+    """A due refresh whose job is queued, its schedule and queue moved to the new node ahead of
+    the job's key: there the job reads as missing, and a sweep would queue it again (a second
+    job key, which then stops the move: MIGRATE will not overwrite it). The sweep queues nothing
+    while the slot moves, and once it has moved finds the job there."""
+    pool = await connect(redis_cluster.url, startup_retries=0)
+    try:
+        keys = RedisStore(pool, prefix="sw").keys
+        scheduler = Scheduler(pool, keys=keys, queue_name="sq")
+        user, due = "alice", time.time() - 5
+        k = keys.of(user)
+        await pool.zadd(k.sched, {user: due_ms(due)})
+        await scheduler.schedule(user, due)
+        job_key = job_key_prefix + refresh_job_id(keys, user, due_ms(due))
+        assert await pool.exists(job_key)
+        assert (await scheduler.sweep())["requeued"] == 0
+
+        source = redis_cluster.owner(k.sched)
+        target = (source + 1) % 3
+        with redis_cluster.nodes[source].client() as node:
+            slot = int(node.execute_command("CLUSTER", "KEYSLOT", k.sched))
+        redis_cluster.begin_move(slot, source, target)
+        redis_cluster.migrate(source, target, [k.sched, k.queue("sq")])
+        assert (await scheduler.sweep())["requeued"] == 0, "a queued job queued again"
+        await asyncio.to_thread(redis_cluster.end_move, slot, source, target)
+        assert (await scheduler.sweep())["requeued"] == 0
+        await pool.delete(job_key)  # lost: the sweep queues it again
+        assert (await scheduler.sweep())["requeued"] == 1
     finally:
         await pool.aclose()

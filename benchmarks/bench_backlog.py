@@ -41,7 +41,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.append(str(Path(__file__).resolve().parent))  # _infra, also when loaded by path
 sys.path.insert(0, str(ROOT / "examples" / "provider"))
 
-from _infra import BenchError, cpu_seconds, free_port, quiet_logs, tail  # noqa: E402
+from _infra import (  # noqa: E402
+    BenchError,
+    cpu_used,
+    free_port,
+    group_cpu_seconds,
+    quiet_logs,
+    tail,
+)
 from bench_refresh import (  # noqa: E402
     WORKERS,
     bench_provider,
@@ -139,9 +146,15 @@ def busiest_second(times: list[float]) -> int:
 
 
 async def drain(
-    env: dict[str, str], workdir: Path, settings: Any, users: list[str], label: str
+    env: dict[str, str],
+    workdir: Path,
+    settings: Any,
+    users: list[str],
+    label: str,
+    processes: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
-    """Start the workers on a backlog that is all due, and measure until it is drained."""
+    """Start the workers on a backlog that is all due, and measure until it is drained; the
+    workers' CPU, and that of each group of ``processes``, over the same window."""
     from consent_flow import ConsentClient
 
     async with ConsentClient(settings) as client:
@@ -163,7 +176,8 @@ async def drain(
             wait_ready(
                 workers, settings.redis_url, settings.queue_name + ":health-check", "worker_started"
             )
-            cpu_before = [cpu_seconds(w.process.pid) for w in workers]
+            groups = dict(processes or {}, workers=[w.process.pid for w in workers])
+            cpu_before = group_cpu_seconds(groups)
             done_before = await successes() - before
             deadline = time.monotonic() + DRAIN_TIMEOUT
             # Drained when every grant's refresh applied (the success counter every commit adds
@@ -175,7 +189,7 @@ async def drain(
                     raise BenchError(f"the {label} drain did not end in {DRAIN_TIMEOUT:g} s")
                 await asyncio.sleep(POLL)
             end = client.clock()
-            cpu_after = [cpu_seconds(w.process.pid) for w in workers]
+            cpu = cpu_used(group_cpu_seconds(groups), cpu_before)
             starts = await refresh_starts(client, users, start)
         finally:
             for worker in workers:
@@ -185,34 +199,44 @@ async def drain(
                 log = tail(worker.log)
                 raise BenchError(f"the {worker.name} worker logged a traceback:\n{log}")
     took = end - min(starts)
-    cpu = None
-    if None not in cpu_before and None not in cpu_after:
-        used = sum(a - b for a, b in zip(cpu_after, cpu_before, strict=True))  # type: ignore[operator]
-        cpu = round(1000 * used / max(1, len(users) - done_before), 3)
+    counted = max(1, len(users) - done_before)  # the refreshes applied in the CPU window
     return {
         "per_s": round(len(users) / took, 1) if took > 0 else 0.0,
         "seconds": round(took, 2),
         "busiest_second": busiest_second(starts),
-        "worker_cpu_ms_per_refresh": cpu,
+        "worker_cpu_ms_per_refresh": (
+            round(1000 * cpu["workers"] / counted, 3) if "workers" in cpu else None
+        ),
+        "cpu_ms_per_refresh": {name: round(1000 * used / counted, 3) for name, used in cpu.items()},
     }
+
+
+async def live_grants(settings: Any, provider: Any, users: list[str]) -> dict[str, str]:
+    """The stored refresh token of each grant that is provisioned with a token the provider
+    still knows; a grant missing from the answer is lost."""
+    from consent_flow import ConsentClient, State
+    from consent_flow.store.vault import open_tokens
+
+    live: dict[str, str] = {}
+    gate = asyncio.Semaphore(8)  # the provider's control endpoint, a few calls at a time
+    async with ConsentClient(settings) as client:
+
+        async def one(user: str) -> None:
+            async with gate:
+                rec = await client.store.load(user)
+                if rec.state is not State.PROVISIONED or rec.tokens is None:
+                    return
+                token = open_tokens(client.ring, user, rec.tokens)["refresh_token"]
+                if (await asyncio.to_thread(provider.introspect, token)).get("active"):
+                    live[user] = token
+
+        await asyncio.gather(*(one(u) for u in users))
+    return live
 
 
 async def lost(settings: Any, provider: Any, users: list[str]) -> int:
     """Grants not provisioned, or whose stored refresh token the provider no longer knows."""
-    from consent_flow import ConsentClient, State
-    from consent_flow.store.vault import open_tokens
-
-    gone = 0
-    async with ConsentClient(settings) as client:
-        for user in users:
-            rec = await client.store.load(user)
-            if rec.state is not State.PROVISIONED or rec.tokens is None:
-                gone += 1
-                continue
-            token = open_tokens(client.ring, user, rec.tokens)["refresh_token"]
-            if not (await asyncio.to_thread(provider.introspect, token)).get("active"):
-                gone += 1
-    return gone
+    return len(users) - len(await live_grants(settings, provider, users))
 
 
 async def measure(backlog: int, seconds: float, warmup: float, workdir: Path) -> dict[str, Any]:

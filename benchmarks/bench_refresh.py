@@ -79,6 +79,7 @@ import httpx  # noqa: E402
 import redis  # noqa: E402
 from _infra import (  # noqa: E402
     BenchError,
+    Cluster,
     Redis,
     Run,
     WorkerProcess,
@@ -89,6 +90,7 @@ from _infra import (  # noqa: E402
     quiet_logs,
     start_redis,
     stop_process,
+    sync_redis,
     tail,
     warmup_seconds,
 )
@@ -214,7 +216,7 @@ def wait_ready(
     """Each worker logs ``started_line`` at the end of its start-up (the project's
     ``worker_started``), then arq polls and records its health key: then they all take jobs."""
     deadline = time.monotonic() + READY_TIMEOUT
-    with redis.Redis.from_url(redis_url) as r:
+    with sync_redis(redis_url) as r:
         while True:
             for worker in workers:
                 worker.check()
@@ -470,30 +472,42 @@ async def bench_floor(
 
 @contextlib.contextmanager
 def infrastructure(workdir: Path, callback_port: int) -> Iterator[tuple[Redis, Any]]:
-    from local_provider import LocalProvider, npm_ci
-
-    npm_ci()
     server = start_redis(workdir)
     try:
-        redirect = f"http://127.0.0.1:{callback_port}/oauth/callback"
-        clients = [
-            {
-                "client_id": CLIENT_ID,
-                "client_secret": CLIENT_SECRET,
-                "redirect_uris": [redirect],
-                "token_endpoint_auth_method": "client_secret_basic",
-            }
-        ]
-        with LocalProvider.start(
-            clients=clients, access_token_ttl=ACCESS_TOKEN_TTL, rotate_refresh_token=True
-        ) as provider:
+        with local_provider(callback_port) as provider:
             yield server, provider
     finally:
         stop_process(server.process)
 
 
+@contextlib.contextmanager
+def local_provider(callback_port: int) -> Iterator[Any]:
+    """The local provider: the bench client, one-hour access tokens, rotating refresh tokens."""
+    from local_provider import LocalProvider, npm_ci
+
+    npm_ci()
+    redirect = f"http://127.0.0.1:{callback_port}/oauth/callback"
+    clients = [
+        {
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "redirect_uris": [redirect],
+            "token_endpoint_auth_method": "client_secret_basic",
+        }
+    ]
+    with LocalProvider.start(
+        clients=clients, access_token_ttl=ACCESS_TOKEN_TTL, rotate_refresh_token=True
+    ) as provider:
+        yield provider
+
+
 def project_env(
-    server: Redis, provider: Any, workdir: Path, prefix: str, queue: str, callback_port: int
+    server: Redis | Cluster,
+    provider: Any,
+    workdir: Path,
+    prefix: str,
+    queue: str,
+    callback_port: int,
 ) -> dict[str, str]:
     from consent_flow import generate_key
 

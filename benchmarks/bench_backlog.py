@@ -36,6 +36,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(Path(__file__).resolve().parent))  # _infra, also when loaded by path
@@ -130,7 +132,15 @@ async def all_due_now(settings: Any, users: list[str]) -> None:
 
 async def refresh_starts(client: Any, users: list[str], after: float) -> list[float]:
     """When each grant's latest refresh started (Redis's time), for those after ``after``."""
-    recs = await asyncio.gather(*(client.store.load(u) for u in users))
+    # A few loads at a time: the cluster client given 4,000 commands at once failed here ("Redis
+    # Cluster cannot be connected"; 2,000 passed), where one Redis's client copes.
+    gate = asyncio.Semaphore(64)
+
+    async def load(user: str) -> Any:
+        async with gate:
+            return await client.store.load(user)
+
+    recs = await asyncio.gather(*(load(u) for u in users))
     return [r.last_refresh_at for r in recs if (r.last_refresh_at or 0) > after]
 
 
@@ -162,13 +172,20 @@ async def drain(
         redis = client.store.redis
         counts = [shard.refresh_counts for shard in client.store.keys.every_shard()]
 
-        async def successes() -> int:
+        async def ended() -> tuple[int, int]:
+            """Refreshes applied, and grants the provider refused (then the drain ends all the
+            same, and the lost grants are counted afterwards), so far."""
             async with redis.pipeline(transaction=False) as pipe:
                 for key in counts:
-                    pipe.hget(key, "success")
-                return sum(int(n or 0) for n in await pipe.execute())
+                    pipe.hmget(key, ("success", "rejected"))
+                rows = await pipe.execute()
+            return sum(int(row[0] or 0) for row in rows), sum(int(row[1] or 0) for row in rows)
 
-        before = await successes()
+        async def settled() -> int:
+            return sum(await ended())
+
+        before = await settled()
+        refused_before = (await ended())[1]
         workers = [start_worker(f"{label}-{i + 1}", env, workdir) for i in range(WORKERS)]
         try:
             # Every worker's start-up done (imports alone are about a second of CPU each):
@@ -178,17 +195,18 @@ async def drain(
             )
             groups = dict(processes or {}, workers=[w.process.pid for w in workers])
             cpu_before = group_cpu_seconds(groups)
-            done_before = await successes() - before
+            done_before = await settled() - before
             deadline = time.monotonic() + DRAIN_TIMEOUT
-            # Drained when every grant's refresh applied (the success counter every commit adds
-            # to): a cheap read, so the end is seen within a poll.
-            while await successes() - before < len(users):
+            # Drained when every grant's refresh ended (the counters every commit, or refusal,
+            # adds to): a cheap read, so the end is seen within a poll.
+            while await settled() - before < len(users):
                 for worker in workers:
                     worker.check()
                 if time.monotonic() > deadline:
                     raise BenchError(f"the {label} drain did not end in {DRAIN_TIMEOUT:g} s")
                 await asyncio.sleep(POLL)
             end = client.clock()
+            refused = (await ended())[1] - refused_before
             cpu = cpu_used(group_cpu_seconds(groups), cpu_before)
             starts = await refresh_starts(client, users, start)
         finally:
@@ -198,7 +216,7 @@ async def drain(
             if "Traceback" in tail(worker.log, 400):
                 log = tail(worker.log)
                 raise BenchError(f"the {worker.name} worker logged a traceback:\n{log}")
-    took = end - min(starts)
+    took = end - min(starts) if starts else 0.0  # none: every grant refused
     counted = max(1, len(users) - done_before)  # the refreshes applied in the CPU window
     return {
         "per_s": round(len(users) / took, 1) if took > 0 else 0.0,
@@ -208,6 +226,7 @@ async def drain(
             round(1000 * cpu["workers"] / counted, 3) if "workers" in cpu else None
         ),
         "cpu_ms_per_refresh": {name: round(1000 * used / counted, 3) for name, used in cpu.items()},
+        "refused": refused,
     }
 
 
@@ -219,7 +238,10 @@ async def live_grants(settings: Any, provider: Any, users: list[str]) -> dict[st
 
     live: dict[str, str] = {}
     gate = asyncio.Semaphore(8)  # the provider's control endpoint, a few calls at a time
-    async with ConsentClient(settings) as client:
+    # provider.introspect's call, through one client: it makes a client per call (httpx.request),
+    # 22 ms of CPU each here (its TLS context), minutes for a few thousand grants.
+    introspect = f"{provider.issuer}/__test/introspect"
+    async with ConsentClient(settings) as client, httpx.AsyncClient(timeout=30) as http:
 
         async def one(user: str) -> None:
             async with gate:
@@ -227,7 +249,9 @@ async def live_grants(settings: Any, provider: Any, users: list[str]) -> dict[st
                 if rec.state is not State.PROVISIONED or rec.tokens is None:
                     return
                 token = open_tokens(client.ring, user, rec.tokens)["refresh_token"]
-                if (await asyncio.to_thread(provider.introspect, token)).get("active"):
+                answer = await http.post(introspect, json={"token": token})
+                answer.raise_for_status()
+                if answer.json().get("active"):
                     live[user] = token
 
         await asyncio.gather(*(one(u) for u in users))

@@ -25,7 +25,7 @@ cores, so the rates measure the provider and the workers, not Redis: the point i
 cluster runs the same work, correctly, spread over its nodes. A broken run (a worker that dies,
 an event without its session, a lost grant, a reused token) exits non-zero.
 
-    .venv/bin/python benchmarks/bench_cluster.py [--seconds 10] [--backlog 4000] [--json]
+    .venv/bin/python benchmarks/bench_cluster.py [--seconds 10] [--backlog 2500] [--json]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from _infra import (  # noqa: E402
     BenchError,
     Cluster,
     Redis,
+    Run,
     add_phase_options,
     cpu_used,
     free_port,
@@ -65,7 +67,7 @@ from _infra import (  # noqa: E402
     tail,
     warmup_seconds,
 )
-from bench_backlog import drain, import_grants, live_grants  # noqa: E402
+from bench_backlog import all_due_now, drain, import_grants, live_grants  # noqa: E402
 from bench_provision import THROUGHPUT_CALLERS, bench_project  # noqa: E402
 from bench_refresh import (  # noqa: E402
     WORKERS,
@@ -81,7 +83,10 @@ from bench_refresh import (  # noqa: E402
 
 PRIMARIES = 3
 TOPOLOGIES = ("single", "cluster")
-IDLE_SECONDS = 2.0  # three ready workers with nothing to do, measured before (1)
+# Each phase measures the topologies in this order, so that a machine whose load drifts during
+# the run weighs on both alike.
+BLOCKS = ("single", "cluster", "cluster", "single")
+IDLE_SECONDS = 2.0  # every topology's three ready workers with nothing to do, before (1)
 
 
 # --- the two topologies -------------------------------------------------------------------------
@@ -146,119 +151,169 @@ def per_event(cpu_ms: dict[str, float], names: list[str]) -> float:
     return round(sum(cpu_ms.get(n, 0.0) for n in names), 3)
 
 
+@dataclass
+class Topology:
+    """One topology's store, the run's environment for it, and its share of the grants."""
+
+    name: str
+    server: Redis | Cluster
+    env: dict[str, str]
+    settings: Any
+    workdir: Path
+    grants: dict[str, str] = field(default_factory=dict)
+
+    def groups(self, provider: Any, workers: list[Any]) -> dict[str, list[int]]:
+        """The processes measured: this one, the provider, the workers, each Redis node."""
+        groups = {"client": [os.getpid()]}
+        node = getattr(provider, "_process", None)
+        if node is not None:
+            groups["provider"] = [node.pid]
+        groups["workers"] = [w.process.pid for w in workers]
+        groups.update({name: [n.process.pid] for name, n in nodes(self.server).items()})
+        return groups
+
+
 # --- the phases ---------------------------------------------------------------------------------
 
 
 async def provisions(
-    label: str,
-    server: Redis | Cluster,
-    env: dict[str, str],
-    settings: Any,
-    provider: Any,
-    workdir: Path,
-    seconds: float,
-    warmup: float,
-) -> dict[str, Any]:
-    """(1): three workers, 50 callers, a new user per event; then every event's session."""
+    tops: dict[str, Topology], provider: Any, seconds: float, warmup: float
+) -> dict[str, dict[str, Any]]:
+    """(1): three workers per topology, all running; ``seconds`` per topology in two blocks,
+    ``BLOCKS`` order, 50 callers, a new user per event; then every event's session."""
     from consent_flow import ConsentClient, State
 
-    workers = [start_worker(f"{label}-provision-{i + 1}", env, workdir) for i in range(WORKERS)]
-    groups = dict(
-        others(server, provider),
-        workers=[w.process.pid for w in workers],
-    )
+    workers = {
+        t: [start_worker(f"{t}-provision-{i + 1}", top.env, top.workdir) for i in range(WORKERS)]
+        for t, top in tops.items()
+    }
+    everyone = [w for ws in workers.values() for w in ws]
+    groups = {t: top.groups(provider, workers[t]) for t, top in tops.items()}
 
     def alive() -> None:
-        for worker in workers:
+        for worker in everyone:
             worker.check()
 
+    runs: dict[str, list[Run]] = {t: [] for t in tops}
+    ran: dict[str, dict[str, int]] = {t: {} for t in tops}
     try:
-        wait_ready(
-            workers, settings.redis_url, settings.queue_name + ":health-check", "worker_started"
-        )
-        before = group_cpu_seconds(groups)
+        for t, top in tops.items():
+            settings = top.settings
+            wait_ready(
+                workers[t],
+                settings.redis_url,
+                settings.queue_name + ":health-check",
+                "worker_started",
+            )
+        before = {t: group_cpu_seconds(g) for t, g in groups.items()}
         await asyncio.sleep(IDLE_SECONDS)
-        idle = cpu_used(group_cpu_seconds(groups), before)
-        counted_before = commands(server)
-        run = await bench_project(
-            settings, alive, warmup, seconds, groups, callers=THROUGHPUT_CALLERS, tag=label
-        )
-        ran = diff_counts(commands(server), counted_before)
+        idle = {t: cpu_used(group_cpu_seconds(g), before[t]) for t, g in groups.items()}
+        for block, t in enumerate(BLOCKS):
+            counted = commands(tops[t].server)
+            runs[t].append(
+                await bench_project(
+                    tops[t].settings,
+                    alive,
+                    warmup,
+                    seconds / 2,
+                    groups[t],
+                    callers=THROUGHPUT_CALLERS,
+                    tag=f"{t}{block}",
+                )
+            )
+            for name, calls in diff_counts(commands(tops[t].server), counted).items():
+                ran[t][name] = ran[t].get(name, 0) + calls
         alive()
     finally:
-        for worker in workers:
+        for worker in everyone:
             worker.stop()
-    traceback_free(workers)
-    async with ConsentClient(settings) as client:
-        pending = (await client.store.counts())[State.PENDING]
-    events = len(run.samples)  # every call, warm-up included: each started a session
-    if pending != events:
-        raise BenchError(f"{label}: {events} provisioning events answered, {pending} sessions")
-    took = run.measured()
-    return {
-        "per_s": round(run.per_second, 1),
-        "events": len(took),
-        "p50_ms": round(percentile(took, 50) * 1000, 2),
-        "p99_ms": round(percentile(took, 99) * 1000, 2),
-        "cpu_ms_per_event": run.cpu_ms_per_call(),
-        "commands_per_event": round(sum(ran.values()) / events, 1),
-        "commands_per_event_by_name": top(ran, events),
-        "pending_sessions": pending,
-        "events_answered": events,
-        "idle_cpu_percent": {k: round(100 * v / IDLE_SECONDS, 2) for k, v in idle.items()},
-    }
+    traceback_free(everyone)
+
+    out = {}
+    for t, top in tops.items():
+        async with ConsentClient(top.settings) as client:
+            pending = (await client.store.counts())[State.PENDING]
+        events = sum(len(run.samples) for run in runs[t])  # warm-ups too: each started a session
+        if pending != events:
+            raise BenchError(f"{t}: {events} provisioning events answered, {pending} sessions")
+        took = [x for run in runs[t] for x in run.measured()]
+        window = sum(run.window[1] - run.window[0] for run in runs[t])
+        cpu: dict[str, float] = {}
+        for run in runs[t]:
+            for name, used in run.cpu.items():
+                cpu[name] = cpu.get(name, 0.0) + used
+        out[t] = {
+            "per_s": round(len(took) / window, 1),
+            "per_s_by_block": [round(run.per_second, 1) for run in runs[t]],
+            "events": len(took),
+            "p50_ms": round(percentile(took, 50) * 1000, 2),
+            "p99_ms": round(percentile(took, 99) * 1000, 2),
+            "cpu_ms_per_event": {k: round(1000 * v / len(took), 3) for k, v in cpu.items()},
+            "commands_per_event": round(sum(ran[t].values()) / events, 1),
+            "commands_per_event_by_name": top_commands(ran[t], events),
+            "pending_sessions": pending,
+            "events_answered": events,
+            "idle_cpu_percent": {k: round(100 * v / IDLE_SECONDS, 2) for k, v in idle[t].items()},
+        }
+    return out
 
 
-async def refreshes(
-    label: str,
-    server: Redis | Cluster,
-    env: dict[str, str],
-    settings: Any,
-    provider: Any,
-    workdir: Path,
-    grants: dict[str, str],
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """(2): ``grants`` imported, due at once, drained by three workers; then every grant checked
-    at the provider. Returns the figures and the grants' refresh tokens as the drain left them."""
-    users = sorted(grants)
-    t0 = time.monotonic()
-    await import_grants(settings, grants)
-    import_s = time.monotonic() - t0
-    provider.reset_stats()
-    counted_before = commands(server)
-    drained = await drain(env, workdir, settings, users, f"{label}-drain", others(server, provider))
-    ran = diff_counts(commands(server), counted_before)
-    stats = provider.stats()
-    live = await live_grants(settings, provider, users)
-    reused = int(stats.get("refresh_reuse_detected", 0))
-    if reused or len(live) != len(users):
-        raise BenchError(
-            f"{label}: {len(users) - len(live)} grants lost, {reused} refresh tokens reused"
+async def refreshes(tops: dict[str, Topology], provider: Any) -> dict[str, dict[str, Any]]:
+    """(2): each topology's grants imported, due at once, drained by three workers; again (every
+    grant due again) in ``BLOCKS`` order; then every grant checked at the provider."""
+    for top in tops.values():
+        await import_grants(top.settings, top.grants)
+    drains: dict[str, list[dict[str, Any]]] = {t: [] for t in tops}
+    ran: dict[str, dict[str, int]] = {t: {} for t in tops}
+    stats: dict[str, dict[str, int]] = {t: {} for t in tops}
+    for block, t in enumerate(BLOCKS):
+        top = tops[t]
+        users = sorted(top.grants)
+        if drains[t]:
+            await all_due_now(top.settings, users)
+        provider.reset_stats()
+        counted = commands(top.server)
+        label = f"{t}-drain-{block + 1}"
+        drains[t].append(
+            await drain(top.env, top.workdir, top.settings, users, label, top.groups(provider, []))
         )
-    return {
-        "per_s": drained["per_s"],
-        "seconds": drained["seconds"],
-        "refreshes": len(users),
-        "busiest_second": drained["busiest_second"],
-        "cpu_ms_per_refresh": drained["cpu_ms_per_refresh"],
-        "commands_per_refresh": round(sum(ran.values()) / len(users), 1),
-        "commands_per_refresh_by_name": top(ran, len(users)),
-        "provider_refresh_requests": stats.get("refresh_requests"),
-        "provider_refresh_errors": stats.get("refresh_errors", 0),
-        "lost_grants": len(users) - len(live),
-        "reused_tokens": reused,
-        "import_seconds": round(import_s, 1),
-    }, live
+        if drains[t][-1]["refused"]:  # ended grants are due no more: the next drain would hang
+            raise BenchError(f"{label}: the provider refused {drains[t][-1]['refused']} grants")
+        for name, calls in diff_counts(commands(top.server), counted).items():
+            ran[t][name] = ran[t].get(name, 0) + calls
+        for name in ("refresh_requests", "refresh_errors", "refresh_reuse_detected"):
+            stats[t][name] = stats[t].get(name, 0) + int(provider.stats().get(name, 0))
 
-
-def others(server: Redis | Cluster, provider: Any) -> dict[str, list[int]]:
-    """The processes measured beside the workers: this one, the provider, each Redis node."""
-    groups = {"client": [os.getpid()]}
-    node = getattr(provider, "_process", None)
-    if node is not None:
-        groups["provider"] = [node.pid]
-    groups.update({name: [n.process.pid] for name, n in nodes(server).items()})
-    return groups
+    out = {}
+    for t, top in tops.items():
+        users = sorted(top.grants)
+        live = await live_grants(top.settings, provider, users)
+        reused = stats[t]["refresh_reuse_detected"]
+        if reused or len(live) != len(users):
+            raise BenchError(
+                f"{t}: {len(users) - len(live)} grants lost, {reused} refresh tokens reused"
+            )
+        refreshed = len(users) * len(drains[t])
+        took = sum(d["seconds"] for d in drains[t])
+        cpu: dict[str, float] = {}
+        for d in drains[t]:  # ms per refresh of each drain, weighted alike (same size)
+            for name, ms in d["cpu_ms_per_refresh"].items():
+                cpu[name] = cpu.get(name, 0.0) + ms / len(drains[t])
+        out[t] = {
+            "per_s": round(refreshed / took, 1),
+            "per_s_by_drain": [d["per_s"] for d in drains[t]],
+            "seconds": round(took, 2),
+            "refreshes": refreshed,
+            "grants": len(users),
+            "cpu_ms_per_refresh": {k: round(v, 3) for k, v in cpu.items()},
+            "commands_per_refresh": round(sum(ran[t].values()) / refreshed, 1),
+            "commands_per_refresh_by_name": top_commands(ran[t], refreshed),
+            "provider_refresh_requests": stats[t]["refresh_requests"],
+            "provider_refresh_errors": stats[t]["refresh_errors"],
+            "lost_grants": len(users) - len(live),
+            "reused_tokens": reused,
+        }
+    return out
 
 
 def traceback_free(workers: list[Any]) -> None:
@@ -267,7 +322,7 @@ def traceback_free(workers: list[Any]) -> None:
             raise BenchError(f"the {worker.name} worker logged a traceback:\n{tail(worker.log)}")
 
 
-def top(counts: dict[str, int], events: int, n: int = 8) -> dict[str, float]:
+def top_commands(counts: dict[str, int], events: int, n: int = 8) -> dict[str, float]:
     ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:n]
     return {name: round(calls / events, 2) for name, calls in ranked}
 
@@ -279,38 +334,38 @@ async def measure(backlog: int, seconds: float, warmup: float, workdir: Path) ->
     quiet_logs()
     load_before = os.getloadavg()
     callback_port = free_port()
-    results: dict[str, dict[str, Any]] = {t: {} for t in TOPOLOGIES}
     with contextlib.ExitStack() as stack:
         provider = stack.enter_context(local_provider(callback_port))
-        servers = {t: stack.enter_context(topology(t, workdir / t)) for t in TOPOLOGIES}
         prefix = "bench" + uuid.uuid4().hex[:10]
-        envs = {
-            t: project_env(
-                servers[t], provider, workdir / t, prefix, f"{prefix}:queue", callback_port
-            )
-            for t in TOPOLOGIES
-        }
-        settings = {t: bench_settings(envs[t]) for t in TOPOLOGIES}
+        tops: dict[str, Topology] = {}
         for t in TOPOLOGIES:
-            results[t]["shards_per_node"] = shards_per_node(servers[t], settings[t].redis_shards)
+            server = stack.enter_context(topology(t, workdir / t))
+            env = project_env(
+                server, provider, workdir / t, prefix, f"{prefix}:queue", callback_port
+            )
+            tops[t] = Topology(t, server, env, bench_settings(env), workdir / t)
 
         t0 = time.monotonic()
-        users = [f"user{i:05d}" for i in range(backlog)]
-        grants = dict(zip(users, await direct_grants(provider, users), strict=True))
+        accounts = {t: [f"{t}{i:05d}" for i in range(backlog)] for t in TOPOLOGIES}
+        every = [a for t in TOPOLOGIES for a in accounts[t]]
+        given = dict(zip(every, await direct_grants(provider, every), strict=True))
+        for t, top in tops.items():
+            top.grants = {a: given[a] for a in accounts[t]}
         grants_s = time.monotonic() - t0
 
-        for t in TOPOLOGIES:
-            results[t]["provision"] = await provisions(
-                t, servers[t], envs[t], settings[t], provider, workdir / t, seconds, warmup
-            )
+        provisioned = await provisions(tops, provider, seconds, warmup)
         load_refresh = os.getloadavg()
-        for t in TOPOLOGIES:
-            # The cluster drains the grants the single Redis left: the same grants, refreshed
-            # once on each topology.
-            results[t]["refresh"], grants = await refreshes(
-                t, servers[t], envs[t], settings[t], provider, workdir / t, grants
-            )
-            results[t]["keys_per_node"] = keys_per_node(servers[t])
+        refreshed = await refreshes(tops, provider)
+        results = {
+            t: {
+                "provision": provisioned[t],
+                "refresh": refreshed[t],
+                "shards_per_node": shards_per_node(top.server, top.settings.redis_shards),
+                "keys_per_node": keys_per_node(top.server),
+            }
+            for t, top in tops.items()
+        }
+        names = list(nodes(tops["cluster"].server))
 
     out: dict[str, Any] = {
         "primaries": PRIMARIES,
@@ -318,6 +373,7 @@ async def measure(backlog: int, seconds: float, warmup: float, workdir: Path) ->
         "callers": THROUGHPUT_CALLERS,
         "seconds": seconds,
         "warmup_seconds": warmup,
+        "blocks": list(BLOCKS),
         "backlog": backlog,
         "cpus": os.cpu_count(),
         "loadavg_before": [round(x, 2) for x in load_before],
@@ -330,7 +386,7 @@ async def measure(backlog: int, seconds: float, warmup: float, workdir: Path) ->
         single, cluster = results["single"][phase], results["cluster"][phase]
         out[f"{phase}_ratio"] = round(cluster["per_s"] / single["per_s"], 3)
         out[f"{phase}_one_core_per_primary"] = one_core_per_primary(
-            single[cpu], cluster[cpu], list(nodes(servers["cluster"]))
+            single[cpu], cluster[cpu], names
         )
     return out
 
@@ -387,20 +443,30 @@ def report(r: dict[str, Any]) -> str:
         )
 
     sp, cp, sr, cr = s["provision"], c["provision"], s["refresh"], c["refresh"]
+
+    def blocks(a: list[float], b: list[float]) -> str:
+        return f"{' & '.join(f'{x:g}' for x in a)} / {' & '.join(f'{x:g}' for x in b)}"
+
     return "\n".join(
         [
             f"consent-flow on a Redis Cluster of {r['primaries']} primaries against one Redis, "
-            f"same code, same run: {r['workers']} worker processes, {r['cpus']} CPUs (load "
+            f"same code, same run: {r['workers']} worker processes each, {r['cpus']} CPUs (load "
             f"average {r['loadavg_before'][0]:.2f} before, {r['loadavg_at_refresh'][0]:.2f} at "
-            f"the refreshes, {r['loadavg_after'][0]:.2f} after)",
-            f"{'':44}{'one Redis':>14}{'cluster':>14}{'cluster/one':>13}",
-            f"{'(1) provision_requested, ' + str(r['callers']) + ' callers:':44}"
-            f"{sp['per_s']:>12.1f}/s{cp['per_s']:>12.1f}/s{r['provision_ratio']:>13.3f}",
-            f"{'    latency p50 / p99 (ms):':44}"
-            f"{sp['p50_ms']:>6.1f} /{sp['p99_ms']:>6.1f}{cp['p50_ms']:>7.1f} /{cp['p99_ms']:>6.1f}",
-            f"{'(2) scheduled refreshes, ' + str(r['backlog']) + ' due at once:':44}"
-            f"{sr['per_s']:>12.1f}/s{cr['per_s']:>12.1f}/s{r['refresh_ratio']:>13.3f}",
-            f"{'    drain seconds:':44}{sr['seconds']:>14.2f}{cr['seconds']:>14.2f}",
+            f"the refreshes, {r['loadavg_after'][0]:.2f} after); blocks in the order "
+            + ", ".join(r["blocks"]),
+            f"{'':46}{'one Redis':>12}{'cluster':>12}{'cluster/one':>13}",
+            f"{'(1) provision_requested, ' + str(r['callers']) + ' callers:':46}"
+            f"{sp['per_s']:>10.1f}/s{cp['per_s']:>10.1f}/s{r['provision_ratio']:>13.3f}",
+            "    by block, one Redis / cluster: "
+            f"{blocks(sp['per_s_by_block'], cp['per_s_by_block'])}"
+            f"; p50 {sp['p50_ms']:.1f} / {cp['p50_ms']:.1f} ms, p99 {sp['p99_ms']:.1f} / "
+            f"{cp['p99_ms']:.1f} ms",
+            f"{'(2) scheduled refreshes, ' + str(r['backlog']) + ' grants due at once:':46}"
+            f"{sr['per_s']:>10.1f}/s{cr['per_s']:>10.1f}/s{r['refresh_ratio']:>13.3f}",
+            "    by drain, one Redis / cluster: "
+            f"{blocks(sr['per_s_by_drain'], cr['per_s_by_drain'])}"
+            f"; {sr['refreshes']:,} / {cr['refreshes']:,} refreshes in {sr['seconds']:g} / "
+            f"{cr['seconds']:g} s",
             "CPU ms per provision (one Redis): " + cpu(sp["cpu_ms_per_event"]),
             "CPU ms per provision (cluster):   " + cpu(cp["cpu_ms_per_event"]),
             "CPU ms per refresh (one Redis):   " + cpu(sr["cpu_ms_per_refresh"]),
@@ -408,7 +474,7 @@ def report(r: dict[str, Any]) -> str:
             f"Redis commands per provision: {sp['commands_per_event']:g} one Redis, "
             f"{cp['commands_per_event']:g} cluster; per refresh: {sr['commands_per_refresh']:g}, "
             f"{cr['commands_per_refresh']:g}",
-            "Idle, 3 ready workers, % of a core: one Redis: "
+            "Idle, every topology's workers ready, % of a core: one Redis: "
             + ", ".join(f"{k} {v:g}" for k, v in sp["idle_cpu_percent"].items())
             + "; cluster: "
             + ", ".join(f"{k} {v:g}" for k, v in cp["idle_cpu_percent"].items()),
@@ -440,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_phase_options(parser)
     parser.add_argument(
-        "--backlog", type=int, default=4000, help="grants due at once in (2) (default 4000)"
+        "--backlog", type=int, default=2500, help="grants due at once in (2) (default 2500)"
     )
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.backlog < 1:

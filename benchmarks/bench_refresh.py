@@ -323,35 +323,48 @@ async def direct_grants(provider: Any, accounts: list[str]) -> list[str]:
 
     token_endpoint = provider.metadata["token_endpoint"]
     redirect = provider.clients[0]["redirect_uris"][0]
-    gate = asyncio.Semaphore(PROVISION_CONCURRENCY)
-    async with httpx.AsyncClient(timeout=30) as http:
+
+    async def grant(account: str, http: httpx.AsyncClient) -> str:
+        verifier, challenge = pkce_pair()
+        url = provider.authorization_url(
+            code_challenge=challenge,
+            state=secrets.token_urlsafe(16),
+            nonce=secrets.token_urlsafe(16),
+            scope=SCOPES,
+        )
+        params = callback_params(await approve(url, account, client=http))
+        reply = await http.post(
+            token_endpoint,
+            data={
+                "grant_type": "authorization_code",
+                "code": params["code"],
+                "redirect_uri": redirect,
+                "code_verifier": verifier,
+            },
+            headers=token_headers(),
+        )
+        if reply.status_code != 200 or "refresh_token" not in reply.json():
+            raise BenchError(
+                f"no refresh token for the baseline account {account}: {reply.status_code}"
+            )
+        token: str = reply.json()["refresh_token"]
+        return token
+
+    # A client per concurrent login, its cookies (the login's session) dropped after each: one
+    # shared client's jar grows by every account and is read on every request (3,000 grants
+    # took 49 ms each; this way about 9.5 ms, however many).
+    idle: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(PROVISION_CONCURRENCY):
+            idle.put_nowait(await stack.enter_async_context(httpx.AsyncClient(timeout=30)))
 
         async def one(account: str) -> str:
-            async with gate:
-                verifier, challenge = pkce_pair()
-                url = provider.authorization_url(
-                    code_challenge=challenge,
-                    state=secrets.token_urlsafe(16),
-                    nonce=secrets.token_urlsafe(16),
-                    scope=SCOPES,
-                )
-                params = callback_params(await approve(url, account, client=http))
-                reply = await http.post(
-                    token_endpoint,
-                    data={
-                        "grant_type": "authorization_code",
-                        "code": params["code"],
-                        "redirect_uri": redirect,
-                        "code_verifier": verifier,
-                    },
-                    headers=token_headers(),
-                )
-                if reply.status_code != 200 or "refresh_token" not in reply.json():
-                    raise BenchError(
-                        f"no refresh token for the baseline account {account}: {reply.status_code}"
-                    )
-                token: str = reply.json()["refresh_token"]
-                return token
+            http = await idle.get()
+            try:
+                return await grant(account, http)
+            finally:
+                http.cookies.clear()
+                idle.put_nowait(http)
 
         return list(await asyncio.gather(*(one(a) for a in accounts)))
 

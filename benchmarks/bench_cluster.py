@@ -28,7 +28,7 @@ two cores, so the rates measure the provider and the workers, not Redis: the poi
 cluster runs the same work, correctly, spread over its nodes. A broken run (a worker that dies,
 an event without its session, a lost grant, a reused token) exits non-zero.
 
-    .venv/bin/python benchmarks/bench_cluster.py [--seconds 10] [--backlog 1500] [--json]
+    .venv/bin/python benchmarks/bench_cluster.py [--seconds 10] [--backlog 2500] [--json]
 """
 
 from __future__ import annotations
@@ -150,6 +150,18 @@ def commands(server: Redis | Cluster) -> dict[str, int]:
     return total
 
 
+def reads(server: Redis | Cluster) -> int:
+    """Reads of client sockets so far, summed over the nodes: the round trips Redis served (a
+    pipeline is one per node it reaches)."""
+    import redis
+
+    total = 0
+    for node in nodes(server).values():
+        with redis.Redis(port=node.port) as r:
+            total += int(r.info("stats")["total_reads_processed"])
+    return total
+
+
 def per_event(cpu_ms: dict[str, float], names: list[str]) -> float:
     return round(sum(cpu_ms.get(n, 0.0) for n in names), 3)
 
@@ -199,6 +211,7 @@ async def provisions(
 
     runs: dict[str, list[Run]] = {t: [] for t in tops}
     ran: dict[str, dict[str, int]] = {t: {} for t in tops}
+    read = dict.fromkeys(tops, 0)
     try:
         for t, top in tops.items():
             settings = top.settings
@@ -212,7 +225,7 @@ async def provisions(
         await asyncio.sleep(IDLE_SECONDS)
         idle = {t: cpu_used(group_cpu_seconds(g), before[t]) for t, g in groups.items()}
         for block, t in enumerate(BLOCKS):
-            counted = commands(tops[t].server)
+            counted, read_before = commands(tops[t].server), reads(tops[t].server)
             runs[t].append(
                 await bench_project(
                     tops[t].settings,
@@ -224,6 +237,7 @@ async def provisions(
                     tag=f"{t}{block}",
                 )
             )
+            read[t] += reads(tops[t].server) - read_before
             for name, calls in diff_counts(commands(tops[t].server), counted).items():
                 ran[t][name] = ran[t].get(name, 0) + calls
         alive()
@@ -254,6 +268,7 @@ async def provisions(
             "cpu_ms_per_event": {k: round(1000 * v / len(took), 3) for k, v in cpu.items()},
             "commands_per_event": round(sum(ran[t].values()) / events, 1),
             "commands_per_event_by_name": top_commands(ran[t], events),
+            "reads_per_event": round(read[t] / events, 1),
             "pending_sessions": pending,
             "events_answered": events,
             "idle_cpu_percent": {k: round(100 * v / IDLE_SECONDS, 2) for k, v in idle[t].items()},
@@ -268,6 +283,7 @@ async def refreshes(tops: dict[str, Topology], provider: Any) -> dict[str, dict[
         await import_grants(top.settings, top.grants)
     drains: dict[str, list[dict[str, Any]]] = {t: [] for t in tops}
     ran: dict[str, dict[str, int]] = {t: {} for t in tops}
+    read = dict.fromkeys(tops, 0)
     stats: dict[str, dict[str, int]] = {t: {} for t in tops}
     for block, t in enumerate(BLOCKS):
         top = tops[t]
@@ -275,13 +291,14 @@ async def refreshes(tops: dict[str, Topology], provider: Any) -> dict[str, dict[
         if drains[t]:
             await all_due_now(top.settings, users)
         provider.reset_stats()
-        counted = commands(top.server)
+        counted, read_before = commands(top.server), reads(top.server)
         label = f"{t}-drain-{block + 1}"
         drains[t].append(
             await drain(top.env, top.workdir, top.settings, users, label, top.groups(provider, []))
         )
         if drains[t][-1]["refused"]:  # ended grants are due no more: the next drain would hang
             raise BenchError(f"{label}: the provider refused {drains[t][-1]['refused']} grants")
+        read[t] += reads(top.server) - read_before
         for name, calls in diff_counts(commands(top.server), counted).items():
             ran[t][name] = ran[t].get(name, 0) + calls
         for name in ("refresh_requests", "refresh_errors", "refresh_reuse_detected"):
@@ -311,6 +328,7 @@ async def refreshes(tops: dict[str, Topology], provider: Any) -> dict[str, dict[
             "cpu_ms_per_refresh": {k: round(v, 3) for k, v in cpu.items()},
             "commands_per_refresh": round(sum(ran[t].values()) / refreshed, 1),
             "commands_per_refresh_by_name": top_commands(ran[t], refreshed),
+            "reads_per_refresh": round(read[t] / refreshed, 1),
             "provider_refresh_requests": stats[t]["refresh_requests"],
             "provider_refresh_errors": stats[t]["refresh_errors"],
             "lost_grants": len(users) - len(live),
@@ -482,9 +500,11 @@ def report(r: dict[str, Any]) -> str:
             "CPU ms per provision (cluster):   " + cpu(cp["cpu_ms_per_event"]),
             "CPU ms per refresh (one Redis):   " + cpu(sr["cpu_ms_per_refresh"]),
             "CPU ms per refresh (cluster):     " + cpu(cr["cpu_ms_per_refresh"]),
-            f"Redis commands per provision: {sp['commands_per_event']:g} one Redis, "
-            f"{cp['commands_per_event']:g} cluster; per refresh: {sr['commands_per_refresh']:g}, "
-            f"{cr['commands_per_refresh']:g}",
+            "Redis commands (round trips) per provision, one Redis / cluster: "
+            f"{sp['commands_per_event']:g} ({sp['reads_per_event']:g}) / "
+            f"{cp['commands_per_event']:g} ({cp['reads_per_event']:g}); per refresh: "
+            f"{sr['commands_per_refresh']:g} ({sr['reads_per_refresh']:g}) / "
+            f"{cr['commands_per_refresh']:g} ({cr['reads_per_refresh']:g})",
             "Idle, every topology's workers ready, % of a core: one Redis: "
             + ", ".join(f"{k} {v:g}" for k, v in sp["idle_cpu_percent"].items())
             + "; cluster: "
@@ -527,8 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--backlog",
         type=int,
-        default=1500,
-        help="grants per topology, due at once in each drain of (2) (default 1500)",
+        default=2500,
+        help="grants per topology, due at once in each drain of (2) (default 2500)",
     )
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.backlog < 1:

@@ -205,6 +205,7 @@ def test_bench_cluster_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPat
         provision, refresh = figures[topology]["provision"], figures[topology]["refresh"]
         assert provision["per_s"] > 0 and refresh["per_s"] > 0, (topology, figures)
         assert provision["pending_sessions"] == provision["events_answered"] > 0
+        assert provision["reads_per_event"] > 0 and refresh["reads_per_refresh"] > 0
         assert refresh["grants"] == 30 and refresh["refreshes"] == 60  # each drained twice
         assert refresh["lost_grants"] == refresh["reused_tokens"] == 0
     # Every node of the cluster served shards and holds keys: the work spread over them.
@@ -215,7 +216,7 @@ def test_bench_cluster_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPat
     assert all(figures["cluster"]["keys_per_node"][n] > 0 for n in nodes)
     assert figures["single"]["shards_per_node"] == {"redis": 16}
     assert figures["provision_ratio"] > 0 and figures["refresh_ratio"] > 0
-    # A second of provisions gives every node CPU ticks to count (30 refreshes may not).
+    # A second of provisions gives every node CPU ticks to count (60 refreshes may not).
     bound = figures["provision_one_core_per_primary"]
     assert bound["single_per_s"] > 0 and bound["cluster_per_s"] > 0, figures
     text = _load_script(monkeypatch, script).report(figures)  # type: ignore[attr-defined]

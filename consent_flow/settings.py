@@ -499,7 +499,8 @@ class Settings:
     http_timeout: float = DEFAULT_HTTP_TIMEOUT
     commit_retry_limit: int = DEFAULT_COMMIT_RETRY_LIMIT
     # Replicas that must confirm a commit storing tokens (CONSENT_REDIS_WAIT_REPLICAS); None:
-    # one behind Sentinel (a failover must not lose a spent refresh token's successor), else 0.
+    # one behind Sentinel or on a cluster (a failover must not lose a spent refresh token's
+    # successor), else 0.
     redis_wait_replicas: int | None = None
     ops_token: Secret = field(default_factory=lambda: Secret(""))
     api_keys: tuple[Secret, ...] = ()
@@ -1000,11 +1001,11 @@ class Settings:
     @property
     def wait_replicas(self) -> int:
         """How many replicas confirm a commit that stores tokens: the setting, else 1 behind
-        Sentinel and 0 otherwise."""
+        Sentinel and on a Redis Cluster (both fail over by themselves) and 0 otherwise."""
         if self.redis_wait_replicas is not None:
             return self.redis_wait_replicas
-        sentinel = (self.redis_url or "").startswith("redis+sentinel://")
-        return 1 if sentinel else 0
+        failover = (self.redis_url or "").startswith(("redis+sentinel://", "redis+cluster://"))
+        return 1 if failover else 0
 
     def with_changes(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]

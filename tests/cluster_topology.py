@@ -1,4 +1,5 @@
-"""A Redis Cluster on loopback: three primaries, no replicas, no persistence.
+"""A Redis Cluster on loopback: three primaries, no replicas (or ``replicas`` each), no
+persistence.
 
 Every node is a ``redis-server --cluster-enabled yes`` started by conftest's ``start_redis`` (a
 temporary folder each, holding the node's ``nodes.conf``); ``redis-cli --cluster create`` hands
@@ -48,7 +49,7 @@ def _node_port() -> int:
 class ClusterTopology:
     """The primaries, and the operations a cluster test needs."""
 
-    def __init__(self, directory: Path, *, primaries: int = PRIMARIES) -> None:
+    def __init__(self, directory: Path, *, primaries: int = PRIMARIES, replicas: int = 0) -> None:
         self.directory = directory
         self.nodes: list[RedisServer] = []
         cli = find_redis_cli()
@@ -56,7 +57,7 @@ class ClusterTopology:
             raise AssertionError("the cluster tests need redis-cli (it ships with redis-server)")
         self.cli = cli
         try:
-            for i in range(primaries):
+            for i in range(primaries * (1 + replicas)):
                 folder = directory / f"node-{i}"
                 self.nodes.append(start_redis(folder, port=_node_port(), args=self._args(folder)))
             self._cli(
@@ -64,7 +65,7 @@ class ClusterTopology:
                 "create",
                 *self.addresses,
                 "--cluster-replicas",
-                "0",
+                str(replicas),
                 "--cluster-yes",
             )
             self.wait_settled()
@@ -81,6 +82,10 @@ class ClusterTopology:
             str(folder / "nodes.conf"),
             "--cluster-node-timeout",
             str(NODE_TIMEOUT_MS),
+            # A primary whose last slot moves away stays a primary that slots can move back to
+            # (Redis 7 would make it a replica of the node that took that slot).
+            "--cluster-allow-replica-migration",
+            "no",
         )
 
     # --- addresses ----------------------------------------------------------------------------
@@ -120,10 +125,21 @@ class ClusterTopology:
                     return i
         raise AssertionError(f"no node serves {key!r}")
 
+    def replica_of(self, i: int) -> int:
+        """The index of a replica of primary ``i`` whose link to it is up."""
+        for j, server in enumerate(self.nodes):
+            if j != i and server.process.poll() is None:
+                with server.client() as node:
+                    info = node.info("replication")
+                if info["role"] == "slave" and int(info["master_port"]) == self.nodes[i].port:
+                    return j
+        raise AssertionError(f"node {i} has no replica")
+
     # --- waiting ------------------------------------------------------------------------------
 
     def wait_settled(self, timeout: float = SETTLE_TIMEOUT) -> None:
-        """Until every node says ``cluster_state:ok`` and all of them map the slots alike."""
+        """Until every node says ``cluster_state:ok``, all of them map the slots alike and
+        every replica's link to its primary is up."""
         deadline = time.monotonic() + timeout
         while not self._settled():
             if time.monotonic() > deadline:
@@ -136,6 +152,9 @@ class ClusterTopology:
             for server in self.nodes:
                 with server.client() as node:
                     if node.cluster("INFO")["cluster_state"] != "ok":
+                        return False
+                    replication = node.info("replication")
+                    if replication.get("master_link_status", "up") != "up":
                         return False
                     maps.append(
                         sorted(
@@ -163,6 +182,35 @@ class ClusterTopology:
             str(slots),
             "--cluster-yes",
         )
+        self.wait_settled()
+
+    # A slot moved by hand, one step at a time, as redis-cli does it: a test stops between the
+    # steps, where a resharding passes in milliseconds.
+
+    def begin_move(self, slot: int, source: int, target: int) -> None:
+        """``slot`` importing on ``target`` and migrating on ``source``: its keys may be on
+        either node (ASK for one that has moved, TRYAGAIN for several split between them)."""
+        with self.nodes[target].client() as node:
+            node.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source))
+        with self.nodes[source].client() as node:
+            node.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(target))
+
+    def migrate(self, source: int, target: int, keys: list[str]) -> None:
+        """Move ``keys`` (of a slot that is moving) from ``source`` to ``target``."""
+        with self.nodes[source].client() as node:
+            node.execute_command(
+                "MIGRATE", "127.0.0.1", self.nodes[target].port, "", 0, 5000, "KEYS", *keys
+            )
+
+    def end_move(self, slot: int, source: int, target: int) -> None:
+        """Move the slot's remaining keys, then give the slot to ``target`` (on every node)."""
+        with self.nodes[source].client() as node:
+            left = node.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100_000)
+        if left:
+            self.migrate(source, target, left)
+        for i in sorted(range(len(self.nodes)), key=lambda i: i != target):
+            with self.nodes[i].client() as node:
+                node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", self.node_id(target))
         self.wait_settled()
 
     def _cli(self, *args: str) -> None:

@@ -500,3 +500,14 @@ def redis_cluster(tmp_path: Path) -> Iterator[Any]:
     topology = ClusterTopology(tmp_path / "cluster")
     yield topology
     topology.close()
+
+
+@pytest.fixture
+def redis_cluster_replicas(tmp_path: Path) -> Iterator[Any]:
+    """A Redis Cluster of three primaries with a replica each (tests/cluster_topology.py), for
+    one test: a failover or a stopped replica changes it."""
+    from cluster_topology import ClusterTopology
+
+    topology = ClusterTopology(tmp_path / "cluster", replicas=1)
+    yield topology
+    topology.close()

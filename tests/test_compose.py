@@ -26,8 +26,10 @@ SCHEMA_FILE = ROOT / "tests" / "data" / "compose-spec.json"
 
 SECRET_VARS = ("CONSENT_CLIENT_SECRET", "CONSENT_ENCRYPTION_KEYS", "CONSENT_OPS_TOKEN")
 CONSENT_SERVICES = ("worker", "callback")
-# The same two on Sentinel (profile "sentinel").
+# The same two on Sentinel (profile "sentinel") and on a Redis Cluster (profile "cluster").
 HA_SERVICES = ("worker-ha", "callback-ha")
+CLUSTER_SERVICES = ("worker-cluster", "callback-cluster")
+CLUSTER_NODES = ("redis-node-1", "redis-node-2", "redis-node-3")
 # Every setting a consent-flow process needs to talk to the provider and to Redis.
 REQUIRED_SETTINGS = (
     "CONSENT_REDIS_URL",
@@ -208,7 +210,7 @@ def test_no_secret_value_is_written_in_the_file(compose: dict[str, Any]) -> None
             if key in SECRET_VARS:
                 seen += 1
                 assert _required_interpolation(key).fullmatch(value), (name, key)
-    assert seen == len(SECRET_VARS) * len(CONSENT_SERVICES + HA_SERVICES)
+    assert seen == len(SECRET_VARS) * len(CONSENT_SERVICES + HA_SERVICES + CLUSTER_SERVICES)
 
     # The provider is given the same client secret, by the same interpolation.
     clients = json.loads(_env(compose["services"]["provider"])["CLIENTS"])
@@ -496,5 +498,63 @@ def test_the_sentinel_profile_app_reaches_redis_through_every_sentinel(
     assert sorted(rs.host) == [(f"sentinel-{i}", 26379) for i in (1, 2, 3)]
     for sentinel in ("sentinel-1", "sentinel-2", "sentinel-3"):
         assert service["depends_on"][sentinel]["condition"] == "service_healthy"
+    assert "redis" not in service["depends_on"]
+    assert service["command"] in (["worker"], ["serve"])
+
+
+def test_the_cluster_profile_runs_three_persistent_primaries_and_creates_the_cluster_once(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    profile = {
+        name for name, service in services.items() if "cluster" in service.get("profiles", ())
+    }
+    assert profile == {*CLUSTER_NODES, "redis-cluster-init", *CLUSTER_SERVICES}
+    for name in CLUSTER_NODES:
+        script = services[name]["command"][-1]
+        assert services[name]["hostname"] == name
+        assert script.startswith("exec redis-server ")
+        for option in (
+            "--cluster-enabled yes",
+            "--appendonly yes",
+            "--cluster-config-file /data/nodes.conf",  # on the volume: a restart keeps its place
+            "--cluster-announce-hostname $${HOSTNAME}",
+            "--cluster-preferred-endpoint-type hostname",
+        ):
+            assert option in " ".join(script.split()), (name, option)
+        [volume] = services[name]["volumes"]
+        source, target = volume.split(":")
+        assert target == "/data" and source in compose["volumes"]
+    assert len({services[name]["volumes"][0] for name in CLUSTER_NODES}) == 3
+
+    init = services["redis-cluster-init"]
+    script = " ".join(init["command"][-1].split())
+    create = "redis-cli --cluster create " + " ".join(f"{n}:6379" for n in CLUSTER_NODES)
+    assert create in script and "--cluster-replicas 0" in script
+    # Guarded: on a later start the slots are already handed out, and nothing is created.
+    assert script.index("cluster_slots_assigned:16384") < script.index("||") < script.index(create)
+    for name in CLUSTER_NODES:
+        assert init["depends_on"][name]["condition"] == "service_healthy"
+
+
+@pytest.mark.parametrize("name", CLUSTER_SERVICES)
+def test_the_cluster_profile_app_reaches_every_node_once_the_cluster_exists(
+    compose: dict[str, Any], name: str
+) -> None:
+    from consent_flow import Settings
+    from consent_flow.store.connection import arq_redis_settings
+
+    service = compose["services"][name]
+    env = _env(service)
+    plain = dict(compose["x-consent-env"])
+    url = env.pop("CONSENT_REDIS_URL")
+    plain.pop("CONSENT_REDIS_URL")
+    assert env == plain, "the same environment as the plain services but for Redis"
+    assert url.startswith("redis+cluster://")
+    Settings.from_env({"CONSENT_REDIS_URL": url})
+    rs = arq_redis_settings(url)
+    assert sorted(rs.host) == [(node, 6379) for node in CLUSTER_NODES]
+    condition = service["depends_on"]["redis-cluster-init"]["condition"]
+    assert condition == "service_completed_successfully"
     assert "redis" not in service["depends_on"]
     assert service["command"] in (["worker"], ["serve"])

@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import signal
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +24,14 @@ from conftest import provider_clients
 from local_provider import LocalProvider, approve
 from sentinel_topology import SentinelTopology
 from test_faults import WorkerProcess, wait_for
-
-from consent_flow import State
-from consent_flow.errors import ProviderUnavailable, WorkerUnavailable
-from consent_flow.store.vault import open_tokens
+from under_load import Load, grant_alive, grants_go_on, nothing_lost, start_workers
 
 pytestmark = pytest.mark.integration
 
 TOKEN_TTL = 4  # seconds: every grant is refreshed on schedule about every two seconds
 REFRESHED_USERS = 6  # provisioned before the load starts
-MIN_TTL = 3.0  # what the on-demand callers ask for: most of their calls refresh
 LOAD_BEFORE = 2.0  # seconds of load before the fault
 LOAD_AFTER = 4.0  # seconds of load once every sentinel names the new primary
-# What tells a caller to try again: the event's outcome did not come in time, or the provider
-# (or the store behind a refresh) is not there now.
-RETRY_MEANING: tuple[type[BaseException], ...] = (WorkerUnavailable, ProviderUnavailable)
 
 
 @pytest.fixture(scope="module")
@@ -55,157 +44,11 @@ def rotating(redirect_uri: str) -> Any:
         yield op
 
 
-@dataclass
-class Ledger:
-    """What every caller got."""
-
-    answered: Counter[str] = field(default_factory=Counter)
-    told_to_retry: Counter[str] = field(default_factory=Counter)
-    unexpected: list[str] = field(default_factory=list)
-    granted: list[str] = field(default_factory=list)
-    attempted: set[str] = field(default_factory=set)  # every user a provision was started for
-    probes: list[tuple[float, float]] = field(default_factory=list)  # answered: start, end
-
-    async def call(self, kind: str, work: Awaitable[Any]) -> Any:
-        try:
-            result = await work
-        except RETRY_MEANING as exc:
-            self.told_to_retry[f"{kind}: {exc.code}"] += 1
-            return None
-        except Exception as exc:  # noqa: BLE001 - anything else is what the test looks for
-            self.unexpected.append(f"{kind}: {type(exc).__name__}: {exc}")
-            return None
-        self.answered[kind] += 1
-        return result
-
-    def unavailable(self, since: float) -> float:
-        """The longest time after ``since`` with no probe answered: how long the fleet (a
-        caller, Redis, a worker and back) was away."""
-        ends = sorted(end for _, end in self.probes if end >= since)
-        points = [since, *ends]
-        return max(b - a for a, b in itertools.pairwise(points)) if len(points) > 1 else -1.0
-
-
-class Load:
-    """Provisions, callbacks, on-demand refreshes and a probe, each at a steady pace."""
-
-    def __init__(self, stack: Any, users: list[str]) -> None:
-        self.stack = stack
-        self.users = users
-        self.ledger = Ledger()
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-
-    def start(self) -> None:
-        for run in (self._provisions, self._refreshes, self._probe):
-            self._tasks.append(asyncio.create_task(run()))
-
-    async def stop(self) -> Ledger:
-        self._stop.set()
-        await asyncio.gather(*self._tasks)
-        return self.ledger
-
-    async def _every(self, seconds: float, step: Callable[[int], Awaitable[None]]) -> None:
-        for i in itertools.count():
-            started = time.monotonic()
-            await step(i)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._stop.wait(), max(0.0, seconds - (time.monotonic() - started))
-                )
-            if self._stop.is_set():
-                return
-
-    async def _provisions(self) -> None:
-        client, ledger = self.stack.client, self.ledger
-        pending = [f"new{i}" for i in range(1000)]
-
-        async def step(_: int) -> None:
-            user = pending[0]
-            ledger.attempted.add(user)
-            status = await ledger.call("provision_requested", client.request_provisioning(user))
-            if status is None or not status.authorization_url:
-                return  # told to retry: the same user again
-            callback = await approve(status.authorization_url, user)
-            response = await ledger.call("callback", self.stack.callback(callback))
-            if response is None:
-                return
-            if response.status_code == 200:
-                ledger.granted.append(user)
-                pending.pop(0)
-            elif response.status_code == 400 and "unknown or expired" in response.text:
-                # A pending session the old primary took in the second before this process
-                # followed the new one: lost with it (README, Scale). The page says the link
-                # cannot be used, and the user asks again: the same user, next round.
-                ledger.answered["callback"] -= 1
-                ledger.told_to_retry["callback: session lost, asked again"] += 1
-            elif response.status_code == 503:
-                ledger.answered["callback"] -= 1
-                ledger.told_to_retry["callback: 503"] += 1
-                pending.pop(0)  # its event may still apply; a new user for the next round
-            else:
-                ledger.unexpected.append(f"callback: {response.status_code} {response.text[:300]}")
-                pending.pop(0)
-
-        await self._every(0.3, step)
-
-    async def _refreshes(self) -> None:
-        client, ledger = self.stack.client, self.ledger
-
-        async def step(i: int) -> None:
-            user = self.users[i % len(self.users)]
-            await ledger.call("access_token", client.access_token(user, min_ttl=MIN_TTL))
-
-        await self._every(0.2, step)
-
-    async def _probe(self) -> None:
-        client, ledger = self.stack.client, self.ledger
-
-        async def probe() -> None:
-            # Through the whole fleet: an event queued, a worker's outcome read back.
-            started = time.monotonic()
-            status = await ledger.call("probe", client.request_provisioning(self.users[0]))
-            if status is not None:
-                ledger.probes.append((started, time.monotonic()))
-
-        probes: list[asyncio.Task[None]] = []
-
-        async def step(_: int) -> None:
-            # One every 0.1 s whatever the others do: one that waits out the event timeout
-            # (its event lost with the old primary) does not hide the ones answered meanwhile.
-            probes.append(asyncio.create_task(probe()))
-
-        await self._every(0.1, step)
-        await asyncio.gather(*probes)
-
-
-async def _grant_alive(stack: Any, op: Any, user: str) -> None:
-    """Provisioned, with a refresh token the provider honours. Workers keep refreshing: a token
-    rotated between the read and the look at the provider is read again."""
-    for _ in range(10):
-        rec = await stack.client.store.load(user)
-        assert rec.state is State.PROVISIONED, (user, rec.reason)
-        tokens = open_tokens(stack.client.ring, user, rec.tokens)
-        if op.introspect(tokens["refresh_token"])["active"]:
-            return
-        again = await stack.client.store.load(user)
-        # A refresh at the provider (its mark on the record) or committed since the read.
-        moving = rec.inflight or again.inflight or again.version != rec.version
-        assert moving, f"{user}: the stored refresh token is dead"
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"{user}: the stored refresh token kept changing")
-
-
 async def _failover_under_load(
     fault: str, make_stack: Any, rotating: Any, env: dict[str, str], topology: Any, tmp_path: Any
 ) -> None:
     stack = await make_stack(op=rotating, redis_url=topology.url, workers=0)
-    worker_env = {**os.environ, **env, "CONSENT_REDIS_URL": topology.url}
-    worker_env.update(CONSENT_ISSUER=rotating.issuer)
-    workers = [
-        WorkerProcess(worker_env, tmp_path / f"worker-{i}.log", stack.settings.queue_name)
-        for i in range(2)
-    ]
+    workers = start_workers(stack, rotating, env, topology.url, tmp_path)
     try:
         rotating.reset_stats()
         users = [f"user{i}" for i in range(REFRESHED_USERS)]
@@ -242,40 +85,10 @@ async def _failover_under_load(
         # Every grant: provisioned, its refresh token alive at the provider, refreshed on
         # schedule after the failover, and a refresh through the new primary works.
         since_fault = time.time() - (time.monotonic() - fault_at)
-        for user in users + ledger.granted:
-            await _grant_alive(stack, rotating, user)
-
-        async def all_refreshed_on_schedule() -> bool:
-            recs = [await stack.client.store.load(u) for u in users]
-            return all((r.last_refresh_at or 0) > since_fault for r in recs)
-
-        await wait_for(all_refreshed_on_schedule, timeout=30)
-        for user in users + ledger.granted:
-            token = await stack.client.access_token(user, min_ttl=TOKEN_TTL - 0.5)
-            assert rotating.introspect(token)["active"] is True, user
-        for worker in workers:  # no refresh between the count below and the provider's
-            assert worker.terminate() == 0, worker.log.read_text()[-3000:]
-        stats = rotating.stats()
-        assert stats.get("refresh_reuse_detected", 0) == 0, stats
-        assert stats.get("grants_revoked", 0) == 0, stats
-        assert stats.get("revocations", 0) == 0, stats
-
-        # Nothing applied twice, nothing answered by the provider and dropped: each event id
-        # once in a user's history, one grant per user, and every refresh the provider
-        # answered stored exactly once.
-        refreshes = 0
-        # Every user: one whose callback was told to retry may have been granted after all.
-        for user in users + sorted(ledger.attempted):
-            if (await stack.client.store.load(user)).state is not State.PROVISIONED:
-                continue
-            ids = [h.event_id for h in await stack.client.store.history(user)]
-            assert len(ids) == len(set(ids)), (user, ids)
-            history = await stack.client.history(user)
-            granted = [h for h in history if h["event"] == "authorization_completed"]
-            assert len(granted) == 1, (user, history)
-            assert not [h for h in history if h["to"] == "revoked"], (user, history)
-            refreshes += sum(h.get("count", 1) for h in history if h["event"] == "token_refreshed")
-        assert refreshes == stats["refresh_success"], (refreshes, stats)
+        await grants_go_on(
+            stack, rotating, users, ledger.granted, since_fault, min_ttl=TOKEN_TTL - 0.5
+        )
+        await nothing_lost(stack, rotating, users, ledger, workers)
     finally:
         for worker in workers:
             worker.terminate()
@@ -351,7 +164,7 @@ async def test_a_refresh_its_replica_did_not_confirm_is_settled_on_the_new_prima
                 return (rec.last_refresh_at or 0.0) > before
 
             await wait_for(stored_again, timeout=30)
-            await _grant_alive(stack, op, "alice")
+            await grant_alive(stack, op, "alice")
             token = await stack.client.access_token("alice", min_ttl=1)
             assert op.introspect(token)["active"] is True
             stats = op.stats()

@@ -426,12 +426,16 @@ def test_check_provider_names_every_missing_variable():
         ("redis+sentinel://s1:26379,s2:26379/main", None, 1),
         ("redis+sentinel://s1:26379,s2:26379/main", "0", 0),
         ("redis+sentinel://s1:26379,s2:26379/main", "2", 2),
+        ("redis+cluster://n1:6379,n2:6379", None, 1),
+        ("redis+cluster://n1:6379,n2:6379", "0", 0),
         ("redis://127.0.0.1:6379/0", None, 0),
         ("redis://127.0.0.1:6379/0", "1", 1),
         (None, None, 0),
     ],
 )
-def test_commits_of_new_tokens_wait_for_a_replica_behind_sentinel_by_default(url, setting, waits):
+def test_commits_of_new_tokens_wait_for_a_replica_behind_sentinel_or_on_a_cluster_by_default(
+    url, setting, waits
+):
     env = dict(BASE)
     env.pop("CONSENT_REDIS_URL", None)
     if url is not None:

@@ -264,6 +264,16 @@ async def test_a_worker_takes_the_jobs_of_its_shards_only(redis_server):
         assert sorted(ran) == [1, 3, 5, 7]
         for shard, left in ((0, 2), (1, 0), (2, 2), (3, 0)):
             assert await pool.zcard(Keys.queue(queue, shard)) == left
+        # Its health line (what `arq --check` reads) counts what waits on the queues it serves.
+        other = ConsentWorker(
+            functions=[func(job, name="job")],
+            queue_name=queue,
+            queue_shards=[0, 1, 2],
+            redis_pool=pool,
+            handle_signals=False,
+        )
+        await other.record_health()
+        assert (await pool.get(other.health_check_key)).decode().endswith(" queued=4")
     finally:
         await worker.close()
         await pool.aclose()

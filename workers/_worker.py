@@ -443,6 +443,32 @@ class ConsentWorker(Worker):
             task.add_done_callback(_retrieve)
             self.tasks[job_id] = task
 
+    async def record_health(self) -> None:
+        # arq's, with ``queued`` counted on every queue this worker serves: arq counts its base
+        # queue, which no job goes to once queues are sharded (its line always said queued=0).
+        now = time.time()
+        if now - self._last_health_check < self.health_check_interval:
+            return
+        self._last_health_check = now
+        ongoing = sum(not task.done() for task in self.tasks.values())
+        shards = self.queue_shards
+        queues = (
+            [self.queue_name]
+            if shards is None
+            else [Keys.queue(self.queue_name, s) for s in shards]
+        )
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.zcard(queue)
+            queued = sum(await pipe.execute())
+        info = (
+            f"{datetime.now():%b-%d %H:%M:%S} j_complete={self.jobs_complete} "
+            f"j_failed={self.jobs_failed} j_retried={self.jobs_retried} j_ongoing={ongoing} "
+            f"queued={queued}"
+        )
+        ttl_ms = int((self.health_check_interval + 1) * 1000)
+        await self.pool.psetex(self.health_check_key, ttl_ms, info.encode())
+
     async def heart_beat(self) -> None:
         # arq's, with the cron jobs timed by Redis's clock rather than this process's.
         clock = self.clock

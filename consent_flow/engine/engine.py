@@ -688,7 +688,7 @@ class Engine:
         while self.clock() < deadline:
             await asyncio.sleep(REPLICATION_RECHECK)
             try:
-                if not await self.store.confirm_replicated():
+                if not await self.store.confirm_replicated(change.user):
                     continue
                 again = await self.store.commit(change)
             except (RedisConnectionError, RedisTimeoutError, OSError):

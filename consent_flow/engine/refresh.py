@@ -351,7 +351,7 @@ class Refresher:
         if marked:
             # The batch's claim marked it: the replicas must hold the mark, and the lock and
             # record read with it, before the request leaves (as ``mark_inflight`` waits).
-            confirmed = await self.store.confirm_replicated()
+            confirmed = await self.store.confirm_replicated(user)
         else:
             confirmed = await self.store.mark_inflight(user, now)
         if not confirmed:
@@ -708,7 +708,7 @@ class Refresher:
             if unconfirmed:
                 await asyncio.sleep(REPLICATION_RECHECK)
             try:
-                if unconfirmed and not await self.store.confirm_replicated():
+                if unconfirmed and not await self.store.confirm_replicated(pending.user):
                     raise NotReplicated(pending.user)
                 token = await self._lock_again(pending.user, unlock)
                 if token is not None:

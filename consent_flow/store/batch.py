@@ -230,5 +230,10 @@ async def drain_rate(redis: Any, keys: Keys, now: float, *, window: int = 60) ->
     before the current one)."""
     current = int(now // DRAIN_SLOT)
     slots = [current - 1 - i for i in range(max(1, window // DRAIN_SLOT))]
-    values = await redis.mget([drain_key(keys, s) for s in slots])
+    # GETs in a pipeline, not one MGET: the slots' keys hash apart, and a cluster refuses an
+    # MGET across slots (its pipeline sends each node its own).
+    async with redis.pipeline(transaction=False) as pipe:
+        for s in slots:
+            pipe.get(drain_key(keys, s))
+        values = await pipe.execute()
     return sum(int(v) for v in values if v is not None) / (len(slots) * DRAIN_SLOT)

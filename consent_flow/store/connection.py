@@ -33,13 +33,21 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import redis
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio.client import Pipeline, PubSub
-from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, PipelineCommand, RedisCluster
 from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import ClusterError, NoScriptError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ClusterError,
+    NoScriptError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -194,8 +202,9 @@ def arq_redis_settings(url: str, *, startup_retries: int = 20) -> RedisSettings:
     return rs
 
 
-# Seconds the sentinels' count of healthy replicas is reused: a count a second old lets a commit
-# wait for a replica that just went down (one WAIT timeout), never skip one that is there.
+# Seconds a count of healthy replicas (the sentinels', a cluster primary's) is reused: a count a
+# second old lets a commit wait for a replica that just went down (one WAIT timeout), never skip
+# one that is there.
 REPLICAS_CACHE = 1.0
 FOLLOW_EVERY = 1.0  # seconds between a Sentinel client's looks at where the primary is
 # Seconds a sentinel may take to say where the primary is; another sentinel is asked after it.
@@ -264,9 +273,10 @@ class _SentinelArqRedis(ArqRedis):
                 await self.connection_pool.get_master_address()  # type: ignore[attr-defined]
         return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
-    async def healthy_replicas(self) -> int:
+    async def healthy_replicas(self, key: str) -> int:
         """How many replicas the sentinels see up: the ones a failover could promote, and so
-        the most a commit can wait for (asked at most once per ``REPLICAS_CACHE`` seconds)."""
+        the most a commit can wait for (asked at most once per ``REPLICAS_CACHE`` seconds).
+        ``key`` is any: one primary serves them all."""
         asked, count = self._replicas
         if self.sentinels is None or time.monotonic() - asked < REPLICAS_CACHE:
             return count
@@ -290,6 +300,10 @@ class _SentinelArqRedis(ArqRedis):
             for client in self.sentinels.sentinels:
                 await client.aclose()
 
+
+# A cluster node's flags (CLUSTER NODES) for a replica its primary cannot count on: it stopped
+# answering (fail?, fail), or it is not a member yet (handshake) or has no address (noaddr).
+_FAILING = frozenset({"fail", "fail?", "handshake", "noaddr"})
 
 # Seconds a command whose keys are split by a moving slot is tried again, and how often.
 SLOT_MOVE_WAIT = 30.0
@@ -348,6 +362,60 @@ class _ClusterPipeline(ClusterPipeline):
         return self.execute_command("DBSIZE", **kwargs)
 
 
+# What a node answers for a command on a slot it does not serve now (a resharding, a failover):
+# the command did not run there.
+_REDIRECTED = (AskError, TryAgainError, ClusterDownError)  # MovedError is an AskError
+
+
+class _NodePipeline(ClusterPipeline):
+    """A pipeline sent whole, in order, on one connection to the primary that serves one key's
+    slot, for a write and the ``WAIT`` after it.
+
+    ``WAIT`` counts the replicas that hold its connection's last write, and a cluster pipeline
+    sends a command without keys (``WAIT``) to the client's default node, on a connection of its
+    own. Nothing here follows a redirection within the pipeline: a command the node answers
+    MOVED, ASK or TRYAGAIN goes again alone through the client (which follows the cluster), and
+    a ``WAIT`` after it answers 0, as that write is not on the connection it counts.
+    """
+
+    def __init__(self, client: RedisCluster, key: str) -> None:
+        super().__init__(client)
+        self.key = key
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        stack: list[PipelineCommand] = self._command_stack
+        self._command_stack = []
+        client = self._client
+        assert isinstance(client, ClusterArqRedis)
+        node = await client.primary_of(self.key)
+        try:
+            await node.execute_pipeline(stack)
+        except (RedisConnectionError, RedisTimeoutError):
+            # The node may be gone for good (a failover): the slots are read again, as redis-py
+            # does when a command loses its node.
+            await client.aclose()
+            raise
+        moved = False
+        for cmd in stack:
+            if isinstance(cmd.result, RedisConnectionError | RedisTimeoutError):
+                await client.aclose()
+                break
+            if cmd.args[0] == "WAIT" and moved:
+                cmd.result = 0
+            elif isinstance(cmd.result, _REDIRECTED):
+                moved = True
+                try:
+                    cmd.result = await client.execute_command(*cmd.args, **cmd.kwargs)
+                except redis.RedisError as exc:
+                    cmd.result = exc
+        results = [cmd.result for cmd in stack]
+        if raise_on_error:
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+        return results
+
+
 class _NodePubSub(PubSub):
     """A subscription on a pool of its own, closed with it."""
 
@@ -372,6 +440,10 @@ class ClusterArqRedis(RedisCluster):
     default_queue_name: str = "arq:queue"
     expires_extra_ms: int = 86_400_000
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._replicas: dict[str, tuple[float, int]] = {}  # per primary: when asked, the answer
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         # While a slot moves, a command on several of its keys is answered TRYAGAIN as long as
         # some are on the old node and some on the new; redis-cli moves ten keys at a time, so
@@ -389,6 +461,44 @@ class ClusterArqRedis(RedisCluster):
 
     def register_script(self, script: Any) -> AsyncScript:  # type: ignore[override]
         return _FailoverScript(self, script)  # type: ignore[arg-type]
+
+    async def primary_of(self, key: str) -> ClusterNode:
+        """The primary serving ``key``'s slot, as this client last heard."""
+        if self._initialize:
+            await self.initialize()
+        try:
+            node = self.get_node_from_key(key)
+        except SlotNotCoveredError:
+            node = None
+        if node is None:
+            await self.aclose()  # the slots are read again before the next command
+            raise ClusterDownError(f"no node serves the slot of {key}")  # type: ignore[no-untyped-call]
+        return node
+
+    def node_pipeline(self, key: str) -> ClusterPipeline:
+        """A pipeline for a write and the ``WAIT`` after it: see ``_NodePipeline``."""
+        return _NodePipeline(self, key)  # type: ignore[abstract]
+
+    async def healthy_replicas(self, key: str) -> int:
+        """How many replicas of the primary serving ``key``'s slot it sees up (not failing, its
+        link to them connected): the ones a failover could promote, and so the most a commit
+        there can wait for (asked at most once per ``REPLICAS_CACHE`` seconds per primary)."""
+        node = await self.primary_of(key)
+        asked, count = self._replicas.get(node.name, (0.0, 0))
+        if time.monotonic() - asked < REPLICAS_CACHE:
+            return count
+        self._replicas[node.name] = (time.monotonic(), count)
+        nodes = await self.execute_command("CLUSTER NODES", target_nodes=node)
+        [me] = [info["node_id"] for info in nodes.values() if "myself" in info["flags"]]
+        count = sum(
+            1
+            for info in nodes.values()
+            if info["master_id"] == me
+            and info["connected"]
+            and not _FAILING.intersection(info["flags"].split(","))
+        )
+        self._replicas[node.name] = (time.monotonic(), count)
+        return count
 
     def pubsub(self, **kwargs: Any) -> PubSub:
         """A subscription on a connection to one primary, taken at random (another one after
@@ -413,7 +523,7 @@ async def _cluster_pool(rs: ClusterSettings, **options: Any) -> ArqRedis:
     hosts = rs.host  # a fresh ClusterNode each try: a closed client's nodes are closed
 
     def make() -> ClusterArqRedis:
-        return ClusterArqRedis(  # type: ignore[no-any-return]
+        return ClusterArqRedis(  # type: ignore[abstract]
             startup_nodes=[ClusterNode(host, port) for host, port in hosts],
             username=rs.username,
             password=rs.password,

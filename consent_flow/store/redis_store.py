@@ -34,6 +34,8 @@ key of a shard hashes to one Redis Cluster slot, so every script below stays in 
     cf:{s7}:gh:kids             hash   ciphertext count per key id (start-up key check, rotation)
     cf:{s7}:gh:events           stream every transition, for `tail` and other consumers (bounded)
     cf:{s7}:reply:<event id>    list   a caller's answer
+    cf:{s7}:replicated          string a counter each WAIT follows, on the connection of the
+                                       write it covers (CONSENT_REDIS_WAIT_REPLICAS)
     cf:{gh:limit}:log|leases|pause     the provider's fleet-wide call limits (a tag of their own)
     cf:gh:halt                  hash   refreshes at gh paused for everyone: invalid_client
                                        (reason, since); read beside scripts, never in one
@@ -70,6 +72,7 @@ refresh).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -371,6 +374,10 @@ class ShardKeys:
     def reply(self, event_id: str) -> str:
         return f"{self.prefix}:{self.tag}:reply:{event_id}"
 
+    @property
+    def replicated(self) -> str:
+        return f"{self.prefix}:{self.tag}:replicated"
+
     def idx(self, state: State | str) -> str:
         return f"{self.head}:idx:{State(state).value}"
 
@@ -598,9 +605,9 @@ class RedisStore:
         user's lock if ``unlock`` is its owner token."""
         call = self.commit_call(change, unlock=unlock)
         replicated = True
-        wait = await self.replicas_to_wait() if call.stores_tokens else 0
+        wait = await self.replicas_to_wait(self.keys.of(change.user)) if call.stores_tokens else 0
         if wait:
-            result, replicated = await self._commit_and_wait(call.keys, call.args, wait)
+            result, replicated = await self._commit_and_wait(change.user, call, wait)
         else:
             result = await self._commit(keys=call.keys, args=call.args)
         return self.commit_result(change, result, replicated=replicated)
@@ -614,21 +621,54 @@ class RedisStore:
 
         When a member stores tokens, one WAIT ends the pipeline (after a write of its own, as
         in ``_commit_and_wait``): it covers every member before it, and those members' results
-        say ``replicated=False`` when fewer replicas than a commit waits for answered.
+        say ``replicated=False`` when fewer replicas than a commit waits for answered. The
+        members of each shard go in a pipeline of their own (one, for a batch): on a Redis
+        Cluster, a WAIT covers only the node it is sent to.
         """
         if not changes:
             return []
         calls = [self.commit_call(change, unlock=unlock) for change, unlock in changes]
-        wait = await self.replicas_to_wait() if any(c.stores_tokens for c in calls) else 0
+        shards: dict[int, list[int]] = {}
+        for i, (change, _) in enumerate(changes):
+            shards.setdefault(self.keys.shard_of(change.user), []).append(i)
+        raw: list[Any] = [None] * len(calls)
+        confirmed = [True] * len(calls)
+        sent = await asyncio.gather(
+            *(
+                self._commit_shard(self.keys.shard(shard), [calls[i] for i in members])
+                for shard, members in shards.items()
+            ),
+            return_exceptions=True,
+        )
+        for members, outcome in zip(shards.values(), sent, strict=True):
+            if isinstance(outcome, BaseException):
+                outcome = ([outcome] * len(members), False)
+            answers, replicated = outcome
+            for i, item in zip(members, answers, strict=True):
+                raw[i], confirmed[i] = item, replicated
+        return [
+            item
+            if isinstance(item, BaseException)
+            else self.commit_result(change, item, replicated=ok or not call.stores_tokens)
+            for (change, _), call, item, ok in zip(changes, calls, raw, confirmed, strict=True)
+        ]
+
+    async def _commit_shard(
+        self, shard: ShardKeys, calls: list[_CommitCall]
+    ) -> tuple[list[Any], bool]:
+        """``commit_many`` for the calls of one shard: their answers (an error in place of a
+        call that failed), and whether the replicas confirmed them."""
+        stores_tokens = any(call.stores_tokens for call in calls)
+        wait = await self.replicas_to_wait(shard) if stores_tokens else 0
         raw: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         acks: Any = None
         for attempt in range(2):
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self._pipeline_on(shard.replicated) as pipe:
                 for i in todo:
                     queue_script(pipe, self._commit, calls[i].keys, calls[i].args)
                 if wait:
-                    pipe.incr(self.keys.prefix + ":replicated")
+                    pipe.incr(shard.replicated)
                     pipe.execute_command("WAIT", wait, REPLICA_WAIT_MS)
                 answers = await pipe.execute(raise_on_error=False)
             if wait:
@@ -640,13 +680,7 @@ class RedisStore:
             if not todo or attempt:
                 break
             await self.redis.script_load(self._commit.script)
-        confirmed = not wait or (not isinstance(acks, BaseException) and int(acks) >= wait)
-        return [
-            item
-            if isinstance(item, BaseException)
-            else self.commit_result(change, item, replicated=confirmed or not call.stores_tokens)
-            for (change, _), call, item in zip(changes, calls, raw, strict=True)
-        ]
+        return raw, not wait or (not isinstance(acks, BaseException) and int(acks) >= wait)
 
     def commit_call(self, change: Change, *, unlock: str | None = None) -> _CommitCall:
         """The commit script's keys and arguments for ``change``, and whether it stores
@@ -788,15 +822,24 @@ class RedisStore:
         state = State(_decode(result[2])) if len(result) > 2 else None
         return CommitResult(status=status, version=version, state=state, replicated=replicated)
 
-    async def replicas_to_wait(self) -> int:
-        """``wait_replicas``, or fewer when Sentinel sees fewer replicas up: waiting for one that
-        is down would hold every refresh, and a failover could not promote it anyway."""
+    async def replicas_to_wait(self, shard: ShardKeys) -> int:
+        """``wait_replicas``, or fewer when the primary serving ``shard`` has fewer replicas up
+        (as Sentinel or the cluster sees them): waiting for one that is down would hold every
+        refresh, and a failover could not promote it anyway."""
         if not self.wait_replicas:
             return 0
         healthy = getattr(self.redis, "healthy_replicas", None)
         if healthy is None:
             return self.wait_replicas
-        return min(self.wait_replicas, int(await healthy()))
+        return min(self.wait_replicas, int(await healthy(shard.replicated)))
+
+    def _pipeline_on(self, key: str) -> Any:
+        """A pipeline sent on one connection to the primary that serves ``key``: a write and
+        the WAIT after it must share one (a cluster pipeline sends WAIT to a node of its own)."""
+        node_pipeline = getattr(self.redis, "node_pipeline", None)
+        if node_pipeline is None:
+            return self.redis.pipeline(transaction=False)
+        return node_pipeline(key)
 
     async def mark_inflight(self, user: str, at: float) -> bool:
         """Note on the record that a refresh is at the provider (outside any commit: it must be
@@ -804,31 +847,30 @@ class RedisStore:
         a commit waits for hold the mark, and with it the lock and the record it was read with:
         a failover from now on keeps them, so no other worker presents the refresh token this
         refresh is about to spend."""
-        wait = await self.replicas_to_wait()
+        wait = await self.replicas_to_wait(self.keys.of(user))
         if not wait:
             await self.redis.hset(self.keys.rec(user), codec.field_name("inflight"), repr(at))
             return True
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self._pipeline_on(self.keys.of(user).replicated)
         pipe.hset(self.keys.rec(user), codec.field_name("inflight"), repr(at))
         pipe.execute_command("WAIT", wait, REPLICA_WAIT_MS)
         _, acks = await pipe.execute()
         return int(acks) >= wait
 
-    async def confirm_replicated(self) -> bool:
-        """Whether the primary this store reaches now has every write it took so far on as
-        many replicas as a commit waits for."""
-        wait = await self.replicas_to_wait()
+    async def confirm_replicated(self, user: str) -> bool:
+        """Whether the primary serving ``user`` now has every write it took so far on as many
+        replicas as a commit waits for."""
+        wait = await self.replicas_to_wait(self.keys.of(user))
         if not wait:
             return True
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.incr(self.keys.prefix + ":replicated")
+        key = self.keys.of(user).replicated
+        pipe = self._pipeline_on(key)
+        pipe.incr(key)
         pipe.execute_command("WAIT", wait, REPLICA_WAIT_MS)
         _, acks = await pipe.execute()
         return int(acks) >= wait
 
-    async def _commit_and_wait(
-        self, keys: list[str], args: list[Any], wait: int
-    ) -> tuple[Any, bool]:
+    async def _commit_and_wait(self, user: str, call: _CommitCall, wait: int) -> tuple[Any, bool]:
         """The commit, then WAIT for ``wait_replicas`` replicas, on one connection.
 
         WAIT counts the replicas that hold this connection's last write. A write of its own
@@ -836,10 +878,11 @@ class RedisStore:
         and the commit finds itself applied already (a duplicate writes nothing), WAIT still
         covers everything up to that write, the commit included.
         """
+        key = self.keys.of(user).replicated
         for attempt in range(2):
-            pipe = self.redis.pipeline(transaction=False)
-            queue_script(pipe, self._commit, keys, args)
-            pipe.incr(self.keys.prefix + ":replicated")
+            pipe = self._pipeline_on(key)
+            queue_script(pipe, self._commit, call.keys, call.args)
+            pipe.incr(key)
             pipe.execute_command("WAIT", wait, REPLICA_WAIT_MS)
             try:
                 result, _, acks = await pipe.execute()

@@ -16,7 +16,17 @@
 -- mark) and the provisioned state's value.
 -- Returns: Redis's time (ms), and per member taken {user, lock token or
 -- false, then (when locked) the record's fields, sealed tokens, sealed tokens to revoke}.
+-- On a Redis Cluster node where the shard's slot is moving, it answers TRYAGAIN having done
+-- nothing, as Redis does for a command whose keys are split: the client sends it again.
 local sched, ready, ready_due = KEYS[1], KEYS[2], KEYS[3]
+
+-- While the slot moves, the per-user keys this script builds (not in KEYS) may be on the other
+-- node, and the first call on one would end the script halfway, with members already out of
+-- the schedule. A key of the slot that never exists, asked for with one that may: the call
+-- fails on either node while the slot moves, and succeeds once it has settled.
+if type(redis.pcall('EXISTS', sched, sched .. ':never')) == 'table' then
+  return redis.error_reply('TRYAGAIN the slot of the schedule is moving')
+end
 local want, promote = tonumber(ARGV[1]), tonumber(ARGV[2])
 local lock_px, lease_ms, stem = ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local function key(n, user) return ARGV[4 + 2 * n] .. user .. ARGV[5 + 2 * n] end

@@ -23,11 +23,21 @@
 -- {id, job_key, queue}; jobs [{job_key, result_key, queue, payload, px, score, id}]; unlock;
 -- counters [{key, field, amount}]. Absent means no.
 -- Returns {'ok', new version}, {'duplicate', version} (the event applied before), or
--- {'conflict', version, state} (the record moved since the step read it).
+-- {'conflict', version, state} (the record moved since the step read it); or TRYAGAIN on a
+-- Redis Cluster node while the slot moves (below).
 
 local op = cjson.decode(ARGV[1])
 local function key(name) return KEYS[op.keys[name]] end
 local rec = key('rec')
+
+-- On a Redis Cluster node where the slot is moving, a key this step deletes and then writes or
+-- reads again (the record compacted, a sealed key wiped) is out of its reach once deleted, and
+-- the step would end halfway. A key of the slot that never exists, asked for with one that may:
+-- the call fails on either node while the slot moves, and the step answers TRYAGAIN having
+-- done nothing (the client sends it again), as Redis does for a command whose keys are split.
+if type(redis.pcall('EXISTS', rec, rec .. ':never')) == 'table' then
+  return redis.error_reply('TRYAGAIN the slot of the record is moving')
+end
 local sealed_keys = {'tokens', 'revoke'}
 
 -- The key id of a ciphertext: v2 binary (byte 2, then 6 bytes of key id) or v1 text.

@@ -28,7 +28,8 @@ two cores, so the rates measure the provider and the workers, not Redis: the poi
 cluster runs the same work, correctly, spread over its nodes. A broken run (a worker that dies,
 an event without its session, a lost grant, a reused token) exits non-zero.
 
-    .venv/bin/python benchmarks/bench_cluster.py [--seconds 10] [--backlog 2500] [--json]
+    .venv/bin/python benchmarks/bench_cluster.py [--seconds 10] [--backlog 2500] [--shards 16]
+        [--json]
 """
 
 from __future__ import annotations
@@ -351,7 +352,9 @@ def top_commands(counts: dict[str, int], events: int, n: int = 8) -> dict[str, f
 # --- the run ------------------------------------------------------------------------------------
 
 
-async def measure(backlog: int, seconds: float, warmup: float, workdir: Path) -> dict[str, Any]:
+async def measure(
+    backlog: int, shards: int, seconds: float, warmup: float, workdir: Path
+) -> dict[str, Any]:
     quiet_logs()
     load_before = os.getloadavg()
     callback_port = free_port()
@@ -364,6 +367,7 @@ async def measure(backlog: int, seconds: float, warmup: float, workdir: Path) ->
             env = project_env(
                 server, provider, workdir / t, prefix, f"{prefix}:queue", callback_port
             )
+            env["CONSENT_REDIS_SHARDS"] = str(shards)
             tops[t] = Topology(t, server, env, bench_settings(env), workdir / t)
 
         t0 = time.monotonic()
@@ -396,6 +400,7 @@ async def measure(backlog: int, seconds: float, warmup: float, workdir: Path) ->
         "warmup_seconds": warmup,
         "blocks": list(BLOCKS),
         "backlog": backlog,
+        "shards": shards,
         "cpus": os.cpu_count(),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_at_refresh": [round(x, 2) for x in load_refresh],
@@ -550,13 +555,19 @@ def main(argv: list[str] | None = None) -> int:
         default=2500,
         help="grants per topology, due at once in each drain of (2) (default 2500)",
     )
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=16,
+        help="CONSENT_REDIS_SHARDS on both topologies (default 16, the project's default)",
+    )
     args = parser.parse_args(argv)
-    if args.seconds <= 0 or args.backlog < 1:
-        parser.error("--seconds must be positive and --backlog at least 1")
+    if args.seconds <= 0 or args.backlog < 1 or not 1 <= args.shards <= 1024:
+        parser.error("--seconds must be positive, --backlog at least 1 and --shards from 1 to 1024")
     warmup = warmup_seconds(args)
     workdir = Path(tempfile.mkdtemp(prefix="consent-flow-bench-"))
     try:
-        results = asyncio.run(measure(args.backlog, args.seconds, warmup, workdir))
+        results = asyncio.run(measure(args.backlog, args.shards, args.seconds, warmup, workdir))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.append(str(Path(__file__).resolve().parent))  # _infra, also when loaded by path
 sys.path.insert(0, str(ROOT / "examples" / "provider"))
 
+import redis  # noqa: E402
 from _infra import (  # noqa: E402
     BenchError,
     Cluster,
@@ -133,8 +134,6 @@ def shards_per_node(server: Redis | Cluster, shards: int) -> dict[str, int]:
 
 
 def keys_per_node(server: Redis | Cluster) -> dict[str, int]:
-    import redis
-
     out = {}
     for name, node in nodes(server).items():
         with redis.Redis(port=node.port) as r:
@@ -154,8 +153,6 @@ def commands(server: Redis | Cluster) -> dict[str, int]:
 def reads(server: Redis | Cluster) -> int:
     """Reads of client sockets so far, summed over the nodes: the round trips Redis served (a
     pipeline is one per node it reaches)."""
-    import redis
-
     total = 0
     for node in nodes(server).values():
         with redis.Redis(port=node.port) as r:
@@ -171,7 +168,6 @@ def per_event(cpu_ms: dict[str, float], names: list[str]) -> float:
 class Topology:
     """One topology's store, the run's environment for it, and its share of the grants."""
 
-    name: str
     server: Redis | Cluster
     env: dict[str, str]
     settings: Any
@@ -368,7 +364,7 @@ async def measure(
                 server, provider, workdir / t, prefix, f"{prefix}:queue", callback_port
             )
             env["CONSENT_REDIS_SHARDS"] = str(shards)
-            tops[t] = Topology(t, server, env, bench_settings(env), workdir / t)
+            tops[t] = Topology(server, env, bench_settings(env), workdir / t)
 
         t0 = time.monotonic()
         accounts = {t: [f"{t}{i:05d}" for i in range(backlog)] for t in TOPOLOGIES}

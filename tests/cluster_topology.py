@@ -1,5 +1,5 @@
 """A Redis Cluster on loopback: three primaries, no replicas (or ``replicas`` each), no
-persistence.
+persistence (unless asked).
 
 Every node is a ``redis-server --cluster-enabled yes`` started by conftest's ``start_redis`` (a
 temporary folder each, holding the node's ``nodes.conf``); ``redis-cli --cluster create`` hands
@@ -49,8 +49,21 @@ def _node_port() -> int:
 class ClusterTopology:
     """The primaries, and the operations a cluster test needs."""
 
-    def __init__(self, directory: Path, *, primaries: int = PRIMARIES, replicas: int = 0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        primaries: int = PRIMARIES,
+        replicas: int = 0,
+        appendonly: bool = False,
+        full_coverage: bool = True,
+    ) -> None:
+        """``appendonly``: each node keeps an append-only file, so a node stopped and started
+        again comes back with its keys. ``full_coverage=False``: with a node down, the others
+        go on serving their slots (by default every node refuses every command then)."""
         self.directory = directory
+        self.appendonly = appendonly
+        self.coverage = ("--cluster-require-full-coverage", "yes" if full_coverage else "no")
         self.nodes: list[RedisServer] = []
         cli = find_redis_cli()
         if cli is None:
@@ -59,7 +72,14 @@ class ClusterTopology:
         try:
             for i in range(primaries * (1 + replicas)):
                 folder = directory / f"node-{i}"
-                self.nodes.append(start_redis(folder, port=_node_port(), args=self._args(folder)))
+                self.nodes.append(
+                    start_redis(
+                        folder,
+                        port=_node_port(),
+                        appendonly=appendonly,
+                        args=(*self._args(folder), *self.coverage),
+                    )
+                )
             self._cli(
                 "--cluster",
                 "create",
@@ -233,7 +253,12 @@ class ClusterTopology:
         """Start node ``i`` again on its port and folder: its nodes.conf brings it back into
         the cluster with its slots."""
         node = self.nodes[i]
-        self.nodes[i] = start_redis(node.directory, port=node.port, args=self._args(node.directory))
+        self.nodes[i] = start_redis(
+            node.directory,
+            port=node.port,
+            appendonly=self.appendonly,
+            args=(*self._args(node.directory), *self.coverage),
+        )
         self.wait_settled()
 
     def close(self) -> None:

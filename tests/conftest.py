@@ -179,6 +179,11 @@ class RestartableRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def address(self) -> str:
+        """Where a worker's log says its Redis is."""
+        return f"127.0.0.1:{self.port}/0"
+
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, decode_responses=True)
 

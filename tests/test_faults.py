@@ -4,6 +4,8 @@ refresh is in flight.
 Real parts only: the local provider rotating refresh tokens (a reused one ends the grant), a
 private redis-server with an append-only file that the tests stop and start again on the same
 port, and real worker processes (tests/worker_process.py), so that a worker that dies shows.
+The tests that apply run on a Redis Cluster of three primaries too, the outage there being the
+primary that serves the user's shard (its keys kept in its append-only file).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
+from cluster_topology import NODE_TIMEOUT_MS, ClusterTopology
 from conftest import ROOT, RestartableRedis, provider_clients, provision
 from local_provider import LocalProvider
 from structlog.testing import capture_logs
@@ -114,14 +118,52 @@ async def wait_for(predicate, timeout: float, interval: float = 0.1):
         await asyncio.sleep(interval)
 
 
-class Scene:
-    """One test's world: the callback server and a client in this process, Redis that can go
-    away, and worker processes started with the test's environment."""
+class UserNode:
+    """The primary of a Redis Cluster that serves alice's shard, stopped and started as a
+    RestartableRedis is; the other primaries serve their slots meanwhile."""
 
-    def __init__(self, stack, op, env, redis: RestartableRedis, workers, tmp_path) -> None:
+    def __init__(self, cluster: ClusterTopology, index: int) -> None:
+        self.cluster = cluster
+        self.index = index
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url
+
+    @property
+    def address(self) -> str:
+        """Where a worker's log says its Redis is: the nodes of the URL."""
+        return ",".join(self.cluster.addresses) + "/0"
+
+    def client(self) -> redis.Redis:
+        return self.cluster.nodes[self.index].client()
+
+    def stop(self) -> None:
+        self.cluster.stop_node(self.index)
+
+    def start(self) -> None:
+        self.cluster.start_node(self.index)
+
+
+class Scene:
+    """One test's world: the callback server and a client in this process, Redis (or the
+    cluster node of alice's shard) that can go away, and worker processes started with the
+    test's environment. ``bystander``: on a cluster, a user whose shard another node serves."""
+
+    def __init__(
+        self,
+        stack,
+        op,
+        env,
+        redis: RestartableRedis | UserNode,
+        workers,
+        tmp_path,
+        bystander: str | None = None,
+    ) -> None:
         self.stack = stack
         self.op = op
         self.redis = redis
+        self.bystander = bystander
         self.workers = workers
         self.tmp_path = tmp_path
         self.env = {
@@ -145,9 +187,9 @@ class Scene:
         rec = await self.record(client)
         return rec if rec.last_refresh_at and rec.last_refresh_at > before else None
 
-    def hold_next_token_response(self) -> None:
+    def hold_next_token_response(self, ms: int = HOLD_MS) -> None:
         self.op.reset_stats()
-        self.op.fault(token_delay_ms=HOLD_MS, count=1)
+        self.op.fault(token_delay_ms=ms, count=1)
 
     async def provider_holds_it(self) -> None:
         async def busy() -> bool:
@@ -188,12 +230,38 @@ class Scene:
         return token
 
 
-@pytest.fixture
-async def scene(make_stack, rotating, env, aof_redis, workers, tmp_path):
-    stack = await make_stack(
-        op=rotating, redis_url=aof_redis.url, workers=0, http_timeout=float(HTTP_TIMEOUT)
+@pytest.fixture(params=["single", "cluster"])
+def backend(request, tmp_path):
+    """One Redis with an append-only file, or a cluster of three primaries with one each:
+    while a primary is down the others serve their slots ("cluster"), or all of them refuse
+    every command, as Redis does by default ("full-coverage cluster")."""
+    if request.param == "single":
+        yield request.getfixturevalue("aof_redis")
+        return
+    cluster = ClusterTopology(
+        tmp_path / "cluster", appendonly=True, full_coverage=request.param != "cluster"
     )
-    return Scene(stack, rotating, env, aof_redis, workers, tmp_path)
+    yield cluster
+    cluster.close()
+
+
+# A test a cluster adds nothing to: what the 5-minute outage does on a cluster, the 25-second one
+# does there too (the cluster holds the node failed after 5 s, the client gives up on it within
+# 10 s, the deferred commit retries every second), and its five minutes are the slow lane's.
+SINGLE_REDIS = pytest.mark.parametrize("backend", ["single"], indirect=True)
+
+
+@pytest.fixture
+async def scene(backend, make_stack, rotating, env, workers, tmp_path):
+    stack = await make_stack(
+        op=rotating, redis_url=backend.url, workers=0, http_timeout=float(HTTP_TIMEOUT)
+    )
+    if isinstance(backend, RestartableRedis):
+        return Scene(stack, rotating, env, backend, workers, tmp_path)
+    keys = stack.client.store.keys
+    node = backend.owner(keys.rec("alice"))
+    bystander = next(f"user{n}" for n in range(100) if backend.owner(keys.rec(f"user{n}")) != node)
+    return Scene(stack, rotating, env, UserNode(backend, node), workers, tmp_path, bystander)
 
 
 async def _provisioned(scene: Scene, worker: WorkerProcess) -> float:
@@ -252,6 +320,8 @@ async def test_a_refresh_whose_job_times_out_at_the_provider_keeps_the_answer(sc
 
 async def _outage_during_a_refresh(scene: Scene, outage: float) -> None:
     worker = scene.start_worker()
+    if scene.bystander is not None:
+        assert (await provision(scene.stack, scene.bystander)).status_code == 200
     before = await _provisioned(scene, worker)
     scene.hold_next_token_response()
     caller = scene.start_refresh()
@@ -259,6 +329,14 @@ async def _outage_during_a_refresh(scene: Scene, outage: float) -> None:
     scene.redis.stop()
     down_at = time.monotonic()
     await scene.provider_answered()  # the provider rotated: the worker holds the only copy
+    if scene.bystander is not None:
+        # The other primaries serve their shards meanwhile: a token from the store there.
+        await asyncio.sleep(2 * NODE_TIMEOUT_MS / 1000)  # the other nodes hold the node failed
+        client = scene.stack.client
+        rec = await client.store.load(scene.bystander)
+        assert rec.state is State.PROVISIONED
+        stored = open_tokens(client.ring, scene.bystander, rec.tokens)
+        assert await client.access_token(scene.bystander, min_ttl=10) == stored["access_token"]
     await asyncio.sleep(max(0.0, outage - (time.monotonic() - down_at)))
     assert worker.alive, worker.log.read_text()[-3000:]
     scene.redis.start()
@@ -269,7 +347,7 @@ async def _outage_during_a_refresh(scene: Scene, outage: float) -> None:
     await scene.assert_grant_intact()
     # Logged once, not per poll, with the address and no credentials; counted.
     [down] = worker.named("redis_unavailable")
-    assert down["redis"] == f"127.0.0.1:{scene.redis.port}/0"
+    assert down["redis"] == scene.redis.address
     assert worker.named("redis_available")
     assert worker.named("refresh_commit_deferred")
     counts = await scene.stack.client.pool.hgetall(scene.stack.client.store.keys.worker_counts)
@@ -284,9 +362,42 @@ async def test_redis_away_25_seconds_during_a_refresh_loses_no_grant(scene):
     await _outage_during_a_refresh(scene, outage=25)
 
 
+@SINGLE_REDIS
 @pytest.mark.slow
 async def test_redis_away_5_minutes_during_a_refresh_loses_no_grant(scene):
     await _outage_during_a_refresh(scene, outage=300)
+
+
+@pytest.mark.parametrize("backend", ["full-coverage cluster"], indirect=True)
+async def test_a_commit_that_meets_a_cluster_that_is_down_waits_for_it(scene):
+    """Redis's default on a cluster: with a primary away (and no replica to take its slots),
+    every node answers CLUSTERDOWN, alice's too. A refresh answered then commits once the
+    cluster is up again (its commit retried by the client, or deferred as when Redis is away)."""
+    hold_ms = 15_000  # the provider answers once the cluster is down (5-7 s after the stop)
+    worker = scene.start_worker("--job-timeout", "30", CONSENT_HTTP_TIMEOUT="20")
+    before = await _provisioned(scene, worker)
+    scene.hold_next_token_response(hold_ms)
+    caller = scene.start_refresh()
+    await scene.provider_holds_it()
+    cluster = scene.redis.cluster
+    other = UserNode(cluster, next(i for i in range(len(cluster.nodes)) if i != scene.redis.index))
+    other.stop()
+
+    async def cluster_down() -> bool:
+        with scene.redis.client() as node:
+            return node.cluster("INFO")["cluster_state"] == "fail"
+
+    await wait_for(cluster_down, timeout=hold_ms / 1000 - 2)
+    assert scene.op.stats().get("refresh_success", 0) == 0  # still held
+    await scene.provider_answered()
+    await asyncio.sleep(2.0)  # the worker retries its commit
+    assert worker.alive, worker.log.read_text()[-3000:]
+    other.start()
+    await wait_for(lambda: scene.refreshed_since(before), timeout=20)
+    with contextlib.suppress(Exception):
+        await caller
+    assert worker.alive, worker.log.read_text()[-3000:]
+    await scene.assert_grant_intact()
 
 
 async def test_a_worker_killed_between_the_answer_and_the_commit_loses_nothing_on_restart(scene):

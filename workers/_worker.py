@@ -43,7 +43,7 @@ from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.utils import to_ms, to_unix_ms
 from arq.worker import Worker
-from redis.exceptions import ClusterError, NoScriptError, SlotNotCoveredError
+from redis.exceptions import NoScriptError
 
 from consent_flow.engine.refresh import REDIS_ERRORS
 from consent_flow.queue.jobs import JobQueue, bell_key
@@ -62,9 +62,6 @@ __all__ = ["ConsentWorker"]
 
 log = structlog.get_logger("consent_flow.worker")
 
-# What Redis being away looks like to the worker's loop: a Redis Cluster also answers that it
-# is down (a primary with no replica left) or leaves a slot out of reach for a while.
-OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, ClusterError, SlotNotCoveredError)
 # Seconds an idle worker blocks on its queue's bell before it polls again: how late a deferred
 # job (a retry, a webhook's backoff) may start past its time. Callers' jobs ring the bell.
 BELL_WAIT = 0.1
@@ -269,7 +266,7 @@ class ConsentWorker(Worker):
             await self._poll_once()
             if self._claimed == claimed and not self.burst:
                 await self._wait_for_bell()
-        except OUTAGE_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             self._redis_down(exc)
             await asyncio.sleep(OUTAGE_POLL_DELAY)
             return
@@ -304,7 +301,7 @@ class ConsentWorker(Worker):
         log.warning("redis_available", redis=self.redis_address, down_s=round(down, 1))
         hook = self.ctx.get("on_redis_back")
         if hook is not None:
-            with contextlib.suppress(*OUTAGE_ERRORS):
+            with contextlib.suppress(*REDIS_ERRORS):
                 await hook(self.ctx, down)
 
     async def _poll_once(self) -> None:
@@ -322,7 +319,7 @@ class ConsentWorker(Worker):
             if task.done():
                 del self.tasks[job_id]
                 exc = None if task.cancelled() else task.exception()
-                if isinstance(exc, OUTAGE_ERRORS):
+                if isinstance(exc, REDIS_ERRORS):
                     # arq's bookkeeping for the job met the outage: the job runs again once its
                     # in-progress mark lapses.
                     self._redis_down(exc)
@@ -526,11 +523,11 @@ class ConsentWorker(Worker):
             _, late = await asyncio.wait(list(self.tasks.values()), timeout=CLOSE_REDIS_TIMEOUT)
             for task in late:
                 task.cancel()
-        with contextlib.suppress(*OUTAGE_ERRORS):
+        with contextlib.suppress(*REDIS_ERRORS):
             await asyncio.wait_for(self.pool.delete(self.health_check_key), CLOSE_REDIS_TIMEOUT)
         if self.on_shutdown:
             await self.on_shutdown(self.ctx)
-        with contextlib.suppress(*OUTAGE_ERRORS):
+        with contextlib.suppress(*REDIS_ERRORS):
             await asyncio.wait_for(
                 self.pool.aclose(close_connection_pool=True), CLOSE_REDIS_TIMEOUT
             )

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
+from redis.exceptions import ClusterError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -72,12 +73,16 @@ __all__ = ["REDIS_ERRORS", "Fit", "Refresher", "RetryPolicy", "fits"]
 
 log = structlog.get_logger("consent_flow.refresh")
 
-# What Redis being away looks like to a caller (after the client's own reconnect attempts).
+# What Redis being away looks like to a caller (after the client's own reconnect attempts). A
+# Redis Cluster also answers that it is down (CLUSTERDOWN: a primary with no replica is away, or
+# a node back from an outage has not heard from the others yet) or leaves a slot out of reach.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
     ConnectionError,
     TimeoutError,
+    ClusterError,
+    SlotNotCoveredError,
 )
 COMMIT_RETRY_BASE = 0.25  # seconds before a deferred commit is tried again, doubling
 # A deferred commit is tried at least this often, so it lands as soon as Redis is back, before
@@ -687,7 +692,17 @@ class Refresher:
         if self._pending.get(user) is task:
             del self._pending[user]
         if not task.cancelled():
-            task.exception()  # retrieved: it is logged where it is raised
+            exc = task.exception()
+            if exc is not None and not isinstance(exc, ProviderError):
+                # Not one of the ends the commit logs itself: nobody awaits this task, and the
+                # answer now waits in the spool for a worker's start.
+                log.error(
+                    "refresh_commit_failed",
+                    user=user,
+                    error=type(exc).__name__,
+                    lost="nothing yet: the spool file is committed when a worker starts on "
+                    "this machine",
+                )
 
     async def _retry_commit(
         self,

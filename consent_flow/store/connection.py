@@ -353,6 +353,17 @@ class _ClusterPipeline(ClusterPipeline):
                     raise result
         return results
 
+    async def _execute(self, client: Any, stack: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super()._execute(client, stack, *args, **kwargs)
+        except AttributeError as exc:
+            if exc.name != "name" or exc.obj is not None:
+                raise
+            # redis-py reads the client's default node once the answers are in, and another
+            # task's connection error (a node away) closes the client and clears it meanwhile:
+            # the commands that failed are sent again, as after a connection error.
+            raise RedisConnectionError("the cluster client was reset under this pipeline") from exc
+
     # arq's worker logs INFO and DBSIZE through a pipeline as it starts, and redis-py refuses
     # both in a cluster pipeline: here they are the default node's, as they are outside one.
     def info(self, section: Any = None, *args: Any, **kwargs: Any) -> Any:

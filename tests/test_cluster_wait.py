@@ -26,8 +26,8 @@ import redis
 from conftest import provider_clients
 from local_provider import LocalProvider, approve
 from test_faults import WorkerProcess, wait_for
-from test_sentinel import _grant_alive
 from test_store import TOKENS, change
+from under_load import grant_alive
 
 from consent_flow import Event, KeyRing, State, generate_key
 from consent_flow.core.records import Change
@@ -231,8 +231,8 @@ async def test_a_refresh_its_replica_did_not_confirm_is_settled_on_the_promoted_
             await wait_for(stored_again, timeout=40)
             with replica.client() as node:
                 assert node.info("replication")["role"] == "master"  # promoted
-            await _grant_alive(stack, op, "alice")
-            await _grant_alive(stack, op, bob)
+            await grant_alive(stack, op, "alice")
+            await grant_alive(stack, op, bob)
             stats = op.stats()
             assert stats.get("refresh_success", 0) == 2, stats
             assert stats.get("refresh_reuse_detected", 0) == 0, stats

@@ -216,3 +216,35 @@ async def test_the_provider_watch_keeps_its_reason_on_a_cluster(
         finally:
             task.cancel()
             await pool.aclose()
+
+
+async def test_thousands_of_commands_at_once_wait_their_turn_on_a_cluster(
+    redis_cluster: Any,
+) -> None:
+    """A burst of commands and pipelines from one client (a busy callback server, a drain
+    reading its records back): redis-py would open a connection for each at once, the nodes'
+    accept queues overflow and the client takes them for failed ("Redis Cluster cannot be
+    connected"). They wait for one another instead, and all succeed."""
+    import asyncio
+    import time
+
+    from consent_flow.store.connection import connect
+
+    pool = await connect(redis_cluster.url, startup_retries=0)
+    try:
+        keys = [f"{{s{i % 16}}}:burst:{i}" for i in range(4000)]
+        started = time.monotonic()
+        answers = await asyncio.gather(*(pool.set(k, str(i)) for i, k in enumerate(keys)))
+        assert answers == [True] * len(keys)
+
+        async def read(i: int) -> list[Any]:
+            async with pool.pipeline(transaction=False) as pipe:
+                pipe.get(keys[i])
+                pipe.get(keys[-1 - i])
+                return await pipe.execute()
+
+        pairs = await asyncio.gather(*(read(i) for i in range(2000)))
+        assert pairs == [[str(i).encode(), str(3999 - i).encode()] for i in range(2000)]
+        assert time.monotonic() - started < 30
+    finally:
+        await pool.aclose()

@@ -355,7 +355,8 @@ class _ClusterPipeline(ClusterPipeline):
 
     async def _execute(self, client: Any, stack: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await super()._execute(client, stack, *args, **kwargs)
+            async with client.pipelines_in_flight:
+                return await super()._execute(client, stack, *args, **kwargs)
         except AttributeError as exc:
             if exc.name != "name" or exc.obj is not None:
                 raise
@@ -372,6 +373,16 @@ class _ClusterPipeline(ClusterPipeline):
     def dbsize(self, **kwargs: Any) -> Any:
         return self.execute_command("DBSIZE", **kwargs)
 
+
+# Commands (and, apart, pipelines) one cluster client has at the nodes at once; more wait.
+# redis-py's cluster client opens a connection for every command that finds none free, and
+# thousands opened at once overflow the nodes' accept queues: the connects time out, the client
+# takes the nodes for failed and reads the slots again from nodes it can no longer reach (4,000
+# SETs at once: 650 failed, "Redis Cluster cannot be connected"). Commands that block (a caller
+# waiting for its reply, a worker on its bell) are not counted: they hold their connection for
+# long, by design.
+CLUSTER_IN_FLIGHT = 256
+_BLOCKING = frozenset({"BLPOP", "BRPOP", "BLMOVE", "BZPOPMIN", "BZPOPMAX", "XREAD", "WAIT"})
 
 # What a node answers for a command on a slot it does not serve now (a resharding, a failover):
 # the command did not run there.
@@ -400,7 +411,8 @@ class _NodePipeline(ClusterPipeline):
         assert isinstance(client, ClusterArqRedis)
         node = await client.primary_of(self.key)
         try:
-            await node.execute_pipeline(stack)
+            async with client.pipelines_in_flight:
+                await node.execute_pipeline(stack)
         except (RedisConnectionError, RedisTimeoutError):
             # The node may be gone for good (a failover): the slots are read again, as redis-py
             # does when a command loses its node.
@@ -454,16 +466,24 @@ class ClusterArqRedis(RedisCluster):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._replicas: dict[str, tuple[float, int]] = {}  # per primary: when asked, the answer
+        self._in_flight = asyncio.Semaphore(CLUSTER_IN_FLIGHT)
+        # Pipelines count apart: one whose commands were redirected sends them again as single
+        # commands, which must not wait behind pipelines waiting for them.
+        self.pipelines_in_flight = asyncio.Semaphore(CLUSTER_IN_FLIGHT)
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         # While a slot moves, a command on several of its keys is answered TRYAGAIN as long as
         # some are on the old node and some on the new; redis-cli moves ten keys at a time, so
         # that can last seconds, and redis-py gives up after 16 tries (under half a second)
         # with "TTL exhausted". The command did not run: it is sent again, for a while.
+        blocking = isinstance(args[0], str) and args[0].upper() in _BLOCKING
         waited = 0.0
         while True:
             try:
-                return await super().execute_command(*args, **kwargs)
+                if blocking:
+                    return await super().execute_command(*args, **kwargs)
+                async with self._in_flight:
+                    return await super().execute_command(*args, **kwargs)
             except ClusterError as exc:
                 if str(exc) != "TTL exhausted." or waited >= SLOT_MOVE_WAIT:
                     raise

@@ -10,30 +10,19 @@ import json
 import os
 import subprocess
 import sys
-import time
 from typing import Any
 
 import pytest
 from conftest import provision
 from structlog.testing import capture_logs
+from test_shards import run_the_worker_through_its_work
 
 from consent_flow import State
-from consent_flow.queue.scheduler import Scheduler
-from consent_flow.store.metrics import read_snapshot
 
 pytestmark = pytest.mark.integration
 
 CLI = [sys.executable, "-m", "consent_flow"]
 USERS = ["alice", "bob", "carol", "dave"]
-
-
-async def _wait(check: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := await check():
-            return result
-        await asyncio.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 async def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -51,34 +40,12 @@ async def cluster_stack(redis_cluster: Any, make_stack: Any) -> Any:
 
 
 async def test_the_workers_periodic_work_runs_on_a_cluster(cluster_stack: Any) -> None:
-    """Provisions, an on-demand refresh, scheduled refreshes taken by the batches of each shard,
-    a revocation, a lost job requeued by the sweep, the limiter, a second worker's start-up
-    checks, the stats snapshot and cleanup ticks: all on the cluster, and the worker logs no
-    error on the way (a script spanning slots, or a command sent to the wrong node, would)."""
-    stack = cluster_stack
-    client, store = stack.client, stack.client.store
+    """The worker through its work as tests/test_shards.py drives it (provisions, on-demand and
+    batched refreshes, a revocation, the sweep, the limiter, a second worker's start-up, cleanup
+    ticks, the stats snapshot), on the cluster: the worker logs no error on the way (a script
+    spanning slots, or a command sent to the wrong node, would)."""
     with capture_logs() as logs:
-        for user in USERS:
-            assert (await provision(stack, user)).status_code == 200
-        await client.access_token("alice", min_ttl=3599.5)  # an on-demand refresh (a job)
-        before = {u: (await store.load(u)).last_refresh_at for u in ("bob", "carol")}
-        for user in before:
-            await store.redis.zadd(store.keys.of(user).sched, {user: int(time.time() * 1000) - 5})
-
-        async def refreshed() -> bool:
-            recs = [await store.load(u) for u in before]
-            return all((r.last_refresh_at or 0) > (before[r.user] or 0) for r in recs)
-
-        await _wait(refreshed)
-        assert (await client.revoke("dave")).state is State.REVOKED
-        scheduler = Scheduler(store.redis, keys=store.keys, queue_name=stack.settings.queue_name)
-        await store.redis.zadd(store.keys.of("erin").sched, {"erin": int(time.time() * 1000) - 5})
-        assert (await scheduler.sweep())["requeued"] == 1
-        await stack.start_worker()
-        services = stack._workers[0].ctx["services"]
-        await services.stacks["default"].batches.limiter.pause(0.01, time.time())
-        await asyncio.sleep(2.5)  # cleanup ticks and heartbeats on both workers
-        snapshot = await read_snapshot(store.redis, store.keys, stack.settings.queue_name)
+        snapshot = await run_the_worker_through_its_work(cluster_stack)
     errors = [e for e in logs if e.get("log_level") in {"error", "critical", "exception"}]
     assert errors == []
     assert snapshot.states == {"unprovisioned": 0, "pending": 0, "provisioned": 3, "revoked": 1}

@@ -29,7 +29,7 @@ from consent_flow.queue.jobs import JobQueue
 from consent_flow.queue.scheduler import Scheduler
 from consent_flow.settings import Settings, parse_shard_set
 from consent_flow.store.connection import arq_redis_settings
-from consent_flow.store.metrics import read_snapshot
+from consent_flow.store.metrics import Snapshot, read_snapshot
 from consent_flow.store.redis_store import Keys, session_shard, shard_job_id
 from consent_flow.store.scripts import lua
 from workers import ConsentWorker
@@ -111,11 +111,11 @@ async def _wait(check: Any, timeout: float = 15.0) -> Any:
     raise AssertionError("timed out")
 
 
-async def test_every_script_the_project_runs_keeps_its_keys_in_one_slot(slots, make_stack):
-    """Provisions, callbacks, on-demand and batched refreshes, revocations, the cleanup, a sweep,
-    the limiter and stats, with the real worker: each script call's KEYS hash to one slot (what
-    Redis Cluster requires), and every script of consent_flow/store/lua ran at least once."""
-    stack = await make_stack(worker_options={"cleanup_every": 1})
+async def run_the_worker_through_its_work(stack: Any) -> Snapshot:
+    """Provisions and callbacks of four users on several shards, an on-demand refresh,
+    scheduled refreshes taken by the batches, a revocation, a lost job requeued by the sweep
+    (the jobs path), a second worker's start-up checks and heartbeat, the limiter and cleanup
+    ticks (the stack's worker given ``cleanup_every=1``). Returns the stats snapshot after."""
     client, store = stack.client, stack.client.store
     users = ["alice", "bob", "carol", "dave"]
     assert len({store.keys.shard_of(u) for u in users}) > 1  # several shards at work
@@ -140,8 +140,16 @@ async def test_every_script_the_project_runs_keeps_its_keys_in_one_slot(slots, m
     await stack.start_worker()  # a second worker: its start-up checks and heartbeat too
     services = stack._workers[0].ctx["services"]
     await services.stacks["default"].batches.limiter.pause(0.01, time.time())
-    await read_snapshot(store.redis, store.keys, stack.settings.queue_name)
-    await asyncio.sleep(1.5)  # a cleanup tick (trim_history) on the worker
+    await asyncio.sleep(2.5)  # cleanup ticks (trim_history) and heartbeats on both workers
+    return await read_snapshot(store.redis, store.keys, stack.settings.queue_name)
+
+
+async def test_every_script_the_project_runs_keeps_its_keys_in_one_slot(slots, make_stack):
+    """The worker through its work (``run_the_worker_through_its_work``): each script call's
+    KEYS hash to one slot (what Redis Cluster requires), and every script of
+    consent_flow/store/lua ran at least once."""
+    stack = await make_stack(worker_options={"cleanup_every": 1})
+    await run_the_worker_through_its_work(stack)
     ran = {name for name, _ in slots.calls}
     expected = {p.stem for p in LUA.glob("*.lua")} - {PRELUDE} - NEVER_RUN
     assert ran >= expected, f"never ran: {sorted(expected - ran)}"

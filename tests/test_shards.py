@@ -285,3 +285,46 @@ async def test_a_worker_takes_the_jobs_of_its_shards_only(redis_server):
     finally:
         await worker.close()
         await pool.aclose()
+
+
+async def test_a_burst_worker_on_shards_runs_every_job_of_its_queues(redis_server):
+    """arq ends a burst once its base queue is empty, which no job reaches once queues are
+    sharded: a burst worker with two slots stopped after its first poll's two jobs. It runs
+    all nine, and stops."""
+    queue = "q" + uuid.uuid4().hex[:8]
+    ran: list[int] = []
+
+    async def job(ctx: dict[str, Any], n: int) -> None:
+        await asyncio.sleep(0.05)
+        ran.append(n)
+
+    pool = await create_pool(arq_redis_settings(redis_server.url), **JOB_SERIALIZERS)
+    jobs = JobQueue(pool)
+    for n in range(9):
+        shard = n % 3
+        await jobs.put(
+            jobs.job(
+                "job",
+                (n,),
+                job_id=shard_job_id(shard, f"{queue}-{n}"),
+                queue=Keys.queue(queue, shard),
+            )
+        )
+    worker = ConsentWorker(
+        functions=[func(job, name="job")],
+        queue_name=queue,
+        queue_shards=[0, 1, 2],
+        redis_settings=arq_redis_settings(redis_server.url),
+        poll_delay=0.005,
+        max_jobs=2,
+        keep_result=0,
+        handle_signals=False,
+        burst=True,
+        **JOB_SERIALIZERS,
+    )
+    try:
+        await asyncio.wait_for(worker.main(), timeout=20)
+        assert sorted(ran) == list(range(9))
+    finally:
+        await worker.close()
+        await pool.aclose()

@@ -264,7 +264,9 @@ class ConsentWorker(Worker):
         try:
             claimed = self._claimed
             await self._poll_once()
-            if self._claimed == claimed and not self.burst:
+            if self.burst and self.queue_shards is not None:
+                await self._burst_on_shards()
+            elif self._claimed == claimed and not self.burst:
                 await self._wait_for_bell()
         except REDIS_ERRORS as exc:
             self._redis_down(exc)
@@ -272,6 +274,29 @@ class ConsentWorker(Worker):
             return
         if self._down_since is not None:
             await self._redis_back()
+
+    async def _burst_on_shards(self) -> None:
+        # arq ends a burst once its base queue is empty, and no job goes there once queues are
+        # sharded: polling goes on here until the served queues are empty (a job stays in its
+        # queue until it ends) or max_burst_jobs have started.
+        while self.max_burst_jobs < 0 or self._jobs_started() < self.max_burst_jobs:
+            if not await self._queued():
+                return
+            await asyncio.sleep(self.poll_delay_s)
+            await self._poll_once()
+
+    async def _queued(self) -> int:
+        """Jobs in the queues this worker serves, due or not, running or not."""
+        shards = self.queue_shards
+        queues = (
+            [self.queue_name]
+            if shards is None
+            else [Keys.queue(self.queue_name, s) for s in shards]
+        )
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.zcard(queue)
+            return sum(await pipe.execute())
 
     async def _wait_for_bell(self) -> None:
         """Idle: block on the queue's bell until a caller's job comes in or ``BELL_WAIT`` has
@@ -448,16 +473,7 @@ class ConsentWorker(Worker):
             return
         self._last_health_check = now
         ongoing = sum(not task.done() for task in self.tasks.values())
-        shards = self.queue_shards
-        queues = (
-            [self.queue_name]
-            if shards is None
-            else [Keys.queue(self.queue_name, s) for s in shards]
-        )
-        async with self.pool.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                pipe.zcard(queue)
-            queued = sum(await pipe.execute())
+        queued = await self._queued()
         info = (
             f"{datetime.now():%b-%d %H:%M:%S} j_complete={self.jobs_complete} "
             f"j_failed={self.jobs_failed} j_retried={self.jobs_retried} j_ongoing={ongoing} "

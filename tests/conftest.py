@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -42,6 +43,9 @@ CLIENT_SECRET = "s3cr%t+with:odd chars"
 # one file per port naming the holder's pid, so that the other pytest-xdist workers, and other
 # runs on the machine, do not take it meanwhile. A claim whose process is gone counts for nothing.
 PORT_CLAIMS = Path(tempfile.gettempdir()) / "consent-flow-test-ports"
+# Held ports are taken from here up to the ephemeral range (on Linux 32768): clear of the
+# cluster nodes' ports (free ports, in the ephemeral range) and their bus ports (10000 above).
+HELD_PORTS_FROM = 26000
 
 
 def _claimed(port: int) -> bool:
@@ -68,6 +72,29 @@ def free_port() -> int:
             return port
 
 
+def _held_port_candidate() -> int:
+    """A port below the kernel's ephemeral range where it can, else a free one.
+
+    A port held for later is not listened on between the tests that bind it, and a port in the
+    ephemeral range can meanwhile become the local end of any outgoing connection (a Redis
+    client's, one of a cluster's many), which then keeps the server from binding it. Below the
+    range the kernel never hands it out."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    if low <= HELD_PORTS_FROM + 1000:
+        return free_port()
+    while True:
+        port = random.randrange(HELD_PORTS_FROM, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+
+
 @contextlib.contextmanager
 def claimed_port() -> Iterator[int]:
     """A free port held for this process until the block ends (see ``PORT_CLAIMS``)."""
@@ -75,7 +102,7 @@ def claimed_port() -> Iterator[int]:
     with contextlib.suppress(PermissionError):
         PORT_CLAIMS.chmod(0o1777)  # any user's runs claim here; each removes only its own
     while True:
-        port = free_port()
+        port = _held_port_candidate()
         claim = PORT_CLAIMS / str(port)
         try:
             with open(claim, "x") as f:

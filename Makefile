@@ -32,7 +32,8 @@ test: setup $(MCP1_STAMP)
 	@# rather than after it; their output follows the main suite's. Every run's status counts.
 	@# Each xdist worker starts its own session fixtures (Redis, the provider, a callback port);
 	@# `--dist loadgroup` runs the tests marked xdist_group(name) one after another on one
-	@# worker: the benchmark smoke runs, which load the machine with dozens of processes each.
+	@# worker: the benchmark smoke runs and the fleets under load through a failover or a
+	@# resharding (tests/under_load.py HEAVY), which load the machine with dozens of processes.
 	@status=0; \
 	$(BIN)/python -m pytest -m slow -p no:cacheprovider > $(SLOW_LOG) 2>&1 & slow=$$!; \
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup || status=$$?; \

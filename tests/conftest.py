@@ -39,6 +39,11 @@ CLIENT_ID = "consent-flow-test"
 CLIENT_SECRET = "s3cr%t+with:odd chars"
 
 
+# The tests that run a fleet under load through a failover or a resharding, with the benchmark
+# smoke runs: one after another on one pytest-xdist worker (make test's --dist loadgroup), as
+# each loads the machine with a dozen processes and its timings are what it checks.
+HEAVY = pytest.mark.xdist_group("heavy")
+
 # Ports a test run holds for a server it starts later (the callback port, bound by each stack):
 # one file per port naming the holder's pid, so that the other pytest-xdist workers, and other
 # runs on the machine, do not take it meanwhile. A claim whose process is gone counts for nothing.

@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HEAVY
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_PROVISION = ROOT / "benchmarks" / "bench_provision.py"
 
 # Each run starts dozens of processes and keeps them busy: under pytest-xdist they run one after
 # another on one worker (`make test` passes --dist loadgroup), not beside each other.
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("benchmarks")]
+pytestmark = [pytest.mark.integration, HEAVY]
 
 
 def test_bench_provision_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPatch) -> None:

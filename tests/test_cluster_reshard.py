@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from arq.constants import in_progress_key_prefix, job_key_prefix
-from conftest import provider_clients
+from conftest import HEAVY, provider_clients
 from local_provider import LocalProvider, approve
 from test_lua_commit import OTHER, SEALED, Step
 from under_load import Load, grants_go_on, nothing_lost, start_workers
@@ -90,6 +90,7 @@ def _redirections(cluster: Any) -> Counter[str]:
     return met
 
 
+@HEAVY
 async def test_a_resharding_under_load_loses_nothing(
     redis_cluster: Any, make_stack: Any, rotating: Any, env: dict[str, str], tmp_path: Any
 ) -> None:

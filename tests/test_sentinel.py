@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import provider_clients
+from conftest import HEAVY, provider_clients
 from local_provider import LocalProvider, approve
 from sentinel_topology import SentinelTopology
 from test_faults import WorkerProcess, wait_for
@@ -94,12 +94,14 @@ async def _failover_under_load(
             worker.terminate()
 
 
+@HEAVY
 async def test_sentinel_failover_under_load_loses_nothing(
     make_stack, rotating, env, sentinel_topology, tmp_path
 ):
     await _failover_under_load("failover", make_stack, rotating, env, sentinel_topology, tmp_path)
 
 
+@HEAVY
 async def test_a_killed_primary_under_load_loses_nothing(
     make_stack, rotating, env, sentinel_topology, tmp_path
 ):

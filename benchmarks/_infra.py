@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -377,3 +379,29 @@ def add_phase_options(parser: argparse.ArgumentParser) -> None:
 def warmup_seconds(args: argparse.Namespace) -> float:
     warmup: float = args.warmup
     return warmup if warmup is not None else min(3.0, max(1.0, args.seconds / 2))
+
+
+def run_measure(
+    measure: Callable[[Path], Awaitable[Any]],
+    report: Callable[[Any], str],
+    *,
+    as_json: bool,
+) -> int:
+    """A script's run: ``measure`` in a work folder of its own, its figures printed (one JSON
+    object, or ``report``'s text). Exit 0; 1 when something broke, the folder (with the logs)
+    kept and named; 130 when interrupted. ``BENCH_TRACEBACK=1`` lets the error through."""
+    workdir = Path(tempfile.mkdtemp(prefix="consent-flow-bench-"))
+    try:
+        results = asyncio.run(measure(workdir))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("BENCH_TRACEBACK"):
+            raise
+        print(f"benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"(logs and files kept in {workdir})", file=sys.stderr)
+        return 1
+    shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(results) if as_json else report(results))
+    return 0

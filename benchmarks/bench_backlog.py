@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -49,6 +46,7 @@ from _infra import (  # noqa: E402
     free_port,
     group_cpu_seconds,
     quiet_logs,
+    run_measure,
     tail,
 )
 from bench_refresh import (  # noqa: E402
@@ -385,19 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds <= 0 or args.backlog < 1:
         parser.error("--seconds must be positive and --backlog at least 1")
     warmup = min(3.0, max(0.5, args.seconds / 2))
-    workdir = Path(tempfile.mkdtemp(prefix="consent-flow-bench-"))
-    try:
-        results = asyncio.run(measure(args.backlog, args.seconds, warmup, workdir))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - something broke: say what, exit non-zero
-        print(f"benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        print(f"(worker logs kept in {workdir})", file=sys.stderr)
-        return 1
-    shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(results) if args.json else report(results))
-    return 0
+    return run_measure(
+        lambda workdir: measure(args.backlog, args.seconds, warmup, workdir),
+        report,
+        as_json=args.json,
+    )
 
 
 if __name__ == "__main__":

@@ -29,11 +29,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -50,6 +47,7 @@ from _infra import (  # noqa: E402
     Redis,
     percentile,
     quiet_logs,
+    run_measure,
     start_redis,
     stop_process,
 )
@@ -411,19 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.calls < 100 or args.users < 1:
         parser.error("--calls must be at least 100 and --users at least 1")
 
-    workdir = Path(tempfile.mkdtemp(prefix="consent-flow-bench-"))
-    try:
-        results = asyncio.run(measure(args.calls, args.users, workdir))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - something broke: say what, exit non-zero
-        print(f"benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        print(f"(files kept in {workdir})", file=sys.stderr)
-        return 1
-    shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(results) if args.json else report(results))
-    return 0
+    return run_measure(
+        lambda workdir: measure(args.calls, args.users, workdir), report, as_json=args.json
+    )
 
 
 if __name__ == "__main__":

@@ -37,11 +37,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -66,6 +63,7 @@ from _infra import (  # noqa: E402
     group_cpu_seconds,
     percentile,
     quiet_logs,
+    run_measure,
     start_cluster,
     start_redis,
     stop_process,
@@ -561,19 +559,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds <= 0 or args.backlog < 1 or not 1 <= args.shards <= 1024:
         parser.error("--seconds must be positive, --backlog at least 1 and --shards from 1 to 1024")
     warmup = warmup_seconds(args)
-    workdir = Path(tempfile.mkdtemp(prefix="consent-flow-bench-"))
-    try:
-        results = asyncio.run(measure(args.backlog, args.shards, args.seconds, warmup, workdir))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - something broke: say what, exit non-zero
-        print(f"benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        print(f"(worker and Redis logs kept in {workdir})", file=sys.stderr)
-        return 1
-    shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(results) if args.json else report(results))
-    return 0
+    return run_measure(
+        lambda workdir: measure(args.backlog, args.shards, args.seconds, warmup, workdir),
+        report,
+        as_json=args.json,
+    )
 
 
 if __name__ == "__main__":

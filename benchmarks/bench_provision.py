@@ -21,16 +21,13 @@ failure (a worker that dies, an event that does not create its session) exits no
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import logging
 import logging.config
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -52,6 +49,7 @@ from _infra import (  # noqa: E402
     drive,
     free_port,
     percentile,
+    run_measure,
     start_redis,
     stop_process,
     tail,
@@ -416,19 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seconds must be positive")
     warmup = warmup_seconds(args)
 
-    workdir = Path(tempfile.mkdtemp(prefix="consent-flow-bench-"))
-    try:
-        results = asyncio.run(measure(args.seconds, warmup, workdir))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - something broke: say what, exit non-zero
-        print(f"benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        print(f"(worker logs kept in {workdir})", file=sys.stderr)
-        return 1
-    shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(results) if args.json else report(results))
-    return 0
+    return run_measure(
+        lambda workdir: measure(args.seconds, warmup, workdir), report, as_json=args.json
+    )
 
 
 if __name__ == "__main__":

@@ -55,14 +55,11 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 import os
 import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -88,6 +85,7 @@ from _infra import (  # noqa: E402
     free_port,
     percentile,
     quiet_logs,
+    run_measure,
     start_redis,
     stop_process,
     sync_redis,
@@ -745,19 +743,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seconds must be positive and --users at least 1")
     warmup = warmup_seconds(args)
 
-    workdir = Path(tempfile.mkdtemp(prefix="consent-flow-bench-"))
-    try:
-        results = asyncio.run(measure(args.users, args.seconds, warmup, workdir))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - something broke: say what, exit non-zero
-        print(f"benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        print(f"(worker logs kept in {workdir})", file=sys.stderr)
-        return 1
-    shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(results) if args.json else report(results))
-    return 0
+    return run_measure(
+        lambda workdir: measure(args.users, args.seconds, warmup, workdir),
+        report,
+        as_json=args.json,
+    )
 
 
 if __name__ == "__main__":

@@ -47,16 +47,13 @@ Missed targets are reported, never an exit code: only a failure exits non-zero.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
 import math
 import os
 import random
 import secrets
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +68,7 @@ from _infra import (  # noqa: E402
     BenchError,
     percentile,
     quiet_logs,
+    run_measure,
     start_redis,
     stop_process,
 )
@@ -1099,21 +1097,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.users < TEMPLATE_USERS + 1 or args.repeat < 1:
         parser.error(f"--users must be at least {TEMPLATE_USERS + 1}, --repeat at least 1")
 
-    workdir = Path(tempfile.mkdtemp(prefix="consent-flow-bench-"))
-    try:
-        results = asyncio.run(measure(args.users, args.repeat, workdir))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if os.environ.get("BENCH_TRACEBACK"):
-            raise
-        print(f"benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        print(f"(files kept in {workdir})", file=sys.stderr)
-        return 1
-    shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(results) if args.json else report(results))
-    return 0
+    return run_measure(
+        lambda workdir: measure(args.users, args.repeat, workdir), report, as_json=args.json
+    )
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from consent_flow.engine.refresh import REDIS_ERRORS
 from consent_flow.queue.jobs import JobQueue, bell_key
 from consent_flow.queue.jobstore import RETRY_TTL, JobStore
 from consent_flow.store.clock import CLOCK_RESYNC_INTERVAL, RedisClock
-from consent_flow.store.connection import create_redis_pool, slot_moving
+from consent_flow.store.connection import create_redis_pool
 from consent_flow.store.redis_store import Keys, job_shard, shard_job_id
 from consent_flow.store.scripts import lua, queue_script
 
@@ -401,10 +401,8 @@ class ConsentWorker(Worker):
                 answers += await pipe.execute(raise_on_error=False)
         claimed: list[Any] = []
         for answer in answers:
-            if isinstance(answer, NoScriptError) or slot_moving(answer):
-                # Still no script, or the queue's slot is moving to another cluster node: a
-                # later poll claims there.
-                continue
+            if isinstance(answer, NoScriptError):
+                continue  # still no script: a later poll claims there
             if isinstance(answer, BaseException):
                 raise answer
             claimed += answer

@@ -44,7 +44,6 @@ from redis.exceptions import (
     ClusterDownError,
     ClusterError,
     NoScriptError,
-    ResponseError,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -65,7 +64,6 @@ __all__ = [
     "embedded_redis_stopped",
     "find_redis_server",
     "masked_url",
-    "slot_moving",
 ]
 
 START_TIMEOUT = 10.0  # seconds for a new embedded server to answer
@@ -308,18 +306,6 @@ _FAILING = frozenset({"fail", "fail?", "handshake", "noaddr"})
 # Seconds a command whose keys are split by a moving slot is tried again, and how often.
 SLOT_MOVE_WAIT = 30.0
 SLOT_MOVE_RETRY = 0.05
-
-
-def slot_moving(exc: BaseException) -> bool:
-    """Whether a script failed because a slot it touches is moving between cluster nodes.
-
-    A script that reaches a key it was not given (claim_due.lua builds arq's in-progress keys)
-    cannot be redirected while that key's slot migrates: Redis refuses it before it writes
-    anything, and it runs once the slot has moved.
-    """
-    return isinstance(exc, ResponseError) and str(exc).startswith(
-        "Script attempted to access a non local key"
-    )
 
 
 class _ClusterPipeline(ClusterPipeline):

@@ -218,3 +218,43 @@ print(uvloop.run(scenario()).decode())
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "v"
+
+
+async def test_many_tasks_asking_where_the_primary_is_keep_every_sentinel(sentinel_topology):
+    """redis-py's ``Sentinel.discover_master`` moves the sentinel that answered to the front of
+    its list by a swap across an await: two tasks asking at once (every connection reconnecting
+    after a failover does) could write one sentinel into two places and drop another, whose
+    client and open connections were then lost (seen in CI as connections to a sentinel
+    collected unclosed after a killed primary). Here the first sentinel does not answer, so
+    every ask goes on to the second and swaps it to the front."""
+    from conftest import free_port
+
+    from consent_flow.store.connection import connect
+
+    silent_port = free_port()
+    url = sentinel_topology.url.replace(
+        "redis+sentinel://", f"redis+sentinel://127.0.0.1:{silent_port},"
+    )
+    pool: Any = await connect(url, startup_retries=0)
+    try:
+        sentinels = pool.sentinels
+        # The first contact put an answering sentinel first; the silent one goes back there.
+        [silent] = [
+            client
+            for client in sentinels.sentinels
+            if client.connection_pool.connection_kwargs["port"] == silent_port
+        ]
+        sentinels.sentinels.remove(silent)
+        sentinels.sentinels.insert(0, silent)
+        before = {id(client) for client in sentinels.sentinels}
+        assert len(before) == 4
+
+        asks = [asyncio.create_task(sentinels.discover_master(pool.service)) for _ in range(20)]
+        await asyncio.sleep(0)
+        asks[0].cancel()  # one caller giving up does not take the answer from the others
+        answers = await asyncio.gather(*asks[1:])
+        assert len(set(answers)) == 1
+        assert answers[0][1] == sentinel_topology.primary_port()
+        assert {id(client) for client in sentinels.sentinels} == before
+    finally:
+        await pool.aclose()

@@ -234,6 +234,35 @@ class _FailoverScript(AsyncScript):
             return await client.eval(self.script, len(keys), *keys, *args)
 
 
+class _Sentinel(Sentinel):
+    """redis-py's ``Sentinel``, asking where a primary is once at a time.
+
+    ``discover_master`` moves the sentinel that answered to the front of its list by a swap
+    across an await: two tasks asking at once (every connection reconnecting after a failover
+    does) could write one sentinel into two places and drop another, whose client and open
+    connections were then lost. Tasks that ask while an ask is under way share its answer.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._asking: dict[str, asyncio.Future[Any]] = {}
+
+    async def discover_master(self, service_name: str) -> Any:
+        ask = self._asking.get(service_name)
+        if ask is None:
+            ask = asyncio.ensure_future(super().discover_master(service_name))
+            self._asking[service_name] = ask
+            ask.add_done_callback(lambda done: self._asked(service_name, done))
+        # One caller given up (cancelled) does not cancel the others' answer.
+        return await asyncio.shield(ask)
+
+    def _asked(self, service_name: str, done: asyncio.Future[Any]) -> None:
+        if self._asking.get(service_name) is done:
+            del self._asking[service_name]
+        if not done.cancelled():
+            done.exception()  # retrieved: every caller may have given up on it
+
+
 class _PrimaryConnection(SentinelManagedConnection):
     """A connection to a Sentinel's primary that reports a connection closed under it as lost.
 
@@ -254,7 +283,7 @@ class _SentinelArqRedis(ArqRedis):
     """arq's client on a Sentinel's primary: scripts that survive a failover, and closing it
     closes the connections to the sentinels too (redis-py leaves those open)."""
 
-    sentinels: Sentinel | None = None
+    sentinels: _Sentinel | None = None
     service: str = ""
     _replicas: tuple[float, int] = (0.0, 0)  # when last asked, and the answer
 
@@ -603,7 +632,7 @@ async def create_redis_pool(rs: RedisSettings, **options: Any) -> ArqRedis:
     if not rs.sentinel:
         return await create_pool(rs, **options)
     assert not isinstance(rs.host, str), "a Sentinel URL names a list of sentinels"
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = _Sentinel(
         rs.host,
         sentinel_kwargs={
             "socket_connect_timeout": SENTINEL_TIMEOUT,

@@ -258,3 +258,30 @@ async def test_many_tasks_asking_where_the_primary_is_keep_every_sentinel(sentin
         assert {id(client) for client in sentinels.sentinels} == before
     finally:
         await pool.aclose()
+
+
+async def test_a_connection_in_use_when_the_primary_moves_is_not_lent_again(sentinel_topology):
+    """When the primary moves, redis-py's asyncio pool closes only its idle connections: one in
+    use went back still open to the old primary and was lent again, so a later command (a
+    user's lock release, seen holding that user's refreshes for the lock's 30 s lifetime) was
+    sent to the server the failover replaced. Every command after the move reaches the new
+    primary."""
+    from consent_flow.store.connection import connect
+
+    pool: Any = await connect(sentinel_topology.url, startup_retries=0)
+    try:
+        connections = pool.connection_pool
+        held = await connections.get_connection()  # a command under way on the old primary
+        old = sentinel_topology.failover()
+        new = await asyncio.to_thread(sentinel_topology.wait_new_primary, old)
+        assert await connections.get_master_address() == ("127.0.0.1", new)
+        assert held.is_connected and held.port == old  # in use: redis-py left it open
+        await connections.release(held)
+
+        info = await pool.info("server")
+        assert info["tcp_port"] == new
+        await pool.set("after-the-move", "kept")
+        with sentinel_topology.primary() as primary:
+            assert primary.get("after-the-move") == "kept"
+    finally:
+        await pool.aclose()

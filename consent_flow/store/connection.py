@@ -36,7 +36,7 @@ from redis.asyncio.client import Pipeline, PubSub
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, PipelineCommand, RedisCluster
 from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
@@ -261,6 +261,26 @@ class _Sentinel(Sentinel):
             del self._asking[service_name]
         if not done.cancelled():
             done.exception()  # retrieved: every caller may have given up on it
+
+
+class _PrimaryPool(SentinelConnectionPool):
+    """redis-py's pool of connections to a Sentinel's primary, which never lends one still
+    open to a primary it has moved from.
+
+    When the primary moves, redis-py closes the idle connections only: one in use then goes
+    back to the pool still open to the old primary and is lent again, so a later command went
+    to the server the failover was replacing and was lost there (seen: a user's lock taken on
+    the new primary and its release sent to the old one held that user's refreshes for the
+    lock's lifetime). redis-py's synchronous pool checks this on release; its asyncio pool
+    does not.
+    """
+
+    async def ensure_connection(self, connection: Any) -> None:
+        address = self.master_address
+        moved = address is not None and (connection.host, connection.port) != address
+        if moved and connection.is_connected:
+            await connection.disconnect()
+        await super().ensure_connection(connection)
 
 
 class _PrimaryConnection(SentinelManagedConnection):
@@ -648,7 +668,10 @@ async def create_redis_pool(rs: RedisSettings, **options: Any) -> ArqRedis:
 
     def make() -> _SentinelArqRedis:
         pool: _SentinelArqRedis = sentinel.master_for(
-            rs.sentinel_master, redis_class=_SentinelArqRedis, connection_class=_PrimaryConnection
+            rs.sentinel_master,
+            redis_class=_SentinelArqRedis,
+            connection_pool_class=_PrimaryPool,
+            connection_class=_PrimaryConnection,
         )
         pool.sentinels = sentinel
         pool.service = rs.sentinel_master

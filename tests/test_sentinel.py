@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HEAVY, provider_clients
+from conftest import HEAVY, free_port, provider_clients
 from local_provider import LocalProvider, approve
 from sentinel_topology import SentinelTopology
 from test_faults import WorkerProcess, wait_for
 from under_load import Load, grant_alive, grants_go_on, nothing_lost, start_workers
+
+from consent_flow.store.connection import connect
 
 pytestmark = pytest.mark.integration
 
@@ -224,13 +226,9 @@ async def test_many_tasks_asking_where_the_primary_is_keep_every_sentinel(sentin
     """redis-py's ``Sentinel.discover_master`` moves the sentinel that answered to the front of
     its list by a swap across an await: two tasks asking at once (every connection reconnecting
     after a failover does) could write one sentinel into two places and drop another, whose
-    client and open connections were then lost (seen in CI as connections to a sentinel
-    collected unclosed after a killed primary). Here the first sentinel does not answer, so
+    client and open connections were then lost (most likely the connections CI saw
+    collected unclosed during a killed-primary test). Here the first sentinel does not answer, so
     every ask goes on to the second and swaps it to the front."""
-    from conftest import free_port
-
-    from consent_flow.store.connection import connect
-
     silent_port = free_port()
     url = sentinel_topology.url.replace(
         "redis+sentinel://", f"redis+sentinel://127.0.0.1:{silent_port},"
@@ -266,8 +264,6 @@ async def test_a_connection_in_use_when_the_primary_moves_is_not_lent_again(sent
     user's lock release, seen holding that user's refreshes for the lock's 30 s lifetime) was
     sent to the server the failover replaced. Every command after the move reaches the new
     primary."""
-    from consent_flow.store.connection import connect
-
     pool: Any = await connect(sentinel_topology.url, startup_retries=0)
     try:
         connections = pool.connection_pool

@@ -12,9 +12,7 @@ worker settles an unconfirmed refresh on the replica promoted when its primary d
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
 import signal
 import time
 import uuid
@@ -25,9 +23,9 @@ import pytest
 import redis
 from conftest import provider_clients
 from local_provider import LocalProvider, approve
-from test_faults import WorkerProcess, wait_for
+from test_faults import wait_for
 from test_store import TOKENS, change
-from under_load import grant_alive
+from under_load import grant_alive, refresh_held_at_provider, spool_settled, start_workers
 
 from consent_flow import Event, KeyRing, State, generate_key
 from consent_flow.core.records import Change
@@ -193,25 +191,13 @@ async def test_a_refresh_its_replica_did_not_confirm_is_settled_on_the_promoted_
             for user in (f"bob{n}" for n in range(100))
             if topology.owner(keys.rec(user)) != alice_node
         )
-        worker_env = {**os.environ, **env, "CONSENT_REDIS_URL": topology.url}
-        worker_env.update(CONSENT_ISSUER=op.issuer)
-        worker = WorkerProcess(worker_env, tmp_path / "worker.log", stack.settings.queue_name)
+        [worker] = start_workers(stack, op, env, topology.url, tmp_path, count=1)
         try:
             for user in ("alice", bob):
                 status = await stack.client.request_provisioning(user)
                 response = await stack.callback(await approve(status.authorization_url or "", user))
                 assert response.status_code == 200, worker.log.read_text()[-3000:]
-            before = (await stack.client.store.load("alice")).last_refresh_at or 0.0
-            op.reset_stats()
-            op.fault(token_delay_ms=2500, count=1)
-            await asyncio.sleep(2.5)  # the stored tokens have less than 58 s left now
-            caller = asyncio.create_task(stack.client.access_token("alice", min_ttl=58))
-
-            async def held() -> bool:
-                return op.stats().get("delays_injected", 0) >= 1
-
-            await wait_for(held, timeout=15)  # the refresh's start is on the replica already
-            await asyncio.sleep(1.5)  # the answer comes about a second after this
+            caller, before = await refresh_held_at_provider(stack, op, "alice")
             replica_index = topology.replica_of(alice_node)
             replica = topology.nodes[replica_index]
             replica.process.send_signal(signal.SIGSTOP)
@@ -247,12 +233,7 @@ async def test_a_refresh_its_replica_did_not_confirm_is_settled_on_the_promoted_
             assert stats.get("grants_revoked", 0) == 0, stats
             [deferral] = worker.named("refresh_commit_deferred")
             assert (deferral["user"], deferral["error"]) == ("alice", "NotReplicated")
-
-            async def settled() -> bool:
-                return bool(worker.named("refresh_commit_recovered"))
-
-            await wait_for(settled, timeout=30)
-            assert not list((Path(env["CONSENT_DATA_DIR"]) / "spool").rglob("*.json"))
+            await spool_settled(worker, env)
         finally:
             worker.terminate()
 

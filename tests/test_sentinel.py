@@ -13,18 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import HEAVY, free_port, provider_clients
 from local_provider import LocalProvider, approve
 from sentinel_topology import SentinelTopology
-from test_faults import WorkerProcess, wait_for
-from under_load import Load, grant_alive, grants_go_on, nothing_lost, start_workers
+from test_faults import wait_for
+from under_load import (
+    Load,
+    grant_alive,
+    grants_go_on,
+    nothing_lost,
+    refresh_held_at_provider,
+    spool_settled,
+    start_workers,
+)
 
 from consent_flow.store.connection import connect
 
@@ -130,24 +136,12 @@ async def test_a_refresh_its_replica_did_not_confirm_is_settled_on_the_new_prima
         ) as op,
     ):
         stack = await make_stack(op=op, redis_url=topology.url, workers=0)
-        worker_env = {**os.environ, **env, "CONSENT_REDIS_URL": topology.url}
-        worker_env.update(CONSENT_ISSUER=op.issuer)
-        worker = WorkerProcess(worker_env, tmp_path / "worker.log", stack.settings.queue_name)
+        [worker] = start_workers(stack, op, env, topology.url, tmp_path, count=1)
         try:
             status = await stack.client.request_provisioning("alice")
             response = await stack.callback(await approve(status.authorization_url or "", "alice"))
             assert response.status_code == 200, worker.log.read_text()[-3000:]
-            before = (await stack.client.store.load("alice")).last_refresh_at or 0.0
-            op.reset_stats()
-            op.fault(token_delay_ms=2500, count=1)
-            await asyncio.sleep(2.5)  # the stored token has less than 58 s left now
-            caller = asyncio.create_task(stack.client.access_token("alice", min_ttl=58))
-
-            async def held() -> bool:
-                return op.stats().get("delays_injected", 0) >= 1
-
-            await wait_for(held, timeout=15)  # the refresh's start is on the replica already
-            await asyncio.sleep(1.5)  # the answer comes about a second after this
+            caller, before = await refresh_held_at_provider(stack, op, "alice")
             replica = next(s for s in topology.data if s.port != topology.primary_port())
             replica.process.send_signal(signal.SIGSTOP)
             try:
@@ -176,12 +170,7 @@ async def test_a_refresh_its_replica_did_not_confirm_is_settled_on_the_new_prima
             assert stats.get("grants_revoked", 0) == 0, stats
             deferred = worker.named("refresh_commit_deferred")
             assert deferred and deferred[0]["error"] == "NotReplicated", worker.events()[-20:]
-
-            async def settled() -> bool:
-                return bool(worker.named("refresh_commit_recovered"))
-
-            await wait_for(settled, timeout=30)
-            assert not list((Path(env["CONSENT_DATA_DIR"]) / "spool").rglob("*.json"))
+            await spool_settled(worker, env)
         finally:
             worker.terminate()
 

@@ -33,6 +33,8 @@ __all__ = [
     "grant_alive",
     "grants_go_on",
     "nothing_lost",
+    "refresh_held_at_provider",
+    "spool_settled",
     "start_workers",
 ]
 
@@ -51,6 +53,36 @@ def start_workers(
         WorkerProcess(worker_env, logs / f"worker-{i}.log", stack.settings.queue_name)
         for i in range(count)
     ]
+
+
+async def refresh_held_at_provider(
+    stack: Any, op: Any, user: str
+) -> tuple[asyncio.Task[Any], float]:
+    """An on-demand refresh of ``user`` (tokens of 60 s, asked for 58) that the provider answers
+    2.5 s late: returns about a second before the answer comes, its start on the replica
+    already, with the caller's task and the user's last refresh time before it."""
+    before = (await stack.client.store.load(user)).last_refresh_at or 0.0
+    op.reset_stats()
+    op.fault(token_delay_ms=2500, count=1)
+    await asyncio.sleep(2.5)  # the stored tokens have less than 58 s left now
+    caller = asyncio.create_task(stack.client.access_token(user, min_ttl=58))
+
+    async def held() -> bool:
+        return op.stats().get("delays_injected", 0) >= 1
+
+    await wait_for(held, timeout=15)  # the refresh's start is on the replica already
+    await asyncio.sleep(1.5)  # the answer comes about a second after this
+    return caller, before
+
+
+async def spool_settled(worker: WorkerProcess, env: dict[str, str]) -> None:
+    """Until ``worker`` settled the answer it spooled, and its spool is empty."""
+
+    async def settled() -> bool:
+        return bool(worker.named("refresh_commit_recovered"))
+
+    await wait_for(settled, timeout=30)
+    assert not list((Path(env["CONSENT_DATA_DIR"]) / "spool").rglob("*.json"))
 
 
 @dataclass

@@ -42,22 +42,17 @@ def test_bench_provision_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyP
     assert figures["target_ratio"] == 0.6 and figures["target_p99_ms"] == 25
 
     # The human-readable report renders the same figures (no second run needed).
-    spec = importlib.util.spec_from_file_location("bench_provision", BENCH_PROVISION)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the script prepends the repository
-    spec.loader.exec_module(module)
-    text = module.report(figures)
-    for needle in (
+    _report_says(
+        monkeypatch,
+        BENCH_PROVISION,
+        figures,
         "(a) arq floor",
         "(b) provision_requested",
         "ratio (b)/(a)",
         "(c)",
         "p99",
         "target",
-    ):
-        assert needle in text
+    )
 
 
 def _load_script(monkeypatch: pytest.MonkeyPatch, path: Path) -> object:
@@ -69,6 +64,13 @@ def _load_script(monkeypatch: pytest.MonkeyPatch, path: Path) -> object:
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script prepends the repository
     spec.loader.exec_module(module)
     return module
+
+
+def _report_says(monkeypatch: pytest.MonkeyPatch, path: Path, figures: dict, *needles: str) -> None:
+    """The script's human-readable report of ``figures`` holds every one of ``needles``."""
+    text = _load_script(monkeypatch, path).report(figures)  # type: ignore[attr-defined]
+    for needle in needles:
+        assert needle in text
 
 
 def _run_json(path: Path, *args: str, timeout: float = 120) -> dict:
@@ -97,16 +99,17 @@ def test_bench_refresh_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPat
     assert "target_ratio" not in figures  # the on-demand target is retired
     assert figures["provider_refresh_reuse_detected"] == 0
     assert figures["redis_commands_per_refresh"] > 0
-    text = _load_script(monkeypatch, script).report(figures)  # type: ignore[attr-defined]
-    for needle in (
+    _report_says(
+        monkeypatch,
+        script,
+        figures,
         "(a) provider",
         "(b) through the project",
         "(c) floor",
         "ratio (b) / mean(a)",
         "floor (c) / mean(a)",
         "target is retired",
-    ):
-        assert needle in text
+    )
 
 
 def test_bench_schedule_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,8 +127,10 @@ def test_bench_schedule_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPa
     # (listpack; Redis 6.2 calls it ziplist).
     assert memory["rec_encoding"] in ("listpack", "ziplist")
     assert figures["target_tick_ms"] == 20 and figures["target_bytes_per_user"] == 2048
-    text = _load_script(monkeypatch, script).report(figures)  # type: ignore[attr-defined]
-    for needle in (
+    _report_says(
+        monkeypatch,
+        script,
+        figures,
         "(a) sweep tick",
         "baseline ZRANGEBYSCORE",
         "requeue path",
@@ -133,8 +138,7 @@ def test_bench_schedule_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPa
         "record, tokens, schedule",
         "per provisioned user",
         "target",
-    ):
-        assert needle in text
+    )
 
 
 def test_bench_broker_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,15 +154,16 @@ def test_bench_broker_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPatc
         assert 0 < figures[case]["p50_us"] <= figures[case]["p99_us"], (case, figures)
     assert figures["cache_path_redis_calls"] == 0
     assert figures["target_p50_us"] == 50
-    text = _load_script(monkeypatch, script).report(figures)  # type: ignore[attr-defined]
-    for needle in (
+    _report_says(
+        monkeypatch,
+        script,
+        figures,
         "(a) baseline",
         "(b) access_token, in-process cache",
         "(c) access_token",
         "bare HGETALL",
         "target p50",
-    ):
-        assert needle in text
+    )
 
 
 def test_bench_backlog_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -177,9 +182,15 @@ def test_bench_backlog_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPat
     assert figures["lost_grants"] == 0
     # The limit held: no second of the rate-limited drain's refreshes held more.
     assert figures["rate_limited_busiest_second"] <= figures["rate_limit_per_s"]
-    text = _load_script(monkeypatch, script).report(figures)  # type: ignore[attr-defined]
-    for needle in ("(a) provider capacity", "(b) backlog drain", "(c) drain at", "(d) worker CPU"):
-        assert needle in text
+    _report_says(
+        monkeypatch,
+        script,
+        figures,
+        "(a) provider capacity",
+        "(b) backlog drain",
+        "(c) drain at",
+        "(d) worker CPU",
+    )
 
 
 def test_bench_wait_runs_and_prints_its_figures() -> None:
@@ -220,13 +231,14 @@ def test_bench_cluster_runs_and_prints_its_figures(monkeypatch: pytest.MonkeyPat
     # A second of provisions gives every node CPU ticks to count (60 refreshes may not).
     bound = figures["provision_one_core_per_primary"]
     assert bound["single_per_s"] > 0 and bound["cluster_per_s"] > 0, figures
-    text = _load_script(monkeypatch, script).report(figures)  # type: ignore[attr-defined]
-    for needle in (
+    _report_says(
+        monkeypatch,
+        script,
+        figures,
         "(1) provision_requested",
         "(2) scheduled refreshes",
         "cluster/one",
         "CPU ms per refresh (cluster)",
         "With one core per Redis primary",
         "0 lost grants",
-    ):
-        assert needle in text
+    )

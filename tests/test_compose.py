@@ -81,6 +81,17 @@ def _env(service: dict[str, Any]) -> dict[str, str]:
     return dict(environment)
 
 
+def _redis_url_only(compose: dict[str, Any], service: dict[str, Any]) -> str:
+    """The service's ``CONSENT_REDIS_URL``, the one setting it holds apart from the plain
+    services' shared environment."""
+    env = _env(service)
+    plain = dict(compose["x-consent-env"])
+    url = env.pop("CONSENT_REDIS_URL")
+    plain.pop("CONSENT_REDIS_URL")
+    assert env == plain, "the same environment as the plain services but for Redis"
+    return url
+
+
 def _ports(service: dict[str, Any]) -> list[tuple[str, int, int]]:
     """Published ports in short syntax, as (host_ip, published, target)."""
     result = []
@@ -486,11 +497,7 @@ def test_the_sentinel_profile_app_reaches_redis_through_every_sentinel(
     from consent_flow.store.connection import arq_redis_settings
 
     service = compose["services"][name]
-    env = _env(service)
-    plain = dict(compose["x-consent-env"])
-    url = env.pop("CONSENT_REDIS_URL")
-    plain.pop("CONSENT_REDIS_URL")
-    assert env == plain, "the same environment as the plain services but for Redis"
+    url = _redis_url_only(compose, service)
     settings = Settings.from_env({"CONSENT_REDIS_URL": url})
     assert settings.wait_replicas == 1  # commits of new tokens wait for the replica
     rs = arq_redis_settings(url)
@@ -545,11 +552,7 @@ def test_the_cluster_profile_app_reaches_every_node_once_the_cluster_exists(
     from consent_flow.store.connection import arq_redis_settings
 
     service = compose["services"][name]
-    env = _env(service)
-    plain = dict(compose["x-consent-env"])
-    url = env.pop("CONSENT_REDIS_URL")
-    plain.pop("CONSENT_REDIS_URL")
-    assert env == plain, "the same environment as the plain services but for Redis"
+    url = _redis_url_only(compose, service)
     assert url.startswith("redis+cluster://")
     Settings.from_env({"CONSENT_REDIS_URL": url})
     rs = arq_redis_settings(url)

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,31 @@ import redis
 
 class BenchError(Exception):
     """Something broke (not a missed target)."""
+
+
+# --- the local OpenID provider -----------------------------------------------------------------
+
+CLIENT_ID = "consent-flow-bench"
+CLIENT_SECRET = "bench-secret"  # a throwaway client of a throwaway provider
+
+
+@contextlib.contextmanager
+def start_provider(callback_port: int, **options: Any) -> Iterator[Any]:
+    """The local provider (examples/provider) with the bench client registered, its redirect on
+    ``callback_port``; ``options`` as for ``LocalProvider.start``."""
+    from local_provider import LocalProvider, npm_ci
+
+    npm_ci()
+    clients = [
+        {
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "redirect_uris": [f"http://127.0.0.1:{callback_port}/oauth/callback"],
+            "token_endpoint_auth_method": "client_secret_basic",
+        }
+    ]
+    with LocalProvider.start(clients=clients, **options) as provider:
+        yield provider
 
 
 # --- a private redis-server ---------------------------------------------------------------------

@@ -41,6 +41,8 @@ sys.path.insert(0, str(ROOT / "examples" / "provider"))
 
 import redis  # noqa: E402
 from _infra import (  # noqa: E402
+    CLIENT_ID,
+    CLIENT_SECRET,
     BenchError,
     Redis,
     Run,
@@ -50,6 +52,7 @@ from _infra import (  # noqa: E402
     free_port,
     percentile,
     run_measure,
+    start_provider,
     start_redis,
     stop_process,
     tail,
@@ -60,8 +63,6 @@ TARGET_RATIO = 0.6  # (b) / (a)
 TARGET_P99_MS = 25.0  # (c)
 THROUGHPUT_CALLERS = 50
 LATENCY_CALLERS = 10
-CLIENT_ID = "consent-flow-bench"
-CLIENT_SECRET = "bench-secret"  # a throwaway client of a throwaway provider
 READY_TIMEOUT = 30.0
 EVENT_TIMEOUT = 30.0
 # The floor's reply: the size of a pending outcome (its authorization URL is most of it).
@@ -238,21 +239,9 @@ async def bench_project(
 
 @contextlib.contextmanager
 def infrastructure(workdir: Path) -> Iterator[tuple[Redis, Any]]:
-    from local_provider import LocalProvider, npm_ci
-
-    npm_ci()
     server = start_redis(workdir)
     try:
-        redirect = f"http://127.0.0.1:{free_port()}/oauth/callback"
-        clients = [
-            {
-                "client_id": CLIENT_ID,
-                "client_secret": CLIENT_SECRET,
-                "redirect_uris": [redirect],
-                "token_endpoint_auth_method": "client_secret_basic",
-            }
-        ]
-        with LocalProvider.start(clients=clients) as provider:
+        with start_provider(free_port()) as provider:
             yield server, provider
     finally:
         stop_process(server.process)

@@ -75,6 +75,8 @@ sys.path.insert(0, str(ROOT / "examples" / "provider"))
 import httpx  # noqa: E402
 import redis  # noqa: E402
 from _infra import (  # noqa: E402
+    CLIENT_ID,
+    CLIENT_SECRET,
     BenchError,
     Cluster,
     Redis,
@@ -86,6 +88,7 @@ from _infra import (  # noqa: E402
     percentile,
     quiet_logs,
     run_measure,
+    start_provider,
     start_redis,
     stop_process,
     sync_redis,
@@ -94,8 +97,6 @@ from _infra import (  # noqa: E402
 )
 
 WORKERS = 3
-CLIENT_ID = "consent-flow-bench"
-CLIENT_SECRET = "bench-secret"  # a throwaway client of a throwaway provider
 SCOPES = "openid offline_access profile"
 ACCESS_TOKEN_TTL = 3600
 FORCE_MIN_TTL = 10 * 365 * 86400.0  # longer than any token lives: the worker always refreshes
@@ -491,25 +492,11 @@ def infrastructure(workdir: Path, callback_port: int) -> Iterator[tuple[Redis, A
         stop_process(server.process)
 
 
-@contextlib.contextmanager
-def local_provider(callback_port: int) -> Iterator[Any]:
+def local_provider(callback_port: int) -> contextlib.AbstractContextManager[Any]:
     """The local provider: the bench client, one-hour access tokens, rotating refresh tokens."""
-    from local_provider import LocalProvider, npm_ci
-
-    npm_ci()
-    redirect = f"http://127.0.0.1:{callback_port}/oauth/callback"
-    clients = [
-        {
-            "client_id": CLIENT_ID,
-            "client_secret": CLIENT_SECRET,
-            "redirect_uris": [redirect],
-            "token_endpoint_auth_method": "client_secret_basic",
-        }
-    ]
-    with LocalProvider.start(
-        clients=clients, access_token_ttl=ACCESS_TOKEN_TTL, rotate_refresh_token=True
-    ) as provider:
-        yield provider
+    return start_provider(
+        callback_port, access_token_ttl=ACCESS_TOKEN_TTL, rotate_refresh_token=True
+    )
 
 
 def project_env(

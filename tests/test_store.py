@@ -570,3 +570,41 @@ def _summed(rows: list[dict[bytes, bytes]]) -> dict[bytes, int]:
         for k, v in row.items():
             out[k] = out.get(k, 0) + int(v)
     return out
+
+
+async def test_a_script_a_server_lacks_is_sent_again_whole(redis_server, monkeypatch):
+    """Every script queued in a pipeline by its SHA alone (a commit group, the lock-and-load,
+    the batch claim, a job with its bell) that meets a server without it (a new primary, a
+    flushed cache, a cluster node a slot just moved to) is sent again whole, not loaded first:
+    on a cluster SCRIPT LOAD goes to the primaries the client lists, and a resharding under
+    load once met NOSCRIPT again after it (an on-demand refresh failed). Here SCRIPT LOAD
+    would fail the test."""
+    from consent_flow.queue.jobs import JobQueue, bell_key
+    from consent_flow.store.batch import BatchClaimer
+    from consent_flow.store.connection import connect
+
+    client = await connect(redis_server.url, startup_retries=0)
+    try:
+        store = RedisStore(client, prefix="s" + uuid.uuid4().hex[:8])
+        claimer, jobs = BatchClaimer(store), JobQueue(client)
+
+        async def no_load(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("SCRIPT LOAD sent")
+
+        rec = await store.load("alice")  # a script called alone: redis-py's to load
+        monkeypatch.setattr(client, "script_load", no_load)
+        await client.script_flush()
+        [result] = await store.commit_many(
+            [(change(rec, Event.PROVISION_REQUESTED, State.PENDING), None)]
+        )
+        assert not isinstance(result, BaseException) and result.ok
+        await client.script_flush()
+        token, rec, _ = await store.lock_and_load("alice", 30, also=store.keys.halt)
+        assert token is not None and rec.state is State.PENDING
+        await client.script_flush()
+        assert (await claimer.claim(0, 1, lock_ttl=30, lease=30)).members == []
+        await client.script_flush()
+        job = jobs.job("f", (), job_id="j1", queue=store.keys.queue("q", 0))
+        assert await jobs.put(job, ring=bell_key("q"))
+    finally:
+        await client.aclose()

@@ -381,22 +381,23 @@ class ConsentWorker(Worker):
             shares[0] = (shares[0][0], shares[0][1] + left)
         return shares
 
-    def _queue_claims(self, pipe: Any, shares: list[tuple[str, int]]) -> None:
+    def _queue_claims(
+        self, pipe: Any, shares: list[tuple[str, int]], *, whole: bool = False
+    ) -> None:
         ttl = int(self.in_progress_timeout_s * 1000)
         for queue, want in shares:
             args = [in_progress_key_prefix, ttl, want, max(self.queue_read_limit, want)]
-            queue_script(pipe, self._claim_due, [queue], args)
+            queue_script(pipe, self._claim_due, [queue], args, whole=whole)
 
     async def _claimed_from(self, shares: list[tuple[str, int]], answers: list[Any]) -> list[Any]:
         """The jobs the claims of ``shares`` took (job id, score, ...), from their answers in a
         pipeline. Claims that met a server without the script (a new primary, a cluster node
-        that just took the queue's slot) ran nothing: sent again at once, the script loaded,
-        rather than left for a poll after the worker has slept on the bell."""
+        that just took the queue's slot) ran nothing: sent again at once, whole, rather than
+        left for a poll after the worker has slept on the bell."""
         missing = [s for s, a in zip(shares, answers, strict=True) if isinstance(a, NoScriptError)]
         if missing:
-            self._claim_due.sha = await self.pool.script_load(self._claim_due.script)
             async with self.pool.pipeline(transaction=False) as pipe:
-                self._queue_claims(pipe, missing)
+                self._queue_claims(pipe, missing, whole=True)
                 answers = [a for a in answers if not isinstance(a, NoScriptError)]
                 answers += await pipe.execute(raise_on_error=False)
         claimed: list[Any] = []

@@ -155,13 +155,12 @@ class JobQueue:
             return queued
         for attempt in range(2):
             async with self.pool.pipeline(transaction=False) as pipe:
-                queue_script(pipe, self._enqueue, job.keys, job.args)
+                queue_script(pipe, self._enqueue, job.keys, job.args, whole=bool(attempt))
                 self._ring(pipe, ring)
                 queued, *_ = await pipe.execute(raise_on_error=False)
             if not isinstance(queued, NoScriptError) or attempt:
                 break
             # A server without the script (a new primary, a flushed cache): it ran nothing.
-            self._enqueue.sha = await self.pool.script_load(self._enqueue.script)
         if isinstance(queued, BaseException):
             raise queued
         return bool(queued)

@@ -159,15 +159,13 @@ class BatchClaimer:
         keys, args = self.claim_call(shard, want, lock_ttl=lock_ttl, lease=lease)
         for attempt in range(2):
             async with self.store.redis.pipeline(transaction=False) as pipe:
-                queue_script(pipe, self._claim, keys, args)
+                queue_script(pipe, self._claim, keys, args, whole=bool(attempt))
                 pipe.hgetall(self.store.keys.halt)
                 if throttle is not None:
                     pipe.get(throttle)
                 raw, halt, *until = await pipe.execute(raise_on_error=False)
             if isinstance(raw, NoScriptError) and not attempt:
-                # A server without the script yet (a new primary): nothing ran.
-                await self.load_script()
-                continue
+                continue  # a server without the script yet (a new primary): nothing ran
             for answer in (raw, halt, *until):
                 if isinstance(answer, BaseException):
                     raise answer
@@ -176,10 +174,6 @@ class BatchClaimer:
         if until and until[0] is not None:
             claim = replace(claim, throttled_until=int(until[0]) / 1000)
         return claim
-
-    async def load_script(self) -> None:
-        """Load the claim script (after a NoScriptError in a pipeline that sent its SHA)."""
-        self._claim.sha = await self.store.redis.script_load(self._claim.script)
 
     def claim_call(
         self, shard: int, want: int, *, lock_ttl: float, lease: float

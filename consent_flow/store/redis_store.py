@@ -666,7 +666,9 @@ class RedisStore:
         for attempt in range(2):
             async with self._pipeline_on(shard.replicated) as pipe:
                 for i in todo:
-                    queue_script(pipe, self._commit, calls[i].keys, calls[i].args)
+                    queue_script(
+                        pipe, self._commit, calls[i].keys, calls[i].args, whole=bool(attempt)
+                    )
                 if wait:
                     pipe.incr(shard.replicated)
                     pipe.execute_command("WAIT", wait, REPLICA_WAIT_MS)
@@ -675,11 +677,10 @@ class RedisStore:
                 acks, answers = answers[-1], answers[:-2]
             for i, item in zip(todo, answers, strict=True):
                 raw[i] = item
-            # Sent again on a new primary that does not have the script yet: those ran nothing.
+            # A server without the script yet (a new primary): those ran nothing.
             todo = [i for i in todo if isinstance(raw[i], NoScriptError)]
             if not todo or attempt:
                 break
-            await self.redis.script_load(self._commit.script)
         return raw, not wait or (not isinstance(acks, BaseException) and int(acks) >= wait)
 
     def commit_call(self, change: Change, *, unlock: str | None = None) -> _CommitCall:
@@ -881,7 +882,7 @@ class RedisStore:
         key = self.keys.of(user).replicated
         for attempt in range(2):
             pipe = self._pipeline_on(key)
-            queue_script(pipe, self._commit, call.keys, call.args)
+            queue_script(pipe, self._commit, call.keys, call.args, whole=bool(attempt))
             pipe.incr(key)
             pipe.execute_command("WAIT", wait, REPLICA_WAIT_MS)
             try:
@@ -890,7 +891,6 @@ class RedisStore:
                 # Sent again on a new primary that does not have the script yet: nothing ran.
                 if attempt:
                     raise
-                await self.redis.script_load(self._commit.script)
                 continue
             return result, int(acks) >= wait
         raise AssertionError("unreachable")  # pragma: no cover
@@ -1000,13 +1000,13 @@ class RedisStore:
         keys = [k.lock(user), k.rec(user), *self._sealed_keys(user)]
         for attempt in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
-                queue_script(pipe, self._lock_and_load, keys, [token, int(ttl * 1000)])
+                queue_script(
+                    pipe, self._lock_and_load, keys, [token, int(ttl * 1000)], whole=bool(attempt)
+                )
                 pipe.hgetall(also)
                 answer, other = await pipe.execute(raise_on_error=False)
             if isinstance(answer, NoScriptError) and not attempt:
-                # A server without the script yet (a new primary): nothing ran.
-                await self.redis.script_load(self._lock_and_load.script)
-                continue
+                continue  # a server without the script yet (a new primary): nothing ran
             for item in (answer, other):
                 if isinstance(item, BaseException):
                     raise item

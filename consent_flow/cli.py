@@ -622,6 +622,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     settings = Settings.from_env(requires=_NEEDS.get(_command_name(args), frozenset()))
     log_format = "json" if server_side and args.json else settings.log_format
     configure_logging(log_format, logging.INFO if server_side else logging.WARNING)
+    if args.command == "up" and settings.redis_url:
+        # Before the providers: a person waits on `up`, and a slow discovery document must not
+        # push the answer about a missing Redis past its bound.
+        asyncio.run(_check_redis(settings.redis_url))
     if server_side:
         _check_providers(settings, as_json=args.json)
 
@@ -636,8 +640,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "up":
         _terminate_like_interrupt()
-        if settings.redis_url:
-            asyncio.run(_check_redis(settings.redis_url))
         with embedded_redis(settings) as url:
             callback = f"http://{settings.http_host}:{settings.http_port}{settings.redirect_path}"
             redis_at = url.split("@")[-1]

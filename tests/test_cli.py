@@ -83,14 +83,20 @@ def test_bad_settings_exit_2_naming_the_variable(env, variable, value):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-@pytest.fixture
-def silent_redis() -> Iterator[str]:
-    """A port that accepts connections and never answers: a Redis behind a dead proxy or a
+@contextlib.contextmanager
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections and never answers: a server behind a dead proxy or a
     firewall that drops, where waiting would otherwise hang."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
-        yield f"redis://:hunter2@127.0.0.1:{listener.getsockname()[1]}/0"
+        yield listener.getsockname()[1]
+
+
+@pytest.fixture
+def silent_redis() -> Iterator[str]:
+    with silent_port() as port:
+        yield f"redis://:hunter2@127.0.0.1:{port}/0"
 
 
 @pytest.mark.parametrize("command", [("status", "alice"), ("list",), ("up",)])
@@ -114,6 +120,25 @@ def test_unreachable_redis_answers_within_5_s_naming_the_url(env, silent_redis, 
     )
     assert "hunter2" not in out.stderr
     assert "CONSENT_REDIS_URL" in line
+
+
+def test_up_answers_about_redis_before_waiting_on_a_silent_provider(env, silent_redis):
+    with silent_port() as provider:
+        broken = {
+            **os.environ,
+            **env,
+            "CONSENT_REDIS_URL": silent_redis,
+            "CONSENT_ISSUER": f"http://127.0.0.1:{provider}",
+            "CONSENT_HTTP_TIMEOUT": "20",
+            "CONSENT_HTTP_PORT": str(free_port()),
+        }
+        started = time.monotonic()
+        out = run(broken, "up", timeout=60)
+        elapsed = time.monotonic() - started
+    assert out.returncode == 1, out.stderr
+    assert "Redis at" in out.stderr and "is not reachable" in out.stderr
+    # The discovery document would have held it for CONSENT_HTTP_TIMEOUT (20 s).
+    assert elapsed < 15, f"answered after {elapsed:.1f} s"
 
 
 def test_usage_errors_exit_2():

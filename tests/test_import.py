@@ -269,7 +269,7 @@ async def test_an_interrupted_run_resumes_where_it_stopped(
     make_stack: Any, env: dict[str, str], sqlite_source: Store
 ) -> None:
     stack = await make_stack()
-    users = [f"user-{n:03d}" for n in range(200)]  # enough that SIGINT lands mid-run under load
+    users = [f"user-{n:03d}" for n in range(200)]
     for user in users:
         sqlite_source.store_refresh_token(user, f"token-of-{user}", expires_at=None)
     environ = cli_env(stack, env, sqlite_source.key)
@@ -289,6 +289,9 @@ async def test_an_interrupted_run_resumes_where_it_stopped(
         stderr=asyncio.subprocess.PIPE,
     )
     await wait_for(lambda: redis.exists(place), 30, "the first row to be imported")
+    # No worker takes the next row's event: the run waits on it, mid-run however fast the
+    # machine (a signal sent while it ran on was seen to arrive after its last row).
+    await stack.stop_workers()
     process.send_signal(signal.SIGINT)
     _, err = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode == 130, err.decode()
@@ -297,6 +300,7 @@ async def test_an_interrupted_run_resumes_where_it_stopped(
     done_before = saved["summary"]["imported"]
     assert 0 < done_before < len(users)
 
+    await stack.start_worker()
     report = await import_json(environ, sqlite_source.url)
     assert report["resumed"] is True
     # The row in flight when the run stopped may have been applied before its place was kept

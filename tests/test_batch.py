@@ -14,8 +14,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import redis
 from conftest import Stack, provider_clients, provision, stored_tokens
 from local_provider import LocalProvider
+from structlog.testing import capture_logs
 from test_ops import asgi, by_label, samples
 
 from consent_flow import State
@@ -491,3 +493,23 @@ async def test_a_member_put_back_is_due_at_once_even_if_a_claim_comes_between(bu
     assert between == [[]]  # not due while still locked
     again = await claimer.claim(0, 8, lock_ttl=30, lease=30)
     assert [m.user for m in again.locked] == ["fay"]
+
+
+async def test_a_lock_release_that_fails_is_said(build, rotating):
+    """A member's lock that Redis did not release holds its user's refreshes for the lock's
+    lifetime: the worker says so, naming the user."""
+    stack, make = build
+    await provisioned(stack, ["ivan"])
+    await make_due(stack, ["ivan"])
+    batches = await make()
+    rotating.fault(token_status=503, count=1)  # no answer to commit: the lock is released apart
+
+    async def unreachable(user: str, token: str) -> bool:
+        raise redis.exceptions.ConnectionError("Redis went away")
+
+    batches.engine.store.release_lock = unreachable  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        await batches.run_once()
+    failed = [e for e in logs if e["event"] == "lock_release_failed"]
+    assert [(e["user"], e["error"]) for e in failed] == [("ivan", "ConnectionError")]
+    assert await stack.client.store.redis.get(stack.client.store.keys.lock("ivan")) is not None

@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from consent_flow import Event, KeyRing, State, generate_key
 from consent_flow.core.records import Change, ConsentRecord, HistoryEntry, ProviderRevocation
-from consent_flow.engine.engine import SESSION_FIELDS, TOKEN_FIELDS
+from consent_flow.engine.engine import SESSION_FIELDS, TOKEN_FIELDS, UserLock
 from consent_flow.store import codec
 from consent_flow.store.redis_store import Keys, MemoryStore, RedisStore
 from consent_flow.store.vault import open_tokens, seal_tokens
@@ -224,6 +225,21 @@ async def test_lock_is_released_only_by_its_owner(store):
     assert await store.acquire_lock("gina", 5) is None
     assert await store.release_lock("gina", token)
     assert await store.acquire_lock("gina", 5)
+
+
+async def test_a_user_lock_lost_while_held_is_said_at_release_and_left_to_its_new_owner(store):
+    with capture_logs() as logs:
+        async with UserLock(store, "hugo", ttl=5, wait=1):
+            pass  # released in time: nothing to say
+        assert logs == []
+        async with UserLock(store, "hugo", ttl=5, wait=1) as lock:
+            assert lock.token is not None
+            await store.release_lock("hugo", lock.token)  # as running out would
+            other = await store.acquire_lock("hugo", 5)
+            assert other is not None
+    assert [(e["event"], e["user"]) for e in logs] == [("lock_not_held_at_release", "hugo")]
+    assert await store.acquire_lock("hugo", 5) is None  # the new owner's lock stays
+    assert await store.release_lock("hugo", other)
 
 
 async def test_users_are_paginated_in_since_order(store):

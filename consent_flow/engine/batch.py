@@ -298,8 +298,16 @@ class BatchRefresher:
             return outcome.result
         finally:
             if lock.token is not None:
-                with contextlib.suppress(*REDIS_ERRORS):
+                try:
                     await lock.__aexit__(None, None, None)
+                except REDIS_ERRORS as exc:
+                    # The user's refreshes wait for the lock's lifetime: say why they will.
+                    log.warning(
+                        "lock_release_failed",
+                        user=member.user,
+                        lock_ttl_s=lock.ttl,
+                        error=type(exc).__name__,
+                    )
 
     async def _put_back(self, member: Claimed) -> None:
         """A member not refreshed after all: its lock released, due again at once."""

@@ -1035,8 +1035,10 @@ class UserLock:
             delay = min(delay * 2, 0.5)
 
     async def __aexit__(self, *exc: object) -> None:
-        if self.token is not None:
-            await self.store.release_lock(self.user, self.token)
+        if self.token is not None and not await self.store.release_lock(self.user, self.token):
+            # It ran out while held, or a failover lost it: another worker may have talked to
+            # the provider for this user meanwhile, and nothing else would say so.
+            log.warning("lock_not_held_at_release", user=self.user, lock_ttl_s=self.ttl)
 
 
 def parse_imported_scopes(text: str) -> tuple[str, ...]:

@@ -95,9 +95,13 @@ def test_a_grant_that_ended_or_was_granted_anew_gets_the_answer_revoked():
 
 def test_an_answer_already_stored_or_overtaken_is_not_stored_again():
     ring = KeyRing.from_strings([generate_key()])
+    # This very answer, stored by a commit whose reply was lost (a failover's promoted replica
+    # has it): nothing to warn about.
     assert fits(pending(ring), record(ring, last_refresh_at=AT), ring) is Fit.STORED
+    # A later refresh of the same grant got there first: this answer is dropped.
+    assert fits(pending(ring), record(ring, last_refresh_at=AT + 5), ring) is Fit.OVERTAKEN
     other = record(ring, refresh_token="someone-elses-newer-token")
-    assert fits(pending(ring), other, ring) is Fit.STORED
+    assert fits(pending(ring), other, ring) is Fit.OVERTAKEN
 
 
 def test_entries_younger_than_asked_are_not_read(tmp_path):

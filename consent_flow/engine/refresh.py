@@ -123,7 +123,8 @@ class Fit(enum.Enum):
     """What a refresh's answer is to the record as it is now."""
 
     STORE = "store"  # same grant, nothing newer stored: commit it
-    STORED = "stored"  # this answer, or a later refresh of the same grant, is stored already
+    STORED = "stored"  # this very answer is stored already (a commit whose reply was lost)
+    OVERTAKEN = "overtaken"  # another refresh of the same grant is stored: this one is dropped
     ENDED = "ended"  # the grant ended (revoked, authorized anew): revoke the answer at once
 
 
@@ -132,14 +133,16 @@ def fits(pending: PendingTokens, rec: ConsentRecord, ring: KeyRing) -> Fit:
     (a key rotation, a reschedule, a failure count) leave its answer to be stored."""
     if rec.state is not State.PROVISIONED or rec.tokens is None or rec.since != pending.since:
         return Fit.ENDED
-    if rec.last_refresh_at is not None and rec.last_refresh_at >= pending.at:
+    if rec.last_refresh_at == pending.at:
         return Fit.STORED
+    if rec.last_refresh_at is not None and rec.last_refresh_at > pending.at:
+        return Fit.OVERTAKEN
     try:
         stored = open_tokens(ring, rec.user, rec.tokens)
     except VaultError:
         return Fit.STORE  # sealed under a key this process lacks: the refresh time decided
     if token_digest(stored.get("refresh_token", "")) != pending.base:
-        return Fit.STORED  # another refresh of this grant committed first
+        return Fit.OVERTAKEN  # another refresh of this grant committed first
     return Fit.STORE
 
 
@@ -652,9 +655,11 @@ class Refresher:
                 scopes=pending.scopes,
             )
             await self.engine.revoke_obtained(pending.user, obtained, why="the grant ended")
+        elif fit is Fit.STORED:
+            log.info("refresh_already_stored", user=pending.user)
         else:
             log.warning("refresh_superseded", user=pending.user)
-        return self.engine.outcome(rec, envelope, "unchanged" if fit is Fit.STORED else "rejected")
+        return self.engine.outcome(rec, envelope, "rejected" if fit is Fit.ENDED else "unchanged")
 
     def _defer(
         self,

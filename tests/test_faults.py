@@ -424,7 +424,12 @@ async def test_a_worker_killed_between_the_answer_and_the_commit_loses_nothing_o
     assert rec.last_refresh_at == before  # nothing committed: the store holds the spent token
     second = scene.start_worker()
     await wait_for(lambda: scene.refreshed_since(before), timeout=40)
-    assert second.named("spool_replayed")
+
+    async def replayed() -> bool:  # logged just after the commit it reports
+        return bool(second.named("spool_replayed"))
+
+    await wait_for(replayed, timeout=10)
+    assert not second.named("lock_not_held_at_release")  # the commit released it
     await scene.assert_grant_intact()
 
 

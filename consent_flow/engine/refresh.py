@@ -806,6 +806,8 @@ class Refresher:
                     outcome = await self._store(
                         rec, pending, envelope, unlock=lock.token, lead=None
                     )
+                    if outcome.result == "applied":
+                        lock.token = None  # released by the commit
             except (ProviderUnavailable, CommitConflict, NotReplicated):
                 # The user's lock stayed taken, the record kept moving, or the replicas did not
                 # confirm the commit yet: the next cleanup.

@@ -234,6 +234,8 @@ async def test_a_refresh_its_replica_did_not_confirm_is_settled_on_the_promoted_
             [deferral] = worker.named("refresh_commit_deferred")
             assert (deferral["user"], deferral["error"]) == ("alice", "NotReplicated")
             await spool_settled(worker, env)
+            # Its answer was stored (here or before the failover), never dropped for another.
+            assert not worker.named("refresh_superseded"), worker.events()[-20:]
         finally:
             worker.terminate()
 

@@ -345,12 +345,19 @@ async def _outage_during_a_refresh(scene: Scene, outage: float) -> None:
         await caller  # its caller may have given up meanwhile; the refresh did not
     assert worker.alive, worker.log.read_text()[-3000:]
     await scene.assert_grant_intact()
+    counts_key = scene.stack.client.store.keys.worker_counts
+
+    async def told() -> bool:  # said and counted after the commit, by a process of its own
+        counts = await scene.stack.client.pool.hgetall(counts_key)
+        return {b"redis_outages", b"commits_deferred"} <= counts.keys()
+
+    await wait_for(told, timeout=10)
     # Logged once, not per poll, with the address and no credentials; counted.
     [down] = worker.named("redis_unavailable")
     assert down["redis"] == scene.redis.address
-    assert worker.named("redis_available")
+    assert worker.named("redis_available")  # before the outage is counted
     assert worker.named("refresh_commit_deferred")
-    counts = await scene.stack.client.pool.hgetall(scene.stack.client.store.keys.worker_counts)
+    counts = await scene.stack.client.pool.hgetall(counts_key)
     assert int(counts[b"redis_outages"]) >= 1
     assert int(counts[b"commits_deferred"]) == 1
     started = time.monotonic()

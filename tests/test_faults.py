@@ -534,3 +534,72 @@ async def test_a_spooled_answer_whose_user_stays_locked_at_start_is_committed_by
     assert stack.provider.introspect(fresh.refresh_token)["active"] is True
     assert not any((stack.settings.data_dir / "spool").rglob("*.json"))
     assert await stack.client.access_token("alice", min_ttl=0) == fresh.access_token
+
+
+async def test_a_replayed_answer_found_stored_is_settled_only_once_its_replicas_confirm(
+    make_stack,
+):
+    """A worker that died after its commit applied, before the replicas confirmed it: the
+    answer is in the record the next worker reads, but that read may come from a primary a
+    failover is about to replace. The spool file stays until the replicas confirm, and the
+    user's lock is released once either way."""
+    from consent_flow.oidc import ProviderSession
+    from consent_flow.store.clock import RedisClock
+    from consent_flow.store.spool import PendingTokens, token_digest
+    from workers import _provider_stack
+
+    stack = await make_stack()
+    await provision(stack, "alice")
+    await stack.stop_workers()
+    rec = await stack.client.store.load("alice")
+    assert rec.last_refresh_at is not None and rec.tokens is not None
+    stored = PendingTokens(  # the tokens the record holds, as the dead worker's spool held them
+        user="alice",
+        event_id="dead-worker-refresh",
+        at=rec.last_refresh_at,
+        since=rec.since,
+        base=token_digest("the-refresh-token-it-replaced"),
+        sealed=rec.tokens,
+        expires_at=rec.expires_at,
+        refresh_expires_at=rec.refresh_expires_at,
+        scopes=rec.scopes,
+        due_at=rec.next_refresh_at or time.time() + 3000,
+    )
+    settings = stack.settings
+    clock = RedisClock(stack.client.pool)
+    await clock.sync()
+    http = ProviderSession(timeout=5.0)
+    try:
+        refresher = _provider_stack(
+            settings,
+            settings.providers[0],
+            stack.client.pool,
+            http,
+            stack.client.ring,
+            clock,
+            None,
+            batched=True,
+        ).refresher
+        refresher.spool.write(stored)
+        confirm = refresher.store.confirm_replicated
+        confirms: list[bool] = []
+
+        async def unconfirmed(user: str) -> bool:
+            confirms.append(False)
+            return False
+
+        refresher.store.confirm_replicated = unconfirmed  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            assert await refresher.replay() == 0
+            assert confirms == [False]
+            assert refresher.spool.entries() == [stored]
+            refresher.store.confirm_replicated = confirm  # type: ignore[method-assign]
+            assert await refresher.replay() == 1
+        assert refresher.spool.entries() == []
+    finally:
+        await http.aclose()
+    events = [e["event"] for e in logs]
+    assert events == ["spool_entry_postponed", "refresh_already_stored", "spool_replayed"]
+    assert not await stack.client.store.redis.exists(stack.client.store.keys.lock("alice"))
+    after = await stack.client.store.load("alice")
+    assert after.version == rec.version and after.tokens == rec.tokens  # nothing written

@@ -643,6 +643,11 @@ class Refresher:
         """``pending`` is not to be stored: the grant ended meanwhile (its tokens are revoked at
         once), or it holds a later refresh of the same grant (kept; ours is dropped unrevoked,
         since revoking it could end the grant the record holds)."""
+        if fit is Fit.STORED and not await self.store.confirm_replicated(pending.user):
+            # Read from a primary whose replicas may not have it yet (the commit that stored
+            # it went unconfirmed, or its reply was lost): the spool keeps the answer until
+            # they do.
+            raise NotReplicated(pending.user)
         self._unspool(pending)
         if fit is Fit.ENDED:
             tokens = open_tokens(self.engine.ring, pending.user, pending.sealed)
@@ -800,14 +805,12 @@ class Refresher:
                 provider=self.engine.provider,
             )
             try:
-                async with self.engine.user_lock(pending.user) as lock:
+                async with self.engine.user_lock(pending.user):
                     self._spooled.add(pending.event_id)
                     rec = await self.store.load(pending.user)
-                    outcome = await self._store(
-                        rec, pending, envelope, unlock=lock.token, lead=None
-                    )
-                    if outcome.result == "applied":
-                        lock.token = None  # released by the commit
+                    # Released on the way out whatever the commit did, not by the commit: a
+                    # replay is rare, and the lock is then released exactly once.
+                    outcome = await self._store(rec, pending, envelope, unlock=None, lead=None)
             except (ProviderUnavailable, CommitConflict, NotReplicated):
                 # The user's lock stayed taken, the record kept moving, or the replicas did not
                 # confirm the commit yet: the next cleanup.
